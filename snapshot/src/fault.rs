@@ -1,0 +1,196 @@
+//! Page faults: decoding the hardware's error code, and deciding what to do.
+//!
+//! The kernel's fault stub only reads CR2, RIP and the error code into a
+//! [`PageFault`]; [`classify`] is a pure function over that and a description
+//! of the kernel's address space, so every decision is testable on the host.
+//! It must never guess: a fault it does not recognise is [`Verdict::Fatal`],
+//! and the kernel prints its diagnostic and stops.
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// The page-fault error code pushed by the CPU (Intel SDM vol. 3, 4.7).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct PfCode: u64 {
+        /// The page was present (a protection violation), not missing.
+        const PRESENT = 1 << 0;
+        /// The access was a write.
+        const WRITE = 1 << 1;
+        /// The access came from user mode.
+        const USER = 1 << 2;
+        /// A reserved bit was set in a paging entry.
+        const RESERVED_BIT = 1 << 3;
+        /// The access was an instruction fetch.
+        const INSTRUCTION = 1 << 4;
+        /// A protection-key violation.
+        const PROTECTION_KEY = 1 << 5;
+        /// A shadow-stack access.
+        const SHADOW_STACK = 1 << 6;
+    }
+}
+
+/// Everything the hardware says about one page fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// The faulting linear address (CR2).
+    pub addr: u64,
+    /// The faulting instruction.
+    pub rip: u64,
+    /// The decoded error code.
+    pub code: PfCode,
+}
+
+impl PageFault {
+    /// Decodes a raw error code.
+    pub fn new(addr: u64, rip: u64, error_code: u64) -> Self {
+        PageFault {
+            addr,
+            rip,
+            code: PfCode::from_bits_retain(error_code),
+        }
+    }
+
+    /// `read`, `write` or `execute`, for diagnostics.
+    pub fn access(&self) -> &'static str {
+        if self.code.contains(PfCode::INSTRUCTION) {
+            "execute"
+        } else if self.code.contains(PfCode::WRITE) {
+            "write"
+        } else {
+            "read"
+        }
+    }
+
+    /// `protection violation` or `page not present`, for diagnostics.
+    pub fn kind(&self) -> &'static str {
+        if self.code.contains(PfCode::PRESENT) {
+            "protection violation"
+        } else {
+            "page not present"
+        }
+    }
+}
+
+/// An instruction allowed to fault, and where execution resumes if it does
+/// (the kernel's probe functions, like an exception table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fixup {
+    /// Address of the instruction that may fault.
+    pub insn: u64,
+    /// Where to continue after the fault.
+    pub resume: u64,
+}
+
+/// The virtual region holding kernel thread stacks: `slots` slots of
+/// `slot_size` bytes from `base`, each with its stack mapped at the top and
+/// the rest of the slot left unmapped as a guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackRegion {
+    /// First address of slot 0.
+    pub base: u64,
+    /// Bytes per slot.
+    pub slot_size: u64,
+    /// Number of slots.
+    pub slots: u64,
+}
+
+impl StackRegion {
+    /// The slot containing `addr`, if any.
+    pub fn slot_of(&self, addr: u64) -> Option<usize> {
+        let offset = addr.checked_sub(self.base)?;
+        let slot = offset / self.slot_size;
+        (slot < self.slots).then_some(slot as usize)
+    }
+}
+
+/// What the kernel does about a page fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A probe faulted as allowed: continue at `resume` and report the fault.
+    Fixup {
+        /// Where execution continues.
+        resume: u64,
+    },
+    /// A thread ran off the bottom of its stack into the guard.
+    StackOverflow {
+        /// The stack slot (thread slot) that overflowed.
+        slot: usize,
+    },
+    /// Nothing explains it: print the diagnostic and stop.
+    Fatal,
+}
+
+/// Decides what a fault means. Probes come first (they may touch any
+/// address, the guard included), then stack guards.
+pub fn classify(fault: &PageFault, fixups: &[Fixup], stacks: &StackRegion) -> Verdict {
+    if let Some(fixup) = fixups.iter().find(|f| f.insn == fault.rip) {
+        return Verdict::Fixup {
+            resume: fixup.resume,
+        };
+    }
+    if !fault.code.contains(PfCode::PRESENT) {
+        if let Some(slot) = stacks.slot_of(fault.addr) {
+            return Verdict::StackOverflow { slot };
+        }
+    }
+    Verdict::Fatal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STACKS: StackRegion = StackRegion {
+        base: 0xffff_9000_0000_0000,
+        slot_size: 1 << 20,
+        slots: 64,
+    };
+    const PROBE: Fixup = Fixup {
+        insn: 0x20_1000,
+        resume: 0x20_1008,
+    };
+
+    #[test]
+    fn decodes_error_codes() {
+        let f = PageFault::new(0xdead_b000, 0x20_0000, 0b11);
+        assert_eq!(f.code, PfCode::PRESENT | PfCode::WRITE);
+        assert_eq!((f.access(), f.kind()), ("write", "protection violation"));
+        let f = PageFault::new(0, 0, 0b1_0000);
+        assert_eq!((f.access(), f.kind()), ("execute", "page not present"));
+    }
+
+    #[test]
+    fn probes_are_fixed_up_wherever_they_fault() {
+        let f = PageFault::new(STACKS.base + 8, PROBE.insn, 0);
+        assert_eq!(
+            classify(&f, &[PROBE], &STACKS),
+            Verdict::Fixup {
+                resume: PROBE.resume
+            }
+        );
+    }
+
+    #[test]
+    fn missing_pages_in_the_stack_region_are_overflows() {
+        let f = PageFault::new(STACKS.base + 3 * STACKS.slot_size + 4095, 0x20_0000, 0b10);
+        assert_eq!(
+            classify(&f, &[PROBE], &STACKS),
+            Verdict::StackOverflow { slot: 3 }
+        );
+        let beyond = STACKS.base + STACKS.slots * STACKS.slot_size;
+        let f = PageFault::new(beyond, 0x20_0000, 0b10);
+        assert_eq!(classify(&f, &[PROBE], &STACKS), Verdict::Fatal);
+    }
+
+    #[test]
+    fn anything_else_is_fatal() {
+        let f = PageFault::new(0xdead_b000, 0x20_0000, 0);
+        assert_eq!(classify(&f, &[PROBE], &STACKS), Verdict::Fatal);
+        let f = PageFault::new(STACKS.base, 0x20_0000, 0b11);
+        assert_eq!(
+            classify(&f, &[PROBE], &STACKS),
+            Verdict::Fatal,
+            "present page: not a guard hit"
+        );
+    }
+}

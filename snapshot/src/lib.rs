@@ -1,0 +1,21 @@
+//! Hardware-independent logic of the snapshot kernel.
+//!
+//! Everything here is plain `no_std` Rust with no `unsafe`, so it builds and is
+//! tested on the host (`cargo test -p snapshot`) as well as linked into the
+//! kernel. The kernel supplies the hardware behind small interfaces: physical
+//! memory, page tables, interrupts and devices.
+//!
+//! This crate must never touch hardware, assume it runs in ring 0, or allocate
+//! on a path the kernel calls from an interrupt or fault handler.
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod cmdline;
+pub mod fault;
+pub mod frames;
+pub mod sched;
+pub mod trace;
+pub mod units;

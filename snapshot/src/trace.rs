@@ -1,0 +1,278 @@
+//! The trace line format, shared by the kernel (which writes it) and the host
+//! tool (which parses it), so the two cannot drift apart.
+//!
+//! One record per line:
+//!
+//! ```text
+//! TRACE <timestamp_ns> <event> [<key>=<value> ...]
+//! ```
+//!
+//! - `TRACE` is the literal tag; lines without it are ordinary log output.
+//! - `<timestamp_ns>`: decimal nanoseconds since boot (the kernel's TSC clock).
+//! - `<event>`: a dotted name of `[a-z0-9_.]`, e.g. `sched.switch`.
+//! - `<key>`: `[a-z0-9_]+`; `<value>`: a decimal integer (optionally negative),
+//!   `0x`-prefixed hexadecimal, or a word without spaces or `=`.
+//!
+//! Example: `TRACE 1523311 demo.tick thread=worker n=3 frame=0x1f000`.
+//! Parsing never panics; a line that starts with `TRACE ` but does not follow
+//! the format is an error, not silently skipped.
+
+use core::fmt::{self, Write};
+
+/// The tag that starts every trace line.
+pub const TAG: &str = "TRACE";
+
+/// One field value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value<'a> {
+    /// Unsigned, printed in decimal.
+    U64(u64),
+    /// Signed, printed in decimal.
+    I64(i64),
+    /// Unsigned, printed as `0x…` (addresses, masks).
+    Hex(u64),
+    /// A word: no whitespace, no `=`.
+    Word(&'a str),
+}
+
+impl Value<'_> {
+    /// The value as an unsigned integer, if it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) | Value::Hex(v) => Some(v),
+            Value::I64(v) => u64::try_from(v).ok(),
+            Value::Word(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::U64(v) => write!(f, "{v}"),
+            Value::I64(v) => write!(f, "{v}"),
+            Value::Hex(v) => write!(f, "{v:#x}"),
+            Value::Word(w) => f.write_str(w),
+        }
+    }
+}
+
+/// Writes one record, newline included. Names and words that would break the
+/// format are written with the offending characters replaced by `_`.
+pub fn write_record<W: Write + ?Sized>(
+    out: &mut W,
+    ts_ns: u64,
+    event: &str,
+    fields: &[(&str, Value<'_>)],
+) -> fmt::Result {
+    write!(out, "{TAG} {ts_ns} ")?;
+    write_clean(out, event, is_event_char)?;
+    for (key, value) in fields {
+        out.write_char(' ')?;
+        write_clean(out, key, is_key_char)?;
+        out.write_char('=')?;
+        match value {
+            Value::Word(w) if w.is_empty() => out.write_char('_')?,
+            Value::Word(w) => write_clean(out, w, is_word_char)?,
+            other => write!(out, "{other}")?,
+        }
+    }
+    out.write_char('\n')
+}
+
+fn write_clean<W: Write + ?Sized>(out: &mut W, text: &str, ok: fn(char) -> bool) -> fmt::Result {
+    if text.is_empty() {
+        return out.write_char('_');
+    }
+    for c in text.chars() {
+        out.write_char(if ok(c) { c } else { '_' })?;
+    }
+    Ok(())
+}
+
+fn is_event_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.'
+}
+
+fn is_key_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_ascii_graphic() && c != '='
+}
+
+/// A parsed trace line borrowing from the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Nanoseconds since boot.
+    pub ts_ns: u64,
+    /// The event name.
+    pub event: &'a str,
+    fields: &'a str,
+}
+
+impl<'a> Record<'a> {
+    /// The fields in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&'a str, Value<'a>)> + 'a {
+        self.fields.split_ascii_whitespace().filter_map(|word| {
+            let (key, value) = word.split_once('=')?;
+            Some((key, parse_value(value)))
+        })
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<Value<'a>> {
+        self.fields().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The value of `key` as an unsigned integer.
+    pub fn u64(&self, key: &str) -> Option<u64> {
+        self.get(key)?.as_u64()
+    }
+}
+
+/// Why a `TRACE` line was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// No timestamp, or not a decimal integer.
+    BadTimestamp,
+    /// No event name, or characters outside `[a-z0-9_.]`.
+    BadEvent,
+    /// A field without `=`, or with a bad key.
+    BadField,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ParseError::BadTimestamp => "trace record without a decimal timestamp",
+            ParseError::BadEvent => "trace record without a valid event name",
+            ParseError::BadField => "trace record with a field that is not key=value",
+        })
+    }
+}
+
+/// Parses one line. `Ok(None)` means the line is not a trace record at all.
+pub fn parse_line(line: &str) -> Result<Option<Record<'_>>, ParseError> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let Some(rest) = line.strip_prefix(TAG).and_then(|r| r.strip_prefix(' ')) else {
+        return Ok(None);
+    };
+    let mut parts = rest.splitn(3, ' ');
+    let ts_ns = parts
+        .next()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse().ok())
+        .ok_or(ParseError::BadTimestamp)?;
+    let event = parts
+        .next()
+        .filter(|e| !e.is_empty() && e.chars().all(is_event_char))
+        .ok_or(ParseError::BadEvent)?;
+    let fields = parts.next().unwrap_or("");
+    for word in fields.split_ascii_whitespace() {
+        match word.split_once('=') {
+            Some((key, value))
+                if !key.is_empty() && key.chars().all(is_key_char) && !value.is_empty() => {}
+            _ => return Err(ParseError::BadField),
+        }
+    }
+    Ok(Some(Record {
+        ts_ns,
+        event,
+        fields,
+    }))
+}
+
+fn parse_value(text: &str) -> Value<'_> {
+    if let Some(hex) = text.strip_prefix("0x") {
+        if let Ok(v) = u64::from_str_radix(hex, 16) {
+            return Value::Hex(v);
+        }
+    } else if let Ok(v) = text.parse::<u64>() {
+        return Value::U64(v);
+    } else if let Ok(v) = text.parse::<i64>() {
+        return Value::I64(v);
+    }
+    Value::Word(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::string::String;
+    use std::vec::Vec;
+
+    #[test]
+    fn writes_the_documented_format() {
+        let mut line = String::new();
+        let fields = [
+            ("page", Value::Hex(0x1f000)),
+            ("n", Value::U64(3)),
+            ("who", Value::Word("worker-1")),
+        ];
+        write_record(&mut line, 1523311, "demo.tick", &fields).unwrap();
+        assert_eq!(
+            line,
+            "TRACE 1523311 demo.tick page=0x1f000 n=3 who=worker-1\n"
+        );
+    }
+
+    #[test]
+    fn ordinary_log_lines_are_not_records() {
+        assert_eq!(parse_line("booting kernel"), Ok(None));
+        assert_eq!(parse_line("TRACEX 1 a"), Ok(None));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert_eq!(parse_line("TRACE x ev"), Err(ParseError::BadTimestamp));
+        assert_eq!(parse_line("TRACE 5"), Err(ParseError::BadEvent));
+        assert_eq!(parse_line("TRACE 5 Ev"), Err(ParseError::BadEvent));
+        assert_eq!(parse_line("TRACE 5 ev novalue"), Err(ParseError::BadField));
+        assert_eq!(parse_line("TRACE 5 ev k="), Err(ParseError::BadField));
+    }
+
+    #[test]
+    fn unsafe_names_and_words_are_cleaned() {
+        let mut line = String::new();
+        write_record(&mut line, 1, "Bad Event", &[("k y", Value::Word("a=b c"))]).unwrap();
+        let rec = parse_line(&line).unwrap().unwrap();
+        assert_eq!(rec.event, "_ad__vent");
+        assert_eq!(rec.get("k_y"), Some(Value::Word("a_b_c")));
+    }
+
+    fn value() -> impl Strategy<Value = Value<'static>> {
+        prop_oneof![
+            any::<u64>().prop_map(Value::U64),
+            (i64::MIN..0).prop_map(Value::I64),
+            any::<u64>().prop_map(Value::Hex),
+            prop_oneof![Just("ok"), Just("worker-1"), Just("a.b/c:d")].prop_map(Value::Word),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(
+            ts in any::<u64>(),
+            event in "[a-z][a-z0-9_.]{0,20}",
+            fields in proptest::collection::vec(("[a-z_][a-z0-9_]{0,8}", value()), 0..8),
+        ) {
+            let borrowed: Vec<(&str, Value<'_>)> =
+                fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let mut line = String::new();
+            write_record(&mut line, ts, &event, &borrowed).unwrap();
+            let rec = parse_line(&line).unwrap().unwrap();
+            prop_assert_eq!(rec.ts_ns, ts);
+            prop_assert_eq!(rec.event, event.as_str());
+            let parsed: Vec<(&str, Value<'_>)> = rec.fields().collect();
+            prop_assert_eq!(parsed, borrowed);
+        }
+
+        #[test]
+        fn parser_never_panics(line in "TRACE .{0,80}") {
+            let _ = parse_line(&line);
+        }
+    }
+}
