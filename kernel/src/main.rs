@@ -1,4 +1,128 @@
+//! The bare-metal x86_64 kernel: boots from QEMU through PVH, brings up the
+//! CPU, memory, clock, interrupts and threads, then runs the scenario the
+//! command line names and exits QEMU with its verdict.
+//!
+//! Hardware-independent logic lives in the `snapshot` crate; this crate is
+//! the thin layer that implements it on real page tables, interrupts and
+//! devices. `unsafe` is confined to `arch` and `memory`.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
+
+extern crate alloc;
+
+#[allow(unsafe_code)]
+mod arch;
+#[allow(unsafe_code)]
+mod memory;
+
+mod acpi;
+mod boot_info;
+mod clock;
+mod exceptions;
+mod ktest;
+mod log;
+mod scenario;
+mod sync;
+mod tests;
+mod thread;
+mod trace;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+use core::ops::Range;
+
+use snapshot::cmdline::CmdLine;
+use spin::Once;
+
+use crate::arch::qemu::{exit, ExitCode};
+use crate::boot_info::{BootInfo, Region};
+
+/// Local APIC timer frequency: the scheduler's tick.
+const TIMER_HZ: u32 = 1000;
+/// Default time slice in timer ticks (`quantum_ms=` overrides).
+const DEFAULT_QUANTUM_TICKS: u64 = 4;
+
+static REGIONS: Once<Vec<Region>> = Once::new();
+static MADT: Once<acpi::Madt> = Once::new();
+
+/// The firmware memory map.
+pub fn boot_regions() -> &'static [Region] {
+    REGIONS.get().map_or(&[], Vec::as_slice)
+}
+
+/// The usable RAM ranges of the firmware memory map.
+pub fn boot_ram() -> impl Iterator<Item = Range<u64>> {
+    boot_regions()
+        .iter()
+        .filter(|r| r.kind == 1)
+        .map(|r| r.start..r.end)
+}
+
+/// The ACPI interrupt routing information.
+pub fn madt() -> &'static acpi::Madt {
+    MADT.get().expect("MADT read at boot")
+}
+
+/// Entered from `arch::boot` on the boot stack, interrupts off, with the
+/// physical address of the PVH start info.
+fn kernel_main(start_info: u64) -> ! {
+    arch::serial::init();
+    arch::gdt::init();
+    arch::trap::init();
+    let boot = BootInfo::read(start_info);
+    memory::init(&boot);
+    REGIONS.call_once(|| boot.regions_owned());
+    let cmdline: String = boot.cmdline_owned();
+    let cmd = CmdLine::new(&cmdline);
+    let tsc_hz = clock::calibrate();
+    log!("kernel up: cmdline {:?}", cmd.as_str());
+
+    trace::init(cmd.get("trace") != Some("off"));
+    arch::pic::disable();
+    arch::apic::init();
+    match acpi::read_madt(boot.rsdp) {
+        Ok(madt) => {
+            if let Some(first) = madt.ioapics.first() {
+                arch::ioapic::init(first);
+            }
+            MADT.call_once(|| madt);
+        }
+        Err(e) => {
+            log!("no interrupt routing information: {e:?}");
+            MADT.call_once(acpi::Madt::default);
+        }
+    }
+    let quantum = match cmd.u64("quantum_ms") {
+        Ok(q) => q.unwrap_or(DEFAULT_QUANTUM_TICKS),
+        Err(e) => {
+            log!("{e}");
+            exit(ExitCode::Failure)
+        }
+    };
+    thread::init(quantum);
+    let timer_hz = arch::apic::start_timer(TIMER_HZ, || clock::spin_for(10_000_000));
+    x86_64::instructions::interrupts::enable();
+    trace!("boot.done", tsc_hz = tsc_hz, apic_timer_hz = timer_hz);
+
+    let code = scenario::run(&cmd);
+    finish(code)
+}
+
+/// Flushes traces and exits QEMU with `code`.
+pub fn finish(code: ExitCode) -> ! {
+    trace::flush();
+    exit(code)
+}
+
 #[panic_handler]
-fn p(_: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    x86_64::instructions::interrupts::disable();
+    let mut out = arch::serial::emergency_writer();
+    let _ = write!(out, "\n!!! PANIC in thread ");
+    let _ = thread::write_current(&mut out);
+    let _ = writeln!(out, ": {info}");
+    ktest::report_fatal(&mut out, format_args!("panicked: {}", info.message()));
+    exit(ExitCode::Failure)
+}

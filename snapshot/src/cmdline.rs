@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-use crate::units::{parse_size, SizeError};
+use crate::units::parse_size;
 
 /// A borrowed, parsed view of a command line.
 #[derive(Debug, Clone, Copy)]
@@ -77,7 +77,7 @@ impl<'a> CmdLine<'a> {
     /// A byte size such as `64M` (see [`crate::units::parse_size`]).
     pub fn size(&self, key: &'a str) -> Result<Option<u64>, ParamError<'a>> {
         self.parse(key, "a size such as 4096, 64K, 128M or 2G", |v| {
-            parse_size(v).map_err(|_: SizeError| ())
+            parse_size(v).ok()
         })
     }
 
@@ -85,11 +85,11 @@ impl<'a> CmdLine<'a> {
         &self,
         key: &'a str,
         expected: &'static str,
-        parse: impl Fn(&str) -> Result<T, ()>,
+        parse: impl Fn(&str) -> Option<T>,
     ) -> Result<Option<T>, ParamError<'a>> {
         match self.get(key) {
             None => Ok(None),
-            Some(value) => parse(value).map(Some).map_err(|()| ParamError {
+            Some(value) => parse(value).map(Some).ok_or(ParamError {
                 key,
                 value,
                 expected,
@@ -99,10 +99,10 @@ impl<'a> CmdLine<'a> {
 }
 
 /// Parses decimal or `0x`-prefixed hexadecimal.
-pub fn parse_u64(text: &str) -> Result<u64, ()> {
+pub fn parse_u64(text: &str) -> Option<u64> {
     match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).map_err(|_| ()),
-        None => text.parse().map_err(|_| ()),
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
     }
 }
 

@@ -216,7 +216,7 @@ impl<'a> FrameBitmap<'a> {
     }
 
     fn frame_of(&self, addr: u64) -> Result<u64, FrameError> {
-        if addr % FRAME_SIZE != 0 {
+        if !addr.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::Unaligned(addr));
         }
         let frame = addr / FRAME_SIZE;
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(bitmap.managed_frames(), 255 - 3);
         let got: Vec<u64> = core::iter::from_fn(|| bitmap.alloc()).collect();
         assert_eq!(got.len() as u64, 255 - 3);
-        assert!(got.iter().all(|&a| a >= MIB + FRAME_SIZE && a < 2 * MIB));
+        assert!(got.iter().all(|a| (MIB + FRAME_SIZE..2 * MIB).contains(a)));
         assert!(got
             .iter()
             .all(|&a| a + FRAME_SIZE <= reserved.start || a >= MIB + 5 * FRAME_SIZE));

@@ -16,6 +16,7 @@ extern crate std;
 pub mod cmdline;
 pub mod fault;
 pub mod frames;
+pub mod rng;
 pub mod sched;
 pub mod trace;
 pub mod units;

@@ -287,12 +287,12 @@ mod tests {
                         let ahead = q.ready_len;
                         let next = q.switch(cur, why, now);
                         prop_assert_eq!(next, q.current(), "context belongs to the chosen slot");
-                        for slot in 0..MAX_THREADS {
+                        for (slot, waited) in waited.iter_mut().enumerate() {
                             if q.state(slot) == State::Ready && slot != IDLE_SLOT {
-                                waited[slot] += 1;
-                                prop_assert!(waited[slot] <= MAX_THREADS, "slot {slot} starves");
+                                *waited += 1;
+                                prop_assert!(*waited <= MAX_THREADS, "slot {slot} starves");
                             } else {
-                                waited[slot] = 0;
+                                *waited = 0;
                             }
                         }
                         prop_assert!(ahead <= MAX_THREADS);

@@ -72,7 +72,7 @@ pub fn write_record<W: Write + ?Sized>(
         write_clean(out, key, is_key_char)?;
         out.write_char('=')?;
         match value {
-            Value::Word(w) if w.is_empty() => out.write_char('_')?,
+            Value::Word("") => out.write_char('_')?,
             Value::Word(w) => write_clean(out, w, is_word_char)?,
             other => write!(out, "{other}")?,
         }

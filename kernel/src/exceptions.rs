@@ -1,0 +1,121 @@
+//! CPU exceptions: the page fault decides through
+//! [`snapshot::fault::classify`]; every other exception, and every page fault
+//! nothing explains, prints a diagnostic on serial and exits QEMU with the
+//! failure code. Never a silent hang, never a triple-fault reboot.
+
+use core::fmt::Write;
+
+use snapshot::fault::{classify, PageFault, Verdict};
+
+use crate::arch::trap::TrapFrame;
+use crate::arch::{cpu, serial};
+use crate::memory::{probe, stacks};
+
+/// Mnemonic and name of each exception vector.
+pub fn name(vector: u64) -> (&'static str, &'static str) {
+    match vector {
+        0 => ("#DE", "divide error"),
+        1 => ("#DB", "debug"),
+        2 => ("NMI", "non-maskable interrupt"),
+        3 => ("#BP", "breakpoint"),
+        4 => ("#OF", "overflow"),
+        5 => ("#BR", "bound range exceeded"),
+        6 => ("#UD", "invalid opcode"),
+        7 => ("#NM", "device not available"),
+        8 => ("#DF", "double fault"),
+        10 => ("#TS", "invalid TSS"),
+        11 => ("#NP", "segment not present"),
+        12 => ("#SS", "stack-segment fault"),
+        13 => ("#GP", "general protection fault"),
+        14 => ("#PF", "page fault"),
+        16 => ("#MF", "x87 floating-point error"),
+        17 => ("#AC", "alignment check"),
+        18 => ("#MC", "machine check"),
+        19 => ("#XM", "SIMD floating-point error"),
+        20 => ("#VE", "virtualization exception"),
+        21 => ("#CP", "control protection"),
+        _ => ("#??", "reserved exception"),
+    }
+}
+
+/// Handles exception `frame.vector`; returns only if execution may go on.
+pub fn handle(frame: &mut TrapFrame) {
+    if frame.vector == 14 {
+        let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
+        match classify(&fault, &probe::fixups(), &stacks::region()) {
+            Verdict::Fixup { resume } => {
+                probe::record(&fault);
+                frame.rip = resume;
+                return;
+            }
+            Verdict::StackOverflow { slot } => fatal(
+                frame,
+                Some(&fault),
+                Some(format_args!("kernel stack overflow in stack slot {slot}")),
+            ),
+            Verdict::Fatal => fatal(frame, Some(&fault), None),
+        }
+    }
+    fatal(frame, None, None)
+}
+
+/// Prints the diagnostic and exits QEMU with the failure code.
+fn fatal(
+    frame: &TrapFrame,
+    fault: Option<&PageFault>,
+    note: Option<core::fmt::Arguments<'_>>,
+) -> ! {
+    let (mnemonic, name) = name(frame.vector);
+    let mut out = serial::emergency_writer();
+    let f = frame;
+    let _ = writeln!(
+        out,
+        "\n!!! CPU EXCEPTION {mnemonic} {name}: vector={} error_code={:#x}",
+        f.vector, f.error_code
+    );
+    let _ = writeln!(
+        out,
+        "    rip={:#018x} rsp={:#018x} rflags={:#x} cs={:#x}",
+        f.rip, f.rsp, f.rflags, f.cs
+    );
+    if let Some(fault) = fault {
+        let _ = writeln!(
+            out,
+            "    cr2={:#018x} ({} access, {})",
+            fault.addr,
+            fault.access(),
+            fault.kind()
+        );
+    }
+    if let Some(note) = note {
+        let _ = writeln!(out, "    {note}");
+    }
+    let _ = write!(out, "    thread: ");
+    let _ = crate::thread::write_current(&mut out);
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "    rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}",
+        f.rax, f.rbx, f.rcx, f.rdx
+    );
+    let _ = writeln!(
+        out,
+        "    rsi={:#x} rdi={:#x} rbp={:#x}",
+        f.rsi, f.rdi, f.rbp
+    );
+    let _ = writeln!(
+        out,
+        "    r8={:#x} r9={:#x} r10={:#x} r11={:#x}",
+        f.r8, f.r9, f.r10, f.r11
+    );
+    let _ = writeln!(
+        out,
+        "    r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+        f.r12, f.r13, f.r14, f.r15
+    );
+    crate::ktest::report_fatal(
+        &mut out,
+        format_args!("{mnemonic} {name} at rip={:#x}", f.rip),
+    );
+    crate::arch::qemu::exit(crate::arch::qemu::ExitCode::Failure)
+}

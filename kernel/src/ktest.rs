@@ -1,0 +1,75 @@
+//! The in-kernel test harness. The host runner (`boot`, through `cargo test`)
+//! boots one QEMU per test with `scenario=test test=<name>`; the kernel runs
+//! that one test and reports on serial:
+//!
+//! ```text
+//! KTEST-LIST <name> <normal|deliberate-failure>   (for test=list)
+//! KTEST-START <name>
+//! KTEST-PASS <name>                               (then exit 33)
+//! KTEST-FAIL <name>: <why>                        (panic or exception; exit 35)
+//! ```
+//!
+//! A hung test prints neither PASS nor FAIL; the host kills it after its
+//! timeout. Tests are plain functions that panic on failure.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::arch::qemu::ExitCode;
+
+/// One kernel test.
+#[derive(Debug)]
+pub struct Test {
+    /// `module::name`, unique.
+    pub name: &'static str,
+    /// The test; it fails by panicking (or faulting).
+    pub run: fn(),
+    /// A test that must fail, to show failures are caught. Not run by default.
+    pub deliberately_fails: bool,
+}
+
+const NONE: usize = usize::MAX;
+static CURRENT: AtomicUsize = AtomicUsize::new(NONE);
+
+/// Prints the registry, one `KTEST-LIST` line per test.
+pub fn list(tests: &[Test]) -> ExitCode {
+    for test in tests {
+        let kind = if test.deliberately_fails {
+            "deliberate-failure"
+        } else {
+            "normal"
+        };
+        crate::println!("KTEST-LIST {} {kind}", test.name);
+    }
+    ExitCode::Success
+}
+
+/// Runs the named test.
+pub fn run(tests: &'static [Test], name: &str) -> ExitCode {
+    let Some(index) = tests.iter().position(|t| t.name == name) else {
+        crate::println!(
+            "KTEST-FAIL {name}: no such kernel test (scenario=test test=list lists them)"
+        );
+        return ExitCode::Failure;
+    };
+    REGISTRY.call_once(|| tests);
+    CURRENT.store(index, Ordering::SeqCst);
+    crate::println!("KTEST-START {name}");
+    let started = crate::clock::now_ns();
+    (tests[index].run)();
+    let micros = (crate::clock::now_ns() - started) / 1000;
+    CURRENT.store(NONE, Ordering::SeqCst);
+    crate::trace::flush();
+    crate::println!("KTEST-PASS {name} ({micros} us)");
+    ExitCode::Success
+}
+
+static REGISTRY: spin::Once<&'static [Test]> = spin::Once::new();
+
+/// Called on the fatal paths (panic, exception): names the failing test.
+pub fn report_fatal(out: &mut dyn Write, what: core::fmt::Arguments<'_>) {
+    let index = CURRENT.load(Ordering::SeqCst);
+    if let Some(test) = REGISTRY.get().and_then(|tests| tests.get(index)) {
+        let _ = writeln!(out, "KTEST-FAIL {}: {what}", test.name);
+    }
+}

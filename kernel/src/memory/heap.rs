@@ -1,0 +1,69 @@
+//! The kernel heap: `linked_list_allocator` over contiguous frames, reached
+//! through the physical map, behind an interrupt-safe lock (so an interrupt
+//! handler that allocates cannot deadlock against the thread it interrupted).
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::{null_mut, NonNull};
+
+use linked_list_allocator::Heap;
+
+use super::{frames, phys_to_virt, PAGE_SIZE};
+use crate::sync::IrqMutex;
+
+/// The global allocator.
+pub struct KernelHeap(IrqMutex<Heap>);
+
+impl core::fmt::Debug for KernelHeap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("KernelHeap")
+    }
+}
+
+#[global_allocator]
+static HEAP: KernelHeap = KernelHeap(IrqMutex::new(Heap::empty()));
+
+// SAFETY: allocation and deallocation are delegated to `linked_list_allocator`
+// under a lock, which returns blocks that fit the layout and do not overlap.
+unsafe impl GlobalAlloc for KernelHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.0
+            .lock()
+            .allocate_first_fit(layout)
+            .map_or(null_mut(), NonNull::as_ptr)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(ptr) = NonNull::new(ptr) {
+            // SAFETY: the GlobalAlloc contract: `ptr` came from `alloc` on
+            // this allocator with the same layout.
+            unsafe { self.0.lock().deallocate(ptr, layout) };
+        }
+    }
+}
+
+/// Heap size: a sixteenth of RAM, between 4 and 64 MiB.
+fn heap_size(managed_frames: u64) -> u64 {
+    (managed_frames * PAGE_SIZE / 16).clamp(4 << 20, 64 << 20) & !(PAGE_SIZE - 1)
+}
+
+/// Gives the heap its memory.
+pub fn init() {
+    let (_, managed) = frames::stats();
+    let size = heap_size(managed);
+    let start =
+        frames::alloc_contiguous(size / PAGE_SIZE, 1).expect("no memory for the kernel heap");
+    // SAFETY: 1. [start, start + size) was just allocated for the heap alone
+    // and is RAM inside the physical map; 2. `init` runs once, before any
+    // allocation.
+    unsafe {
+        HEAP.0
+            .lock()
+            .init(phys_to_virt(start) as *mut u8, size as usize)
+    };
+}
+
+/// `(used, total)` heap bytes.
+pub fn stats() -> (usize, usize) {
+    let heap = HEAP.0.lock();
+    (heap.used(), heap.size())
+}

@@ -1,0 +1,135 @@
+//! Page-table edits through the `x86_64` crate's `OffsetPageTable`.
+//!
+//! Every change returns or consumes the crate's `#[must_use]` flush token, so
+//! a TLB flush cannot be forgotten.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use x86_64::structures::paging::mapper::{MapToError, UnmapError};
+use x86_64::structures::paging::{
+    Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags, PhysFrame, Size2MiB,
+    Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+use super::frames::KernelFrames;
+use super::{phys_to_virt, PAGE_SIZE, PHYS_OFFSET};
+use crate::boot_info::BootInfo;
+use crate::sync::IrqMutex;
+
+static MAPPER: IrqMutex<Option<OffsetPageTable<'static>>> = IrqMutex::new(None);
+
+/// One past the highest physical address the physical map covers.
+static PHYSMAP_END: AtomicU64 = AtomicU64::new(1 << 32);
+
+/// Wraps the boot page tables (built by `arch::boot`).
+pub fn init() {
+    let pml4 = phys_to_virt(crate::arch::cpu::cr3()) as *mut PageTable;
+    // SAFETY: 1. CR3 points at the boot PML4, which the physical map (set up
+    // by the boot stub at PHYS_OFFSET) covers; 2. this is the only
+    // `OffsetPageTable` ever built, and it lives behind MAPPER's lock, so
+    // there is one mutable owner of the page tables.
+    let mapper = unsafe { OffsetPageTable::new(&mut *pml4, VirtAddr::new(PHYS_OFFSET)) };
+    *MAPPER.lock() = Some(mapper);
+}
+
+fn with<R>(f: impl FnOnce(&mut OffsetPageTable<'static>) -> R) -> R {
+    f(MAPPER
+        .lock()
+        .as_mut()
+        .expect("page tables used before memory::init"))
+}
+
+/// One past the highest physical address readable through the physical map.
+pub fn physmap_end() -> u64 {
+    PHYSMAP_END.load(Ordering::Acquire)
+}
+
+/// Adds RAM above 4 GiB to the physical map, in 2 MiB pages.
+pub fn map_high_ram(boot: &BootInfo) {
+    let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    let mut end = physmap_end();
+    for region in boot.ram().filter(|r| r.end > 1 << 32) {
+        let first = region.start.max(1 << 32) & !(Size2MiB::SIZE - 1);
+        for phys in (first..region.end).step_by(Size2MiB::SIZE as usize) {
+            let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(phys));
+            let page = Page::<Size2MiB>::containing_address(VirtAddr::new(phys_to_virt(phys)));
+            // SAFETY: 1. the page is in the physical map's window, where
+            // nothing else is mapped; 2. it maps RAM to its own offset
+            // address, which is what the rest of the kernel expects there.
+            let mapped = with(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
+            match mapped {
+                Ok(flush) => flush.flush(),
+                Err(MapToError::PageAlreadyMapped(_)) => {}
+                Err(e) => panic!("cannot extend the physical map at {phys:#x}: {e:?}"),
+            }
+        }
+        end = end.max(region.end.next_multiple_of(Size2MiB::SIZE));
+    }
+    PHYSMAP_END.store(end, Ordering::Release);
+}
+
+/// Why a mapping failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapError {
+    /// Out of frames for the page itself or its tables.
+    OutOfFrames,
+    /// Something is already mapped there.
+    AlreadyMapped(u64),
+    /// The address lies inside a huge page.
+    HugePage(u64),
+}
+
+/// Maps one 4 KiB page of a private kernel region (stacks, MMIO, tests).
+///
+/// The caller's region must be one that only it maps; mapping a frame
+/// twice with different caching would be a bug the type system can't see.
+pub fn map_page(virt: u64, phys: u64, flags: PageTableFlags) -> Result<(), MapError> {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    let frame = PhysFrame::containing_address(PhysAddr::new(phys));
+    // SAFETY: 1. the caller owns the virtual page (its own region, checked
+    // by the mapper to be unmapped); 2. the frame is owned by the caller
+    // (allocated for it, or device memory it was given).
+    let result = with(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
+    match result {
+        Ok(flush) => {
+            flush.flush();
+            Ok(())
+        }
+        Err(MapToError::FrameAllocationFailed) => Err(MapError::OutOfFrames),
+        Err(MapToError::PageAlreadyMapped(_)) => Err(MapError::AlreadyMapped(virt)),
+        Err(MapToError::ParentEntryHugePage) => Err(MapError::HugePage(virt)),
+    }
+}
+
+/// Unmaps one 4 KiB page and returns the frame it mapped.
+pub fn unmap_page(virt: u64) -> Result<PhysFrame, UnmapError> {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    let (frame, flush) = with(|m| m.unmap(page))?;
+    flush.flush();
+    Ok(frame)
+}
+
+/// Changes the flags of one mapped 4 KiB page.
+pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
+    // SAFETY: the caller owns the page (see `map_page`); changing its
+    // permissions cannot break memory safety of other owners, and a write to
+    // a read-only page is a reported fault, not undefined behaviour.
+    let result = with(|m| unsafe { m.update_flags(page, flags) });
+    match result {
+        Ok(flush) => {
+            flush.flush();
+            Ok(())
+        }
+        Err(_) => Err(MapError::AlreadyMapped(virt)),
+    }
+}
+
+/// Fills a frame with zeros through the physical map.
+pub fn zero_frame(frame: PhysFrame) {
+    let ptr = phys_to_virt(frame.start_address().as_u64()) as *mut u8;
+    // SAFETY: 1. the frame was just allocated, so the caller owns it; 2. it
+    // is RAM inside the physical map, writable and 4 KiB long.
+    unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
+}

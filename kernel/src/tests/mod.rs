@@ -1,0 +1,71 @@
+//! The in-kernel tests, run one per boot by the host runner (see
+//! [`crate::ktest`]). Each checks behaviour against something independent of
+//! the code under test: its own record of handed-out frames, patterns written
+//! and read back through another mapping, the PIT, a device's interrupts.
+
+mod clock;
+mod deliberate;
+mod exceptions;
+mod interrupts;
+mod memory;
+mod sched;
+mod trace;
+
+use crate::ktest::Test;
+
+macro_rules! tests {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        &[$(Test { name: concat!(stringify!($module), "::", stringify!($name)), run: $module::$name, deliberately_fails: false }),*]
+    };
+}
+
+/// Every test that must pass.
+const PASSING: &[Test] = tests![
+    memory::frame_allocator_never_hands_out_a_frame_twice,
+    memory::heap_survives_allocation_stress,
+    memory::physical_map_covers_all_ram,
+    exceptions::page_fault_reports_address_and_cause,
+    sched::spinning_thread_does_not_starve_another,
+    sched::workload_and_background_interleave,
+    sched::sleep_block_wake_and_join,
+    sched::threads_are_reaped_and_slots_reused,
+    clock::tsc_agrees_with_pit,
+    clock::timer_ticks_at_its_rate,
+    interrupts::ioapic_routes_the_rtc_interrupt,
+    trace::burst_is_flushed_without_loss,
+];
+
+/// Tests that must fail: run only on request, to show a failure is caught.
+const FAILING: &[Test] = &[
+    Test {
+        name: "deliberate::panics",
+        run: deliberate::panics,
+        deliberately_fails: true,
+    },
+    Test {
+        name: "deliberate::hangs",
+        run: deliberate::hangs,
+        deliberately_fails: true,
+    },
+    Test {
+        name: "deliberate::page_faults",
+        run: deliberate::page_faults,
+        deliberately_fails: true,
+    },
+];
+
+/// All tests, for `scenario=test`.
+pub fn all() -> &'static [Test] {
+    static ALL: spin::Once<alloc::vec::Vec<Test>> = spin::Once::new();
+    ALL.call_once(|| {
+        PASSING
+            .iter()
+            .chain(FAILING)
+            .map(|t| Test {
+                name: t.name,
+                run: t.run,
+                deliberately_fails: t.deliberately_fails,
+            })
+            .collect()
+    })
+}

@@ -1,0 +1,157 @@
+//! Trace records on the serial console, in the format of
+//! [`snapshot::trace`]: `TRACE <ns> <event> key=value ...`.
+//!
+//! Cheap enough for hot paths: [`record`] copies a fixed-size record into a
+//! preallocated buffer under a short lock (no formatting, no allocation);
+//! [`flush`] formats and prints outside the lock. A full buffer is flushed
+//! by the thread that fills it; if a flush is already running (an
+//! interrupt handler traced during one), the record is counted as dropped
+//! and the count is reported, so nothing is lost silently. `trace=off` on
+//! the command line turns recording into one relaxed atomic load.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use snapshot::trace::{write_record, Value};
+
+use crate::sync::IrqMutex;
+
+/// Most fields in one record.
+pub const MAX_FIELDS: usize = 6;
+const CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    ts_ns: u64,
+    event: &'static str,
+    count: u8,
+    fields: [(&'static str, Value<'static>); MAX_FIELDS],
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static BUFFER: IrqMutex<Vec<Record>> = IrqMutex::new(Vec::new());
+/// The second buffer; `None` while a flush prints from it.
+static SPARE: IrqMutex<Option<Vec<Record>>> = IrqMutex::new(None);
+
+/// Allocates both buffers; `enabled` is the level switch.
+pub fn init(enabled: bool) {
+    *BUFFER.lock() = Vec::with_capacity(CAPACITY);
+    *SPARE.lock() = Some(Vec::with_capacity(CAPACITY));
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether records are being kept.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Records an event now. At most [`MAX_FIELDS`] fields are kept.
+pub fn record(event: &'static str, fields: &[(&'static str, Value<'static>)]) {
+    if !enabled() {
+        return;
+    }
+    let mut record = Record {
+        ts_ns: crate::clock::now_ns(),
+        event,
+        count: fields.len().min(MAX_FIELDS) as u8,
+        fields: [("", Value::U64(0)); MAX_FIELDS],
+    };
+    record.fields[..record.count as usize].copy_from_slice(&fields[..record.count as usize]);
+    for _ in 0..2 {
+        {
+            let mut buffer = BUFFER.lock();
+            if buffer.len() < buffer.capacity() {
+                buffer.push(record);
+                return;
+            }
+        }
+        if !flush() {
+            break;
+        }
+    }
+    DROPPED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Prints every buffered record. Returns false if another flush was
+/// already printing (nothing was done).
+pub fn flush() -> bool {
+    let Some(mut printing) = SPARE.lock().take() else {
+        return false;
+    };
+    core::mem::swap(&mut printing, &mut *BUFFER.lock());
+    let dropped = DROPPED.swap(0, Ordering::Relaxed);
+    crate::arch::serial::with_console(|console| {
+        for r in &printing {
+            let _ = write_record(console, r.ts_ns, r.event, &r.fields[..r.count as usize]);
+        }
+        if dropped > 0 {
+            let fields = [("records", Value::U64(dropped))];
+            let _ = write_record(console, crate::clock::now_ns(), "trace.dropped", &fields);
+        }
+    });
+    printing.clear();
+    *SPARE.lock() = Some(printing);
+    true
+}
+
+/// Records an event: `trace!("sched.spawn", slot = 3, name = Word("worker"))`.
+/// Values convert through [`Into<Value>`]: integers, `Hex`, `Word`.
+#[macro_export]
+macro_rules! trace {
+    ($event:literal $(, $key:ident = $value:expr)* $(,)?) => {
+        if $crate::trace::enabled() {
+            $crate::trace::record($event, &[$((stringify!($key), $crate::trace::value($value))),*]);
+        }
+    };
+}
+
+/// A field value for [`trace!`].
+pub fn value(v: impl Into<TraceValue>) -> Value<'static> {
+    v.into().0
+}
+
+/// Conversion target for trace field values.
+#[derive(Debug)]
+pub struct TraceValue(Value<'static>);
+
+/// An address or mask, printed in hex.
+#[derive(Debug, Clone, Copy)]
+pub struct Hex(pub u64);
+
+/// A word (no spaces), printed as is.
+#[derive(Debug, Clone, Copy)]
+pub struct Word(pub &'static str);
+
+macro_rules! unsigned_value {
+    ($($t:ty),*) => {$(
+        impl From<$t> for TraceValue {
+            fn from(v: $t) -> Self { TraceValue(Value::U64(v as u64)) }
+        }
+    )*};
+}
+unsigned_value!(u8, u16, u32, u64, usize);
+
+impl From<i64> for TraceValue {
+    fn from(v: i64) -> Self {
+        TraceValue(Value::I64(v))
+    }
+}
+
+impl From<Hex> for TraceValue {
+    fn from(v: Hex) -> Self {
+        TraceValue(Value::Hex(v.0))
+    }
+}
+
+impl From<Word> for TraceValue {
+    fn from(v: Word) -> Self {
+        TraceValue(Value::Word(v.0))
+    }
+}
+
+impl From<bool> for TraceValue {
+    fn from(v: bool) -> Self {
+        TraceValue(Value::U64(u64::from(v)))
+    }
+}
