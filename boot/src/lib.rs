@@ -1,1 +1,40 @@
+//! Host side of the project: builds the kernel, boots it in QEMU, streams and
+//! keeps the serial console, maps the kernel's exit codes, enforces timeouts
+//! and turns trace records into reports. It is both the `cargo run` tool and
+//! the custom test runner behind `cargo test`.
+//!
+//! It must never guess a verdict: a run passes only if QEMU exits with the
+//! kernel's success code (33); a timeout, a reset, a crash of QEMU itself or
+//! exit code 35 are failures, each reported as what it is.
 
+pub mod build;
+pub mod qemu;
+pub mod report;
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// The repository root (the workspace this crate belongs to).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("boot/ has a parent")
+        .to_path_buf()
+}
+
+/// A setup problem the user can fix with one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupError {
+    /// What is missing or broken.
+    pub what: String,
+    /// The exact command that fixes it.
+    pub fix: String,
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; run: {}", self.what, self.fix)
+    }
+}
+
+impl std::error::Error for SetupError {}

@@ -1,1 +1,187 @@
-fn main() {}
+//! `cargo run --release -- [SCENARIO] [OPTIONS] [key=value ...]`
+//!
+//! Builds the kernel, boots it in QEMU with the scenario on its command line,
+//! streams the serial console, summarises the trace, and exits with the
+//! kernel's verdict: 0 passed, 1 the kernel reported failure, 2 bad usage or
+//! missing setup, 3 timeout or an unexpected QEMU exit.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use boot::qemu::{self, Config, Verdict};
+use boot::{build, report};
+use snapshot::units::parse_size;
+
+const USAGE: &str = "\
+usage: cargo run --release -- [SCENARIO] [OPTIONS] [key=value ...]
+
+scenarios:
+  demo                 boot, memory map, two interleaved threads, traces (default)
+  test NAME|list       run one in-kernel test, or list them
+  crash KIND           raise a CPU exception on purpose (pf ud de gp bp overflow)
+
+options:
+  --mem SIZE           guest RAM, e.g. 128M, 2G (default 128M)
+  --timeout SECS       kill QEMU after this long (default 120)
+  --quiet              do not echo the serial console
+  -h, --help           this text
+
+Further key=value words are passed to the kernel command line.";
+
+#[derive(Debug)]
+struct Args {
+    cmdline: Vec<String>,
+    mem: u64,
+    timeout: Duration,
+    quiet: bool,
+}
+
+fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args {
+        cmdline: Vec::new(),
+        mem: 128 << 20,
+        timeout: Duration::from_secs(120),
+        quiet: false,
+    };
+    let mut positional = Vec::new();
+    while let Some(word) = words.next() {
+        let mut value = |name: &str| words.next().ok_or(format!("{name} needs a value"));
+        match word.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            "--mem" => {
+                let text = value("--mem")?;
+                args.mem = parse_size(&text).map_err(|e| format!("--mem {text}: {e}"))?;
+                if args.mem < 32 << 20 {
+                    return Err(format!("--mem {text}: the kernel needs at least 32M"));
+                }
+            }
+            "--timeout" => {
+                let text = value("--timeout")?;
+                let secs: f64 = text
+                    .parse()
+                    .map_err(|_| format!("--timeout {text}: not a number of seconds"))?;
+                args.timeout = Duration::from_secs_f64(secs);
+            }
+            "--quiet" => args.quiet = true,
+            w if w.starts_with('-') => return Err(format!("unknown option {w}")),
+            w if w.contains('=') => args.cmdline.push(w.to_string()),
+            w => positional.push(w.to_string()),
+        }
+    }
+    let mut positional = positional.into_iter();
+    let scenario = positional.next().unwrap_or_else(|| "demo".into());
+    args.cmdline.insert(0, format!("scenario={scenario}"));
+    match (scenario.as_str(), positional.next()) {
+        ("test", Some(name)) => args.cmdline.push(format!("test={name}")),
+        ("crash", Some(kind)) => args.cmdline.push(format!("kind={kind}")),
+        ("test", None) => return Err("test needs a test name, or list".into()),
+        (_, Some(extra)) => return Err(format!("unexpected argument {extra}")),
+        (_, None) => {}
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = qemu::check_qemu().and_then(|()| build::check_toolchain()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    eprintln!("building the kernel ...");
+    let kernel = match build::kernel() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = Config {
+        kernel,
+        mem_bytes: args.mem,
+        cmdline: args.cmdline.join(" "),
+        timeout: args.timeout,
+    };
+    eprintln!(
+        "booting: {} MiB, cmdline {:?}",
+        config.mem_bytes >> 20,
+        config.cmdline
+    );
+    let quiet = args.quiet;
+    let outcome = match qemu::run(&config, |line| {
+        if !quiet {
+            println!("{line}");
+        }
+    }) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !outcome.stderr.trim().is_empty() {
+        eprintln!("QEMU said: {}", outcome.stderr.trim());
+    }
+    match report::records(&outcome.serial) {
+        Ok(records) => eprint!("{}", report::summary(&records)),
+        Err(e) => eprintln!("error: bad trace output: {e}"),
+    }
+    eprintln!(
+        "kernel {} in {:.2} s",
+        outcome.verdict,
+        outcome.elapsed.as_secs_f64()
+    );
+    match outcome.verdict {
+        Verdict::Passed => ExitCode::SUCCESS,
+        Verdict::Failed => ExitCode::from(1),
+        Verdict::UnexpectedExit(_) | Verdict::TimedOut(_) => ExitCode::from(3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(words: &[&str]) -> Result<Args, String> {
+        parse_args(words.iter().map(|w| w.to_string()))
+    }
+
+    #[test]
+    fn defaults_to_the_demo() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.cmdline, ["scenario=demo"]);
+        assert_eq!(args.mem, 128 << 20);
+    }
+
+    #[test]
+    fn scenario_options_and_kernel_words() {
+        let args = parse(&["test", "memory::x", "--mem", "2G", "seed=7"]).unwrap();
+        assert_eq!(args.cmdline, ["scenario=test", "seed=7", "test=memory::x"]);
+        assert_eq!(args.mem, 2 << 30);
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        assert!(parse(&["--mem", "lots"])
+            .unwrap_err()
+            .contains("--mem lots"));
+        assert!(parse(&["--mem", "1M"])
+            .unwrap_err()
+            .contains("at least 32M"));
+        assert!(parse(&["--frobnicate"])
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse(&["demo", "extra"])
+            .unwrap_err()
+            .contains("unexpected argument"));
+    }
+}

@@ -71,10 +71,12 @@ pub fn heap_survives_allocation_stress() {
     let (used_before, size) = heap::stats();
     let mut rng = snapshot::rng::Rng::new(0x5eed_1234);
     let mut live: Vec<(Vec<u8>, u8)> = Vec::new();
+    // Large blocks up to 1/64 of the heap; at most ~1/4 of it live on average.
+    let large = (size / 64) as u64;
     for round in 0..30_000u32 {
-        if live.len() < 400 && rng.below(3) != 0 {
+        if live.len() < 300 && rng.below(3) != 0 {
             let len = match rng.below(10) {
-                0 => rng.below(256 * 1024) as usize + 1,
+                0 => rng.below(large) as usize + 1,
                 1..=3 => rng.below(8192) as usize + 1,
                 _ => rng.below(128) as usize + 1,
             };

@@ -1,0 +1,218 @@
+//! Booting the kernel in QEMU and reading its verdict.
+//!
+//! QEMU runs under TCG with the kernel loaded by `-kernel` (PVH), the serial
+//! console on stdout, and the `isa-debug-exit` device through which the
+//! kernel reports 33 (pass) or 35 (fail). Output is streamed line by line to
+//! a callback as it arrives and also kept whole; a run that outlives its
+//! timeout is killed.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::SetupError;
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// QEMU's exit status when the kernel reports success.
+pub const EXIT_PASS: i32 = 33;
+/// QEMU's exit status when the kernel reports failure.
+pub const EXIT_FAIL: i32 = 35;
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The kernel ELF.
+    pub kernel: PathBuf,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Kill the run after this long.
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// 128 MiB, 60 s, the given command line.
+    pub fn new(kernel: &Path, cmdline: &str) -> Self {
+        Config {
+            kernel: kernel.to_path_buf(),
+            mem_bytes: 128 << 20,
+            cmdline: cmdline.to_string(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The kernel exited with its success code.
+    Passed,
+    /// The kernel exited with its failure code.
+    Failed,
+    /// QEMU exited with another status: 0 means the guest reset or shut
+    /// down (a triple fault with `-no-reboot`), anything else is QEMU's own
+    /// error.
+    UnexpectedExit(Option<i32>),
+    /// Killed after the timeout.
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Passed => write!(f, "passed (exit {EXIT_PASS})"),
+            Verdict::Failed => write!(f, "failed (kernel reported failure, exit {EXIT_FAIL})"),
+            Verdict::UnexpectedExit(Some(0)) => {
+                write!(
+                    f,
+                    "guest reset or shut down without a verdict (triple fault?)"
+                )
+            }
+            Verdict::UnexpectedExit(Some(code)) => write!(f, "QEMU exited with status {code}"),
+            Verdict::UnexpectedExit(None) => write!(f, "QEMU was killed by a signal"),
+            Verdict::TimedOut(t) => {
+                write!(f, "timed out after {:.1} s and was killed", t.as_secs_f64())
+            }
+        }
+    }
+}
+
+/// The result of one boot.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// How it ended.
+    pub verdict: Verdict,
+    /// Everything the kernel printed on serial.
+    pub serial: String,
+    /// What QEMU printed on stderr.
+    pub stderr: String,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The last `n` lines of the serial log, for failure reports.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.serial.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Checks that QEMU is installed.
+pub fn check_qemu() -> Result<(), SetupError> {
+    match Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        _ => Err(SetupError {
+            what: format!("{QEMU} is not installed"),
+            fix: "bash scripts/setup".into(),
+        }),
+    }
+}
+
+/// The QEMU command line for `config`.
+pub fn command(config: &Config) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-nodefaults",
+    ])
+    .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    .arg("-m")
+    .arg(format!("{}M", config.mem_bytes.div_ceil(1 << 20)))
+    .arg("-kernel")
+    .arg(&config.kernel)
+    .arg("-append")
+    .arg(&config.cmdline)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+/// Boots and waits for the verdict, handing each serial line to `on_line`
+/// as it arrives.
+pub fn run(config: &Config, mut on_line: impl FnMut(&str)) -> Result<Outcome, String> {
+    check_qemu().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut child = command(config)
+        .spawn()
+        .map_err(|e| format!("cannot start {QEMU}: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match lines.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_string();
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = started + config.timeout;
+    let mut serial = String::new();
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                on_line(&line);
+                serial.push_str(&line);
+                serial.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {QEMU}: {e}"))?;
+    let _ = reader.join();
+    let stderr = errors.join().unwrap_or_default();
+    let verdict = if timed_out {
+        Verdict::TimedOut(config.timeout)
+    } else {
+        match status.code() {
+            Some(EXIT_PASS) => Verdict::Passed,
+            Some(EXIT_FAIL) => Verdict::Failed,
+            other => Verdict::UnexpectedExit(other),
+        }
+    };
+    Ok(Outcome {
+        verdict,
+        serial,
+        stderr,
+        elapsed: started.elapsed(),
+    })
+}
