@@ -85,20 +85,18 @@ fn a_kernel_stack_overflow_hits_the_guard_and_is_reported() {
 
 #[test]
 fn a_bad_command_line_value_is_refused_by_name() {
-    let outcome = boot("scenario=demo quantum_ms=banana", MEM, TIMEOUT);
-    assert_eq!(outcome.verdict, Verdict::Failed);
-    assert!(
-        outcome.serial.contains("quantum_ms=\"banana\""),
-        "{}",
-        outcome.serial
-    );
-    let outcome = boot("scenario=nonsense", MEM, TIMEOUT);
-    assert_eq!(outcome.verdict, Verdict::Failed);
-    assert!(
-        outcome.serial.contains("unknown scenario \"nonsense\""),
-        "{}",
-        outcome.serial
-    );
+    for (cmdline, message) in [
+        ("scenario=demo quantum_ms=banana", "quantum_ms=\"banana\""),
+        ("scenario=nonsense", "unknown scenario \"nonsense\""),
+    ] {
+        let outcome = boot(cmdline, MEM, TIMEOUT);
+        assert_eq!(outcome.verdict, Verdict::Failed, "{cmdline}");
+        assert!(
+            outcome.serial.contains(message),
+            "{cmdline}: {}",
+            outcome.serial
+        );
+    }
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub fn counts<'a>(records: &[Record<'a>]) -> BTreeMap<&'a str, usize> {
 pub fn summary(records: &[Record<'_>]) -> String {
     let mut text = String::new();
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
-        return "no trace records".into();
+        return "no trace records\n".into();
     };
     text.push_str(&format!(
         "{} trace records over {:.3} ms:\n",

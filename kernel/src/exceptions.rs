@@ -93,26 +93,30 @@ fn fatal(
     let _ = write!(out, "    thread: ");
     let _ = crate::thread::write_current(&mut out);
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "    rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}",
-        f.rax, f.rbx, f.rcx, f.rdx
-    );
-    let _ = writeln!(
-        out,
-        "    rsi={:#x} rdi={:#x} rbp={:#x}",
-        f.rsi, f.rdi, f.rbp
-    );
-    let _ = writeln!(
-        out,
-        "    r8={:#x} r9={:#x} r10={:#x} r11={:#x}",
-        f.r8, f.r9, f.r10, f.r11
-    );
-    let _ = writeln!(
-        out,
-        "    r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
-        f.r12, f.r13, f.r14, f.r15
-    );
+    let registers = [
+        ("rax", f.rax),
+        ("rbx", f.rbx),
+        ("rcx", f.rcx),
+        ("rdx", f.rdx),
+        ("rsi", f.rsi),
+        ("rdi", f.rdi),
+        ("rbp", f.rbp),
+        ("r8", f.r8),
+        ("r9", f.r9),
+        ("r10", f.r10),
+        ("r11", f.r11),
+        ("r12", f.r12),
+        ("r13", f.r13),
+        ("r14", f.r14),
+        ("r15", f.r15),
+    ];
+    for row in registers.chunks(4) {
+        let _ = write!(out, "   ");
+        for (name, value) in row {
+            let _ = write!(out, " {name}={value:#x}");
+        }
+        let _ = writeln!(out);
+    }
     crate::ktest::report_fatal(
         &mut out,
         format_args!("{mnemonic} {name} at rip={:#x}", f.rip),

@@ -32,6 +32,13 @@ impl IoApic {
         self.regs.write32(IOREGSEL, reg);
         self.regs.write32(IOWIN, value);
     }
+
+    /// The redirection-table index of `gsi`.
+    fn line(&self, gsi: u32) -> Result<u32, RouteError> {
+        gsi.checked_sub(self.gsi_base)
+            .filter(|&l| l < self.lines)
+            .ok_or(RouteError::NoSuchLine(gsi))
+    }
 }
 
 static IOAPIC: Once<IrqMutex<IoApic>> = Once::new();
@@ -63,10 +70,7 @@ pub enum RouteError {
 /// Routes `gsi` to `vector` on this CPU and unmasks it.
 pub fn route(gsi: u32, vector: u8, trigger: Trigger, polarity: Polarity) -> Result<(), RouteError> {
     let ioapic = IOAPIC.get().ok_or(RouteError::NoIoApic)?.lock();
-    let line = gsi
-        .checked_sub(ioapic.gsi_base)
-        .filter(|&l| l < ioapic.lines)
-        .ok_or(RouteError::NoSuchLine(gsi))?;
+    let line = ioapic.line(gsi)?;
     let mut low = u32::from(vector);
     if polarity == Polarity::ActiveLow {
         low |= 1 << 13;
@@ -83,10 +87,7 @@ pub fn route(gsi: u32, vector: u8, trigger: Trigger, polarity: Polarity) -> Resu
 /// Masks `gsi` again.
 pub fn mask(gsi: u32) -> Result<(), RouteError> {
     let ioapic = IOAPIC.get().ok_or(RouteError::NoIoApic)?.lock();
-    let line = gsi
-        .checked_sub(ioapic.gsi_base)
-        .filter(|&l| l < ioapic.lines)
-        .ok_or(RouteError::NoSuchLine(gsi))?;
+    let line = ioapic.line(gsi)?;
     ioapic.write(0x10 + 2 * line, MASKED);
     Ok(())
 }
