@@ -5,7 +5,7 @@
 
 use core::fmt::Write;
 
-use snapshot::fault::{classify, PageFault, Verdict};
+use snapshot::fault::{classify, Layout, PageFault, Verdict};
 
 use crate::arch::trap::TrapFrame;
 use crate::arch::{cpu, serial};
@@ -42,7 +42,13 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
 pub fn handle(frame: &mut TrapFrame) {
     if frame.vector == 14 {
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
-        match classify(&fault, &probe::fixups(), &stacks::region()) {
+        let fixups = probe::fixups();
+        let layout = Layout {
+            fixups: &fixups,
+            stacks: stacks::region(),
+            snapshot_window: None,
+        };
+        match classify(&fault, &layout) {
             Verdict::Fixup { resume } => {
                 probe::record(&fault);
                 frame.rip = resume;
@@ -53,7 +59,7 @@ pub fn handle(frame: &mut TrapFrame) {
                 Some(&fault),
                 Some(format_args!("kernel stack overflow in stack slot {slot}")),
             ),
-            Verdict::Fatal => fatal(frame, Some(&fault), None),
+            Verdict::SnapshotWrite { .. } | Verdict::Fatal => fatal(frame, Some(&fault), None),
         }
     }
     fatal(frame, None, None)

@@ -103,6 +103,18 @@ impl StackRegion {
     }
 }
 
+/// What the kernel's address space looks like to the fault classifier.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    /// Probe instructions allowed to fault.
+    pub fixups: &'a [Fixup],
+    /// Kernel thread stacks and their guards.
+    pub stacks: StackRegion,
+    /// While a live snapshot write-protects memory: the virtual window
+    /// `[start, end)` through which protected frames are written.
+    pub snapshot_window: Option<(u64, u64)>,
+}
+
 /// What the kernel does about a page fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -110,6 +122,12 @@ pub enum Verdict {
     Fixup {
         /// Where execution continues.
         resume: u64,
+    },
+    /// A write to a page the live snapshot protects: copy it, then let the
+    /// write through.
+    SnapshotWrite {
+        /// Offset of the faulting address in the snapshot window.
+        offset: u64,
     },
     /// A thread ran off the bottom of its stack into the guard.
     StackOverflow {
@@ -121,15 +139,28 @@ pub enum Verdict {
 }
 
 /// Decides what a fault means. Probes come first (they may touch any
-/// address, the guard included), then stack guards.
-pub fn classify(fault: &PageFault, fixups: &[Fixup], stacks: &StackRegion) -> Verdict {
-    if let Some(fixup) = fixups.iter().find(|f| f.insn == fault.rip) {
+/// address), then writes the snapshot protects (a present page, a write, no
+/// reserved bit, no instruction fetch), then stack guards.
+pub fn classify(fault: &PageFault, layout: &Layout<'_>) -> Verdict {
+    if let Some(fixup) = layout.fixups.iter().find(|f| f.insn == fault.rip) {
         return Verdict::Fixup {
             resume: fixup.resume,
         };
     }
+    let snapshot_write = PfCode::PRESENT | PfCode::WRITE;
+    let unexpected = PfCode::RESERVED_BIT | PfCode::INSTRUCTION | PfCode::USER;
+    if let Some((start, end)) = layout.snapshot_window {
+        if fault.code.contains(snapshot_write)
+            && !fault.code.intersects(unexpected)
+            && (start..end).contains(&fault.addr)
+        {
+            return Verdict::SnapshotWrite {
+                offset: fault.addr - start,
+            };
+        }
+    }
     if !fault.code.contains(PfCode::PRESENT) {
-        if let Some(slot) = stacks.slot_of(fault.addr) {
+        if let Some(slot) = layout.stacks.slot_of(fault.addr) {
             return Verdict::StackOverflow { slot };
         }
     }
@@ -149,6 +180,19 @@ mod tests {
         insn: 0x20_1000,
         resume: 0x20_1008,
     };
+    const WINDOW: (u64, u64) = (0xffff_8000_0000_0000, 0xffff_8000_8000_0000);
+
+    fn layout(snapshot: bool) -> Layout<'static> {
+        Layout {
+            fixups: &[PROBE],
+            stacks: STACKS,
+            snapshot_window: snapshot.then_some(WINDOW),
+        }
+    }
+
+    fn classify(f: &PageFault) -> Verdict {
+        super::classify(f, &layout(false))
+    }
 
     #[test]
     fn decodes_error_codes() {
@@ -163,7 +207,7 @@ mod tests {
     fn probes_are_fixed_up_wherever_they_fault() {
         let f = PageFault::new(STACKS.base + 8, PROBE.insn, 0);
         assert_eq!(
-            classify(&f, &[PROBE], &STACKS),
+            classify(&f),
             Verdict::Fixup {
                 resume: PROBE.resume
             }
@@ -173,24 +217,43 @@ mod tests {
     #[test]
     fn missing_pages_in_the_stack_region_are_overflows() {
         let f = PageFault::new(STACKS.base + 3 * STACKS.slot_size + 4095, 0x20_0000, 0b10);
-        assert_eq!(
-            classify(&f, &[PROBE], &STACKS),
-            Verdict::StackOverflow { slot: 3 }
-        );
+        assert_eq!(classify(&f), Verdict::StackOverflow { slot: 3 });
         let beyond = STACKS.base + STACKS.slots * STACKS.slot_size;
         let f = PageFault::new(beyond, 0x20_0000, 0b10);
-        assert_eq!(classify(&f, &[PROBE], &STACKS), Verdict::Fatal);
+        assert_eq!(classify(&f), Verdict::Fatal);
     }
 
     #[test]
     fn anything_else_is_fatal() {
         let f = PageFault::new(0xdead_b000, 0x20_0000, 0);
-        assert_eq!(classify(&f, &[PROBE], &STACKS), Verdict::Fatal);
+        assert_eq!(classify(&f), Verdict::Fatal);
         let f = PageFault::new(STACKS.base, 0x20_0000, 0b11);
         assert_eq!(
-            classify(&f, &[PROBE], &STACKS),
+            classify(&f),
             Verdict::Fatal,
             "present page: not a guard hit"
         );
+    }
+
+    #[test]
+    fn protected_writes_belong_to_the_snapshot_only_while_one_runs() {
+        let write = PageFault::new(WINDOW.0 + 0x5008, 0x20_0000, 0b11);
+        assert_eq!(
+            super::classify(&write, &layout(true)),
+            Verdict::SnapshotWrite { offset: 0x5008 }
+        );
+        assert_eq!(super::classify(&write, &layout(false)), Verdict::Fatal);
+        let read = PageFault::new(WINDOW.0 + 0x5008, 0x20_0000, 0b01);
+        assert_eq!(
+            super::classify(&read, &layout(true)),
+            Verdict::Fatal,
+            "reads are never protected"
+        );
+        let missing = PageFault::new(WINDOW.0 + 0x5008, 0x20_0000, 0b10);
+        assert_eq!(super::classify(&missing, &layout(true)), Verdict::Fatal);
+        let outside = PageFault::new(WINDOW.1, 0x20_0000, 0b11);
+        assert_eq!(super::classify(&outside, &layout(true)), Verdict::Fatal);
+        let rsvd = PageFault::new(WINDOW.0, 0x20_0000, 0b1011);
+        assert_eq!(super::classify(&rsvd, &layout(true)), Verdict::Fatal);
     }
 }

@@ -10,12 +10,15 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
 #[cfg(test)]
 extern crate std;
 
 pub mod cmdline;
 pub mod fault;
 pub mod frames;
+pub mod memsnap;
 pub mod rng;
 pub mod sched;
 pub mod trace;

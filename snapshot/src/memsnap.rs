@@ -1,0 +1,613 @@
+//! The live memory snapshot engine, without the hardware.
+//!
+//! A snapshot covers a *range*: a set of physical frames (all RAM except the
+//! engine's own reservation). Each range frame has a dense *slot* number, and
+//! the *copy map* has one bit per slot. At the snapshot instant the kernel
+//! copies the eager set ([`Snapshot::copy_eager`]) and write-protects the rest;
+//! afterwards a frame is copied exactly once, by whichever comes first: the
+//! write-fault handler ([`Snapshot::on_write_fault`]) or the background copier
+//! ([`Snapshot::copy_background`]). Either one claims the frame's bit, copies,
+//! and only then lifts the protection, so no write can land before its copy.
+//!
+//! The hardware sits behind [`PageIo`]: copy a frame into a storage slot, make
+//! a frame writable again, and (for restore) read and clear dirty bits.
+//!
+//! Atomicity: the kernel runs each claim-copy-unprotect sequence with
+//! interrupts off on its single CPU, so the sequences never interleave with
+//! each other or with the workload's writes; the property tests model exactly
+//! those interleavings. On several CPUs a second "copy in progress" bit
+//! would be needed so a faulting CPU waits for a copy another CPU started.
+//!
+//! Nothing here allocates after construction: the fault path calls it.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Which frames belong to the snapshot, and the slot of each: its rank
+/// among the range's frames.
+#[derive(Debug, Clone)]
+pub struct RangeIndex {
+    included: Vec<u64>,
+    /// Included frames before each word.
+    prefix: Vec<u64>,
+    len: u64,
+}
+
+impl RangeIndex {
+    /// An index over frames `0..frames`, none included.
+    pub fn new(frames: u64) -> Self {
+        let words = frames.div_ceil(64) as usize;
+        RangeIndex {
+            included: vec![0; words],
+            prefix: vec![0; words + 1],
+            len: 0,
+        }
+    }
+
+    /// Includes frames `[first, end)`; call [`Self::seal`] when done.
+    pub fn include(&mut self, first: u64, end: u64) {
+        for frame in first..end.min(self.frames()) {
+            self.included[(frame / 64) as usize] |= 1 << (frame % 64);
+        }
+    }
+
+    /// Excludes one frame (the engine's own reservation).
+    pub fn exclude(&mut self, frame: u64) {
+        if frame < self.frames() {
+            self.included[(frame / 64) as usize] &= !(1 << (frame % 64));
+        }
+    }
+
+    /// Computes the slot numbers; the index is read-only afterwards.
+    pub fn seal(&mut self) {
+        let mut total = 0;
+        for (word, prefix) in self.included.iter().zip(self.prefix.iter_mut()) {
+            *prefix = total;
+            total += u64::from(word.count_ones());
+        }
+        if let Some(last) = self.prefix.last_mut() {
+            *last = total;
+        }
+        self.len = total;
+    }
+
+    /// Frames the index can describe.
+    pub fn frames(&self) -> u64 {
+        self.included.len() as u64 * 64
+    }
+
+    /// Frames in the range.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `frame` is in the range.
+    pub fn contains(&self, frame: u64) -> bool {
+        frame < self.frames() && self.included[(frame / 64) as usize] & (1 << (frame % 64)) != 0
+    }
+
+    /// The slot of `frame`, if it is in the range. Constant time.
+    pub fn slot(&self, frame: u64) -> Option<u64> {
+        if !self.contains(frame) {
+            return None;
+        }
+        let word = (frame / 64) as usize;
+        let below = self.included[word] & ((1u64 << (frame % 64)) - 1);
+        Some(self.prefix[word] + u64::from(below.count_ones()))
+    }
+
+    /// The first range frame at or after `frame`.
+    pub fn next_from(&self, frame: u64) -> Option<u64> {
+        let mut word = (frame / 64) as usize;
+        let mut bits = *self.included.get(word)? & (u64::MAX << (frame % 64));
+        loop {
+            if bits != 0 {
+                return Some(word as u64 * 64 + u64::from(bits.trailing_zeros()));
+            }
+            word += 1;
+            bits = *self.included.get(word)?;
+        }
+    }
+
+    /// The range's frames in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut next = self.next_from(0);
+        core::iter::from_fn(move || {
+            let frame = next?;
+            next = self.next_from(frame + 1);
+            Some(frame)
+        })
+    }
+}
+
+/// One bit per slot: set once the slot's frame has been copied. `W` owns
+/// the words (a `Vec` on the host; memory the fault path can write without
+/// faulting in the kernel).
+#[derive(Debug)]
+pub struct CopyMap<W> {
+    words: W,
+    slots: u64,
+}
+
+impl<W: AsRef<[AtomicU64]>> CopyMap<W> {
+    /// Words needed for `slots` bits.
+    pub fn words_for(slots: u64) -> usize {
+        slots.div_ceil(64) as usize
+    }
+
+    /// A map over `words`, which it clears.
+    pub fn new(words: W, slots: u64) -> Self {
+        assert!(
+            words.as_ref().len() >= Self::words_for(slots),
+            "copy map storage too small"
+        );
+        for word in words.as_ref() {
+            word.store(0, Ordering::Relaxed);
+        }
+        CopyMap { words, slots }
+    }
+
+    /// The words, for whoever placed them (their pages are in the eager set
+    /// when they lie inside the range).
+    pub fn words(&self) -> &W {
+        &self.words
+    }
+
+    /// Sets the bit of `slot`; true if this call set it (it was clear).
+    pub fn claim(&self, slot: u64) -> bool {
+        let bit = 1 << (slot % 64);
+        self.words.as_ref()[(slot / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// Whether `slot` has been copied.
+    pub fn is_set(&self, slot: u64) -> bool {
+        self.words.as_ref()[(slot / 64) as usize].load(Ordering::Acquire) & (1 << (slot % 64)) != 0
+    }
+
+    /// Bits set.
+    pub fn count(&self) -> u64 {
+        let words = self.words.as_ref();
+        words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+
+    /// Slots covered.
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+}
+
+/// Pages copied, by cause. Kept where the fault handler can write without
+/// faulting (the kernel uses statics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Copied at the snapshot instant.
+    pub eager: AtomicU64,
+    /// Copied by the write-fault handler.
+    pub fault: AtomicU64,
+    /// Copied by the background copier.
+    pub background: AtomicU64,
+    /// Write faults on pages already copied (permission restored only).
+    pub rewrites: AtomicU64,
+    /// Where the background copier goes on from (a frame number).
+    pub cursor: AtomicU64,
+}
+
+impl Counters {
+    /// All zero.
+    pub const fn new() -> Self {
+        Counters {
+            eager: AtomicU64::new(0),
+            fault: AtomicU64::new(0),
+            background: AtomicU64::new(0),
+            rewrites: AtomicU64::new(0),
+            cursor: AtomicU64::new(0),
+        }
+    }
+
+    /// Zeroes every counter.
+    pub fn reset(&self) {
+        for c in [
+            &self.eager,
+            &self.fault,
+            &self.background,
+            &self.rewrites,
+            &self.cursor,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A plain copy of the values.
+    pub fn read(&self) -> Stats {
+        Stats {
+            eager: self.eager.load(Ordering::Relaxed),
+            fault: self.fault.load(Ordering::Relaxed),
+            background: self.background.load(Ordering::Relaxed),
+            rewrites: self.rewrites.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Pages copied by cause, as values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Copied at the instant.
+    pub eager: u64,
+    /// Copied on a write fault.
+    pub fault: u64,
+    /// Copied in the background.
+    pub background: u64,
+    /// Faults on already-copied pages.
+    pub rewrites: u64,
+}
+
+impl Stats {
+    /// Pages copied in all.
+    pub fn copied(&self) -> u64 {
+        self.eager + self.fault + self.background
+    }
+}
+
+/// The hardware side of copying.
+pub trait PageIo {
+    /// Copies frame `frame` into storage slot `slot`. Must not fault,
+    /// allocate or block: it runs in the fault handler.
+    fn copy_out(&self, frame: u64, slot: u64);
+    /// Lets writes to `frame` through again (and drops stale TLB entries).
+    fn unprotect(&self, frame: u64);
+}
+
+/// What the fault handler should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The frame was copied now; protection lifted.
+    Copied,
+    /// Already copied (by the copier or an earlier fault); protection lifted.
+    AlreadyCopied,
+    /// Not a frame of this snapshot: not ours to handle.
+    NotInRange,
+}
+
+/// A snapshot in progress: the range, its copy map, the counters.
+///
+/// Only the map and the counters change after construction, both through
+/// atomics, and both live wherever their owner put them: the fault path
+/// writes nothing else.
+#[derive(Debug)]
+pub struct Snapshot<W> {
+    index: RangeIndex,
+    map: CopyMap<W>,
+    counters: &'static Counters,
+}
+
+impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
+    /// A snapshot of `index`'s range, nothing copied yet.
+    pub fn new(index: RangeIndex, map: CopyMap<W>, counters: &'static Counters) -> Self {
+        assert_eq!(map.slots(), index.len(), "copy map and range disagree");
+        counters.reset();
+        Snapshot {
+            index,
+            map,
+            counters,
+        }
+    }
+
+    /// The range.
+    pub fn index(&self) -> &RangeIndex {
+        &self.index
+    }
+
+    /// The copy map.
+    pub fn map(&self) -> &CopyMap<W> {
+        &self.map
+    }
+
+    /// Copies a frame of the eager set at the instant. Frames outside the
+    /// range, or listed twice, are skipped; returns whether it copied.
+    pub fn copy_eager(&self, io: &impl PageIo, frame: u64) -> bool {
+        let Some(slot) = self.index.slot(frame) else {
+            return false;
+        };
+        if !self.map.claim(slot) {
+            return false;
+        }
+        io.copy_out(frame, slot);
+        io.unprotect(frame);
+        self.counters.eager.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// A write hit a protected frame: copy it first unless already copied,
+    /// then lift the protection.
+    pub fn on_write_fault(&self, io: &impl PageIo, frame: u64) -> FaultOutcome {
+        let Some(slot) = self.index.slot(frame) else {
+            return FaultOutcome::NotInRange;
+        };
+        let outcome = if self.map.claim(slot) {
+            io.copy_out(frame, slot);
+            self.counters.fault.fetch_add(1, Ordering::Relaxed);
+            FaultOutcome::Copied
+        } else {
+            self.counters.rewrites.fetch_add(1, Ordering::Relaxed);
+            FaultOutcome::AlreadyCopied
+        };
+        io.unprotect(frame);
+        outcome
+    }
+
+    /// Copies up to `max` uncopied frames, in address order from where the
+    /// last call stopped; returns how many it copied (0 once complete).
+    pub fn copy_background(&self, io: &impl PageIo, max: u64) -> u64 {
+        let mut copied = 0;
+        let mut frame = self.counters.cursor.load(Ordering::Relaxed);
+        while copied < max {
+            let Some(next) = self.index.next_from(frame) else {
+                frame = self.index.frames();
+                break;
+            };
+            frame = next + 1;
+            let slot = self
+                .index
+                .slot(next)
+                .expect("next_from yields range frames");
+            if self.map.claim(slot) {
+                io.copy_out(next, slot);
+                io.unprotect(next);
+                self.counters.background.fetch_add(1, Ordering::Relaxed);
+                copied += 1;
+            }
+        }
+        self.counters.cursor.store(frame, Ordering::Relaxed);
+        copied
+    }
+
+    /// Whether every frame of the range has been copied.
+    pub fn is_complete(&self) -> bool {
+        self.counters.read().copied() == self.index.len()
+    }
+
+    /// The counters' values.
+    pub fn stats(&self) -> Stats {
+        self.counters.read()
+    }
+}
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No snapshot.
+    Idle,
+    /// Started: protection on, copier running.
+    Active,
+    /// Every page copied; the copy can be read and restored from.
+    Complete,
+}
+
+/// A lifecycle request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Take a snapshot now.
+    Start,
+    /// Every page is copied.
+    Finish,
+    /// Stop and forget the snapshot, restoring permissions.
+    Abort,
+    /// Forget a completed snapshot.
+    Release,
+}
+
+/// A refused lifecycle request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifecycleError {
+    /// The phase it was asked in.
+    pub phase: Phase,
+    /// What was asked.
+    pub request: Request,
+}
+
+impl fmt::Display for LifecycleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.phase, self.request) {
+            (Phase::Active | Phase::Complete, Request::Start) => {
+                write!(
+                    f,
+                    "a snapshot is already {:?}; abort or release it first",
+                    self.phase
+                )
+            }
+            (phase, request) => write!(f, "cannot {request:?} a snapshot that is {phase:?}"),
+        }
+    }
+}
+
+/// The lifecycle's transition function.
+pub fn transition(phase: Phase, request: Request) -> Result<Phase, LifecycleError> {
+    match (phase, request) {
+        (Phase::Idle, Request::Start) => Ok(Phase::Active),
+        (Phase::Active, Request::Finish) => Ok(Phase::Complete),
+        (Phase::Active | Phase::Complete, Request::Abort) => Ok(Phase::Idle),
+        (Phase::Complete, Request::Release) => Ok(Phase::Idle),
+        (phase, request) => Err(LifecycleError { phase, request }),
+    }
+}
+
+/// A page hash for verification against an independent reference: 64-bit
+/// multiply-xor over the words (not cryptographic; it detects corruption).
+pub fn page_hash(words: &[u64]) -> u64 {
+    let mut hash = 0x9e37_79b9_7f4a_7c15u64;
+    for (i, w) in words.iter().enumerate() {
+        hash = (hash ^ w.wrapping_add(i as u64)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        hash ^= hash >> 29;
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::RefCell;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+    use std::vec::Vec;
+
+    #[test]
+    fn slots_are_dense_ranks() {
+        let mut index = RangeIndex::new(200);
+        index.include(10, 150);
+        index.exclude(64);
+        index.exclude(70);
+        index.seal();
+        assert_eq!(index.len(), 138);
+        assert_eq!(index.slot(9), None);
+        assert_eq!(index.slot(10), Some(0));
+        assert_eq!(index.slot(63), Some(53));
+        assert_eq!(index.slot(64), None);
+        assert_eq!(index.slot(65), Some(54));
+        assert_eq!(index.slot(149), Some(137));
+        let frames: Vec<u64> = index.iter().collect();
+        assert_eq!(frames.len(), 138);
+        assert!(frames
+            .iter()
+            .enumerate()
+            .all(|(i, &f)| index.slot(f) == Some(i as u64)));
+    }
+
+    #[test]
+    fn lifecycle_refuses_what_makes_no_sense() {
+        use Phase::*;
+        use Request::*;
+        assert_eq!(transition(Idle, Start), Ok(Active));
+        assert_eq!(transition(Active, Start).unwrap_err().phase, Active);
+        assert_eq!(transition(Complete, Start).unwrap_err().request, Start);
+        assert_eq!(transition(Active, Finish), Ok(Complete));
+        assert_eq!(transition(Active, Abort), Ok(Idle));
+        assert_eq!(transition(Complete, Abort), Ok(Idle));
+        assert_eq!(transition(Complete, Release), Ok(Idle));
+        assert!(transition(Idle, Abort).is_err());
+        assert!(transition(Active, Release).is_err());
+        assert!(transition(Idle, Finish).is_err());
+    }
+
+    /// Simulated machine: memory pages hold a version number; storage and
+    /// protection are tracked per frame.
+    struct Machine {
+        memory: RefCell<Vec<u64>>,
+        storage: RefCell<Vec<Option<u64>>>,
+        writable: RefCell<Vec<bool>>,
+        copies: RefCell<Vec<u32>>,
+    }
+
+    impl PageIo for Machine {
+        fn copy_out(&self, frame: u64, slot: u64) {
+            let value = self.memory.borrow()[frame as usize];
+            self.storage.borrow_mut()[slot as usize] = Some(value);
+            self.copies.borrow_mut()[slot as usize] += 1;
+        }
+        fn unprotect(&self, frame: u64) {
+            self.writable.borrow_mut()[frame as usize] = true;
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u16),
+        Copier(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => any::<u16>().prop_map(Step::Write),
+            1 => (1u8..20).prop_map(Step::Copier),
+        ]
+    }
+
+    proptest! {
+        /// Any interleaving of workload writes (which fault on protected
+        /// frames) with background-copier steps ends with storage equal to
+        /// memory at the instant, every range frame copied exactly once, and
+        /// the counts by cause adding up to the range.
+        #[test]
+        fn snapshot_equals_memory_at_the_instant(
+            frames in 1u64..300,
+            holes in proptest::collection::btree_set(0u64..300, 0..40),
+            eager in proptest::collection::btree_set(0u64..300, 0..20),
+            steps in proptest::collection::vec(step(), 0..600),
+        ) {
+            let mut index = RangeIndex::new(frames);
+            index.include(0, frames);
+            for &h in &holes { index.exclude(h); }
+            index.seal();
+            let n = index.len();
+            let machine = Machine {
+                memory: RefCell::new((0..frames).map(|f| f * 1000).collect()),
+                storage: RefCell::new(vec![None; n as usize]),
+                writable: RefCell::new((0..frames).map(|f| !index.contains(f)).collect()),
+                copies: RefCell::new(vec![0; n as usize]),
+            };
+            let at_instant = machine.memory.borrow().clone();
+            let words: Vec<AtomicU64> =
+                (0..CopyMap::<Vec<AtomicU64>>::words_for(n)).map(|_| AtomicU64::new(u64::MAX)).collect();
+            let counters: &'static Counters = std::boxed::Box::leak(std::boxed::Box::new(Counters::new()));
+            let snap = Snapshot::new(index.clone(), CopyMap::new(words, n), counters);
+            for &e in eager.iter().filter(|&&e| e < frames) {
+                snap.copy_eager(&machine, e);
+            }
+            let mut version = 1;
+            for step in steps.iter().cloned().chain(core::iter::once(Step::Copier(u8::MAX))) {
+                match step {
+                    Step::Write(f) => {
+                        let frame = u64::from(f) % frames;
+                        if !machine.writable.borrow()[frame as usize] {
+                            prop_assert_ne!(snap.on_write_fault(&machine, frame), FaultOutcome::NotInRange);
+                        }
+                        prop_assert!(machine.writable.borrow()[frame as usize]);
+                        machine.memory.borrow_mut()[frame as usize] = at_instant[frame as usize] + version;
+                        version += 1;
+                    }
+                    Step::Copier(budget) => {
+                        let budget = if budget == u8::MAX { u64::MAX } else { u64::from(budget) };
+                        snap.copy_background(&machine, budget);
+                    }
+                }
+            }
+            prop_assert!(snap.is_complete());
+            let stats = snap.stats();
+            prop_assert_eq!(stats.copied(), n, "counts by cause add up to the range");
+            prop_assert_eq!(snap.map().count(), n);
+            prop_assert!(machine.copies.borrow().iter().all(|&c| c == 1), "a frame copied twice or never");
+            for (slot, frame) in index.iter().enumerate() {
+                prop_assert_eq!(machine.storage.borrow()[slot], Some(at_instant[frame as usize]));
+            }
+            let eager_in_range: BTreeSet<u64> = eager.iter().copied().filter(|e| index.contains(*e)).collect();
+            prop_assert_eq!(stats.eager, eager_in_range.len() as u64);
+            prop_assert!(machine.writable.borrow().iter().all(|&w| w), "protection left behind");
+        }
+
+        #[test]
+        fn next_from_and_slot_agree_with_a_model(
+            frames in 1u64..500,
+            holes in proptest::collection::btree_set(0u64..500, 0..100),
+        ) {
+            let mut index = RangeIndex::new(frames);
+            index.include(0, frames);
+            for &h in &holes { index.exclude(h); }
+            index.seal();
+            let model: Vec<u64> = (0..frames).filter(|f| !holes.contains(f)).collect();
+            prop_assert_eq!(index.len(), model.len() as u64);
+            prop_assert_eq!(index.iter().collect::<Vec<_>>(), model.clone());
+            for (slot, &frame) in model.iter().enumerate() {
+                prop_assert_eq!(index.slot(frame), Some(slot as u64));
+            }
+        }
+    }
+}
