@@ -7,9 +7,11 @@
 //! kernel's success code (33); a timeout, a reset, a crash of QEMU itself or
 //! exit code 35 are failures, each reported as what it is.
 
+pub mod bench;
 pub mod build;
 pub mod qemu;
 pub mod report;
+pub mod timeline;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -8,8 +8,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use boot::qemu::{self, Config, Verdict};
-use boot::{build, report};
+use boot::{bench, build, report, timeline};
 use snapshot::units::parse_size;
 
 const USAGE: &str = "\
@@ -19,11 +21,15 @@ scenarios:
   demo                 boot, memory map, two interleaved threads, traces (default)
   test NAME|list       run one in-kernel test, or list them
   crash KIND           raise a CPU exception on purpose (pf ud de gp bp overflow)
+  bench-memsnap        live memory snapshot benchmark (use --mem, --json)
 
 options:
   --mem SIZE           guest RAM, e.g. 128M, 2G (default 128M)
-  --timeout SECS       kill QEMU after this long (default 120)
+  --timeout SECS       kill QEMU after this long (default 600)
   --quiet              do not echo the serial console
+  --json FILE          write a benchmark's JSON result there
+  --svg FILE           write the snapshot timeline picture there
+                       (default: target/memsnap-timeline.svg when there is one)
   -h, --help           this text
 
 Further key=value words are passed to the kernel command line.";
@@ -34,14 +40,18 @@ struct Args {
     mem: u64,
     timeout: Duration,
     quiet: bool,
+    json: Option<PathBuf>,
+    svg: Option<PathBuf>,
 }
 
 fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
         cmdline: Vec::new(),
         mem: 128 << 20,
-        timeout: Duration::from_secs(120),
+        timeout: Duration::from_secs(600),
         quiet: false,
+        json: None,
+        svg: None,
     };
     let mut positional = Vec::new();
     while let Some(word) = words.next() {
@@ -63,6 +73,8 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
                 args.timeout = Duration::from_secs_f64(secs);
             }
             "--quiet" => args.quiet = true,
+            "--json" => args.json = Some(PathBuf::from(value("--json")?)),
+            "--svg" => args.svg = Some(PathBuf::from(value("--svg")?)),
             w if w.starts_with('-') => return Err(format!("unknown option {w}")),
             w if w.contains('=') => args.cmdline.push(w.to_string()),
             w => positional.push(w.to_string()),
@@ -132,8 +144,48 @@ fn main() -> ExitCode {
         eprintln!("QEMU said: {}", outcome.stderr.trim());
     }
     match report::records(&outcome.serial) {
-        Ok(records) => eprint!("{}", report::summary(&records)),
+        Ok(records) => {
+            eprint!("{}", report::summary(&records));
+            let samples = timeline::samples(&records);
+            if !samples.is_empty() {
+                let path = args
+                    .svg
+                    .clone()
+                    .unwrap_or_else(|| boot::workspace_root().join("target/memsnap-timeline.svg"));
+                let title = format!(
+                    "Live snapshot, {} MiB guest: pages copied by cause",
+                    config.mem_bytes >> 20
+                );
+                match std::fs::write(&path, timeline::svg(&samples, &title)) {
+                    Ok(()) => eprintln!("timeline: {}", path.display()),
+                    Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+                }
+            }
+        }
         Err(e) => eprintln!("error: bad trace output: {e}"),
+    }
+    if let Some(json) = bench::json(&outcome.serial) {
+        if config.cmdline.contains("scenario=bench-memsnap") {
+            eprintln!("goals (each against a baseline from this run):");
+            for goal in bench::memsnap_goals(json) {
+                let mark = if goal.met { "met " } else { "MISS" };
+                eprintln!(
+                    "  [{mark}] {:<42} {:>10.4}  (limit {})",
+                    goal.what, goal.measured, goal.limit
+                );
+            }
+        }
+        if let Some(path) = &args.json {
+            match std::fs::write(path, format!("{json}\n")) {
+                Ok(()) => eprintln!("results: {}", path.display()),
+                Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+            }
+        }
+    } else if let Some(path) = &args.json {
+        eprintln!(
+            "error: the kernel printed no benchmark result for {}",
+            path.display()
+        );
     }
     eprintln!(
         "kernel {} in {:.2} s",

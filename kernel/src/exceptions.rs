@@ -46,7 +46,7 @@ pub fn handle(frame: &mut TrapFrame) {
         let layout = Layout {
             fixups: &fixups,
             stacks: stacks::region(),
-            snapshot_window: None,
+            snapshot_window: crate::memsnap::window(),
         };
         match classify(&fault, &layout) {
             Verdict::Fixup { resume } => {
@@ -59,7 +59,19 @@ pub fn handle(frame: &mut TrapFrame) {
                 Some(&fault),
                 Some(format_args!("kernel stack overflow in stack slot {slot}")),
             ),
-            Verdict::SnapshotWrite { .. } | Verdict::Fatal => fatal(frame, Some(&fault), None),
+            Verdict::SnapshotWrite { offset } => {
+                if crate::memsnap::on_write_fault(offset) {
+                    return;
+                }
+                fatal(
+                    frame,
+                    Some(&fault),
+                    Some(format_args!(
+                        "write to a read-only page outside the snapshot range"
+                    )),
+                )
+            }
+            Verdict::Fatal => fatal(frame, Some(&fault), None),
         }
     }
     fatal(frame, None, None)

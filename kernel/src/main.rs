@@ -17,16 +17,20 @@ mod arch;
 mod memory;
 
 mod acpi;
+mod bench;
 mod boot_info;
 mod clock;
 mod exceptions;
 mod ktest;
 mod log;
+mod memsnap;
 mod scenario;
+#[allow(unsafe_code)]
 mod sync;
 mod tests;
 mod thread;
 mod trace;
+mod workload;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -69,6 +73,7 @@ pub fn madt() -> &'static acpi::Madt {
 /// physical address of the PVH start info.
 fn kernel_main(start_info: u64) -> ! {
     arch::serial::init();
+    arch::cpu::enable_sse();
     arch::gdt::init();
     arch::trap::init();
     let boot = BootInfo::read(start_info);

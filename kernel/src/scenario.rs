@@ -3,9 +3,10 @@
 //!
 //! | scenario | parameters | what |
 //! |---|---|---|
-//! | `demo` (default) | | memory map, clock, two interleaved threads, traces |
+//! | `demo` (default) | | memory map, clock, two interleaved threads, a verified live snapshot of a running workload, traces |
 //! | `test` | `test=<name>` or `test=list` | one in-kernel test (see [`crate::ktest`]) |
 //! | `crash` | `kind=pf|ud|de|gp|bp|overflow` | raise an exception on purpose |
+//! | `bench-memsnap` | `copier_share=40` | live snapshot benchmark (see [`crate::bench`]) |
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +18,11 @@ use crate::arch::cpu::{crash, Crash};
 use crate::arch::qemu::ExitCode;
 use crate::boot_info::region_kind_name;
 use crate::trace::Word;
-use crate::{clock, memory, thread};
+use crate::workload::Workload;
+use crate::{clock, memory, memsnap, thread};
 
 /// Known scenario names, for the error message.
-pub const SCENARIOS: &[&str] = &["demo", "test", "crash"];
+pub const SCENARIOS: &[&str] = &["demo", "test", "crash", "bench-memsnap"];
 
 /// Runs the scenario the command line names.
 pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
@@ -35,6 +37,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
             }
         },
         "crash" => crash_on_purpose(cmd.get("kind").unwrap_or("pf")),
+        "bench-memsnap" => crate::bench::memsnap(cmd),
         other => {
             crate::log!(
                 "unknown scenario {other:?}; known scenarios: {}",
@@ -115,8 +118,69 @@ fn demo() -> ExitCode {
         took / 1_000_000,
         thread::switches()
     );
+    let verdict = live_snapshot_demo();
     crate::log!("demo complete");
-    ExitCode::Success
+    verdict
+}
+
+/// A live snapshot of a running workload, verified against a stop-the-world
+/// reference, with its timeline as trace records.
+fn live_snapshot_demo() -> ExitCode {
+    let (free, _) = memory::frames::stats();
+    let each = (free * 4096 / 32).clamp(1 << 20, 32 << 20);
+    crate::log!(
+        "live snapshot of all RAM while 3 threads write {} MiB each:",
+        each >> 20
+    );
+    let Some(workload) = Workload::start(3, each, 2024) else {
+        crate::log!("no memory for the workload");
+        return ExitCode::Failure;
+    };
+    thread::sleep_ns(100_000_000);
+    let opts = memsnap::Options {
+        verify: true,
+        latencies: true,
+        ..memsnap::Options::default()
+    };
+    if let Err(e) = memsnap::start(&opts) {
+        crate::log!("snapshot refused: {e}");
+        workload.stop();
+        return ExitCode::Failure;
+    }
+    let report = memsnap::wait();
+    let latencies = memsnap::latencies();
+    memsnap::emit_timeline();
+    let _ = memsnap::release();
+    workload.stop();
+    let Some(report) = report else {
+        return ExitCode::Failure;
+    };
+    crate::log!("{}", memsnap::describe(&report));
+    let p99 = latencies
+        .get(latencies.len() * 99 / 100)
+        .copied()
+        .unwrap_or(0);
+    crate::log!(
+        "pause {} us; write faults: {} timed, p99 {} ns; verification: {} mismatched pages",
+        report.pause_ns / 1000,
+        latencies.len(),
+        p99,
+        report.mismatched.unwrap_or(u64::MAX)
+    );
+    crate::trace!(
+        "demo.snapshot",
+        pages = report.pages,
+        eager = report.stats.eager,
+        fault = report.stats.fault,
+        background = report.stats.background,
+        pause_ns = report.pause_ns,
+        mismatched = report.mismatched.unwrap_or(u64::MAX)
+    );
+    if report.mismatched == Some(0) && report.not_copied_once == Some(0) {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
+    }
 }
 
 fn crash_on_purpose(kind: &str) -> ExitCode {

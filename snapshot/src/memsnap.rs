@@ -327,6 +327,21 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         true
     }
 
+    /// Marks an eager frame the caller has already copied with
+    /// [`PageIo::copy_out`] before the first claim: the copy map's own pages,
+    /// whose contents the claims themselves change. Returns whether it marked.
+    pub fn mark_copied_eager(&self, io: &impl PageIo, frame: u64) -> bool {
+        let Some(slot) = self.index.slot(frame) else {
+            return false;
+        };
+        if !self.map.claim(slot) {
+            return false;
+        }
+        io.unprotect(frame);
+        self.counters.eager.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// A write hit a protected frame: copy it first unless already copied,
     /// then lift the protection.
     pub fn on_write_fault(&self, io: &impl PageIo, frame: u64) -> FaultOutcome {

@@ -119,3 +119,75 @@ pub fn crash(crash: Crash) {
         }
     }
 }
+
+/// Whether the CPU maps 1 GiB pages (CPUID 0x8000_0001, EDX bit 26).
+pub fn has_1gib_pages() -> bool {
+    let leaf = core::arch::x86_64::__cpuid(0x8000_0001);
+    leaf.edx & (1 << 26) != 0
+}
+
+/// Lets the kernel execute SSE instructions (the page-copy routine uses
+/// them): CR0.EM off, CR0.MP on, CR4.OSFXSR and OSXMMEXCPT on.
+///
+/// Rust code is built without SSE, so no context switch needs to save xmm
+/// registers; the assembly that uses them runs with interrupts off.
+pub fn enable_sse() {
+    use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+    let cr0 = (Cr0::read() - Cr0Flags::EMULATE_COPROCESSOR) | Cr0Flags::MONITOR_COPROCESSOR;
+    let cr4 = Cr4::read() | Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE;
+    // SAFETY: 1. every x86_64 CPU has SSE2; 2. enabling it changes no
+    // memory mapping or privilege and affects only SSE instructions.
+    unsafe {
+        Cr0::write(cr0);
+        Cr4::write(cr4);
+    }
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global call_on_stack
+/* call_on_stack(stack_top, entry, arg): runs entry(arg) on another stack
+   and comes back to this one. */
+call_on_stack:
+    pushq %rbp
+    movq %rsp, %rbp
+    movq %rdi, %rsp
+    movq %rdx, %rdi
+    callq *%rsi
+    movq %rbp, %rsp
+    popq %rbp
+    retq
+    "#,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn call_on_stack(stack_top: u64, entry: extern "C" fn(*mut u8), arg: *mut u8);
+}
+
+extern "C" fn run_closure(arg: *mut u8) {
+    // SAFETY: `arg` is the `&mut &mut dyn FnMut()` that `on_stack` passed,
+    // alive for the whole call because `on_stack` does not return before.
+    let f = unsafe { &mut *arg.cast::<&mut dyn FnMut()>() };
+    f();
+}
+
+/// Runs `f` on the stack whose top is `stack_top`, with interrupts off.
+///
+/// The live snapshot's pause uses this so that no page of the range (the
+/// caller's own stack included) changes while the pause copies it.
+///
+/// # Safety
+///
+/// `stack_top` is 16-byte aligned, one past the end of writable memory the
+/// caller owns, large enough for `f` (and for nothing else to use meanwhile).
+pub unsafe fn on_stack(stack_top: u64, mut f: impl FnMut()) {
+    assert_eq!(stack_top % 16, 0, "misaligned stack");
+    let _irq = crate::sync::IrqOff::new();
+    let mut f: &mut dyn FnMut() = &mut f;
+    // SAFETY: 1. the caller vouches for the stack (contract); 2. `f` lives
+    // on this stack frame, which stays intact until `call_on_stack` returns
+    // here; 3. interrupts are off, so nothing else runs on either stack.
+    unsafe { call_on_stack(stack_top, run_closure, (&raw mut f).cast::<u8>()) };
+}

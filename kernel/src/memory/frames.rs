@@ -63,7 +63,9 @@ fn with<R>(f: impl FnOnce(&mut FrameBitmap<'static>) -> R) -> R {
 
 /// One free 4 KiB frame, contents undefined.
 pub fn alloc() -> Option<PhysFrame> {
-    with(|b| b.alloc()).map(|a| PhysFrame::containing_address(PhysAddr::new(a)))
+    let addr = with(|b| b.alloc())?;
+    crate::memsnap::before_reuse(addr);
+    Some(PhysFrame::containing_address(PhysAddr::new(addr)))
 }
 
 /// One free frame, zero-filled.
@@ -80,7 +82,11 @@ pub fn free(frame: PhysFrame) -> Result<(), FrameError> {
 
 /// `count` contiguous frames aligned to `align` frames; the first address.
 pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
-    with(|b| b.alloc_contiguous(count, align))
+    let start = with(|b| b.alloc_contiguous(count, align))?;
+    for frame in 0..count {
+        crate::memsnap::before_reuse(start + frame * FRAME_SIZE);
+    }
+    Some(start)
 }
 
 /// Counts for reports: `(free, managed)` frames.
@@ -130,6 +136,64 @@ impl Drop for OwnedFrame {
     fn drop(&mut self) {
         if let Err(e) = free(self.0) {
             crate::log!("owned frame: {e}");
+        }
+    }
+}
+
+/// Physically contiguous frames owned by one Rust value, used through the
+/// physical map (so a live snapshot protects them), freed on drop.
+#[derive(Debug)]
+pub struct OwnedRun {
+    phys: u64,
+    frames: u64,
+}
+
+impl OwnedRun {
+    /// `frames` contiguous frames (contents undefined), or `None`.
+    pub fn alloc(frames: u64) -> Option<Self> {
+        let phys = alloc_contiguous(frames, 1)?;
+        Some(OwnedRun { phys, frames })
+    }
+
+    /// The physical-map address of the first byte.
+    pub fn virt(&self) -> u64 {
+        phys_to_virt(self.phys)
+    }
+
+    /// Length in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.frames * FRAME_SIZE
+    }
+
+    /// The memory as words.
+    pub fn words(&self) -> &[u64] {
+        // SAFETY: 1. the run is RAM inside the physical map, owned by this
+        // value alone; 2. the shared borrow of `self` rules out `words_mut`.
+        unsafe {
+            core::slice::from_raw_parts(self.virt() as *const u64, (self.len_bytes() / 8) as usize)
+        }
+    }
+
+    /// The memory as words, writable.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as for `words`, and the exclusive borrow of `self` makes
+        // this the only reference to the run's memory.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.virt() as *mut u64,
+                (self.len_bytes() / 8) as usize,
+            )
+        }
+    }
+}
+
+impl Drop for OwnedRun {
+    fn drop(&mut self) {
+        for frame in 0..self.frames {
+            let f = PhysFrame::containing_address(PhysAddr::new(self.phys + frame * FRAME_SIZE));
+            if let Err(e) = free(f) {
+                crate::log!("owned run: {e}");
+            }
         }
     }
 }

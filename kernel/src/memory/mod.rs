@@ -20,6 +20,7 @@ pub mod heap;
 pub mod mmio;
 pub mod paging;
 pub mod probe;
+pub mod snapmem;
 pub mod stacks;
 
 use core::ops::Range;
@@ -82,4 +83,5 @@ pub fn init(boot: &BootInfo) {
     frames::init(boot, kernel_image());
     paging::map_high_ram(boot);
     heap::init();
+    snapmem::init_engine_window();
 }

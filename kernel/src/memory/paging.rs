@@ -33,7 +33,8 @@ pub fn init() {
     *MAPPER.lock() = Some(mapper);
 }
 
-fn with<R>(f: impl FnOnce(&mut OffsetPageTable<'static>) -> R) -> R {
+/// Runs `f` with the page tables locked.
+pub(super) fn with_mapper<R>(f: impl FnOnce(&mut OffsetPageTable<'static>) -> R) -> R {
     f(MAPPER
         .lock()
         .as_mut()
@@ -57,7 +58,8 @@ pub fn map_high_ram(boot: &BootInfo) {
             // SAFETY: 1. the page is in the physical map's window, where
             // nothing else is mapped; 2. it maps RAM to its own offset
             // address, which is what the rest of the kernel expects there.
-            let mapped = with(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
+            let mapped =
+                with_mapper(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
             match mapped {
                 Ok(flush) => flush.flush(),
                 Err(MapToError::PageAlreadyMapped(_)) => {}
@@ -90,7 +92,7 @@ pub fn map_page(virt: u64, phys: u64, flags: PageTableFlags) -> Result<(), MapEr
     // SAFETY: 1. the caller owns the virtual page (its own region, checked
     // by the mapper to be unmapped); 2. the frame is owned by the caller
     // (allocated for it, or device memory it was given).
-    let result = with(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
+    let result = with_mapper(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) });
     match result {
         Ok(flush) => {
             flush.flush();
@@ -105,7 +107,7 @@ pub fn map_page(virt: u64, phys: u64, flags: PageTableFlags) -> Result<(), MapEr
 /// Unmaps one 4 KiB page and returns the frame it mapped.
 pub fn unmap_page(virt: u64) -> Result<PhysFrame, UnmapError> {
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
-    let (frame, flush) = with(|m| m.unmap(page))?;
+    let (frame, flush) = with_mapper(|m| m.unmap(page))?;
     flush.flush();
     Ok(frame)
 }
@@ -116,7 +118,7 @@ pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
     // SAFETY: the caller owns the page (see `map_page`); changing its
     // permissions cannot break memory safety of other owners, and a write to
     // a read-only page is a reported fault, not undefined behaviour.
-    let result = with(|m| unsafe { m.update_flags(page, flags) });
+    let result = with_mapper(|m| unsafe { m.update_flags(page, flags) });
     match result {
         Ok(flush) => {
             flush.flush();

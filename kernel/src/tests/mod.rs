@@ -8,6 +8,7 @@ mod deliberate;
 mod exceptions;
 mod interrupts;
 mod memory;
+mod memsnap;
 mod sched;
 mod trace;
 
@@ -33,6 +34,12 @@ const PASSING: &[Test] = tests![
     clock::timer_ticks_at_its_rate,
     interrupts::ioapic_routes_the_rtc_interrupt,
     trace::burst_is_flushed_without_loss,
+    memsnap::live_snapshot_matches_reference_across_seeds,
+    memsnap::abort_midway_and_start_again,
+    memsnap::restore_rolls_back_only_dirtied_pages,
+    memsnap::start_without_storage_fails_cleanly,
+    memsnap::copy_map_outside_the_range,
+    memsnap::dma_targets_are_copied_at_the_instant,
 ];
 
 /// Tests that must fail: run only on request, to show a failure is caught.

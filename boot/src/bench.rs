@@ -1,0 +1,104 @@
+//! Benchmark results: the kernel prints one `BENCH-JSON {...}` line; the
+//! host writes it to a file and judges the goals, each against a baseline
+//! measured in the same run.
+
+/// The JSON object the kernel printed, if any.
+pub fn json(serial: &str) -> Option<&str> {
+    serial
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH-JSON "))
+        .map(str::trim)
+}
+
+/// The value of an integer field of a flat JSON object.
+pub fn field(json: &str, key: &str) -> Option<u64> {
+    let pattern = format!("\"{key}\":");
+    let rest = &json[json.find(&pattern)? + pattern.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// One goal: its description, the measured ratio, the bound, whether met.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Goal {
+    /// What is compared.
+    pub what: &'static str,
+    /// The measured figure.
+    pub measured: f64,
+    /// The limit.
+    pub limit: f64,
+    /// Whether `measured` is within `limit`.
+    pub met: bool,
+}
+
+/// The goals of `bench-memsnap`, judged from its JSON.
+pub fn memsnap_goals(json: &str) -> Vec<Goal> {
+    let f = |k| field(json, k).unwrap_or(0) as f64;
+    let ratio = |a: f64, b: f64| if b == 0.0 { f64::INFINITY } else { a / b };
+    let at_most = |what, measured: f64, limit| Goal {
+        what,
+        measured,
+        limit,
+        met: measured <= limit,
+    };
+    let at_least = |what, measured: f64, limit| Goal {
+        what,
+        measured,
+        limit,
+        met: measured >= limit,
+    };
+    vec![
+        at_most(
+            "pause / pause of a 128 MiB range (x)",
+            ratio(f("pause_ns"), f("small_range_pause_ns")),
+            2.0,
+        ),
+        at_most(
+            "pause / stop-and-copy pause",
+            ratio(f("pause_ns"), f("stop_copy_pause_ns")),
+            0.01,
+        ),
+        at_least(
+            "background copy / plain copy",
+            ratio(f("copy_bytes_per_s"), f("memcpy_bytes_per_s")),
+            0.8,
+        ),
+        at_least(
+            "workload during / before",
+            ratio(
+                f("workload_ops_per_s_during"),
+                f("workload_ops_per_s_before"),
+            ),
+            0.5,
+        ),
+        at_most(
+            "fault p99 / one 4 KiB copy (x)",
+            ratio(f("fault_ns_p99"), f("page_copy_ns")),
+            2.0,
+        ),
+        at_most("mismatched pages", f("mismatched_pages"), 0.0),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":4,"fault_ns_p99":7000,"page_copy_ns":4000,"mismatched_pages":0}"#;
+
+    #[test]
+    fn finds_the_json_line_and_its_fields() {
+        let serial = format!("log\nBENCH-JSON {RUN}\nmore\n");
+        let json = json(&serial).unwrap();
+        assert_eq!(field(json, "pause_ns"), Some(2000));
+        assert_eq!(field(json, "mismatched_pages"), Some(0));
+        assert_eq!(field(json, "missing"), None);
+    }
+
+    #[test]
+    fn judges_each_goal() {
+        let goals = memsnap_goals(RUN);
+        let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
+        assert_eq!(met, [true, true, true, false, true, true]);
+    }
+}

@@ -1,0 +1,605 @@
+//! The live snapshot's hardware: the engine's private window onto physical
+//! memory, the page-copy routine, frames the engine owns, the shadow
+//! physical map that write-protects the snapshot range, and the page-table
+//! walk that finds the eager set.
+//!
+//! How protection works without a pause that grows with RAM: before the
+//! pause, while the workload still runs, [`ShadowPhysmap::build`] makes a
+//! copy of the physical map's lower levels in 4 KiB pages, with every range
+//! frame read-only. The pause swaps the physical map's PDPT entries (one per
+//! GiB) to point at the shadow and flushes the TLB: constant work. A fault
+//! then flips one PTE. The shadow stays live after completion so the CPU's
+//! dirty bits tell restore which pages were written since the instant.
+//!
+//! The engine itself writes only through [`ENGINE_OFFSET`], a second mapping
+//! of all memory that is never protected, so it never faults on itself.
+//! Everything here that writes memory writes frames the engine owns (its
+//! storage, its tables, its buffers) or page-table entries of the shadow.
+
+use alloc::vec::Vec;
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, AtomicU8};
+
+use snapshot::memsnap::RangeIndex;
+use x86_64::structures::paging::{
+    Mapper, Page, PageSize, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+use super::frames::{self, KernelFrames};
+use super::{paging, PAGE_SIZE, PHYS_OFFSET};
+
+/// The engine's window: all physical memory, writable, never protected.
+pub const ENGINE_OFFSET: u64 = 0xffff_8800_0000_0000;
+const FRAMES_PER_REGION: u64 = 512; // 2 MiB
+const FRAMES_PER_GIB: u64 = 512 * 512;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const ACCESSED: u64 = 1 << 5;
+const DIRTY: u64 = 1 << 6;
+const HUGE: u64 = 1 << 7;
+
+/// The engine-window address of physical `phys`.
+pub fn engine_virt(phys: u64) -> u64 {
+    ENGINE_OFFSET + phys
+}
+
+/// Maps all of the physical map at [`ENGINE_OFFSET`], writable, in 1 GiB
+/// pages where the CPU has them and 2 MiB pages otherwise. Called at boot.
+pub fn init_engine_window() {
+    let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+    let end = paging::physmap_end();
+    let gib = crate::arch::cpu::has_1gib_pages();
+    let step = if gib { Size1GiB::SIZE } else { Size2MiB::SIZE };
+    for phys in (0..end).step_by(step as usize) {
+        let virt = VirtAddr::new(engine_virt(phys));
+        // SAFETY: 1. the engine window is used by nothing else, so the pages
+        // are unmapped; 2. they map physical memory at a fixed offset, like
+        // the physical map, with the same (write-back) caching.
+        let result = paging::with_mapper(|m| unsafe {
+            if gib {
+                m.map_to(
+                    Page::<Size1GiB>::containing_address(virt),
+                    PhysFrame::containing_address(PhysAddr::new(phys)),
+                    flags,
+                    &mut KernelFrames,
+                )
+                .map(|f| f.flush())
+                .map_err(|e| alloc::format!("{e:?}"))
+            } else {
+                m.map_to(
+                    Page::<Size2MiB>::containing_address(virt),
+                    PhysFrame::containing_address(PhysAddr::new(phys)),
+                    flags,
+                    &mut KernelFrames,
+                )
+                .map(|f| f.flush())
+                .map_err(|e| alloc::format!("{e:?}"))
+            }
+        });
+        if let Err(e) = result {
+            panic!("cannot map the engine window at {phys:#x}: {e}");
+        }
+    }
+}
+
+global_asm!(
+    r#"
+    .section .text
+    .global copy_page_sse
+/* copy_page_sse(dst, src): 4 KiB, both 16-byte aligned, 128 bytes a round
+   through xmm0-xmm7. The kernel is built without SSE, so no Rust code holds
+   values in these registers; callers keep interrupts off so no other copy
+   can run in between and find them changed. */
+copy_page_sse:
+    movl $32, %ecx
+1:  movdqa 0(%rsi), %xmm0
+    movdqa 16(%rsi), %xmm1
+    movdqa 32(%rsi), %xmm2
+    movdqa 48(%rsi), %xmm3
+    movdqa 64(%rsi), %xmm4
+    movdqa 80(%rsi), %xmm5
+    movdqa 96(%rsi), %xmm6
+    movdqa 112(%rsi), %xmm7
+    movdqa %xmm0, 0(%rdi)
+    movdqa %xmm1, 16(%rdi)
+    movdqa %xmm2, 32(%rdi)
+    movdqa %xmm3, 48(%rdi)
+    movdqa %xmm4, 64(%rdi)
+    movdqa %xmm5, 80(%rdi)
+    movdqa %xmm6, 96(%rdi)
+    movdqa %xmm7, 112(%rdi)
+    addq $128, %rsi
+    addq $128, %rdi
+    decl %ecx
+    jnz 1b
+    ret
+    "#,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn copy_page_sse(dst: u64, src: u64);
+}
+
+/// Copies physical frame `src` over physical frame `dst` through the
+/// engine window.
+///
+/// # Safety
+///
+/// 1. `dst` is a frame the caller owns (engine storage, or a range frame
+///    being restored while nothing else uses it);
+/// 2. interrupts are off (the copy uses xmm registers no context switch saves).
+unsafe fn copy_frame(dst: u64, src: u64) {
+    debug_assert!(!x86_64::instructions::interrupts::are_enabled());
+    // SAFETY: both are whole, 4 KiB-aligned frames of RAM inside the engine
+    // window; the caller owns `dst` and keeps interrupts off (contract).
+    unsafe { copy_page_sse(engine_virt(dst), engine_virt(src)) };
+}
+
+/// Hashes physical frame `phys` (see [`snapshot::memsnap::page_hash`]).
+pub fn hash_frame(phys: u64) -> u64 {
+    let mut words = [0u64; 512];
+    super::read_phys(phys, bytemuck_words(&mut words));
+    snapshot::memsnap::page_hash(&words)
+}
+
+fn bytemuck_words(words: &mut [u64; 512]) -> &mut [u8] {
+    // SAFETY: u64 has no padding and every byte pattern is a valid u8; the
+    // slice covers exactly the array's 4096 bytes and borrows it mutably.
+    unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 4096) }
+}
+
+/// Single frames the engine owns (storage slots, shadow tables), freed on
+/// drop.
+#[derive(Debug, Default)]
+pub struct FrameSet {
+    frames: Vec<u32>,
+}
+
+impl FrameSet {
+    /// Allocates `count` frames, or none at all.
+    pub fn alloc(count: u64) -> Option<Self> {
+        let mut set = FrameSet {
+            frames: Vec::with_capacity(count as usize),
+        };
+        for _ in 0..count {
+            let frame = frames::alloc()?;
+            set.frames
+                .push((frame.start_address().as_u64() / PAGE_SIZE) as u32);
+        }
+        Some(set)
+    }
+
+    /// Adds one frame; returns its number, or `None` if memory is out.
+    pub fn grow(&mut self) -> Option<u64> {
+        let frame = frames::alloc()?.start_address().as_u64() / PAGE_SIZE;
+        self.frames.push(frame as u32);
+        Some(frame)
+    }
+
+    /// Frame numbers.
+    pub fn frames(&self) -> impl Iterator<Item = u64> + '_ {
+        self.frames.iter().map(|&f| u64::from(f))
+    }
+
+    /// The `i`th frame number.
+    pub fn get(&self, i: u64) -> u64 {
+        u64::from(self.frames[i as usize])
+    }
+
+    /// How many.
+    pub fn len(&self) -> u64 {
+        self.frames.len() as u64
+    }
+}
+
+impl Drop for FrameSet {
+    fn drop(&mut self) {
+        for &f in &self.frames {
+            let frame = PhysFrame::containing_address(PhysAddr::new(u64::from(f) * PAGE_SIZE));
+            if let Err(e) = frames::free(frame) {
+                crate::log!("snapshot frames: {e}");
+            }
+        }
+    }
+}
+
+/// Physically contiguous memory the engine owns, seen through the engine
+/// window (so the fault path can write it without faulting). Zeroed.
+#[derive(Debug)]
+pub struct Buffer {
+    phys: u64,
+    frames: u64,
+}
+
+impl Buffer {
+    /// At least `bytes` bytes, or `None` if no such run is free.
+    pub fn alloc(bytes: u64) -> Option<Self> {
+        let frames = bytes.div_ceil(PAGE_SIZE).max(1);
+        let phys = frames::alloc_contiguous(frames, 1)?;
+        let buffer = Buffer { phys, frames };
+        // SAFETY: the run was just allocated for this buffer alone and lies
+        // inside the engine window.
+        unsafe {
+            core::ptr::write_bytes(
+                engine_virt(phys) as *mut u8,
+                0,
+                (frames * PAGE_SIZE) as usize,
+            )
+        };
+        Some(buffer)
+    }
+
+    /// Its frames.
+    pub fn frames(&self) -> core::ops::Range<u64> {
+        self.phys / PAGE_SIZE..self.phys / PAGE_SIZE + self.frames
+    }
+
+    fn len_bytes(&self) -> usize {
+        (self.frames * PAGE_SIZE) as usize
+    }
+
+    /// The buffer as atomic words.
+    pub fn atomics(&self) -> &[AtomicU64] {
+        // SAFETY: 1. the memory is owned by this buffer and mapped in the
+        // engine window for its whole life; 2. atomics may be shared, and
+        // every access to this memory goes through this view or `bytes`.
+        unsafe {
+            core::slice::from_raw_parts(
+                engine_virt(self.phys) as *const AtomicU64,
+                self.len_bytes() / 8,
+            )
+        }
+    }
+
+    /// The buffer as atomic bytes.
+    pub fn bytes(&self) -> &[AtomicU8] {
+        // SAFETY: as for `atomics`.
+        unsafe {
+            core::slice::from_raw_parts(engine_virt(self.phys) as *const AtomicU8, self.len_bytes())
+        }
+    }
+}
+
+/// A stack outside the snapshot range, for the pause (see
+/// [`crate::arch::cpu::on_stack`]): an engine buffer seen through the
+/// engine window.
+#[derive(Debug)]
+pub struct EngineStack(Buffer);
+
+impl EngineStack {
+    /// A stack of `bytes`.
+    pub fn alloc(bytes: u64) -> Option<Self> {
+        Buffer::alloc(bytes).map(EngineStack)
+    }
+
+    /// Its frames (to exclude from the range).
+    pub fn frames(&self) -> core::ops::Range<u64> {
+        self.0.frames()
+    }
+
+    /// Runs `f` on this stack with interrupts off.
+    pub fn run(&mut self, f: impl FnMut()) {
+        let top = engine_virt(self.0.phys) + self.0.len_bytes() as u64;
+        // SAFETY: the stack is this value's own memory, exclusively borrowed
+        // for the call, 4 KiB-aligned at the top, and mapped writable in the
+        // engine window, where nothing else writes.
+        unsafe { crate::arch::cpu::on_stack(top, f) };
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        for frame in self.frames() {
+            let frame = PhysFrame::containing_address(PhysAddr::new(frame * PAGE_SIZE));
+            if let Err(e) = frames::free(frame) {
+                crate::log!("snapshot buffer: {e}");
+            }
+        }
+    }
+}
+
+impl AsRef<[AtomicU64]> for Buffer {
+    fn as_ref(&self) -> &[AtomicU64] {
+        self.atomics()
+    }
+}
+
+fn read_entry(table_phys: u64, index: u64) -> u64 {
+    debug_assert!(table_phys + index * 8 < paging::physmap_end());
+    let entry = engine_virt(table_phys + index * 8) as *const u64;
+    // SAFETY: page tables are RAM inside the engine window (the callers pass
+    // frames read from CR3 or from other entries); reading has no effect.
+    unsafe { entry.read_volatile() }
+}
+
+/// Writes one page-table entry through the engine window.
+///
+/// # Safety
+///
+/// `table_phys` is a page table this module owns (a shadow table) or the
+/// physical map's PDPT, and `value` keeps every mapping the kernel relies on
+/// (the physical map's frames at their offsets).
+unsafe fn write_entry(table_phys: u64, index: u64, value: u64) {
+    let entry = engine_virt(table_phys + index * 8) as *mut u64;
+    // SAFETY: the entry lies in a page table inside the engine window; the
+    // caller guarantees the new value maps what the kernel expects.
+    unsafe { entry.write_volatile(value) };
+}
+
+/// The physical map's PDPT (PML4 entry 256).
+fn physmap_pdpt() -> u64 {
+    let pml4 = crate::arch::cpu::cr3();
+    read_entry(pml4, (PHYS_OFFSET >> 39) & 511) & ADDR_MASK
+}
+
+/// The shadow of the physical map's lower levels (see the module docs).
+#[derive(Debug)]
+pub struct ShadowPhysmap {
+    /// Owned so the tables are freed with the shadow.
+    _tables: FrameSet,
+    /// (GiB index, shadow PD, original PDPT entry) for each shadowed GiB.
+    gibs: Vec<(u64, u64, u64)>,
+    /// The shadow PT of each 2 MiB region (0: region not shadowed).
+    pts: Vec<u64>,
+    active: core::sync::atomic::AtomicBool,
+}
+
+impl ShadowPhysmap {
+    /// Page-table frames a shadow of `index` needs: one PD per GiB and one
+    /// PT per 2 MiB region holding range frames (counted generously, from
+    /// every frame `maybe` says may be in the range).
+    pub fn tables_needed(frames: u64, maybe: impl Fn(u64) -> bool) -> u64 {
+        let regions = frames.div_ceil(FRAMES_PER_REGION);
+        let with_ram = (0..regions)
+            .filter(|r| (r * FRAMES_PER_REGION..(r + 1) * FRAMES_PER_REGION).any(&maybe))
+            .count() as u64;
+        with_ram + frames.div_ceil(FRAMES_PER_GIB)
+    }
+
+    /// Builds the shadow for `index` in `tables`; nothing is live yet.
+    pub fn build(index: &RangeIndex, tables: FrameSet) -> Result<Self, &'static str> {
+        let pdpt = physmap_pdpt();
+        let frames = index.frames().min(paging::physmap_end() / PAGE_SIZE);
+        let mut next = 0;
+        let mut take = || {
+            let frame = (next < tables.len()).then(|| tables.get(next) * PAGE_SIZE);
+            next += 1;
+            frame.ok_or("not enough shadow page-table frames")
+        };
+        let mut gibs = Vec::new();
+        let mut pts = alloc::vec![0; frames.div_ceil(FRAMES_PER_REGION) as usize];
+        for gib in 0..frames.div_ceil(FRAMES_PER_GIB) {
+            let original = read_entry(pdpt, gib);
+            let first = gib * FRAMES_PER_GIB;
+            let in_gib = index
+                .next_from(first)
+                .is_some_and(|f| f < first + FRAMES_PER_GIB);
+            if original & PRESENT == 0 || original & HUGE != 0 || !in_gib {
+                continue;
+            }
+            let original_pd = original & ADDR_MASK;
+            let pd = take()?;
+            for slot in 0..512 {
+                let region = gib * 512 + slot;
+                let start = region * FRAMES_PER_REGION;
+                let shadowed = index
+                    .next_from(start)
+                    .is_some_and(|f| f < start + FRAMES_PER_REGION);
+                let entry = if shadowed {
+                    let pt = take()?;
+                    for i in 0..FRAMES_PER_REGION {
+                        let frame = start + i;
+                        let write = if index.contains(frame) { 0 } else { WRITABLE };
+                        // SAFETY: `pt` is a frame of `tables`, owned here and
+                        // not yet referenced by any live table.
+                        unsafe {
+                            write_entry(pt, i, (frame * PAGE_SIZE) | PRESENT | ACCESSED | write)
+                        };
+                    }
+                    pts[region as usize] = pt;
+                    pt | PRESENT | WRITABLE
+                } else {
+                    read_entry(original_pd, slot)
+                };
+                // SAFETY: `pd` is a frame of `tables`, not yet live.
+                unsafe { write_entry(pd, slot, entry) };
+            }
+            gibs.push((gib, pd, original));
+        }
+        Ok(ShadowPhysmap {
+            _tables: tables,
+            gibs,
+            pts,
+            active: core::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Points the physical map at the shadow: range frames become
+    /// read-only. Constant work: one entry per GiB, then a TLB flush.
+    pub fn activate(&self) {
+        let pdpt = physmap_pdpt();
+        for &(gib, pd, original) in &self.gibs {
+            // SAFETY: the shadow PD maps every frame of this GiB at the same
+            // address as the original, with equal or fewer permissions.
+            unsafe { write_entry(pdpt, gib, pd | (original & !ADDR_MASK & !HUGE)) };
+        }
+        x86_64::instructions::tlb::flush_all();
+        self.active
+            .store(true, core::sync::atomic::Ordering::Release);
+    }
+
+    /// Points the physical map back at the original tables.
+    pub fn deactivate(&self) {
+        let pdpt = physmap_pdpt();
+        for &(gib, _, original) in &self.gibs {
+            // SAFETY: restores the entry the boot code or `map_high_ram` made.
+            unsafe { write_entry(pdpt, gib, original) };
+        }
+        x86_64::instructions::tlb::flush_all();
+        self.active
+            .store(false, core::sync::atomic::Ordering::Release);
+    }
+
+    fn pte(&self, frame: u64) -> Option<(u64, u64)> {
+        let pt = *self.pts.get((frame / FRAMES_PER_REGION) as usize)?;
+        (pt != 0).then_some((pt, frame % FRAMES_PER_REGION))
+    }
+
+    /// Lets writes to `frame` through the physical map again.
+    ///
+    /// No TLB flush: the change only adds write permission. A read-only
+    /// entry still cached can at worst cause one spurious write fault, which
+    /// the engine counts as a rewrite and answers by calling this again; and
+    /// the CPU drops the entry of the faulting address itself when it raises
+    /// the fault (Intel SDM vol. 3, 4.10.4.3). Flushing here would cost more
+    /// than the copy under emulation.
+    pub fn set_writable(&self, frame: u64) {
+        if let Some((pt, i)) = self.pte(frame) {
+            let entry = read_entry(pt, i);
+            // SAFETY: a shadow PTE; adding write permission keeps its frame.
+            unsafe { write_entry(pt, i, entry | WRITABLE) };
+        }
+    }
+
+    /// Whether `frame` was written through the physical map since the
+    /// instant; clears the CPU's dirty bit so later writes show again.
+    pub fn take_dirty(&self, frame: u64) -> bool {
+        let Some((pt, i)) = self.pte(frame) else {
+            return false;
+        };
+        let entry = read_entry(pt, i);
+        if entry & DIRTY == 0 {
+            return false;
+        }
+        // SAFETY: a shadow PTE; clearing the dirty bit keeps its mapping.
+        unsafe { write_entry(pt, i, entry & !DIRTY) };
+        x86_64::instructions::tlb::flush(VirtAddr::new(PHYS_OFFSET + frame * PAGE_SIZE));
+        true
+    }
+}
+
+impl Drop for ShadowPhysmap {
+    fn drop(&mut self) {
+        if self.active.load(core::sync::atomic::Ordering::Acquire) {
+            self.deactivate();
+        }
+    }
+}
+
+/// Storage in RAM: one engine-owned frame per slot.
+#[derive(Debug)]
+pub struct RamStore {
+    slots: FrameSet,
+}
+
+impl RamStore {
+    /// Storage for `slots` pages, or `None` if memory is short.
+    pub fn alloc(slots: u64) -> Option<Self> {
+        Some(RamStore {
+            slots: FrameSet::alloc(slots)?,
+        })
+    }
+
+    /// Grows storage one frame at a time until it has a slot for every
+    /// frame of a range that starts at `universe` frames and loses each
+    /// storage frame `in_range` says falls inside it. `None` if memory runs
+    /// out first (everything taken is freed).
+    pub fn alloc_for_range(universe: u64, in_range: impl Fn(u64) -> bool) -> Option<Self> {
+        let mut slots = FrameSet::default();
+        let mut range = universe;
+        while slots.len() < range {
+            let frame = slots.grow()?;
+            if in_range(frame) {
+                range -= 1;
+            }
+        }
+        Some(RamStore { slots })
+    }
+
+    /// Its frames.
+    pub fn frames(&self) -> &FrameSet {
+        &self.slots
+    }
+
+    /// Copies range frame `frame` into `slot`. Interrupts must be off.
+    pub fn save(&self, frame: u64, slot: u64) {
+        let dst = self.slots.get(slot);
+        // SAFETY: 1. `dst` is a storage frame this store owns; 2. callers
+        // (the fault handler, the copier, the pause) run with interrupts off.
+        unsafe { copy_frame(dst * PAGE_SIZE, frame * PAGE_SIZE) };
+    }
+
+    /// Copies `slot` back over range frame `frame`. Interrupts must be off,
+    /// and nothing may be using the frame (restore's contract).
+    pub fn load(&self, slot: u64, frame: u64) {
+        let src = self.slots.get(slot);
+        // SAFETY: 1. restore runs only on the caller's own quiesced range,
+        // whose frames it may overwrite; 2. interrupts are off.
+        unsafe { copy_frame(frame * PAGE_SIZE, src * PAGE_SIZE) };
+    }
+
+    /// The hash of `slot`'s copy.
+    pub fn hash(&self, slot: u64) -> u64 {
+        hash_frame(self.slots.get(slot) * PAGE_SIZE)
+    }
+}
+
+/// Calls `eager` for every frame the snapshot must copy at the instant
+/// because it cannot be write-protected or the machinery writes it: every
+/// page-table frame, every frame mapped writable outside the physical map
+/// and the engine window (thread stacks, scratch pages), and the kernel
+/// image. Work is proportional to the page tables, not to RAM, as long as
+/// the physical map uses large pages.
+pub fn walk_eager(mut eager: impl FnMut(u64)) {
+    let kernel = super::kernel_image();
+    for frame in kernel.start / PAGE_SIZE..kernel.end.div_ceil(PAGE_SIZE) {
+        eager(frame);
+    }
+    let pml4 = crate::arch::cpu::cr3();
+    eager(pml4 / PAGE_SIZE);
+    let skip_leaves = [(PHYS_OFFSET >> 39) & 511, (ENGINE_OFFSET >> 39) & 511, 0];
+    for i4 in 0..512 {
+        let e4 = read_entry(pml4, i4);
+        if e4 & PRESENT == 0 {
+            continue;
+        }
+        let leaves = !skip_leaves.contains(&i4);
+        walk_table(e4 & ADDR_MASK, 3, leaves, &mut eager);
+    }
+}
+
+fn walk_table(table: u64, level: u32, leaves: bool, eager: &mut impl FnMut(u64)) {
+    eager(table / PAGE_SIZE);
+    for i in 0..512 {
+        let entry = read_entry(table, i);
+        if entry & PRESENT == 0 {
+            continue;
+        }
+        let target = entry & ADDR_MASK;
+        let is_leaf = level == 1 || entry & HUGE != 0;
+        if !is_leaf {
+            walk_table(target, level - 1, leaves, eager);
+        } else if leaves && entry & WRITABLE != 0 {
+            let pages = 1u64 << (9 * (level - 1));
+            for frame in target / PAGE_SIZE..target / PAGE_SIZE + pages {
+                eager(frame);
+            }
+        }
+    }
+}
+
+/// A fake device for tests: writes `value` into `frame` at `offset` the way
+/// DMA does, behind the CPU's page protection (through the engine window).
+pub fn device_write(frame: &mut super::frames::OwnedFrame, offset: u64, value: u64) {
+    assert!(
+        offset.is_multiple_of(8) && offset < PAGE_SIZE,
+        "offset outside the frame"
+    );
+    let at = engine_virt(frame.phys() + offset) as *mut u64;
+    // SAFETY: the frame is owned by the caller (exclusively borrowed), RAM
+    // inside the engine window, and `offset` keeps the write inside it.
+    unsafe { at.write_volatile(value) };
+}

@@ -1,0 +1,787 @@
+//! Live memory snapshots, page by page (the user's method).
+//!
+//! [`start`] prepares everything while the workload runs (storage, the copy
+//! map, the shadow physical map; see [`crate::memory::snapmem`]), then pauses
+//! with interrupts off only to copy the eager set and swap in the shadow: the
+//! *instant*. Afterwards each range frame is copied once, by the first of:
+//! - the write-fault handler ([`on_write_fault`]), on the first write;
+//! - the frame allocator ([`before_reuse`]), before a free frame is handed
+//!   out and possibly mapped where the shadow cannot protect it;
+//! - the background copier thread, at a configurable share of the CPU.
+//!
+//! When every bit of the copy map is set the snapshot is complete; the copy
+//! stays in storage for [`restore`] until [`release`]. [`abort`] undoes a
+//! snapshot at any point. The range is all RAM except the engine's own
+//! reservation (storage, shadow tables, verification buffers).
+//!
+//! The fault path never allocates, blocks or takes a lock: it reaches the
+//! session through [`Published`], copies through the engine window and
+//! counts in statics.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use snapshot::memsnap::{
+    transition, CopyMap, Counters, FaultOutcome, LifecycleError, PageIo, Phase, RangeIndex,
+    Request, Snapshot, Stats,
+};
+
+use crate::clock::now_ns;
+use crate::memory::snapmem::{self, Buffer, EngineStack, FrameSet, RamStore, ShadowPhysmap};
+use crate::memory::{paging, PAGE_SIZE, PHYS_OFFSET};
+use crate::sync::{IrqMutex, IrqOff, Published};
+use crate::thread::{self, JoinHandle};
+
+/// How to take a snapshot.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Percent of the CPU the background copier may use (1..=100).
+    pub copier_share_pct: u64,
+    /// Keep the copy map outside the snapshotted memory (default: inside,
+    /// where it is part of the eager set).
+    pub map_outside: bool,
+    /// Take an independent reference at the instant (a hash of every range
+    /// page, stop-the-world) and count copies per page, to verify the
+    /// result. Not part of the method: its time is reported apart.
+    pub verify: bool,
+    /// Record every write fault's handler time.
+    pub latencies: bool,
+    /// Only snapshot RAM below this physical address.
+    pub range_limit: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            copier_share_pct: 40,
+            map_outside: false,
+            verify: false,
+            latencies: false,
+            range_limit: None,
+        }
+    }
+}
+
+/// Why a snapshot could not start. Nothing was changed.
+#[derive(Debug)]
+pub enum StartError {
+    /// A snapshot is active or complete and not released.
+    Busy(LifecycleError),
+    /// Not enough free memory for the reservation.
+    NoMemory {
+        /// Bytes the reservation needs.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
+    /// The range is empty (e.g. `range_limit` below all RAM).
+    EmptyRange,
+    /// The shadow map could not be built.
+    Shadow(&'static str),
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::Busy(e) => write!(f, "{e}"),
+            StartError::NoMemory { needed, free } => write!(
+                f,
+                "cannot reserve snapshot storage: needs {} MiB, {} MiB free",
+                needed >> 20,
+                free >> 20
+            ),
+            StartError::EmptyRange => write!(f, "the snapshot range holds no RAM"),
+            StartError::Shadow(e) => write!(f, "cannot build the shadow map: {e}"),
+        }
+    }
+}
+
+/// What a snapshot did, for reports and benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Frames in the range.
+    pub pages: u64,
+    /// Copies by cause.
+    pub stats: Stats,
+    /// The pause: eager copy and protection, interrupts off.
+    pub pause_ns: u64,
+    /// Time taken by the verification reference inside the same stop.
+    pub reference_ns: u64,
+    /// From the instant to the last copy.
+    pub total_ns: u64,
+    /// Time the copier spent copying.
+    pub copier_busy_ns: u64,
+    /// Range pages whose copy differs from the reference (verify only).
+    pub mismatched: Option<u64>,
+    /// Range pages not copied exactly once (verify only).
+    pub not_copied_once: Option<u64>,
+    /// The instant, in ns since boot.
+    pub instant_ns: u64,
+}
+
+static COUNTERS: Counters = Counters::new();
+static SESSION: Published<Session> = Published::new();
+static PHASE: IrqMutex<Phase> = IrqMutex::new(Phase::Idle);
+static STARTING: AtomicBool = AtomicBool::new(false);
+/// The shadow is live: writes through the physical map may be ours.
+static PROTECTING: AtomicBool = AtomicBool::new(false);
+static ABORT: AtomicBool = AtomicBool::new(false);
+static COPIER: IrqMutex<Option<JoinHandle<()>>> = IrqMutex::new(None);
+static REPORT: IrqMutex<Option<Report>> = IrqMutex::new(None);
+static DMA: IrqMutex<Vec<Range<u64>>> = IrqMutex::new(Vec::new());
+static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
+static SAMPLE_COUNT: AtomicU64 = AtomicU64::new(0);
+/// When protection went on (ns since boot): the snapshot instant.
+static INSTANT_NS: AtomicU64 = AtomicU64::new(0);
+
+const LATENCY_CAPACITY: u64 = 1 << 17;
+const SAMPLE_CAPACITY: u64 = 8192;
+const SAMPLE_WORDS: u64 = 4;
+const COPIER_BATCH: u64 = 16;
+const COPIER_BURST_NS: u64 = 2_000_000;
+const PAUSE_STACK: u64 = 64 * 1024;
+
+struct Session {
+    snap: Snapshot<Buffer>,
+    store: RamStore,
+    shadow: ShadowPhysmap,
+    reference: Option<Buffer>,
+    copies: Option<Buffer>,
+    latencies: Option<Buffer>,
+    samples: Buffer,
+    _reserved: Vec<Buffer>,
+}
+
+impl PageIo for Session {
+    fn copy_out(&self, frame: u64, slot: u64) {
+        debug_assert!(!x86_64::instructions::interrupts::are_enabled());
+        self.store.save(frame, slot);
+        if let Some(copies) = &self.copies {
+            copies.bytes()[slot as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn unprotect(&self, frame: u64) {
+        self.shadow.set_writable(frame);
+    }
+}
+
+impl Session {
+    fn sample(&self) {
+        let i = SAMPLE_COUNT.fetch_add(1, Ordering::Relaxed);
+        if i < SAMPLE_CAPACITY {
+            let s = self.snap.stats();
+            let t = now_ns().saturating_sub(INSTANT_NS.load(Ordering::Relaxed));
+            let words =
+                &self.samples.atomics()[(i * SAMPLE_WORDS) as usize..][..SAMPLE_WORDS as usize];
+            for (w, v) in words.iter().zip([t, s.eager, s.fault, s.background]) {
+                w.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Registers physical `[start, end)` as a DMA target: devices write it
+/// behind the MMU's back, so it is copied at the instant.
+pub fn register_dma(range: Range<u64>) {
+    DMA.lock().push(range);
+}
+
+/// Forgets a DMA registration made with [`register_dma`].
+pub fn unregister_dma(range: Range<u64>) {
+    let mut dma = DMA.lock();
+    if let Some(i) = dma.iter().position(|r| *r == range) {
+        dma.swap_remove(i);
+    }
+}
+
+/// The virtual window whose writes the snapshot protects, while it does.
+pub fn window() -> Option<(u64, u64)> {
+    PROTECTING
+        .load(Ordering::Acquire)
+        .then(|| (PHYS_OFFSET, PHYS_OFFSET + paging::physmap_end()))
+}
+
+/// The write-fault path (interrupts are off): copy the frame at `offset` in
+/// the physical map unless already copied, then let the write through.
+/// Returns false if the fault is not the snapshot's.
+pub fn on_write_fault(offset: u64) -> bool {
+    let start = crate::arch::cpu::rdtsc();
+    let frame = offset / PAGE_SIZE;
+    let outcome = SESSION.with(|s| {
+        let outcome = s.snap.on_write_fault(s, frame);
+        if let (Some(lat), FaultOutcome::Copied) = (&s.latencies, outcome) {
+            let i = LATENCY_COUNT.fetch_add(1, Ordering::Relaxed);
+            if i < LATENCY_CAPACITY {
+                let ns = crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - start);
+                lat.atomics()[i as usize].store(ns, Ordering::Relaxed);
+            }
+        }
+        outcome
+    });
+    matches!(
+        outcome,
+        Some(FaultOutcome::Copied | FaultOutcome::AlreadyCopied)
+    )
+}
+
+/// Called by the frame allocator for each frame it hands out: a frame of an
+/// active snapshot is copied before its new owner writes it, because the
+/// owner may map it where the shadow cannot protect it.
+pub fn before_reuse(phys: u64) {
+    if PROTECTING.load(Ordering::Acquire) {
+        SESSION.with(|s| s.snap.on_write_fault(s, phys / PAGE_SIZE));
+    }
+}
+
+fn ram_frames(limit: u64) -> impl Iterator<Item = Range<u64>> {
+    crate::boot_ram().filter_map(move |r| {
+        let start = r.start.div_ceil(PAGE_SIZE);
+        let end = r.end.min(limit) / PAGE_SIZE;
+        (start < end).then_some(start..end)
+    })
+}
+
+/// Takes a live snapshot: returns once the instant has passed and the copier
+/// runs. See [`wait`], [`abort`], [`release`], [`restore`].
+pub fn start(opts: &Options) -> Result<Report, StartError> {
+    if STARTING.swap(true, Ordering::AcqRel) {
+        return Err(StartError::Busy(LifecycleError {
+            phase: Phase::Active,
+            request: Request::Start,
+        }));
+    }
+    let result = prepare_and_pause(opts);
+    STARTING.store(false, Ordering::Release);
+    result
+}
+
+/// Everything a snapshot needs, allocated before the pause.
+struct Reserved {
+    index: RangeIndex,
+    store: RamStore,
+    table_frames: FrameSet,
+    map_words: Buffer,
+    reference: Option<Buffer>,
+    copies: Option<Buffer>,
+    latencies: Option<Buffer>,
+    samples: Buffer,
+    pause_stack: EngineStack,
+}
+
+/// Sizes and allocates the reservation and builds the range: all RAM below
+/// the limit except the reservation. Storage gets one frame per range frame;
+/// since the range is what the reservation leaves, storage is about half of
+/// the RAM that remains after the other buffers.
+fn reserve(opts: &Options) -> Result<Reserved, StartError> {
+    let limit = opts
+        .range_limit
+        .unwrap_or(u64::MAX)
+        .min(paging::physmap_end());
+    let frames = limit.div_ceil(PAGE_SIZE);
+    let universe: u64 = ram_frames(limit).map(|r| r.end - r.start).sum();
+    if universe == 0 {
+        return Err(StartError::EmptyRange);
+    }
+    let is_ram = |f: u64| ram_frames(limit).any(|r| r.contains(&f));
+    let pages = |bytes: u64| bytes.div_ceil(PAGE_SIZE);
+    let tables = ShadowPhysmap::tables_needed(frames, is_ram);
+    let map_pages = pages(CopyMap::<Buffer>::words_for(universe) as u64 * 8);
+    let verify_pages = if opts.verify {
+        pages(universe * 8) + pages(universe)
+    } else {
+        0
+    };
+    let latency_pages = if opts.latencies {
+        pages(LATENCY_CAPACITY * 8)
+    } else {
+        0
+    };
+    let sample_pages = pages(SAMPLE_CAPACITY * SAMPLE_WORDS * 8) + pages(PAUSE_STACK);
+    let outside = tables
+        + verify_pages
+        + latency_pages
+        + sample_pages
+        + if opts.map_outside { map_pages } else { 0 };
+    let storage = universe.saturating_sub(outside).div_ceil(2);
+    let needed = storage + outside + map_pages;
+    let (free, _) = crate::memory::frames::stats();
+    // Keep some frames for the kernel to go on working during the snapshot.
+    let no_memory = || StartError::NoMemory {
+        needed: (needed + 1024) * PAGE_SIZE,
+        free: free * PAGE_SIZE,
+    };
+    if free < needed + 1024 {
+        return Err(no_memory());
+    }
+    let table_frames = FrameSet::alloc(tables).ok_or_else(no_memory)?;
+    let buffer = |bytes: u64| Buffer::alloc(bytes).ok_or_else(no_memory);
+    let map_words = buffer(map_pages * PAGE_SIZE)?;
+    let reference = opts.verify.then(|| buffer(universe * 8)).transpose()?;
+    let copies = opts.verify.then(|| buffer(universe)).transpose()?;
+    let latencies = opts
+        .latencies
+        .then(|| buffer(LATENCY_CAPACITY * 8))
+        .transpose()?;
+    let samples = buffer(SAMPLE_CAPACITY * SAMPLE_WORDS * 8)?;
+    let pause_stack = EngineStack::alloc(PAUSE_STACK).ok_or_else(no_memory)?;
+
+    // Storage last: every frame of the other buffers that fell inside the
+    // range has made the range smaller, and so does each storage frame.
+    let others = [
+        Some(&samples),
+        Some(&map_words),
+        reference.as_ref(),
+        copies.as_ref(),
+        latencies.as_ref(),
+    ];
+    let mut reserved_in_range = others
+        .into_iter()
+        .flatten()
+        .flat_map(Buffer::frames)
+        .chain(pause_stack.frames())
+        .chain(table_frames.frames())
+        .filter(|&f| is_ram(f))
+        .count() as u64;
+    if !opts.map_outside {
+        reserved_in_range -= map_words.frames().filter(|&f| is_ram(f)).count() as u64;
+    }
+    let store =
+        RamStore::alloc_for_range(universe - reserved_in_range, is_ram).ok_or_else(no_memory)?;
+    let mut index = RangeIndex::new(frames);
+    for r in ram_frames(limit) {
+        index.include(r.start, r.end);
+    }
+    let reserved = store.frames().frames().chain(table_frames.frames());
+    let buffers = [
+        Some(&samples),
+        reference.as_ref(),
+        copies.as_ref(),
+        latencies.as_ref(),
+    ];
+    let buffer_frames = buffers
+        .into_iter()
+        .flatten()
+        .flat_map(Buffer::frames)
+        .chain(pause_stack.frames());
+    let map_frames = opts
+        .map_outside
+        .then(|| map_words.frames())
+        .into_iter()
+        .flatten();
+    for frame in reserved.chain(buffer_frames).chain(map_frames) {
+        index.exclude(frame);
+    }
+    index.seal();
+    if index.is_empty() {
+        return Err(StartError::EmptyRange);
+    }
+    assert!(
+        index.len() <= store.frames().len(),
+        "storage smaller than the range"
+    );
+    Ok(Reserved {
+        index,
+        store,
+        table_frames,
+        map_words,
+        reference,
+        copies,
+        latencies,
+        samples,
+        pause_stack,
+    })
+}
+
+fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
+    transition(*PHASE.lock(), Request::Start).map_err(StartError::Busy)?;
+    let Reserved {
+        index,
+        store,
+        table_frames,
+        map_words,
+        reference,
+        copies,
+        latencies,
+        samples,
+        mut pause_stack,
+    } = reserve(opts)?;
+    let shadow = ShadowPhysmap::build(&index, table_frames).map_err(StartError::Shadow)?;
+    let eager_map: Vec<u64> = if opts.map_outside {
+        Vec::new()
+    } else {
+        map_words.frames().collect()
+    };
+    let map = CopyMap::new(map_words, index.len());
+    let session = Session {
+        snap: Snapshot::new(index, map, &COUNTERS),
+        store,
+        shadow,
+        reference,
+        copies,
+        latencies,
+        samples,
+        _reserved: Vec::new(),
+    };
+    LATENCY_COUNT.store(0, Ordering::Relaxed);
+    SAMPLE_COUNT.store(0, Ordering::Relaxed);
+    ABORT.store(false, Ordering::Relaxed);
+    if SESSION.publish(alloc::boxed::Box::new(session)).is_err() {
+        panic!("a snapshot session was published while the phase was idle");
+    }
+
+    // The pause: the world stops here (one CPU, interrupts off). The pause
+    // itself writes only eager pages (its stack, the engine's statics, the
+    // copy map), so every other page is as it was when the pause began.
+    //
+    // With `verify`, the independent reference is taken in the same stop:
+    // each eager page is hashed as it is copied (the moment it is
+    // snapshotted), every other page after the eager phase, just before
+    // protection goes on. Hashing time is reported apart from the pause.
+    let dma: Vec<Range<u64>> = DMA.lock().clone();
+    let mut times = (0, 0);
+    // Off the caller's stack, which is itself a page of the range.
+    pause_stack.run(|| {
+        let t0 = now_ns();
+        let (t1, hash_ns) = SESSION
+            .with(|s| {
+                let mut hash_ns = 0;
+                let mut reference = |frame: u64| {
+                    if let (Some(reference), Some(slot)) =
+                        (&s.reference, s.snap.index().slot(frame))
+                    {
+                        let t = now_ns();
+                        let hash = snapmem::hash_frame(frame * PAGE_SIZE);
+                        reference.atomics()[slot as usize].store(hash, Ordering::Relaxed);
+                        hash_ns += now_ns() - t;
+                    }
+                };
+                // The copy map's pages first, before any claim changes them.
+                for &frame in &eager_map {
+                    if let Some(slot) = s.snap.index().slot(frame) {
+                        reference(frame);
+                        s.copy_out(frame, slot);
+                    }
+                }
+                for &frame in &eager_map {
+                    s.snap.mark_copied_eager(s, frame);
+                }
+                let mut eager = |frame: u64| {
+                    if s.snap
+                        .index()
+                        .slot(frame)
+                        .is_some_and(|slot| !s.snap.map().is_set(slot))
+                    {
+                        reference(frame);
+                        s.snap.copy_eager(s, frame);
+                    }
+                };
+                snapmem::walk_eager(&mut eager);
+                for range in &dma {
+                    (range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE)).for_each(&mut eager);
+                }
+                (now_ns(), hash_ns)
+            })
+            .unwrap_or((t0, 0));
+        SESSION.with(|s| {
+            if let Some(reference) = &s.reference {
+                for (slot, frame) in s.snap.index().iter().enumerate() {
+                    if !s.snap.map().is_set(slot as u64) {
+                        let hash = snapmem::hash_frame(frame * PAGE_SIZE);
+                        reference.atomics()[slot].store(hash, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        let t2 = now_ns();
+        SESSION.with(|s| {
+            // From here on writes through the physical map fault into the engine.
+            PROTECTING.store(true, Ordering::Release);
+            s.shadow.activate();
+            INSTANT_NS.store(now_ns(), Ordering::Relaxed);
+            s.sample();
+        });
+        let t3 = now_ns();
+        times = ((t1 - t0 - hash_ns) + (t3 - t2), hash_ns + (t2 - t1));
+    });
+    // The world runs again.
+    let (pause_ns, reference_ns) = times;
+
+    *PHASE.lock() = Phase::Active;
+    let stats = COUNTERS.read();
+    let pages = SESSION.with(|s| s.snap.index().len()).unwrap_or(0);
+    let report = Report {
+        pages,
+        stats,
+        pause_ns,
+        reference_ns,
+        instant_ns: INSTANT_NS.load(Ordering::Relaxed),
+        ..Report::default()
+    };
+    *REPORT.lock() = Some(report.clone());
+    crate::trace!(
+        "memsnap.start",
+        pages = pages,
+        eager = stats.eager,
+        pause_ns = pause_ns
+    );
+    let share = opts.copier_share_pct.clamp(1, 100);
+    *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || copier(share)));
+    Ok(report)
+}
+
+fn copier(share_pct: u64) {
+    let rest_ns = COPIER_BURST_NS * (100 - share_pct) / share_pct;
+    let mut busy_ns = 0;
+    loop {
+        if ABORT.load(Ordering::Acquire) {
+            return;
+        }
+        let burst_start = now_ns();
+        let mut done = false;
+        while now_ns() - burst_start < COPIER_BURST_NS {
+            let t = now_ns();
+            let copied = SESSION
+                .with(|s| s.snap.copy_background(s, COPIER_BATCH))
+                .unwrap_or(0);
+            busy_ns += now_ns() - t;
+            if copied == 0 {
+                done = true;
+                break;
+            }
+        }
+        SESSION.with(Session::sample);
+        if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
+            finish(busy_ns);
+            return;
+        }
+        if rest_ns > 0 {
+            thread::sleep_ns(rest_ns);
+        }
+    }
+}
+
+fn finish(copier_busy_ns: u64) {
+    let end = now_ns();
+    let (mismatched, not_copied_once) = SESSION
+        .with(|s| {
+            let verify = s.reference.as_ref().zip(s.copies.as_ref());
+            verify.map_or((None, None), |(reference, copies)| {
+                let mut mismatched = 0;
+                for (slot, frame) in s.snap.index().iter().enumerate() {
+                    let expected = reference.atomics()[slot].load(Ordering::Relaxed);
+                    if s.store.hash(slot as u64) != expected {
+                        if mismatched < 8 {
+                            crate::log!("mismatch: frame {:#x} (slot {slot})", frame * PAGE_SIZE);
+                        }
+                        mismatched += 1;
+                    }
+                }
+                let len = s.snap.index().len() as usize;
+                let not_once = copies.bytes()[..len]
+                    .iter()
+                    .filter(|c| c.load(Ordering::Relaxed) != 1)
+                    .count();
+                (Some(mismatched), Some(not_once as u64))
+            })
+        })
+        .unwrap_or((None, None));
+    let mut report = REPORT.lock();
+    if let Some(r) = report.as_mut() {
+        r.stats = COUNTERS.read();
+        r.total_ns = end - r.instant_ns;
+        r.copier_busy_ns = copier_busy_ns;
+        r.mismatched = mismatched;
+        r.not_copied_once = not_copied_once;
+    }
+    drop(report);
+    {
+        let mut phase = PHASE.lock();
+        *phase = transition(*phase, Request::Finish).unwrap_or(*phase);
+    }
+    thread::wake_all(&PHASE as *const _ as usize);
+}
+
+/// The current phase.
+pub fn phase() -> Phase {
+    *PHASE.lock()
+}
+
+/// Waits until the snapshot is complete (or gone) and returns its report.
+pub fn wait() -> Option<Report> {
+    thread::block_until(&PHASE as *const _ as usize, || {
+        *PHASE.lock() != Phase::Active
+    });
+    REPORT.lock().clone()
+}
+
+/// Stops a snapshot in progress (or drops a complete one): the copier
+/// stops, every permission is restored, all storage is freed.
+pub fn abort() -> Result<(), LifecycleError> {
+    transition(*PHASE.lock(), Request::Abort)?;
+    teardown();
+    Ok(())
+}
+
+/// Drops a completed snapshot and frees its storage.
+pub fn release() -> Result<(), LifecycleError> {
+    transition(*PHASE.lock(), Request::Release)?;
+    teardown();
+    Ok(())
+}
+
+fn teardown() {
+    ABORT.store(true, Ordering::Release);
+    let copier = COPIER.lock().take();
+    if let Some(copier) = copier {
+        copier.join();
+    }
+    // Protection off first (writes go through the original map again), then
+    // the fault path stops claiming writes, then the session is freed: its
+    // heap memory is writable again by then.
+    SESSION.with(|s| s.shadow.deactivate());
+    PROTECTING.store(false, Ordering::Release);
+    drop(SESSION.take());
+    *PHASE.lock() = Phase::Idle;
+    thread::wake_all(&PHASE as *const _ as usize);
+}
+
+/// Why a restore was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreError {
+    /// Restore needs a complete snapshot.
+    NotComplete(Phase),
+}
+
+/// Rolls the physical-map range `[virt, virt + len)` back to the snapshot,
+/// copying back only pages written since the instant (the CPU's dirty bits
+/// in the shadow map). The caller must keep everything else off that
+/// memory meanwhile. Returns how many pages were copied back.
+pub fn restore(virt: u64, len: u64) -> Result<u64, RestoreError> {
+    let phase = phase();
+    if phase != Phase::Complete {
+        return Err(RestoreError::NotComplete(phase));
+    }
+    let first = (virt - PHYS_OFFSET) / PAGE_SIZE;
+    let end = (virt - PHYS_OFFSET + len).div_ceil(PAGE_SIZE);
+    let mut restored = 0;
+    for frame in first..end {
+        let copied = SESSION.with(|s| match s.snap.index().slot(frame) {
+            Some(slot) if s.shadow.take_dirty(frame) => {
+                s.store.load(slot, frame);
+                true
+            }
+            _ => false,
+        });
+        restored += u64::from(copied == Some(true));
+    }
+    crate::trace!("memsnap.restore", pages = end - first, restored = restored);
+    Ok(restored)
+}
+
+/// Fault latencies recorded by the last snapshot (ns), sorted.
+pub fn latencies() -> Vec<u64> {
+    let n = LATENCY_COUNT.load(Ordering::Relaxed).min(LATENCY_CAPACITY) as usize;
+    let mut out: Vec<u64> = SESSION
+        .with(|s| {
+            s.latencies.as_ref().map(|l| {
+                l.atomics()[..n]
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect()
+            })
+        })
+        .flatten()
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// Emits the copier's progress samples as `memsnap.progress` trace records
+/// (time since the instant, cumulative pages by cause): the timeline.
+pub fn emit_timeline() {
+    let n = SAMPLE_COUNT.load(Ordering::Relaxed).min(SAMPLE_CAPACITY);
+    let samples: Vec<[u64; 4]> = SESSION
+        .with(|s| {
+            (0..n)
+                .map(|i| {
+                    let w = &s.samples.atomics()[(i * SAMPLE_WORDS) as usize..];
+                    [0, 1, 2, 3].map(|k| w[k].load(Ordering::Relaxed))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for [t, eager, fault, background] in samples {
+        crate::trace!(
+            "memsnap.progress",
+            t_us = t / 1000,
+            eager = eager,
+            fault = fault,
+            background = background
+        );
+    }
+    crate::trace::flush();
+}
+
+/// One line describing a report, for logs.
+pub fn describe(r: &Report) -> String {
+    alloc::format!(
+        "{} pages: {} eager, {} on fault, {} in background ({} rewrites); pause {} us, total {} ms{}",
+        r.pages,
+        r.stats.eager,
+        r.stats.fault,
+        r.stats.background,
+        r.stats.rewrites,
+        r.pause_ns / 1000,
+        r.total_ns / 1_000_000,
+        match (r.mismatched, r.not_copied_once) {
+            (Some(m), Some(n)) => alloc::format!("; verified: {m} mismatched pages, {n} not copied exactly once"),
+            _ => String::new(),
+        }
+    )
+}
+
+/// The baseline the live snapshot is measured against: a stop-and-copy
+/// snapshot of the same range into the same kind of storage, with the world
+/// stopped (interrupts off) for the whole copy. Returns `(pages, pause_ns)`.
+pub fn stop_and_copy(opts: &Options) -> Result<(u64, u64), StartError> {
+    transition(*PHASE.lock(), Request::Start).map_err(StartError::Busy)?;
+    let reserved = reserve(opts)?;
+    let irq = IrqOff::new();
+    let t0 = now_ns();
+    for (slot, frame) in reserved.index.iter().enumerate() {
+        reserved.store.save(frame, slot as u64);
+    }
+    let ns = now_ns() - t0;
+    drop(irq);
+    Ok((reserved.index.len(), ns))
+}
+
+/// The time of one 4 KiB page copy with the snapshot's copy routine
+/// (median of `rounds`), the unit the fault latency is judged in. Like a
+/// fault, each copy moves a different page into a different slot.
+pub fn page_copy_ns(rounds: usize) -> u64 {
+    let Some(store) = RamStore::alloc(rounds as u64) else {
+        return 0;
+    };
+    let Some(source) = RamStore::alloc(rounds as u64) else {
+        return 0;
+    };
+    // Touch every page once first, so no copy pays the emulator's first touch.
+    for slot in 0..rounds as u64 {
+        let _irq = IrqOff::new();
+        store.save(source.frames().get(slot), slot);
+    }
+    let mut times: Vec<u64> = (0..rounds as u64)
+        .map(|slot| {
+            let _irq = IrqOff::new();
+            let t = crate::arch::cpu::rdtsc();
+            store.save(source.frames().get((slot * 7) % rounds as u64), slot);
+            crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
+        })
+        .collect();
+    times.sort_unstable();
+    times[times.len() / 2]
+}
