@@ -106,7 +106,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     let ops_before = per_second(workload.ops() - o0, now_ns() - t0);
 
     let opts = Options {
-        verify: true,
+        verify: !cmd.get("verify").is_some_and(|v| v == "off"),
         latencies: true,
         copier_share_pct: share,
         ..Options::default()
@@ -152,6 +152,19 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         page_copy_ns
     );
     log!("workload {ops_before} ops/s before, {ops_during} during, {ops_after} after");
+    log!(
+        "fault latency ns: p10 {} p50 {} p90 {} p95 {} p99 {} p99.9 {} max {}",
+        percentile(&latencies, 10),
+        p50,
+        percentile(&latencies, 90),
+        percentile(&latencies, 95),
+        p99,
+        latencies
+            .get(latencies.len() * 999 / 1000)
+            .copied()
+            .unwrap_or(0),
+        latencies.last().copied().unwrap_or(0)
+    );
 
     let mut json = String::new();
     let mismatched = report.mismatched.unwrap_or(u64::MAX);
