@@ -106,7 +106,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     let ops_before = per_second(workload.ops() - o0, now_ns() - t0);
 
     let opts = Options {
-        verify: !cmd.get("verify").is_some_and(|v| v == "off"),
+        verify: cmd.get("verify").is_none_or(|v| v != "off"),
         latencies: true,
         copier_share_pct: share,
         ..Options::default()

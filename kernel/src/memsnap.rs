@@ -48,7 +48,9 @@ pub struct Options {
     pub verify: bool,
     /// Record every write fault's handler time.
     pub latencies: bool,
-    /// Only snapshot RAM below this physical address.
+    /// Only snapshot RAM below this physical address, plus the eager set
+    /// (so the pause copies the same pages as a full snapshot would): the
+    /// benchmark's same-run baseline for how the pause scales with the range.
     pub range_limit: Option<u64>,
 }
 
@@ -263,6 +265,7 @@ struct Reserved {
     index: RangeIndex,
     store: RamStore,
     table_frames: FrameSet,
+    pt_buffer: Buffer,
     map_words: Buffer,
     reference: Option<Buffer>,
     copies: Option<Buffer>,
@@ -287,7 +290,7 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     }
     let is_ram = |f: u64| ram_frames(limit).any(|r| r.contains(&f));
     let pages = |bytes: u64| bytes.div_ceil(PAGE_SIZE);
-    let tables = ShadowPhysmap::tables_needed(frames, is_ram);
+    let tables = ShadowPhysmap::pds_needed(frames) + pages(ShadowPhysmap::pt_bytes(frames));
     let map_pages = pages(CopyMap::<Buffer>::words_for(universe) as u64 * 8);
     let verify_pages = if opts.verify {
         pages(universe * 8) + pages(universe)
@@ -316,8 +319,9 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     if free < needed + 1024 {
         return Err(no_memory());
     }
-    let table_frames = FrameSet::alloc(tables).ok_or_else(no_memory)?;
+    let table_frames = FrameSet::alloc(ShadowPhysmap::pds_needed(frames)).ok_or_else(no_memory)?;
     let buffer = |bytes: u64| Buffer::alloc(bytes).ok_or_else(no_memory);
+    let pt_buffer = buffer(ShadowPhysmap::pt_bytes(frames))?;
     let map_words = buffer(map_pages * PAGE_SIZE)?;
     let reference = opts.verify.then(|| buffer(universe * 8)).transpose()?;
     let copies = opts.verify.then(|| buffer(universe)).transpose()?;
@@ -332,6 +336,7 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     // range has made the range smaller, and so does each storage frame.
     let others = [
         Some(&samples),
+        Some(&pt_buffer),
         Some(&map_words),
         reference.as_ref(),
         copies.as_ref(),
@@ -354,9 +359,17 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     for r in ram_frames(limit) {
         index.include(r.start, r.end);
     }
-    let reserved = store.frames().frames().chain(table_frames.frames());
+    if opts.range_limit.is_some() {
+        snapmem::walk_eager(|f| {
+            if f < frames && ram_frames(u64::MAX).any(|r| r.contains(&f)) {
+                index.include(f, f + 1);
+            }
+        });
+    }
+    let reserved = store.frames().chain(table_frames.frames());
     let buffers = [
         Some(&samples),
+        Some(&pt_buffer),
         reference.as_ref(),
         copies.as_ref(),
         latencies.as_ref(),
@@ -378,14 +391,12 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     if index.is_empty() {
         return Err(StartError::EmptyRange);
     }
-    assert!(
-        index.len() <= store.frames().len(),
-        "storage smaller than the range"
-    );
+    assert!(index.len() <= store.len(), "storage smaller than the range");
     Ok(Reserved {
         index,
         store,
         table_frames,
+        pt_buffer,
         map_words,
         reference,
         copies,
@@ -401,6 +412,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         index,
         store,
         table_frames,
+        pt_buffer,
         map_words,
         reference,
         copies,
@@ -408,7 +420,8 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         samples,
         mut pause_stack,
     } = reserve(opts)?;
-    let shadow = ShadowPhysmap::build(&index, table_frames).map_err(StartError::Shadow)?;
+    let shadow =
+        ShadowPhysmap::build(&index, table_frames, pt_buffer).map_err(StartError::Shadow)?;
     let eager_map: Vec<u64> = if opts.map_outside {
         Vec::new()
     } else {
@@ -772,13 +785,13 @@ pub fn page_copy_ns(rounds: usize) -> u64 {
     // Touch every page once first, so no copy pays the emulator's first touch.
     for slot in 0..rounds as u64 {
         let _irq = IrqOff::new();
-        store.save(source.frames().get(slot), slot);
+        store.save(source.frame(slot), slot);
     }
     let mut times: Vec<u64> = (0..rounds as u64)
         .map(|slot| {
             let _irq = IrqOff::new();
             let t = crate::arch::cpu::rdtsc();
-            store.save(source.frames().get((slot * 7) % rounds as u64), slot);
+            store.save(source.frame((slot * 7) % rounds as u64), slot);
             crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
         })
         .collect();

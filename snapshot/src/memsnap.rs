@@ -27,21 +27,22 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Which frames belong to the snapshot, and the slot of each: its rank
 /// among the range's frames.
+///
+/// Each entry pairs a word of membership bits with the number of included
+/// frames before it, so a lookup touches one entry (the fault path does
+/// one per fault).
 #[derive(Debug, Clone)]
 pub struct RangeIndex {
-    included: Vec<u64>,
-    /// Included frames before each word.
-    prefix: Vec<u64>,
+    /// `[membership bits, included frames before this word]`.
+    words: Vec<[u64; 2]>,
     len: u64,
 }
 
 impl RangeIndex {
     /// An index over frames `0..frames`, none included.
     pub fn new(frames: u64) -> Self {
-        let words = frames.div_ceil(64) as usize;
         RangeIndex {
-            included: vec![0; words],
-            prefix: vec![0; words + 1],
+            words: vec![[0, 0]; frames.div_ceil(64) as usize],
             len: 0,
         }
     }
@@ -49,33 +50,30 @@ impl RangeIndex {
     /// Includes frames `[first, end)`; call [`Self::seal`] when done.
     pub fn include(&mut self, first: u64, end: u64) {
         for frame in first..end.min(self.frames()) {
-            self.included[(frame / 64) as usize] |= 1 << (frame % 64);
+            self.words[(frame / 64) as usize][0] |= 1 << (frame % 64);
         }
     }
 
     /// Excludes one frame (the engine's own reservation).
     pub fn exclude(&mut self, frame: u64) {
         if frame < self.frames() {
-            self.included[(frame / 64) as usize] &= !(1 << (frame % 64));
+            self.words[(frame / 64) as usize][0] &= !(1 << (frame % 64));
         }
     }
 
     /// Computes the slot numbers; the index is read-only afterwards.
     pub fn seal(&mut self) {
         let mut total = 0;
-        for (word, prefix) in self.included.iter().zip(self.prefix.iter_mut()) {
-            *prefix = total;
-            total += u64::from(word.count_ones());
-        }
-        if let Some(last) = self.prefix.last_mut() {
-            *last = total;
+        for [bits, before] in &mut self.words {
+            *before = total;
+            total += u64::from(bits.count_ones());
         }
         self.len = total;
     }
 
     /// Frames the index can describe.
     pub fn frames(&self) -> u64 {
-        self.included.len() as u64 * 64
+        self.words.len() as u64 * 64
     }
 
     /// Frames in the range.
@@ -90,29 +88,29 @@ impl RangeIndex {
 
     /// Whether `frame` is in the range.
     pub fn contains(&self, frame: u64) -> bool {
-        frame < self.frames() && self.included[(frame / 64) as usize] & (1 << (frame % 64)) != 0
+        frame < self.frames() && self.words[(frame / 64) as usize][0] & (1 << (frame % 64)) != 0
     }
 
     /// The slot of `frame`, if it is in the range. Constant time.
     pub fn slot(&self, frame: u64) -> Option<u64> {
-        if !self.contains(frame) {
+        let [bits, before] = *self.words.get((frame / 64) as usize)?;
+        let bit = 1u64 << (frame % 64);
+        if bits & bit == 0 {
             return None;
         }
-        let word = (frame / 64) as usize;
-        let below = self.included[word] & ((1u64 << (frame % 64)) - 1);
-        Some(self.prefix[word] + u64::from(below.count_ones()))
+        Some(before + u64::from((bits & (bit - 1)).count_ones()))
     }
 
     /// The first range frame at or after `frame`.
     pub fn next_from(&self, frame: u64) -> Option<u64> {
         let mut word = (frame / 64) as usize;
-        let mut bits = *self.included.get(word)? & (u64::MAX << (frame % 64));
+        let mut bits = self.words.get(word)?[0] & (u64::MAX << (frame % 64));
         loop {
             if bits != 0 {
                 return Some(word as u64 * 64 + u64::from(bits.trailing_zeros()));
             }
             word += 1;
-            bits = *self.included.get(word)?;
+            bits = self.words.get(word)?[0];
         }
     }
 

@@ -215,21 +215,23 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// At least `bytes` bytes, or `None` if no such run is free.
+    /// At least `bytes` bytes, zeroed, or `None` if no such run is free.
     pub fn alloc(bytes: u64) -> Option<Self> {
-        let frames = bytes.div_ceil(PAGE_SIZE).max(1);
-        let phys = frames::alloc_contiguous(frames, 1)?;
-        let buffer = Buffer { phys, frames };
+        let buffer = Self::alloc_uninit(bytes)?;
         // SAFETY: the run was just allocated for this buffer alone and lies
         // inside the engine window.
         unsafe {
-            core::ptr::write_bytes(
-                engine_virt(phys) as *mut u8,
-                0,
-                (frames * PAGE_SIZE) as usize,
-            )
+            core::ptr::write_bytes(engine_virt(buffer.phys) as *mut u8, 0, buffer.len_bytes())
         };
         Some(buffer)
+    }
+
+    /// Like [`Self::alloc`], contents left as they were (for storage, which
+    /// is written before it is read).
+    pub fn alloc_uninit(bytes: u64) -> Option<Self> {
+        let frames = bytes.div_ceil(PAGE_SIZE).max(1);
+        let phys = frames::alloc_contiguous(frames, 1)?;
+        Some(Buffer { phys, frames })
     }
 
     /// Its frames.
@@ -338,39 +340,38 @@ fn physmap_pdpt() -> u64 {
 /// The shadow of the physical map's lower levels (see the module docs).
 #[derive(Debug)]
 pub struct ShadowPhysmap {
-    /// Owned so the tables are freed with the shadow.
-    _tables: FrameSet,
+    /// The shadow PDs, one per GiB; owned so they are freed with the shadow.
+    _pds: FrameSet,
+    /// The shadow PTs, one per 2 MiB region, contiguous: the PTE of frame
+    /// `f` is at `pts + 8 f`, no lookup needed on the fault path.
+    pts: Buffer,
     /// (GiB index, shadow PD, original PDPT entry) for each shadowed GiB.
     gibs: Vec<(u64, u64, u64)>,
-    /// The shadow PT of each 2 MiB region (0: region not shadowed).
-    pts: Vec<u64>,
     active: core::sync::atomic::AtomicBool,
 }
 
 impl ShadowPhysmap {
-    /// Page-table frames a shadow of `index` needs: one PD per GiB and one
-    /// PT per 2 MiB region holding range frames (counted generously, from
-    /// every frame `maybe` says may be in the range).
-    pub fn tables_needed(frames: u64, maybe: impl Fn(u64) -> bool) -> u64 {
-        let regions = frames.div_ceil(FRAMES_PER_REGION);
-        let with_ram = (0..regions)
-            .filter(|r| (r * FRAMES_PER_REGION..(r + 1) * FRAMES_PER_REGION).any(&maybe))
-            .count() as u64;
-        with_ram + frames.div_ceil(FRAMES_PER_GIB)
+    /// Shadow PDs needed to cover `frames` frames (one per GiB).
+    pub fn pds_needed(frames: u64) -> u64 {
+        frames.div_ceil(FRAMES_PER_GIB)
     }
 
-    /// Builds the shadow for `index` in `tables`; nothing is live yet.
-    pub fn build(index: &RangeIndex, tables: FrameSet) -> Result<Self, &'static str> {
+    /// Bytes of contiguous shadow PTs needed to cover `frames` frames.
+    pub fn pt_bytes(frames: u64) -> u64 {
+        frames.div_ceil(FRAMES_PER_REGION) * PAGE_SIZE
+    }
+
+    /// Builds the shadow for `index` in `pds` and `pts` (sized by
+    /// [`Self::pds_needed`] and [`Self::pt_bytes`]); nothing is live yet.
+    pub fn build(index: &RangeIndex, pds: FrameSet, pts: Buffer) -> Result<Self, &'static str> {
         let pdpt = physmap_pdpt();
         let frames = index.frames().min(paging::physmap_end() / PAGE_SIZE);
-        let mut next = 0;
-        let mut take = || {
-            let frame = (next < tables.len()).then(|| tables.get(next) * PAGE_SIZE);
-            next += 1;
-            frame.ok_or("not enough shadow page-table frames")
-        };
+        if pds.len() < Self::pds_needed(frames) || pts.len_bytes() < Self::pt_bytes(frames) as usize
+        {
+            return Err("not enough shadow page-table memory");
+        }
+        let mut next_pd = 0;
         let mut gibs = Vec::new();
-        let mut pts = alloc::vec![0; frames.div_ceil(FRAMES_PER_REGION) as usize];
         for gib in 0..frames.div_ceil(FRAMES_PER_GIB) {
             let original = read_entry(pdpt, gib);
             let first = gib * FRAMES_PER_GIB;
@@ -381,7 +382,8 @@ impl ShadowPhysmap {
                 continue;
             }
             let original_pd = original & ADDR_MASK;
-            let pd = take()?;
+            let pd = pds.get(next_pd) * PAGE_SIZE;
+            next_pd += 1;
             for slot in 0..512 {
                 let region = gib * 512 + slot;
                 let start = region * FRAMES_PER_REGION;
@@ -389,30 +391,29 @@ impl ShadowPhysmap {
                     .next_from(start)
                     .is_some_and(|f| f < start + FRAMES_PER_REGION);
                 let entry = if shadowed {
-                    let pt = take()?;
+                    let pt = pts.phys + region * PAGE_SIZE;
                     for i in 0..FRAMES_PER_REGION {
                         let frame = start + i;
                         let write = if index.contains(frame) { 0 } else { WRITABLE };
-                        // SAFETY: `pt` is a frame of `tables`, owned here and
+                        // SAFETY: `pt` is a frame of `pts`, owned here and
                         // not yet referenced by any live table.
                         unsafe {
                             write_entry(pt, i, (frame * PAGE_SIZE) | PRESENT | ACCESSED | write)
                         };
                     }
-                    pts[region as usize] = pt;
                     pt | PRESENT | WRITABLE
                 } else {
                     read_entry(original_pd, slot)
                 };
-                // SAFETY: `pd` is a frame of `tables`, not yet live.
+                // SAFETY: `pd` is a frame of `pds`, not yet live.
                 unsafe { write_entry(pd, slot, entry) };
             }
             gibs.push((gib, pd, original));
         }
         Ok(ShadowPhysmap {
-            _tables: tables,
-            gibs,
+            _pds: pds,
             pts,
+            gibs,
             active: core::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -443,9 +444,16 @@ impl ShadowPhysmap {
             .store(false, core::sync::atomic::Ordering::Release);
     }
 
+    /// The shadow PT and index of `frame`. Only range frames are ever
+    /// asked for, and their regions are always shadowed.
     fn pte(&self, frame: u64) -> Option<(u64, u64)> {
-        let pt = *self.pts.get((frame / FRAMES_PER_REGION) as usize)?;
-        (pt != 0).then_some((pt, frame % FRAMES_PER_REGION))
+        let region = frame / FRAMES_PER_REGION;
+        (region < self.pts.frames).then(|| {
+            (
+                self.pts.phys + region * PAGE_SIZE,
+                frame % FRAMES_PER_REGION,
+            )
+        })
     }
 
     /// Lets writes to `frame` through the physical map again.
@@ -489,25 +497,44 @@ impl Drop for ShadowPhysmap {
     }
 }
 
-/// Storage in RAM: one engine-owned frame per slot.
+/// Storage in RAM: one engine-owned frame per slot, as one contiguous run
+/// when memory allows (slot to frame is then arithmetic, which spares the
+/// fault path a table lookup) or as single frames.
 #[derive(Debug)]
 pub struct RamStore {
-    slots: FrameSet,
+    slots: Slots,
+}
+
+#[derive(Debug)]
+enum Slots {
+    Run(Buffer),
+    Frames(FrameSet),
 }
 
 impl RamStore {
     /// Storage for `slots` pages, or `None` if memory is short.
     pub fn alloc(slots: u64) -> Option<Self> {
         Some(RamStore {
-            slots: FrameSet::alloc(slots)?,
+            slots: Slots::Frames(FrameSet::alloc(slots)?),
         })
     }
 
-    /// Grows storage one frame at a time until it has a slot for every
-    /// frame of a range that starts at `universe` frames and loses each
-    /// storage frame `in_range` says falls inside it. `None` if memory runs
-    /// out first (everything taken is freed).
+    /// Storage with a slot for every frame of a range that starts at
+    /// `universe` frames and loses each storage frame `in_range` says falls
+    /// inside it. Tries one contiguous run first; otherwise grows frame by
+    /// frame. `None` if memory runs out (everything taken is freed).
     pub fn alloc_for_range(universe: u64, in_range: impl Fn(u64) -> bool) -> Option<Self> {
+        let half = universe.div_ceil(2);
+        // Zeroed now, while the workload runs: under an emulator the host
+        // backs guest RAM on first touch, which the fault path must not pay.
+        if let Some(run) = Buffer::alloc(half * PAGE_SIZE) {
+            let inside = run.frames().filter(|&f| in_range(f)).count() as u64;
+            if half >= universe - inside {
+                return Some(RamStore {
+                    slots: Slots::Run(run),
+                });
+            }
+        }
         let mut slots = FrameSet::default();
         let mut range = universe;
         while slots.len() < range {
@@ -516,17 +543,41 @@ impl RamStore {
                 range -= 1;
             }
         }
-        Some(RamStore { slots })
+        Some(RamStore {
+            slots: Slots::Frames(slots),
+        })
     }
 
     /// Its frames.
-    pub fn frames(&self) -> &FrameSet {
-        &self.slots
+    pub fn frames(&self) -> alloc::boxed::Box<dyn Iterator<Item = u64> + '_> {
+        match &self.slots {
+            Slots::Run(run) => alloc::boxed::Box::new(run.frames()),
+            Slots::Frames(set) => alloc::boxed::Box::new(set.frames()),
+        }
+    }
+
+    /// How many slots.
+    pub fn len(&self) -> u64 {
+        match &self.slots {
+            Slots::Run(run) => run.frames,
+            Slots::Frames(set) => set.len(),
+        }
+    }
+
+    /// The frame of `slot`.
+    pub fn frame(&self, slot: u64) -> u64 {
+        match &self.slots {
+            Slots::Run(run) => {
+                debug_assert!(slot < run.frames);
+                run.phys / PAGE_SIZE + slot
+            }
+            Slots::Frames(set) => set.get(slot),
+        }
     }
 
     /// Copies range frame `frame` into `slot`. Interrupts must be off.
     pub fn save(&self, frame: u64, slot: u64) {
-        let dst = self.slots.get(slot);
+        let dst = self.frame(slot);
         // SAFETY: 1. `dst` is a storage frame this store owns; 2. callers
         // (the fault handler, the copier, the pause) run with interrupts off.
         unsafe { copy_frame(dst * PAGE_SIZE, frame * PAGE_SIZE) };
@@ -535,7 +586,7 @@ impl RamStore {
     /// Copies `slot` back over range frame `frame`. Interrupts must be off,
     /// and nothing may be using the frame (restore's contract).
     pub fn load(&self, slot: u64, frame: u64) {
-        let src = self.slots.get(slot);
+        let src = self.frame(slot);
         // SAFETY: 1. restore runs only on the caller's own quiesced range,
         // whose frames it may overwrite; 2. interrupts are off.
         unsafe { copy_frame(frame * PAGE_SIZE, src * PAGE_SIZE) };
@@ -543,7 +594,7 @@ impl RamStore {
 
     /// The hash of `slot`'s copy.
     pub fn hash(&self, slot: u64) -> u64 {
-        hash_frame(self.slots.get(slot) * PAGE_SIZE)
+        hash_frame(self.frame(slot) * PAGE_SIZE)
     }
 }
 
