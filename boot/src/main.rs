@@ -168,7 +168,11 @@ fn main() -> ExitCode {
         if config.cmdline.contains("scenario=bench-memsnap") {
             eprintln!("goals (each against a baseline from this run):");
             for goal in bench::memsnap_goals(json) {
-                let mark = if goal.met { "met " } else { "MISS" };
+                let mark = match (goal.applies, goal.met) {
+                    (false, _) => "n/a ",
+                    (true, true) => "met ",
+                    (true, false) => "MISS",
+                };
                 eprintln!(
                     "  [{mark}] {:<42} {:>10.4}  (limit {})",
                     goal.what, goal.measured, goal.limit
