@@ -87,6 +87,14 @@ pub fn memsnap_goals(json: &str) -> Vec<Goal> {
             2.0,
         ),
         at_most("mismatched pages", f("mismatched_pages"), 0.0),
+        Goal {
+            applies: false,
+            ..at_most(
+                "(info) fault p99 / one cold 4 KiB copy (x)",
+                ratio(f("fault_ns_p99"), f("page_copy_cold_ns")),
+                2.0,
+            )
+        },
     ]
 }
 
@@ -109,6 +117,7 @@ mod tests {
     fn judges_each_goal() {
         let goals = memsnap_goals(RUN);
         let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
-        assert_eq!(met, [true, true, true, false, true, true]);
+        assert_eq!(met, [true, true, true, false, true, true, false]);
+        assert!(!goals[6].applies, "the cold-copy ratio is information only");
     }
 }

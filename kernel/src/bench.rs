@@ -62,6 +62,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     let _ = memsnap::release();
 
     let page_copy_ns = memsnap::page_copy_ns(2000);
+    let page_copy_cold_ns = memsnap::page_copy_cold_ns(2000);
     let Some(workload) = Workload::start(THREADS, per_thread, 42) else {
         log!("no memory for the workload");
         return ExitCode::Failure;
@@ -143,13 +144,14 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         stop_copy_ns / report.pause_ns.max(1)
     );
     log!(
-        "background copy {} MiB/s vs plain copy {} MiB/s; fault p50 {} ns, p99 {} ns ({} faults; one page copy {} ns)",
+        "background copy {} MiB/s vs plain copy {} MiB/s; fault p50 {} ns, p99 {} ns ({} faults; one page copy {} ns, {} ns cold)",
         copy_bytes_per_s >> 20,
         memcpy_bytes_per_s >> 20,
         p50,
         p99,
         latencies.len(),
-        page_copy_ns
+        page_copy_ns,
+        page_copy_cold_ns
     );
     log!("workload {ops_before} ops/s before, {ops_during} during, {ops_after} after");
     log!(
@@ -168,7 +170,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
 
     let mut json = String::new();
     let mismatched = report.mismatched.unwrap_or(u64::MAX);
-    let fields: [(&str, u64); 24] = [
+    let fields: [(&str, u64); 25] = [
         ("mem_bytes", mem_bytes),
         ("pages", report.pages),
         ("eager_pages", s.eager),
@@ -186,6 +188,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         ("fault_ns_p99", p99),
         ("faults_timed", latencies.len() as u64),
         ("page_copy_ns", page_copy_ns),
+        ("page_copy_cold_ns", page_copy_cold_ns),
         ("copy_bytes_per_s", copy_bytes_per_s),
         ("memcpy_bytes_per_s", memcpy_bytes_per_s),
         ("workload_ops_per_s_before", ops_before),

@@ -43,10 +43,18 @@ use spin::Once;
 use crate::arch::qemu::{exit, ExitCode};
 use crate::boot_info::{BootInfo, Region};
 
-/// Local APIC timer frequency: the scheduler's tick.
-const TIMER_HZ: u32 = 1000;
-/// Default time slice in timer ticks (`quantum_ms=` overrides).
-const DEFAULT_QUANTUM_TICKS: u64 = 4;
+/// Default local APIC timer frequency, the scheduler's tick (`timer_hz=`).
+const DEFAULT_TIMER_HZ: u64 = 1000;
+/// Default time slice in milliseconds (`quantum_ms=`).
+const DEFAULT_QUANTUM_MS: u64 = 4;
+
+static TIMER_HZ: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(DEFAULT_TIMER_HZ);
+
+/// The scheduler tick's frequency.
+pub fn timer_hz() -> u64 {
+    TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed)
+}
 
 static REGIONS: Once<Vec<Region>> = Once::new();
 static MADT: Once<acpi::Madt> = Once::new();
@@ -99,15 +107,19 @@ fn kernel_main(start_info: u64) -> ! {
             MADT.call_once(acpi::Madt::default);
         }
     }
-    let quantum = match cmd.u64("quantum_ms") {
-        Ok(q) => q.unwrap_or(DEFAULT_QUANTUM_TICKS),
-        Err(e) => {
+    let (quantum_ms, hz) = match (cmd.u64("quantum_ms"), cmd.u64("timer_hz")) {
+        (Ok(q), Ok(hz)) => (
+            q.unwrap_or(DEFAULT_QUANTUM_MS),
+            hz.unwrap_or(DEFAULT_TIMER_HZ).clamp(100, 10_000),
+        ),
+        (Err(e), _) | (_, Err(e)) => {
             log!("{e}");
             exit(ExitCode::Failure)
         }
     };
-    thread::init(quantum);
-    let timer_hz = arch::apic::start_timer(TIMER_HZ, || clock::spin_for(10_000_000));
+    TIMER_HZ.store(hz, core::sync::atomic::Ordering::Relaxed);
+    thread::init((quantum_ms * hz / 1000).max(1));
+    let timer_hz = arch::apic::start_timer(hz as u32, || clock::spin_for(10_000_000));
     x86_64::instructions::interrupts::enable();
     trace!("boot.done", tsc_hz = tsc_hz, apic_timer_hz = timer_hz);
 

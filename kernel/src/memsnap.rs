@@ -798,3 +798,29 @@ pub fn page_copy_ns(rounds: usize) -> u64 {
     times.sort_unstable();
     times[times.len() / 2]
 }
+
+/// Like [`page_copy_ns`], but the way a write fault meets its pages: random
+/// source frames across all of RAM's range and random storage slots, so
+/// neither is likely in the host's caches. Reported beside the warm figure
+/// to tell the copy's own spread from the handler's.
+pub fn page_copy_cold_ns(rounds: usize) -> u64 {
+    let opts = Options::default();
+    let Ok(reserved) = reserve(&opts) else {
+        return 0;
+    };
+    let frames: Vec<u64> = reserved.index.iter().collect();
+    let slots = reserved.store.len();
+    let mut rng = snapshot::rng::Rng::new(0x5eed);
+    let mut times: Vec<u64> = (0..rounds)
+        .map(|_| {
+            let frame = frames[rng.below(frames.len() as u64) as usize];
+            let slot = rng.below(slots);
+            let _irq = IrqOff::new();
+            let t = crate::arch::cpu::rdtsc();
+            reserved.store.save(frame, slot);
+            crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
+        })
+        .collect();
+    times.sort_unstable();
+    times[times.len() / 2]
+}
