@@ -145,9 +145,38 @@ const COPIER_BATCH: u64 = 16;
 const COPIER_BURST_NS: u64 = 2_000_000;
 const PAUSE_STACK: u64 = 64 * 1024;
 
+/// Where snapshot pages go. Today a separate part of RAM ([`RamStore`]); a
+/// disk store is the snapshot-to-disk issue's. `save` runs in the write-fault
+/// handler, so an implementation must not block, allocate or fault there.
+pub trait SnapshotStore: Send + Sync {
+    /// Copies range frame `frame` into `slot`. Interrupts are off.
+    fn save(&self, frame: u64, slot: u64);
+    /// Copies `slot` back over range frame `frame` (restore). Interrupts are off.
+    fn load(&self, slot: u64, frame: u64);
+    /// A hash of `slot`'s contents (see [`snapshot::memsnap::page_hash`]).
+    fn slot_hash(&self, slot: u64) -> u64;
+    /// Slots it holds.
+    fn slots(&self) -> u64;
+}
+
+impl SnapshotStore for RamStore {
+    fn save(&self, frame: u64, slot: u64) {
+        RamStore::save(self, frame, slot);
+    }
+    fn load(&self, slot: u64, frame: u64) {
+        RamStore::load(self, slot, frame);
+    }
+    fn slot_hash(&self, slot: u64) -> u64 {
+        self.hash(slot)
+    }
+    fn slots(&self) -> u64 {
+        self.len()
+    }
+}
+
 struct Session {
     snap: Snapshot<Buffer>,
-    store: RamStore,
+    store: alloc::boxed::Box<dyn SnapshotStore>,
     shadow: ShadowPhysmap,
     reference: Option<Buffer>,
     copies: Option<Buffer>,
@@ -391,7 +420,6 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     if index.is_empty() {
         return Err(StartError::EmptyRange);
     }
-    assert!(index.len() <= store.len(), "storage smaller than the range");
     Ok(Reserved {
         index,
         store,
@@ -430,7 +458,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     let map = CopyMap::new(map_words, index.len());
     let session = Session {
         snap: Snapshot::new(index, map, &COUNTERS),
-        store,
+        store: alloc::boxed::Box::new(store),
         shadow,
         reference,
         copies,
@@ -438,6 +466,10 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         samples,
         _reserved: Vec::new(),
     };
+    assert!(
+        session.store.slots() >= session.snap.index().len(),
+        "storage smaller than the range"
+    );
     LATENCY_COUNT.store(0, Ordering::Relaxed);
     SAMPLE_COUNT.store(0, Ordering::Relaxed);
     ABORT.store(false, Ordering::Relaxed);
@@ -585,7 +617,7 @@ fn finish(copier_busy_ns: u64) {
                 let mut mismatched = 0;
                 for (slot, frame) in s.snap.index().iter().enumerate() {
                     let expected = reference.atomics()[slot].load(Ordering::Relaxed);
-                    if s.store.hash(slot as u64) != expected {
+                    if s.store.slot_hash(slot as u64) != expected {
                         if mismatched < 8 {
                             crate::log!("mismatch: frame {:#x} (slot {slot})", frame * PAGE_SIZE);
                         }

@@ -68,6 +68,7 @@ pub fn live_snapshot_matches_reference_across_seeds() {
 /// new snapshot afterwards works and verifies.
 pub fn abort_midway_and_start_again() {
     let workload = Workload::start(2, 2 << 20, 7).expect("workload memory");
+    let (free_before, _) = frames::stats();
     let slow = Options {
         copier_share_pct: 2,
         ..verified()
@@ -86,6 +87,13 @@ pub fn abort_midway_and_start_again() {
     memsnap::abort().expect("abort");
     assert_eq!(memsnap::phase(), Phase::Idle);
     assert!(memsnap::window().is_none(), "protection left on");
+    // Storage and tables are back; a few frames may have gone to the
+    // copier's stack and the kernel meanwhile.
+    let (free_after, _) = frames::stats();
+    assert!(
+        free_before.abs_diff(free_after) <= 64,
+        "abort kept memory: {free_before} -> {free_after}"
+    );
     let before = workload.ops();
     crate::thread::sleep_ns(20 * MS);
     assert!(workload.ops() > before, "workload stalled after abort");
