@@ -23,6 +23,14 @@ fn per_second(count: u64, ns: u64) -> u64 {
     (u128::from(count) * 1_000_000_000 / u128::from(ns.max(1))) as u64
 }
 
+/// The workload's rate over half a second, after a tenth to settle.
+fn steady_rate(workload: &Workload) -> u64 {
+    thread::sleep_ns(100 * MS);
+    let (ops, t) = (workload.ops(), now_ns());
+    thread::sleep_ns(500 * MS);
+    per_second(workload.ops() - ops, now_ns() - t)
+}
+
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -101,10 +109,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
 
     // Measured here, in the state the live snapshot will meet: the emulator
     // has settled after the baselines (its TLB is sized at full flushes).
-    thread::sleep_ns(100 * MS);
-    let (o0, t0) = (workload.ops(), now_ns());
-    thread::sleep_ns(500 * MS);
-    let ops_before = per_second(workload.ops() - o0, now_ns() - t0);
+    let ops_before = steady_rate(&workload);
 
     let opts = Options {
         verify: cmd.get("verify").is_none_or(|v| v != "off"),
@@ -125,10 +130,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     let latencies = memsnap::latencies();
     memsnap::emit_timeline();
     let _ = memsnap::release();
-    thread::sleep_ns(100 * MS);
-    let (o2, t2) = (workload.ops(), now_ns());
-    thread::sleep_ns(500 * MS);
-    let ops_after = per_second(workload.ops() - o2, now_ns() - t2);
+    let ops_after = steady_rate(&workload);
     workload.stop();
 
     let s = report.stats;

@@ -819,16 +819,10 @@ pub fn page_copy_ns(rounds: usize) -> u64 {
         let _irq = IrqOff::new();
         store.save(source.frame(slot), slot);
     }
-    let mut times: Vec<u64> = (0..rounds as u64)
-        .map(|slot| {
-            let _irq = IrqOff::new();
-            let t = crate::arch::cpu::rdtsc();
-            store.save(source.frame((slot * 7) % rounds as u64), slot);
-            crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
-        })
-        .collect();
-    times.sort_unstable();
-    times[times.len() / 2]
+    median_copy_ns(
+        &store,
+        (0..rounds as u64).map(|slot| (source.frame((slot * 7) % rounds as u64), slot)),
+    )
 }
 
 /// Like [`page_copy_ns`], but the way a write fault meets its pages: random
@@ -843,16 +837,27 @@ pub fn page_copy_cold_ns(rounds: usize) -> u64 {
     let frames: Vec<u64> = reserved.index.iter().collect();
     let slots = reserved.store.len();
     let mut rng = snapshot::rng::Rng::new(0x5eed);
-    let mut times: Vec<u64> = (0..rounds)
+    let pairs: Vec<(u64, u64)> = (0..rounds)
         .map(|_| {
-            let frame = frames[rng.below(frames.len() as u64) as usize];
-            let slot = rng.below(slots);
+            (
+                frames[rng.below(frames.len() as u64) as usize],
+                rng.below(slots),
+            )
+        })
+        .collect();
+    median_copy_ns(&reserved.store, pairs.into_iter())
+}
+
+/// The median time of `store.save(frame, slot)` over `pairs`.
+fn median_copy_ns(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> u64 {
+    let mut times: Vec<u64> = pairs
+        .map(|(frame, slot)| {
             let _irq = IrqOff::new();
             let t = crate::arch::cpu::rdtsc();
-            reserved.store.save(frame, slot);
+            store.save(frame, slot);
             crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
         })
         .collect();
     times.sort_unstable();
-    times[times.len() / 2]
+    times.get(times.len() / 2).copied().unwrap_or(0)
 }

@@ -53,35 +53,33 @@ pub fn init_engine_window() {
     let gib = crate::arch::cpu::has_1gib_pages();
     let step = if gib { Size1GiB::SIZE } else { Size2MiB::SIZE };
     for phys in (0..end).step_by(step as usize) {
-        let virt = VirtAddr::new(engine_virt(phys));
-        // SAFETY: 1. the engine window is used by nothing else, so the pages
-        // are unmapped; 2. they map physical memory at a fixed offset, like
-        // the physical map, with the same (write-back) caching.
-        let result = paging::with_mapper(|m| unsafe {
-            if gib {
-                m.map_to(
-                    Page::<Size1GiB>::containing_address(virt),
-                    PhysFrame::containing_address(PhysAddr::new(phys)),
-                    flags,
-                    &mut KernelFrames,
-                )
-                .map(|f| f.flush())
-                .map_err(|e| alloc::format!("{e:?}"))
-            } else {
-                m.map_to(
-                    Page::<Size2MiB>::containing_address(virt),
-                    PhysFrame::containing_address(PhysAddr::new(phys)),
-                    flags,
-                    &mut KernelFrames,
-                )
-                .map(|f| f.flush())
-                .map_err(|e| alloc::format!("{e:?}"))
-            }
-        });
+        let result = if gib {
+            map_window_page::<Size1GiB>(phys, flags)
+        } else {
+            map_window_page::<Size2MiB>(phys, flags)
+        };
         if let Err(e) = result {
             panic!("cannot map the engine window at {phys:#x}: {e}");
         }
     }
+}
+
+/// Maps the engine-window page of size `S` that covers physical `phys`.
+fn map_window_page<S: PageSize + core::fmt::Debug>(
+    phys: u64,
+    flags: PageTableFlags,
+) -> Result<(), alloc::string::String>
+where
+    for<'a> x86_64::structures::paging::OffsetPageTable<'a>: Mapper<S>,
+{
+    let page = Page::<S>::containing_address(VirtAddr::new(engine_virt(phys)));
+    let frame = PhysFrame::<S>::containing_address(PhysAddr::new(phys));
+    // SAFETY: 1. the engine window is used by nothing else, so the page is
+    // unmapped; 2. it maps physical memory at a fixed offset, like the
+    // physical map, with the same (write-back) caching.
+    paging::with_mapper(|m| unsafe { m.map_to(page, frame, flags, &mut KernelFrames) })
+        .map(|flush| flush.flush())
+        .map_err(|e| alloc::format!("{e:?}"))
 }
 
 global_asm!(
