@@ -807,12 +807,12 @@ pub fn stop_and_copy(opts: &Options) -> Result<(u64, u64), StartError> {
 /// The time of one 4 KiB page copy with the snapshot's copy routine
 /// (median of `rounds`), the unit the fault latency is judged in. Like a
 /// fault, each copy moves a different page into a different slot.
-pub fn page_copy_ns(rounds: usize) -> u64 {
+pub fn page_copy_ns(rounds: usize) -> CopyTime {
     let Some(store) = RamStore::alloc(rounds as u64) else {
-        return 0;
+        return CopyTime::default();
     };
     let Some(source) = RamStore::alloc(rounds as u64) else {
-        return 0;
+        return CopyTime::default();
     };
     // Touch every page once first, so no copy pays the emulator's first touch.
     for slot in 0..rounds as u64 {
@@ -829,10 +829,10 @@ pub fn page_copy_ns(rounds: usize) -> u64 {
 /// source frames across all of RAM's range and random storage slots, so
 /// neither is likely in the host's caches. Reported beside the warm figure
 /// to tell the copy's own spread from the handler's.
-pub fn page_copy_cold_ns(rounds: usize) -> u64 {
+pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
     let opts = Options::default();
     let Ok(reserved) = reserve(&opts) else {
-        return 0;
+        return CopyTime::default();
     };
     let frames: Vec<u64> = reserved.index.iter().collect();
     let slots = reserved.store.len();
@@ -848,8 +848,8 @@ pub fn page_copy_cold_ns(rounds: usize) -> u64 {
     median_copy_ns(&reserved.store, pairs.into_iter())
 }
 
-/// The median time of `store.save(frame, slot)` over `pairs`.
-fn median_copy_ns(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> u64 {
+/// The median and 99th percentile of `store.save(frame, slot)` over `pairs`.
+fn median_copy_ns(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> CopyTime {
     let mut times: Vec<u64> = pairs
         .map(|(frame, slot)| {
             let _irq = IrqOff::new();
@@ -859,5 +859,18 @@ fn median_copy_ns(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> 
         })
         .collect();
     times.sort_unstable();
-    times.get(times.len() / 2).copied().unwrap_or(0)
+    let at = |p: usize| times.get(times.len() * p / 100).copied().unwrap_or(0);
+    CopyTime {
+        p50: at(50),
+        p99: at(99),
+    }
+}
+
+/// The time one 4 KiB page copy takes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyTime {
+    /// Median, ns.
+    pub p50: u64,
+    /// 99th percentile, ns: the copy's own spread.
+    pub p99: u64,
 }
