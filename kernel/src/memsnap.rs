@@ -57,7 +57,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            copier_share_pct: 40,
+            copier_share_pct: 30,
             map_outside: false,
             verify: false,
             latencies: false,
@@ -111,6 +111,9 @@ pub struct Report {
     pub pause_ns: u64,
     /// Time taken by the verification reference inside the same stop.
     pub reference_ns: u64,
+    /// The part of the pause spent turning protection on (PDPT swap and
+    /// TLB flush); the rest is the eager copy.
+    pub protect_ns: u64,
     /// From the instant to the last copy.
     pub total_ns: u64,
     /// Time the copier spent copying.
@@ -486,7 +489,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     // snapshotted), every other page after the eager phase, just before
     // protection goes on. Hashing time is reported apart from the pause.
     let dma: Vec<Range<u64>> = DMA.lock().clone();
-    let mut times = (0, 0);
+    let mut times = (0, 0, 0);
     // Off the caller's stack, which is itself a page of the range.
     pause_stack.run(|| {
         let t0 = now_ns();
@@ -549,10 +552,14 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
             s.sample();
         });
         let t3 = now_ns();
-        times = ((t1 - t0 - hash_ns) + (t3 - t2), hash_ns + (t2 - t1));
+        times = (
+            (t1 - t0 - hash_ns) + (t3 - t2),
+            hash_ns + (t2 - t1),
+            t3 - t2,
+        );
     });
     // The world runs again.
-    let (pause_ns, reference_ns) = times;
+    let (pause_ns, reference_ns, protect_ns) = times;
 
     *PHASE.lock() = Phase::Active;
     let stats = COUNTERS.read();
@@ -561,6 +568,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         pages,
         stats,
         pause_ns,
+        protect_ns,
         reference_ns,
         instant_ns: INSTANT_NS.load(Ordering::Relaxed),
         ..Report::default()

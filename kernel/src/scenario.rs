@@ -6,7 +6,7 @@
 //! | `demo` (default) | | memory map, clock, two interleaved threads, a verified live snapshot of a running workload, traces |
 //! | `test` | `test=<name>` or `test=list` | one in-kernel test (see [`crate::ktest`]) |
 //! | `crash` | `kind=pf|ud|de|gp|bp|overflow` | raise an exception on purpose |
-//! | `bench-memsnap` | `copier_share=40` | live snapshot benchmark (see [`crate::bench`]) |
+//! | `bench-memsnap` | `copier_share=30` | live snapshot benchmark (see [`crate::bench`]) |
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
