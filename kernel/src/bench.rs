@@ -23,6 +23,18 @@ fn per_second(count: u64, ns: u64) -> u64 {
     (u128::from(count) * 1_000_000_000 / u128::from(ns.max(1))) as u64
 }
 
+/// Takes a snapshot to completion and releases it; `None` (logged) if it
+/// could not start.
+fn complete_snapshot(label: &str, opts: &Options) -> Option<memsnap::Report> {
+    if let Err(e) = memsnap::start(opts) {
+        log!("{label} snapshot: {e}");
+        return None;
+    }
+    let report = memsnap::wait();
+    let _ = memsnap::release();
+    report
+}
+
 /// The workload's rate over half a second, after a tenth to settle.
 fn steady_rate(workload: &Workload) -> u64 {
     thread::sleep_ns(100 * MS);
@@ -62,12 +74,9 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         range_limit: Some(32 << 20),
         ..Options::default()
     };
-    if let Err(e) = memsnap::start(&warm) {
-        log!("warm-up snapshot: {e}");
+    if complete_snapshot("warm-up", &warm).is_none() {
         return ExitCode::Failure;
     }
-    memsnap::wait();
-    let _ = memsnap::release();
 
     let warm_copy = memsnap::page_copy_ns(2000);
     let cold_copy = memsnap::page_copy_cold_ns(2000);
@@ -98,15 +107,9 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         copier_share_pct: share,
         ..Options::default()
     };
-    let small_report = match memsnap::start(&small) {
-        Ok(r) => r,
-        Err(e) => {
-            log!("small-range snapshot: {e}");
-            return ExitCode::Failure;
-        }
+    let Some(small_report) = complete_snapshot("small-range", &small) else {
+        return ExitCode::Failure;
     };
-    memsnap::wait();
-    let _ = memsnap::release();
 
     // Measured here, in the state the live snapshot will meet: the emulator
     // has settled after the baselines (its TLB is sized at full flushes).
@@ -144,13 +147,10 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
             copier_share_pct: share,
             ..Options::default()
         };
-        if let Err(e) = memsnap::start(&opts) {
-            log!("verified snapshot: {e}");
+        let Some(verified) = complete_snapshot("verified", &opts) else {
             return ExitCode::Failure;
-        }
-        let verified = memsnap::wait();
-        let _ = memsnap::release();
-        verified
+        };
+        Some(verified)
     } else {
         None
     };

@@ -185,7 +185,6 @@ struct Session {
     copies: Option<Buffer>,
     latencies: Option<Buffer>,
     samples: Buffer,
-    _reserved: Vec<Buffer>,
 }
 
 impl PageIo for Session {
@@ -467,7 +466,6 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         copies,
         latencies,
         samples,
-        _reserved: Vec::new(),
     };
     assert!(
         session.store.slots() >= session.snap.index().len(),

@@ -303,19 +303,13 @@ fn release(slot: usize) {
 }
 
 fn reap_detached() {
-    loop {
-        let info = with(|s| {
-            let slot = (0..MAX_THREADS).find(|&i| {
-                s.queue.state(i) == snapshot::sched::State::Exited
-                    && s.threads[i].as_ref().is_some_and(|t| t.detached)
-            })?;
-            s.queue.reap(slot).ok()?;
-            s.threads[slot].take()
-        });
-        match info {
-            Some(info) => drop(info),
-            None => return,
-        }
+    while let Some(slot) = with(|s| {
+        (0..MAX_THREADS).find(|&i| {
+            s.queue.state(i) == snapshot::sched::State::Exited
+                && s.threads[i].as_ref().is_some_and(|t| t.detached)
+        })
+    }) {
+        release(slot);
     }
 }
 

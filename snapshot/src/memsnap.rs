@@ -152,12 +152,6 @@ impl<W: AsRef<[AtomicU64]>> CopyMap<W> {
         CopyMap { words, slots }
     }
 
-    /// The words, for whoever placed them (their pages are in the eager set
-    /// when they lie inside the range).
-    pub fn words(&self) -> &W {
-        &self.words
-    }
-
     /// Sets the bit of `slot`; true if this call set it (it was clear).
     pub fn claim(&self, slot: u64) -> bool {
         let bit = 1 << (slot % 64);
