@@ -52,7 +52,7 @@ pub fn record(event: &'static str, fields: &[(&'static str, Value<'static>)]) {
         return;
     }
     let mut record = Record {
-        ts_ns: crate::clock::now_ns(),
+        ts_ns: 0,
         event,
         count: fields.len().min(MAX_FIELDS) as u8,
         fields: [("", Value::U64(0)); MAX_FIELDS],
@@ -62,6 +62,10 @@ pub fn record(event: &'static str, fields: &[(&'static str, Value<'static>)]) {
         {
             let mut buffer = BUFFER.lock();
             if buffer.len() < buffer.capacity() {
+                // Stamped under the lock (interrupts off), so the buffer's
+                // order is time order even when a thread is preempted
+                // between building a record and storing it.
+                record.ts_ns = crate::clock::now_ns();
                 buffer.push(record);
                 return;
             }
