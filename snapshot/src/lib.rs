@@ -15,11 +15,14 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod block;
 pub mod cmdline;
 pub mod fault;
 pub mod frames;
 pub mod memsnap;
+pub mod pci;
 pub mod rng;
 pub mod sched;
 pub mod trace;
 pub mod units;
+pub mod virtio;

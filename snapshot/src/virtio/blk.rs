@@ -1,0 +1,702 @@
+//! The virtio-blk request engine (virtio 1.x, 5.2): negotiation and
+//! configuration, then batches of reads, writes and flushes with many
+//! requests in flight, each split into pieces the device accepts.
+//!
+//! A request is a descriptor chain: a 16-byte header the device reads, the
+//! data segments, and a status byte the device writes. Headers and status
+//! bytes live in one DMA region, one 32-byte slot per possible chain head,
+//! so a request's slot is its head descriptor's index. A caller's buffer
+//! is lent to the device through [`Hal::map`] for as long as any of its
+//! pieces is in flight, and split:
+//! - into segments no longer than the device's `size_max`;
+//! - at most `seg_max` segments (and the queue's size less two) per request;
+//! - at most [`Config::max_request_bytes`] per request;
+//! - always whole sectors per request: when a limit falls inside a sector,
+//!   the piece is cut back to the last whole sector and the rest of that
+//!   segment starts the next piece.
+//!
+//! Errors never panic. A device error fails the batch with the piece's
+//! first sector; a device that breaks the protocol is reset (which stops
+//! its DMA) and refused from then on.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::device::{self, InitError};
+use super::queue::{Layout, Part, SplitQueue};
+use super::{Direction, DmaRegion, Hal, Segment, Transport, Wait, Width};
+use crate::block::{check, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
+
+/// virtio-blk feature bits (5.2.3).
+pub mod feature {
+    /// `size_max` is valid: the largest segment.
+    pub const SIZE_MAX: u64 = 1 << 1;
+    /// `seg_max` is valid: the most segments per request.
+    pub const SEG_MAX: u64 = 1 << 2;
+    /// The device is read-only.
+    pub const RO: u64 = 1 << 5;
+    /// `blk_size` is valid: the optimal block size.
+    pub const BLK_SIZE: u64 = 1 << 6;
+    /// The device has a write cache and takes flush requests.
+    pub const FLUSH: u64 = 1 << 9;
+}
+
+/// Device configuration offsets (5.2.4).
+pub mod config {
+    /// Capacity in 512-byte sectors (64 bits).
+    pub const CAPACITY: usize = 0;
+    /// Largest segment in bytes (32 bits).
+    pub const SIZE_MAX: usize = 8;
+    /// Most segments per request (32 bits).
+    pub const SEG_MAX: usize = 12;
+    /// Optimal block size (32 bits).
+    pub const BLK_SIZE: usize = 20;
+}
+
+/// Request types (5.2.6).
+pub mod request {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush the write cache.
+    pub const FLUSH: u32 = 4;
+    /// Read the device's ID string (its serial).
+    pub const GET_ID: u32 = 8;
+}
+
+/// Status values the device writes.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error.
+    pub const IOERR: u8 = 1;
+    /// Unsupported request.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// Bytes per request slot: the 16-byte header, then the status byte.
+pub const SLOT_SIZE: usize = 32;
+/// Offset of the status byte in a slot.
+pub const STATUS_OFFSET: usize = 16;
+/// Length of the ID string GET_ID returns.
+pub const ID_BYTES: usize = 20;
+/// Status sentinel: the device has not written the status yet.
+const NO_STATUS: u8 = 0xff;
+
+/// Features the driver takes when offered.
+pub const WANTED: u64 =
+    feature::SIZE_MAX | feature::SEG_MAX | feature::RO | feature::BLK_SIZE | feature::FLUSH;
+
+/// How to bring a device up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A name to report until the device's own ID is read.
+    pub name: String,
+    /// Largest queue to use (the device may offer less).
+    pub queue_size: u16,
+    /// MSI-X vector (table entry) for the request queue, if interrupts are
+    /// delivered by MSI-X.
+    pub vector: Option<u16>,
+    /// Whether the device should interrupt on completions (otherwise the
+    /// driver polls).
+    pub interrupts: bool,
+    /// Largest request in bytes (a multiple of 512).
+    pub max_request_bytes: usize,
+}
+
+/// How requests are cut, from the device's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest segment in bytes.
+    pub max_segment: u32,
+    /// Most data segments per request.
+    pub max_segments: usize,
+    /// Most bytes per request (a multiple of 512).
+    pub max_bytes: usize,
+}
+
+/// Counters since the driver started (or since [`BlkDriver::take_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests (pieces) sent to the device.
+    pub requests: u64,
+    /// Data bytes moved.
+    pub bytes: u64,
+    /// Notifications written to the device.
+    pub notifies: u64,
+    /// Times the driver waited with nothing to reap.
+    pub waits: u64,
+    /// Most requests in flight at once.
+    pub max_in_flight: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    op: usize,
+    sector: u64,
+    bytes: u32,
+}
+
+/// One op's progress through a batch.
+struct OpState<M> {
+    mapping: Option<M>,
+    segments: Vec<Segment>,
+    /// Next segment and offset in it.
+    cursor: (usize, u32),
+    next_sector: u64,
+    in_flight: u32,
+    all_sent: bool,
+}
+
+/// A virtio-blk device, driver side.
+pub struct BlkDriver<T, H: Hal> {
+    transport: T,
+    hal: H,
+    queue: SplitQueue<H::Region>,
+    slots_region: H::Region,
+    slots: Vec<Slot>,
+    notify_offset: u32,
+    features: u64,
+    info: DiskInfo,
+    limits: Limits,
+    broken: Option<&'static str>,
+    stats: Stats,
+}
+
+impl<T, H: Hal> core::fmt::Debug for BlkDriver<T, H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BlkDriver")
+            .field("info", &self.info)
+            .field("limits", &self.limits)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Transport, H: Hal> BlkDriver<T, H> {
+    /// Negotiates, reads the configuration, sets up the request queue and
+    /// tells the device the driver is ready. On failure the device is
+    /// marked FAILED.
+    pub fn new(transport: T, hal: H, config: &Config) -> Result<Self, InitError> {
+        let features = device::negotiate(&transport, WANTED, super::feature::VERSION_1)?;
+        let up = Self::bring_up(transport, hal, config, features);
+        if let Err((transport, e)) = up {
+            device::fail(&transport);
+            return Err(e);
+        }
+        up.map_err(|(_, e)| e)
+    }
+
+    fn bring_up(
+        transport: T,
+        hal: H,
+        config: &Config,
+        features: u64,
+    ) -> Result<Self, (T, InitError)> {
+        let has = |bit| features & bit != 0;
+        let sectors = device::read_device_u64(&transport, config::CAPACITY);
+        let read = |offset, present| {
+            if present {
+                transport.read_device(offset, Width::U32)
+            } else {
+                0
+            }
+        };
+        let size_max = read(config::SIZE_MAX, has(feature::SIZE_MAX));
+        let seg_max = read(config::SEG_MAX, has(feature::SEG_MAX));
+        let blk_size = read(config::BLK_SIZE, has(feature::BLK_SIZE));
+        let size = device::queue_size(&transport, 0, config.queue_size);
+        if size < 4 {
+            return Err((transport, InitError::NoQueue(0)));
+        }
+        let layout = Layout::new(size);
+        let Ok(rings) = hal.alloc(layout.bytes) else {
+            return Err((transport, InitError::NoMemory));
+        };
+        let Ok(slots_region) = hal.alloc(usize::from(size) * SLOT_SIZE) else {
+            return Err((transport, InitError::NoMemory));
+        };
+        let setup = match device::setup_queue(&transport, 0, size, &rings, &layout, config.vector) {
+            Ok(setup) => setup,
+            Err(e) => return Err((transport, e)),
+        };
+        let queue = SplitQueue::new(rings, size);
+        queue.set_interrupts(config.interrupts);
+        device::go_live(&transport);
+        let max_bytes = config.max_request_bytes.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
+        let limits = Limits {
+            max_segment: if size_max == 0 { u32::MAX } else { size_max },
+            max_segments: match seg_max {
+                0 => usize::from(size) - 2,
+                n => (n as usize).min(usize::from(size) - 2),
+            },
+            max_bytes,
+        };
+        let block_size = if blk_size >= SECTOR_SIZE as u32 && blk_size.is_power_of_two() {
+            blk_size
+        } else {
+            SECTOR_SIZE as u32
+        };
+        Ok(BlkDriver {
+            transport,
+            hal,
+            queue,
+            slots_region,
+            slots: alloc::vec![Slot::default(); usize::from(size)],
+            notify_offset: setup.notify_offset,
+            features,
+            info: DiskInfo {
+                name: config.name.clone(),
+                sectors,
+                block_size,
+                read_only: has(feature::RO),
+                flush: has(feature::FLUSH),
+                max_depth: usize::from(size),
+            },
+            limits,
+            broken: None,
+            stats: Stats::default(),
+        })
+    }
+
+    /// What the disk is.
+    pub fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    /// Renames the disk (to the serial read by [`BlkDriver::identify`]).
+    pub fn set_name(&mut self, name: String) {
+        self.info.name = name;
+    }
+
+    /// The accepted feature bits.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// How requests are cut.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Counters since the last call.
+    pub fn take_stats(&mut self) -> Stats {
+        core::mem::take(&mut self.stats)
+    }
+
+    fn error(&self, sector: Option<u64>, kind: ErrorKind) -> BlockError {
+        BlockError::new(&self.info.name, sector, kind)
+    }
+
+    /// Gives up on a device that broke the protocol: reset stops its DMA.
+    fn break_down(&mut self, why: &'static str) -> BlockError {
+        self.broken = Some(why);
+        let _ = device::reset(&self.transport);
+        device::fail(&self.transport);
+        self.error(None, ErrorKind::Broken(why))
+    }
+
+    fn add(&mut self, header: (u32, u64), data: &[Segment], device_writes: bool) -> Option<u16> {
+        let head = self.queue.next_head()?;
+        let slot = usize::from(head) * SLOT_SIZE;
+        let (kind, sector) = header;
+        self.slots_region.write_u32(slot, kind);
+        self.slots_region.write_u32(slot + 4, 0);
+        self.slots_region.write_u64(slot + 8, sector);
+        self.slots_region.write_u8(slot + STATUS_OFFSET, NO_STATUS);
+        let base = self.slots_region.phys() + slot as u64;
+        let mut parts = Vec::with_capacity(data.len() + 2);
+        parts.push(Part {
+            segment: Segment {
+                addr: base,
+                len: 16,
+            },
+            device_writes: false,
+        });
+        parts.extend(data.iter().map(|&segment| Part {
+            segment,
+            device_writes,
+        }));
+        parts.push(Part {
+            segment: Segment {
+                addr: base + STATUS_OFFSET as u64,
+                len: 1,
+            },
+            device_writes: true,
+        });
+        let added = self.queue.add(&parts)?;
+        debug_assert_eq!(added, head);
+        self.stats.requests += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.queue.in_flight());
+        Some(head)
+    }
+
+    fn notify(&mut self) {
+        if self.queue.needs_notify() {
+            self.transport.notify(self.notify_offset, 0);
+            self.stats.notifies += 1;
+        }
+    }
+
+    /// Takes one completion: its head and status.
+    fn reap(&mut self) -> Result<Option<(u16, u8)>, BlockError> {
+        match self.queue.pop_used() {
+            Ok(Some((head, _len))) => {
+                let status = self
+                    .slots_region
+                    .read_u8(usize::from(head) * SLOT_SIZE + STATUS_OFFSET);
+                Ok(Some((head, status)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.break_down(e.0)),
+        }
+    }
+
+    /// Reads the device's ID string (`-device virtio-blk-pci,serial=...`).
+    pub fn identify(&mut self, wait: &impl Wait) -> Result<String, BlockError> {
+        if let Some(why) = self.broken {
+            return Err(self.error(None, ErrorKind::Broken(why)));
+        }
+        let mut id = [0u8; ID_BYTES];
+        let mut segments = Vec::new();
+        let mapping = self
+            .hal
+            .map(&id, Direction::FromDevice, &mut segments)
+            .map_err(|_| self.error(None, ErrorKind::NoMemory))?;
+        let head = self.add((request::GET_ID, 0), &segments, true);
+        self.notify();
+        let mut result = Err(self.error(None, ErrorKind::Broken("GET_ID not queued")));
+        if head.is_some() {
+            result = loop {
+                match self.reap() {
+                    Ok(Some((_, status::OK))) => break Ok(()),
+                    Ok(Some((_, status::UNSUPP))) => {
+                        break Err(self.error(None, ErrorKind::Unsupported))
+                    }
+                    Ok(Some(_)) => break Err(self.error(None, ErrorKind::Io)),
+                    Ok(None) => wait.wait(&mut || self.queue.has_used()),
+                    Err(e) => break Err(e),
+                }
+            };
+        }
+        self.hal.unmap(mapping, Some(&mut id));
+        result?;
+        let end = id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        Ok(id[..end]
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+            .collect())
+    }
+
+    /// Runs a batch; see [`crate::block::BlockDevice::transfer`].
+    pub fn transfer(
+        &mut self,
+        ops: &mut [Op<'_>],
+        depth: usize,
+        wait: &impl Wait,
+    ) -> Result<(), BlockError> {
+        if let Some(why) = self.broken {
+            return Err(self.error(None, ErrorKind::Broken(why)));
+        }
+        for op in ops.iter() {
+            check(&self.info, op)?;
+        }
+        let depth = depth.clamp(1, usize::from(self.queue.size())) as u16;
+        let mut states: Vec<OpState<H::Mapping>> = Vec::with_capacity(ops.len());
+        for op in ops.iter() {
+            states.push(OpState {
+                mapping: None,
+                segments: Vec::new(),
+                cursor: (0, 0),
+                next_sector: op.extent().map_or(0, |(s, _)| s),
+                in_flight: 0,
+                all_sent: false,
+            });
+        }
+        let mut next = 0;
+        let mut barrier = false;
+        let mut failure: Option<BlockError> = None;
+        let mut piece = Vec::new();
+        loop {
+            let mut sent = false;
+            while failure.is_none()
+                && !barrier
+                && next < ops.len()
+                && self.queue.in_flight() < depth
+            {
+                match self.submit_next(&ops[next], &mut states[next], next, &mut piece) {
+                    Ok(Submitted::Piece) => sent = true,
+                    Ok(Submitted::Finished) => {
+                        sent = true;
+                        next += 1;
+                    }
+                    Ok(Submitted::Nothing) => next += 1,
+                    Ok(Submitted::Barrier) => {
+                        sent = true;
+                        barrier = true;
+                        next += 1;
+                    }
+                    Ok(Submitted::Blocked) => break,
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if sent {
+                self.notify();
+            }
+            if self.queue.in_flight() == 0 {
+                barrier = false;
+                if next == ops.len() || failure.is_some() {
+                    break;
+                }
+                continue;
+            }
+            match self.reap() {
+                Ok(Some((head, status))) => {
+                    let slot = self.slots[usize::from(head)];
+                    let state = &mut states[slot.op];
+                    state.in_flight -= 1;
+                    let kind = match status {
+                        status::OK => {
+                            self.stats.bytes += u64::from(slot.bytes);
+                            None
+                        }
+                        status::IOERR => Some(ErrorKind::Io),
+                        status::UNSUPP => Some(ErrorKind::Unsupported),
+                        _ => {
+                            let e = self.break_down("request completed without a status");
+                            failure.get_or_insert(e);
+                            break;
+                        }
+                    };
+                    if let Some(kind) = kind {
+                        let sector = ops[slot.op].extent().map(|_| slot.sector);
+                        failure.get_or_insert(self.error(sector, kind));
+                    }
+                    if state.all_sent && state.in_flight == 0 {
+                        self.release(&mut ops[slot.op], state);
+                    }
+                }
+                Ok(None) => {
+                    self.stats.waits += 1;
+                    let queue = &self.queue;
+                    wait.wait(&mut || queue.has_used());
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        // Whatever is still mapped (a batch cut short) is released; after
+        // a reset the device no longer touches it.
+        for (op, state) in ops.iter_mut().zip(states.iter_mut()) {
+            self.release(op, state);
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn release(&self, op: &mut Op<'_>, state: &mut OpState<H::Mapping>) {
+        if let Some(mapping) = state.mapping.take() {
+            match op {
+                Op::Read { buf, .. } => self.hal.unmap(mapping, Some(buf)),
+                _ => self.hal.unmap(mapping, None),
+            }
+        }
+    }
+
+    /// Sends the next piece of `op`.
+    fn submit_next(
+        &mut self,
+        op: &Op<'_>,
+        state: &mut OpState<H::Mapping>,
+        index: usize,
+        piece: &mut Vec<Segment>,
+    ) -> Result<Submitted, BlockError> {
+        let (kind, buf, writes) = match op {
+            Op::Flush if !self.info.flush => return Ok(Submitted::Nothing),
+            Op::Flush => {
+                if self.queue.in_flight() > 0 {
+                    return Ok(Submitted::Blocked);
+                }
+                let Some(head) = self.add((request::FLUSH, 0), &[], false) else {
+                    return Ok(Submitted::Blocked);
+                };
+                self.slots[usize::from(head)] = Slot {
+                    op: index,
+                    sector: 0,
+                    bytes: 0,
+                };
+                state.in_flight += 1;
+                state.all_sent = true;
+                return Ok(Submitted::Barrier);
+            }
+            Op::Read { buf: [], .. } => return Ok(Submitted::Nothing),
+            Op::Write { buf: [], .. } => return Ok(Submitted::Nothing),
+            Op::Read { buf, .. } => (request::IN, &**buf, true),
+            Op::Write { buf, .. } => (request::OUT, *buf, false),
+        };
+        if state.mapping.is_none() {
+            let dir = if writes {
+                Direction::FromDevice
+            } else {
+                Direction::ToDevice
+            };
+            let mapping = self
+                .hal
+                .map(buf, dir, &mut state.segments)
+                .map_err(|_| self.error(Some(state.next_sector), ErrorKind::NoMemory))?;
+            state.mapping = Some(mapping);
+        }
+        let (bytes, after) = next_piece(&state.segments, state.cursor, &self.limits, piece)
+            .ok_or_else(|| self.error(Some(state.next_sector), ErrorKind::TooFragmented))?;
+        if self.queue.free_descriptors() < piece.len() + 2 {
+            return Ok(Submitted::Blocked);
+        }
+        let Some(head) = self.add((kind, state.next_sector), piece, writes) else {
+            return Ok(Submitted::Blocked);
+        };
+        self.slots[usize::from(head)] = Slot {
+            op: index,
+            sector: state.next_sector,
+            bytes: bytes as u32,
+        };
+        state.cursor = after;
+        state.next_sector += (bytes / SECTOR_SIZE) as u64;
+        state.in_flight += 1;
+        if after.0 == state.segments.len() {
+            state.all_sent = true;
+            Ok(Submitted::Finished)
+        } else {
+            Ok(Submitted::Piece)
+        }
+    }
+}
+
+enum Submitted {
+    /// One piece went out; the op has more.
+    Piece,
+    /// The op's last piece went out.
+    Finished,
+    /// A flush went out: nothing more until it completes.
+    Barrier,
+    /// The op needed no request.
+    Nothing,
+    /// No room in the queue (or a flush waits for earlier requests).
+    Blocked,
+}
+
+/// Cuts the next request from `segments` starting at `cursor` (segment
+/// index, offset in it) within `limits`, into `out`. Returns its length in
+/// bytes (whole sectors) and the cursor after it, or `None` if not even one
+/// sector fits the limits.
+pub fn next_piece(
+    segments: &[Segment],
+    cursor: (usize, u32),
+    limits: &Limits,
+    out: &mut Vec<Segment>,
+) -> Option<(usize, (usize, u32))> {
+    out.clear();
+    let (mut i, mut off) = cursor;
+    let mut total = 0usize;
+    while i < segments.len() && out.len() < limits.max_segments && total < limits.max_bytes {
+        let left = segments[i].len - off;
+        let take = left
+            .min(limits.max_segment)
+            .min((limits.max_bytes - total).min(u32::MAX as usize) as u32);
+        out.push(Segment {
+            addr: segments[i].addr + u64::from(off),
+            len: take,
+        });
+        total += take as usize;
+        off += take;
+        if off == segments[i].len {
+            i += 1;
+            off = 0;
+        }
+    }
+    // Give back a partial sector at the end; it starts the next piece.
+    let mut back = (total % SECTOR_SIZE) as u32;
+    total -= back as usize;
+    while back > 0 {
+        let last = out.last_mut()?;
+        let give = back.min(last.len);
+        last.len -= give;
+        back -= give;
+        if last.len == 0 {
+            out.pop();
+        }
+        if off == 0 {
+            i -= 1;
+            off = segments[i].len;
+        }
+        off -= give;
+    }
+    (total > 0).then_some((total, (i, off)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment { addr, len }
+    }
+
+    fn limits(max_segment: u32, max_segments: usize, max_bytes: usize) -> Limits {
+        Limits {
+            max_segment,
+            max_segments,
+            max_bytes,
+        }
+    }
+
+    fn pieces(segments: &[Segment], l: &Limits) -> Option<Vec<Vec<Segment>>> {
+        let mut cursor = (0, 0);
+        let mut all = Vec::new();
+        let mut out = Vec::new();
+        while cursor.0 < segments.len() {
+            let (bytes, after) = next_piece(segments, cursor, l, &mut out)?;
+            assert_eq!(bytes, out.iter().map(|s| s.len as usize).sum::<usize>());
+            assert_eq!(bytes % SECTOR_SIZE, 0);
+            assert!(out.len() <= l.max_segments && bytes <= l.max_bytes);
+            assert!(out.iter().all(|s| s.len <= l.max_segment && s.len > 0));
+            all.push(out.clone());
+            cursor = after;
+        }
+        Some(all)
+    }
+
+    #[test]
+    fn a_segment_limit_inside_a_sector_cuts_back_to_the_sector() {
+        // 300 + 700 + 300 + 748 bytes, two segments per request: the first
+        // request is 300 + 212 (one sector); the second would be 488 + 300,
+        // so it is cut back to 488 + 24; the third takes the rest.
+        let segs = [
+            seg(0x1000, 300),
+            seg(0x5000, 700),
+            seg(0x9000, 300),
+            seg(0xd000, 748),
+        ];
+        let all = pieces(&segs, &limits(u32::MAX, 2, 1 << 20)).unwrap();
+        assert_eq!(all[0], [seg(0x1000, 300), seg(0x5000, 212)]);
+        assert_eq!(all[1], [seg(0x5000 + 212, 488), seg(0x9000, 24)]);
+        assert_eq!(all[2], [seg(0x9000 + 24, 276), seg(0xd000, 748)]);
+        assert_eq!(all.len(), 3);
+    }
+
+    #[test]
+    fn size_and_byte_limits_split_large_buffers() {
+        let segs = [seg(0, 10 * 4096)];
+        let all = pieces(&segs, &limits(4096, 4, 8192)).unwrap();
+        assert_eq!(all.len(), 5);
+        assert!(all.iter().all(|p| p.len() == 2));
+    }
+
+    #[test]
+    fn too_fragmented_for_one_sector_is_none() {
+        let segs = [seg(0, 100), seg(200, 100), seg(400, 312)];
+        assert!(pieces(&segs, &limits(u32::MAX, 2, 4096)).is_none());
+        assert!(pieces(&segs, &limits(u32::MAX, 3, 4096)).is_some());
+    }
+}
