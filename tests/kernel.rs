@@ -7,7 +7,7 @@
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use kernel_tests::{list_kernel_tests, run_kernel_test, test_timeout};
+use kernel_tests::{list_kernel_tests, run_kernel_test_with_disks, test_timeout};
 
 fn main() {
     let args = Arguments::from_args();
@@ -17,13 +17,14 @@ fn main() {
         .into_iter()
         .map(|test| {
             let name = test.name.clone();
+            let disks = test.disks.clone();
             let timeout = if test.deliberately_fails {
                 std::time::Duration::from_secs(5)
             } else {
                 test_timeout()
             };
             Trial::test(test.name, move || {
-                run_kernel_test(&name, timeout)
+                run_kernel_test_with_disks(&name, &disks, timeout)
                     .map(|_| ())
                     .map_err(Failed::from)
             })

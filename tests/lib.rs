@@ -1,10 +1,12 @@
 //! Shared helpers for the integration tests: build the kernel once, boot it
 //! with a command line, run one in-kernel test and judge it.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use boot::qemu::{self, Config, Outcome, Verdict};
+use boot::qemu::{self, Config, Disk, Outcome, Verdict};
+use snapshot::block::{fill_pattern, READ_ONLY_TEST_SEED};
 
 /// The kernel image, built once per test process. Panics with the setup
 /// error (which names the command to run) if it cannot be built.
@@ -17,12 +19,92 @@ pub fn kernel() -> PathBuf {
 
 /// Boots with `cmdline` and returns the outcome.
 pub fn boot(cmdline: &str, mem_bytes: u64, timeout: Duration) -> Outcome {
+    boot_with_disks(cmdline, mem_bytes, timeout, Vec::new())
+}
+
+/// Boots with `cmdline` and `disks` attached.
+pub fn boot_with_disks(
+    cmdline: &str,
+    mem_bytes: u64,
+    timeout: Duration,
+    disks: Vec<Disk>,
+) -> Outcome {
     let config = Config {
         mem_bytes,
         timeout,
+        disks,
         ..Config::new(&kernel(), cmdline)
     };
     qemu::run(&config, |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A disk a kernel test asks for: `serial:MiB[:ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The serial the kernel finds it by.
+    pub serial: String,
+    /// Size in MiB.
+    pub mib: u64,
+    /// Attached read-only, filled with the read-only test pattern.
+    pub read_only: bool,
+}
+
+impl DiskSpec {
+    /// Parses `serial:MiB[:ro]`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut parts = spec.split(':');
+        let serial = parts.next().filter(|s| !s.is_empty());
+        let mib = parts.next().and_then(|m| m.parse().ok());
+        let read_only = match parts.next() {
+            None => false,
+            Some("ro") => true,
+            Some(other) => return Err(format!("disk spec {spec:?}: unknown flag {other:?}")),
+        };
+        match (serial, mib) {
+            (Some(serial), Some(mib)) => Ok(DiskSpec {
+                serial: serial.into(),
+                mib,
+                read_only,
+            }),
+            _ => Err(format!("disk spec {spec:?}: want serial:MiB[:ro]")),
+        }
+    }
+}
+
+/// Makes fresh images for `specs` in `dir` (emptied first): zeros, or the
+/// read-only pattern for read-only disks.
+pub fn make_images(dir: &Path, specs: &[DiskSpec]) -> Vec<Disk> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    specs
+        .iter()
+        .map(|spec| {
+            let path = dir.join(format!("{}.img", spec.serial));
+            let mut file =
+                std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if spec.read_only {
+                let mut chunk = vec![0u8; 1 << 20];
+                for mib in 0..spec.mib {
+                    fill_pattern(READ_ONLY_TEST_SEED, mib * 2048, &mut chunk);
+                    file.write_all(&chunk).expect("write image");
+                }
+            } else {
+                file.set_len(spec.mib << 20).expect("size image");
+            }
+            Disk {
+                path,
+                serial: spec.serial.clone(),
+                read_only: spec.read_only,
+            }
+        })
+        .collect()
+}
+
+/// Where a kernel test's disk images live.
+pub fn image_dir(test: &str) -> PathBuf {
+    boot::workspace_root()
+        .join("target/ktest-disks")
+        .join(test.replace("::", "-"))
 }
 
 /// One kernel test as listed by the kernel.
@@ -32,6 +114,8 @@ pub struct KernelTest {
     pub name: String,
     /// Whether it fails on purpose.
     pub deliberately_fails: bool,
+    /// The disks it needs.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// Asks the kernel for its test list.
@@ -51,10 +135,23 @@ pub fn list_kernel_tests() -> Vec<KernelTest> {
         .serial
         .lines()
         .filter_map(|line| line.strip_prefix("KTEST-LIST "))
-        .filter_map(|rest| rest.split_once(' '))
-        .map(|(name, kind)| KernelTest {
-            name: name.to_string(),
-            deliberately_fails: kind == "deliberate-failure",
+        .map(|rest| {
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or_default().to_string();
+            let kind = words.next().unwrap_or_default();
+            let disks = words
+                .find_map(|w| w.strip_prefix("disks="))
+                .map(|list| {
+                    list.split(',')
+                        .map(|spec| DiskSpec::parse(spec).unwrap_or_else(|e| panic!("{name}: {e}")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            KernelTest {
+                name,
+                deliberately_fails: kind == "deliberate-failure",
+                disks,
+            }
         })
         .collect()
 }
@@ -63,7 +160,27 @@ pub fn list_kernel_tests() -> Vec<KernelTest> {
 /// the kernel printed `KTEST-PASS <name>`. The error explains the failure and
 /// carries the tail of the serial log.
 pub fn run_kernel_test(name: &str, timeout: Duration) -> Result<Outcome, String> {
-    let outcome = boot(&format!("scenario=test test={name}"), 128 << 20, timeout);
+    run_kernel_test_with_disks(name, &[], timeout)
+}
+
+/// [`run_kernel_test`] with fresh images for `disks` in [`image_dir`].
+pub fn run_kernel_test_with_disks(
+    name: &str,
+    disks: &[DiskSpec],
+    timeout: Duration,
+) -> Result<Outcome, String> {
+    let images = if disks.is_empty() {
+        Vec::new()
+    } else {
+        make_images(&image_dir(name), disks)
+    };
+    // Disk tests move megabytes through the heap (a sixteenth of RAM).
+    let mem = if disks.is_empty() {
+        128 << 20
+    } else {
+        256 << 20
+    };
+    let outcome = boot_with_disks(&format!("scenario=test test={name}"), mem, timeout, images);
     let passed_line = outcome.serial.lines().any(|l| {
         l.strip_prefix("KTEST-PASS ")
             .and_then(|r| r.split(' ').next())

@@ -106,6 +106,55 @@ pub fn memsnap_goals(json: &str) -> Vec<Goal> {
     ]
 }
 
+/// Creates (or truncates) a sparse raw image of `bytes` at `path`.
+pub fn make_blank_image(path: &std::path::Path, bytes: u64) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::File::create(path)?;
+    file.set_len(bytes)
+}
+
+/// The host's sequential read throughput of `path` in MiB/s (1 MiB reads).
+pub fn host_read_mib_s(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let start = std::time::Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    Ok(((total as f64 / (1 << 20) as f64) / secs) as u64)
+}
+
+/// `json` with `"key":value` appended.
+pub fn with_field(json: &str, key: &str, value: u64) -> String {
+    match json.strip_suffix('}') {
+        Some(body) if body.ends_with('{') => format!("{body}\"{key}\":{value}}}"),
+        Some(body) => format!("{body},\"{key}\":{value}}}"),
+        None => json.to_string(),
+    }
+}
+
+/// The goals of `bench-blk`, judged from its JSON.
+pub fn blk_goals(json: &str) -> Vec<Goal> {
+    let f = |k| field(json, k).unwrap_or(0) as f64;
+    let ratio = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
+    vec![Goal {
+        what: "random 4 KiB IOPS, depth 32 / depth 1 (x)",
+        measured: ratio(f("rand_read_iops_qd32"), f("rand_read_iops_qd1")),
+        limit: 4.0,
+        met: ratio(f("rand_read_iops_qd32"), f("rand_read_iops_qd1")) >= 4.0,
+        applies: true,
+    }]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +179,20 @@ mod tests {
             !goals[6].applies && !goals[7].applies,
             "the copy-spread ratios are information only"
         );
+    }
+
+    #[test]
+    fn blk_fields_are_appended_and_judged() {
+        let json = with_field(
+            "{\"rand_read_iops_qd1\":1000,\"rand_read_iops_qd32\":4500}",
+            "host_read_mib_s",
+            900,
+        );
+        assert!(json.ends_with(",\"host_read_mib_s\":900}"));
+        assert_eq!(field(&json, "host_read_mib_s"), Some(900));
+        assert_eq!(with_field("{}", "a", 1), "{\"a\":1}");
+        let goals = blk_goals(&json);
+        assert!(goals[0].met && (goals[0].measured - 4.5).abs() < 1e-9);
+        assert!(!blk_goals("{\"rand_read_iops_qd1\":1000,\"rand_read_iops_qd32\":3000}")[0].met);
     }
 }

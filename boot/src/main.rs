@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use boot::qemu::{self, Config, Verdict};
+use boot::qemu::{self, Config, Disk, Verdict};
 use boot::{bench, build, report, timeline};
 use snapshot::units::parse_size;
 
@@ -22,6 +22,7 @@ scenarios:
   test NAME|list       run one in-kernel test, or list them
   crash KIND           raise a CPU exception on purpose (pf ud de gp bp overflow)
   bench-memsnap        live memory snapshot benchmark (use --mem, --json)
+  bench-blk            virtio-blk benchmark on a fresh raw image (use --json)
 
 options:
   --mem SIZE           guest RAM, e.g. 128M, 2G (default 128M)
@@ -30,6 +31,10 @@ options:
   --json FILE          write a benchmark's JSON result there
   --svg FILE           write the snapshot timeline picture there
                        (default: target/memsnap-timeline.svg when there is one)
+  --disk NAME=FILE     attach raw image FILE as a virtio-blk disk named NAME
+  --ro-disk NAME=FILE  the same, read-only
+  --image FILE         bench-blk's image (default target/bench-blk.img)
+  --image-size SIZE    its size (default 1G)
   -h, --help           this text
 
 Further key=value words are passed to the kernel command line.";
@@ -42,6 +47,24 @@ struct Args {
     quiet: bool,
     json: Option<PathBuf>,
     svg: Option<PathBuf>,
+    disks: Vec<Disk>,
+    image: Option<PathBuf>,
+    image_size: u64,
+}
+
+fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && name.len() <= 20 && !path.is_empty() => {
+            Ok(Disk {
+                path: PathBuf::from(path),
+                serial: name.into(),
+                read_only,
+            })
+        }
+        _ => Err(format!(
+            "{option} {text}: want NAME=FILE (NAME at most 20 characters)"
+        )),
+    }
 }
 
 fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -52,6 +75,9 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
         quiet: false,
         json: None,
         svg: None,
+        disks: Vec::new(),
+        image: None,
+        image_size: 1 << 30,
     };
     let mut positional = Vec::new();
     while let Some(word) = words.next() {
@@ -75,6 +101,21 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--quiet" => args.quiet = true,
             "--json" => args.json = Some(PathBuf::from(value("--json")?)),
             "--svg" => args.svg = Some(PathBuf::from(value("--svg")?)),
+            "--disk" => args
+                .disks
+                .push(disk_arg("--disk", &value("--disk")?, false)?),
+            "--ro-disk" => args
+                .disks
+                .push(disk_arg("--ro-disk", &value("--ro-disk")?, true)?),
+            "--image" => args.image = Some(PathBuf::from(value("--image")?)),
+            "--image-size" => {
+                let text = value("--image-size")?;
+                args.image_size =
+                    parse_size(&text).map_err(|e| format!("--image-size {text}: {e}"))?;
+                if args.image_size < 64 << 20 {
+                    return Err(format!("--image-size {text}: at least 64M"));
+                }
+            }
             w if w.starts_with('-') => return Err(format!("unknown option {w}")),
             w if w.contains('=') => args.cmdline.push(w.to_string()),
             w => positional.push(w.to_string()),
@@ -117,11 +158,36 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let bench_blk = args.cmdline[0] == "scenario=bench-blk";
+    let mut disks = args.disks.clone();
+    if bench_blk {
+        let image = args
+            .image
+            .clone()
+            .unwrap_or_else(|| boot::workspace_root().join("target/bench-blk.img"));
+        if let Err(e) = bench::make_blank_image(&image, args.image_size) {
+            eprintln!("error: {}: {e}", image.display());
+            return ExitCode::from(2);
+        }
+        eprintln!("image: {} ({} MiB)", image.display(), args.image_size >> 20);
+        disks.push(Disk::new(image, "bench"));
+    }
+    for disk in &disks {
+        if !disk.path.is_file() {
+            eprintln!(
+                "error: disk {}: no file {}",
+                disk.serial,
+                disk.path.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
     let config = Config {
         kernel,
         mem_bytes: args.mem,
         cmdline: args.cmdline.join(" "),
         timeout: args.timeout,
+        disks,
     };
     eprintln!(
         "booting: {} MiB, cmdline {:?}",
@@ -164,7 +230,30 @@ fn main() -> ExitCode {
         }
         Err(e) => eprintln!("error: bad trace output: {e}"),
     }
-    if let Some(json) = bench::json(&outcome.serial) {
+    let mut json = bench::json(&outcome.serial).map(str::to_string);
+    if let (true, Some(j)) = (bench_blk, json.as_mut()) {
+        // The reference: the host reading the same file, now in its cache
+        // as QEMU left it, in the same run.
+        let image = &config.disks.last().expect("bench disk").path;
+        match bench::host_read_mib_s(image) {
+            Ok(mib_s) => {
+                *j = bench::with_field(j, "host_read_mib_s", mib_s);
+                eprintln!("host reads the image at {mib_s} MiB/s");
+            }
+            Err(e) => eprintln!("error: reading {}: {e}", image.display()),
+        }
+    }
+    if let Some(json) = json.as_deref() {
+        if bench_blk {
+            eprintln!("goals (each against a baseline from this run):");
+            for goal in bench::blk_goals(json) {
+                let mark = if goal.met { "met " } else { "MISS" };
+                eprintln!(
+                    "  [{mark}] {:<42} {:>10.4}  (limit {})",
+                    goal.what, goal.measured, goal.limit
+                );
+            }
+        }
         if config.cmdline.contains("scenario=bench-memsnap") {
             eprintln!("goals (each against a baseline from this run):");
             for goal in bench::memsnap_goals(json) {

@@ -32,6 +32,36 @@ pub struct Config {
     pub cmdline: String,
     /// Kill the run after this long.
     pub timeout: Duration,
+    /// virtio-blk disks, in PCI order.
+    pub disks: Vec<Disk>,
+}
+
+/// A raw image file attached as a virtio-blk disk (modern transport only,
+/// `disable-legacy=on`); the kernel finds it by `serial`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// The name the kernel sees (at most 20 bytes).
+    pub serial: String,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+impl Disk {
+    /// A writable disk.
+    pub fn new(path: impl Into<PathBuf>, serial: &str) -> Self {
+        Disk {
+            path: path.into(),
+            serial: serial.into(),
+            read_only: false,
+        }
+    }
+}
+
+/// QEMU option values separate with commas; a literal comma is doubled.
+fn escape(value: &str) -> String {
+    value.replace(',', ",,")
 }
 
 impl Config {
@@ -42,6 +72,7 @@ impl Config {
             mem_bytes: 128 << 20,
             cmdline: cmdline.to_string(),
             timeout: Duration::from_secs(60),
+            disks: Vec::new(),
         }
     }
 }
@@ -136,10 +167,26 @@ pub fn command(config: &Config) -> Command {
     .arg("-kernel")
     .arg(&config.kernel)
     .arg("-append")
-    .arg(&config.cmdline)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .arg(&config.cmdline);
+    for (i, disk) in config.disks.iter().enumerate() {
+        let mut drive = format!(
+            "file={},if=none,id=disk{i},format=raw",
+            escape(&disk.path.to_string_lossy())
+        );
+        if disk.read_only {
+            drive.push_str(",readonly=on");
+        }
+        cmd.args(["-drive", &drive]).args([
+            "-device",
+            &format!(
+                "virtio-blk-pci,drive=disk{i},serial={},disable-legacy=on",
+                escape(&disk.serial)
+            ),
+        ]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 

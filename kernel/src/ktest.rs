@@ -3,7 +3,7 @@
 //! that one test and reports on serial:
 //!
 //! ```text
-//! KTEST-LIST <name> <normal|deliberate-failure>   (for test=list)
+//! KTEST-LIST <name> <normal|deliberate-failure> [disks=<spec>,...]   (test=list)
 //! KTEST-START <name>
 //! KTEST-PASS <name>                               (then exit 33)
 //! KTEST-FAIL <name>: <why>                        (panic or exception; exit 35)
@@ -11,6 +11,12 @@
 //!
 //! A hung test prints neither PASS nor FAIL; the host kills it after its
 //! timeout. Tests are plain functions that panic on failure.
+//!
+//! A test that needs disks lists them as `serial:MiB[:ro]`; the host makes
+//! a fresh raw image for each (zeros; read-only ones hold the pattern
+//! [`snapshot::block::fill_pattern`] with seed
+//! [`snapshot::block::READ_ONLY_TEST_SEED`]) and attaches
+//! them in that order.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +32,8 @@ pub struct Test {
     pub run: fn(),
     /// A test that must fail, to show failures are caught. Not run by default.
     pub deliberately_fails: bool,
+    /// Disks the host attaches: `serial:MiB[:ro]`.
+    pub disks: &'static [&'static str],
 }
 
 const NONE: usize = usize::MAX;
@@ -39,7 +47,15 @@ pub fn list(tests: &[Test]) -> ExitCode {
         } else {
             "normal"
         };
-        crate::println!("KTEST-LIST {} {kind}", test.name);
+        if test.disks.is_empty() {
+            crate::println!("KTEST-LIST {} {kind}", test.name);
+        } else {
+            crate::println!(
+                "KTEST-LIST {} {kind} disks={}",
+                test.name,
+                test.disks.join(",")
+            );
+        }
     }
     ExitCode::Success
 }

@@ -30,6 +30,7 @@ mod sync;
 mod tests;
 mod thread;
 mod trace;
+mod virtio;
 mod workload;
 
 use alloc::string::String;
@@ -122,6 +123,7 @@ fn kernel_main(start_info: u64) -> ! {
     let timer_hz = arch::apic::start_timer(hz as u32, || clock::spin_for(10_000_000));
     x86_64::instructions::interrupts::enable();
     trace!("boot.done", tsc_hz = tsc_hz, apic_timer_hz = timer_hz);
+    virtio::init(&cmd);
 
     let code = scenario::run(&cmd);
     finish(code)

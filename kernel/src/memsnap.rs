@@ -217,9 +217,23 @@ impl Session {
 }
 
 /// Registers physical `[start, end)` as a DMA target: devices write it
-/// behind the MMU's back, so it is copied at the instant.
+/// behind the MMU's back. Registered before a snapshot's instant, it is
+/// copied at the instant; registered during a snapshot, its frames are
+/// copied now, before the caller lets a device write them.
 pub fn register_dma(range: Range<u64>) {
-    DMA.lock().push(range);
+    // The pause holds this lock, so either the pause sees the range or
+    // the range sees the snapshot protecting.
+    let protecting = {
+        let mut dma = DMA.lock();
+        dma.push(range.clone());
+        PROTECTING.load(Ordering::Acquire)
+    };
+    if protecting {
+        for frame in range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE) {
+            let _irq = IrqOff::new();
+            SESSION.with(|s| s.snap.on_write_fault(s, frame));
+        }
+    }
 }
 
 /// Forgets a DMA registration made with [`register_dma`].
@@ -486,7 +500,8 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     // each eager page is hashed as it is copied (the moment it is
     // snapshotted), every other page after the eager phase, just before
     // protection goes on. Hashing time is reported apart from the pause.
-    let dma: Vec<Range<u64>> = DMA.lock().clone();
+    // Held through the pause: no DMA registration slips past it.
+    let dma = DMA.lock();
     let mut times = (0, 0, 0);
     // Off the caller's stack, which is itself a page of the range.
     pause_stack.run(|| {
@@ -525,8 +540,24 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
                     }
                 };
                 snapmem::walk_eager(&mut eager);
-                for range in &dma {
-                    (range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE)).for_each(&mut eager);
+                // A device may write these at any moment, even now: there
+                // is no independent reference for them, so the copy itself
+                // is the reference (checked: copied exactly once).
+                for range in dma.iter() {
+                    for frame in range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE) {
+                        let Some(slot) = s.snap.index().slot(frame) else {
+                            continue;
+                        };
+                        if !s.snap.map().is_set(slot) {
+                            s.snap.copy_eager(s, frame);
+                            if let Some(reference) = &s.reference {
+                                let t = now_ns();
+                                let hash = s.store.slot_hash(slot);
+                                reference.atomics()[slot as usize].store(hash, Ordering::Relaxed);
+                                hash_ns += now_ns() - t;
+                            }
+                        }
+                    }
                 }
                 (now_ns(), hash_ns)
             })
@@ -556,6 +587,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
             t3 - t2,
         );
     });
+    drop(dma);
     // The world runs again.
     let (pause_ns, reference_ns, protect_ns) = times;
 

@@ -119,6 +119,24 @@ pub fn on_timer(frame: &mut TrapFrame) -> *mut TrapFrame {
     frame
 }
 
+/// After a device interrupt: if the CPU was idle and the handler woke a
+/// thread, run it now rather than at the next timer tick.
+pub fn after_device_interrupt(frame: &mut TrapFrame) -> *mut TrapFrame {
+    let mut guard = SCHED.lock();
+    let Some(s) = guard.as_mut() else {
+        return frame;
+    };
+    if s.queue.current() == IDLE_SLOT && s.queue.has_ready() {
+        s.ticks_in_slice = 0;
+        let now = crate::clock::now_ns();
+        return s
+            .queue
+            .switch(frame as *mut TrapFrame as u64, Why::Preempt, now)
+            as *mut TrapFrame;
+    }
+    frame
+}
+
 /// The yield interrupt: the running thread gives up the CPU.
 pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
     let why = match frame.rdi {

@@ -306,6 +306,21 @@ pub fn pattern_word(seed: u64, sector: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Seed of the pattern the host fills read-only test disks with.
+pub const READ_ONLY_TEST_SEED: u64 = 0x0f0f;
+
+/// Seed of the pattern a kernel test writes for the host to check.
+pub const HOST_CHECK_SEED: u64 = 0x5eed;
+
+/// Extents (first sector, sectors) that the host-checked kernel test writes
+/// on a disk of `sectors`: odd offsets and lengths, scattered, disjoint.
+pub fn host_check_extents(sectors: u64) -> Vec<(u64, u64)> {
+    (0..16u64)
+        .map(|k| (k * (sectors / 16) + 2 * k + 1, 3 * k + 1 + (k % 3) * 128))
+        .filter(|&(start, len)| start + len <= sectors)
+        .collect()
+}
+
 /// A disk in memory: the reference implementation, with fault injection.
 #[derive(Debug)]
 pub struct MemDisk {

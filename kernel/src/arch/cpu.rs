@@ -10,7 +10,7 @@ use x86_64::instructions::port::Port;
 /// which owns its port range.
 pub(super) fn inb(port: u16) -> u8 {
     // SAFETY: callers in `arch` pass ports of devices they own (COM1, PIT,
-    // PIC, CMOS, isa-debug-exit); reading them has no memory effects.
+    // PIC, CMOS, isa-debug-exit, PCI configuration); reading them has no memory effects.
     unsafe { Port::<u8>::new(port).read() }
 }
 
@@ -22,14 +22,12 @@ pub(super) fn outb(port: u16, value: u8) {
 }
 
 /// Reads a 32-bit I/O port (PCI configuration mechanism #1).
-#[allow(dead_code)] // used by the PCI layer of the virtio-blk issue
 pub(super) fn inl(port: u16) -> u32 {
     // SAFETY: as for `inb`.
     unsafe { Port::<u32>::new(port).read() }
 }
 
 /// Writes a 32-bit I/O port.
-#[allow(dead_code)]
 pub(super) fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
     unsafe { Port::<u32>::new(port).write(value) }

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod ioapic;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod qemu;

@@ -268,7 +268,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
                 None => crate::log!("unexpected interrupt on vector {vector:#x}"),
             }
             super::apic::end_of_interrupt();
-            frame
+            crate::thread::after_device_interrupt(frame)
         }
     }
 }

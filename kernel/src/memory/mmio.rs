@@ -66,6 +66,26 @@ impl Mmio {
         unsafe { VolatilePtr::new(ptr) }
     }
 
+    /// Reads the 8-bit register at `offset`.
+    pub fn read8(&self, offset: usize) -> u8 {
+        self.register::<u8>(offset).read()
+    }
+
+    /// Reads the 16-bit register at `offset`.
+    pub fn read16(&self, offset: usize) -> u16 {
+        self.register::<u16>(offset).read()
+    }
+
+    /// Writes the 8-bit register at `offset`.
+    pub fn write8(&self, offset: usize, value: u8) {
+        self.register::<u8>(offset).write(value)
+    }
+
+    /// Writes the 16-bit register at `offset`.
+    pub fn write16(&self, offset: usize, value: u16) {
+        self.register::<u16>(offset).write(value)
+    }
+
     /// Reads the 32-bit register at `offset`.
     pub fn read32(&self, offset: usize) -> u32 {
         self.register::<u32>(offset).read()

@@ -15,6 +15,7 @@
 //! the heap's lock is a leaf. No lock here may be held across a context
 //! switch.
 
+pub mod dma;
 pub mod frames;
 pub mod heap;
 pub mod mmio;

@@ -3,6 +3,7 @@
 //! the code under test: its own record of handed-out frames, patterns written
 //! and read back through another mapping, the PIT, a device's interrupts.
 
+mod blk;
 mod clock;
 mod deliberate;
 mod exceptions;
@@ -15,8 +16,13 @@ mod trace;
 use crate::ktest::Test;
 
 macro_rules! tests {
-    ($($module:ident :: $name:ident),* $(,)?) => {
-        &[$(Test { name: concat!(stringify!($module), "::", stringify!($name)), run: $module::$name, deliberately_fails: false }),*]
+    ($($module:ident :: $name:ident $([$($disk:literal),*])?),* $(,)?) => {
+        &[$(Test {
+            name: concat!(stringify!($module), "::", stringify!($name)),
+            run: $module::$name,
+            deliberately_fails: false,
+            disks: &[$($($disk),*)?],
+        }),*]
     };
 }
 
@@ -40,6 +46,12 @@ const PASSING: &[Test] = tests![
     memsnap::start_without_storage_fails_cleanly,
     memsnap::copy_map_outside_the_range,
     memsnap::dma_targets_are_copied_at_the_instant,
+    blk::disks_are_found_by_serial["data0:64", "data1:16", "ro0:8:ro"],
+    blk::patterns_round_trip_at_depths_and_sizes["data0:64"],
+    blk::refusals_flush_and_read_only_contents["data0:16", "ro0:8:ro"],
+    blk::two_disks_at_once["data0:32", "data1:32"],
+    blk::writes_land_where_the_host_expects["data0:16"],
+    blk::snapshot_stays_consistent_while_disk_reads_land["data0:32"],
 ];
 
 /// Tests that must fail: run only on request, to show a failure is caught.
@@ -48,16 +60,19 @@ const FAILING: &[Test] = &[
         name: "deliberate::panics",
         run: deliberate::panics,
         deliberately_fails: true,
+        disks: &[],
     },
     Test {
         name: "deliberate::hangs",
         run: deliberate::hangs,
         deliberately_fails: true,
+        disks: &[],
     },
     Test {
         name: "deliberate::page_faults",
         run: deliberate::page_faults,
         deliberately_fails: true,
+        disks: &[],
     },
 ];
 
@@ -72,6 +87,7 @@ pub fn all() -> &'static [Test] {
                 name: t.name,
                 run: t.run,
                 deliberately_fails: t.deliberately_fails,
+                disks: t.disks,
             })
             .collect()
     })

@@ -1,0 +1,343 @@
+//! virtio-blk disks: the kernel's half of the driver.
+//!
+//! `snapshot::virtio` holds the engine (negotiation, virtqueues, request
+//! splitting, errors); this module supplies the hardware under it:
+//! - the modern PCI transport: the common, notification and device
+//!   configuration windows of the device's BARs, mapped uncached;
+//! - MSI-X: table entry 0 sends the request queue's completions to a
+//!   vector whose handler wakes the waiting thread; with `blk=poll` on the
+//!   command line (or without MSI-X) threads poll the used ring instead;
+//! - DMA through [`crate::memory::dma::KernelHal`].
+//!
+//! Disks are found at boot by walking PCI and named by the serial the host
+//! gave them (`-device virtio-blk-pci,serial=...`). A disk runs one batch at
+//! a time (other callers sleep on its lock), with many requests in flight
+//! within the batch. Each batch is traced as `blk.batch`.
+//!
+//! Must never panic on a device's behalf: a device that fails to come up is
+//! logged and skipped, and errors reach callers as [`BlockError`] values.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use snapshot::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
+use snapshot::cmdline::CmdLine;
+use snapshot::pci::{self, Address, Bar, ConfigSpace};
+use snapshot::virtio::blk::{BlkDriver, Config};
+use snapshot::virtio::pci::{self as vpci, Window};
+use snapshot::virtio::{Transport, Wait, Width};
+use spin::Once;
+
+use crate::arch::pci::PortConfig;
+use crate::clock::now_ns;
+use crate::memory::dma::KernelHal;
+use crate::memory::mmio::Mmio;
+use crate::sync::SleepMutex;
+use crate::trace::Word;
+
+/// Largest queue the driver asks for.
+const QUEUE_SIZE: u16 = 256;
+/// Largest single request: 1 MiB.
+const MAX_REQUEST: usize = 1 << 20;
+
+/// The modern virtio PCI transport over mapped BAR windows.
+#[derive(Debug)]
+pub struct PciTransport {
+    common: Mmio,
+    notify: Mmio,
+    device: Mmio,
+    multiplier: u32,
+}
+
+impl Transport for PciTransport {
+    fn read_common(&self, offset: usize, width: Width) -> u32 {
+        read(&self.common, offset, width)
+    }
+
+    fn write_common(&self, offset: usize, width: Width, value: u32) {
+        match width {
+            Width::U8 => self.common.write8(offset, value as u8),
+            Width::U16 => self.common.write16(offset, value as u16),
+            Width::U32 => self.common.write32(offset, value),
+        }
+    }
+
+    fn read_device(&self, offset: usize, width: Width) -> u32 {
+        read(&self.device, offset, width)
+    }
+
+    fn notify(&self, offset: u32, queue: u16) {
+        self.notify.write16(offset as usize, queue);
+    }
+
+    fn notify_multiplier(&self) -> u32 {
+        self.multiplier
+    }
+}
+
+fn read(mmio: &Mmio, offset: usize, width: Width) -> u32 {
+    match width {
+        Width::U8 => u32::from(mmio.read8(offset)),
+        Width::U16 => u32::from(mmio.read16(offset)),
+        Width::U32 => mmio.read32(offset),
+    }
+}
+
+/// Per-vector completion interrupts, and the wait keys they wake.
+static INTERRUPTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+
+fn wake_key(vector: u8) -> usize {
+    &INTERRUPTS[usize::from(vector)] as *const AtomicU64 as usize
+}
+
+fn on_interrupt(vector: u8) {
+    INTERRUPTS[usize::from(vector)].fetch_add(1, Ordering::Relaxed);
+    crate::thread::wake_all(wake_key(vector));
+}
+
+/// How a thread waits for its disk.
+#[derive(Debug, Clone, Copy)]
+enum Waiter {
+    /// Sleep until the disk's MSI-X vector fires.
+    Interrupt(u8),
+    /// Spin on the used ring.
+    Poll,
+}
+
+/// A [`Waiter`] that also times its waiting.
+#[derive(Debug)]
+struct TimedWait {
+    how: Waiter,
+    waited_ns: AtomicU64,
+}
+
+impl Wait for TimedWait {
+    fn wait(&self, done: &mut dyn FnMut() -> bool) {
+        let start = now_ns();
+        match self.how {
+            Waiter::Interrupt(vector) => crate::thread::block_until(wake_key(vector), done),
+            Waiter::Poll => {
+                while !done() {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+        self.waited_ns
+            .fetch_add(now_ns() - start, Ordering::Relaxed);
+    }
+}
+
+/// A virtio-blk disk.
+pub struct VirtioBlk {
+    info: DiskInfo,
+    name: &'static str,
+    address: Address,
+    how: Waiter,
+    driver: SleepMutex<BlkDriver<PciTransport, KernelHal>>,
+}
+
+impl core::fmt::Debug for VirtioBlk {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VirtioBlk")
+            .field("info", &self.info)
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioBlk {
+    /// Whether completions arrive by interrupt (else the driver polls).
+    pub fn interrupts(&self) -> bool {
+        matches!(self.how, Waiter::Interrupt(_))
+    }
+
+    /// Completion interrupts taken so far.
+    pub fn interrupt_count(&self) -> u64 {
+        match self.how {
+            Waiter::Interrupt(v) => INTERRUPTS[usize::from(v)].load(Ordering::Relaxed),
+            Waiter::Poll => 0,
+        }
+    }
+
+    fn probe(f: &pci::Function, poll: bool) -> Result<VirtioBlk, String> {
+        let cfg = PortConfig;
+        let at = f.address;
+        let caps = pci::capabilities(&cfg, at);
+        let layout = vpci::layout(&cfg, at, &caps).map_err(|e| format!("{e}"))?;
+        pci::enable(
+            &cfg,
+            at,
+            pci::reg::COMMAND_MEMORY | pci::reg::COMMAND_BUS_MASTER,
+        );
+        let window = |w: Window| -> Result<Mmio, String> {
+            match pci::bar(&cfg, at, w.bar) {
+                Bar::Memory { base, .. } => {
+                    Mmio::map(base + u64::from(w.offset), w.length as usize)
+                        .map_err(|e| format!("cannot map BAR {}: {e:?}", w.bar))
+                }
+                other => Err(format!("BAR {} is not memory: {other:?}", w.bar)),
+            }
+        };
+        let transport = PciTransport {
+            common: window(layout.common)?,
+            notify: window(layout.notify)?,
+            device: window(layout.device)?,
+            multiplier: layout.notify_multiplier,
+        };
+        let msix = if poll { None } else { pci::msix(&cfg, at) };
+        let how = match msix {
+            Some(msix) => Waiter::Interrupt(enable_msix(&cfg, at, &msix)?),
+            None => Waiter::Poll,
+        };
+        let config = Config {
+            name: format!("virtio@{at}"),
+            queue_size: QUEUE_SIZE,
+            vector: matches!(how, Waiter::Interrupt(_)).then_some(0),
+            interrupts: matches!(how, Waiter::Interrupt(_)),
+            max_request_bytes: MAX_REQUEST,
+        };
+        let mut driver =
+            BlkDriver::new(transport, KernelHal, &config).map_err(|e| format!("{e}"))?;
+        let wait = TimedWait {
+            how,
+            waited_ns: AtomicU64::new(0),
+        };
+        let name = driver.identify(&wait).map_err(|e| format!("{e}"))?;
+        let name = if name.is_empty() { config.name } else { name };
+        driver.set_name(name.clone());
+        Ok(VirtioBlk {
+            info: driver.info().clone(),
+            name: alloc::boxed::Box::leak(name.into_boxed_str()),
+            address: at,
+            how,
+            driver: SleepMutex::new(driver),
+        })
+    }
+}
+
+/// Points MSI-X table entry 0 at a fresh vector on this CPU's APIC.
+fn enable_msix(cfg: &PortConfig, at: Address, msix: &pci::Msix) -> Result<u8, String> {
+    let Bar::Memory { base, .. } = pci::bar(cfg, at, msix.table_bar) else {
+        return Err(format!("MSI-X table BAR {} is not memory", msix.table_bar));
+    };
+    let table = Mmio::map(
+        base + u64::from(msix.table_offset),
+        usize::from(msix.entries) * pci::MSIX_ENTRY_SIZE,
+    )
+    .map_err(|e| format!("cannot map the MSI-X table: {e:?}"))?;
+    let vector = crate::arch::trap::alloc_vector(on_interrupt)
+        .ok_or_else(|| String::from("no free interrupt vector"))?;
+    let (addr, data) = pci::msi_message(crate::arch::apic::id() as u8, vector);
+    table.write32(0, addr as u32);
+    table.write32(4, (addr >> 32) as u32);
+    table.write32(8, data);
+    table.write32(12, 0); // unmasked
+                          // `Mmio` mappings are never torn down, so the table stays mapped.
+    pci::enable_msix(cfg, at, msix);
+    Ok(vector)
+}
+
+impl BlockDevice for VirtioBlk {
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
+        let mut driver = self.driver.lock();
+        let wait = TimedWait {
+            how: self.how,
+            waited_ns: AtomicU64::new(0),
+        };
+        let start = now_ns();
+        let result = driver.transfer(ops, depth, &wait);
+        let total_ns = now_ns() - start;
+        let stats = driver.take_stats();
+        drop(driver);
+        crate::trace!(
+            "blk.batch",
+            disk = Word(self.name),
+            ops = ops.len(),
+            bytes = stats.bytes,
+            requests = stats.requests,
+            max_inflight = stats.max_in_flight,
+            wait_ns = wait.waited_ns.load(Ordering::Relaxed),
+        );
+        crate::trace!(
+            "blk.batch_time",
+            disk = Word(self.name),
+            total_ns = total_ns,
+            notifies = stats.notifies,
+            waits = stats.waits,
+            ok = result.is_ok(),
+        );
+        result
+    }
+}
+
+static DISKS: Once<Vec<Arc<VirtioBlk>>> = Once::new();
+
+/// Finds and brings up every virtio-blk device; `blk=poll` on the command
+/// line makes all of them poll.
+pub fn init(cmd: &CmdLine<'_>) {
+    let poll = cmd.get("blk") == Some("poll");
+    DISKS.call_once(|| {
+        let mut disks = Vec::new();
+        for f in pci::enumerate(&PortConfig)
+            .iter()
+            .filter(|f| vpci::is_block(f.vendor, f.device))
+        {
+            match VirtioBlk::probe(f, poll) {
+                Ok(disk) => {
+                    let info = disk.info();
+                    crate::log!(
+                        "disk \"{}\" at {}: {} sectors ({}){}, queue {}, {}",
+                        info.name,
+                        f.address,
+                        info.sectors,
+                        snapshot::units::format_size(info.bytes()),
+                        if info.read_only { ", read-only" } else { "" },
+                        info.max_depth,
+                        match disk.how {
+                            Waiter::Interrupt(v) => format!("MSI-X vector {v:#x}"),
+                            Waiter::Poll => String::from("polled"),
+                        }
+                    );
+                    disks.push(Arc::new(disk));
+                }
+                Err(e) => crate::log!("virtio-blk at {}: not usable: {e}", f.address),
+            }
+        }
+        disks
+    });
+}
+
+/// Every disk found at boot.
+pub fn disks() -> &'static [Arc<VirtioBlk>] {
+    DISKS.get().map_or(&[], Vec::as_slice)
+}
+
+/// The disk the host named `name`.
+pub fn disk(name: &str) -> Result<Arc<VirtioBlk>, BlockError> {
+    disks()
+        .iter()
+        .find(|d| d.info().name == name)
+        .cloned()
+        .ok_or_else(|| {
+            let present: Vec<&str> = disks().iter().map(|d| d.info().name.as_str()).collect();
+            BlockError::new(
+                name,
+                None,
+                ErrorKind::NotFound {
+                    present: present.join(", "),
+                },
+            )
+        })
+}
+
+/// Reads configuration dword `offset` of a disk's PCI function (tests).
+pub fn config_dword(disk: &VirtioBlk, offset: u8) -> u32 {
+    PortConfig.read32(disk.address, offset)
+}
