@@ -38,3 +38,28 @@ fn kernel_writes_are_in_the_image_at_their_offsets() {
         );
     }
 }
+
+/// With `blk=poll` the same two-disk test passes with completions found by
+/// polling the used ring, no interrupts.
+#[test]
+fn polling_mode_drives_two_disks_without_interrupts() {
+    let test = "blk::two_disks_at_once";
+    let specs = [
+        DiskSpec::parse("data0:32").unwrap(),
+        DiskSpec::parse("data1:32").unwrap(),
+    ];
+    let dir = image_dir("blk-poll-mode");
+    let disks = kernel_tests::make_images(&dir, &specs);
+    let outcome = kernel_tests::boot_with_disks(
+        &format!("scenario=test test={test} blk=poll"),
+        256 << 20,
+        Duration::from_secs(60),
+        disks,
+    );
+    assert!(
+        outcome.serial.contains(&format!("KTEST-PASS {test}")),
+        "{}",
+        outcome.tail(20)
+    );
+    assert_eq!(outcome.serial.matches(", polled").count(), 2);
+}

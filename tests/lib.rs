@@ -47,26 +47,34 @@ pub struct DiskSpec {
     pub mib: u64,
     /// Attached read-only, filled with the read-only test pattern.
     pub read_only: bool,
+    /// A sector whose reads and writes fail in the device.
+    pub fail_sector: Option<u64>,
 }
 
 impl DiskSpec {
-    /// Parses `serial:MiB[:ro]`.
+    /// Parses `serial:MiB[:ro][:fail=SECTOR]`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut parts = spec.split(':');
         let serial = parts.next().filter(|s| !s.is_empty());
         let mib = parts.next().and_then(|m| m.parse().ok());
-        let read_only = match parts.next() {
-            None => false,
-            Some("ro") => true,
-            Some(other) => return Err(format!("disk spec {spec:?}: unknown flag {other:?}")),
-        };
+        let (mut read_only, mut fail_sector) = (false, None);
+        for flag in parts {
+            match flag.strip_prefix("fail=").map(str::parse) {
+                _ if flag == "ro" => read_only = true,
+                Some(Ok(sector)) => fail_sector = Some(sector),
+                _ => return Err(format!("disk spec {spec:?}: unknown flag {flag:?}")),
+            }
+        }
         match (serial, mib) {
             (Some(serial), Some(mib)) => Ok(DiskSpec {
                 serial: serial.into(),
                 mib,
                 read_only,
+                fail_sector,
             }),
-            _ => Err(format!("disk spec {spec:?}: want serial:MiB[:ro]")),
+            _ => Err(format!(
+                "disk spec {spec:?}: want serial:MiB[:ro][:fail=SECTOR]"
+            )),
         }
     }
 }
@@ -92,9 +100,9 @@ pub fn make_images(dir: &Path, specs: &[DiskSpec]) -> Vec<Disk> {
                 file.set_len(spec.mib << 20).expect("size image");
             }
             Disk {
-                path,
-                serial: spec.serial.clone(),
                 read_only: spec.read_only,
+                fail_sector: spec.fail_sector,
+                ..Disk::new(path, &spec.serial)
             }
         })
         .collect()

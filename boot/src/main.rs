@@ -56,9 +56,8 @@ fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
     match text.split_once('=') {
         Some((name, path)) if !name.is_empty() && name.len() <= 20 && !path.is_empty() => {
             Ok(Disk {
-                path: PathBuf::from(path),
-                serial: name.into(),
                 read_only,
+                ..Disk::new(path, name)
             })
         }
         _ => Err(format!(

@@ -46,6 +46,9 @@ pub struct Disk {
     pub serial: String,
     /// Attach read-only.
     pub read_only: bool,
+    /// Make every read and write touching this sector fail with EIO, as
+    /// the device reports it to the guest (QEMU's blkdebug driver).
+    pub fail_sector: Option<u64>,
 }
 
 impl Disk {
@@ -55,8 +58,24 @@ impl Disk {
             path: path.into(),
             serial: serial.into(),
             read_only: false,
+            fail_sector: None,
         }
     }
+}
+
+/// A JSON string literal.
+fn json_string(value: &str) -> String {
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// QEMU option values separate with commas; a literal comma is doubled.
@@ -169,20 +188,34 @@ pub fn command(config: &Config) -> Command {
     .arg("-append")
     .arg(&config.cmdline);
     for (i, disk) in config.disks.iter().enumerate() {
-        let mut drive = format!(
-            "file={},if=none,id=disk{i},format=raw",
-            escape(&disk.path.to_string_lossy())
+        let path = disk.path.to_string_lossy();
+        let mut device = format!(
+            "virtio-blk-pci,drive=disk{i},serial={},disable-legacy=on",
+            escape(&disk.serial)
         );
-        if disk.read_only {
-            drive.push_str(",readonly=on");
+        if let Some(sector) = disk.fail_sector {
+            // raw over blkdebug over the file: raw's reads and writes fire
+            // the events the error rules wait for.
+            let rules: Vec<String> = ["read_aio", "write_aio"]
+                .iter()
+                .map(|event| format!(r#"{{"event":"{event}","sector":{sector},"errno":5}}"#))
+                .collect();
+            let node = format!(
+                r#"{{"driver":"raw","node-name":"disk{i}","read-only":{},"file":{{"driver":"blkdebug","inject-error":[{}],"image":{{"driver":"file","filename":{}}}}}}}"#,
+                disk.read_only,
+                rules.join(","),
+                json_string(&path)
+            );
+            cmd.args(["-blockdev", &node]);
+            device.push_str(",rerror=report,werror=report");
+        } else {
+            let mut drive = format!("file={},if=none,id=disk{i},format=raw", escape(&path));
+            if disk.read_only {
+                drive.push_str(",readonly=on");
+            }
+            cmd.args(["-drive", &drive]);
         }
-        cmd.args(["-drive", &drive]).args([
-            "-device",
-            &format!(
-                "virtio-blk-pci,drive=disk{i},serial={},disable-legacy=on",
-                escape(&disk.serial)
-            ),
-        ]);
+        cmd.args(["-device", &device]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -38,6 +38,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         },
         "crash" => crash_on_purpose(cmd.get("kind").unwrap_or("pf")),
         "bench-memsnap" => crate::bench::memsnap(cmd),
+        "bench-blk" => crate::bench::blk(cmd),
         other => {
             crate::log!(
                 "unknown scenario {other:?}; known scenarios: {}",

@@ -6,7 +6,8 @@
 //!   configuration windows of the device's BARs, mapped uncached;
 //! - MSI-X: table entry 0 sends the request queue's completions to a
 //!   vector whose handler wakes the waiting thread; with `blk=poll` on the
-//!   command line (or without MSI-X) threads poll the used ring instead;
+//!   command line (or without MSI-X) threads poll the used ring instead,
+//!   yielding the CPU between bursts of checks;
 //! - DMA through [`crate::memory::dma::KernelHal`].
 //!
 //! Disks are found at boot by walking PCI and named by the serial the host
@@ -50,6 +51,9 @@ pub struct PciTransport {
     notify: Mmio,
     device: Mmio,
     multiplier: u32,
+    /// Time spent in notification writes (under TCG the device starts
+    /// processing the queue inside the write).
+    notify_ns: Arc<AtomicU64>,
 }
 
 impl Transport for PciTransport {
@@ -70,7 +74,10 @@ impl Transport for PciTransport {
     }
 
     fn notify(&self, offset: u32, queue: u16) {
+        let start = now_ns();
         self.notify.write16(offset as usize, queue);
+        self.notify_ns
+            .fetch_add(now_ns() - start, Ordering::Relaxed);
     }
 
     fn notify_multiplier(&self) -> u32 {
@@ -120,8 +127,16 @@ impl Wait for TimedWait {
         match self.how {
             Waiter::Interrupt(vector) => crate::thread::block_until(wake_key(vector), done),
             Waiter::Poll => {
+                // Spin briefly, then let other threads run between checks
+                // (a poller that kept the CPU would starve the others).
+                let mut spins = 0u32;
                 while !done() {
-                    core::hint::spin_loop();
+                    spins += 1;
+                    if spins.is_multiple_of(64) {
+                        crate::thread::yield_now();
+                    } else {
+                        core::hint::spin_loop();
+                    }
                 }
             }
         }
@@ -130,9 +145,31 @@ impl Wait for TimedWait {
     }
 }
 
+/// Where a disk's time went, summed over its batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Batches run.
+    pub batches: u64,
+    /// Requests sent to the device.
+    pub requests: u64,
+    /// Data bytes moved.
+    pub bytes: u64,
+    /// Time inside batches.
+    pub busy_ns: u64,
+    /// Of which waiting for the device (the rest is the driver's own work).
+    pub wait_ns: u64,
+    /// Of the driver's own work, time in notification writes.
+    pub notify_ns: u64,
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters([AtomicU64; 5]);
+
 /// A virtio-blk disk.
 pub struct VirtioBlk {
     info: DiskInfo,
+    counters: AtomicCounters,
+    notify_ns: Arc<AtomicU64>,
     name: &'static str,
     address: Address,
     how: Waiter,
@@ -152,6 +189,23 @@ impl VirtioBlk {
     /// Whether completions arrive by interrupt (else the driver polls).
     pub fn interrupts(&self) -> bool {
         matches!(self.how, Waiter::Interrupt(_))
+    }
+
+    /// Where this disk's time went so far.
+    pub fn counters(&self) -> Counters {
+        let [batches, requests, bytes, busy_ns, wait_ns] = self
+            .counters
+            .0
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed));
+        Counters {
+            batches,
+            requests,
+            bytes,
+            busy_ns,
+            wait_ns,
+            notify_ns: self.notify_ns.load(Ordering::Relaxed),
+        }
     }
 
     /// Completion interrupts taken so far.
@@ -186,7 +240,9 @@ impl VirtioBlk {
             notify: window(layout.notify)?,
             device: window(layout.device)?,
             multiplier: layout.notify_multiplier,
+            notify_ns: Arc::new(AtomicU64::new(0)),
         };
+        let notify_ns = transport.notify_ns.clone();
         let msix = if poll { None } else { pci::msix(&cfg, at) };
         let how = match msix {
             Some(msix) => Waiter::Interrupt(enable_msix(&cfg, at, &msix)?),
@@ -213,6 +269,8 @@ impl VirtioBlk {
             name: alloc::boxed::Box::leak(name.into_boxed_str()),
             address: at,
             how,
+            counters: AtomicCounters::default(),
+            notify_ns,
             driver: SleepMutex::new(driver),
         })
     }
@@ -256,6 +314,15 @@ impl BlockDevice for VirtioBlk {
         let total_ns = now_ns() - start;
         let stats = driver.take_stats();
         drop(driver);
+        let waited = wait.waited_ns.load(Ordering::Relaxed);
+        for (counter, add) in
+            self.counters
+                .0
+                .iter()
+                .zip([1, stats.requests, stats.bytes, total_ns, waited])
+        {
+            counter.fetch_add(add, Ordering::Relaxed);
+        }
         crate::trace!(
             "blk.batch",
             disk = Word(self.name),
@@ -263,7 +330,7 @@ impl BlockDevice for VirtioBlk {
             bytes = stats.bytes,
             requests = stats.requests,
             max_inflight = stats.max_in_flight,
-            wait_ns = wait.waited_ns.load(Ordering::Relaxed),
+            wait_ns = waited,
         );
         crate::trace!(
             "blk.batch_time",

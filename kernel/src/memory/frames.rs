@@ -174,6 +174,14 @@ impl OwnedRun {
         }
     }
 
+    /// The memory as bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `words_mut`.
+        unsafe {
+            core::slice::from_raw_parts_mut(self.virt() as *mut u8, self.len_bytes() as usize)
+        }
+    }
+
     /// The memory as words, writable.
     pub fn words_mut(&mut self) -> &mut [u64] {
         // SAFETY: as for `words`, and the exclusive borrow of `self` makes

@@ -23,15 +23,20 @@ fn disk(name: &str) -> Arc<VirtioBlk> {
 const MIB: u64 = 1 << 20;
 const SECTORS_PER_MIB: u64 = MIB / SECTOR_SIZE as u64;
 
-/// The host attached three disks: each is found by its serial with the
+/// The host attached four disks: each is found by its serial with the
 /// size and mode the host gave it, on the modern transport with MSI-X.
 pub fn disks_are_found_by_serial() {
     let found: Vec<_> = virtio::disks()
         .iter()
         .map(|d| d.info().name.clone())
         .collect();
-    assert_eq!(found, ["data0", "data1", "ro0"]);
-    for (name, mib, ro) in [("data0", 64, false), ("data1", 16, false), ("ro0", 8, true)] {
+    assert_eq!(found, ["data0", "data1", "data2", "ro0"]);
+    for (name, mib, ro) in [
+        ("data0", 64, false),
+        ("data1", 16, false),
+        ("data2", 8, false),
+        ("ro0", 8, true),
+    ] {
         let d = disk(name);
         let info = d.info();
         assert_eq!(info.sectors, mib * SECTORS_PER_MIB, "{name}: capacity");
@@ -44,7 +49,7 @@ pub fn disks_are_found_by_serial() {
     let err = virtio::disk("tape").unwrap_err();
     assert_eq!(
         alloc::format!("{err}"),
-        "no disk named \"tape\" (disks: data0, data1, ro0)"
+        "no disk named \"tape\" (disks: data0, data1, data2, ro0)"
     );
 }
 
@@ -215,6 +220,45 @@ pub fn refusals_flush_and_read_only_contents() {
     }
 }
 
+/// The host's block layer fails every request touching sector 800 of
+/// `bad0`: reads and writes come back as errors naming the disk and the
+/// request's first sector, other requests work, and so does the other disk.
+pub fn device_errors_name_disk_and_sector() {
+    let bad = disk("bad0");
+    let good = disk("data0");
+    let mut buf = vec![0u8; 64 << 10];
+    let err = bad.read(790, &mut buf[..20 * 512]).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Io);
+    assert_eq!(
+        alloc::format!("{err}"),
+        "disk \"bad0\": I/O error at sector 790"
+    );
+    let err = bad.write(800, &buf[..512]).unwrap_err();
+    assert_eq!((err.kind, err.sector), (ErrorKind::Io, Some(800)));
+    // In a batch: the failing op's error is reported, the rest finish.
+    let (head, tail) = buf.split_at_mut(32 << 10);
+    let mut ops = [
+        Op::Read {
+            sector: 0,
+            buf: head,
+        },
+        Op::Read {
+            sector: 784,
+            buf: tail,
+        },
+    ];
+    let err = bad.transfer(&mut ops, 2).unwrap_err();
+    assert_eq!(err.sector, Some(784));
+    bad.read(801, &mut buf)
+        .unwrap_or_else(|e| panic!("after the error: {e}"));
+    fill_pattern(3, 0, &mut buf);
+    bad.write(0, &buf).unwrap_or_else(|e| panic!("{e}"));
+    good.write(800, &buf).unwrap_or_else(|e| panic!("{e}"));
+    let mut back = vec![0u8; buf.len()];
+    bad.read(0, &mut back).unwrap_or_else(|e| panic!("{e}"));
+    assert!(back == buf);
+}
+
 /// Two disks driven at once from two threads, and a third thread sharing
 /// the first disk: each disk ends up with its own thread's data.
 pub fn two_disks_at_once() {
@@ -252,7 +296,9 @@ pub fn two_disks_at_once() {
         reads.load(Ordering::Relaxed) > 0,
         "the sharing reader never ran"
     );
-    assert!(a.interrupt_count() > 0 && b.interrupt_count() > 0);
+    if a.interrupts() {
+        assert!(a.interrupt_count() > 0 && b.interrupt_count() > 0);
+    }
 }
 
 /// Writes the host-check pattern at scattered, odd extents in one batch

@@ -418,7 +418,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         let mut barrier = false;
         let mut failure: Option<BlockError> = None;
         let mut piece = Vec::new();
-        loop {
+        'batch: loop {
             let mut sent = false;
             while failure.is_none()
                 && !barrier
@@ -451,41 +451,48 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                 }
                 continue;
             }
-            match self.reap() {
-                Ok(Some((head, status))) => {
-                    let slot = self.slots[usize::from(head)];
-                    let state = &mut states[slot.op];
-                    state.in_flight -= 1;
-                    let kind = match status {
-                        status::OK => {
-                            self.stats.bytes += u64::from(slot.bytes);
-                            None
+            // Reap everything the device has returned before submitting
+            // again, so refills (and notifications) go out in bunches.
+            let mut reaped = 0;
+            loop {
+                match self.reap() {
+                    Ok(Some((head, status))) => {
+                        reaped += 1;
+                        let slot = self.slots[usize::from(head)];
+                        let state = &mut states[slot.op];
+                        state.in_flight -= 1;
+                        let kind = match status {
+                            status::OK => {
+                                self.stats.bytes += u64::from(slot.bytes);
+                                None
+                            }
+                            status::IOERR => Some(ErrorKind::Io),
+                            status::UNSUPP => Some(ErrorKind::Unsupported),
+                            _ => {
+                                let e = self.break_down("request completed without a status");
+                                failure.get_or_insert(e);
+                                break 'batch;
+                            }
+                        };
+                        if let Some(kind) = kind {
+                            let sector = ops[slot.op].extent().map(|_| slot.sector);
+                            failure.get_or_insert(self.error(sector, kind));
                         }
-                        status::IOERR => Some(ErrorKind::Io),
-                        status::UNSUPP => Some(ErrorKind::Unsupported),
-                        _ => {
-                            let e = self.break_down("request completed without a status");
-                            failure.get_or_insert(e);
-                            break;
+                        if state.all_sent && state.in_flight == 0 {
+                            self.release(&mut ops[slot.op], state);
                         }
-                    };
-                    if let Some(kind) = kind {
-                        let sector = ops[slot.op].extent().map(|_| slot.sector);
-                        failure.get_or_insert(self.error(sector, kind));
                     }
-                    if state.all_sent && state.in_flight == 0 {
-                        self.release(&mut ops[slot.op], state);
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                        break 'batch;
                     }
                 }
-                Ok(None) => {
-                    self.stats.waits += 1;
-                    let queue = &self.queue;
-                    wait.wait(&mut || queue.has_used());
-                }
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    break;
-                }
+            }
+            if reaped == 0 {
+                self.stats.waits += 1;
+                let queue = &self.queue;
+                wait.wait(&mut || queue.has_used());
             }
         }
         // Whatever is still mapped (a batch cut short) is released; after
