@@ -53,10 +53,29 @@ pub fn disks_are_found_by_serial() {
     );
 }
 
+/// Puts ops that continue each other on disk apart in the batch (evens,
+/// then odds), so the driver cannot gather them: each stays its own
+/// request of its own size. With `gather`, the order is left as it is.
+fn arrange<'a>(ops: Vec<Op<'a>>, gather: bool) -> Vec<Op<'a>> {
+    if gather {
+        return ops;
+    }
+    let (mut even, mut odd) = (Vec::new(), Vec::new());
+    for (i, op) in ops.into_iter().enumerate() {
+        if i % 2 == 0 {
+            even.push(op);
+        } else {
+            odd.push(op);
+        }
+    }
+    even.append(&mut odd);
+    even
+}
+
 /// Writes the whole disk with `seed`'s pattern in ops of `op_bytes` (the
 /// last one shorter when it does not divide the disk), `depth` in flight,
 /// from a buffer starting `skew` bytes into a heap allocation.
-fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: usize) {
+fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: usize, gather: bool) {
     let total = d.info().bytes();
     let window = 2 * MIB;
     let mut storage = vec![0u8; window as usize + skew];
@@ -65,7 +84,7 @@ fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
     while at < total {
         let len = window.min(total - at) as usize;
         fill_pattern(seed, at / 512, &mut buf[..len]);
-        let mut ops: Vec<Op<'_>> = buf[..len]
+        let ops: Vec<Op<'_>> = buf[..len]
             .chunks(op_bytes)
             .enumerate()
             .map(|(i, chunk)| Op::Write {
@@ -73,6 +92,7 @@ fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
                 buf: chunk,
             })
             .collect();
+        let mut ops = arrange(ops, gather);
         d.transfer(&mut ops, depth)
             .unwrap_or_else(|e| panic!("{e}"));
         at += len as u64;
@@ -80,7 +100,7 @@ fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
 }
 
 /// Reads the whole disk back the same way and compares with the pattern.
-fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: usize) {
+fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: usize, gather: bool) {
     let total = d.info().bytes();
     let window = 2 * MIB;
     let mut storage = vec![0u8; window as usize + skew];
@@ -90,7 +110,7 @@ fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
         let len = window.min(total - at) as usize;
         let buf = &mut storage[skew..skew + len];
         buf.fill(0xaa);
-        let mut ops: Vec<Op<'_>> = buf
+        let ops: Vec<Op<'_>> = buf
             .chunks_mut(op_bytes)
             .enumerate()
             .map(|(i, chunk)| Op::Read {
@@ -98,6 +118,7 @@ fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
                 buf: chunk,
             })
             .collect();
+        let mut ops = arrange(ops, gather);
         d.transfer(&mut ops, depth)
             .unwrap_or_else(|e| panic!("{e}"));
         fill_pattern(seed, at / 512, &mut expected[..len]);
@@ -116,18 +137,22 @@ fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
 /// Whole-disk passes at several queue depths and request sizes: requests
 /// larger than the driver's limit, ones that do not divide the window
 /// (unaligned tails), buffers misaligned in memory (so requests have
-/// several segments), single sectors; then a buffer on a thread stack.
+/// several segments), single sectors, and one pass whose small contiguous
+/// ops the driver gathers into large requests; then a buffer on a thread
+/// stack.
 pub fn patterns_round_trip_at_depths_and_sizes() {
     let d = disk("data0");
-    // (write op bytes, write depth, read op bytes, read depth, memory skew)
+    // (write op bytes, write depth, read op bytes, read depth, memory skew,
+    // gather contiguous ops)
     let passes = [
-        ((1 << 20) + 3 * 512, 8, 4096, 32, 0),
-        (4096, 1, 64 << 10, 4, 8),
-        (5 * 512, 32, (2 << 20) + 512, 2, 520),
-        (64 << 10, 16, 512 * 7, 64, 4096 - 8),
+        ((1 << 20) + 3 * 512, 8, 4096, 32, 0, false),
+        (4096, 1, 64 << 10, 4, 8, false),
+        (5 * 512, 32, (2 << 20) + 512, 2, 520, false),
+        (64 << 10, 16, 512 * 7, 64, 4096 - 8, false),
+        (512, 8, 3 * 512, 16, 24, true),
     ];
-    for (seed, &(w_op, w_depth, r_op, r_depth, skew)) in passes.iter().enumerate() {
-        write_whole(&d, seed as u64 + 1, w_op, w_depth, skew);
+    for (seed, &(w_op, w_depth, r_op, r_depth, skew, gather)) in passes.iter().enumerate() {
+        write_whole(&d, seed as u64 + 1, w_op, w_depth, skew, gather);
         d.flush().unwrap_or_else(|e| panic!("{e}"));
         check_whole(
             &d,
@@ -135,6 +160,7 @@ pub fn patterns_round_trip_at_depths_and_sizes() {
             r_op,
             r_depth,
             ((skew + 1000) % 4096) & !7,
+            gather,
         );
     }
     // Single sectors at random places, one at a time.
@@ -282,8 +308,8 @@ pub fn two_disks_at_once() {
         .into_iter()
         .map(|(d, seed)| {
             crate::thread::spawn("blk-writer", move || {
-                write_whole(&d, seed, 128 << 10, 16, 0);
-                check_whole(&d, seed, 256 << 10, 8, 0);
+                write_whole(&d, seed, 128 << 10, 16, 0, false);
+                check_whole(&d, seed, 256 << 10, 8, 0, false);
             })
         })
         .collect();
@@ -332,7 +358,7 @@ pub fn snapshot_stays_consistent_while_disk_reads_land() {
     let d = disk("data0");
     // Two halves with different contents, so every read changes its buffer.
     let half = d.info().bytes() / 2;
-    write_whole(&d, 7, 1 << 20, 8, 0);
+    write_whole(&d, 7, 1 << 20, 8, 0, true);
     let mut other = vec![0u8; 1 << 20];
     for at in (half..2 * half).step_by(1 << 20) {
         fill_pattern(8, at / 512, &mut other);

@@ -48,7 +48,7 @@ const PASSING: &[Test] = tests![
     memsnap::dma_targets_are_copied_at_the_instant,
     blk::disks_are_found_by_serial["data0:64", "data1:16", "data2:8", "ro0:8:ro"],
     blk::device_errors_name_disk_and_sector["data0:16", "bad0:16:fail=800"],
-    blk::patterns_round_trip_at_depths_and_sizes["data0:64"],
+    blk::patterns_round_trip_at_depths_and_sizes["data0:32"],
     blk::refusals_flush_and_read_only_contents["data0:16", "ro0:8:ro"],
     blk::two_disks_at_once["data0:32", "data1:32"],
     blk::writes_land_where_the_host_expects["data0:16"],

@@ -15,6 +15,10 @@
 //!   the piece is cut back to the last whole sector and the rest of that
 //!   segment starts the next piece.
 //!
+//! Ops of a batch that go the same way and continue each other on disk
+//! are gathered into one request while the limits allow (scatter-gather
+//! across buffers), so many small buffers cost few requests.
+//!
 //! Errors never panic. A device error fails the batch with the piece's
 //! first sector; a device that breaks the protocol is reset (which stops
 //! its DMA) and refused from then on.
@@ -131,10 +135,13 @@ pub struct Stats {
     pub max_in_flight: u16,
 }
 
+/// What a request in flight carries: a run of ops (merged when they are
+/// contiguous), its first sector (none for a flush) and its data bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
-    op: usize,
-    sector: u64,
+    first_op: usize,
+    last_op: usize,
+    sector: Option<u64>,
     bytes: u32,
 }
 
@@ -425,11 +432,10 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                 && next < ops.len()
                 && self.queue.in_flight() < depth
             {
-                match self.submit_next(&ops[next], &mut states[next], next, &mut piece) {
-                    Ok(Submitted::Piece) => sent = true,
-                    Ok(Submitted::Finished) => {
+                match self.submit_next(ops, &mut states, next, &mut piece) {
+                    Ok(Submitted::Sent { finished }) => {
                         sent = true;
-                        next += 1;
+                        next += finished;
                     }
                     Ok(Submitted::Nothing) => next += 1,
                     Ok(Submitted::Barrier) => {
@@ -459,8 +465,6 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                     Ok(Some((head, status))) => {
                         reaped += 1;
                         let slot = self.slots[usize::from(head)];
-                        let state = &mut states[slot.op];
-                        state.in_flight -= 1;
                         let kind = match status {
                             status::OK => {
                                 self.stats.bytes += u64::from(slot.bytes);
@@ -475,11 +479,14 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                             }
                         };
                         if let Some(kind) = kind {
-                            let sector = ops[slot.op].extent().map(|_| slot.sector);
-                            failure.get_or_insert(self.error(sector, kind));
+                            failure.get_or_insert(self.error(slot.sector, kind));
                         }
-                        if state.all_sent && state.in_flight == 0 {
-                            self.release(&mut ops[slot.op], state);
+                        for i in slot.first_op..=slot.last_op {
+                            let state = &mut states[i];
+                            state.in_flight -= 1;
+                            if state.all_sent && state.in_flight == 0 {
+                                self.release(&mut ops[i], state);
+                            }
                         }
                     }
                     Ok(None) => break,
@@ -512,15 +519,37 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         }
     }
 
-    /// Sends the next piece of `op`.
+    /// Maps `op`'s buffer for the device if it is not yet.
+    fn map_op(&self, op: &Op<'_>, state: &mut OpState<H::Mapping>) -> Result<(), BlockError> {
+        if state.mapping.is_some() {
+            return Ok(());
+        }
+        let (buf, dir) = match op {
+            Op::Read { buf, .. } => (&**buf, Direction::FromDevice),
+            Op::Write { buf, .. } => (*buf, Direction::ToDevice),
+            Op::Flush => return Ok(()),
+        };
+        let mapping = self
+            .hal
+            .map(buf, dir, &mut state.segments)
+            .map_err(|_| self.error(Some(state.next_sector), ErrorKind::NoMemory))?;
+        state.mapping = Some(mapping);
+        Ok(())
+    }
+
+    /// Sends the next request of the batch, starting at op `index`: a
+    /// flush, or the next piece of a read or write. When an op's buffer
+    /// runs out with room left in the request, the next op joins it if it
+    /// goes the same way and starts at the sector where this one ends: one
+    /// request then gathers segments from several buffers.
     fn submit_next(
         &mut self,
-        op: &Op<'_>,
-        state: &mut OpState<H::Mapping>,
+        ops: &[Op<'_>],
+        states: &mut [OpState<H::Mapping>],
         index: usize,
         piece: &mut Vec<Segment>,
     ) -> Result<Submitted, BlockError> {
-        let (kind, buf, writes) = match op {
+        let (kind, writes) = match &ops[index] {
             Op::Flush if !self.info.flush => return Ok(Submitted::Nothing),
             Op::Flush => {
                 if self.queue.in_flight() > 0 {
@@ -530,61 +559,92 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                     return Ok(Submitted::Blocked);
                 };
                 self.slots[usize::from(head)] = Slot {
-                    op: index,
-                    sector: 0,
+                    first_op: index,
+                    last_op: index,
+                    sector: None,
                     bytes: 0,
                 };
-                state.in_flight += 1;
-                state.all_sent = true;
+                states[index].in_flight += 1;
+                states[index].all_sent = true;
                 return Ok(Submitted::Barrier);
             }
-            Op::Read { buf: [], .. } => return Ok(Submitted::Nothing),
-            Op::Write { buf: [], .. } => return Ok(Submitted::Nothing),
-            Op::Read { buf, .. } => (request::IN, &**buf, true),
-            Op::Write { buf, .. } => (request::OUT, *buf, false),
+            Op::Read { buf: [], .. } | Op::Write { buf: [], .. } => return Ok(Submitted::Nothing),
+            Op::Read { .. } => (request::IN, true),
+            Op::Write { .. } => (request::OUT, false),
         };
-        if state.mapping.is_none() {
-            let dir = if writes {
-                Direction::FromDevice
-            } else {
-                Direction::ToDevice
+        let sector = states[index].next_sector;
+        piece.clear();
+        let mut total = 0usize;
+        // (op, its cursor after this request, its bytes in it)
+        let mut plan: Vec<(usize, (usize, u32), usize)> = Vec::new();
+        let mut part = Vec::new();
+        let mut j = index;
+        loop {
+            self.map_op(&ops[j], &mut states[j])?;
+            let room = Limits {
+                max_segment: self.limits.max_segment,
+                max_segments: self.limits.max_segments - piece.len(),
+                max_bytes: self.limits.max_bytes - total,
             };
-            let mapping = self
-                .hal
-                .map(buf, dir, &mut state.segments)
-                .map_err(|_| self.error(Some(state.next_sector), ErrorKind::NoMemory))?;
-            state.mapping = Some(mapping);
+            let state = &states[j];
+            let Some((bytes, after)) = next_piece(&state.segments, state.cursor, &room, &mut part)
+            else {
+                if j == index {
+                    return Err(self.error(Some(sector), ErrorKind::TooFragmented));
+                }
+                break;
+            };
+            piece.extend_from_slice(&part);
+            total += bytes;
+            plan.push((j, after, bytes));
+            let end = state.next_sector + (bytes / SECTOR_SIZE) as u64;
+            let joins = after.0 == state.segments.len()
+                && piece.len() < self.limits.max_segments
+                && total < self.limits.max_bytes
+                && ops.get(j + 1).is_some_and(|next| {
+                    let same_way = matches!(
+                        (next, writes),
+                        (Op::Read { .. }, true) | (Op::Write { .. }, false)
+                    );
+                    same_way && next.extent().is_some_and(|(s, len)| s == end && len > 0)
+                });
+            if !joins {
+                break;
+            }
+            j += 1;
         }
-        let (bytes, after) = next_piece(&state.segments, state.cursor, &self.limits, piece)
-            .ok_or_else(|| self.error(Some(state.next_sector), ErrorKind::TooFragmented))?;
         if self.queue.free_descriptors() < piece.len() + 2 {
             return Ok(Submitted::Blocked);
         }
-        let Some(head) = self.add((kind, state.next_sector), piece, writes) else {
+        let Some(head) = self.add((kind, sector), piece, writes) else {
             return Ok(Submitted::Blocked);
         };
+        let last_op = plan.last().map_or(index, |p| p.0);
         self.slots[usize::from(head)] = Slot {
-            op: index,
-            sector: state.next_sector,
-            bytes: bytes as u32,
+            first_op: index,
+            last_op,
+            sector: Some(sector),
+            bytes: total as u32,
         };
-        state.cursor = after;
-        state.next_sector += (bytes / SECTOR_SIZE) as u64;
-        state.in_flight += 1;
-        if after.0 == state.segments.len() {
-            state.all_sent = true;
-            Ok(Submitted::Finished)
-        } else {
-            Ok(Submitted::Piece)
+        let mut finished = 0;
+        for (j, after, bytes) in plan {
+            let state = &mut states[j];
+            state.cursor = after;
+            state.next_sector += (bytes / SECTOR_SIZE) as u64;
+            state.in_flight += 1;
+            if after.0 == state.segments.len() {
+                state.all_sent = true;
+                finished += 1;
+            }
         }
+        Ok(Submitted::Sent { finished })
     }
 }
 
 enum Submitted {
-    /// One piece went out; the op has more.
-    Piece,
-    /// The op's last piece went out.
-    Finished,
+    /// A request went out; `finished` ops (from the first) are now sent
+    /// in full.
+    Sent { finished: usize },
     /// A flush went out: nothing more until it completes.
     Barrier,
     /// The op needed no request.

@@ -99,16 +99,16 @@ fn flush_is_a_barrier() {
             buf: &data,
         },
         Op::Write {
-            sector: 16,
+            sector: 32,
             buf: &data,
         },
         Op::Flush,
         Op::Write {
-            sector: 32,
+            sector: 64,
             buf: &data,
         },
         Op::Write {
-            sector: 48,
+            sector: 96,
             buf: &data,
         },
     ];
@@ -116,6 +116,45 @@ fn flush_is_a_barrier() {
     let (max_pending, _, _, overlaps) = fake.counters();
     assert_eq!(overlaps, 0, "nothing reached the device beside the flush");
     assert_eq!(max_pending, 2);
+}
+
+#[test]
+fn contiguous_ops_gather_into_one_request() {
+    let (fake, mut driver) = up(Setup::default());
+    let before = fake.counters().1;
+    // Eight one-sector buffers for sectors 100..108, then a gap, then one
+    // more: two requests, the first with eight segments from eight buffers.
+    let bufs: Vec<[u8; 512]> = (0..9u8).map(|i| [i; 512]).collect();
+    let mut ops: Vec<Op<'_>> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, buf)| Op::Write {
+            sector: 100 + i as u64 + (i as u64 / 8) * 10,
+            buf,
+        })
+        .collect();
+    driver.transfer(&mut ops, 8, &fake).unwrap();
+    let (_, requests, max_segments, _) = fake.counters();
+    assert_eq!(requests - before, 2);
+    assert!(max_segments >= 8, "{max_segments} segments");
+    let disk = fake.disk();
+    for (i, buf) in bufs.iter().enumerate() {
+        let at = (100 + i + (i / 8) * 10) * SECTOR_SIZE;
+        assert!(disk[at..at + 512] == buf[..], "sector of buffer {i}");
+    }
+    // A read into eight buffers gathers the same way, and sees the data.
+    let mut back = [[0u8; 512]; 8];
+    let mut ops: Vec<Op<'_>> = back
+        .iter_mut()
+        .enumerate()
+        .map(|(i, buf)| Op::Read {
+            sector: 100 + i as u64,
+            buf,
+        })
+        .collect();
+    driver.transfer(&mut ops, 1, &fake).unwrap();
+    assert_eq!(fake.counters().1 - before, 3);
+    assert!(back.iter().zip(&bufs).all(|(a, b)| a == b));
 }
 
 #[test]
