@@ -211,6 +211,9 @@ fn main() -> ExitCode {
     match report::records(&outcome.serial) {
         Ok(records) => {
             eprint!("{}", report::summary(&records));
+            if let Some(blk) = report::blk_report(&records) {
+                eprint!("{blk}");
+            }
             let samples = timeline::samples(&records);
             if !samples.is_empty() {
                 let path = args

@@ -44,6 +44,71 @@ pub fn summary(records: &[Record<'_>]) -> String {
     text
 }
 
+/// Per-disk totals of the block layer's `blk.batch` and `blk.batch_time`
+/// records: where each disk's time went. `None` without such records.
+pub fn blk_report(records: &[Record<'_>]) -> Option<String> {
+    #[derive(Default)]
+    struct Disk {
+        batches: u64,
+        requests: u64,
+        bytes: u64,
+        max_inflight: u64,
+        wait_ns: u64,
+        total_ns: u64,
+        notifies: u64,
+        failed: u64,
+    }
+    let mut disks: BTreeMap<String, Disk> = BTreeMap::new();
+    for r in records {
+        let Some(name) = r.get("disk").map(|v| v.to_string()) else {
+            continue;
+        };
+        let u = |k| r.u64(k).unwrap_or(0);
+        match r.event {
+            "blk.batch" => {
+                let d = disks.entry(name).or_default();
+                d.batches += 1;
+                d.requests += u("requests");
+                d.bytes += u("bytes");
+                d.max_inflight = d.max_inflight.max(u("max_inflight"));
+                d.wait_ns += u("wait_ns");
+            }
+            "blk.batch_time" => {
+                let d = disks.entry(name).or_default();
+                d.total_ns += u("total_ns");
+                d.notifies += u("notifies");
+                d.failed += u64::from(u("ok") == 0);
+            }
+            _ => {}
+        }
+    }
+    if disks.is_empty() {
+        return None;
+    }
+    let mut text = String::from(
+        "block layer (from blk.batch records):\n  disk             batches  requests       MiB  max in flight   busy ms  waiting %  notifies  failed\n",
+    );
+    for (name, d) in &disks {
+        let waiting = if d.total_ns == 0 {
+            0.0
+        } else {
+            100.0 * d.wait_ns.min(d.total_ns) as f64 / d.total_ns as f64
+        };
+        text.push_str(&format!(
+            "  {name:<16} {:>7} {:>9} {:>9.1} {:>14} {:>9.1} {:>10.1} {:>9} {:>7}\n",
+            d.batches,
+            d.requests,
+            d.bytes as f64 / (1u64 << 20) as f64,
+            d.max_inflight,
+            d.total_ns as f64 / 1e6,
+            waiting,
+            d.notifies,
+            d.failed
+        ));
+    }
+    Some(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +126,27 @@ mod tests {
     fn malformed_records_are_reported_with_their_line() {
         let err = records("ok\nTRACE nope\n").unwrap_err();
         assert!(err.starts_with("serial line 2:"), "{err}");
+    }
+
+    #[test]
+    fn block_records_add_up_per_disk() {
+        let serial = "\
+TRACE 1 blk.batch disk=data0 ops=2 bytes=1048576 requests=2 max_inflight=2 wait_ns=300
+TRACE 2 blk.batch_time disk=data0 total_ns=400 notifies=1 waits=1 ok=1
+TRACE 3 blk.batch disk=data0 ops=1 bytes=1048576 requests=1 max_inflight=1 wait_ns=100
+TRACE 4 blk.batch_time disk=data0 total_ns=600 notifies=1 waits=1 ok=0
+TRACE 5 blk.batch disk=tape ops=1 bytes=512 requests=1 max_inflight=1 wait_ns=0
+TRACE 6 blk.batch_time disk=tape total_ns=10 notifies=1 waits=0 ok=1
+";
+        let records = records(serial).unwrap();
+        let report = blk_report(&records).expect("report");
+        let data0 = report.lines().find(|l| l.contains("data0")).unwrap();
+        let cols: Vec<&str> = data0.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            ["data0", "2", "3", "2.0", "2", "0.0", "40.0", "2", "1"]
+        );
+        assert!(report.contains("tape"));
+        assert!(blk_report(&records[..0]).is_none());
     }
 }
