@@ -224,6 +224,59 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// A byte range cut at sector boundaries: a run of whole sectors, or part
+/// of one sector (`skip` bytes into it).
+enum Span {
+    Whole {
+        sector: u64,
+        at: usize,
+        len: usize,
+    },
+    Part {
+        sector: u64,
+        skip: usize,
+        at: usize,
+        len: usize,
+    },
+}
+
+/// Cuts `len` bytes at byte `offset` into spans; `at` is the position in
+/// the caller's buffer.
+fn spans(offset: u64, len: usize) -> impl Iterator<Item = Span> {
+    let mut done = 0;
+    core::iter::from_fn(move || {
+        if done == len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let (sector, skip) = (
+            pos / SECTOR_SIZE as u64,
+            (pos % SECTOR_SIZE as u64) as usize,
+        );
+        let rest = len - done;
+        let span = if skip == 0 && rest >= SECTOR_SIZE {
+            let whole = rest - rest % SECTOR_SIZE;
+            Span::Whole {
+                sector,
+                at: done,
+                len: whole,
+            }
+        } else {
+            let n = (SECTOR_SIZE - skip).min(rest);
+            Span::Part {
+                sector,
+                skip,
+                at: done,
+                len: n,
+            }
+        };
+        done += match span {
+            Span::Whole { len, .. } | Span::Part { len, .. } => len,
+        };
+        Some(span)
+    })
+}
+
 /// Reads `buf.len()` bytes at byte `offset`, any alignment: the partial
 /// sectors at either end go through a one-sector bounce buffer.
 pub fn read_bytes<D: BlockDevice + ?Sized>(
@@ -231,22 +284,19 @@ pub fn read_bytes<D: BlockDevice + ?Sized>(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<(), BlockError> {
-    let sector_size = SECTOR_SIZE as u64;
-    let mut done = 0;
-    while done < buf.len() {
-        let at = offset + done as u64;
-        let skip = (at % sector_size) as usize;
-        let rest = buf.len() - done;
-        if skip == 0 && rest >= SECTOR_SIZE {
-            let whole = rest - rest % SECTOR_SIZE;
-            disk.read(at / sector_size, &mut buf[done..done + whole])?;
-            done += whole;
-        } else {
-            let mut bounce = [0; SECTOR_SIZE];
-            disk.read(at / sector_size, &mut bounce)?;
-            let n = (SECTOR_SIZE - skip).min(rest);
-            buf[done..done + n].copy_from_slice(&bounce[skip..skip + n]);
-            done += n;
+    for span in spans(offset, buf.len()) {
+        match span {
+            Span::Whole { sector, at, len } => disk.read(sector, &mut buf[at..at + len])?,
+            Span::Part {
+                sector,
+                skip,
+                at,
+                len,
+            } => {
+                let mut bounce = [0; SECTOR_SIZE];
+                disk.read(sector, &mut bounce)?;
+                buf[at..at + len].copy_from_slice(&bounce[skip..skip + len]);
+            }
         }
     }
     Ok(())
@@ -259,23 +309,20 @@ pub fn write_bytes<D: BlockDevice + ?Sized>(
     offset: u64,
     data: &[u8],
 ) -> Result<(), BlockError> {
-    let sector_size = SECTOR_SIZE as u64;
-    let mut done = 0;
-    while done < data.len() {
-        let at = offset + done as u64;
-        let skip = (at % sector_size) as usize;
-        let rest = data.len() - done;
-        if skip == 0 && rest >= SECTOR_SIZE {
-            let whole = rest - rest % SECTOR_SIZE;
-            disk.write(at / sector_size, &data[done..done + whole])?;
-            done += whole;
-        } else {
-            let mut bounce = [0; SECTOR_SIZE];
-            disk.read(at / sector_size, &mut bounce)?;
-            let n = (SECTOR_SIZE - skip).min(rest);
-            bounce[skip..skip + n].copy_from_slice(&data[done..done + n]);
-            disk.write(at / sector_size, &bounce)?;
-            done += n;
+    for span in spans(offset, data.len()) {
+        match span {
+            Span::Whole { sector, at, len } => disk.write(sector, &data[at..at + len])?,
+            Span::Part {
+                sector,
+                skip,
+                at,
+                len,
+            } => {
+                let mut bounce = [0; SECTOR_SIZE];
+                disk.read(sector, &mut bounce)?;
+                bounce[skip..skip + len].copy_from_slice(&data[at..at + len]);
+                disk.write(sector, &bounce)?;
+            }
         }
     }
     Ok(())

@@ -72,6 +72,31 @@ fn arrange<'a>(ops: Vec<Op<'a>>, gather: bool) -> Vec<Op<'a>> {
     even
 }
 
+/// The ops that write (or read) `buf` at byte `at` of the disk in pieces
+/// of `op_bytes`, arranged as [`arrange`] says.
+fn window_ops(buf: &mut [u8], at: u64, op_bytes: usize, write: bool, gather: bool) -> Vec<Op<'_>> {
+    let sector = |i: usize| (at + (i * op_bytes) as u64) / 512;
+    let ops = if write {
+        let buf: &[u8] = buf;
+        buf.chunks(op_bytes)
+            .enumerate()
+            .map(|(i, chunk)| Op::Write {
+                sector: sector(i),
+                buf: chunk,
+            })
+            .collect()
+    } else {
+        buf.chunks_mut(op_bytes)
+            .enumerate()
+            .map(|(i, chunk)| Op::Read {
+                sector: sector(i),
+                buf: chunk,
+            })
+            .collect()
+    };
+    arrange(ops, gather)
+}
+
 /// Writes the whole disk with `seed`'s pattern in ops of `op_bytes` (the
 /// last one shorter when it does not divide the disk), `depth` in flight,
 /// from a buffer starting `skew` bytes into a heap allocation.
@@ -84,15 +109,7 @@ fn write_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
     while at < total {
         let len = window.min(total - at) as usize;
         fill_pattern(seed, at / 512, &mut buf[..len]);
-        let ops: Vec<Op<'_>> = buf[..len]
-            .chunks(op_bytes)
-            .enumerate()
-            .map(|(i, chunk)| Op::Write {
-                sector: (at + (i * op_bytes) as u64) / 512,
-                buf: chunk,
-            })
-            .collect();
-        let mut ops = arrange(ops, gather);
+        let mut ops = window_ops(&mut buf[..len], at, op_bytes, true, gather);
         d.transfer(&mut ops, depth)
             .unwrap_or_else(|e| panic!("{e}"));
         at += len as u64;
@@ -110,15 +127,7 @@ fn check_whole(d: &VirtioBlk, seed: u64, op_bytes: usize, depth: usize, skew: us
         let len = window.min(total - at) as usize;
         let buf = &mut storage[skew..skew + len];
         buf.fill(0xaa);
-        let ops: Vec<Op<'_>> = buf
-            .chunks_mut(op_bytes)
-            .enumerate()
-            .map(|(i, chunk)| Op::Read {
-                sector: (at + (i * op_bytes) as u64) / 512,
-                buf: chunk,
-            })
-            .collect();
-        let mut ops = arrange(ops, gather);
+        let mut ops = window_ops(buf, at, op_bytes, false, gather);
         d.transfer(&mut ops, depth)
             .unwrap_or_else(|e| panic!("{e}"));
         fill_pattern(seed, at / 512, &mut expected[..len]);

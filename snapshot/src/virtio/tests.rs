@@ -13,7 +13,7 @@ use super::blk::{BlkDriver, Config};
 use super::device::InitError;
 use super::fake::{Fake, Misbehave, Setup};
 use super::status;
-use crate::block::{fill_pattern, ErrorKind, Op, SECTOR_SIZE};
+use crate::block::{fill_pattern, BlockError, ErrorKind, Op, SECTOR_SIZE};
 
 fn config() -> Config {
     Config {
@@ -200,27 +200,9 @@ fn refusals_happen_before_the_device_sees_anything() {
     }];
     driver.transfer(&mut ops, 1, &fake).unwrap();
     let mut buf = [0u8; 1024];
-    let err = driver
-        .transfer(
-            &mut [Op::Read {
-                sector: 99,
-                buf: &mut buf,
-            }],
-            1,
-            &fake,
-        )
-        .unwrap_err();
+    let err = driver.read(99, &mut buf, 1, &fake).unwrap_err();
     assert_eq!(err.kind, ErrorKind::OutOfRange { capacity: 100 });
-    let err = driver
-        .transfer(
-            &mut [Op::Read {
-                sector: 0,
-                buf: &mut buf[..100],
-            }],
-            1,
-            &fake,
-        )
-        .unwrap_err();
+    let err = driver.read(0, &mut buf[..100], 1, &fake).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Misaligned { len: 100 });
 }
 
@@ -233,28 +215,10 @@ fn an_io_error_names_the_piece_and_the_driver_carries_on() {
     fake.fail_sector(300);
     // 64 KiB requests: the failing piece starts at sector 256.
     let mut buf = vec![0u8; 512 << 10];
-    let err = driver
-        .transfer(
-            &mut [Op::Read {
-                sector: 0,
-                buf: &mut buf,
-            }],
-            4,
-            &fake,
-        )
-        .unwrap_err();
+    let err = driver.read(0, &mut buf, 4, &fake).unwrap_err();
     assert_eq!(err.to_string(), "disk \"scratch\": I/O error at sector 256");
     assert_eq!(fake.live_allocations(), 2, "the buffer was released");
-    driver
-        .transfer(
-            &mut [Op::Read {
-                sector: 400,
-                buf: &mut buf[..4096],
-            }],
-            1,
-            &fake,
-        )
-        .unwrap();
+    driver.read(400, &mut buf[..4096], 1, &fake).unwrap();
 }
 
 #[test]
@@ -266,31 +230,13 @@ fn a_device_that_breaks_the_protocol_is_reset_and_refused() {
         });
         let mut driver = BlkDriver::new(fake.clone(), fake.clone(), &config()).unwrap();
         let mut buf = [0u8; 4096];
-        let err = driver
-            .transfer(
-                &mut [Op::Read {
-                    sector: 0,
-                    buf: &mut buf,
-                }],
-                1,
-                &fake,
-            )
-            .unwrap_err();
+        let err = driver.read(0, &mut buf, 1, &fake).unwrap_err();
         assert!(
             matches!(err.kind, ErrorKind::Broken(_)),
             "{misbehave:?}: {err}"
         );
         assert_eq!(fake.status() & status::FAILED, status::FAILED);
-        let again = driver
-            .transfer(
-                &mut [Op::Read {
-                    sector: 0,
-                    buf: &mut buf,
-                }],
-                1,
-                &fake,
-            )
-            .unwrap_err();
+        let again = driver.read(0, &mut buf, 1, &fake).unwrap_err();
         assert!(matches!(again.kind, ErrorKind::Broken(_)));
     }
 }
@@ -308,16 +254,7 @@ fn scatter_gather_respects_seg_max_and_size_max() {
     fill_pattern(9, 17, &mut data);
     driver.write(17, &data, &fake);
     let mut back = vec![0u8; data.len()];
-    driver
-        .transfer(
-            &mut [Op::Read {
-                sector: 17,
-                buf: &mut back,
-            }],
-            8,
-            &fake,
-        )
-        .unwrap();
+    driver.read(17, &mut back, 8, &fake).unwrap();
     assert!(back == data);
     assert_eq!(
         fake.counters().2,
@@ -330,6 +267,16 @@ impl BlkDriver<Fake, Fake> {
     fn write(&mut self, sector: u64, buf: &[u8], fake: &Fake) {
         self.transfer(&mut [Op::Write { sector, buf }], 8, fake)
             .unwrap();
+    }
+
+    fn read(
+        &mut self,
+        sector: u64,
+        buf: &mut [u8],
+        depth: usize,
+        fake: &Fake,
+    ) -> Result<(), BlockError> {
+        self.transfer(&mut [Op::Read { sector, buf }], depth, fake)
     }
 }
 
