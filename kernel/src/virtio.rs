@@ -83,6 +83,10 @@ impl Transport for PciTransport {
     fn notify_multiplier(&self) -> u32 {
         self.multiplier
     }
+
+    fn notify_in_range(&self, offset: u32) -> bool {
+        self.notify.len() >= 2 && offset as usize <= self.notify.len() - 2
+    }
 }
 
 fn read(mmio: &Mmio, offset: usize, width: Width) -> u32 {
@@ -221,6 +225,13 @@ impl VirtioBlk {
         let at = f.address;
         let caps = pci::capabilities(&cfg, at);
         let layout = vpci::layout(&cfg, at, &caps).map_err(|e| format!("{e}"))?;
+        // The block configuration fields read at bring-up end at byte 24.
+        if layout.device.length < 24 {
+            return Err(format!(
+                "device configuration window of {} bytes is too small",
+                layout.device.length
+            ));
+        }
         pci::enable(
             &cfg,
             at,

@@ -51,6 +51,11 @@ impl Mmio {
         })
     }
 
+    /// Length of the block in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     fn register<T>(&self, offset: usize) -> VolatilePtr<'_, T> {
         assert!(
             offset.is_multiple_of(align_of::<T>()) && offset + size_of::<T>() <= self.len,

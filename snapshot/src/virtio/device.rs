@@ -21,6 +21,9 @@ pub enum InitError {
     VectorRejected(u16),
     /// No DMA memory for the queue.
     NoMemory,
+    /// The device put the queue's notification address outside its
+    /// notification area.
+    BadNotifyOffset(u32),
 }
 
 impl fmt::Display for InitError {
@@ -34,6 +37,12 @@ impl fmt::Display for InitError {
             InitError::NoQueue(q) => write!(f, "queue {q} is not available"),
             InitError::VectorRejected(v) => write!(f, "device refused MSI-X vector {v}"),
             InitError::NoMemory => f.write_str("no DMA memory for the queue"),
+            InitError::BadNotifyOffset(o) => {
+                write!(
+                    f,
+                    "queue notification offset {o:#x} is outside the notification area"
+                )
+            }
         }
     }
 }
@@ -153,10 +162,14 @@ pub fn setup_queue(
         return Err(InitError::VectorRejected(vector));
     }
     let notify_off = t.read_common(common::QUEUE_NOTIFY_OFF, Width::U16);
+    let notify_offset = notify_off
+        .checked_mul(t.notify_multiplier())
+        .filter(|&o| t.notify_in_range(o))
+        .ok_or(InitError::BadNotifyOffset(notify_off))?;
     t.write_common(common::QUEUE_ENABLE, Width::U16, 1);
     Ok(QueueSetup {
         size,
-        notify_offset: notify_off * t.notify_multiplier(),
+        notify_offset,
     })
 }
 

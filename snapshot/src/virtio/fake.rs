@@ -31,6 +31,8 @@ pub enum Misbehave {
     BogusCompletion,
     /// Complete without writing the status byte.
     NoStatus,
+    /// Put the queue's notification address far outside the area.
+    BadNotifyOffset,
 }
 
 /// What the fake offers and how it behaves.
@@ -406,6 +408,7 @@ impl Transport for Fake {
             }),
             common::QUEUE_MSIX_VECTOR => u32::from(s.queue.vector),
             common::QUEUE_ENABLE => u32::from(s.queue.enable),
+            common::QUEUE_NOTIFY_OFF if s.setup.misbehave == Misbehave::BadNotifyOffset => 0x4000,
             common::QUEUE_NOTIFY_OFF => 3,
             _ => 0,
         };
@@ -495,6 +498,10 @@ impl Transport for Fake {
 
     fn notify_multiplier(&self) -> u32 {
         4
+    }
+
+    fn notify_in_range(&self, offset: u32) -> bool {
+        offset == 12
     }
 }
 

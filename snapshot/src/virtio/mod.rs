@@ -112,6 +112,9 @@ pub trait Transport {
     fn notify(&self, offset: u32, queue: u16);
     /// The notification offset multiplier.
     fn notify_multiplier(&self) -> u32;
+    /// Whether a queue's notification offset lies inside the notification
+    /// area (the device chooses it; a bad one is refused at setup).
+    fn notify_in_range(&self, offset: u32) -> bool;
 }
 
 /// A piece of memory the device reads or writes, by physical address.

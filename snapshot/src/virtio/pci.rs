@@ -96,7 +96,17 @@ pub fn layout(
         }
         found[kind as usize] = Some(window);
     }
-    let need = |kind: u8, name| found[kind as usize].ok_or(MissingCapability(name));
+    // A window too small for what it must hold counts as missing.
+    let min_len = |kind: u8| match kind {
+        COMMON => 0x38,
+        NOTIFY => 2,
+        _ => 1,
+    };
+    let need = |kind: u8, name| {
+        found[kind as usize]
+            .filter(|w| w.length >= min_len(kind))
+            .ok_or(MissingCapability(name))
+    };
     Ok(Layout {
         common: need(COMMON, "common configuration")?,
         notify: need(NOTIFY, "notification")?,

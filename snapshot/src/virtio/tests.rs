@@ -64,6 +64,17 @@ fn a_device_without_version_1_is_refused_and_marked_failed() {
 }
 
 #[test]
+fn a_notification_address_outside_the_area_is_refused() {
+    let fake = Fake::new(Setup {
+        misbehave: Misbehave::BadNotifyOffset,
+        ..Setup::default()
+    });
+    let err = BlkDriver::new(fake.clone(), fake.clone(), &config()).unwrap_err();
+    assert_eq!(err, InitError::BadNotifyOffset(0x4000));
+    assert_eq!(fake.status() & status::FAILED, status::FAILED);
+}
+
+#[test]
 fn depth_bounds_the_requests_in_flight() {
     for (depth, expect) in [(1, 1), (8, 8), (32, 32)] {
         // 4 KiB buffers take up to 4 descriptors: 256 entries hold 64.
