@@ -272,7 +272,12 @@ impl VirtioBlk {
             how,
             waited_ns: AtomicU64::new(0),
         };
-        let name = driver.identify(&wait).map_err(|e| format!("{e}"))?;
+        // A device without GET_ID keeps its PCI name.
+        let name = match driver.identify(&wait) {
+            Ok(name) => name,
+            Err(e) if e.kind == ErrorKind::Unsupported => String::new(),
+            Err(e) => return Err(format!("{e}")),
+        };
         let name = if name.is_empty() { config.name } else { name };
         driver.set_name(name.clone());
         Ok(VirtioBlk {

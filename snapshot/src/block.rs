@@ -112,7 +112,8 @@ pub enum ErrorKind {
     /// The buffer is in more pieces than the device can take in one
     /// request for a single sector.
     TooFragmented,
-    /// No memory for the request's bookkeeping or bounce buffers.
+    /// The buffer could not be lent to the device (no memory for the
+    /// mapping, or part of it is not mapped).
     NoMemory,
 }
 
@@ -166,7 +167,9 @@ impl fmt::Display for BlockError {
             ErrorKind::TooFragmented => {
                 f.write_str("buffer too fragmented for the device's segment limits")?
             }
-            ErrorKind::NoMemory => f.write_str("out of memory for the request")?,
+            ErrorKind::NoMemory => {
+                f.write_str("buffer cannot be lent to the device (no memory, or not mapped)")?
+            }
             ErrorKind::NotFound { .. } => unreachable!("handled above"),
         }
         if let Some(sector) = self.sector {
