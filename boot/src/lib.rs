@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod corefile;
 pub mod qemu;
 pub mod report;
 pub mod timeline;

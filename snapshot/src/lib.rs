@@ -17,6 +17,7 @@ extern crate std;
 
 pub mod block;
 pub mod cmdline;
+pub mod elfcore;
 pub mod fault;
 pub mod frames;
 pub mod memsnap;
