@@ -24,6 +24,7 @@ pub mod memsnap;
 pub mod pci;
 pub mod rng;
 pub mod sched;
+pub mod staging;
 pub mod trace;
 pub mod units;
 pub mod virtio;

@@ -1,0 +1,298 @@
+//! A bounded set of page buffers between the snapshot's copiers (the
+//! write-fault handler, the background copier) and a writer that drains
+//! them to a disk: groundwork for snapshots to disk.
+//!
+//! Each buffer has one state word, changed only by compare-and-swap, so
+//! any interleaving of claims (from a fault handler that interrupts the
+//! writer, or from another CPU) and drains is safe:
+//!
+//! ```text
+//! Free --claim--> Filling --publish(slot)--> Staged(slot) --take--> Writing --release--> Free
+//! ```
+//!
+//! A *reserve* of buffers is kept for copiers that cannot wait (a fault
+//! taken with interrupts off, which cannot block for the writer): ordinary
+//! claims stop when only the reserve is left, reserve claims may use it.
+//!
+//! Nothing here allocates after construction, blocks or takes a lock; the
+//! fault path calls it.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+const FREE: u64 = 0;
+const FILLING: u64 = 1;
+const WRITING: u64 = 2;
+/// `Staged(slot)` is `slot + STAGED`.
+const STAGED: u64 = 3;
+
+/// Who is claiming a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimant {
+    /// Can wait for the writer: leaves the reserve alone.
+    MayWait,
+    /// Cannot wait (interrupts off): may use the reserve.
+    MustNotWait,
+}
+
+/// The buffers' states; the buffers themselves are the caller's (buffer
+/// `i` is page `i` of its staging memory).
+#[derive(Debug)]
+pub struct Staging {
+    states: Vec<AtomicU64>,
+    free: AtomicUsize,
+    hint: AtomicUsize,
+    reserve: usize,
+}
+
+impl Staging {
+    /// `buffers` buffers, `reserve` of them kept for [`Claimant::MustNotWait`].
+    pub fn new(buffers: usize, reserve: usize) -> Self {
+        assert!(reserve < buffers, "the reserve must leave ordinary buffers");
+        Staging {
+            states: (0..buffers).map(|_| AtomicU64::new(FREE)).collect(),
+            free: AtomicUsize::new(buffers),
+            hint: AtomicUsize::new(0),
+            reserve,
+        }
+    }
+
+    /// Buffers in all.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether there are no buffers (never: `new` needs more than the reserve).
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// Buffers free now.
+    pub fn free(&self) -> usize {
+        self.free.load(Ordering::Acquire)
+    }
+
+    /// Whether a claim by `who` would find a buffer now.
+    pub fn can_claim(&self, who: Claimant) -> bool {
+        let floor = match who {
+            Claimant::MayWait => self.reserve,
+            Claimant::MustNotWait => 0,
+        };
+        self.free() > floor
+    }
+
+    /// Takes a free buffer for filling, or `None` if none is left for `who`.
+    pub fn claim(&self, who: Claimant) -> Option<usize> {
+        let floor = match who {
+            Claimant::MayWait => self.reserve,
+            Claimant::MustNotWait => 0,
+        };
+        // Count first, so concurrent claims never take more than is free.
+        self.free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f > floor).then(|| f - 1)
+            })
+            .ok()?;
+        let n = self.states.len();
+        let start = self.hint.load(Ordering::Relaxed);
+        // A buffer is free (counted above); find it. Another claimant may
+        // take the one we look at, so go round until one is ours.
+        let mut i = start;
+        loop {
+            if self.states[i % n]
+                .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.hint.store((i + 1) % n, Ordering::Relaxed);
+                return Some(i % n);
+            }
+            i += 1;
+        }
+    }
+
+    /// Marks a filled buffer as holding `slot`'s page, ready for the writer.
+    pub fn publish(&self, buffer: usize, slot: u64) {
+        let previous = self.states[buffer].swap(slot + STAGED, Ordering::AcqRel);
+        assert_eq!(
+            previous, FILLING,
+            "published a buffer that was not being filled"
+        );
+    }
+
+    /// Moves up to `max` staged buffers to writing and appends them as
+    /// (buffer, slot) to `out`, in buffer order.
+    pub fn take(&self, max: usize, out: &mut Vec<(usize, u64)>) {
+        let mut taken = 0;
+        for (i, state) in self.states.iter().enumerate() {
+            if taken == max {
+                break;
+            }
+            let s = state.load(Ordering::Acquire);
+            if s >= STAGED
+                && state
+                    .compare_exchange(s, WRITING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                out.push((i, s - STAGED));
+                taken += 1;
+            }
+        }
+    }
+
+    /// Whether any buffer is staged or being filled or written.
+    pub fn busy(&self) -> bool {
+        self.free() < self.states.len()
+    }
+
+    /// Frees a buffer the writer has written.
+    pub fn release(&self, buffer: usize) {
+        let previous = self.states[buffer].swap(FREE, Ordering::AcqRel);
+        assert_eq!(
+            previous, WRITING,
+            "released a buffer that was not being written"
+        );
+        self.free.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeSet;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_reserve_is_only_for_those_who_cannot_wait() {
+        let s = Staging::new(4, 2);
+        let a = s.claim(Claimant::MayWait).unwrap();
+        let b = s.claim(Claimant::MayWait).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(s.claim(Claimant::MayWait), None, "only the reserve is left");
+        assert!(!s.can_claim(Claimant::MayWait) && s.can_claim(Claimant::MustNotWait));
+        let c = s.claim(Claimant::MustNotWait).unwrap();
+        let d = s.claim(Claimant::MustNotWait).unwrap();
+        assert_eq!(s.claim(Claimant::MustNotWait), None);
+        for (buf, slot) in [(a, 10), (b, 11), (c, 12), (d, 13)] {
+            s.publish(buf, slot);
+        }
+        let mut out = vec![];
+        s.take(3, &mut out);
+        assert_eq!(out.len(), 3);
+        s.take(10, &mut out);
+        let slots: BTreeSet<u64> = out.iter().map(|&(_, slot)| slot).collect();
+        assert_eq!(slots, BTreeSet::from([10, 11, 12, 13]));
+        assert_eq!(s.claim(Claimant::MustNotWait), None, "written is not free");
+        for &(buf, _) in &out {
+            s.release(buf);
+        }
+        assert_eq!(s.free(), 4);
+        assert!(!s.busy());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A copier claims and fills a buffer for the next slot.
+        Copy(bool),
+        /// A copier claims, and is interrupted before publishing.
+        Start(bool),
+        /// An interrupted copier publishes.
+        Finish,
+        /// The writer takes up to n buffers.
+        Take(usize),
+        /// The writer releases what it took.
+        Release,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            any::<bool>().prop_map(Step::Copy),
+            any::<bool>().prop_map(Step::Start),
+            Just(Step::Finish),
+            (1usize..6).prop_map(Step::Take),
+            Just(Step::Release),
+        ]
+    }
+
+    proptest! {
+        /// Random interleavings of copiers (some interrupted between claim
+        /// and publish, as a fault handler interrupts a copier) and the
+        /// writer: every published slot reaches the writer exactly once, no
+        /// buffer is held twice, the free count is exact, and ordinary
+        /// claims never dig into the reserve.
+        #[test]
+        fn every_slot_reaches_the_writer_once(
+            buffers in 2usize..12,
+            reserve in 0usize..2,
+            steps in prop::collection::vec(step(), 1..200),
+        ) {
+            let s = Staging::new(buffers, reserve.min(buffers - 1));
+            let reserve = reserve.min(buffers - 1);
+            let mut next_slot = 0u64;
+            let mut filling: Vec<(usize, u64)> = vec![];
+            let mut taken: Vec<(usize, u64)> = vec![];
+            let mut published = BTreeSet::new();
+            let mut written = BTreeSet::new();
+            let mut held = BTreeSet::new();
+            for st in steps {
+                match st {
+                    Step::Copy(wait) | Step::Start(wait) => {
+                        let who = if wait { Claimant::MayWait } else { Claimant::MustNotWait };
+                        let free_before = s.free();
+                        match s.claim(who) {
+                            Some(buf) => {
+                                prop_assert!(held.insert(buf), "buffer {} handed out twice", buf);
+                                if who == Claimant::MayWait {
+                                    prop_assert!(free_before > reserve);
+                                }
+                                if matches!(st, Step::Copy(_)) {
+                                    s.publish(buf, next_slot);
+                                    published.insert(next_slot);
+                                } else {
+                                    filling.push((buf, next_slot));
+                                }
+                                next_slot += 1;
+                            }
+                            None => {
+                                let floor = if wait { reserve } else { 0 };
+                                prop_assert!(free_before <= floor);
+                            }
+                        }
+                    }
+                    Step::Finish => {
+                        if let Some((buf, slot)) = filling.pop() {
+                            s.publish(buf, slot);
+                            published.insert(slot);
+                        }
+                    }
+                    Step::Take(n) => {
+                        let before = taken.len();
+                        s.take(n, &mut taken);
+                        prop_assert!(taken.len() - before <= n);
+                        for &(_, slot) in &taken[before..] {
+                            prop_assert!(published.contains(&slot));
+                            prop_assert!(written.insert(slot), "slot {} taken twice", slot);
+                        }
+                    }
+                    Step::Release => {
+                        for (buf, _) in taken.drain(..) {
+                            s.release(buf);
+                            held.remove(&buf);
+                        }
+                    }
+                }
+                prop_assert_eq!(s.free(), buffers - held.len());
+            }
+            // Drain everything: all published slots arrive.
+            for (buf, slot) in filling.drain(..) {
+                s.publish(buf, slot);
+                published.insert(slot);
+            }
+            s.take(usize::MAX, &mut taken);
+            for &(_, slot) in &taken {
+                written.insert(slot);
+            }
+            prop_assert_eq!(written, published);
+        }
+    }
+}
