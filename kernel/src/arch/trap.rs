@@ -1,5 +1,5 @@
 //! Interrupt and exception entry: one assembly stub per vector, one common
-//! path that saves every register into a [`TrapFrame`], and [`dispatch`].
+//! path that saves every register into a [`TrapFrame`], and [`trap_dispatch`].
 //!
 //! The common path calls `trap_dispatch(frame) -> frame` and resumes
 //! whichever frame it returns. Returning another thread's saved frame is how
