@@ -108,15 +108,7 @@ pub fn on_timer(frame: &mut TrapFrame) -> *mut TrapFrame {
     s.queue.wake_sleepers(now);
     s.ticks_in_slice += 1;
     let slice_over = s.ticks_in_slice >= s.quantum_ticks;
-    let idle = s.queue.current() == IDLE_SLOT;
-    if s.queue.has_ready() && (slice_over || idle) {
-        s.ticks_in_slice = 0;
-        return s
-            .queue
-            .switch(frame as *mut TrapFrame as u64, Why::Preempt, now)
-            as *mut TrapFrame;
-    }
-    frame
+    preempt_if(s, frame, slice_over, now)
 }
 
 /// After a device interrupt: if the CPU was idle and the handler woke a
@@ -126,9 +118,20 @@ pub fn after_device_interrupt(frame: &mut TrapFrame) -> *mut TrapFrame {
     let Some(s) = guard.as_mut() else {
         return frame;
     };
-    if s.queue.current() == IDLE_SLOT && s.queue.has_ready() {
+    preempt_if(s, frame, false, crate::clock::now_ns())
+}
+
+/// Switches to a ready thread if the CPU idles or `slice_over`; returns
+/// the frame to resume.
+fn preempt_if(
+    s: &mut Scheduler,
+    frame: &mut TrapFrame,
+    slice_over: bool,
+    now: u64,
+) -> *mut TrapFrame {
+    let idle = s.queue.current() == IDLE_SLOT;
+    if s.queue.has_ready() && (slice_over || idle) {
         s.ticks_in_slice = 0;
-        let now = crate::clock::now_ns();
         return s
             .queue
             .switch(frame as *mut TrapFrame as u64, Why::Preempt, now)
