@@ -169,6 +169,18 @@ pub struct BlkDriver<T, H: Hal> {
     limits: Limits,
     broken: Option<&'static str>,
     stats: Stats,
+    /// Scratch lists reused by every request (chain parts; one request's
+    /// share of each op), so submitting does not allocate.
+    parts: Vec<Part>,
+    gather: Gather,
+}
+
+/// Scratch for gathering one request: its share of each op, as (op, the
+/// op's cursor after the request, bytes), and one op's segments.
+#[derive(Debug, Default)]
+struct Gather {
+    plan: Vec<(usize, (usize, u32), usize)>,
+    part: Vec<Segment>,
 }
 
 impl<T, H: Hal> core::fmt::Debug for BlkDriver<T, H> {
@@ -264,6 +276,8 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             limits,
             broken: None,
             stats: Stats::default(),
+            parts: Vec::new(),
+            gather: Gather::default(),
         })
     }
 
@@ -313,7 +327,9 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         self.slots_region.write_u64(slot + 8, sector);
         self.slots_region.write_u8(slot + STATUS_OFFSET, NO_STATUS);
         let base = self.slots_region.phys() + slot as u64;
-        let mut parts = Vec::with_capacity(data.len() + 2);
+        // A scratch list kept across requests: no allocation per request.
+        let mut parts = core::mem::take(&mut self.parts);
+        parts.clear();
         parts.push(Part {
             segment: Segment {
                 addr: base,
@@ -332,8 +348,9 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             },
             device_writes: true,
         });
-        let added = self.queue.add(&parts)?;
-        debug_assert_eq!(added, head);
+        let added = self.queue.add(&parts);
+        self.parts = parts;
+        debug_assert_eq!(added?, head);
         self.stats.requests += 1;
         self.stats.max_in_flight = self.stats.max_in_flight.max(self.queue.in_flight());
         Some(head)
@@ -572,12 +589,30 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             Op::Read { .. } => (request::IN, true),
             Op::Write { .. } => (request::OUT, false),
         };
+        // Scratch lists kept across requests, put back whatever happens.
+        let mut gather = core::mem::take(&mut self.gather);
+        let sent = self.send_data(ops, states, index, (kind, writes), piece, &mut gather);
+        self.gather = gather;
+        sent
+    }
+
+    /// The read or write half of [`Self::submit_next`]: gathers the next
+    /// request from op `index` on (and the ops that continue it) and sends it.
+    fn send_data(
+        &mut self,
+        ops: &[Op<'_>],
+        states: &mut [OpState<H::Mapping>],
+        index: usize,
+        (kind, writes): (u32, bool),
+        piece: &mut Vec<Segment>,
+        gather: &mut Gather,
+    ) -> Result<Submitted, BlockError> {
+        let Gather { plan, part } = gather;
         let sector = states[index].next_sector;
         piece.clear();
         let mut total = 0usize;
         // (op, its cursor after this request, its bytes in it)
-        let mut plan: Vec<(usize, (usize, u32), usize)> = Vec::new();
-        let mut part = Vec::new();
+        plan.clear();
         let mut j = index;
         loop {
             self.map_op(&ops[j], &mut states[j])?;
@@ -587,14 +622,14 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                 max_bytes: self.limits.max_bytes - total,
             };
             let state = &states[j];
-            let Some((bytes, after)) = next_piece(&state.segments, state.cursor, &room, &mut part)
+            let Some((bytes, after)) = next_piece(&state.segments, state.cursor, &room, part)
             else {
                 if j == index {
                     return Err(self.error(Some(sector), ErrorKind::TooFragmented));
                 }
                 break;
             };
-            piece.extend_from_slice(&part);
+            piece.extend_from_slice(part);
             total += bytes;
             plan.push((j, after, bytes));
             let end = state.next_sector + (bytes / SECTOR_SIZE) as u64;
@@ -627,7 +662,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             bytes: total as u32,
         };
         let mut finished = 0;
-        for (j, after, bytes) in plan {
+        for &(j, after, bytes) in plan.iter() {
             let state = &mut states[j];
             state.cursor = after;
             state.next_sector += (bytes / SECTOR_SIZE) as u64;

@@ -146,10 +146,14 @@ impl<R: DmaRegion> SplitQueue<R> {
         if parts.is_empty() || parts.len() > self.free.len() {
             return None;
         }
-        let start = self.free.len() - parts.len();
-        let indices: Vec<u16> = self.free.drain(start..).rev().collect();
-        for (i, (part, &index)) in parts.iter().zip(&indices).enumerate() {
-            let next = indices.get(i + 1).copied();
+        // The chain takes the top of the free stack, top first; no
+        // allocation on this path.
+        let top = self.free.len() - 1;
+        let index_of = |i: usize| self.free[top - i];
+        let head = index_of(0);
+        for (i, part) in parts.iter().enumerate() {
+            let index = index_of(i);
+            let next = (i + 1 < parts.len()).then(|| index_of(i + 1));
             let mut flags = if next.is_some() { F_NEXT } else { 0 };
             if part.device_writes {
                 flags |= F_WRITE;
@@ -161,7 +165,7 @@ impl<R: DmaRegion> SplitQueue<R> {
             self.region.write_u16(at + 14, next.unwrap_or(0));
             self.next[usize::from(index)] = next.unwrap_or(0);
         }
-        let head = indices[0];
+        self.free.truncate(self.free.len() - parts.len());
         self.chain_len[usize::from(head)] = parts.len() as u16;
         let slot = usize::from(self.avail_idx % self.size);
         self.region
