@@ -228,6 +228,45 @@ pub fn header(
     Ok((out, layout))
 }
 
+/// The loads of a memory snapshot whose range is `runs` (`(first frame,
+/// frames)` in slot order, as [`crate::memsnap::RangeIndex::runs`] gives
+/// them): one load per run at `map_base + paddr`, where the kernel's
+/// physical map shows it, then an alias at the identity address for each
+/// part of `identity` (the identity-mapped kernel image, physical bytes)
+/// that a run holds. Laid out by [`header`], slot `s` is at file offset
+/// `data_start + s * PAGE`.
+pub fn snapshot_loads(
+    runs: &[(u64, u64)],
+    map_base: u64,
+    identity: core::ops::Range<u64>,
+) -> Vec<Load> {
+    let mut loads: Vec<Load> = runs
+        .iter()
+        .map(|&(first, frames)| Load {
+            vaddr: map_base + first * PAGE,
+            paddr: first * PAGE,
+            len: frames * PAGE,
+            alias_of: None,
+        })
+        .collect();
+    let start = identity.start / PAGE * PAGE;
+    let end = identity.end.next_multiple_of(PAGE);
+    for i in 0..loads.len() {
+        let base = loads[i];
+        let from = base.paddr.max(start);
+        let to = (base.paddr + base.len).min(end);
+        if from < to {
+            loads.push(Load {
+                vaddr: from,
+                paddr: from,
+                len: to - from,
+                alias_of: Some(i),
+            });
+        }
+    }
+    loads
+}
+
 /// What a file's first bytes say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -366,6 +405,32 @@ fn parse_notes(bytes: &[u8], start: usize, len: usize, core: &mut Core) -> Resul
 mod tests {
     use super::*;
     use alloc::vec;
+
+    #[test]
+    fn snapshot_loads_put_each_slot_at_its_rank() {
+        // Frames 1..6 and 8..12; the image (identity-mapped) spans 4..9.
+        let runs = [(1, 5), (8, 4)];
+        let loads = snapshot_loads(&runs, 0xffff_8000_0000_0000, 4 * PAGE..9 * PAGE - 100);
+        assert_eq!(loads.len(), 4);
+        assert_eq!(loads[0].vaddr, 0xffff_8000_0000_0000 + PAGE);
+        assert_eq!(
+            (loads[2].vaddr, loads[2].len, loads[2].alias_of),
+            (4 * PAGE, 2 * PAGE, Some(0))
+        );
+        assert_eq!(
+            (loads[3].vaddr, loads[3].len, loads[3].alias_of),
+            (8 * PAGE, PAGE, Some(1))
+        );
+        let (_, layout) = header(&loads, &Registers::default(), "").unwrap();
+        // Slot of frame f: 1..6 -> 0..5, 8..12 -> 5..9.
+        let slot_offset = |slot: u64| layout.data_start + slot * PAGE;
+        assert_eq!(layout.offsets[0], slot_offset(0));
+        assert_eq!(layout.offsets[1], slot_offset(5));
+        assert_eq!(layout.offsets[2], slot_offset(3), "frame 4 is slot 3");
+        assert_eq!(layout.offsets[3], slot_offset(5), "frame 8 is slot 5");
+        assert_eq!(layout.total, slot_offset(9));
+        assert!(snapshot_loads(&runs, 0, 100 * PAGE..101 * PAGE).len() == 2);
+    }
 
     fn loads() -> Vec<Load> {
         vec![

@@ -114,6 +114,20 @@ impl RangeIndex {
         }
     }
 
+    /// The range as maximal runs of consecutive frames, `(first frame,
+    /// frames)`, in slot order: run `k` holds the slots from the sum of
+    /// the earlier runs' lengths on.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for frame in self.iter() {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == frame => *len += 1,
+                _ => runs.push((frame, 1)),
+            }
+        }
+        runs
+    }
+
     /// The range's frames in order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         let mut next = self.next_from(0);
@@ -398,6 +412,10 @@ pub enum Phase {
     Active,
     /// Every page copied; the copy can be read and restored from.
     Complete,
+    /// The storage failed (a disk I/O error, staging exhausted where no
+    /// one could wait): the copy is unusable. Protection stays until the
+    /// snapshot is aborted, and writes still get through meanwhile.
+    Failed,
 }
 
 /// A lifecycle request.
@@ -411,6 +429,8 @@ pub enum Request {
     Abort,
     /// Forget a completed snapshot.
     Release,
+    /// The storage failed.
+    Fail,
 }
 
 /// A refused lifecycle request.
@@ -425,7 +445,7 @@ pub struct LifecycleError {
 impl fmt::Display for LifecycleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.phase, self.request) {
-            (Phase::Active | Phase::Complete, Request::Start) => {
+            (Phase::Active | Phase::Complete | Phase::Failed, Request::Start) => {
                 write!(
                     f,
                     "a snapshot is already {:?}; abort or release it first",
@@ -442,7 +462,8 @@ pub fn transition(phase: Phase, request: Request) -> Result<Phase, LifecycleErro
     match (phase, request) {
         (Phase::Idle, Request::Start) => Ok(Phase::Active),
         (Phase::Active, Request::Finish) => Ok(Phase::Complete),
-        (Phase::Active | Phase::Complete, Request::Abort) => Ok(Phase::Idle),
+        (Phase::Active, Request::Fail) => Ok(Phase::Failed),
+        (Phase::Active | Phase::Complete | Phase::Failed, Request::Abort) => Ok(Phase::Idle),
         (Phase::Complete, Request::Release) => Ok(Phase::Idle),
         (phase, request) => Err(LifecycleError { phase, request }),
     }
@@ -487,6 +508,13 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &f)| index.slot(f) == Some(i as u64)));
+        assert_eq!(index.runs(), [(10, 54), (65, 5), (71, 79)]);
+        let mut slot = 0;
+        for (first, len) in index.runs() {
+            assert_eq!(index.slot(first), Some(slot), "runs follow slot order");
+            slot += len;
+        }
+        assert_eq!(slot, index.len());
     }
 
     #[test]
@@ -503,6 +531,15 @@ mod tests {
         assert!(transition(Idle, Abort).is_err());
         assert!(transition(Active, Release).is_err());
         assert!(transition(Idle, Finish).is_err());
+        assert_eq!(transition(Active, Fail), Ok(Failed));
+        assert_eq!(transition(Failed, Start).unwrap_err().phase, Failed);
+        assert!(
+            transition(Failed, Release).is_err(),
+            "a failed copy is not a snapshot"
+        );
+        assert!(transition(Failed, Finish).is_err());
+        assert_eq!(transition(Failed, Abort), Ok(Idle));
+        assert!(transition(Complete, Fail).is_err());
     }
 
     /// Simulated machine: memory pages hold a version number; storage and

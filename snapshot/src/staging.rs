@@ -139,6 +139,14 @@ impl Staging {
         }
     }
 
+    /// The buffer staged with `slot`'s page, if one is (a linear scan: for
+    /// the few lookups made while the writer cannot run).
+    pub fn find(&self, slot: u64) -> Option<usize> {
+        self.states
+            .iter()
+            .position(|s| s.load(Ordering::Acquire) == slot + STAGED)
+    }
+
     /// Whether any buffer is staged or being filled or written.
     pub fn busy(&self) -> bool {
         self.free() < self.states.len()
@@ -176,6 +184,8 @@ mod tests {
         for (buf, slot) in [(a, 10), (b, 11), (c, 12), (d, 13)] {
             s.publish(buf, slot);
         }
+        assert_eq!(s.find(12), Some(c));
+        assert_eq!(s.find(14), None);
         let mut out = vec![];
         s.take(3, &mut out);
         assert_eq!(out.len(), 3);
