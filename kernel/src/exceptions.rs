@@ -38,8 +38,10 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
     }
 }
 
-/// Handles exception `frame.vector`; returns only if execution may go on.
-pub fn handle(frame: &mut TrapFrame) {
+/// Handles exception `frame.vector`; returns only if execution may go on,
+/// with the frame to resume: `frame`, or another thread's when a write
+/// fault must wait for the snapshot's disk writer.
+pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
     if frame.vector == 14 {
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
         let fixups = probe::fixups();
@@ -52,7 +54,7 @@ pub fn handle(frame: &mut TrapFrame) {
             Verdict::Fixup { resume } => {
                 probe::record(&fault);
                 frame.rip = resume;
-                return;
+                return frame;
             }
             Verdict::StackOverflow { slot } => fatal(
                 frame,
@@ -60,8 +62,17 @@ pub fn handle(frame: &mut TrapFrame) {
                 Some(format_args!("kernel stack overflow in stack slot {slot}")),
             ),
             Verdict::SnapshotWrite { offset } => {
-                if crate::memsnap::on_write_fault(offset) {
-                    return;
+                use crate::memsnap::{on_write_fault, WriteFault};
+                let mut outcome = on_write_fault(offset, true);
+                if let WriteFault::Wait(key) = outcome {
+                    if let Some(next) = crate::thread::block_faulting(frame, key) {
+                        crate::memsnap::note_fault_wait();
+                        return next;
+                    }
+                    outcome = on_write_fault(offset, false);
+                }
+                if outcome == WriteFault::Handled {
+                    return frame;
                 }
                 fatal(
                     frame,

@@ -27,6 +27,8 @@ struct ThreadInfo {
     _stack: Option<KernelStack>,
     entry: Option<Box<dyn FnOnce() + Send>>,
     detached: bool,
+    /// Whether a write fault may block this thread (see [`block_faulting`]).
+    fault_waits: bool,
 }
 
 struct Scheduler {
@@ -34,6 +36,8 @@ struct Scheduler {
     threads: [Option<ThreadInfo>; MAX_THREADS],
     quantum_ticks: u64,
     ticks_in_slice: u64,
+    /// A device interrupt woke a thread that should run at once.
+    wake_preempt: bool,
 }
 
 static SCHED: IrqMutex<Option<Scheduler>> = IrqMutex::new(None);
@@ -58,18 +62,21 @@ pub fn init(quantum_ticks: u64) {
         _stack: None,
         entry: None,
         detached: false,
+        fault_waits: true,
     });
     threads[IDLE_SLOT] = Some(ThreadInfo {
         name: String::from("idle"),
         _stack: Some(idle_stack),
         entry: None,
         detached: true,
+        fault_waits: false,
     });
     *SCHED.lock() = Some(Scheduler {
         queue: RunQueue::new(idle_ctx),
         threads,
         quantum_ticks: quantum_ticks.max(1),
         ticks_in_slice: 0,
+        wake_preempt: false,
     });
 }
 
@@ -111,14 +118,16 @@ pub fn on_timer(frame: &mut TrapFrame) -> *mut TrapFrame {
     preempt_if(s, frame, slice_over, now)
 }
 
-/// After a device interrupt: if the CPU was idle and the handler woke a
-/// thread, run it now rather than at the next timer tick.
+/// After a device interrupt: if the handler woke a thread with
+/// [`wake_all_now`] (or the CPU was idle and it woke any), run it now
+/// rather than after the running thread's time slice.
 pub fn after_device_interrupt(frame: &mut TrapFrame) -> *mut TrapFrame {
     let mut guard = SCHED.lock();
     let Some(s) = guard.as_mut() else {
         return frame;
     };
-    preempt_if(s, frame, false, crate::clock::now_ns())
+    let urgent = core::mem::take(&mut s.wake_preempt);
+    preempt_if(s, frame, urgent, crate::clock::now_ns())
 }
 
 /// Switches to a ready thread if the CPU idles or `slice_over`; returns
@@ -156,6 +165,49 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
         .switch(frame as *mut TrapFrame as u64, why, crate::clock::now_ns()) as *mut TrapFrame
 }
 
+/// Blocks the thread a write fault interrupted until [`wake_all`] with
+/// `key`, and returns the frame to resume instead (another thread's). When
+/// the thread runs again it re-executes the faulting write.
+///
+/// The fault's frame sits on the page-fault handler's own stack, which the
+/// next fault reuses, so it is first moved onto the thread's stack
+/// ([`crate::arch::trap::move_below_rsp`]). Returns `None`, and the caller
+/// must not wait, if the interrupted code had interrupts off (it may hold a
+/// lock, or be an interrupt handler), is the idle thread or a thread that
+/// called [`forbid_fault_waits`], or if its stack has no room.
+///
+/// The caller checks the condition it waits for and calls this with
+/// interrupts still off, so no wake-up is lost.
+pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<*mut TrapFrame> {
+    const IF: u64 = 1 << 9;
+    if frame.rflags & IF == 0 {
+        return None;
+    }
+    let mut guard = SCHED.try_lock()?;
+    let s = guard.as_mut()?;
+    let current = s.queue.current();
+    if !s.threads[current].as_ref().is_some_and(|t| t.fault_waits) {
+        return None;
+    }
+    let moved = crate::arch::trap::move_below_rsp(frame)?;
+    s.ticks_in_slice = 0;
+    Some(
+        s.queue
+            .switch(moved, Why::Block(key), crate::clock::now_ns()) as *mut TrapFrame,
+    )
+}
+
+/// Makes write faults in the calling thread never wait (they take the
+/// snapshot's staging reserve): for the thread that frees staging.
+pub fn forbid_fault_waits() {
+    with(|s| {
+        let current = s.queue.current();
+        if let Some(t) = s.threads[current].as_mut() {
+            t.fault_waits = false;
+        }
+    });
+}
+
 /// Lets other ready threads run.
 pub fn yield_now() {
     raise_yield(yield_kind::YIELD, 0);
@@ -181,6 +233,17 @@ pub fn block_until(key: usize, mut ready: impl FnMut() -> bool) {
 /// Wakes every thread blocked on `key`; returns how many.
 pub fn wake_all(key: usize) -> usize {
     with(|s| s.queue.wake(key))
+}
+
+/// For device interrupt handlers: wakes every thread blocked on `key` and
+/// runs them as soon as the handler returns, ahead of the ready queue (an
+/// I/O completion should not wait out CPU-bound threads' time slices).
+pub fn wake_all_now(key: usize) -> usize {
+    with(|s| {
+        let woken = s.queue.wake_first(key);
+        s.wake_preempt |= woken > 0;
+        woken
+    })
 }
 
 /// Why a thread could not be spawned.
@@ -255,6 +318,7 @@ where
             _stack: Some(stack),
             entry: Some(entry),
             detached: false,
+            fault_waits: true,
         });
         Some(slot)
     })

@@ -106,7 +106,7 @@ fn wake_key(vector: u8) -> usize {
 
 fn on_interrupt(vector: u8) {
     INTERRUPTS[usize::from(vector)].fetch_add(1, Ordering::Relaxed);
-    crate::thread::wake_all(wake_key(vector));
+    crate::thread::wake_all_now(wake_key(vector));
 }
 
 /// How a thread waits for its disk.

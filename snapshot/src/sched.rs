@@ -136,6 +136,24 @@ impl<C: Copy + Default> RunQueue<C> {
         self.wake_where(|s| s == State::Blocked { key })
     }
 
+    /// Like [`Self::wake`], but the woken threads go to the front of the
+    /// queue, to run next: for threads a device's completion wakes, which
+    /// run briefly and wait again. Behind CPU-bound threads they would wait
+    /// a whole round of time slices per request.
+    pub fn wake_first(&mut self, key: usize) -> usize {
+        let mut woken = 0;
+        for slot in 0..MAX_THREADS {
+            if self.state[slot] == (State::Blocked { key }) {
+                self.state[slot] = State::Ready;
+                self.ready_head = (self.ready_head + MAX_THREADS - 1) % MAX_THREADS;
+                self.ready[self.ready_head] = slot as u8;
+                self.ready_len += 1;
+                woken += 1;
+            }
+        }
+        woken
+    }
+
     /// Makes every thread whose sleep ended by `now` ready; returns how many.
     pub fn wake_sleepers(&mut self, now: u64) -> usize {
         self.wake_where(|s| matches!(s, State::Sleeping { until } if until <= now))
@@ -227,6 +245,27 @@ mod tests {
             1,
             "sleeper woke at 50 and was queued first"
         );
+    }
+
+    #[test]
+    fn threads_woken_first_run_before_the_queue() {
+        let mut q: RunQueue<u32> = RunQueue::new(100);
+        let a = q.spawn(1).unwrap();
+        let b = q.spawn(2).unwrap();
+        let c = q.spawn(3).unwrap();
+        assert_eq!(q.switch(0, Why::Yield, 0), 1);
+        assert_eq!(q.switch(1, Why::Block(9), 0), 2, "a waits for a device");
+        assert_eq!(q.current(), b);
+        assert_eq!(q.wake_first(9), 1);
+        assert_eq!(
+            q.switch(2, Why::Preempt, 1),
+            1,
+            "a runs ahead of c and boot"
+        );
+        assert_eq!(q.current(), a);
+        assert_eq!(q.switch(1, Why::Preempt, 2), 3, "then the queue in order");
+        assert_eq!(q.current(), c);
+        assert_eq!(q.wake_first(9), 0, "nothing blocked");
     }
 
     #[test]

@@ -14,11 +14,12 @@
 //! taken with interrupts off, which cannot block for the writer): ordinary
 //! claims stop when only the reserve is left, reserve claims may use it.
 //!
-//! Nothing here allocates after construction, blocks or takes a lock; the
-//! fault path calls it.
+//! Nothing here allocates, blocks or takes a lock; the fault path calls
+//! it. Every word it writes is in the caller's storage `W` (in the kernel,
+//! engine memory outside the snapshot range, which never faults).
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 const FREE: u64 = 0;
 const FILLING: u64 = 1;
@@ -36,40 +37,75 @@ pub enum Claimant {
 }
 
 /// The buffers' states; the buffers themselves are the caller's (buffer
-/// `i` is page `i` of its staging memory).
+/// `i` is page `i` of its staging memory). `W` holds the words: a free
+/// count, a search hint, then one state per buffer.
 #[derive(Debug)]
-pub struct Staging {
-    states: Vec<AtomicU64>,
-    free: AtomicUsize,
-    hint: AtomicUsize,
+pub struct Staging<W> {
+    words: W,
+    buffers: usize,
     reserve: usize,
 }
 
-impl Staging {
-    /// `buffers` buffers, `reserve` of them kept for [`Claimant::MustNotWait`].
-    pub fn new(buffers: usize, reserve: usize) -> Self {
+const FREE_WORD: usize = 0;
+const HINT_WORD: usize = 1;
+const FIRST_STATE: usize = 2;
+
+impl<W: AsRef<[AtomicU64]>> Staging<W> {
+    /// Words of storage for `buffers` buffers.
+    pub fn words_for(buffers: usize) -> usize {
+        FIRST_STATE + buffers
+    }
+
+    /// `buffers` buffers, `reserve` of them kept for [`Claimant::MustNotWait`],
+    /// with their states in `words` (at least [`Self::words_for`]), all free.
+    pub fn new(words: W, buffers: usize, reserve: usize) -> Self {
         assert!(reserve < buffers, "the reserve must leave ordinary buffers");
+        assert!(
+            words.as_ref().len() >= Self::words_for(buffers),
+            "staging state storage too small"
+        );
+        for w in words.as_ref() {
+            w.store(FREE, Ordering::Relaxed);
+        }
+        words.as_ref()[FREE_WORD].store(buffers as u64, Ordering::Release);
         Staging {
-            states: (0..buffers).map(|_| AtomicU64::new(FREE)).collect(),
-            free: AtomicUsize::new(buffers),
-            hint: AtomicUsize::new(0),
+            words,
+            buffers,
             reserve,
         }
     }
 
+    fn states(&self) -> &[AtomicU64] {
+        &self.words.as_ref()[FIRST_STATE..FIRST_STATE + self.buffers]
+    }
+
+    fn free_word(&self) -> &AtomicU64 {
+        &self.words.as_ref()[FREE_WORD]
+    }
+
     /// Buffers in all.
     pub fn len(&self) -> usize {
-        self.states.len()
+        self.buffers
+    }
+
+    /// The storage holding the states.
+    pub fn storage(&self) -> &W {
+        &self.words
     }
 
     /// Whether there are no buffers (never: `new` needs more than the reserve).
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
+        self.buffers == 0
+    }
+
+    /// Buffers kept for [`Claimant::MustNotWait`].
+    pub fn reserve(&self) -> usize {
+        self.reserve
     }
 
     /// Buffers free now.
     pub fn free(&self) -> usize {
-        self.free.load(Ordering::Acquire)
+        self.free_word().load(Ordering::Acquire) as usize
     }
 
     /// Whether a claim by `who` would find a buffer now.
@@ -88,22 +124,24 @@ impl Staging {
             Claimant::MustNotWait => 0,
         };
         // Count first, so concurrent claims never take more than is free.
-        self.free
+        self.free_word()
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
-                (f > floor).then(|| f - 1)
+                (f > floor as u64).then(|| f - 1)
             })
             .ok()?;
-        let n = self.states.len();
-        let start = self.hint.load(Ordering::Relaxed);
+        let states = self.states();
+        let n = states.len();
+        let hint = &self.words.as_ref()[HINT_WORD];
+        let start = hint.load(Ordering::Relaxed) as usize;
         // A buffer is free (counted above); find it. Another claimant may
         // take the one we look at, so go round until one is ours.
         let mut i = start;
         loop {
-            if self.states[i % n]
+            if states[i % n]
                 .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                self.hint.store((i + 1) % n, Ordering::Relaxed);
+                hint.store(((i + 1) % n) as u64, Ordering::Relaxed);
                 return Some(i % n);
             }
             i += 1;
@@ -112,7 +150,7 @@ impl Staging {
 
     /// Marks a filled buffer as holding `slot`'s page, ready for the writer.
     pub fn publish(&self, buffer: usize, slot: u64) {
-        let previous = self.states[buffer].swap(slot + STAGED, Ordering::AcqRel);
+        let previous = self.states()[buffer].swap(slot + STAGED, Ordering::AcqRel);
         assert_eq!(
             previous, FILLING,
             "published a buffer that was not being filled"
@@ -123,7 +161,7 @@ impl Staging {
     /// (buffer, slot) to `out`, in buffer order.
     pub fn take(&self, max: usize, out: &mut Vec<(usize, u64)>) {
         let mut taken = 0;
-        for (i, state) in self.states.iter().enumerate() {
+        for (i, state) in self.states().iter().enumerate() {
             if taken == max {
                 break;
             }
@@ -142,24 +180,24 @@ impl Staging {
     /// The buffer staged with `slot`'s page, if one is (a linear scan: for
     /// the few lookups made while the writer cannot run).
     pub fn find(&self, slot: u64) -> Option<usize> {
-        self.states
+        self.states()
             .iter()
             .position(|s| s.load(Ordering::Acquire) == slot + STAGED)
     }
 
     /// Whether any buffer is staged or being filled or written.
     pub fn busy(&self) -> bool {
-        self.free() < self.states.len()
+        self.free() < self.buffers
     }
 
     /// Frees a buffer the writer has written.
     pub fn release(&self, buffer: usize) {
-        let previous = self.states[buffer].swap(FREE, Ordering::AcqRel);
+        let previous = self.states()[buffer].swap(FREE, Ordering::AcqRel);
         assert_eq!(
             previous, WRITING,
             "released a buffer that was not being written"
         );
-        self.free.fetch_add(1, Ordering::AcqRel);
+        self.free_word().fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -170,9 +208,16 @@ mod tests {
     use alloc::vec;
     use proptest::prelude::*;
 
+    fn staging(buffers: usize, reserve: usize) -> Staging<Vec<AtomicU64>> {
+        let words = (0..Staging::<Vec<AtomicU64>>::words_for(buffers))
+            .map(|_| AtomicU64::new(7))
+            .collect();
+        Staging::new(words, buffers, reserve)
+    }
+
     #[test]
     fn the_reserve_is_only_for_those_who_cannot_wait() {
-        let s = Staging::new(4, 2);
+        let s = staging(4, 2);
         let a = s.claim(Claimant::MayWait).unwrap();
         let b = s.claim(Claimant::MayWait).unwrap();
         assert_ne!(a, b);
@@ -236,7 +281,7 @@ mod tests {
             reserve in 0usize..2,
             steps in prop::collection::vec(step(), 1..200),
         ) {
-            let s = Staging::new(buffers, reserve.min(buffers - 1));
+            let s = staging(buffers, reserve.min(buffers - 1));
             let reserve = reserve.min(buffers - 1);
             let mut next_slot = 0u64;
             let mut filling: Vec<(usize, u64)> = vec![];

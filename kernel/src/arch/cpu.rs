@@ -45,6 +45,44 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// The registers that locate the calling code, for a core file's
+/// `NT_PRSTATUS`: `rip`, `rsp` and `rbp` as at this call site (it is
+/// inlined), `rflags` and the segment selectors. The other general
+/// registers are left zero: they hold nothing a debugger needs.
+#[inline(always)]
+pub fn registers_here() -> snapshot::elfcore::Registers {
+    use snapshot::elfcore::Registers;
+    let (rip, rsp, rbp, rflags, cs, ss): (u64, u64, u64, u64, u64, u64);
+    // SAFETY: the asm only reads registers into outputs; `pushfq`/`pop`
+    // use the stack balanced, nothing else is written.
+    unsafe {
+        asm!(
+            "lea {rip}, [rip]",
+            "mov {rsp}, rsp",
+            "mov {rbp}, rbp",
+            "pushfq",
+            "pop {rflags}",
+            "mov {cs:e}, cs",
+            "mov {ss:e}, ss",
+            rip = out(reg) rip,
+            rsp = out(reg) rsp,
+            rbp = out(reg) rbp,
+            rflags = out(reg) rflags,
+            cs = out(reg) cs,
+            ss = out(reg) ss,
+            options(preserves_flags)
+        )
+    };
+    let mut regs = Registers::default();
+    regs.0[Registers::RIP] = rip;
+    regs.0[Registers::RSP] = rsp;
+    regs.0[Registers::RBP] = rbp;
+    regs.0[Registers::RFLAGS] = rflags;
+    regs.0[Registers::CS] = cs;
+    regs.0[Registers::SS] = ss;
+    regs
+}
+
 /// Reads a model-specific register.
 pub(super) fn rdmsr(msr: u32) -> u64 {
     // SAFETY: callers read architectural MSRs that exist on every x86_64

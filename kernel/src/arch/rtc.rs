@@ -40,3 +40,46 @@ pub fn stop_periodic() {
 pub fn acknowledge() {
     read(REG_C);
 }
+
+/// The CMOS clock's date and time, as `YYYY-MM-DDTHH:MM:SSZ` (QEMU keeps it
+/// in UTC), or `None` if it stays mid-update. Read twice until two reads
+/// agree, so a tick between the fields cannot tear the result.
+pub fn wall_clock() -> Option<alloc::string::String> {
+    const UPDATING: u8 = 1 << 7;
+    const BINARY: u8 = 1 << 2;
+    const HOURS_24: u8 = 1 << 1;
+    let fields = || -> Option<[u8; 6]> {
+        for _ in 0..10_000 {
+            if read(REG_A) & UPDATING == 0 {
+                return Some([0x09, 0x08, 0x07, 0x04, 0x02, 0x00].map(read));
+            }
+        }
+        None
+    };
+    let mut raw = fields()?;
+    for _ in 0..4 {
+        let again = fields()?;
+        if again == raw {
+            break;
+        }
+        raw = again;
+    }
+    let b = read(REG_B);
+    let pm = raw[3] & 0x80 != 0;
+    raw[3] &= 0x7f;
+    let value = |v: u8| {
+        if b & BINARY != 0 {
+            v
+        } else {
+            (v >> 4) * 10 + (v & 0x0f)
+        }
+    };
+    let [year, month, day, mut hour, minute, second] = raw.map(value);
+    if b & HOURS_24 == 0 {
+        hour = hour % 12 + if pm { 12 } else { 0 };
+    }
+    Some(alloc::format!(
+        "{:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z",
+        2000 + u32::from(year)
+    ))
+}

@@ -251,10 +251,7 @@ fn device_handler(vector: u8) -> Option<IrqHandler> {
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
     let vector = frame.vector as u8;
     match vector {
-        0..=31 => {
-            crate::exceptions::handle(frame);
-            frame
-        }
+        0..=31 => crate::exceptions::handle(frame),
         TIMER_VECTOR => {
             super::apic::end_of_interrupt();
             crate::thread::on_timer(frame)
@@ -271,6 +268,34 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
             crate::thread::after_device_interrupt(frame)
         }
     }
+}
+
+/// Copies `frame`, taken on an interrupt stack, onto the interrupted
+/// context's own stack just below its saved RSP, so the context can be
+/// switched away from and resumed later through the copy (the interrupt
+/// stack is reused by the next trap). Returns the copy's address, or `None`
+/// if the page below RSP is not mapped RAM.
+///
+/// The copy is placed inside one page, 16-byte aligned, 128 bytes below
+/// RSP; resuming it restores RSP, so the space is given back.
+pub fn move_below_rsp(frame: &TrapFrame) -> Option<u64> {
+    const PAGE: u64 = 4096;
+    let size = size_of::<TrapFrame>() as u64;
+    let mut at = (frame.rsp.checked_sub(128 + size)?) & !15;
+    if at / PAGE != (at + size - 1) / PAGE {
+        at = ((at + size - 1) / PAGE * PAGE - size) & !15;
+    }
+    let phys = crate::memory::dma::translate(at)?;
+    let through = crate::memory::snapmem::engine_virt(phys);
+    // SAFETY: 1. `at` is below the interrupted RSP, in memory the
+    // interrupted code does not use (this target has no red zone), and on a
+    // mapped page (translated above), so the write clobbers nothing live;
+    // 2. the write goes through the engine window, which maps all RAM
+    // writable and is never protected, to the same physical bytes the
+    // trap path will read back through `at`; 3. the copy lies inside one
+    // page and is aligned for `TrapFrame`.
+    unsafe { (through as *mut TrapFrame).write(*frame) };
+    Some(at)
 }
 
 /// Why a thread enters the scheduler through [`YIELD_VECTOR`], as passed

@@ -21,6 +21,7 @@ use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicU8};
 
 use snapshot::memsnap::RangeIndex;
+use snapshot::staging::{Claimant, Staging};
 use x86_64::structures::paging::{
     Mapper, Page, PageSize, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
 };
@@ -651,4 +652,107 @@ pub fn device_write(frame: &mut super::frames::OwnedFrame, offset: u64, value: u
     // SAFETY: the frame is owned by the caller (exclusively borrowed), RAM
     // inside the engine window, and `offset` keeps the write inside it.
     unsafe { at.write_volatile(value) };
+}
+
+/// The RAM staging area of a snapshot to disk: page buffers in engine
+/// memory between the copiers and the disk writer, with their states in a
+/// [`Staging`] ring. Safe to share: a buffer's bytes are written only by
+/// whoever claimed it ([`Self::stage`], interrupts off) and read only
+/// through the [`Taken`] token the writer holds until [`Self::release`].
+#[derive(Debug)]
+pub struct StagingArea {
+    pages: Buffer,
+    state: Staging<Buffer>,
+}
+
+/// A staged buffer the writer has taken: its bytes stay stable until the
+/// token is released.
+#[derive(Debug)]
+pub struct Taken {
+    buffer: usize,
+    /// The snapshot slot whose page it holds.
+    pub slot: u64,
+}
+
+impl StagingArea {
+    /// `buffers` pages, `reserve` of them kept for copiers that cannot wait.
+    pub fn alloc(buffers: usize, reserve: usize) -> Option<Self> {
+        let words = Staging::<Buffer>::words_for(buffers) as u64;
+        Some(StagingArea {
+            pages: Buffer::alloc(buffers as u64 * PAGE_SIZE)?,
+            // The states are engine memory too: the fault path writes them.
+            state: Staging::new(Buffer::alloc(words * 8)?, buffers, reserve),
+        })
+    }
+
+    /// Its frames (engine memory, outside the snapshot range).
+    pub fn frames(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages.frames().chain(self.state.storage().frames())
+    }
+
+    /// Staging pages.
+    pub fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Buffers a copier that may wait can claim now (the reserve excluded).
+    pub fn room(&self) -> usize {
+        self.state.free().saturating_sub(self.state.reserve())
+    }
+
+    /// Buffers staged, being filled or being written.
+    pub fn in_use(&self) -> usize {
+        self.state.len() - self.state.free()
+    }
+
+    /// Copies range frame `frame` into a free buffer for `slot`, from the
+    /// reserve if nothing else is left; false if every buffer is in use.
+    /// Interrupts must be off.
+    pub fn stage(&self, frame: u64, slot: u64) -> bool {
+        let Some(buffer) = self
+            .state
+            .claim(Claimant::MayWait)
+            .or_else(|| self.state.claim(Claimant::MustNotWait))
+        else {
+            return false;
+        };
+        let dst = self.pages.phys + buffer as u64 * PAGE_SIZE;
+        // SAFETY: 1. `dst` is a page of this area's buffer, and the claim
+        // above made this call its only user until `publish`; 2. the caller
+        // keeps interrupts off (contract, asserted in `copy_frame`).
+        unsafe { copy_frame(dst, frame * PAGE_SIZE) };
+        self.state.publish(buffer, slot);
+        true
+    }
+
+    /// Moves up to `max` staged buffers to the writer, sorted by slot.
+    pub fn take(&self, max: usize, out: &mut Vec<Taken>, scratch: &mut Vec<(usize, u64)>) {
+        scratch.clear();
+        self.state.take(max, scratch);
+        out.extend(scratch.iter().map(|&(buffer, slot)| Taken { buffer, slot }));
+        out.sort_unstable_by_key(|t| t.slot);
+    }
+
+    /// The page a taken buffer holds.
+    pub fn page<'a>(&'a self, taken: &'a Taken) -> &'a [u8] {
+        let virt = engine_virt(self.pages.phys + taken.buffer as u64 * PAGE_SIZE);
+        // SAFETY: 1. the page belongs to this area's buffer and stays mapped
+        // in the engine window while `self` lives; 2. `taken` proves the
+        // buffer is in the writing state, in which nobody writes it, and it
+        // leaves that state only through `release`, which consumes `taken`,
+        // so the borrow ends first.
+        unsafe { core::slice::from_raw_parts(virt as *const u8, PAGE_SIZE as usize) }
+    }
+
+    /// Frees a written buffer.
+    pub fn release(&self, taken: Taken) {
+        self.state.release(taken.buffer);
+    }
+
+    /// The hash of `slot`'s staged copy, if it is staged (for the pause,
+    /// when the writer cannot run).
+    pub fn staged_hash(&self, slot: u64) -> Option<u64> {
+        let buffer = self.state.find(slot)?;
+        Some(hash_frame(self.pages.phys + buffer as u64 * PAGE_SIZE))
+    }
 }

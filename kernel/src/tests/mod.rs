@@ -10,6 +10,7 @@ mod exceptions;
 mod interrupts;
 mod memory;
 mod memsnap;
+mod memsnap_disk;
 mod sched;
 mod trace;
 
@@ -53,6 +54,9 @@ const PASSING: &[Test] = tests![
     blk::two_disks_at_once["data0:32", "data1:32"],
     blk::writes_land_where_the_host_expects["data0:16"],
     blk::snapshot_stays_consistent_while_disk_reads_land["data0:32"],
+    memsnap_disk::snapshot_to_disk_matches_reference["snap:272"],
+    memsnap_disk::too_small_disk_is_refused_before_anything_starts["small:64"],
+    memsnap_disk::io_error_midway_aborts_cleanly["bad:272:fail=204800"],
 ];
 
 /// Tests that must fail: run only on request, to show a failure is caught.

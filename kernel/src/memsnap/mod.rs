@@ -14,9 +14,16 @@
 //! snapshot at any point. The range is all RAM except the engine's own
 //! reservation (storage, shadow tables, verification buffers).
 //!
-//! The fault path never allocates, blocks or takes a lock: it reaches the
-//! session through [`Published`], copies through the engine window and
-//! counts in statics.
+//! Storage is a separate part of RAM ([`RamStore`]) or a disk, where the
+//! snapshot becomes an ELF core file ([`disk::DiskStore`], chosen with
+//! [`Options::disk`]).
+//!
+//! The fault path never allocates or takes a lock, and never waits inside
+//! the handler: it reaches the session through [`Published`], copies
+//! through the engine window and counts in statics. When a disk store's
+//! staging is full, a thread that faulted with interrupts on is blocked
+//! like any waiting thread ([`thread::block_faulting`]) and retries its
+//! write when the disk writer has made room.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -27,6 +34,13 @@ use snapshot::memsnap::{
     transition, CopyMap, Counters, FaultOutcome, LifecycleError, PageIo, Phase, RangeIndex,
     Request, Snapshot, Stats,
 };
+
+pub mod disk;
+
+use alloc::sync::Arc;
+
+use snapshot::block::{BlockDevice, BlockError};
+use snapshot::elfcore::Registers;
 
 use crate::clock::now_ns;
 use crate::memory::snapmem::{self, Buffer, EngineStack, FrameSet, RamStore, ShadowPhysmap};
@@ -52,6 +66,12 @@ pub struct Options {
     /// (so the pause copies the same pages as a full snapshot would): the
     /// benchmark's same-run baseline for how the pause scales with the range.
     pub range_limit: Option<u64>,
+    /// Store the snapshot on this virtio-blk disk (by its serial), as an
+    /// ELF core file, instead of in RAM.
+    pub disk: Option<String>,
+    /// Staging pages for a disk store (default: sized from RAM and the
+    /// eager set); never fewer than the eager set needs.
+    pub staging_pages: Option<usize>,
 }
 
 impl Default for Options {
@@ -62,6 +82,8 @@ impl Default for Options {
             verify: false,
             latencies: false,
             range_limit: None,
+            disk: None,
+            staging_pages: None,
         }
     }
 }
@@ -82,6 +104,10 @@ pub enum StartError {
     EmptyRange,
     /// The shadow map could not be built.
     Shadow(&'static str),
+    /// The disk named in [`Options::disk`] is missing or failed.
+    NoDisk(BlockError),
+    /// The disk cannot take the snapshot (too small, read-only, failing).
+    Disk(disk::DiskError),
 }
 
 impl core::fmt::Display for StartError {
@@ -96,6 +122,8 @@ impl core::fmt::Display for StartError {
             ),
             StartError::EmptyRange => write!(f, "the snapshot range holds no RAM"),
             StartError::Shadow(e) => write!(f, "cannot build the shadow map: {e}"),
+            StartError::NoDisk(e) => write!(f, "{e}"),
+            StartError::Disk(e) => write!(f, "{e}"),
         }
     }
 }
@@ -124,6 +152,27 @@ pub struct Report {
     pub not_copied_once: Option<u64>,
     /// The instant, in ns since boot.
     pub instant_ns: u64,
+    /// Why the snapshot failed ([`Phase::Failed`]).
+    pub error: Option<String>,
+    /// What the disk store did, for snapshots to disk.
+    pub disk: Option<DiskReport>,
+    /// Times a faulting thread was blocked until the disk writer made room.
+    pub fault_waits: u64,
+    /// Times the background copier waited for room.
+    pub copier_waits: u64,
+}
+
+/// A snapshot to disk's figures.
+#[derive(Debug, Clone, Default)]
+pub struct DiskReport {
+    /// The core file's length.
+    pub core_bytes: u64,
+    /// The writer's figures.
+    pub writer: disk::WriterStats,
+    /// Completing the file: the last pages, flushes and the header, ns.
+    pub complete_ns: u64,
+    /// Staging pages.
+    pub staging_pages: u64,
 }
 
 static COUNTERS: Counters = Counters::new();
@@ -137,9 +186,13 @@ static COPIER: IrqMutex<Option<JoinHandle<()>>> = IrqMutex::new(None);
 static REPORT: IrqMutex<Option<Report>> = IrqMutex::new(None);
 static DMA: IrqMutex<Vec<Range<u64>>> = IrqMutex::new(Vec::new());
 static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
+static FAULT_WAITS: AtomicU64 = AtomicU64::new(0);
+static COPIER_WAITS: AtomicU64 = AtomicU64::new(0);
 static SAMPLE_COUNT: AtomicU64 = AtomicU64::new(0);
 /// When protection went on (ns since boot): the snapshot instant.
 static INSTANT_NS: AtomicU64 = AtomicU64::new(0);
+/// The registers at the instant (for the core file).
+static REGISTERS: IrqMutex<Registers> = IrqMutex::new(Registers([0; 27]));
 
 const LATENCY_CAPACITY: u64 = 1 << 17;
 const SAMPLE_CAPACITY: u64 = 8192;
@@ -148,29 +201,48 @@ const COPIER_BATCH: u64 = 16;
 const COPIER_BURST_NS: u64 = 2_000_000;
 const PAUSE_STACK: u64 = 64 * 1024;
 
-/// Where snapshot pages go. Today a separate part of RAM ([`RamStore`]); a
-/// disk store is the snapshot-to-disk issue's. `save` runs in the write-fault
-/// handler, so an implementation must not block, allocate or fault there.
+/// Where snapshot pages go: a separate part of RAM ([`RamStore`]) or a
+/// disk ([`disk::DiskStore`]). Everything here runs with interrupts off,
+/// `save` in the write-fault handler: an implementation must not block,
+/// allocate or fault.
 pub trait SnapshotStore: Send + Sync {
-    /// Copies range frame `frame` into `slot`. Interrupts are off.
+    /// Copies range frame `frame` into `slot`. On failure the store marks
+    /// itself [`Self::failed`].
     fn save(&self, frame: u64, slot: u64);
-    /// Copies `slot` back over range frame `frame` (restore). Interrupts are off.
-    fn load(&self, slot: u64, frame: u64);
-    /// A hash of `slot`'s contents (see [`snapshot::memsnap::page_hash`]).
-    fn slot_hash(&self, slot: u64) -> u64;
+    /// Copies `slot` back over range frame `frame` (restore); false if this
+    /// store cannot (its copy is not in memory).
+    fn load(&self, slot: u64, frame: u64) -> bool;
+    /// The hash of a copy saved in this same interrupts-off stretch (see
+    /// [`snapshot::memsnap::page_hash`]).
+    fn fresh_hash(&self, slot: u64) -> u64;
+    /// The hash of `slot`'s copy at any time, if it is in memory.
+    fn slot_hash(&self, slot: u64) -> Option<u64>;
     /// Slots it holds.
     fn slots(&self) -> u64;
+    /// Pages `save` can take now without drawing on a reserve kept for
+    /// copiers that cannot wait.
+    fn room(&self) -> u64 {
+        u64::MAX
+    }
+    /// Whether a copy was lost: the snapshot cannot complete.
+    fn failed(&self) -> bool {
+        false
+    }
 }
 
 impl SnapshotStore for RamStore {
     fn save(&self, frame: u64, slot: u64) {
         RamStore::save(self, frame, slot);
     }
-    fn load(&self, slot: u64, frame: u64) {
+    fn load(&self, slot: u64, frame: u64) -> bool {
         RamStore::load(self, slot, frame);
+        true
     }
-    fn slot_hash(&self, slot: u64) -> u64 {
+    fn fresh_hash(&self, slot: u64) -> u64 {
         self.hash(slot)
+    }
+    fn slot_hash(&self, slot: u64) -> Option<u64> {
+        Some(self.hash(slot))
     }
     fn slots(&self) -> u64 {
         self.len()
@@ -202,6 +274,19 @@ impl PageIo for Session {
 }
 
 impl Session {
+    /// Whether copying `frame` now would draw on the store's reserve: it is
+    /// a range frame not yet copied, the store has no room and has not
+    /// failed (a failed store takes nothing, so no one waits for it).
+    fn must_wait(&self, frame: u64) -> bool {
+        self.store.room() == 0
+            && !self.store.failed()
+            && self
+                .snap
+                .index()
+                .slot(frame)
+                .is_some_and(|slot| !self.snap.map().is_set(slot))
+    }
+
     fn sample(&self) {
         let i = SAMPLE_COUNT.fetch_add(1, Ordering::Relaxed);
         if i < SAMPLE_CAPACITY {
@@ -230,8 +315,28 @@ pub fn register_dma(range: Range<u64>) {
     };
     if protecting {
         for frame in range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE) {
-            let _irq = IrqOff::new();
-            SESSION.with(|s| s.snap.on_write_fault(s, frame));
+            // Only frames not yet copied matter: the device's writes bypass
+            // the protection anyway. Waits for the disk writer if staging
+            // is full, like a fault.
+            thread::block_until(disk::room_key(), || {
+                SESSION
+                    .with(|s| {
+                        let copied = s
+                            .snap
+                            .index()
+                            .slot(frame)
+                            .is_none_or(|slot| s.snap.map().is_set(slot));
+                        if copied {
+                            return true;
+                        }
+                        if s.must_wait(frame) {
+                            return false;
+                        }
+                        s.snap.on_write_fault(s, frame);
+                        true
+                    })
+                    .unwrap_or(true)
+            });
         }
     }
 }
@@ -251,13 +356,29 @@ pub fn window() -> Option<(u64, u64)> {
         .then(|| (PHYS_OFFSET, PHYS_OFFSET + paging::physmap_end()))
 }
 
+/// What the fault handler should do with a write to the snapshot window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFault {
+    /// Copied (or already copied) and writable again: resume the write.
+    Handled,
+    /// Not the snapshot's frame.
+    NotOurs,
+    /// Staging has no room: block the thread on this key (see
+    /// [`thread::block_faulting`]) and let it retry the write, or, if it
+    /// cannot wait, call [`on_write_fault`] again with `may_wait` false.
+    Wait(usize),
+}
+
 /// The write-fault path (interrupts are off): copy the frame at `offset` in
 /// the physical map unless already copied, then let the write through.
-/// Returns false if the fault is not the snapshot's.
-pub fn on_write_fault(offset: u64) -> bool {
+/// `may_wait` says the faulting thread could be blocked.
+pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
     let start = crate::arch::cpu::rdtsc();
     let frame = offset / PAGE_SIZE;
     let outcome = SESSION.with(|s| {
+        if may_wait && s.must_wait(frame) {
+            return None;
+        }
         let outcome = s.snap.on_write_fault(s, frame);
         if let (Some(lat), FaultOutcome::Copied) = (&s.latencies, outcome) {
             let i = LATENCY_COUNT.fetch_add(1, Ordering::Relaxed);
@@ -266,12 +387,19 @@ pub fn on_write_fault(offset: u64) -> bool {
                 lat.atomics()[i as usize].store(ns, Ordering::Relaxed);
             }
         }
-        outcome
+        Some(outcome)
     });
-    matches!(
-        outcome,
-        Some(FaultOutcome::Copied | FaultOutcome::AlreadyCopied)
-    )
+    match outcome {
+        Some(None) => WriteFault::Wait(disk::room_key()),
+        Some(Some(FaultOutcome::Copied | FaultOutcome::AlreadyCopied)) => WriteFault::Handled,
+        Some(Some(FaultOutcome::NotInRange)) | None => WriteFault::NotOurs,
+    }
+}
+
+/// Counts a write fault that blocked its thread for room (called by the
+/// fault path once the thread is parked).
+pub fn note_fault_wait() {
+    FAULT_WAITS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Called by the frame allocator for each frame it hands out: a frame of an
@@ -308,7 +436,7 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
 /// Everything a snapshot needs, allocated before the pause.
 struct Reserved {
     index: RangeIndex,
-    store: RamStore,
+    storage: Storage,
     table_frames: FrameSet,
     pt_buffer: Buffer,
     map_words: Buffer,
@@ -319,10 +447,33 @@ struct Reserved {
     pause_stack: EngineStack,
 }
 
+/// Where the reservation puts the snapshot.
+enum Storage {
+    /// One RAM frame per range frame.
+    Ram(RamStore),
+    /// A disk, prepared for the core file, and its staging area.
+    Disk(disk::DiskStore),
+}
+
+/// Staging pages a copier that cannot wait may still use when the rest is
+/// full: faults with interrupts off, the writer's own faults, frames the
+/// allocator hands out.
+const STAGING_RESERVE: usize = 256;
+
+/// Staging pages for a range of `universe` frames whose eager set is about
+/// `eager` frames: all of the eager set must fit, since the pause copies
+/// it with the writer stopped.
+fn staging_pages(universe: u64, eager: u64, asked: Option<usize>) -> usize {
+    let base = asked.map_or((universe / 16).clamp(2048, 8192), |n| n as u64);
+    base.max(eager + eager / 4 + STAGING_RESERVE as u64 + 512) as usize
+}
+
 /// Sizes and allocates the reservation and builds the range: all RAM below
-/// the limit except the reservation. Storage gets one frame per range frame;
-/// since the range is what the reservation leaves, storage is about half of
-/// the RAM that remains after the other buffers.
+/// the limit except the reservation. RAM storage gets one frame per range
+/// frame; since the range is what the reservation leaves, storage is about
+/// half of the RAM that remains after the other buffers. Disk storage needs
+/// only its staging area in RAM, and the disk is checked for room before
+/// anything on it changes.
 fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     let limit = opts
         .range_limit
@@ -333,6 +484,19 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     if universe == 0 {
         return Err(StartError::EmptyRange);
     }
+    let target: Option<Arc<dyn BlockDevice>> = match &opts.disk {
+        Some(name) => {
+            let d: Arc<dyn BlockDevice> = crate::virtio::disk(name).map_err(StartError::NoDisk)?;
+            // A first check against the whole universe, before allocating.
+            let (_, layout) = disk::plan(&[(0, universe)])
+                .map_err(|e| StartError::Disk(disk::DiskError::Layout(e)))?;
+            let reservation_slack = universe / 4 * PAGE_SIZE;
+            disk::check_capacity(&*d, layout.total.saturating_sub(reservation_slack))
+                .map_err(StartError::Disk)?;
+            Some(d)
+        }
+        None => None,
+    };
     let is_ram = |f: u64| ram_frames(limit).any(|r| r.contains(&f));
     let pages = |bytes: u64| bytes.div_ceil(PAGE_SIZE);
     let tables = ShadowPhysmap::pds_needed(frames) + pages(ShadowPhysmap::pt_bytes(frames));
@@ -347,13 +511,22 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     } else {
         0
     };
+    let staging = target.as_ref().map(|_| {
+        let mut eager = 0;
+        snapmem::walk_eager(|_| eager += 1);
+        staging_pages(universe, eager, opts.staging_pages)
+    });
     let sample_pages = pages(SAMPLE_CAPACITY * SAMPLE_WORDS * 8) + pages(PAUSE_STACK);
     let outside = tables
         + verify_pages
         + latency_pages
         + sample_pages
+        + staging.unwrap_or(0) as u64
         + if opts.map_outside { map_pages } else { 0 };
-    let storage = universe.saturating_sub(outside).div_ceil(2);
+    let storage = match staging {
+        Some(_) => 0,
+        None => universe.saturating_sub(outside).div_ceil(2),
+    };
     let needed = storage + outside + map_pages;
     let (free, _) = crate::memory::frames::stats();
     // Keep some frames for the kernel to go on working during the snapshot.
@@ -376,9 +549,12 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
         .transpose()?;
     let samples = buffer(SAMPLE_CAPACITY * SAMPLE_WORDS * 8)?;
     let pause_stack = EngineStack::alloc(PAUSE_STACK).ok_or_else(no_memory)?;
+    let staging_area = staging
+        .map(|n| snapmem::StagingArea::alloc(n, STAGING_RESERVE).ok_or_else(no_memory))
+        .transpose()?;
 
-    // Storage last: every frame of the other buffers that fell inside the
-    // range has made the range smaller, and so does each storage frame.
+    // RAM storage last: every frame of the other buffers that fell inside
+    // the range has made the range smaller, and so does each storage frame.
     let others = [
         Some(&samples),
         Some(&pt_buffer),
@@ -393,13 +569,19 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
         .flat_map(Buffer::frames)
         .chain(pause_stack.frames())
         .chain(table_frames.frames())
+        .chain(staging_area.iter().flat_map(|a| a.frames()))
         .filter(|&f| is_ram(f))
         .count() as u64;
     if !opts.map_outside {
         reserved_in_range -= map_words.frames().filter(|&f| is_ram(f)).count() as u64;
     }
-    let store =
-        RamStore::alloc_for_range(universe - reserved_in_range, is_ram).ok_or_else(no_memory)?;
+    let ram_store = match staging_area {
+        Some(_) => None,
+        None => Some(
+            RamStore::alloc_for_range(universe - reserved_in_range, is_ram)
+                .ok_or_else(no_memory)?,
+        ),
+    };
     let mut index = RangeIndex::new(frames);
     for r in ram_frames(limit) {
         index.include(r.start, r.end);
@@ -411,7 +593,13 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
             }
         });
     }
-    let reserved = store.frames().chain(table_frames.frames());
+    let store_frames: alloc::boxed::Box<dyn Iterator<Item = u64>> =
+        match (&ram_store, &staging_area) {
+            (Some(store), _) => store.frames(),
+            (None, Some(area)) => alloc::boxed::Box::new(area.frames()),
+            (None, None) => alloc::boxed::Box::new(core::iter::empty()),
+        };
+    let reserved = store_frames.chain(table_frames.frames());
     let buffers = [
         Some(&samples),
         Some(&pt_buffer),
@@ -436,9 +624,21 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     if index.is_empty() {
         return Err(StartError::EmptyRange);
     }
+    let storage = match (ram_store, staging_area, target) {
+        (Some(store), _, _) => Storage::Ram(store),
+        (None, Some(area), Some(target)) => {
+            let plan = disk::plan(&index.runs())
+                .map_err(|e| StartError::Disk(disk::DiskError::Layout(e)))?;
+            Storage::Disk(
+                disk::DiskStore::prepare(target, plan, index.len(), area)
+                    .map_err(StartError::Disk)?,
+            )
+        }
+        _ => unreachable!("a reservation has RAM storage or a disk with staging"),
+    };
     Ok(Reserved {
         index,
-        store,
+        storage,
         table_frames,
         pt_buffer,
         map_words,
@@ -454,7 +654,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     transition(*PHASE.lock(), Request::Start).map_err(StartError::Busy)?;
     let Reserved {
         index,
-        store,
+        storage,
         table_frames,
         pt_buffer,
         map_words,
@@ -472,9 +672,17 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         map_words.frames().collect()
     };
     let map = CopyMap::new(map_words, index.len());
+    let (store, disk): (alloc::boxed::Box<dyn SnapshotStore>, _) = match storage {
+        Storage::Ram(store) => (alloc::boxed::Box::new(store), None),
+        Storage::Disk(store) => {
+            let shared = store.shared();
+            let staging = store.staging_pages();
+            (alloc::boxed::Box::new(store), Some((shared, staging)))
+        }
+    };
     let session = Session {
         snap: Snapshot::new(index, map, &COUNTERS),
-        store: alloc::boxed::Box::new(store),
+        store,
         shadow,
         reference,
         copies,
@@ -486,6 +694,8 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         "storage smaller than the range"
     );
     LATENCY_COUNT.store(0, Ordering::Relaxed);
+    FAULT_WAITS.store(0, Ordering::Relaxed);
+    COPIER_WAITS.store(0, Ordering::Relaxed);
     SAMPLE_COUNT.store(0, Ordering::Relaxed);
     ABORT.store(false, Ordering::Relaxed);
     if SESSION.publish(alloc::boxed::Box::new(session)).is_err() {
@@ -503,6 +713,9 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     // Held through the pause: no DMA registration slips past it.
     let dma = DMA.lock();
     let mut times = (0, 0, 0);
+    // The CPU state the core file records: this thread just before the
+    // pause, on a stack the snapshot holds (unlike the pause stack).
+    *REGISTERS.lock() = crate::arch::cpu::registers_here();
     // Off the caller's stack, which is itself a page of the range.
     pause_stack.run(|| {
         let t0 = now_ns();
@@ -552,7 +765,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
                             s.snap.copy_eager(s, frame);
                             if let Some(reference) = &s.reference {
                                 let t = now_ns();
-                                let hash = s.store.slot_hash(slot);
+                                let hash = s.store.fresh_hash(slot);
                                 reference.atomics()[slot as usize].store(hash, Ordering::Relaxed);
                                 hash_ns += now_ns() - t;
                             }
@@ -611,33 +824,58 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         pause_ns = pause_ns
     );
     let share = opts.copier_share_pct.clamp(1, 100);
-    *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || copier(share)));
+    *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || {
+        copier(share, disk);
+    }));
     Ok(report)
 }
 
-fn copier(share_pct: u64) {
+/// The disk store's shared state and its staging pages, for the copier.
+type DiskHandle = Option<(Arc<disk::Shared>, u64)>;
+
+fn copier(share_pct: u64, disk: DiskHandle) {
     let rest_ns = COPIER_BURST_NS * (100 - share_pct) / share_pct;
     let mut busy_ns = 0;
     loop {
         if ABORT.load(Ordering::Acquire) {
             return;
         }
+        if SESSION.with(|s| s.store.failed()).unwrap_or(false) {
+            fail(disk.as_ref());
+            return;
+        }
         let burst_start = now_ns();
         let mut done = false;
         while now_ns() - burst_start < COPIER_BURST_NS {
             let t = now_ns();
+            // At most what the store takes without its reserve; `None`
+            // when it takes nothing now (a disk's staging is full).
             let copied = SESSION
-                .with(|s| s.snap.copy_background(s, COPIER_BATCH))
-                .unwrap_or(0);
+                .with(|s| match s.store.room().min(COPIER_BATCH) {
+                    0 if !s.store.failed() => None,
+                    room => Some(s.snap.copy_background(s, room.max(1))),
+                })
+                .unwrap_or(Some(0));
             busy_ns += now_ns() - t;
-            if copied == 0 {
-                done = true;
-                break;
+            match copied {
+                Some(0) => {
+                    done = true;
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    COPIER_WAITS.fetch_add(1, Ordering::Relaxed);
+                    thread::block_until(disk::room_key(), || {
+                        SESSION
+                            .with(|s| s.store.room() > 0 || s.store.failed())
+                            .unwrap_or(true)
+                    });
+                }
             }
         }
         SESSION.with(Session::sample);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
-            finish(busy_ns);
+            finish(busy_ns, disk.as_ref());
             return;
         }
         if rest_ns > 0 {
@@ -646,31 +884,132 @@ fn copier(share_pct: u64) {
     }
 }
 
-fn finish(copier_busy_ns: u64) {
-    let end = now_ns();
-    let (mismatched, not_copied_once) = SESSION
-        .with(|s| {
-            let verify = s.reference.as_ref().zip(s.copies.as_ref());
-            verify.map_or((None, None), |(reference, copies)| {
-                let mut mismatched = 0;
-                for (slot, frame) in s.snap.index().iter().enumerate() {
-                    let expected = reference.atomics()[slot].load(Ordering::Relaxed);
-                    if s.store.slot_hash(slot as u64) != expected {
-                        if mismatched < 8 {
-                            crate::log!("mismatch: frame {:#x} (slot {slot})", frame * PAGE_SIZE);
-                        }
-                        mismatched += 1;
-                    }
+/// Ends a snapshot whose store failed: the phase becomes `Failed` and the
+/// report says why. Protection stays until [`abort`]; writes still get
+/// through (the fault path copies nothing into a failed store).
+fn fail(disk: Option<&(Arc<disk::Shared>, u64)>) {
+    let why = disk
+        .and_then(|(d, _)| d.error())
+        .unwrap_or_else(|| String::from("the snapshot store failed"));
+    crate::log!("memsnap: snapshot failed: {why}");
+    crate::trace!("memsnap.failed");
+    if let Some(r) = REPORT.lock().as_mut() {
+        r.stats = COUNTERS.read();
+        r.error = Some(why);
+    }
+    let mut phase = PHASE.lock();
+    *phase = transition(*phase, Request::Fail).unwrap_or(*phase);
+    drop(phase);
+    thread::wake_all(&PHASE as *const _ as usize);
+}
+
+/// Makes a disk snapshot durable: drains staging, flushes, writes the
+/// core file's header. Returns the time it took.
+fn complete_on_disk(d: &disk::Shared, total_ns: u64) -> Result<u64, String> {
+    let t = now_ns();
+    let wall = crate::arch::rtc::wall_clock();
+    let meta = disk::Meta {
+        instant_ns: INSTANT_NS.load(Ordering::Relaxed),
+        total_ns,
+        stats: COUNTERS.read(),
+        wall: wall.as_deref(),
+    };
+    let regs = *REGISTERS.lock();
+    d.complete(&regs, meta)?;
+    Ok(now_ns() - t)
+}
+
+/// Compares every slot's copy with the reference taken at the instant;
+/// returns the mismatches, or `None` without verification.
+fn count_mismatches(disk: Option<&(Arc<disk::Shared>, u64)>) -> Option<u64> {
+    let len = SESSION.with(|s| s.reference.is_some().then(|| s.snap.index().len()))??;
+    let mut mismatched = 0;
+    let mut check = |slot: u64, hash: u64| {
+        let expected = SESSION
+            .with(|s| {
+                let reference = s.reference.as_ref().expect("checked above");
+                reference.atomics()[slot as usize].load(Ordering::Relaxed)
+            })
+            .unwrap_or(hash);
+        if hash != expected {
+            if mismatched < 8 {
+                let frame = SESSION
+                    .with(|s| s.snap.index().iter().nth(slot as usize))
+                    .flatten()
+                    .unwrap_or(0);
+                crate::log!("mismatch: frame {:#x} (slot {slot})", frame * PAGE_SIZE);
+            }
+            mismatched += 1;
+        }
+    };
+    match disk {
+        Some((d, _)) => {
+            const CHUNK: u64 = 256;
+            let mut hashes = alloc::vec![0u64; CHUNK as usize];
+            let mut first = 0;
+            while first < len {
+                let n = CHUNK.min(len - first) as usize;
+                if let Err(e) = d.read_hashes(first, &mut hashes[..n]) {
+                    crate::log!("memsnap: cannot read the copy back: {e}");
+                    return Some(len - first + mismatched);
                 }
+                for (i, &hash) in hashes[..n].iter().enumerate() {
+                    check(first + i as u64, hash);
+                }
+                first += n as u64;
+            }
+        }
+        None => {
+            for slot in 0..len {
+                let hash = SESSION
+                    .with(|s| s.store.slot_hash(slot))
+                    .flatten()
+                    .unwrap_or(0);
+                check(slot, hash);
+            }
+        }
+    }
+    Some(mismatched)
+}
+
+fn finish(copier_busy_ns: u64, disk: Option<&(Arc<disk::Shared>, u64)>) {
+    let end = now_ns();
+    let total_ns = end - INSTANT_NS.load(Ordering::Relaxed);
+    let mut disk_report = None;
+    if let Some((d, staging_pages)) = disk {
+        match complete_on_disk(d, total_ns) {
+            Ok(complete_ns) => {
+                disk_report = Some(DiskReport {
+                    core_bytes: d.total(),
+                    writer: d.stats(),
+                    complete_ns,
+                    staging_pages: *staging_pages,
+                });
+                crate::trace!(
+                    "memsnap.core",
+                    bytes = d.total(),
+                    written = d.stats().bytes,
+                    complete_ns = complete_ns
+                );
+            }
+            Err(_) => {
+                fail(disk);
+                return;
+            }
+        }
+    }
+    let mismatched = count_mismatches(disk);
+    let not_copied_once = SESSION
+        .with(|s| {
+            s.copies.as_ref().map(|copies| {
                 let len = s.snap.index().len() as usize;
-                let not_once = copies.bytes()[..len]
+                copies.bytes()[..len]
                     .iter()
                     .filter(|c| c.load(Ordering::Relaxed) != 1)
-                    .count();
-                (Some(mismatched), Some(not_once as u64))
+                    .count() as u64
             })
         })
-        .unwrap_or((None, None));
+        .flatten();
     let mut report = REPORT.lock();
     if let Some(r) = report.as_mut() {
         r.stats = COUNTERS.read();
@@ -678,6 +1017,9 @@ fn finish(copier_busy_ns: u64) {
         r.copier_busy_ns = copier_busy_ns;
         r.mismatched = mismatched;
         r.not_copied_once = not_copied_once;
+        r.disk = disk_report;
+        r.fault_waits = FAULT_WAITS.load(Ordering::Relaxed);
+        r.copier_waits = COPIER_WAITS.load(Ordering::Relaxed);
     }
     drop(report);
     {
@@ -736,6 +1078,9 @@ fn teardown() {
 pub enum RestoreError {
     /// Restore needs a complete snapshot.
     NotComplete(Phase),
+    /// The snapshot is on a disk, not in memory (restore from a core file
+    /// is not supported).
+    OnDisk,
 }
 
 /// Rolls the physical-map range `[virt, virt + len)` back to the snapshot,
@@ -747,15 +1092,15 @@ pub fn restore(virt: u64, len: u64) -> Result<u64, RestoreError> {
     if phase != Phase::Complete {
         return Err(RestoreError::NotComplete(phase));
     }
+    if SESSION.with(|s| s.store.slot_hash(0).is_none()) == Some(true) {
+        return Err(RestoreError::OnDisk);
+    }
     let first = (virt - PHYS_OFFSET) / PAGE_SIZE;
     let end = (virt - PHYS_OFFSET + len).div_ceil(PAGE_SIZE);
     let mut restored = 0;
     for frame in first..end {
         let copied = SESSION.with(|s| match s.snap.index().slot(frame) {
-            Some(slot) if s.shadow.take_dirty(frame) => {
-                s.store.load(slot, frame);
-                true
-            }
+            Some(slot) if s.shadow.take_dirty(frame) => s.store.load(slot, frame),
             _ => false,
         });
         restored += u64::from(copied == Some(true));
@@ -823,7 +1168,15 @@ pub fn describe(r: &Report) -> String {
             (Some(m), Some(n)) => alloc::format!("; verified: {m} mismatched pages, {n} not copied exactly once"),
             _ => String::new(),
         }
-    )
+    ) + &match &r.disk {
+        Some(d) => alloc::format!(
+            "; core file {} MiB, disk writes {} MiB/s while busy, completed in {} ms",
+            d.core_bytes >> 20,
+            d.writer.mib_per_s(),
+            d.complete_ns / 1_000_000
+        ),
+        None => String::new(),
+    }
 }
 
 /// The baseline the live snapshot is measured against: a stop-and-copy
@@ -831,11 +1184,17 @@ pub fn describe(r: &Report) -> String {
 /// stopped (interrupts off) for the whole copy. Returns `(pages, pause_ns)`.
 pub fn stop_and_copy(opts: &Options) -> Result<(u64, u64), StartError> {
     transition(*PHASE.lock(), Request::Start).map_err(StartError::Busy)?;
-    let reserved = reserve(opts)?;
+    let reserved = reserve(&Options {
+        disk: None,
+        ..opts.clone()
+    })?;
+    let Storage::Ram(store) = &reserved.storage else {
+        unreachable!("reserved without a disk")
+    };
     let irq = IrqOff::new();
     let t0 = now_ns();
     for (slot, frame) in reserved.index.iter().enumerate() {
-        reserved.store.save(frame, slot as u64);
+        store.save(frame, slot as u64);
     }
     let ns = now_ns() - t0;
     drop(irq);
@@ -872,8 +1231,11 @@ pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
     let Ok(reserved) = reserve(&opts) else {
         return CopyTime::default();
     };
+    let Storage::Ram(store) = &reserved.storage else {
+        return CopyTime::default();
+    };
     let frames: Vec<u64> = reserved.index.iter().collect();
-    let slots = reserved.store.len();
+    let slots = store.len();
     let mut rng = snapshot::rng::Rng::new(0x5eed);
     let pairs: Vec<(u64, u64)> = (0..rounds)
         .map(|_| {
@@ -883,7 +1245,7 @@ pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
             )
         })
         .collect();
-    median_copy_ns(&reserved.store, pairs.into_iter())
+    median_copy_ns(store, pairs.into_iter())
 }
 
 /// The median and 99th percentile of `store.save(frame, slot)` over `pairs`.
