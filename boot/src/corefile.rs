@@ -29,6 +29,53 @@ pub fn inspect(path: &Path) -> Result<Core, String> {
     elfcore::parse(&head).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Copies the first `len` bytes of the disk image `image` (where the
+/// kernel wrote the core file) to `out`, then checks the result is a
+/// complete core. `progress(done, total)` is called as bytes go.
+pub fn extract(
+    image: &Path,
+    len: u64,
+    out: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Core, String> {
+    use std::io::Write;
+    let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let mut from = std::fs::File::open(image).map_err(|e| at(image, e))?;
+    let available = from.metadata().map_err(|e| at(image, e))?.len();
+    if available < len {
+        return Err(format!(
+            "{}: {available} bytes, but the kernel reported a {len}-byte core file",
+            image.display()
+        ));
+    }
+    // Refuse before copying anything if the image holds no finished core.
+    let mut head = vec![0u8; 64];
+    from.read_exact(&mut head).map_err(|e| at(image, e))?;
+    if elfcore::classify(&head) != Kind::Complete {
+        return Err(inspect(image).err().unwrap_or_default());
+    }
+    let mut from = std::fs::File::open(image)
+        .map_err(|e| at(image, e))?
+        .take(len);
+    let mut to = std::fs::File::create(out).map_err(|e| at(out, e))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut done = 0;
+    loop {
+        let n = from.read(&mut buf).map_err(|e| at(image, e))?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n]).map_err(|e| at(out, e))?;
+        done += n as u64;
+        progress(done, len);
+    }
+    to.sync_all().map_err(|e| at(out, e))?;
+    if done != len {
+        return Err(format!("{}: copied {done} of {len} bytes", out.display()));
+    }
+    inspect(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

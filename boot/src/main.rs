@@ -21,7 +21,10 @@ scenarios:
   demo                 boot, memory map, two interleaved threads, traces (default)
   test NAME|list       run one in-kernel test, or list them
   crash KIND           raise a CPU exception on purpose (pf ud de gp bp overflow)
-  bench-memsnap        live memory snapshot benchmark (use --mem, --json)
+  memsnap --out FILE   live snapshot of all RAM to a disk, left as an ELF core
+                       file at FILE (read it with gdb, readelf)
+  bench-memsnap        live memory snapshot benchmark (use --mem, --json,
+                       --to-disk)
   bench-blk            virtio-blk benchmark on a fresh raw image (use --json)
 
 options:
@@ -35,12 +38,16 @@ options:
   --ro-disk NAME=FILE  the same, read-only
   --image FILE         bench-blk's image (default target/bench-blk.img)
   --image-size SIZE    its size (default 1G)
+  --out FILE           memsnap's core file
+  --to-disk            bench-memsnap: also snapshot to a disk, against a
+                       sequential-write baseline on the same disk
   -h, --help           this text
 
 Further key=value words are passed to the kernel command line.";
 
 #[derive(Debug)]
 struct Args {
+    scenario: String,
     cmdline: Vec<String>,
     mem: u64,
     timeout: Duration,
@@ -50,6 +57,8 @@ struct Args {
     disks: Vec<Disk>,
     image: Option<PathBuf>,
     image_size: u64,
+    out: Option<PathBuf>,
+    to_disk: bool,
 }
 
 fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
@@ -68,6 +77,7 @@ fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
 
 fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
+        scenario: String::new(),
         cmdline: Vec::new(),
         mem: 128 << 20,
         timeout: Duration::from_secs(600),
@@ -77,6 +87,8 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
         disks: Vec::new(),
         image: None,
         image_size: 1 << 30,
+        out: None,
+        to_disk: false,
     };
     let mut positional = Vec::new();
     while let Some(word) = words.next() {
@@ -107,6 +119,8 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
                 .disks
                 .push(disk_arg("--ro-disk", &value("--ro-disk")?, true)?),
             "--image" => args.image = Some(PathBuf::from(value("--image")?)),
+            "--out" => args.out = Some(PathBuf::from(value("--out")?)),
+            "--to-disk" => args.to_disk = true,
             "--image-size" => {
                 let text = value("--image-size")?;
                 args.image_size =
@@ -123,6 +137,13 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut positional = positional.into_iter();
     let scenario = positional.next().unwrap_or_else(|| "demo".into());
     args.cmdline.insert(0, format!("scenario={scenario}"));
+    match (scenario.as_str(), &args.out, args.to_disk) {
+        ("memsnap", None, _) => return Err("memsnap needs --out FILE".into()),
+        (s, Some(_), _) if s != "memsnap" => return Err("--out is for memsnap".into()),
+        (s, _, true) if s != "bench-memsnap" => return Err("--to-disk is for bench-memsnap".into()),
+        _ => {}
+    }
+    args.scenario = scenario.clone();
     match (scenario.as_str(), positional.next()) {
         ("test", Some(name)) => args.cmdline.push(format!("test={name}")),
         ("crash", Some(kind)) => args.cmdline.push(format!("kind={kind}")),
@@ -157,8 +178,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let bench_blk = args.cmdline[0] == "scenario=bench-blk";
+    let bench_blk = args.scenario == "bench-blk";
     let mut disks = args.disks.clone();
+    let mut cmdline = args.cmdline.clone();
+    // A snapshot to disk gets a fresh image with room for all of RAM.
+    let snapshot_image = (args.scenario == "memsnap" || args.to_disk)
+        .then(|| boot::workspace_root().join(format!("target/{}-disk.img", args.scenario)));
+    if let Some(image) = &snapshot_image {
+        let size = args.mem + (16 << 20);
+        if let Err(e) = bench::make_blank_image(image, size) {
+            eprintln!("error: {}: {e}", image.display());
+            return ExitCode::from(2);
+        }
+        eprintln!("snapshot disk: {} ({} MiB)", image.display(), size >> 20);
+        disks.push(Disk::new(image, "snap"));
+        cmdline.push(
+            if args.to_disk {
+                "to_disk=snap"
+            } else {
+                "disk=snap"
+            }
+            .into(),
+        );
+    }
     if bench_blk {
         let image = args
             .image
@@ -184,7 +226,7 @@ fn main() -> ExitCode {
     let config = Config {
         kernel,
         mem_bytes: args.mem,
-        cmdline: args.cmdline.join(" "),
+        cmdline: cmdline.join(" "),
         timeout: args.timeout,
         disks,
     };
@@ -208,8 +250,13 @@ fn main() -> ExitCode {
     if !outcome.stderr.trim().is_empty() {
         eprintln!("QEMU said: {}", outcome.stderr.trim());
     }
+    let mut core_len = None;
     match report::records(&outcome.serial) {
         Ok(records) => {
+            core_len = records
+                .iter()
+                .rfind(|r| r.event == "memsnap.core")
+                .and_then(|r| r.u64("bytes"));
             eprint!("{}", report::summary(&records));
             if let Some(blk) = report::blk_report(&records) {
                 eprint!("{blk}");
@@ -256,7 +303,7 @@ fn main() -> ExitCode {
                 );
             }
         }
-        if config.cmdline.contains("scenario=bench-memsnap") {
+        if args.scenario == "bench-memsnap" {
             eprintln!("goals (each against a baseline from this run):");
             for goal in bench::memsnap_goals(json) {
                 let mark = match (goal.applies, goal.met) {
@@ -287,10 +334,84 @@ fn main() -> ExitCode {
         outcome.verdict,
         outcome.elapsed.as_secs_f64()
     );
-    match outcome.verdict {
+    let mut verdict = outcome.verdict;
+    if let (Some(image), Some(out)) = (&snapshot_image, &args.out) {
+        if !take_core(
+            image,
+            core_len,
+            out,
+            verdict == Verdict::Passed,
+            &config.kernel,
+        ) {
+            verdict = Verdict::Failed;
+        }
+    }
+    if let Some(image) = &snapshot_image {
+        let _ = std::fs::remove_file(image);
+    }
+    match verdict {
         Verdict::Passed => ExitCode::SUCCESS,
         Verdict::Failed => ExitCode::from(1),
         Verdict::UnexpectedExit(_) | Verdict::TimedOut(_) => ExitCode::from(3),
+    }
+}
+
+/// After `memsnap`: copies the core file off the snapshot disk image to
+/// `out` and describes it. Returns whether `out` holds a complete core.
+fn take_core(
+    image: &std::path::Path,
+    len: Option<u64>,
+    out: &std::path::Path,
+    passed: bool,
+    kernel: &std::path::Path,
+) -> bool {
+    let len = match (passed, len) {
+        (true, Some(len)) => len,
+        _ => {
+            // Say what the disk holds: an interrupted snapshot is marked.
+            let what = match boot::corefile::inspect(image) {
+                Ok(_) => "a complete core the kernel did not vouch for".to_string(),
+                Err(e) => e,
+            };
+            eprintln!("error: no core file: the snapshot did not complete ({what})");
+            return false;
+        }
+    };
+    let mut shown = 0;
+    let result = boot::corefile::extract(image, len, out, |done, total| {
+        let pct = done * 100 / total.max(1);
+        if pct >= shown + 10 || done == total {
+            shown = pct;
+            eprint!(
+                "\rcopying the core file: {pct:>3}% ({} of {} MiB)",
+                done >> 20,
+                total >> 20
+            );
+        }
+    });
+    eprintln!();
+    match result {
+        Ok(core) => {
+            let loads = core.loads.len();
+            let bytes: u64 = core
+                .loads
+                .iter()
+                .filter(|l| l.0 >= 0xffff_8000_0000_0000)
+                .map(|l| l.3)
+                .sum();
+            eprintln!(
+                "core file: {} ({} MiB of memory in {loads} loads); try: gdb {} {}",
+                out.display(),
+                bytes >> 20,
+                kernel.display(),
+                out.display()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            false
+        }
     }
 }
 
@@ -330,5 +451,23 @@ mod tests {
         assert!(parse(&["demo", "extra"])
             .unwrap_err()
             .contains("unexpected argument"));
+        assert!(parse(&["memsnap"]).unwrap_err().contains("--out FILE"));
+        assert!(parse(&["demo", "--out", "x"])
+            .unwrap_err()
+            .contains("memsnap"));
+        assert!(parse(&["demo", "--to-disk"])
+            .unwrap_err()
+            .contains("bench-memsnap"));
+    }
+
+    #[test]
+    fn memsnap_takes_its_core_file_path() {
+        let args = parse(&["memsnap", "--out", "/tmp/x.core", "--mem", "256M"]).unwrap();
+        assert_eq!(args.scenario, "memsnap");
+        assert_eq!(
+            args.out.as_deref(),
+            Some(std::path::Path::new("/tmp/x.core"))
+        );
+        assert!(parse(&["bench-memsnap", "--to-disk"]).unwrap().to_disk);
     }
 }

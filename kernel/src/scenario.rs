@@ -6,7 +6,9 @@
 //! | `demo` (default) | | memory map, clock, two interleaved threads, a verified live snapshot of a running workload, traces |
 //! | `test` | `test=<name>` or `test=list` | one in-kernel test (see [`crate::ktest`]) |
 //! | `crash` | `kind=pf|ud|de|gp|bp|overflow` | raise an exception on purpose |
-//! | `bench-memsnap` | `copier_share=30` | live snapshot benchmark (see [`crate::bench`]) |
+//! | `memsnap` | `disk=snap` | a verified live snapshot of all RAM to a disk, as an ELF core file |
+//! | `bench-memsnap` | `copier_share=30`, `to_disk=NAME` | live snapshot benchmark (see [`crate::bench`]) |
+//! | `bench-blk` | `blk=poll` | virtio-blk benchmark on the disk `bench` |
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +24,14 @@ use crate::workload::Workload;
 use crate::{clock, memory, memsnap, thread};
 
 /// Known scenario names, for the error message.
-pub const SCENARIOS: &[&str] = &["demo", "test", "crash", "bench-memsnap"];
+pub const SCENARIOS: &[&str] = &[
+    "demo",
+    "test",
+    "crash",
+    "memsnap",
+    "bench-memsnap",
+    "bench-blk",
+];
 
 /// Runs the scenario the command line names.
 pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
@@ -37,6 +46,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
             }
         },
         "crash" => crash_on_purpose(cmd.get("kind").unwrap_or("pf")),
+        "memsnap" => snapshot_to_disk(cmd.get("disk").unwrap_or("snap")),
         "bench-memsnap" => crate::bench::memsnap(cmd),
         "bench-blk" => crate::bench::blk(cmd),
         other => {
@@ -209,4 +219,83 @@ fn recurse(depth: u64) -> u64 {
     }
     let pad = core::hint::black_box([depth; 32]);
     core::hint::black_box(recurse(depth + 1)) + pad[0]
+}
+
+/// A value the `memsnap` scenario changes just after the snapshot instant:
+/// 1 before, 2 after. A debugger reading the core file must see 1.
+pub static SNAPSHOT_MARK: AtomicU64 = AtomicU64::new(0);
+
+/// `memsnap`: a live snapshot of all RAM to the disk named `disk`, as an
+/// ELF core file, while three threads write; verified against the
+/// instant's reference read back from the disk. Ends with a
+/// `memsnap.core` trace record giving the file's length, which the host
+/// tool copies off the disk image.
+fn snapshot_to_disk(disk: &str) -> ExitCode {
+    let (free, _) = memory::frames::stats();
+    let each = (free * 4096 / 32).clamp(1 << 20, 32 << 20);
+    crate::log!(
+        "live snapshot of all RAM to disk {disk:?} while 3 threads write {} MiB each",
+        each >> 20
+    );
+    let Some(workload) = Workload::start(3, each, 2025) else {
+        crate::log!("no memory for the workload");
+        return ExitCode::Failure;
+    };
+    thread::sleep_ns(100_000_000);
+    let opts = memsnap::Options {
+        verify: true,
+        latencies: true,
+        disk: Some(disk.into()),
+        ..memsnap::Options::default()
+    };
+    SNAPSHOT_MARK.store(1, Ordering::SeqCst);
+    let started = memsnap::start(&opts);
+    // After the instant: the core file must still say 1.
+    SNAPSHOT_MARK.store(2, Ordering::SeqCst);
+    if let Err(e) = started {
+        crate::log!("snapshot refused: {e}");
+        workload.stop();
+        return ExitCode::Failure;
+    }
+    let report = memsnap::wait();
+    let latencies = memsnap::latencies();
+    workload.stop();
+    let Some(report) = report else {
+        return ExitCode::Failure;
+    };
+    if let Some(e) = &report.error {
+        crate::log!("the snapshot failed: {e}");
+        let _ = memsnap::abort();
+        return ExitCode::Failure;
+    }
+    let _ = memsnap::release();
+    crate::log!("{}", memsnap::describe(&report));
+    let p99 = latencies
+        .get(latencies.len() * 99 / 100)
+        .copied()
+        .unwrap_or(0);
+    crate::log!(
+        "write faults: {} timed, p99 {} ns, {} waited for the disk writer; SNAPSHOT_MARK is {} now, 1 in the core",
+        latencies.len(),
+        p99,
+        report.fault_waits,
+        SNAPSHOT_MARK.load(Ordering::SeqCst)
+    );
+    let ok = report.mismatched == Some(0) && report.not_copied_once == Some(0);
+    if ok {
+        if let Some(d) = &report.disk {
+            crate::trace!(
+                "memsnap.core",
+                bytes = d.core_bytes,
+                pages = report.pages,
+                instant_ns = report.instant_ns
+            );
+        }
+    }
+    crate::trace::flush();
+    if ok {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
+    }
 }
