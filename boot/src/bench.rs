@@ -54,7 +54,7 @@ pub fn memsnap_goals(json: &str) -> Vec<Goal> {
     // "Under 1/100 of stop-and-copy" is the goal at 2 GiB (of which the
     // firmware keeps a little); smaller guests have too little to copy.
     let big = f("mem_bytes") >= (2u64 << 30) as f64 * 0.95;
-    vec![
+    let mut goals = vec![
         at_most(
             "pause / pause of a 128 MiB range (x)",
             ratio(f("pause_ns"), f("small_range_pause_ns")),
@@ -103,7 +103,33 @@ pub fn memsnap_goals(json: &str) -> Vec<Goal> {
                 2.0,
             )
         },
-    ]
+    ];
+    // With --to-disk: the snapshot to disk against the same disk's
+    // sequential writes and against the in-RAM snapshot of this run.
+    if field(json, "disk_write_mib_s").is_some() {
+        goals.extend([
+            at_least(
+                "to disk: disk writes / sequential writes",
+                ratio(f("disk_write_mib_s"), f("seq_write_mib_s")),
+                0.8,
+            ),
+            at_most(
+                "to disk: fault p99 / in-RAM fault p99 (x)",
+                ratio(f("disk_fault_ns_p99"), f("fault_ns_p99")),
+                2.0,
+            ),
+            at_most("to disk: mismatched pages", f("disk_mismatched_pages"), 0.0),
+            Goal {
+                applies: false,
+                ..at_most(
+                    "(info) to disk: fault p99 / copy p99 under I/O",
+                    ratio(f("disk_fault_ns_p99"), f("page_copy_ns_p99_under_io")),
+                    2.0,
+                )
+            },
+        ]);
+    }
+    goals
 }
 
 /// Creates (or truncates) a sparse raw image of `bytes` at `path`.
@@ -179,6 +205,23 @@ mod tests {
             !goals[6].applies && !goals[7].applies,
             "the copy-spread ratios are information only"
         );
+    }
+
+    #[test]
+    fn disk_goals_join_when_the_run_went_to_disk() {
+        let disk = RUN.replace(
+            "}",
+            r#","seq_write_mib_s":1000,"disk_write_mib_s":850,"disk_fault_ns_p99":15000,"disk_mismatched_pages":0}"#,
+        );
+        let goals = memsnap_goals(&disk);
+        assert_eq!(goals.len(), 12);
+        assert!(
+            !goals[11].applies,
+            "the under-I/O ratio is information only"
+        );
+        let met: Vec<bool> = goals[8..11].iter().map(|g| g.met).collect();
+        assert_eq!(met, [true, false, true], "15000 > 2 x 7000");
+        assert!((goals[8].measured - 0.85).abs() < 1e-9);
     }
 
     #[test]

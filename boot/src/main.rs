@@ -223,6 +223,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if args.scenario.starts_with("bench-") {
+        // Start from a quiet host: dirty page cache left by earlier runs
+        // would be written back during this one and skew its timings.
+        let _ = std::process::Command::new("sync").status();
+    }
     let config = Config {
         kernel,
         mem_bytes: args.mem,

@@ -155,6 +155,16 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     } else {
         None
     };
+    let to_disk = match cmd.get("to_disk") {
+        Some(name) => match snapshot_to_disk(name, share, &workload, verify, mem_bytes) {
+            Ok(figures) => Some(figures),
+            Err(e) => {
+                log!("snapshot to disk {name:?}: {e}");
+                return ExitCode::Failure;
+            }
+        },
+        None => None,
+    };
     workload.stop();
 
     let s = report.stats;
@@ -208,7 +218,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         .as_ref()
         .and_then(|v| v.not_copied_once)
         .unwrap_or(u64::MAX);
-    let fields: [(&str, u64); 31] = [
+    let fields = [
         ("mem_bytes", mem_bytes),
         ("pages", report.pages),
         ("eager_pages", s.eager),
@@ -247,18 +257,201 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         ("mismatched_pages", mismatched),
         ("not_copied_once", not_copied_once),
     ];
+    let mut fields = fields.to_vec();
+    if let Some(d) = &to_disk {
+        d.log(p99);
+        fields.extend(d.fields());
+    }
+    let disk_ok = to_disk.as_ref().is_none_or(|d| {
+        d.verified
+            .as_ref()
+            .is_none_or(|v| v.mismatched == Some(0) && v.not_copied_once == Some(0))
+    });
     json.push('{');
     for (i, (key, value)) in fields.iter().enumerate() {
         let _ = write!(json, "{}\"{key}\":{value}", if i == 0 { "" } else { "," });
     }
     json.push('}');
     crate::println!("BENCH-JSON {json}");
-    if !verify || (mismatched == 0 && not_copied_once == 0) {
+    if !verify || (mismatched == 0 && not_copied_once == 0 && disk_ok) {
         ExitCode::Success
     } else {
         log!("verification failed: {mismatched} mismatched pages");
         ExitCode::Failure
     }
+}
+
+/// What `bench-memsnap to_disk=NAME` adds: a timed live snapshot of the
+/// same range to a disk, under the same workload, against the same disk's
+/// sequential-write throughput measured just before.
+struct DiskFigures {
+    seq_write_mib_s: u64,
+    /// One page copy's p50 and p99 while the same disk takes sequential
+    /// writes: what the host's I/O costs the guest CPU.
+    copy_under_io: memsnap::CopyTime,
+    report: memsnap::Report,
+    latencies: Vec<u64>,
+    ops_during: u64,
+    verified: Option<memsnap::Report>,
+}
+
+impl DiskFigures {
+    fn disk(&self) -> memsnap::DiskReport {
+        self.report.disk.clone().unwrap_or_default()
+    }
+
+    /// Core bytes from the instant until the file is durable.
+    fn end_to_end_mib_s(&self) -> u64 {
+        let d = self.disk();
+        per_second(d.core_bytes, self.report.total_ns + d.complete_ns) >> 20
+    }
+
+    fn log(&self, ram_p99: u64) {
+        let d = self.disk();
+        log!("to disk: {}", memsnap::describe(&self.report));
+        if let Some(v) = &self.verified {
+            log!("to disk, verified: {}", memsnap::describe(v));
+        }
+        log!(
+            "disk writes {} MiB/s while busy vs sequential 1 MiB writes {} MiB/s on the same disk; {} MiB/s from the instant to a durable file",
+            d.writer.mib_per_s(),
+            self.seq_write_mib_s,
+            self.end_to_end_mib_s()
+        );
+        log!(
+            "to disk: fault p50 {} ns, p99 {} ns (in RAM p99 {} ns); {} faults and {} copier rounds waited for the writer; staging {} pages, peak {} in use",
+            percentile(&self.latencies, 50),
+            percentile(&self.latencies, 99),
+            ram_p99,
+            self.report.fault_waits,
+            self.report.copier_waits,
+            d.staging_pages,
+            d.writer.peak_in_use
+        );
+        log!(
+            "one page copy while the disk takes sequential writes: p50 {} ns, p99 {} ns",
+            self.copy_under_io.p50,
+            self.copy_under_io.p99
+        );
+    }
+
+    fn fields(&self) -> Vec<(&'static str, u64)> {
+        let (r, d) = (&self.report, self.disk());
+        alloc::vec![
+            ("seq_write_mib_s", self.seq_write_mib_s),
+            ("page_copy_ns_under_io", self.copy_under_io.p50),
+            ("page_copy_ns_p99_under_io", self.copy_under_io.p99),
+            ("disk_pages", r.pages),
+            ("disk_eager_pages", r.stats.eager),
+            ("disk_fault_pages", r.stats.fault),
+            ("disk_background_pages", r.stats.background),
+            ("disk_pause_ns", r.pause_ns),
+            ("disk_total_ns", r.total_ns),
+            ("disk_complete_ns", d.complete_ns),
+            ("disk_core_bytes", d.core_bytes),
+            ("disk_written_bytes", d.writer.bytes),
+            ("disk_write_busy_ns", d.writer.busy_ns),
+            ("disk_write_mib_s", d.writer.mib_per_s()),
+            ("disk_end_to_end_mib_s", self.end_to_end_mib_s()),
+            ("disk_fault_ns_p50", percentile(&self.latencies, 50)),
+            ("disk_fault_ns_p99", percentile(&self.latencies, 99)),
+            ("disk_faults_timed", self.latencies.len() as u64),
+            ("disk_fault_waits", r.fault_waits),
+            ("disk_copier_waits", r.copier_waits),
+            ("disk_staging_pages", d.staging_pages),
+            ("disk_staging_peak", d.writer.peak_in_use),
+            ("disk_workload_ops_per_s_during", self.ops_during),
+            (
+                "disk_mismatched_pages",
+                self.verified
+                    .as_ref()
+                    .and_then(|v| v.mismatched)
+                    .unwrap_or(u64::MAX),
+            ),
+        ]
+    }
+}
+
+fn snapshot_to_disk(
+    name: &str,
+    share: u64,
+    workload: &Workload,
+    verify: bool,
+    mem_bytes: u64,
+) -> Result<DiskFigures, String> {
+    let disk = crate::virtio::disk(name).map_err(|e| alloc::format!("{e}"))?;
+    // The baseline: as many bytes as RAM, the way bench-blk writes.
+    use snapshot::block::BlockDevice;
+    let bytes = mem_bytes.min(disk.info().bytes()) / REQUEST as u64 * REQUEST as u64;
+    let mut run = crate::memory::frames::OwnedRun::alloc((WINDOW / 4096) as u64)
+        .ok_or("no memory for the baseline's buffer")?;
+    let buf = run.bytes_mut();
+    snapshot::block::fill_pattern(2, 0, buf);
+    let t = now_ns();
+    sequential(&*disk, buf, (0, bytes), true).map_err(|e| alloc::format!("{e}"))?;
+    let _ = buf;
+    let seq_write_mib_s = per_second(bytes, now_ns() - t) >> 20;
+    // Page copies timed while a thread keeps the disk writing.
+    let copy_under_io = {
+        let stop = alloc::sync::Arc::new(core::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (disk, stop) = (disk.clone(), stop.clone());
+            thread::spawn("bench-io", move || {
+                let mut run = run;
+                let buf = run.bytes_mut();
+                // Fresh data across the whole range, as a snapshot writes.
+                let mut at = 0;
+                while !stop.load(core::sync::atomic::Ordering::Relaxed) {
+                    let end = (at + WINDOW as u64).min(bytes);
+                    if sequential(&*disk, buf, (at, end), true).is_err() {
+                        break;
+                    }
+                    buf[..8].copy_from_slice(&at.to_le_bytes());
+                    at = if end == bytes { 0 } else { end };
+                }
+                run
+            })
+        };
+        thread::sleep_ns(20 * MS);
+        // Spread over about as long as a snapshot's faults are.
+        let t = memsnap::page_copy_spread_ns(4000, 200, 10 * MS);
+        stop.store(true, core::sync::atomic::Ordering::Relaxed);
+        drop(writer.join());
+        t
+    };
+    let opts = Options {
+        latencies: true,
+        copier_share_pct: share,
+        disk: Some(name.into()),
+        ..Options::default()
+    };
+    memsnap::start(&opts).map_err(|e| alloc::format!("{e}"))?;
+    let ops_start = workload.ops();
+    let report = memsnap::wait().ok_or("no report")?;
+    let latencies = memsnap::latencies();
+    if let Some(e) = &report.error {
+        let _ = memsnap::abort();
+        return Err(e.clone());
+    }
+    let ops_during = per_second(workload.ops() - ops_start, report.total_ns);
+    let _ = memsnap::release();
+    let verified = if verify {
+        let opts = Options {
+            verify: true,
+            ..opts
+        };
+        Some(complete_snapshot("verified to disk", &opts).ok_or("the verified run failed")?)
+    } else {
+        None
+    };
+    Ok(DiskFigures {
+        seq_write_mib_s,
+        copy_under_io,
+        report,
+        latencies,
+        ops_during,
+        verified,
+    })
 }
 
 /// One measured phase of `bench-blk`: elapsed time, and the disk's own
@@ -342,6 +535,46 @@ fn measure(
     Ok(phase)
 }
 
+/// Request size of the sequential phases.
+const REQUEST: usize = 1 << 20;
+/// Bytes in flight in the sequential phases (16 requests).
+const WINDOW: usize = 16 * REQUEST;
+
+/// Writes (or reads) bytes `[from, total)` of `disk` in [`REQUEST`]-sized
+/// requests, 16 in flight, through `buf` ([`WINDOW`] bytes); returns
+/// `(ops, bytes)`. `bench-blk`'s sequential phases, and the baseline the
+/// snapshot to disk is measured against.
+fn sequential(
+    disk: &dyn snapshot::block::BlockDevice,
+    buf: &mut [u8],
+    (from, total): (u64, u64),
+    write: bool,
+) -> Result<(u64, u64), snapshot::block::BlockError> {
+    use snapshot::block::Op;
+    let mut at = from;
+    let mut ops = 0;
+    while at < total {
+        let len = (buf.len() as u64).min(total - at) as usize;
+        let sector = at / 512;
+        let mut batch: Vec<Op<'_>> = buf[..len]
+            .chunks_mut(REQUEST)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let sector = sector + (i * REQUEST / 512) as u64;
+                if write {
+                    Op::Write { sector, buf: chunk }
+                } else {
+                    Op::Read { sector, buf: chunk }
+                }
+            })
+            .collect();
+        ops += batch.len() as u64;
+        disk.transfer(&mut batch, 16)?;
+        at += len as u64;
+    }
+    Ok((ops, total - from))
+}
+
 /// `bench-blk`: sequential write and read of the whole disk `bench` in
 /// 1 MiB requests 16 deep, then 4 KiB random reads at depth 1 and 32.
 /// The host adds its own read throughput of the image as the baseline.
@@ -354,8 +587,6 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
             return ExitCode::Failure;
         }
     };
-    const REQUEST: usize = 1 << 20;
-    const WINDOW: usize = 16 * REQUEST;
     let Some(mut run) = crate::memory::frames::OwnedRun::alloc((WINDOW / 4096) as u64) else {
         log!("no memory for a {} MiB buffer", WINDOW >> 20);
         return ExitCode::Failure;
@@ -364,30 +595,7 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
     snapshot::block::fill_pattern(1, 0, buf);
     let total = disk.info().bytes();
     let sectors = disk.info().sectors;
-    let mut seq = |write: bool| {
-        let mut at = 0u64;
-        let mut ops = 0;
-        while at < total {
-            let len = (WINDOW as u64).min(total - at) as usize;
-            let sector = at / 512;
-            let mut batch: Vec<Op<'_>> = buf[..len]
-                .chunks_mut(REQUEST)
-                .enumerate()
-                .map(|(i, chunk)| {
-                    let sector = sector + (i * REQUEST / 512) as u64;
-                    if write {
-                        Op::Write { sector, buf: chunk }
-                    } else {
-                        Op::Read { sector, buf: chunk }
-                    }
-                })
-                .collect();
-            ops += batch.len() as u64;
-            disk.transfer(&mut batch, 16)?;
-            at += len as u64;
-        }
-        Ok((ops, total))
-    };
+    let mut seq = |write: bool| sequential(&*disk, buf, (0, total), write);
     let result = (|| {
         let write = measure(&disk, "seq_write", || seq(true))?;
         let flush_start = now_ns();

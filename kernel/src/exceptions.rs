@@ -63,10 +63,12 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
             ),
             Verdict::SnapshotWrite { offset } => {
                 use crate::memsnap::{on_write_fault, WriteFault};
+                let since = cpu::rdtsc();
                 let mut outcome = on_write_fault(offset, true);
                 if let WriteFault::Wait(key) = outcome {
+                    let slot = crate::thread::current_slot();
                     if let Some(next) = crate::thread::block_faulting(frame, key) {
-                        crate::memsnap::note_fault_wait();
+                        crate::memsnap::note_fault_wait(slot, since);
                         return next;
                     }
                     outcome = on_write_fault(offset, false);

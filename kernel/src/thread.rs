@@ -197,6 +197,12 @@ pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<*mut TrapFrame> {
     )
 }
 
+/// The running thread's slot, or `None` if the scheduler is busy (safe to
+/// call from a fault handler: it never waits for the lock).
+pub fn current_slot() -> Option<usize> {
+    SCHED.try_lock()?.as_ref().map(|s| s.queue.current())
+}
+
 /// Makes write faults in the calling thread never wait (they take the
 /// snapshot's staging reserve): for the thread that frees staging.
 pub fn forbid_fault_waits() {

@@ -4,7 +4,9 @@
 //!
 //! Each buffer has one state word, changed only by compare-and-swap, so
 //! any interleaving of claims (from a fault handler that interrupts the
-//! writer, or from another CPU) and drains is safe:
+//! writer, or from another CPU) and drains is safe. Free buffers are also
+//! on a lock-free stack (a head word with an ABA tag, one link word per
+//! buffer), so a claim takes constant time however the writer frees them:
 //!
 //! ```text
 //! Free --claim--> Filling --publish(slot)--> Staged(slot) --take--> Writing --release--> Free
@@ -38,7 +40,8 @@ pub enum Claimant {
 
 /// The buffers' states; the buffers themselves are the caller's (buffer
 /// `i` is page `i` of its staging memory). `W` holds the words: a free
-/// count, a search hint, then one state per buffer.
+/// count, the free stack's head, one state per buffer, one free-stack link
+/// per buffer.
 #[derive(Debug)]
 pub struct Staging<W> {
     words: W,
@@ -47,13 +50,16 @@ pub struct Staging<W> {
 }
 
 const FREE_WORD: usize = 0;
-const HINT_WORD: usize = 1;
+/// The free stack's top buffer (low 32 bits, [`NIL`] when empty) and a tag
+/// (high 32 bits) bumped by every change, so a stale compare-and-swap fails.
+const HEAD_WORD: usize = 1;
 const FIRST_STATE: usize = 2;
+const NIL: u64 = u32::MAX as u64;
 
 impl<W: AsRef<[AtomicU64]>> Staging<W> {
     /// Words of storage for `buffers` buffers.
     pub fn words_for(buffers: usize) -> usize {
-        FIRST_STATE + buffers
+        FIRST_STATE + 2 * buffers
     }
 
     /// `buffers` buffers, `reserve` of them kept for [`Claimant::MustNotWait`],
@@ -64,10 +70,21 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
             words.as_ref().len() >= Self::words_for(buffers),
             "staging state storage too small"
         );
-        for w in words.as_ref() {
-            w.store(FREE, Ordering::Relaxed);
+        assert!((buffers as u64) < NIL, "too many buffers");
+        let w = words.as_ref();
+        for state in &w[FIRST_STATE..FIRST_STATE + buffers] {
+            state.store(FREE, Ordering::Relaxed);
         }
-        words.as_ref()[FREE_WORD].store(buffers as u64, Ordering::Release);
+        // Buffer i links to i + 1: claims start in address order.
+        for (i, link) in w[FIRST_STATE + buffers..FIRST_STATE + 2 * buffers]
+            .iter()
+            .enumerate()
+        {
+            let next = if i + 1 < buffers { i as u64 + 1 } else { NIL };
+            link.store(next, Ordering::Relaxed);
+        }
+        w[HEAD_WORD].store(if buffers > 0 { 0 } else { NIL }, Ordering::Relaxed);
+        w[FREE_WORD].store(buffers as u64, Ordering::Release);
         Staging {
             words,
             buffers,
@@ -81,6 +98,40 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
 
     fn free_word(&self) -> &AtomicU64 {
         &self.words.as_ref()[FREE_WORD]
+    }
+
+    fn link(&self, buffer: usize) -> &AtomicU64 {
+        &self.words.as_ref()[FIRST_STATE + self.buffers + buffer]
+    }
+
+    /// Pops the free stack; the caller has counted a free buffer, which
+    /// is on the stack (pushes come before the count goes up).
+    fn pop_free(&self) -> usize {
+        let head = &self.words.as_ref()[HEAD_WORD];
+        let mut h = head.load(Ordering::Acquire);
+        loop {
+            let top = h & NIL;
+            assert_ne!(top, NIL, "a counted free buffer is not on the stack");
+            let next = self.link(top as usize).load(Ordering::Acquire);
+            let new = ((h >> 32).wrapping_add(1) << 32) | next;
+            match head.compare_exchange_weak(h, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return top as usize,
+                Err(now) => h = now,
+            }
+        }
+    }
+
+    fn push_free(&self, buffer: usize) {
+        let head = &self.words.as_ref()[HEAD_WORD];
+        let mut h = head.load(Ordering::Acquire);
+        loop {
+            self.link(buffer).store(h & NIL, Ordering::Release);
+            let new = ((h >> 32).wrapping_add(1) << 32) | buffer as u64;
+            match head.compare_exchange_weak(h, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => h = now,
+            }
+        }
     }
 
     /// Buffers in all.
@@ -129,23 +180,10 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
                 (f > floor as u64).then(|| f - 1)
             })
             .ok()?;
-        let states = self.states();
-        let n = states.len();
-        let hint = &self.words.as_ref()[HINT_WORD];
-        let start = hint.load(Ordering::Relaxed) as usize;
-        // A buffer is free (counted above); find it. Another claimant may
-        // take the one we look at, so go round until one is ours.
-        let mut i = start;
-        loop {
-            if states[i % n]
-                .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                hint.store(((i + 1) % n) as u64, Ordering::Relaxed);
-                return Some(i % n);
-            }
-            i += 1;
-        }
+        let buffer = self.pop_free();
+        let previous = self.states()[buffer].swap(FILLING, Ordering::AcqRel);
+        assert_eq!(previous, FREE, "the free stack held a buffer in use");
+        Some(buffer)
     }
 
     /// Marks a filled buffer as holding `slot`'s page, ready for the writer.
@@ -197,6 +235,7 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
             previous, WRITING,
             "released a buffer that was not being written"
         );
+        self.push_free(buffer);
         self.free_word().fetch_add(1, Ordering::AcqRel);
     }
 }

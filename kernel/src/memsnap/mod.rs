@@ -188,6 +188,10 @@ static DMA: IrqMutex<Vec<Range<u64>>> = IrqMutex::new(Vec::new());
 static LATENCY_COUNT: AtomicU64 = AtomicU64::new(0);
 static FAULT_WAITS: AtomicU64 = AtomicU64::new(0);
 static COPIER_WAITS: AtomicU64 = AtomicU64::new(0);
+/// Threads (one bit per slot) parked by a write fault, and when each
+/// first faulted (TSC): for the fault latencies.
+static WAITING: AtomicU64 = AtomicU64::new(0);
+static WAIT_START: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 static SAMPLE_COUNT: AtomicU64 = AtomicU64::new(0);
 /// When protection went on (ns since boot): the snapshot instant.
 static INSTANT_NS: AtomicU64 = AtomicU64::new(0);
@@ -373,14 +377,27 @@ pub enum WriteFault {
 /// the physical map unless already copied, then let the write through.
 /// `may_wait` says the faulting thread could be blocked.
 pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
-    let start = crate::arch::cpu::rdtsc();
+    let mut start = crate::arch::cpu::rdtsc();
     let frame = offset / PAGE_SIZE;
     let outcome = SESSION.with(|s| {
         if may_wait && s.must_wait(frame) {
             return None;
         }
+        // A retry after waiting for room: the latency runs from the first
+        // fault, so the wait counts.
+        let waited = s.latencies.is_some() && WAITING.load(Ordering::Relaxed) != 0;
+        let mut retried = false;
+        if let Some(slot) = waited.then(thread::current_slot).flatten() {
+            let bit = 1u64 << (slot % 64);
+            if WAITING.fetch_and(!bit, Ordering::Relaxed) & bit != 0 {
+                start = WAIT_START[slot % 64].load(Ordering::Relaxed);
+                retried = true;
+            }
+        }
         let outcome = s.snap.on_write_fault(s, frame);
-        if let (Some(lat), FaultOutcome::Copied) = (&s.latencies, outcome) {
+        if let (Some(lat), FaultOutcome::Copied, _) | (Some(lat), _, true) =
+            (&s.latencies, outcome, retried)
+        {
             let i = LATENCY_COUNT.fetch_add(1, Ordering::Relaxed);
             if i < LATENCY_CAPACITY {
                 let ns = crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - start);
@@ -396,10 +413,15 @@ pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
     }
 }
 
-/// Counts a write fault that blocked its thread for room (called by the
-/// fault path once the thread is parked).
-pub fn note_fault_wait() {
+/// Counts a write fault that blocked thread `slot` for room, from time
+/// `since` (TSC): called by the fault path once the thread is parked, so
+/// its retry can record the whole latency.
+pub fn note_fault_wait(slot: Option<usize>, since: u64) {
     FAULT_WAITS.fetch_add(1, Ordering::Relaxed);
+    if let Some(slot) = slot {
+        WAIT_START[slot % 64].store(since, Ordering::Relaxed);
+        WAITING.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+    }
 }
 
 /// Called by the frame allocator for each frame it hands out: a frame of an
@@ -695,6 +717,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     );
     LATENCY_COUNT.store(0, Ordering::Relaxed);
     FAULT_WAITS.store(0, Ordering::Relaxed);
+    WAITING.store(0, Ordering::Relaxed);
     COPIER_WAITS.store(0, Ordering::Relaxed);
     SAMPLE_COUNT.store(0, Ordering::Relaxed);
     ABORT.store(false, Ordering::Relaxed);
@@ -1205,6 +1228,13 @@ pub fn stop_and_copy(opts: &Options) -> Result<(u64, u64), StartError> {
 /// (median of `rounds`), the unit the fault latency is judged in. Like a
 /// fault, each copy moves a different page into a different slot.
 pub fn page_copy_ns(rounds: usize) -> CopyTime {
+    page_copy_spread_ns(rounds, 1, 0)
+}
+
+/// Like [`page_copy_ns`], with the copies in `bursts` bursts `gap_ns`
+/// apart, so the sample spans as long as a snapshot does and meets what
+/// happens meanwhile (the host's own I/O, for one).
+pub fn page_copy_spread_ns(rounds: usize, bursts: usize, gap_ns: u64) -> CopyTime {
     let Some(store) = RamStore::alloc(rounds as u64) else {
         return CopyTime::default();
     };
@@ -1216,12 +1246,21 @@ pub fn page_copy_ns(rounds: usize) -> CopyTime {
         let _irq = IrqOff::new();
         store.save(source.frame(slot), slot);
     }
-    median_copy_ns(
-        &store,
-        (0..rounds as u64).map(|slot| (source.frame((slot * 7) % rounds as u64), slot)),
-    )
+    let per_burst = rounds.div_ceil(bursts.max(1));
+    let mut times = Vec::with_capacity(rounds);
+    for burst in (0..rounds as u64).collect::<Vec<_>>().chunks(per_burst) {
+        times.extend(copy_times(
+            &store,
+            burst
+                .iter()
+                .map(|&slot| (source.frame((slot * 7) % rounds as u64), slot)),
+        ));
+        if gap_ns > 0 {
+            thread::sleep_ns(gap_ns);
+        }
+    }
+    CopyTime::of(times)
 }
-
 /// Like [`page_copy_ns`], but the way a write fault meets its pages: random
 /// source frames across all of RAM's range and random storage slots, so
 /// neither is likely in the host's caches. Reported beside the warm figure
@@ -1245,25 +1284,19 @@ pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
             )
         })
         .collect();
-    median_copy_ns(store, pairs.into_iter())
+    CopyTime::of(copy_times(store, pairs.into_iter()))
 }
 
-/// The median and 99th percentile of `store.save(frame, slot)` over `pairs`.
-fn median_copy_ns(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> CopyTime {
-    let mut times: Vec<u64> = pairs
+/// The time of each `store.save(frame, slot)` over `pairs`, ns.
+fn copy_times(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> Vec<u64> {
+    pairs
         .map(|(frame, slot)| {
             let _irq = IrqOff::new();
             let t = crate::arch::cpu::rdtsc();
             store.save(frame, slot);
             crate::clock::cycles_to_ns(crate::arch::cpu::rdtsc() - t)
         })
-        .collect();
-    times.sort_unstable();
-    let at = |p: usize| times.get(times.len() * p / 100).copied().unwrap_or(0);
-    CopyTime {
-        p50: at(50),
-        p99: at(99),
-    }
+        .collect()
 }
 
 /// The time one 4 KiB page copy takes.
@@ -1273,4 +1306,15 @@ pub struct CopyTime {
     pub p50: u64,
     /// 99th percentile, ns: the copy's own spread.
     pub p99: u64,
+}
+
+impl CopyTime {
+    fn of(mut times: Vec<u64>) -> Self {
+        times.sort_unstable();
+        let at = |p: usize| times.get(times.len() * p / 100).copied().unwrap_or(0);
+        CopyTime {
+            p50: at(50),
+            p99: at(99),
+        }
+    }
 }
