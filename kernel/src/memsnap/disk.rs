@@ -471,7 +471,11 @@ fn writer(s: &Shared) {
         s.busy_ns.fetch_add(now_ns() - t0, Ordering::Relaxed);
         drop(ops);
         let pages = taken.len() as u64;
-        for t in taken.drain(..) {
+        // Highest slot first: free buffers are a stack, so the next claims
+        // (the copier's, in slot order) get these back in ascending order,
+        // and consecutive slots stay back to back in memory, which lets
+        // the driver give a run of them one descriptor.
+        while let Some(t) = taken.pop() {
             s.staging.release(t);
         }
         match result {

@@ -629,7 +629,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                 }
                 break;
             };
-            piece.extend_from_slice(part);
+            append_merged(piece, part, self.limits.max_segment);
             total += bytes;
             plan.push((j, after, bytes));
             let end = state.next_sector + (bytes / SECTOR_SIZE) as u64;
@@ -688,6 +688,25 @@ enum Submitted {
     Blocked,
 }
 
+/// Appends `part` to a request's `piece`, joining a segment that starts
+/// where the previous one ends in memory into one descriptor while it stays
+/// within `max_segment` bytes: gathered buffers that sit back to back (a
+/// staging area's consecutive pages) then take one descriptor, not one per
+/// buffer, and leave the queue room for more requests in flight.
+pub fn append_merged(piece: &mut Vec<Segment>, part: &[Segment], max_segment: u32) {
+    for seg in part {
+        match piece.last_mut() {
+            Some(last)
+                if last.addr + u64::from(last.len) == seg.addr
+                    && u64::from(last.len) + u64::from(seg.len) <= u64::from(max_segment) =>
+            {
+                last.len += seg.len;
+            }
+            _ => piece.push(*seg),
+        }
+    }
+}
+
 /// Cuts the next request from `segments` starting at `cursor` (segment
 /// index, offset in it) within `limits`, into `out`. Returns its length in
 /// bytes (whole sectors) and the cursor after it, or `None` if not even one
@@ -740,6 +759,32 @@ pub fn next_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn back_to_back_segments_share_a_descriptor() {
+        let mut piece = alloc::vec![seg(0x1000, 0x1000)];
+        append_merged(
+            &mut piece,
+            &[seg(0x2000, 0x1000), seg(0x4000, 0x1000)],
+            0x3000,
+        );
+        assert_eq!(piece, [seg(0x1000, 0x2000), seg(0x4000, 0x1000)]);
+        append_merged(
+            &mut piece,
+            &[seg(0x5000, 0x1000), seg(0x6000, 0x1000)],
+            0x3000,
+        );
+        assert_eq!(
+            piece,
+            [seg(0x1000, 0x2000), seg(0x4000, 0x3000)],
+            "joined up to the segment limit"
+        );
+        append_merged(&mut piece, &[seg(0x7000, 0x200)], 0x3000);
+        assert_eq!(piece.len(), 3, "never past the segment limit");
+        let mut empty = alloc::vec![];
+        append_merged(&mut empty, &[seg(0x9000, 0x200)], 0x200);
+        assert_eq!(empty, [seg(0x9000, 0x200)]);
+    }
 
     fn seg(addr: u64, len: u32) -> Segment {
         Segment { addr, len }
