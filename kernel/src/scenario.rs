@@ -134,20 +134,27 @@ fn demo() -> ExitCode {
     verdict
 }
 
+/// The workload a snapshot scenario runs under: three threads writing a
+/// thirty-second of free memory each (1 to 32 MiB), given 100 ms to get
+/// going. Logs `what` the scenario does; `None` (logged) without memory.
+fn snapshot_workload(what: &str, seed: u64) -> Option<Workload> {
+    let (free, _) = memory::frames::stats();
+    let each = (free * 4096 / 32).clamp(1 << 20, 32 << 20);
+    crate::log!("{what} while 3 threads write {} MiB each:", each >> 20);
+    let Some(workload) = Workload::start(3, each, seed) else {
+        crate::log!("no memory for the workload");
+        return None;
+    };
+    thread::sleep_ns(100_000_000);
+    Some(workload)
+}
+
 /// A live snapshot of a running workload, verified against a stop-the-world
 /// reference, with its timeline as trace records.
 fn live_snapshot_demo() -> ExitCode {
-    let (free, _) = memory::frames::stats();
-    let each = (free * 4096 / 32).clamp(1 << 20, 32 << 20);
-    crate::log!(
-        "live snapshot of all RAM while 3 threads write {} MiB each:",
-        each >> 20
-    );
-    let Some(workload) = Workload::start(3, each, 2024) else {
-        crate::log!("no memory for the workload");
+    let Some(workload) = snapshot_workload("live snapshot of all RAM", 2024) else {
         return ExitCode::Failure;
     };
-    thread::sleep_ns(100_000_000);
     let opts = memsnap::Options {
         verify: true,
         latencies: true,
@@ -231,17 +238,10 @@ pub static SNAPSHOT_MARK: AtomicU64 = AtomicU64::new(0);
 /// `memsnap.core` trace record giving the file's length, which the host
 /// tool copies off the disk image.
 fn snapshot_to_disk(disk: &str) -> ExitCode {
-    let (free, _) = memory::frames::stats();
-    let each = (free * 4096 / 32).clamp(1 << 20, 32 << 20);
-    crate::log!(
-        "live snapshot of all RAM to disk {disk:?} while 3 threads write {} MiB each",
-        each >> 20
-    );
-    let Some(workload) = Workload::start(3, each, 2025) else {
-        crate::log!("no memory for the workload");
+    let what = alloc::format!("live snapshot of all RAM to disk {disk:?}");
+    let Some(workload) = snapshot_workload(&what, 2025) else {
         return ExitCode::Failure;
     };
-    thread::sleep_ns(100_000_000);
     let opts = memsnap::Options {
         verify: true,
         latencies: true,
