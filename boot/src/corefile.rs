@@ -40,7 +40,9 @@ pub fn extract(
 ) -> Result<Core, String> {
     use std::io::Write;
     let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    let mut from = std::fs::File::open(image).map_err(|e| at(image, e))?;
+    // Refuse before copying anything if the image holds no finished core.
+    inspect(image)?;
+    let from = std::fs::File::open(image).map_err(|e| at(image, e))?;
     let available = from.metadata().map_err(|e| at(image, e))?.len();
     if available < len {
         return Err(format!(
@@ -48,15 +50,7 @@ pub fn extract(
             image.display()
         ));
     }
-    // Refuse before copying anything if the image holds no finished core.
-    let mut head = vec![0u8; 64];
-    from.read_exact(&mut head).map_err(|e| at(image, e))?;
-    if elfcore::classify(&head) != Kind::Complete {
-        return Err(inspect(image).err().unwrap_or_default());
-    }
-    let mut from = std::fs::File::open(image)
-        .map_err(|e| at(image, e))?
-        .take(len);
+    let mut from = from.take(len);
     let mut to = std::fs::File::create(out).map_err(|e| at(out, e))?;
     let mut buf = vec![0u8; 8 << 20];
     let mut done = 0;

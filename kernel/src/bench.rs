@@ -389,7 +389,6 @@ fn snapshot_to_disk(
     snapshot::block::fill_pattern(2, 0, buf);
     let t = now_ns();
     sequential(&*disk, buf, (0, bytes), true).map_err(|e| alloc::format!("{e}"))?;
-    let _ = buf;
     let seq_write_mib_s = per_second(bytes, now_ns() - t) >> 20;
     // Page copies timed while a thread keeps the disk writing.
     let copy_under_io = {

@@ -66,8 +66,7 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
                 let since = cpu::rdtsc();
                 let mut outcome = on_write_fault(offset, true);
                 if let WriteFault::Wait(key) = outcome {
-                    let slot = crate::thread::current_slot();
-                    if let Some(next) = crate::thread::block_faulting(frame, key) {
+                    if let Some((slot, next)) = crate::thread::block_faulting(frame, key) {
                         crate::memsnap::note_fault_wait(slot, since);
                         return next;
                     }

@@ -166,8 +166,8 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
 }
 
 /// Blocks the thread a write fault interrupted until [`wake_all`] with
-/// `key`, and returns the frame to resume instead (another thread's). When
-/// the thread runs again it re-executes the faulting write.
+/// `key`, and returns its slot and the frame to resume instead (another
+/// thread's). When the thread runs again it re-executes the faulting write.
 ///
 /// The fault's frame sits on the page-fault handler's own stack, which the
 /// next fault reuses, so it is first moved onto the thread's stack
@@ -178,7 +178,7 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
 ///
 /// The caller checks the condition it waits for and calls this with
 /// interrupts still off, so no wake-up is lost.
-pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<*mut TrapFrame> {
+pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<(usize, *mut TrapFrame)> {
     const IF: u64 = 1 << 9;
     if frame.rflags & IF == 0 {
         return None;
@@ -191,10 +191,10 @@ pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<*mut TrapFrame> {
     }
     let moved = crate::arch::trap::move_below_rsp(frame)?;
     s.ticks_in_slice = 0;
-    Some(
-        s.queue
-            .switch(moved, Why::Block(key), crate::clock::now_ns()) as *mut TrapFrame,
-    )
+    let next = s
+        .queue
+        .switch(moved, Why::Block(key), crate::clock::now_ns());
+    Some((current, next as *mut TrapFrame))
 }
 
 /// The running thread's slot, or `None` if the scheduler is busy (safe to

@@ -80,7 +80,6 @@ impl WriterStats {
 pub struct Shared {
     disk: Arc<dyn BlockDevice>,
     staging: StagingArea,
-    data_start: u64,
     slots: u64,
     loads: Vec<Load>,
     layout: Layout,
@@ -216,7 +215,6 @@ impl DiskStore {
         let shared = Arc::new(Shared {
             disk,
             staging,
-            data_start: layout.data_start,
             slots,
             loads,
             layout,
@@ -241,11 +239,6 @@ impl DiskStore {
     /// The state shared with the writer, for draining and verifying.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
-    }
-
-    /// Staging pages.
-    pub fn staging_pages(&self) -> u64 {
-        self.shared.staging.len() as u64
     }
 }
 
@@ -326,6 +319,16 @@ impl Shared {
         )
     }
 
+    /// Staging pages.
+    pub fn staging_pages(&self) -> u64 {
+        self.staging.len() as u64
+    }
+
+    /// The disk sector where `slot`'s page goes.
+    fn sector(&self, slot: u64) -> u64 {
+        (self.layout.data_start + slot * PAGE_SIZE) / SECTOR_SIZE as u64
+    }
+
     /// The core file's length.
     pub fn total(&self) -> u64 {
         self.layout.total
@@ -375,8 +378,7 @@ impl Shared {
     /// hashes each (verification, after [`Self::complete`]).
     pub fn read_hashes(&self, first: u64, hashes: &mut [u64]) -> Result<(), BlockError> {
         let mut buf = alloc::vec![0u8; hashes.len() * PAGE_SIZE as usize];
-        let sector = (self.data_start + first * PAGE_SIZE) / SECTOR_SIZE as u64;
-        self.disk.read(sector, &mut buf)?;
+        self.disk.read(self.sector(first), &mut buf)?;
         let mut words = [0u64; 512];
         for (hash, page) in hashes.iter_mut().zip(buf.chunks(PAGE_SIZE as usize)) {
             for (w, b) in words.iter_mut().zip(page.chunks_exact(8)) {
@@ -462,7 +464,7 @@ fn writer(s: &Shared) {
         let mut ops: Vec<Op<'_>> = taken
             .iter()
             .map(|t| Op::Write {
-                sector: (s.data_start + t.slot * PAGE_SIZE) / SECTOR_SIZE as u64,
+                sector: s.sector(t.slot),
                 buf: s.staging.page(t),
             })
             .collect();

@@ -416,12 +416,10 @@ pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
 /// Counts a write fault that blocked thread `slot` for room, from time
 /// `since` (TSC): called by the fault path once the thread is parked, so
 /// its retry can record the whole latency.
-pub fn note_fault_wait(slot: Option<usize>, since: u64) {
+pub fn note_fault_wait(slot: usize, since: u64) {
     FAULT_WAITS.fetch_add(1, Ordering::Relaxed);
-    if let Some(slot) = slot {
-        WAIT_START[slot % 64].store(since, Ordering::Relaxed);
-        WAITING.fetch_or(1 << (slot % 64), Ordering::Relaxed);
-    }
+    WAIT_START[slot % 64].store(since, Ordering::Relaxed);
+    WAITING.fetch_or(1 << (slot % 64), Ordering::Relaxed);
 }
 
 /// Called by the frame allocator for each frame it hands out: a frame of an
@@ -698,8 +696,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         Storage::Ram(store) => (alloc::boxed::Box::new(store), None),
         Storage::Disk(store) => {
             let shared = store.shared();
-            let staging = store.staging_pages();
-            (alloc::boxed::Box::new(store), Some((shared, staging)))
+            (alloc::boxed::Box::new(store), Some(shared))
         }
     };
     let session = Session {
@@ -853,10 +850,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     Ok(report)
 }
 
-/// The disk store's shared state and its staging pages, for the copier.
-type DiskHandle = Option<(Arc<disk::Shared>, u64)>;
-
-fn copier(share_pct: u64, disk: DiskHandle) {
+fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
     let rest_ns = COPIER_BURST_NS * (100 - share_pct) / share_pct;
     let mut busy_ns = 0;
     loop {
@@ -910,9 +904,9 @@ fn copier(share_pct: u64, disk: DiskHandle) {
 /// Ends a snapshot whose store failed: the phase becomes `Failed` and the
 /// report says why. Protection stays until [`abort`]; writes still get
 /// through (the fault path copies nothing into a failed store).
-fn fail(disk: Option<&(Arc<disk::Shared>, u64)>) {
+fn fail(disk: Option<&Arc<disk::Shared>>) {
     let why = disk
-        .and_then(|(d, _)| d.error())
+        .and_then(|d| d.error())
         .unwrap_or_else(|| String::from("the snapshot store failed"));
     crate::log!("memsnap: snapshot failed: {why}");
     crate::trace!("memsnap.failed");
@@ -944,7 +938,7 @@ fn complete_on_disk(d: &disk::Shared, total_ns: u64) -> Result<u64, String> {
 
 /// Compares every slot's copy with the reference taken at the instant;
 /// returns the mismatches, or `None` without verification.
-fn count_mismatches(disk: Option<&(Arc<disk::Shared>, u64)>) -> Option<u64> {
+fn count_mismatches(disk: Option<&Arc<disk::Shared>>) -> Option<u64> {
     let len = SESSION.with(|s| s.reference.is_some().then(|| s.snap.index().len()))??;
     let mut mismatched = 0;
     let mut check = |slot: u64, hash: u64| {
@@ -966,7 +960,7 @@ fn count_mismatches(disk: Option<&(Arc<disk::Shared>, u64)>) -> Option<u64> {
         }
     };
     match disk {
-        Some((d, _)) => {
+        Some(d) => {
             const CHUNK: u64 = 256;
             let mut hashes = alloc::vec![0u64; CHUNK as usize];
             let mut first = 0;
@@ -995,18 +989,18 @@ fn count_mismatches(disk: Option<&(Arc<disk::Shared>, u64)>) -> Option<u64> {
     Some(mismatched)
 }
 
-fn finish(copier_busy_ns: u64, disk: Option<&(Arc<disk::Shared>, u64)>) {
+fn finish(copier_busy_ns: u64, disk: Option<&Arc<disk::Shared>>) {
     let end = now_ns();
     let total_ns = end - INSTANT_NS.load(Ordering::Relaxed);
     let mut disk_report = None;
-    if let Some((d, staging_pages)) = disk {
+    if let Some(d) = disk {
         match complete_on_disk(d, total_ns) {
             Ok(complete_ns) => {
                 disk_report = Some(DiskReport {
                     core_bytes: d.total(),
                     writer: d.stats(),
                     complete_ns,
-                    staging_pages: *staging_pages,
+                    staging_pages: d.staging_pages(),
                 });
                 crate::trace!(
                     "memsnap.core",
@@ -1248,12 +1242,11 @@ pub fn page_copy_spread_ns(rounds: usize, bursts: usize, gap_ns: u64) -> CopyTim
     }
     let per_burst = rounds.div_ceil(bursts.max(1));
     let mut times = Vec::with_capacity(rounds);
-    for burst in (0..rounds as u64).collect::<Vec<_>>().chunks(per_burst) {
+    for first in (0..rounds).step_by(per_burst) {
+        let burst = first as u64..(first + per_burst).min(rounds) as u64;
         times.extend(copy_times(
             &store,
-            burst
-                .iter()
-                .map(|&slot| (source.frame((slot * 7) % rounds as u64), slot)),
+            burst.map(|slot| (source.frame((slot * 7) % rounds as u64), slot)),
         ));
         if gap_ns > 0 {
             thread::sleep_ns(gap_ns);
