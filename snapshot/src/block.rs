@@ -407,6 +407,14 @@ impl MemDisk {
         }
     }
 
+    /// A writable disk holding `bytes`, padded with zeros to whole
+    /// sectors (as QEMU shows a file whose length is not).
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Self {
+        let disk = MemDisk::new(name, bytes.len().div_ceil(SECTOR_SIZE) as u64);
+        disk.state.lock().data[..bytes.len()].copy_from_slice(bytes);
+        disk
+    }
+
     /// The same disk, read-only.
     pub fn read_only(mut self) -> Self {
         self.info.read_only = true;

@@ -15,6 +15,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod backup;
 pub mod block;
 pub mod cmdline;
 pub mod elfcore;
@@ -22,9 +23,11 @@ pub mod fault;
 pub mod frames;
 pub mod memsnap;
 pub mod pci;
+pub mod qcow2;
 pub mod rng;
 pub mod sched;
 pub mod staging;
+pub mod tape;
 pub mod trace;
 pub mod units;
 pub mod virtio;

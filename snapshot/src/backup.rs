@@ -1,0 +1,620 @@
+//! Compact backup of a thin-provisioned qcow2 disk, and its restore.
+//!
+//! The backup follows the method step by step:
+//!
+//! 1. **Table 1** is the source's own L1/L2 tables ([`qcow2::open`]).
+//! 2. **Table 2** maps each virtual cluster holding data to a cluster of a
+//!    dense *copy area* on a scratch disk, in virtual order, with unused
+//!    entries dropped ([`table2`]). The copy area is sized to the data.
+//! 3. **Table 3** maps each copy cluster to the block of the medium that
+//!    will hold it ([`tape::Layout::table3`]).
+//! 4. **Copy**: each data cluster is read from the source (where table 1
+//!    says) and written to the copy area (where table 2 says).
+//! 5. **Stream**: header, table 1, table 2, then the copy area extent by
+//!    extent (where table 3 says) and a trailer go to the medium in one
+//!    sequential pass, followed by a flush.
+//!
+//! [`restore`] reads the medium front to back, checks every checksum and
+//! table, and writes a raw image or a fresh qcow2 image.
+//!
+//! The engine works on [`BlockDevice`]s, so host tests run it on
+//! in-memory disks and the kernel on virtio-blk disks. It must never write
+//! to the source, and never write the medium anywhere but at the end of
+//! what it has written so far.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::block::{BlockDevice, BlockError, Op};
+use crate::qcow2::{self, Cluster, NewImage, Qcow2Error, Table1};
+use crate::tape::{
+    self, checksum, Digest, ExtentHeader, Header, Layout, MediumError, Run, Trailer, BLOCK,
+    HEADER_BYTES,
+};
+
+/// Bytes moved per batch of requests.
+const WINDOW: u64 = 4 << 20;
+/// Requests in flight per batch.
+const DEPTH: usize = 32;
+
+/// Why a backup or restore stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The source image cannot be read.
+    Source(Qcow2Error),
+    /// The source reads part of its data from a backing file, which the
+    /// backup cannot see.
+    Backing(String),
+    /// A disk failed.
+    Io(BlockError),
+    /// A disk is too small: which, and how many bytes the job needs.
+    TooSmall {
+        /// The disk's name.
+        disk: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes it has.
+        have: u64,
+    },
+    /// The medium cannot be restored.
+    Medium(MediumError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Source(e) => write!(f, "source: {e}"),
+            Error::Backing(name) => write!(
+                f,
+                "source: has a backing file ({name}); its unallocated clusters \
+                 read from there, which this backup cannot see (flatten it first: \
+                 qemu-img convert -O qcow2 SRC FLAT)"
+            ),
+            Error::Io(e) => write!(f, "{e}"),
+            Error::TooSmall { disk, need, have } => write!(
+                f,
+                "disk \"{disk}\" too small: needs {need} bytes, has {have}"
+            ),
+            Error::Medium(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<BlockError> for Error {
+    fn from(e: BlockError) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<MediumError> for Error {
+    fn from(e: MediumError) -> Self {
+        Error::Medium(e)
+    }
+}
+
+/// The stage a progress report belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Source to copy area.
+    Copy,
+    /// Copy area to medium.
+    Stream,
+    /// Medium to output.
+    Restore,
+}
+
+impl Stage {
+    /// Its name in traces and progress lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Copy => "copy",
+            Stage::Stream => "stream",
+            Stage::Restore => "restore",
+        }
+    }
+}
+
+/// Progress: `(stage, bytes done, bytes in the stage)`.
+pub type Progress<'a> = &'a mut dyn FnMut(Stage, u64, u64);
+
+/// Builds table 2 from table 1: every virtual cluster holding data gets
+/// the next copy cluster, in virtual order; zero and unallocated clusters
+/// get none. Consecutive virtual clusters form one run.
+pub fn table2(t1: &Table1) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut copy = 0;
+    for (vc, c) in t1.clusters() {
+        if let Cluster::Data(_) = c {
+            match runs.last_mut() {
+                Some(r) if r.from + r.len == vc => r.len += 1,
+                _ => runs.push(Run {
+                    from: vc,
+                    to: copy,
+                    len: 1,
+                }),
+            }
+            copy += 1;
+        }
+    }
+    runs
+}
+
+/// Everything a backup decides before it moves data.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The source, read and checked.
+    pub image: qcow2::Image,
+    /// Table 2.
+    pub table2: Vec<Run>,
+    /// The medium's layout (table 3 follows from it).
+    pub layout: Layout,
+    /// Table 3.
+    pub table3: Vec<Run>,
+}
+
+impl Plan {
+    /// Reads the source and builds tables 2 and 3.
+    pub fn new<S: BlockDevice + ?Sized>(source: &S) -> Result<Plan, Error> {
+        let image = qcow2::open(source).map_err(Error::Source)?;
+        if let Some(name) = &image.header.backing_file {
+            return Err(Error::Backing(name.clone()));
+        }
+        let table2 = table2(&image.table1);
+        let layout = Layout {
+            cluster_bits: image.header.cluster_bits,
+            data_clusters: table2.iter().map(|r| r.len).sum(),
+            table1_bytes: tape::table1_bytes(&image.table1),
+            table2_runs: table2.len() as u64,
+        };
+        Ok(Plan {
+            table3: layout.table3(),
+            image,
+            table2,
+            layout,
+        })
+    }
+
+    /// Bytes of the copy area.
+    pub fn copy_bytes(&self) -> u64 {
+        self.layout.data_clusters * self.layout.cluster_size()
+    }
+}
+
+/// What a finished backup did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// The source's virtual size.
+    pub virtual_bytes: u64,
+    /// Bytes of data clusters copied.
+    pub data_bytes: u64,
+    /// Bytes written to the medium: the stream's length.
+    pub medium_bytes: u64,
+    /// Runs in table 2.
+    pub table2_runs: u64,
+    /// Extents on the medium.
+    pub extents: u64,
+}
+
+fn need(disk: &dyn BlockDevice, bytes: u64) -> Result<(), Error> {
+    let have = disk.info().bytes();
+    if have < bytes {
+        return Err(Error::TooSmall {
+            disk: disk.info().name.clone(),
+            need: bytes,
+            have,
+        });
+    }
+    Ok(())
+}
+
+fn depth(d: &dyn BlockDevice) -> usize {
+    d.info().max_depth.clamp(1, DEPTH)
+}
+
+/// Backs `source` up to `tape` through the copy area on `scratch`.
+/// Nothing is written before the sizes of both disks are checked.
+pub fn backup(
+    source: &dyn BlockDevice,
+    scratch: &dyn BlockDevice,
+    tape: &dyn BlockDevice,
+    progress: Progress<'_>,
+) -> Result<BackupSummary, Error> {
+    let plan = Plan::new(source)?;
+    need(scratch, plan.copy_bytes())?;
+    need(tape, plan.layout.stream_bytes())?;
+    copy(&plan, source, scratch, progress)?;
+    stream(&plan, scratch, tape, progress)?;
+    Ok(BackupSummary {
+        virtual_bytes: plan.image.header.virtual_size,
+        data_bytes: plan.copy_bytes(),
+        medium_bytes: plan.layout.stream_bytes(),
+        table2_runs: plan.table2.len() as u64,
+        extents: plan.layout.extents(),
+    })
+}
+
+/// Step 4: source clusters (table 1) into the copy area (table 2), a
+/// window at a time; contiguous host clusters share one read.
+fn copy(
+    plan: &Plan,
+    source: &dyn BlockDevice,
+    scratch: &dyn BlockDevice,
+    progress: Progress<'_>,
+) -> Result<(), Error> {
+    let cs = plan.layout.cluster_size();
+    let file_len = plan.image.file_len;
+    let per_window = (WINDOW / cs).max(1);
+    let total = plan.copy_bytes();
+    let mut buf = vec![0u8; (per_window * cs) as usize];
+    // (copy cluster, host offset) in copy order.
+    let mut clusters = plan.table2.iter().flat_map(|r| {
+        (0..r.len).map(move |i| {
+            let host = match plan.image.table1.lookup(r.from + i) {
+                Some(Cluster::Data(host)) => host,
+                // table2() only lists data clusters.
+                _ => unreachable!("table 2 names a cluster without data"),
+            };
+            (r.to + i, host)
+        })
+    });
+    let mut done = 0;
+    while done < plan.layout.data_clusters {
+        let n = per_window.min(plan.layout.data_clusters - done);
+        let window = &mut buf[..(n * cs) as usize];
+        // Runs of contiguous host clusters: (host, first index, count).
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for i in 0..n {
+            let (c, host) = clusters
+                .next()
+                .expect("table 2 holds data_clusters entries");
+            debug_assert_eq!(c, done + i);
+            match runs.last_mut() {
+                Some((h, _, k)) if *h + *k * cs == host => *k += 1,
+                _ => runs.push((host, i, 1)),
+            }
+        }
+        let mut ops = Vec::with_capacity(runs.len());
+        let mut rest: &mut [u8] = window;
+        let mut at = 0;
+        for &(host, i, k) in &runs {
+            debug_assert_eq!(i, at);
+            let (piece, tail) = rest.split_at_mut((k * cs) as usize);
+            rest = tail;
+            at += k;
+            // A last cluster that the file ends inside reads as zeros
+            // past the end.
+            let len = (k * cs).min(file_len - host) as usize;
+            piece[len..].fill(0);
+            ops.push(Op::Read {
+                sector: host / 512,
+                buf: &mut piece[..len],
+            });
+        }
+        source.transfer(&mut ops, depth(source))?;
+        drop(ops);
+        scratch.write(done * cs / 512, window)?;
+        done += n;
+        progress(Stage::Copy, done * cs, total);
+    }
+    Ok(())
+}
+
+/// Step 5: header and tables, then the copy area extent by extent as
+/// table 3 places it, then the trailer; all sequential, then a flush.
+fn stream(
+    plan: &Plan,
+    scratch: &dyn BlockDevice,
+    tape: &dyn BlockDevice,
+    progress: Progress<'_>,
+) -> Result<(), Error> {
+    let layout = &plan.layout;
+    let cs = layout.cluster_size();
+    let t1 = tape::encode_table1(&plan.image.table1);
+    let t2 = tape::encode_runs(&plan.table2);
+    let header = Header {
+        layout: *layout,
+        virtual_size: plan.image.header.virtual_size,
+        source_bytes: plan.image.file_len,
+        table1_checksum: checksum(&t1),
+        table2_checksum: checksum(&t2),
+    }
+    .encode();
+    let mut front = vec![0u8; layout.data_offset() as usize];
+    front[..HEADER_BYTES as usize].copy_from_slice(&header);
+    let t1_at = layout.table1_offset() as usize;
+    front[t1_at..t1_at + t1.len()].copy_from_slice(&t1);
+    let t2_at = layout.table2_offset() as usize;
+    front[t2_at..t2_at + t2.len()].copy_from_slice(&t2);
+    let mut written = 0u64;
+    for piece in front.chunks(WINDOW as usize) {
+        tape.write(written / 512, piece)?;
+        written += piece.len() as u64;
+    }
+    drop(front);
+
+    let extents_per_window = (WINDOW / (layout.extent_clusters() * cs)).max(1);
+    let stride = BLOCK + layout.extent_clusters() * cs;
+    let mut buf = vec![0u8; (extents_per_window * stride) as usize];
+    let mut digest = Digest::default();
+    let total = plan.copy_bytes();
+    let mut k = 0;
+    while k < plan.table3.len() {
+        let runs = &plan.table3[k..(k + extents_per_window as usize).min(plan.table3.len())];
+        // Lay the window out as it goes on the medium: header, data, ...
+        let mut pieces = Vec::with_capacity(runs.len());
+        let mut rest: &mut [u8] = &mut buf;
+        for r in runs {
+            let (head, tail) = rest.split_at_mut(BLOCK as usize);
+            let (data, tail) = tail.split_at_mut((r.len * cs) as usize);
+            rest = tail;
+            pieces.push((r, head, data));
+        }
+        let mut ops: Vec<Op<'_>> = pieces
+            .iter_mut()
+            .map(|(r, _, data)| Op::Read {
+                sector: r.from * cs / 512,
+                buf: data,
+            })
+            .collect();
+        scratch.transfer(&mut ops, depth(scratch))?;
+        drop(ops);
+        let mut len = 0;
+        for (i, (r, head, data)) in pieces.iter_mut().enumerate() {
+            let sum = checksum(data);
+            digest.add(sum);
+            debug_assert_eq!(r.to * BLOCK, written + len + BLOCK);
+            ExtentHeader {
+                index: (k + i) as u64,
+                first: r.from,
+                clusters: r.len,
+                data_at: r.to * BLOCK,
+                data_checksum: sum,
+            }
+            .encode_into(head);
+            len += BLOCK + data.len() as u64;
+        }
+        tape.write(written / 512, &buf[..len as usize])?;
+        written += len;
+        k += runs.len();
+        progress(
+            Stage::Stream,
+            plan.table3[k - 1].from * cs + plan.table3[k - 1].len * cs,
+            total,
+        );
+    }
+    debug_assert_eq!(written, layout.trailer_offset());
+    let trailer = Trailer {
+        extents: layout.extents(),
+        data_clusters: layout.data_clusters,
+        stream_bytes: layout.stream_bytes(),
+        header_checksum: u64::from_le_bytes(header[4088..].try_into().expect("8 bytes")),
+        digest: digest.value(),
+    };
+    tape.write(written / 512, &trailer.encode())?;
+    tape.flush()?;
+    if total == 0 {
+        progress(Stage::Stream, 0, 0);
+    }
+    Ok(())
+}
+
+/// The output format of a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A raw image of the virtual size.
+    Raw,
+    /// A new qcow2 version 3 image.
+    Qcow2,
+}
+
+impl Format {
+    /// Parses `raw` or `qcow2`.
+    pub fn parse(text: &str) -> Option<Format> {
+        match text {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// What a finished restore did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreSummary {
+    /// The restored disk's virtual size.
+    pub virtual_bytes: u64,
+    /// Bytes of data restored.
+    pub data_bytes: u64,
+    /// Bytes of the output that matter: the qcow2 file's length, or the
+    /// virtual size for raw.
+    pub out_bytes: u64,
+}
+
+/// The front of a medium, read and checked: header and tables.
+#[derive(Debug, Clone)]
+pub struct Front {
+    /// The header.
+    pub header: Header,
+    /// The header's checksum (the trailer repeats it).
+    pub header_checksum: u64,
+    /// Table 1.
+    pub table1: Table1,
+    /// Table 2.
+    pub table2: Vec<Run>,
+}
+
+impl Front {
+    /// Reads and checks the header and both tables of `tape`. A medium
+    /// shorter than the stream its header describes has lost its trailer.
+    pub fn read(tape: &dyn BlockDevice) -> Result<Front, Error> {
+        let len = tape.info().bytes();
+        if len < HEADER_BYTES {
+            return Err(MediumError::MissingTrailer(format!(
+                "the medium is {len} bytes, shorter than a header"
+            ))
+            .into());
+        }
+        let mut head = vec![0u8; HEADER_BYTES as usize];
+        tape.read(0, &mut head)?;
+        let header = Header::decode(&head)?;
+        let l = &header.layout;
+        if len < l.stream_bytes() {
+            return Err(MediumError::MissingTrailer(format!(
+                "the medium ends at byte {len}, the stream at {}",
+                l.stream_bytes()
+            ))
+            .into());
+        }
+        let mut tables = vec![0u8; (l.data_offset() - l.table1_offset()) as usize];
+        tape.read(l.table1_offset() / 512, &mut tables)?;
+        let t1 = &tables[..l.table1_bytes as usize];
+        let t2_at = (l.table2_offset() - l.table1_offset()) as usize;
+        let t2 = &tables[t2_at..t2_at + l.table2_bytes() as usize];
+        if checksum(t1) != header.table1_checksum {
+            return Err(MediumError::BadChecksum("table 1".into()).into());
+        }
+        if checksum(t2) != header.table2_checksum {
+            return Err(MediumError::BadChecksum("table 2".into()).into());
+        }
+        let table1 = tape::decode_table1(t1, &header)?;
+        let table2 = tape::decode_table2(t2, &header, &table1)?;
+        Ok(Front {
+            header,
+            header_checksum: u64::from_le_bytes(head[4088..].try_into().expect("8 bytes")),
+            table1,
+            table2,
+        })
+    }
+
+    /// Bytes the output disk needs for `format`.
+    pub fn out_bytes(&self, format: Format) -> u64 {
+        match format {
+            Format::Raw => self.header.virtual_size,
+            Format::Qcow2 => NewImage::new(
+                self.header.layout.cluster_bits,
+                self.header.virtual_size,
+                &self.table2,
+            )
+            .file_bytes(),
+        }
+    }
+}
+
+/// Restores `tape` onto `out`, which must read as zeros (a new image):
+/// raw writes only the data clusters at their virtual offsets; qcow2
+/// writes the data, then the metadata (so an interrupted restore has no
+/// valid qcow2 header), then flushes.
+pub fn restore(
+    tape: &dyn BlockDevice,
+    out: &dyn BlockDevice,
+    format: Format,
+    progress: Progress<'_>,
+) -> Result<RestoreSummary, Error> {
+    let front = Front::read(tape)?;
+    let l = front.header.layout;
+    let cs = l.cluster_size();
+    let virtual_size = front.header.virtual_size;
+    let out_bytes = front.out_bytes(format);
+    need(out, out_bytes)?;
+    let image = NewImage::new(l.cluster_bits, virtual_size, &front.table2);
+
+    let extents_per_window = (WINDOW / (l.extent_clusters() * cs)).max(1);
+    let stride = BLOCK + l.extent_clusters() * cs;
+    let mut buf = vec![0u8; (extents_per_window * stride) as usize];
+    let mut digest = Digest::default();
+    let total = l.data_clusters * cs;
+    let mut run = 0; // table 2 position for the raw format
+    let mut k = 0;
+    while k < l.extents() {
+        let n = extents_per_window.min(l.extents() - k);
+        let (_, _, at) = l.extent(k);
+        let end = if k + n == l.extents() {
+            l.trailer_offset()
+        } else {
+            l.extent(k + n).2
+        };
+        let window = &mut buf[..(end - at) as usize];
+        tape.read(at / 512, window)?;
+        let mut ops = Vec::new();
+        let mut rest: &[u8] = window;
+        for i in k..k + n {
+            let head = ExtentHeader::decode(&rest[..BLOCK as usize], &l, i)?;
+            let (data, tail) = rest[BLOCK as usize..].split_at((head.clusters * cs) as usize);
+            rest = tail;
+            let sum = checksum(data);
+            if sum != head.data_checksum {
+                return Err(MediumError::BadChecksum(format!(
+                    "extent {i} (copy clusters {}..{})",
+                    head.first,
+                    head.first + head.clusters
+                ))
+                .into());
+            }
+            digest.add(sum);
+            match format {
+                Format::Qcow2 => ops.push(Op::Write {
+                    sector: (image.data_offset() + head.first * cs) / 512,
+                    buf: data,
+                }),
+                Format::Raw => {
+                    // Split the extent where table 2's runs split.
+                    let mut copy = head.first;
+                    let mut data = data;
+                    while !data.is_empty() {
+                        while front.table2[run].to + front.table2[run].len <= copy {
+                            run += 1;
+                        }
+                        let r = front.table2[run];
+                        let take = (r.to + r.len - copy).min(data.len() as u64 / cs);
+                        let vc = r.from + (copy - r.to);
+                        let (piece, tail) = data.split_at((take * cs) as usize);
+                        // The last cluster may reach past the virtual size.
+                        let len = (take * cs).min(virtual_size - vc * cs) as usize;
+                        ops.push(Op::Write {
+                            sector: vc * cs / 512,
+                            buf: &piece[..len],
+                        });
+                        data = tail;
+                        copy += take;
+                    }
+                }
+            }
+        }
+        out.transfer(&mut ops, depth(out))?;
+        k += n;
+        let (first, len, _) = l.extent(k - 1);
+        progress(Stage::Restore, (first + len) * cs, total);
+    }
+    let mut trailer = vec![0u8; BLOCK as usize];
+    tape.read(l.trailer_offset() / 512, &mut trailer)?;
+    Trailer::check(
+        &trailer,
+        &Trailer {
+            extents: l.extents(),
+            data_clusters: l.data_clusters,
+            stream_bytes: l.stream_bytes(),
+            header_checksum: front.header_checksum,
+            digest: digest.value(),
+        },
+    )?;
+    if format == Format::Qcow2 {
+        let meta = image.metadata(&front.table2);
+        let mut at = 0u64;
+        for piece in meta.chunks(WINDOW as usize) {
+            out.write(at / 512, piece)?;
+            at += piece.len() as u64;
+        }
+    }
+    out.flush()?;
+    if total == 0 {
+        progress(Stage::Restore, 0, 0);
+    }
+    Ok(RestoreSummary {
+        virtual_bytes: virtual_size,
+        data_bytes: total,
+        out_bytes,
+    })
+}

@@ -1,0 +1,581 @@
+//! The backup medium's format: one stream, written front to back like a
+//! tape, read back the same way. `docs/backup-medium.md` is the prose
+//! version of this module; the two must agree.
+//!
+//! ```text
+//! offset 0            header           4096 bytes
+//! table1_offset       table 1          the source's L1 and L2 tables
+//! table2_offset       table 2          runs: virtual cluster -> copy cluster
+//! data_offset         extent 0         512-byte extent header + data
+//!                     extent 1 ...
+//! stream_bytes - 512  trailer          512 bytes
+//! ```
+//!
+//! Every section starts on a 512-byte boundary (zero padding between).
+//! Integers are little-endian. Every piece carries an xxHash64 checksum
+//! (seed 0): the header and trailer over their own first 504 or 4088
+//! bytes, each table section over its bytes, each extent over its data
+//! and, separately, over its header. The trailer repeats the header's
+//! checksum and digests all extent checksums, so a stream whose trailer
+//! verifies is whole.
+//!
+//! This module only encodes and decodes; it must never touch a device.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use twox_hash::XxHash64;
+
+use crate::qcow2::{L2Table, Table1};
+
+/// The first eight bytes of a medium.
+pub const MAGIC: [u8; 8] = *b"SNAPTAPE";
+/// The first eight bytes of an extent header.
+pub const EXTENT_MAGIC: [u8; 8] = *b"SNAPTEXT";
+/// The first eight bytes of the trailer.
+pub const TRAILER_MAGIC: [u8; 8] = *b"SNAPTEND";
+/// The format this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Bytes of the header.
+pub const HEADER_BYTES: u64 = 4096;
+/// Bytes of an extent header, and of the trailer.
+pub const BLOCK: u64 = 512;
+/// Data bytes per extent (the last extent may hold less).
+pub const EXTENT_DATA_BYTES: u64 = 1 << 20;
+
+/// The checksum used throughout.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    XxHash64::oneshot(0, bytes)
+}
+
+/// Why a medium cannot be restored. Each variant names what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediumError {
+    /// The first bytes are not [`MAGIC`].
+    NotAMedium,
+    /// A version this build does not read.
+    UnknownVersion(u32),
+    /// A checksum does not match: which piece.
+    BadChecksum(String),
+    /// The stream stops before its trailer, or the trailer is not there.
+    MissingTrailer(String),
+    /// Fields that contradict each other or the tables.
+    Inconsistent(String),
+}
+
+impl fmt::Display for MediumError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MediumError::NotAMedium => f.write_str("not a backup medium (bad magic)"),
+            MediumError::UnknownVersion(v) => write!(
+                f,
+                "unknown medium version {v} (this build reads version {VERSION})"
+            ),
+            MediumError::BadChecksum(what) => write!(f, "bad checksum: {what}"),
+            MediumError::MissingTrailer(why) => write!(f, "missing trailer: {why}"),
+            MediumError::Inconsistent(what) => write!(f, "inconsistent medium: {what}"),
+        }
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn pad(len: u64) -> u64 {
+    len.next_multiple_of(BLOCK)
+}
+
+/// A run of `len` consecutive entries mapping `from + i` to `to + i`: the
+/// unit of tables 2 and 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First key (a virtual cluster in table 2, a copy cluster in table 3).
+    pub from: u64,
+    /// First value (a copy cluster in table 2, a medium block of 512 bytes
+    /// in table 3).
+    pub to: u64,
+    /// Entries in the run (at least one).
+    pub len: u64,
+}
+
+/// Where each part of a stream lies. Everything follows from five numbers,
+/// so the writer knows the whole layout (and the stream's length) before
+/// it writes the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Clusters of data in the stream.
+    pub data_clusters: u64,
+    /// Bytes of the table 1 section (unpadded).
+    pub table1_bytes: u64,
+    /// Runs in table 2.
+    pub table2_runs: u64,
+}
+
+impl Layout {
+    /// Bytes per cluster.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Clusters per extent.
+    pub fn extent_clusters(&self) -> u64 {
+        (EXTENT_DATA_BYTES >> self.cluster_bits).max(1)
+    }
+    /// Extents in the stream.
+    pub fn extents(&self) -> u64 {
+        self.data_clusters.div_ceil(self.extent_clusters())
+    }
+    /// Where table 1 starts.
+    pub fn table1_offset(&self) -> u64 {
+        HEADER_BYTES
+    }
+    /// Where table 2 starts.
+    pub fn table2_offset(&self) -> u64 {
+        self.table1_offset() + pad(self.table1_bytes)
+    }
+    /// Bytes of the table 2 section (unpadded).
+    pub fn table2_bytes(&self) -> u64 {
+        self.table2_runs * 24
+    }
+    /// Where the first extent starts.
+    pub fn data_offset(&self) -> u64 {
+        self.table2_offset() + pad(self.table2_bytes())
+    }
+    /// Bytes a full extent takes, header included.
+    fn extent_stride(&self) -> u64 {
+        BLOCK + self.extent_clusters() * self.cluster_size()
+    }
+    /// Extent `k`: its first copy cluster, its clusters, and the offset of
+    /// its header.
+    pub fn extent(&self, k: u64) -> (u64, u64, u64) {
+        let first = k * self.extent_clusters();
+        let len = self
+            .extent_clusters()
+            .min(self.data_clusters.saturating_sub(first));
+        (first, len, self.data_offset() + k * self.extent_stride())
+    }
+    /// Where the trailer starts.
+    pub fn trailer_offset(&self) -> u64 {
+        let k = self.extents();
+        if k == 0 {
+            return self.data_offset();
+        }
+        let (_, len, at) = self.extent(k - 1);
+        at + BLOCK + len * self.cluster_size()
+    }
+    /// The stream's length in bytes.
+    pub fn stream_bytes(&self) -> u64 {
+        self.trailer_offset() + BLOCK
+    }
+    /// Table 3: copy cluster to medium block, one run per extent.
+    pub fn table3(&self) -> Vec<Run> {
+        (0..self.extents())
+            .map(|k| {
+                let (first, len, at) = self.extent(k);
+                Run {
+                    from: first,
+                    to: (at + BLOCK) / BLOCK,
+                    len,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The header: the layout and what the stream describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The stream's layout.
+    pub layout: Layout,
+    /// The source's virtual size in bytes.
+    pub virtual_size: u64,
+    /// The source file's length in bytes (table 1's offsets lie below it).
+    pub source_bytes: u64,
+    /// Checksum of the table 1 section.
+    pub table1_checksum: u64,
+    /// Checksum of the table 2 section.
+    pub table2_checksum: u64,
+}
+
+impl Header {
+    /// The header's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let l = &self.layout;
+        let mut b = alloc::vec![0u8; HEADER_BYTES as usize];
+        b[..8].copy_from_slice(&MAGIC);
+        put32(&mut b, 8, VERSION);
+        put32(&mut b, 12, HEADER_BYTES as u32);
+        put32(&mut b, 16, l.cluster_bits);
+        put32(&mut b, 20, l.extent_clusters() as u32);
+        put64(&mut b, 24, self.virtual_size);
+        put64(&mut b, 32, l.data_clusters);
+        put64(&mut b, 40, l.table1_offset());
+        put64(&mut b, 48, l.table1_bytes);
+        put64(&mut b, 56, self.table1_checksum);
+        put64(&mut b, 64, l.table2_offset());
+        put64(&mut b, 72, l.table2_runs);
+        put64(&mut b, 80, self.table2_checksum);
+        put64(&mut b, 88, l.data_offset());
+        put64(&mut b, 96, l.extents());
+        put64(&mut b, 104, l.stream_bytes());
+        put64(&mut b, 112, self.source_bytes);
+        let sum = checksum(&b[..4088]);
+        put64(&mut b, 4088, sum);
+        b
+    }
+
+    /// Reads a header, checking magic, version, checksum and that the
+    /// recorded offsets are the ones the layout implies.
+    pub fn decode(b: &[u8]) -> Result<Header, MediumError> {
+        if b.len() < HEADER_BYTES as usize || b[..8] != MAGIC {
+            return Err(MediumError::NotAMedium);
+        }
+        let version = le32(b, 8);
+        if version != VERSION {
+            return Err(MediumError::UnknownVersion(version));
+        }
+        if checksum(&b[..4088]) != le64(b, 4088) {
+            return Err(MediumError::BadChecksum("header".into()));
+        }
+        let cluster_bits = le32(b, 16);
+        if !(crate::qcow2::MIN_CLUSTER_BITS..=crate::qcow2::MAX_CLUSTER_BITS)
+            .contains(&cluster_bits)
+        {
+            return Err(MediumError::Inconsistent(format!(
+                "cluster_bits {cluster_bits}"
+            )));
+        }
+        let header = Header {
+            layout: Layout {
+                cluster_bits,
+                data_clusters: le64(b, 32),
+                table1_bytes: le64(b, 48),
+                table2_runs: le64(b, 72),
+            },
+            virtual_size: le64(b, 24),
+            source_bytes: le64(b, 112),
+            table1_checksum: le64(b, 56),
+            table2_checksum: le64(b, 80),
+        };
+        let l = &header.layout;
+        // Bound everything before doing arithmetic on it: no field may
+        // describe more than 2^56 bytes.
+        let limit = 1u64 << 56;
+        if header.virtual_size > crate::qcow2::MAX_VIRTUAL_SIZE
+            || l.data_clusters > header.virtual_size.div_ceil(l.cluster_size())
+            || l.table1_bytes > limit
+            || l.table2_runs > l.data_clusters
+        {
+            return Err(MediumError::Inconsistent(
+                "sizes in the header are out of range".into(),
+            ));
+        }
+        let expect = [
+            (
+                20,
+                u64::from(le32(b, 20)),
+                l.extent_clusters(),
+                "extent size",
+            ),
+            (40, le64(b, 40), l.table1_offset(), "table 1 offset"),
+            (64, le64(b, 64), l.table2_offset(), "table 2 offset"),
+            (88, le64(b, 88), l.data_offset(), "data offset"),
+            (96, le64(b, 96), l.extents(), "extent count"),
+            (104, le64(b, 104), l.stream_bytes(), "stream length"),
+        ];
+        for (_, found, want, what) in expect {
+            if found != want {
+                return Err(MediumError::Inconsistent(format!(
+                    "{what} is {found}, the layout gives {want}"
+                )));
+            }
+        }
+        Ok(header)
+    }
+}
+
+/// Encodes table 1: `[l1 entries u64][l2 tables u64]`, the L1 entries,
+/// then each L2 table as `[l1 index u64][entries]`. Entry values are as
+/// qcow2 defines them.
+pub fn encode_table1(t: &Table1) -> Vec<u8> {
+    let per_l2 = t.cluster_size() / 8;
+    let mut b = Vec::with_capacity(table1_bytes(t) as usize);
+    b.extend_from_slice(&(t.l1.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(t.l2.len() as u64).to_le_bytes());
+    for e in &t.l1 {
+        b.extend_from_slice(&e.to_le_bytes());
+    }
+    for table in &t.l2 {
+        b.extend_from_slice(&u64::from(table.l1_index).to_le_bytes());
+        debug_assert_eq!(table.entries.len() as u64, per_l2);
+        for e in &table.entries {
+            b.extend_from_slice(&e.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Bytes [`encode_table1`] produces.
+pub fn table1_bytes(t: &Table1) -> u64 {
+    16 + 8 * t.l1.len() as u64 + t.l2.len() as u64 * (8 + t.cluster_size())
+}
+
+/// Decodes and checks table 1 (see [`Table1::new`]).
+pub fn decode_table1(b: &[u8], header: &Header) -> Result<Table1, MediumError> {
+    let bad = |what: &str| MediumError::Inconsistent(format!("table 1: {what}"));
+    if b.len() < 16 {
+        return Err(bad("too short"));
+    }
+    let (l1_len, l2_len) = (le64(b, 0), le64(b, 8));
+    let cs = header.layout.cluster_size();
+    let per_l2 = cs / 8;
+    let want = l1_len
+        .checked_mul(8)
+        .and_then(|l1| l2_len.checked_mul(8 + cs)?.checked_add(l1 + 16));
+    if want != Some(b.len() as u64) {
+        return Err(bad("its counts do not match its length"));
+    }
+    let words =
+        |at: usize, n: u64| -> Vec<u64> { (0..n as usize).map(|i| le64(b, at + 8 * i)).collect() };
+    let l1 = words(16, l1_len);
+    let mut at = 16 + 8 * l1_len as usize;
+    let mut l2 = Vec::with_capacity(l2_len as usize);
+    for _ in 0..l2_len {
+        let l1_index = le64(b, at);
+        let l1_index = u32::try_from(l1_index).map_err(|_| bad("L1 index out of range"))?;
+        l2.push(L2Table {
+            l1_index,
+            entries: words(at + 8, per_l2),
+        });
+        at += 8 + cs as usize;
+    }
+    Table1::new(
+        header.layout.cluster_bits,
+        header.virtual_size,
+        l1,
+        l2,
+        header.source_bytes,
+    )
+    .map_err(|e| bad(&format!("{e}")))
+}
+
+/// Encodes table 2 runs as `[from u64][to u64][len u64]` each.
+pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(runs.len() * 24);
+    for r in runs {
+        b.extend_from_slice(&r.from.to_le_bytes());
+        b.extend_from_slice(&r.to.to_le_bytes());
+        b.extend_from_slice(&r.len.to_le_bytes());
+    }
+    b
+}
+
+/// Decodes table 2 and checks it against table 1: runs ascend without
+/// overlap, copy clusters are `0..data_clusters` in order, and the
+/// virtual clusters named are exactly table 1's data clusters.
+pub fn decode_table2(b: &[u8], header: &Header, t1: &Table1) -> Result<Vec<Run>, MediumError> {
+    let bad = |what: String| MediumError::Inconsistent(format!("table 2: {what}"));
+    if b.len() as u64 != header.layout.table2_bytes() {
+        return Err(bad("wrong length".into()));
+    }
+    let runs: Vec<Run> = b
+        .chunks_exact(24)
+        .map(|r| Run {
+            from: le64(r, 0),
+            to: le64(r, 8),
+            len: le64(r, 16),
+        })
+        .collect();
+    check_table2(&runs, t1, header.layout.data_clusters).map_err(bad)?;
+    Ok(runs)
+}
+
+/// The consistency rule of table 2 against table 1, shared by the writer's
+/// tests and the reader: see [`decode_table2`].
+pub fn check_table2(runs: &[Run], t1: &Table1, data_clusters: u64) -> Result<(), String> {
+    use crate::qcow2::Cluster;
+    let mut next_copy = 0u64;
+    let mut next_virtual = 0u64;
+    for r in runs {
+        if r.len == 0 || r.from < next_virtual || r.to != next_copy {
+            return Err(format!(
+                "run {:?} is empty, out of order or leaves a gap in the copy",
+                r
+            ));
+        }
+        let end = r.from.checked_add(r.len).ok_or("run overflows")?;
+        if end > t1.virtual_clusters() {
+            return Err(format!("run {r:?} ends past the virtual size"));
+        }
+        next_virtual = end;
+        next_copy += r.len;
+    }
+    if next_copy != data_clusters {
+        return Err(format!(
+            "{next_copy} copy clusters, the header says {data_clusters}"
+        ));
+    }
+    // Both lists ascend: walk them together.
+    let mut mapped = runs.iter().flat_map(|r| r.from..r.from + r.len);
+    for (vc, c) in t1.clusters() {
+        if let Cluster::Data(_) = c {
+            match mapped.next() {
+                Some(m) if m == vc => {}
+                Some(m) => {
+                    return Err(format!(
+                        "virtual cluster {} is data in table 1 but table 2 has {m} next",
+                        vc
+                    ))
+                }
+                None => return Err(format!("virtual cluster {vc} is data but has no copy")),
+            }
+        }
+    }
+    match mapped.next() {
+        Some(m) => Err(format!("virtual cluster {m} has a copy but no data")),
+        None => Ok(()),
+    }
+}
+
+/// An extent header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentHeader {
+    /// Its position in the stream, from 0.
+    pub index: u64,
+    /// Its first copy cluster.
+    pub first: u64,
+    /// Clusters it holds.
+    pub clusters: u64,
+    /// Medium offset of its data.
+    pub data_at: u64,
+    /// Checksum of its data.
+    pub data_checksum: u64,
+}
+
+impl ExtentHeader {
+    /// Writes the header into `b` (512 bytes).
+    pub fn encode_into(&self, b: &mut [u8]) {
+        b[..BLOCK as usize].fill(0);
+        b[..8].copy_from_slice(&EXTENT_MAGIC);
+        put64(b, 8, self.index);
+        put64(b, 16, self.first);
+        put64(b, 24, self.clusters);
+        put64(b, 32, self.data_at);
+        put64(b, 40, self.data_checksum);
+        let sum = checksum(&b[..504]);
+        put64(b, 504, sum);
+    }
+
+    /// Reads extent `want`'s header and checks it is the one the layout
+    /// puts there.
+    pub fn decode(b: &[u8], layout: &Layout, want: u64) -> Result<ExtentHeader, MediumError> {
+        if b[..8] != EXTENT_MAGIC || checksum(&b[..504]) != le64(b, 504) {
+            return Err(MediumError::BadChecksum(format!("extent {want} header")));
+        }
+        let (first, clusters, at) = layout.extent(want);
+        let h = ExtentHeader {
+            index: le64(b, 8),
+            first: le64(b, 16),
+            clusters: le64(b, 24),
+            data_at: le64(b, 32),
+            data_checksum: le64(b, 40),
+        };
+        if (h.index, h.first, h.clusters, h.data_at) != (want, first, clusters, at + BLOCK) {
+            return Err(MediumError::Inconsistent(format!(
+                "extent {want} header says {h:?}"
+            )));
+        }
+        Ok(h)
+    }
+}
+
+/// The trailer: the mark that a stream is whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trailer {
+    /// Extents written.
+    pub extents: u64,
+    /// Clusters of data written.
+    pub data_clusters: u64,
+    /// The stream's length.
+    pub stream_bytes: u64,
+    /// The header's checksum.
+    pub header_checksum: u64,
+    /// Checksum over every extent's data checksum, in order.
+    pub digest: u64,
+}
+
+impl Trailer {
+    /// The trailer's 512 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = alloc::vec![0u8; BLOCK as usize];
+        b[..8].copy_from_slice(&TRAILER_MAGIC);
+        put32(&mut b, 8, VERSION);
+        put64(&mut b, 16, self.extents);
+        put64(&mut b, 24, self.data_clusters);
+        put64(&mut b, 32, self.stream_bytes);
+        put64(&mut b, 40, self.header_checksum);
+        put64(&mut b, 48, self.digest);
+        let sum = checksum(&b[..504]);
+        put64(&mut b, 504, sum);
+        b
+    }
+
+    /// Checks the trailer at the end of a stream against what was read.
+    pub fn check(b: &[u8], expect: &Trailer) -> Result<(), MediumError> {
+        if b.len() < BLOCK as usize || b[..8] != TRAILER_MAGIC {
+            return Err(MediumError::MissingTrailer(format!(
+                "no trailer at byte {}",
+                expect.stream_bytes - BLOCK
+            )));
+        }
+        if checksum(&b[..504]) != le64(b, 504) {
+            return Err(MediumError::BadChecksum("trailer".into()));
+        }
+        let found = Trailer {
+            extents: le64(b, 16),
+            data_clusters: le64(b, 24),
+            stream_bytes: le64(b, 32),
+            header_checksum: le64(b, 40),
+            digest: le64(b, 48),
+        };
+        if found != *expect {
+            return Err(MediumError::Inconsistent(format!(
+                "the trailer says {found:?}, the stream {expect:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A running digest of extent checksums.
+#[derive(Debug, Default)]
+pub struct Digest(XxHash64);
+
+impl Digest {
+    /// Adds one extent's checksum.
+    pub fn add(&mut self, sum: u64) {
+        use core::hash::Hasher;
+        self.0.write(&sum.to_le_bytes());
+    }
+    /// The digest so far.
+    pub fn value(&self) -> u64 {
+        use core::hash::Hasher;
+        self.0.finish()
+    }
+}
