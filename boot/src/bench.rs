@@ -181,6 +181,148 @@ pub fn blk_goals(json: &str) -> Vec<Goal> {
     }]
 }
 
+/// A number field of a flat JSON object, integer or decimal.
+pub fn field_f64(json: &str, key: &str) -> Option<f64> {
+    let pattern = format!("\"{key}\":");
+    let rest = &json[json.find(&pattern)? + pattern.len()..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// The goals of `bench-backup`, judged from its JSON.
+pub fn backup_goals(json: &str) -> Vec<Goal> {
+    let f = |k| field_f64(json, k).unwrap_or(0.0);
+    let ratio = |a: f64, b: f64| if b == 0.0 { f64::INFINITY } else { a / b };
+    let at_most = |what, measured: f64, limit| Goal {
+        what,
+        measured,
+        limit,
+        met: measured <= limit,
+        applies: true,
+    };
+    vec![
+        at_most(
+            "medium bytes / data bytes (x)",
+            ratio(f("medium_bytes"), f("data_bytes")),
+            1.01,
+        ),
+        at_most(
+            "backup time / all-data backup time (x)",
+            ratio(f("backup_s"), f("all_data_backup_s")),
+            0.125,
+        ),
+    ]
+}
+
+/// The `bench-backup` images: 4 GiB virtual, 256 MiB of data.
+const BENCH_VIRTUAL: u64 = 4 << 30;
+/// Data clusters (64 KiB each) written at scattered places.
+const BENCH_CLUSTERS: u64 = 4096;
+
+fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Makes the `bench-backup` images in `dir`: `src.qcow2` with
+/// [`BENCH_CLUSTERS`] clusters of data at pseudo-random places (each a
+/// different pattern), `full.qcow2` with every cluster allocated
+/// (`preallocation=falloc`), and blank scratch, tape and output images.
+pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Disk>, String> {
+    use crate::qemu::Disk;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = |name: &str| dir.join(name);
+    let virtual_size = BENCH_VIRTUAL.to_string();
+    for name in ["src.qcow2", "full.qcow2"] {
+        let _ = std::fs::remove_file(path(name));
+    }
+    run_tool(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path("src.qcow2"))
+            .arg(&virtual_size),
+    )?;
+    // Distinct clusters from a fixed sequence, so every run backs up the
+    // same image.
+    let total = BENCH_VIRTUAL >> 16;
+    let mut chosen = std::collections::BTreeSet::new();
+    let mut rng = snapshot::rng::Rng::new(0x6261_636b);
+    while (chosen.len() as u64) < BENCH_CLUSTERS {
+        chosen.insert(rng.next_u64() % total);
+    }
+    let chosen: Vec<u64> = chosen.into_iter().collect();
+    for (i, batch) in chosen.chunks(512).enumerate() {
+        eprint!(
+            "\rbench-backup: writing scattered data: {:>3}%",
+            i * 512 * 100 / chosen.len()
+        );
+        let mut cmd = std::process::Command::new("qemu-io");
+        cmd.args(["-f", "qcow2"]);
+        for (j, c) in batch.iter().enumerate() {
+            cmd.arg("-c").arg(format!(
+                "write -q -P {} {} 64k",
+                (i * 512 + j) % 255 + 1,
+                c << 16
+            ));
+        }
+        run_tool(cmd.arg(path("src.qcow2")))?;
+    }
+    eprintln!("\rbench-backup: writing scattered data: 100%");
+    run_tool(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "preallocation=falloc"])
+            .arg(path("full.qcow2"))
+            .arg(&virtual_size),
+    )?;
+    let room = BENCH_VIRTUAL + (64 << 20);
+    for name in ["scratch.img", "tape.img"] {
+        make_blank_image(&path(name), room).map_err(|e| format!("{name}: {e}"))?;
+    }
+    make_blank_image(&path("out.img"), BENCH_VIRTUAL).map_err(|e| format!("out.img: {e}"))?;
+    Ok(vec![
+        Disk {
+            read_only: true,
+            ..Disk::new(path("src.qcow2"), "src")
+        },
+        Disk {
+            read_only: true,
+            ..Disk::new(path("full.qcow2"), "full")
+        },
+        Disk::new(path("scratch.img"), "scratch"),
+        Disk::new(path("tape.img"), "tape"),
+        Disk::new(path("out.img"), "out"),
+    ])
+}
+
+/// After `bench-backup`: `qemu-img compare` must find the raw restore
+/// identical to the source; then the large images are removed.
+pub fn check_backup_bench(dir: &std::path::Path) -> Result<(), String> {
+    let result = run_tool(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+            .arg(dir.join("src.qcow2"))
+            .arg(dir.join("out.img")),
+    )
+    .map_err(|e| format!("the restored image differs from the source: {e}"));
+    if result.is_ok() {
+        eprintln!("qemu-img compare: the raw restore is identical to the source");
+    }
+    for name in ["full.qcow2", "scratch.img", "tape.img", "out.img"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! kernel's success code (33); a timeout, a reset, a crash of QEMU itself or
 //! exit code 35 are failures, each reported as what it is.
 
+pub mod backup;
 pub mod bench;
 pub mod build;
 pub mod corefile;

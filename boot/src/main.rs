@@ -2,7 +2,8 @@
 //!
 //! Builds the kernel, boots it in QEMU with the scenario on its command line,
 //! streams the serial console, summarises the trace, and exits with the
-//! kernel's verdict: 0 passed, 1 the kernel reported failure, 2 bad usage or
+//! kernel's verdict: 0 passed, 1 the kernel reported failure (or the host
+//! refused the input: a bad source image or medium), 2 bad usage or
 //! missing setup, 3 timeout or an unexpected QEMU exit.
 
 use std::process::ExitCode;
@@ -10,8 +11,10 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
+use boot::backup::{self as host_backup, BackupJob, RestoreJob};
 use boot::qemu::{self, Config, Disk, Verdict};
 use boot::{bench, build, report, timeline};
+use snapshot::backup::Format;
 use snapshot::units::parse_size;
 
 const USAGE: &str = "\
@@ -26,6 +29,13 @@ scenarios:
   bench-memsnap        live memory snapshot benchmark (use --mem, --json,
                        --to-disk)
   bench-blk            virtio-blk benchmark on a fresh raw image (use --json)
+  backup --source IMG.qcow2 --tape FILE
+                       compact backup of a qcow2 image: only its data, with
+                       the tables to restore it, streamed to FILE
+  restore --tape FILE --out IMG [--format raw|qcow2]
+                       a backup back to a new disk image (default raw)
+  bench-backup         backup of 256 MiB of scattered data in a 4 GiB disk,
+                       against an all-data backup (use --json)
 
 options:
   --mem SIZE           guest RAM, e.g. 128M, 2G (default 128M)
@@ -38,7 +48,10 @@ options:
   --ro-disk NAME=FILE  the same, read-only
   --image FILE         bench-blk's image (default target/bench-blk.img)
   --image-size SIZE    its size (default 1G)
-  --out FILE           memsnap's core file
+  --out FILE           memsnap's core file; restore's output image
+  --source FILE        backup's source image (never written)
+  --tape FILE          backup's medium (created) or restore's (read)
+  --format raw|qcow2   restore's output format (default raw)
   --to-disk            bench-memsnap: also snapshot to a disk, against a
                        sequential-write baseline on the same disk
   -h, --help           this text
@@ -59,6 +72,10 @@ struct Args {
     image_size: u64,
     out: Option<PathBuf>,
     to_disk: bool,
+    source: Option<PathBuf>,
+    tape: Option<PathBuf>,
+    format: Option<Format>,
+    mem_given: bool,
 }
 
 fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
@@ -89,6 +106,10 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
         image_size: 1 << 30,
         out: None,
         to_disk: false,
+        source: None,
+        tape: None,
+        format: None,
+        mem_given: false,
     };
     let mut positional = Vec::new();
     while let Some(word) = words.next() {
@@ -101,6 +122,7 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
                 if args.mem < 32 << 20 {
                     return Err(format!("--mem {text}: the kernel needs at least 32M"));
                 }
+                args.mem_given = true;
             }
             "--timeout" => {
                 let text = value("--timeout")?;
@@ -121,6 +143,14 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--image" => args.image = Some(PathBuf::from(value("--image")?)),
             "--out" => args.out = Some(PathBuf::from(value("--out")?)),
             "--to-disk" => args.to_disk = true,
+            "--source" => args.source = Some(PathBuf::from(value("--source")?)),
+            "--tape" => args.tape = Some(PathBuf::from(value("--tape")?)),
+            "--format" => {
+                let text = value("--format")?;
+                args.format = Some(
+                    Format::parse(&text).ok_or(format!("--format {text}: want raw or qcow2"))?,
+                );
+            }
             "--image-size" => {
                 let text = value("--image-size")?;
                 args.image_size =
@@ -139,9 +169,28 @@ fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
     args.cmdline.insert(0, format!("scenario={scenario}"));
     match (scenario.as_str(), &args.out, args.to_disk) {
         ("memsnap", None, _) => return Err("memsnap needs --out FILE".into()),
-        (s, Some(_), _) if s != "memsnap" => return Err("--out is for memsnap".into()),
+        ("restore", None, _) => return Err("restore needs --out IMG".into()),
+        (s, Some(_), _) if s != "memsnap" && s != "restore" => {
+            return Err("--out is for memsnap and restore".into())
+        }
         (s, _, true) if s != "bench-memsnap" => return Err("--to-disk is for bench-memsnap".into()),
         _ => {}
+    }
+    match (scenario.as_str(), &args.source, &args.tape) {
+        ("backup", None, _) => return Err("backup needs --source IMG.qcow2".into()),
+        ("backup" | "restore", _, None) => return Err(format!("{scenario} needs --tape FILE")),
+        (s, Some(_), _) if s != "backup" => return Err("--source is for backup".into()),
+        (s, _, Some(_)) if s != "backup" && s != "restore" => {
+            return Err("--tape is for backup and restore".into())
+        }
+        _ => {}
+    }
+    if args.format.is_some() && scenario != "restore" {
+        return Err("--format is for restore".into());
+    }
+    if !args.mem_given && matches!(scenario.as_str(), "backup" | "restore" | "bench-backup") {
+        // Room for the tables of large images in the kernel heap.
+        args.mem = 512 << 20;
     }
     args.scenario = scenario.clone();
     match (scenario.as_str(), positional.next()) {
@@ -213,6 +262,44 @@ fn main() -> ExitCode {
         eprintln!("image: {} ({} MiB)", image.display(), args.image_size >> 20);
         disks.push(Disk::new(image, "bench"));
     }
+    let mut backup_job: Option<BackupJob> = None;
+    let mut restore_job: Option<RestoreJob> = None;
+    let work = boot::workspace_root().join("target");
+    let prepared = match (args.scenario.as_str(), &args.source, &args.tape, &args.out) {
+        ("backup", Some(source), Some(tape), _) => host_backup::plan_backup(source, tape, &work)
+            .map(|job| {
+                eprintln!(
+                    "backup: {} MiB of data in a {} MiB virtual disk; the tape will hold {} bytes",
+                    job.data_bytes >> 20,
+                    job.virtual_bytes >> 20,
+                    job.medium_bytes
+                );
+                disks.extend(job.disks.iter().cloned());
+                backup_job = Some(job);
+            }),
+        ("restore", _, Some(tape), Some(out)) => {
+            let format = args.format.unwrap_or(Format::Raw);
+            host_backup::plan_restore(tape, out, format).map(|job| {
+                cmdline.push(format!(
+                    "format={}",
+                    if format == Format::Raw {
+                        "raw"
+                    } else {
+                        "qcow2"
+                    }
+                ));
+                disks.extend(job.disks.iter().cloned());
+                restore_job = Some(job);
+            })
+        }
+        ("bench-backup", ..) => bench::prepare_backup_bench(&work.join("bench-backup"))
+            .map(|bench_disks| disks.extend(bench_disks)),
+        _ => Ok(()),
+    };
+    if let Err(e) = prepared {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     for disk in &disks {
         if !disk.path.is_file() {
             eprintln!(
@@ -244,6 +331,11 @@ fn main() -> ExitCode {
     let outcome = match qemu::run(&config, |line| {
         if !quiet {
             println!("{line}");
+        }
+        if let Ok(Some(record)) = snapshot::trace::parse_line(line) {
+            if let Some(progress) = host_backup::progress_line(&record) {
+                eprintln!("{progress}");
+            }
         }
     }) {
         Ok(outcome) => outcome,
@@ -322,6 +414,24 @@ fn main() -> ExitCode {
                 );
             }
         }
+        if args.scenario == "bench-backup" {
+            eprintln!("goals (each against a baseline from this run):");
+            for goal in bench::backup_goals(json) {
+                let mark = if goal.met { "met " } else { "MISS" };
+                eprintln!(
+                    "  [{mark}] {:<42} {:>10.4}  (limit {})",
+                    goal.what, goal.measured, goal.limit
+                );
+            }
+            let f = |k| bench::field_f64(json, k).unwrap_or(0.0);
+            eprintln!(
+                "  backup {:.0} MiB/s, restore {:.0} MiB/s of data; the tape's disk: {:.0} MiB/s sequential writes, {:.0} reads",
+                f("backup_mib_s"),
+                f("restore_mib_s"),
+                f("seq_write_mib_s"),
+                f("seq_read_mib_s")
+            );
+        }
         if let Some(path) = &args.json {
             match std::fs::write(path, format!("{json}\n")) {
                 Ok(()) => eprintln!("results: {}", path.display()),
@@ -340,6 +450,37 @@ fn main() -> ExitCode {
         outcome.elapsed.as_secs_f64()
     );
     let mut verdict = outcome.verdict;
+    let records = report::records(&outcome.serial).unwrap_or_default();
+    let passed = verdict == Verdict::Passed;
+    if let Some(job) = &backup_job {
+        match host_backup::finish_backup(job, &records, passed) {
+            Ok(n) => eprintln!("tape: {} ({n} bytes)", job.tape.display()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                verdict = Verdict::Failed;
+            }
+        }
+    }
+    if let Some(job) = &restore_job {
+        match host_backup::finish_restore(job, &records, passed) {
+            Ok(()) => eprintln!(
+                "restored: {} ({:?}, {} bytes)",
+                job.out.display(),
+                job.format,
+                job.out_bytes
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                verdict = Verdict::Failed;
+            }
+        }
+    }
+    if args.scenario == "bench-backup" && passed {
+        if let Err(e) = bench::check_backup_bench(&work.join("bench-backup")) {
+            eprintln!("error: {e}");
+            verdict = Verdict::Failed;
+        }
+    }
     if let (Some(image), Some(out)) = (&snapshot_image, &args.out) {
         if !take_core(
             image,

@@ -17,6 +17,7 @@ mod arch;
 mod memory;
 
 mod acpi;
+mod backup;
 mod bench;
 mod boot_info;
 mod clock;

@@ -9,6 +9,9 @@
 //! | `memsnap` | `disk=snap` | a verified live snapshot of all RAM to a disk, as an ELF core file |
 //! | `bench-memsnap` | `copier_share=30`, `to_disk=NAME` | live snapshot benchmark (see [`crate::bench`]) |
 //! | `bench-blk` | `blk=poll` | virtio-blk benchmark on the disk `bench` |
+//! | `backup` | `source=`, `scratch=`, `tape=` | compact backup of a qcow2 disk to a medium (see [`crate::backup`]) |
+//! | `restore` | `tape=`, `out=`, `format=raw\|qcow2` | a medium back to a disk image |
+//! | `bench-backup` | | backup of scattered data against an all-data backup and raw throughput |
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +34,9 @@ pub const SCENARIOS: &[&str] = &[
     "memsnap",
     "bench-memsnap",
     "bench-blk",
+    "backup",
+    "restore",
+    "bench-backup",
 ];
 
 /// Runs the scenario the command line names.
@@ -49,6 +55,9 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         "memsnap" => snapshot_to_disk(cmd.get("disk").unwrap_or("snap")),
         "bench-memsnap" => crate::bench::memsnap(cmd),
         "bench-blk" => crate::bench::blk(cmd),
+        "backup" => crate::backup::backup_scenario(cmd),
+        "restore" => crate::backup::restore_scenario(cmd),
+        "bench-backup" => crate::bench::backup(cmd),
         other => {
             crate::log!(
                 "unknown scenario {other:?}; known scenarios: {}",

@@ -214,6 +214,17 @@ fn depth(d: &dyn BlockDevice) -> usize {
     d.info().max_depth.clamp(1, DEPTH)
 }
 
+/// Writes `buf` at `sector` with the device's pieces of it in flight
+/// together (a plain `write` sends them one at a time).
+fn write_deep(d: &dyn BlockDevice, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
+    d.transfer(&mut [Op::Write { sector, buf }], depth(d))
+}
+
+/// Reads into `buf` from `sector`, the pieces in flight together.
+fn read_deep(d: &dyn BlockDevice, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    d.transfer(&mut [Op::Read { sector, buf }], depth(d))
+}
+
 /// Backs `source` up to `tape` through the copy area on `scratch`.
 /// Nothing is written before the sizes of both disks are checked.
 pub fn backup(
@@ -295,7 +306,7 @@ fn copy(
         }
         source.transfer(&mut ops, depth(source))?;
         drop(ops);
-        scratch.write(done * cs / 512, window)?;
+        write_deep(scratch, done * cs / 512, window)?;
         done += n;
         progress(Stage::Copy, done * cs, total);
     }
@@ -330,7 +341,7 @@ fn stream(
     front[t2_at..t2_at + t2.len()].copy_from_slice(&t2);
     let mut written = 0u64;
     for piece in front.chunks(WINDOW as usize) {
-        tape.write(written / 512, piece)?;
+        write_deep(tape, written / 512, piece)?;
         written += piece.len() as u64;
     }
     drop(front);
@@ -376,7 +387,7 @@ fn stream(
             .encode_into(head);
             len += BLOCK + data.len() as u64;
         }
-        tape.write(written / 512, &buf[..len as usize])?;
+        write_deep(tape, written / 512, &buf[..len as usize])?;
         written += len;
         k += runs.len();
         progress(
@@ -469,7 +480,7 @@ impl Front {
             .into());
         }
         let mut tables = vec![0u8; (l.data_offset() - l.table1_offset()) as usize];
-        tape.read(l.table1_offset() / 512, &mut tables)?;
+        read_deep(tape, l.table1_offset() / 512, &mut tables)?;
         let t1 = &tables[..l.table1_bytes as usize];
         let t2_at = (l.table2_offset() - l.table1_offset()) as usize;
         let t2 = &tables[t2_at..t2_at + l.table2_bytes() as usize];
@@ -537,7 +548,7 @@ pub fn restore(
             l.extent(k + n).2
         };
         let window = &mut buf[..(end - at) as usize];
-        tape.read(at / 512, window)?;
+        read_deep(tape, at / 512, window)?;
         let mut ops = Vec::new();
         let mut rest: &[u8] = window;
         for i in k..k + n {
@@ -604,7 +615,7 @@ pub fn restore(
         let meta = image.metadata(&front.table2);
         let mut at = 0u64;
         for piece in meta.chunks(WINDOW as usize) {
-            out.write(at / 512, piece)?;
+            write_deep(out, at / 512, piece)?;
             at += piece.len() as u64;
         }
     }

@@ -1,0 +1,277 @@
+//! Host side of `backup` and `restore`: checks the input with the same
+//! library the kernel uses, prepares the disk images the kernel gets, shows
+//! the kernel's progress, and leaves the tape or output file at exactly its
+//! length.
+//!
+//! The kernel does the work; the host only reads the source image (to
+//! refuse a bad one before booting and to size the tape and scratch
+//! disks) and never writes it: QEMU attaches it read-only. A failed
+//! restore leaves no output file behind.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use snapshot::backup::{Format, Front, Plan, Stage};
+use snapshot::block::{check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
+use snapshot::trace::Record;
+
+use crate::qemu::Disk;
+
+/// An image file as a block device, the way QEMU shows a raw file: its
+/// length rounded up to whole sectors, reading zeros past the end.
+#[derive(Debug)]
+pub struct FileDisk {
+    info: DiskInfo,
+    file: File,
+    len: u64,
+}
+
+impl FileDisk {
+    /// Opens `path` for reading (and writing, if `writable`).
+    pub fn open(path: &Path, writable: bool) -> std::io::Result<FileDisk> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(FileDisk {
+            info: DiskInfo {
+                name: path.display().to_string(),
+                sectors: len.div_ceil(SECTOR_SIZE as u64),
+                block_size: 4096,
+                read_only: !writable,
+                flush: true,
+                max_depth: 1,
+            },
+            file,
+            len,
+        })
+    }
+
+    fn io(&self, sector: u64) -> impl Fn(std::io::Error) -> BlockError + '_ {
+        move |_| BlockError::new(&self.info.name, Some(sector), ErrorKind::Io)
+    }
+}
+
+impl BlockDevice for FileDisk {
+    fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    fn transfer(&self, ops: &mut [Op<'_>], _depth: usize) -> Result<(), BlockError> {
+        for op in ops.iter() {
+            check(&self.info, op)?;
+        }
+        for op in ops.iter_mut() {
+            match op {
+                Op::Read { sector, buf } => {
+                    let at = *sector * SECTOR_SIZE as u64;
+                    let have = (self.len.saturating_sub(at) as usize).min(buf.len());
+                    self.file
+                        .read_exact_at(&mut buf[..have], at)
+                        .map_err(self.io(*sector))?;
+                    buf[have..].fill(0);
+                }
+                Op::Write { sector, buf } => self
+                    .file
+                    .write_all_at(buf, *sector * SECTOR_SIZE as u64)
+                    .map_err(self.io(*sector))?,
+                Op::Flush => self.file.sync_data().map_err(self.io(0))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether two paths name the same file (when both exist).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Creates (or empties) `path` as a sparse file of `bytes`.
+fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {
+    crate::bench::make_blank_image(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A backup about to run: the disks for the kernel and what it should
+/// produce.
+#[derive(Debug)]
+pub struct BackupJob {
+    /// Source (read-only), scratch, tape.
+    pub disks: Vec<Disk>,
+    /// The scratch image, removed afterwards.
+    pub scratch: PathBuf,
+    /// The tape file.
+    pub tape: PathBuf,
+    /// The stream's length: the tape's length afterwards.
+    pub medium_bytes: u64,
+    /// Bytes of data to copy.
+    pub data_bytes: u64,
+    /// The source's virtual size.
+    pub virtual_bytes: u64,
+}
+
+/// Reads and checks `source`, then creates the scratch image (under
+/// `work`) and the tape, each of the size the kernel will need.
+pub fn plan_backup(source: &Path, tape: &Path, work: &Path) -> Result<BackupJob, String> {
+    if same_file(source, tape) {
+        return Err("--tape names the source image; it would be overwritten".into());
+    }
+    let disk =
+        FileDisk::open(source, false).map_err(|e| format!("--source {}: {e}", source.display()))?;
+    let plan = Plan::new(&disk).map_err(|e| format!("{}: {e}", source.display()))?;
+    let scratch = work.join("backup-scratch.img");
+    fresh_file(&scratch, plan.copy_bytes().max(SECTOR_SIZE as u64))?;
+    fresh_file(tape, plan.layout.stream_bytes())?;
+    Ok(BackupJob {
+        disks: vec![
+            Disk {
+                read_only: true,
+                ..Disk::new(source, "source")
+            },
+            Disk::new(&scratch, "scratch"),
+            Disk::new(tape, "tape"),
+        ],
+        scratch,
+        tape: tape.to_path_buf(),
+        medium_bytes: plan.layout.stream_bytes(),
+        data_bytes: plan.copy_bytes(),
+        virtual_bytes: plan.image.header.virtual_size,
+    })
+}
+
+/// After the kernel ran: checks it reported the stream the host expected,
+/// cuts the tape to it and removes the scratch image. On failure the tape
+/// is removed too: it holds no complete stream.
+pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
+    let _ = std::fs::remove_file(&job.scratch);
+    let done = records.iter().rfind(|r| r.event == "backup.done");
+    let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
+        (true, Some(n)) if n == job.medium_bytes => std::fs::OpenOptions::new()
+            .write(true)
+            .open(&job.tape)
+            .and_then(|f| f.set_len(n))
+            .map(|()| n)
+            .map_err(|e| format!("{}: {e}", job.tape.display())),
+        (true, Some(n)) => Err(format!(
+            "the kernel wrote a {n}-byte stream, the host expected {}",
+            job.medium_bytes
+        )),
+        _ => Err("the backup did not complete".into()),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&job.tape);
+    }
+    result
+}
+
+/// A restore about to run.
+#[derive(Debug)]
+pub struct RestoreJob {
+    /// Tape (read-only), output.
+    pub disks: Vec<Disk>,
+    /// The output image.
+    pub out: PathBuf,
+    /// Its length when done.
+    pub out_bytes: u64,
+    /// The format.
+    pub format: Format,
+}
+
+/// Reads the medium's header and tables (refusing a bad one before
+/// booting) and creates the output image, empty, at the size it will have.
+pub fn plan_restore(tape: &Path, out: &Path, format: Format) -> Result<RestoreJob, String> {
+    if same_file(tape, out) {
+        return Err("--out names the tape; it would be overwritten".into());
+    }
+    let disk =
+        FileDisk::open(tape, false).map_err(|e| format!("--tape {}: {e}", tape.display()))?;
+    let front = Front::read(&disk).map_err(|e| format!("{}: {e}", tape.display()))?;
+    let out_bytes = front.out_bytes(format).max(SECTOR_SIZE as u64);
+    fresh_file(out, out_bytes)?;
+    Ok(RestoreJob {
+        disks: vec![
+            Disk {
+                read_only: true,
+                ..Disk::new(tape, "tape")
+            },
+            Disk::new(out, "out"),
+        ],
+        out: out.to_path_buf(),
+        out_bytes,
+        format,
+    })
+}
+
+/// After the kernel ran: a failed restore leaves no output behind.
+pub fn finish_restore(
+    job: &RestoreJob,
+    records: &[Record<'_>],
+    passed: bool,
+) -> Result<(), String> {
+    let done = records.iter().rfind(|r| r.event == "restore.done");
+    match (passed, done.and_then(|r| r.u64("out_bytes"))) {
+        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => Ok(()),
+        _ => {
+            let _ = std::fs::remove_file(&job.out);
+            Err(format!(
+                "the restore did not complete; {} removed",
+                job.out.display()
+            ))
+        }
+    }
+}
+
+/// A progress line for a `backup.progress` record, if it is one.
+pub fn progress_line(record: &Record<'_>) -> Option<String> {
+    if record.event != "backup.progress" {
+        return None;
+    }
+    let stage = record.get("stage")?;
+    let (done, total) = (record.u64("done")?, record.u64("total")?);
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
+    let what = match format!("{stage}").as_str() {
+        s if s == Stage::Copy.name() => "copying data to the scratch disk",
+        s if s == Stage::Stream.name() => "streaming to the tape",
+        _ => "restoring",
+    };
+    Some(format!(
+        "{what}: {pct:>3}% ({} of {} MiB)",
+        done >> 20,
+        total >> 20
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_disk_reads_like_qemu_shows_a_raw_file() {
+        let dir = std::env::temp_dir().join(format!("filedisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("odd.bin");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let disk = FileDisk::open(&path, false).unwrap();
+        assert_eq!(disk.info().sectors, 2);
+        let mut buf = vec![1u8; 1024];
+        disk.read(0, &mut buf).unwrap();
+        assert!(buf[..1000].iter().all(|&b| b == 7) && buf[1000..].iter().all(|&b| b == 0));
+        assert_eq!(
+            disk.write(0, &buf[..512]).unwrap_err().kind,
+            ErrorKind::ReadOnly
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn progress_lines_name_the_stage() {
+        let line = "TRACE 5 backup.progress stage=stream done=1048576 total=4194304";
+        let record = snapshot::trace::parse_line(line).unwrap().unwrap();
+        assert_eq!(
+            progress_line(&record).unwrap(),
+            "streaming to the tape:  25% (1 of 4 MiB)"
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! Compact backup and restore of thin-provisioned qcow2 disks on virtio-blk
+//! disks: the kernel's thin layer over [`snapshot::backup`].
+//!
+//! | scenario | disks (default names) | what |
+//! |---|---|---|
+//! | `backup` | `source` (read-only), `scratch`, `tape` | qcow2 image on `source` to a medium on `tape`, through a copy area on `scratch` |
+//! | `restore` | `tape` (read-only), `out` | medium to a raw (`format=raw`) or qcow2 (`format=qcow2`) image on `out`, which must read as zeros |
+//!
+//! Progress goes out as `backup.progress stage=copy|stream|restore
+//! done=BYTES total=BYTES` trace records, about every 5 %; the result as
+//! `backup.done` or `restore.done`, which the host tool reads to cut the
+//! tape or output file to its length.
+//!
+//! This module must never write to the source disk; it is opened
+//! read-only by the host as well.
+
+use snapshot::backup::{self, Format, Stage};
+use snapshot::cmdline::CmdLine;
+
+use crate::arch::qemu::ExitCode;
+use crate::trace::Word;
+use crate::{clock, log, virtio};
+
+/// Emits progress records, at most one per 5 % of each stage, and notes
+/// when each stage ended.
+struct Progress {
+    last: Option<(Stage, u64)>,
+    ended: [(Stage, u64); 3],
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            last: None,
+            ended: [(Stage::Copy, 0), (Stage::Stream, 0), (Stage::Restore, 0)],
+        }
+    }
+
+    fn report(&mut self, stage: Stage, done: u64, total: u64) {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let due = match self.last {
+            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
+            _ => true,
+        };
+        if due {
+            crate::trace!(
+                "backup.progress",
+                stage = Word(stage.name()),
+                done = done,
+                total = total
+            );
+            self.last = Some((stage, pct));
+        }
+        if done == total {
+            for e in &mut self.ended {
+                if e.0 == stage {
+                    e.1 = clock::now_ns();
+                }
+            }
+        }
+    }
+
+    fn ended(&self, stage: Stage) -> u64 {
+        self.ended.iter().find(|e| e.0 == stage).map_or(0, |e| e.1)
+    }
+}
+
+/// `backup`: the qcow2 image on disk `source=` (default `source`) to the
+/// medium on `tape=`, through the copy area on `scratch=`.
+pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
+    let name = |key: &'static str| cmd.get(key).unwrap_or(key);
+    let disks = (
+        virtio::disk(name("source")),
+        virtio::disk(name("scratch")),
+        virtio::disk(name("tape")),
+    );
+    let (source, scratch, tape) = match disks {
+        (Ok(s), Ok(c), Ok(t)) => (s, c, t),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            log!("backup: {e}");
+            return ExitCode::Failure;
+        }
+    };
+    let mut progress = Progress::new();
+    let start = clock::now_ns();
+    let result = backup::backup(&*source, &*scratch, &*tape, &mut |s, d, t| {
+        progress.report(s, d, t)
+    });
+    let end = clock::now_ns();
+    match result {
+        Ok(s) => {
+            log!(
+                "backup: {} bytes of data of a {}-byte disk, {} bytes on the medium ({} extents, {} runs in table 2) in {} ms",
+                s.data_bytes,
+                s.virtual_bytes,
+                s.medium_bytes,
+                s.extents,
+                s.table2_runs,
+                (end - start) / 1_000_000
+            );
+            let copied = progress.ended(Stage::Copy).max(start);
+            crate::trace!(
+                "backup.done",
+                virtual_bytes = s.virtual_bytes,
+                data_bytes = s.data_bytes,
+                medium_bytes = s.medium_bytes,
+                extents = s.extents,
+                table2_runs = s.table2_runs,
+                copy_ns = copied - start,
+                stream_ns = end - copied,
+                total_ns = end - start
+            );
+            crate::trace::flush();
+            ExitCode::Success
+        }
+        Err(e) => {
+            log!("backup failed: {e}");
+            crate::trace::flush();
+            ExitCode::Failure
+        }
+    }
+}
+
+/// `restore`: the medium on `tape=` to a new image on `out=` in
+/// `format=raw|qcow2` (default raw).
+pub fn restore_scenario(cmd: &CmdLine<'_>) -> ExitCode {
+    let name = |key: &'static str| cmd.get(key).unwrap_or(key);
+    let text = cmd.get("format").unwrap_or("raw");
+    let Some(format) = Format::parse(text) else {
+        log!("restore: format={text}: want raw or qcow2");
+        return ExitCode::Failure;
+    };
+    let (tape, out) = match (virtio::disk(name("tape")), virtio::disk(name("out"))) {
+        (Ok(t), Ok(o)) => (t, o),
+        (Err(e), _) | (_, Err(e)) => {
+            log!("restore: {e}");
+            return ExitCode::Failure;
+        }
+    };
+    let mut progress = Progress::new();
+    let start = clock::now_ns();
+    let result = backup::restore(&*tape, &*out, format, &mut |s, d, t| {
+        progress.report(s, d, t)
+    });
+    let end = clock::now_ns();
+    match result {
+        Ok(s) => {
+            log!(
+                "restore: {} bytes of data of a {}-byte disk as {text}, {} bytes of output, in {} ms",
+                s.data_bytes,
+                s.virtual_bytes,
+                s.out_bytes,
+                (end - start) / 1_000_000
+            );
+            crate::trace!(
+                "restore.done",
+                virtual_bytes = s.virtual_bytes,
+                data_bytes = s.data_bytes,
+                out_bytes = s.out_bytes,
+                total_ns = end - start
+            );
+            crate::trace::flush();
+            ExitCode::Success
+        }
+        Err(e) => {
+            log!("restore refused: {e}");
+            crate::trace::flush();
+            ExitCode::Failure
+        }
+    }
+}
