@@ -1,0 +1,368 @@
+//! Compact backup and restore from the host, as a user runs them: images
+//! made with `qemu-img create` and filled with `qemu-io`, backed up by the
+//! kernel to a tape file and restored to raw and qcow2 images, which
+//! `qemu-img compare` must find identical to the source (and `qemu-img
+//! check` clean). The source file must come through byte for byte.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use boot::backup::{finish_backup, finish_restore, plan_backup, plan_restore};
+use boot::qemu::{Disk, Outcome, Verdict};
+use kernel_tests::{boot_with_disks, image_dir};
+use snapshot::backup::Format;
+
+const MEM: u64 = 512 << 20;
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn tool(name: &str, args: &[&str]) -> String {
+    let out = Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name} ({e}); run: bash scripts/setup"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A fresh directory for one test, and a qcow2 image in it of `size`
+/// with `options`, filled by the `qemu-io` commands given.
+fn make_image(test: &str, size: &str, options: &str, io: &[&str]) -> (PathBuf, PathBuf) {
+    let dir = image_dir(&format!("backup-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("src.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([s(&src), size]);
+    tool("qemu-img", &args);
+    if !io.is_empty() {
+        let mut args = vec!["-f", "qcow2"];
+        for c in io {
+            args.extend(["-c", c]);
+        }
+        args.push(s(&src));
+        tool("qemu-io", &args);
+    }
+    (dir, src)
+}
+
+fn boot(cmdline: &str, disks: Vec<Disk>) -> Outcome {
+    boot_with_disks(cmdline, MEM, TIMEOUT, disks)
+}
+
+/// Backs `src` up to `tape` as the `backup` command does; returns the
+/// kernel's outcome and the stream length on success.
+fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>) {
+    let job = plan_backup(src, tape, dir).unwrap_or_else(|e| panic!("{e}"));
+    let outcome = boot("scenario=backup", job.disks.clone());
+    let records = boot::report::records(&outcome.serial).unwrap();
+    let result = finish_backup(&job, &records, outcome.verdict == Verdict::Passed);
+    (outcome, result)
+}
+
+/// Restores `tape` to `out` as the `restore` command does.
+fn restore(tape: &Path, out: &Path, format: Format) -> (Outcome, Result<(), String>) {
+    let job = plan_restore(tape, out, format).unwrap_or_else(|e| panic!("{e}"));
+    let name = if format == Format::Raw {
+        "raw"
+    } else {
+        "qcow2"
+    };
+    let outcome = boot(
+        &format!("scenario=restore format={name}"),
+        job.disks.clone(),
+    );
+    let records = boot::report::records(&outcome.serial).unwrap();
+    let result = finish_restore(&job, &records, outcome.verdict == Verdict::Passed);
+    (outcome, result)
+}
+
+/// The whole cycle: backup, both restores, compare and check; returns the
+/// tape's length and the data bytes the kernel reported.
+fn round_trip(dir: &Path, src: &Path) -> (u64, u64) {
+    let before = std::fs::read(src).unwrap();
+    let tape = dir.join("tape");
+    let (outcome, result) = backup(dir, src, &tape);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
+    let stream = result.unwrap();
+    assert_eq!(
+        std::fs::metadata(&tape).unwrap().len(),
+        stream,
+        "tape length"
+    );
+    assert!(std::fs::read(src).unwrap() == before, "the source changed");
+    assert!(
+        !dir.join("backup-scratch.img").exists(),
+        "scratch left behind"
+    );
+    let data = boot::report::records(&outcome.serial)
+        .unwrap()
+        .iter()
+        .rfind(|r| r.event == "backup.done")
+        .and_then(|r| r.u64("data_bytes"))
+        .unwrap();
+
+    for (format, name) in [(Format::Raw, "out.raw"), (Format::Qcow2, "out.qcow2")] {
+        let out = dir.join(name);
+        let (outcome, result) = restore(&tape, &out, format);
+        assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
+        result.unwrap();
+        let out_format = if format == Format::Raw {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let said = tool(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", out_format, s(src), s(&out)],
+        );
+        assert!(said.contains("Images are identical"), "{name}: {said}");
+        if format == Format::Qcow2 {
+            let check = tool("qemu-img", &["check", s(&out)]);
+            assert!(check.contains("No errors were found"), "{check}");
+            assert!(!check.contains("leaked"), "{check}");
+        }
+        std::fs::remove_file(&out).unwrap();
+    }
+    (stream, data)
+}
+
+/// Bytes QEMU maps as data in `image` (`qemu-img map`): the reference
+/// for what the backup must copy.
+fn qemu_data_bytes(image: &Path) -> u64 {
+    let map = tool("qemu-img", &["map", "--output=json", s(image)]);
+    map.lines()
+        .filter(|l| l.contains("\"data\": true"))
+        .map(|l| {
+            let at = l.find("\"length\": ").unwrap() + 10;
+            let rest = &l[at..];
+            rest[..rest.find(',').unwrap()]
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn scattered_patterns_zero_writes_and_discards() {
+    let (dir, src) = make_image(
+        "scattered",
+        "64M",
+        "",
+        &[
+            "write -P 0x11 0 100k",
+            "write -P 0x22 7M 4k",
+            "write -P 0x33 20M 1M",
+            "write -P 0x44 33M 512",
+            "write -z 21M 128k",
+            "write -z 40M 2M",
+            "discard 20M 64k",
+            "write -P 0x55 63M 1M",
+            "discard 63M 512k",
+            "write -P 0x66 50M 3M",
+            "write -z 51M 64k",
+        ],
+    );
+    let (stream, data) = round_trip(&dir, &src);
+    assert_eq!(data, qemu_data_bytes(&src));
+    assert!(stream < data + 200 * 1024, "{stream} bytes for {data}");
+}
+
+#[test]
+fn a_full_image() {
+    let (dir, src) = make_image("full", "64M", "", &["write -P 0x7e 0 64M"]);
+    let (_, data) = round_trip(&dir, &src);
+    assert_eq!(data, 64 << 20);
+    assert_eq!(data, qemu_data_bytes(&src));
+}
+
+#[test]
+fn an_empty_image() {
+    let (dir, src) = make_image("empty", "64M", "", &[]);
+    let (stream, data) = round_trip(&dir, &src);
+    assert_eq!(data, 0);
+    assert!(stream < 64 * 1024, "{stream}");
+}
+
+#[test]
+fn a_100_gib_disk_with_little_data() {
+    let (dir, src) = make_image(
+        "100g",
+        "100G",
+        "",
+        &[
+            "write -P 0x01 0 64k",
+            "write -P 0x02 50G 1M",
+            "write -z 70G 1G",
+            "write -P 0x03 102399M 1M",
+        ],
+    );
+    let (stream, data) = round_trip(&dir, &src);
+    assert_eq!(data, (64 << 10) + (2 << 20));
+    assert_eq!(data, qemu_data_bytes(&src));
+    assert!(stream < 4 << 20, "{stream}");
+}
+
+#[test]
+fn small_clusters_and_odd_refcount_widths() {
+    let (dir, src) = make_image(
+        "small-clusters",
+        "256M",
+        "cluster_size=4096,refcount_bits=2",
+        &[
+            "write -P 0xa1 1M 10k",
+            "write -P 0xa2 100M 300k",
+            "write -z 101M 8k",
+            "write -P 0xa3 255M 1M",
+        ],
+    );
+    round_trip(&dir, &src);
+}
+
+/// Broken tapes: what the host sees before booting it refuses at once;
+/// what only the kernel sees (extent data) the kernel refuses, and no
+/// output file is left behind.
+#[test]
+fn truncated_and_corrupted_tapes_are_refused() {
+    let (dir, src) = make_image(
+        "broken-tapes",
+        "64M",
+        "",
+        &["write -P 0x42 0 3M", "write -P 0x43 40M 2M"],
+    );
+    let tape = dir.join("tape");
+    let (outcome, result) = backup(&dir, &src, &tape);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
+    let len = result.unwrap();
+    let good = std::fs::read(&tape).unwrap();
+    let out = dir.join("out.raw");
+    let broken = dir.join("broken");
+
+    // Truncated: the host refuses before booting, naming the trailer.
+    std::fs::write(&broken, &good[..good.len() - 4096]).unwrap();
+    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    assert!(err.contains("missing trailer"), "{err}");
+    assert!(!out.exists());
+    // The kernel, given the truncated tape directly, says the same.
+    std::fs::write(&out, vec![0u8; 64 << 20]).unwrap();
+    let outcome = boot(
+        "scenario=restore format=raw",
+        vec![
+            Disk {
+                read_only: true,
+                ..Disk::new(&broken, "tape")
+            },
+            Disk::new(&out, "out"),
+        ],
+    );
+    assert_eq!(outcome.verdict, Verdict::Failed);
+    assert!(
+        outcome.serial.contains("restore refused: missing trailer"),
+        "{}",
+        outcome.tail(10)
+    );
+    std::fs::remove_file(&out).unwrap();
+
+    // Unknown version: refused by the host, saying which.
+    let mut bad = good.clone();
+    bad[8] = 9;
+    std::fs::write(&broken, &bad).unwrap();
+    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    assert!(err.contains("unknown medium version 9"), "{err}");
+
+    // A flipped bit in the data of the last extent: only the kernel reads
+    // it, refuses it, and the host removes the partial output.
+    let mut bad = good.clone();
+    bad[len as usize - 512 - 1000] ^= 4;
+    std::fs::write(&broken, &bad).unwrap();
+    let (outcome, result) = restore(&broken, &out, Format::Qcow2);
+    assert_eq!(outcome.verdict, Verdict::Failed);
+    assert!(
+        outcome
+            .serial
+            .contains("restore refused: bad checksum: extent 4"),
+        "{}",
+        outcome.tail(10)
+    );
+    assert!(result.unwrap_err().contains("removed"));
+    assert!(!out.exists(), "a partial restore was left behind");
+
+    // A corrupted trailer.
+    let mut bad = good.clone();
+    bad[len as usize - 100] ^= 1;
+    std::fs::write(&broken, &bad).unwrap();
+    let (outcome, _) = restore(&broken, &out, Format::Raw);
+    assert!(
+        outcome
+            .serial
+            .contains("restore refused: bad checksum: trailer"),
+        "{}",
+        outcome.tail(10)
+    );
+}
+
+/// Images the reader does not support are refused by name, by the host
+/// before booting and by the kernel when given one directly; nothing is
+/// written to the tape.
+#[test]
+fn unsupported_sources_are_refused_by_name() {
+    let (dir, plain) = make_image("unsupported", "16M", "", &["write -P 1 0 1M"]);
+    let compressed = dir.join("compressed.qcow2");
+    tool(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", s(&plain), s(&compressed)],
+    );
+    let backed = dir.join("backed.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&plain),
+            "-F",
+            "qcow2",
+            s(&backed),
+        ],
+    );
+    let tape = dir.join("tape");
+    for (image, says) in [
+        (&compressed, "unsupported qcow2 feature: compressed cluster"),
+        (&backed, "has a backing file"),
+    ] {
+        let err = plan_backup(image, &tape, &dir).unwrap_err();
+        assert!(err.contains(says), "{err}");
+        let scratch = dir.join("scratch.img");
+        std::fs::write(&scratch, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&tape, vec![0u8; 1 << 20]).unwrap();
+        let outcome = boot(
+            "scenario=backup",
+            vec![
+                Disk {
+                    read_only: true,
+                    ..Disk::new(image, "source")
+                },
+                Disk::new(&scratch, "scratch"),
+                Disk::new(&tape, "tape"),
+            ],
+        );
+        assert_eq!(outcome.verdict, Verdict::Failed);
+        assert!(outcome.serial.contains(says), "{}", outcome.tail(10));
+        assert!(std::fs::read(&tape).unwrap().iter().all(|&b| b == 0));
+    }
+}
