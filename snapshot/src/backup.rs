@@ -35,7 +35,8 @@ use crate::tape::{
     HEADER_BYTES,
 };
 
-/// Bytes moved per batch of requests.
+/// Bytes moved per batch of requests, at most (less when memory is short).
+/// 16 MiB windows measured no faster under QEMU than 4 MiB ones.
 const WINDOW: u64 = 4 << 20;
 /// Requests in flight per batch.
 const DEPTH: usize = 32;
@@ -61,6 +62,8 @@ pub enum Error {
     },
     /// The medium cannot be restored.
     Medium(MediumError),
+    /// Not enough memory for the tables or a single transfer buffer.
+    NoMemory(u64),
 }
 
 impl fmt::Display for Error {
@@ -79,6 +82,7 @@ impl fmt::Display for Error {
                 "disk \"{disk}\" too small: needs {need} bytes, has {have}"
             ),
             Error::Medium(e) => write!(f, "{e}"),
+            Error::NoMemory(bytes) => write!(f, "out of memory for a {bytes}-byte buffer"),
         }
     }
 }
@@ -214,6 +218,31 @@ fn depth(d: &dyn BlockDevice) -> usize {
     d.info().max_depth.clamp(1, DEPTH)
 }
 
+/// A zeroed buffer of `len` bytes, or [`Error::NoMemory`].
+fn zeroed(len: u64) -> Result<Vec<u8>, Error> {
+    let mut v = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| v.try_reserve_exact(n).ok())
+        .ok_or(Error::NoMemory(len))?;
+    v.resize(len as usize, 0);
+    Ok(v)
+}
+
+/// A transfer buffer for up to [`WINDOW`] bytes in whole `unit`s, and no
+/// more than `wanted` units: as many as fit, halving when memory is short;
+/// `(buffer, units)`.
+fn window(unit: u64, wanted: u64) -> Result<(Vec<u8>, u64), Error> {
+    let mut units = (WINDOW / unit).clamp(1, wanted.max(1));
+    loop {
+        match zeroed(units * unit) {
+            Ok(buf) => return Ok((buf, units)),
+            Err(e) if units == 1 => return Err(e),
+            Err(_) => units /= 2,
+        }
+    }
+}
+
 /// Writes `buf` at `sector` with the device's pieces of it in flight
 /// together (a plain `write` sends them one at a time).
 fn write_deep(d: &dyn BlockDevice, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
@@ -257,9 +286,8 @@ fn copy(
 ) -> Result<(), Error> {
     let cs = plan.layout.cluster_size();
     let file_len = plan.image.file_len;
-    let per_window = (WINDOW / cs).max(1);
+    let (mut buf, per_window) = window(cs, plan.layout.data_clusters)?;
     let total = plan.copy_bytes();
-    let mut buf = vec![0u8; (per_window * cs) as usize];
     // (copy cluster, host offset) in copy order.
     let mut clusters = plan.table2.iter().flat_map(|r| {
         (0..r.len).map(move |i| {
@@ -333,7 +361,7 @@ fn stream(
         table2_checksum: checksum(&t2),
     }
     .encode();
-    let mut front = vec![0u8; layout.data_offset() as usize];
+    let mut front = zeroed(layout.data_offset())?;
     front[..HEADER_BYTES as usize].copy_from_slice(&header);
     let t1_at = layout.table1_offset() as usize;
     front[t1_at..t1_at + t1.len()].copy_from_slice(&t1);
@@ -346,9 +374,8 @@ fn stream(
     }
     drop(front);
 
-    let extents_per_window = (WINDOW / (layout.extent_clusters() * cs)).max(1);
     let stride = BLOCK + layout.extent_clusters() * cs;
-    let mut buf = vec![0u8; (extents_per_window * stride) as usize];
+    let (mut buf, extents_per_window) = window(stride, layout.extents())?;
     let mut digest = Digest::default();
     let total = plan.copy_bytes();
     let mut k = 0;
@@ -479,7 +506,7 @@ impl Front {
             ))
             .into());
         }
-        let mut tables = vec![0u8; (l.data_offset() - l.table1_offset()) as usize];
+        let mut tables = zeroed(l.data_offset() - l.table1_offset())?;
         read_deep(tape, l.table1_offset() / 512, &mut tables)?;
         let t1 = &tables[..l.table1_bytes as usize];
         let t2_at = (l.table2_offset() - l.table1_offset()) as usize;
@@ -532,9 +559,8 @@ pub fn restore(
     need(out, out_bytes)?;
     let image = NewImage::new(l.cluster_bits, virtual_size, &front.table2);
 
-    let extents_per_window = (WINDOW / (l.extent_clusters() * cs)).max(1);
     let stride = BLOCK + l.extent_clusters() * cs;
-    let mut buf = vec![0u8; (extents_per_window * stride) as usize];
+    let (mut buf, extents_per_window) = window(stride, l.extents())?;
     let mut digest = Digest::default();
     let total = l.data_clusters * cs;
     let mut run = 0; // table 2 position for the raw format
