@@ -33,24 +33,41 @@ pub struct Goal {
     pub applies: bool,
 }
 
+impl Goal {
+    /// A goal met when `measured <= limit`.
+    pub fn at_most(what: &'static str, measured: f64, limit: f64) -> Goal {
+        Goal {
+            what,
+            measured,
+            limit,
+            met: measured <= limit,
+            applies: true,
+        }
+    }
+
+    /// A goal met when `measured >= limit`.
+    pub fn at_least(what: &'static str, measured: f64, limit: f64) -> Goal {
+        Goal {
+            met: measured >= limit,
+            ..Goal::at_most(what, measured, limit)
+        }
+    }
+}
+
+/// `a / b`, infinite when `b` is zero.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        f64::INFINITY
+    } else {
+        a / b
+    }
+}
+
 /// The goals of `bench-memsnap`, judged from its JSON.
 pub fn memsnap_goals(json: &str) -> Vec<Goal> {
     let f = |k| field(json, k).unwrap_or(0) as f64;
-    let ratio = |a: f64, b: f64| if b == 0.0 { f64::INFINITY } else { a / b };
-    let at_most = |what, measured: f64, limit| Goal {
-        what,
-        measured,
-        limit,
-        met: measured <= limit,
-        applies: true,
-    };
-    let at_least = |what, measured: f64, limit| Goal {
-        what,
-        measured,
-        limit,
-        met: measured >= limit,
-        applies: true,
-    };
+    let at_most = Goal::at_most;
+    let at_least = Goal::at_least;
     // "Under 1/100 of stop-and-copy" is the goal at 2 GiB (of which the
     // firmware keeps a little); smaller guests have too little to copy.
     let big = f("mem_bytes") >= (2u64 << 30) as f64 * 0.95;
@@ -171,14 +188,16 @@ pub fn with_field(json: &str, key: &str, value: u64) -> String {
 /// The goals of `bench-blk`, judged from its JSON.
 pub fn blk_goals(json: &str) -> Vec<Goal> {
     let f = |k| field(json, k).unwrap_or(0) as f64;
-    let ratio = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
-    vec![Goal {
-        what: "random 4 KiB IOPS, depth 32 / depth 1 (x)",
-        measured: ratio(f("rand_read_iops_qd32"), f("rand_read_iops_qd1")),
-        limit: 4.0,
-        met: ratio(f("rand_read_iops_qd32"), f("rand_read_iops_qd1")) >= 4.0,
-        applies: true,
-    }]
+    let qd1 = f("rand_read_iops_qd1");
+    vec![Goal::at_least(
+        "random 4 KiB IOPS, depth 32 / depth 1 (x)",
+        if qd1 == 0.0 {
+            0.0
+        } else {
+            f("rand_read_iops_qd32") / qd1
+        },
+        4.0,
+    )]
 }
 
 /// A number field of a flat JSON object, integer or decimal.
@@ -192,14 +211,7 @@ pub fn field_f64(json: &str, key: &str) -> Option<f64> {
 /// The goals of `bench-backup`, judged from its JSON.
 pub fn backup_goals(json: &str) -> Vec<Goal> {
     let f = |k| field_f64(json, k).unwrap_or(0.0);
-    let ratio = |a: f64, b: f64| if b == 0.0 { f64::INFINITY } else { a / b };
-    let at_most = |what, measured: f64, limit| Goal {
-        what,
-        measured,
-        limit,
-        met: measured <= limit,
-        applies: true,
-    };
+    let at_most = Goal::at_most;
     vec![
         at_most(
             "medium bytes / data bytes (x)",

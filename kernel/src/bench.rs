@@ -696,30 +696,34 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
     }
     let mib_s = |bytes: u64, ns: u64| per_second(bytes, ns) >> 20;
 
-    let t = now_ns();
-    let sparse = match run_backup(&*src, &*scratch, &*tape, &mut quiet) {
-        Ok(s) => s,
-        Err(e) => {
-            log!("bench-backup: backup: {e}");
-            return ExitCode::Failure;
-        }
-    };
-    let backup_ns = now_ns() - t;
-    let t = now_ns();
-    if let Err(e) = restore(&*tape, &*out, Format::Raw, &mut quiet) {
-        log!("bench-backup: restore: {e}");
-        return ExitCode::Failure;
+    // Each step timed; the first error ends the benchmark.
+    fn timed<T>(
+        what: &str,
+        step: impl FnOnce() -> Result<T, snapshot::backup::Error>,
+    ) -> Option<(T, u64)> {
+        let t = now_ns();
+        let result = step();
+        let ns = now_ns() - t;
+        result
+            .map(|value| (value, ns))
+            .map_err(|e| log!("bench-backup: {what}: {e}"))
+            .ok()
     }
-    let restore_ns = now_ns() - t;
-    let t = now_ns();
-    let all = match run_backup(&*full, &*scratch, &*tape, &mut quiet) {
-        Ok(s) => s,
-        Err(e) => {
-            log!("bench-backup: all-data backup: {e}");
-            return ExitCode::Failure;
-        }
+    let steps = timed("backup", || {
+        run_backup(&*src, &*scratch, &*tape, &mut quiet)
+    })
+    .and_then(|backup| {
+        let restored = timed("restore", || {
+            restore(&*tape, &*out, Format::Raw, &mut quiet)
+        })?;
+        let all = timed("all-data backup", || {
+            run_backup(&*full, &*scratch, &*tape, &mut quiet)
+        })?;
+        Some((backup, restored.1, all))
+    });
+    let Some(((sparse, backup_ns), restore_ns, (all, all_ns))) = steps else {
+        return ExitCode::Failure;
     };
-    let all_ns = now_ns() - t;
     log!(
         "backup: {} MiB of data in a {} MiB disk: {} ms, {} MiB/s; medium {} bytes for {} bytes of data",
         sparse.data_bytes >> 20,
