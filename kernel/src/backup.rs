@@ -49,6 +49,8 @@ impl Progress {
                 done = done,
                 total = total
             );
+            // Out now, not when the trace buffer fills: the host shows it.
+            crate::trace::flush();
             self.last = Some((stage, pct));
         }
         if done == total {

@@ -351,22 +351,24 @@ fn stream(
 ) -> Result<(), Error> {
     let layout = &plan.layout;
     let cs = layout.cluster_size();
-    let t1 = tape::encode_table1(&plan.image.table1);
-    let t2 = tape::encode_runs(&plan.table2);
+    // Header, table 1 and table 2, encoded in place: the tables of a
+    // large image are megabytes, and are not copied twice.
+    let mut front = zeroed(layout.data_offset())?;
+    let (head, tables) = front.split_at_mut(HEADER_BYTES as usize);
+    let (t1, rest) = tables.split_at_mut(layout.table1_bytes as usize);
+    tape::encode_table1(&plan.image.table1, t1);
+    let t2_at = (layout.table2_offset() - layout.table1_offset() - layout.table1_bytes) as usize;
+    let t2 = &mut rest[t2_at..t2_at + layout.table2_bytes() as usize];
+    tape::encode_runs(&plan.table2, t2);
     let header = Header {
         layout: *layout,
         virtual_size: plan.image.header.virtual_size,
         source_bytes: plan.image.file_len,
-        table1_checksum: checksum(&t1),
-        table2_checksum: checksum(&t2),
+        table1_checksum: checksum(t1),
+        table2_checksum: checksum(t2),
     }
     .encode();
-    let mut front = zeroed(layout.data_offset())?;
-    front[..HEADER_BYTES as usize].copy_from_slice(&header);
-    let t1_at = layout.table1_offset() as usize;
-    front[t1_at..t1_at + t1.len()].copy_from_slice(&t1);
-    let t2_at = layout.table2_offset() as usize;
-    front[t2_at..t2_at + t2.len()].copy_from_slice(&t2);
+    head.copy_from_slice(&header);
     let mut written = 0u64;
     for piece in front.chunks(WINDOW as usize) {
         write_deep(tape, written / 512, piece)?;

@@ -310,28 +310,27 @@ impl Header {
     }
 }
 
-/// Encodes table 1: `[l1 entries u64][l2 tables u64]`, the L1 entries,
-/// then each L2 table as `[l1 index u64][entries]`. Entry values are as
-/// qcow2 defines them.
-pub fn encode_table1(t: &Table1) -> Vec<u8> {
-    let per_l2 = t.cluster_size() / 8;
-    let mut b = Vec::with_capacity(table1_bytes(t) as usize);
-    b.extend_from_slice(&(t.l1.len() as u64).to_le_bytes());
-    b.extend_from_slice(&(t.l2.len() as u64).to_le_bytes());
-    for e in &t.l1 {
-        b.extend_from_slice(&e.to_le_bytes());
-    }
-    for table in &t.l2 {
-        b.extend_from_slice(&u64::from(table.l1_index).to_le_bytes());
-        debug_assert_eq!(table.entries.len() as u64, per_l2);
-        for e in &table.entries {
-            b.extend_from_slice(&e.to_le_bytes());
+/// Encodes table 1 into `out` (exactly [`table1_bytes`] long): `[l1
+/// entries u64][l2 tables u64]`, the L1 entries, then each L2 table as
+/// `[l1 index u64][entries]`. Entry values are as qcow2 defines them.
+pub fn encode_table1(t: &Table1, out: &mut [u8]) {
+    debug_assert_eq!(out.len() as u64, table1_bytes(t));
+    let mut words = out.chunks_exact_mut(8);
+    let mut put = |v: u64| {
+        if let Some(w) = words.next() {
+            w.copy_from_slice(&v.to_le_bytes());
         }
+    };
+    put(t.l1.len() as u64);
+    put(t.l2.len() as u64);
+    t.l1.iter().for_each(|&e| put(e));
+    for table in &t.l2 {
+        put(u64::from(table.l1_index));
+        table.entries.iter().for_each(|&e| put(e));
     }
-    b
 }
 
-/// Bytes [`encode_table1`] produces.
+/// Bytes [`encode_table1`] writes.
 pub fn table1_bytes(t: &Table1) -> u64 {
     16 + 8 * t.l1.len() as u64 + t.l2.len() as u64 * (8 + t.cluster_size())
 }
@@ -375,15 +374,14 @@ pub fn decode_table1(b: &[u8], header: &Header) -> Result<Table1, MediumError> {
     .map_err(|e| bad(&format!("{e}")))
 }
 
-/// Encodes table 2 runs as `[from u64][to u64][len u64]` each.
-pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(runs.len() * 24);
-    for r in runs {
-        b.extend_from_slice(&r.from.to_le_bytes());
-        b.extend_from_slice(&r.to.to_le_bytes());
-        b.extend_from_slice(&r.len.to_le_bytes());
+/// Encodes table 2 runs into `out` (24 bytes per run) as `[from u64][to
+/// u64][len u64]` each.
+pub fn encode_runs(runs: &[Run], out: &mut [u8]) {
+    for (r, b) in runs.iter().zip(out.chunks_exact_mut(24)) {
+        put64(b, 0, r.from);
+        put64(b, 8, r.to);
+        put64(b, 16, r.len);
     }
-    b
 }
 
 /// Decodes table 2 and checks it against table 1: runs ascend without

@@ -69,6 +69,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 
 fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
     let len = bytes.len();
+    if len == 0 {
+        return;
+    }
     match *m {
         Mutation::HeaderByte(at, v) => bytes[at % len] ^= v,
         Mutation::Word(at, v) => {
