@@ -334,7 +334,13 @@ fn main() -> ExitCode {
         }
         if let Ok(Some(record)) = snapshot::trace::parse_line(line) {
             if let Some(progress) = host_backup::progress_line(&record) {
-                eprintln!("{progress}");
+                // One line per stage, rewritten in place.
+                let end = if record.u64("done") == record.u64("total") {
+                    "\n"
+                } else {
+                    ""
+                };
+                eprint!("\r{progress}{end}");
             }
         }
     }) {
