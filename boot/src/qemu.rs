@@ -152,6 +152,33 @@ impl Outcome {
     }
 }
 
+/// How QEMU submits disk I/O to the host: `io_uring` where the host
+/// allows it (probed once with `qemu-io`), else its thread pool. With the
+/// thread pool, QEMU's worker threads compete with the vCPU thread for
+/// this machine's two cores; under io_uring the snapshot to disk wrote
+/// 1.2 to 1.4 times faster and its fault p99 was lower in five runs of
+/// seven (README, snapshots to disk).
+pub fn aio_mode() -> &'static str {
+    static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| {
+        let probe = std::env::temp_dir().join(format!("aio-probe-{}.img", std::process::id()));
+        let works = std::fs::write(&probe, [0u8; 4096]).is_ok()
+            && Command::new("qemu-io")
+                .args(["-f", "raw", "-i", "io_uring", "-c", "read 0 512"])
+                .arg(&probe)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        let _ = std::fs::remove_file(&probe);
+        if works {
+            "io_uring"
+        } else {
+            "threads"
+        }
+    })
+}
+
 /// Checks that QEMU is installed.
 pub fn check_qemu() -> Result<(), SetupError> {
     match Command::new(QEMU)
@@ -216,6 +243,8 @@ pub fn command(config: &Config) -> Command {
             if disk.read_only {
                 drive.push_str(",readonly=on");
             }
+            drive.push_str(",aio=");
+            drive.push_str(aio_mode());
             cmd.args(["-drive", &drive]);
         }
         cmd.args(["-device", &device]);
