@@ -366,3 +366,27 @@ fn unsupported_sources_are_refused_by_name() {
         assert!(std::fs::read(&tape).unwrap().iter().all(|&b| b == 0));
     }
 }
+
+/// Internal snapshots share clusters with the active layer (refcount 2,
+/// `COPIED` clear): the backup takes the active layer, as the guest sees
+/// it now.
+#[test]
+fn internal_snapshots_back_up_the_active_layer() {
+    let (dir, src) = make_image("internal-snapshots", "64M", "", &["write -P 0x61 0 1M"]);
+    tool("qemu-img", &["snapshot", "-c", "first", s(&src)]);
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x62 512k 1M",
+            "-c",
+            "discard 0 64k",
+            s(&src),
+        ],
+    );
+    tool("qemu-img", &["snapshot", "-c", "second", s(&src)]);
+    let (_, data) = round_trip(&dir, &src);
+    assert_eq!(data, qemu_data_bytes(&src));
+}

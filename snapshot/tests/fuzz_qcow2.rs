@@ -23,6 +23,7 @@ const CORPUS: &[&str] = &[
     "default64k.qcow2",
     "tiny.qcow2",
     "wide.qcow2",
+    "snapshots.qcow2",
     "backed.qcow2",
     "compressed.qcow2",
     "ext-l2.qcow2",

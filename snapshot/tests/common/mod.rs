@@ -14,7 +14,14 @@ pub fn image(name: &str) -> Vec<u8> {
 }
 
 /// The images every test may read, with a reference map.
-pub const READABLE: &[&str] = &["empty", "scattered", "default64k", "tiny", "wide"];
+pub const READABLE: &[&str] = &[
+    "empty",
+    "scattered",
+    "default64k",
+    "tiny",
+    "wide",
+    "snapshots",
+];
 
 /// One extent of `qemu-img map`: guest start, length, and the host offset
 /// when it holds data.
