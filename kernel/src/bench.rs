@@ -209,7 +209,6 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         latencies.last().copied().unwrap_or(0)
     );
 
-    let mut json = String::new();
     let mismatched = verified
         .as_ref()
         .and_then(|v| v.mismatched)
@@ -267,12 +266,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
             .as_ref()
             .is_none_or(|v| v.mismatched == Some(0) && v.not_copied_once == Some(0))
     });
-    json.push('{');
-    for (i, (key, value)) in fields.iter().enumerate() {
-        let _ = write!(json, "{}\"{key}\":{value}", if i == 0 { "" } else { "," });
-    }
-    json.push('}');
-    crate::println!("BENCH-JSON {json}");
+    print_json(&fields);
     if !verify || (mismatched == 0 && not_copied_once == 0 && disk_ok) {
         ExitCode::Success
     } else {
@@ -650,13 +644,19 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         ("seq_read_notify_pct", read.notify_pct()),
         ("irqs", disk.interrupt_count()),
     ];
+    print_json(&fields);
+    ExitCode::Success
+}
+
+/// Prints the benchmark's one `BENCH-JSON {...}` line: a flat object of
+/// numbers (and strings already quoted).
+fn print_json(fields: &[(&str, impl core::fmt::Display)]) {
     let mut json = String::from("{");
     for (i, (key, value)) in fields.iter().enumerate() {
         let _ = write!(json, "{}\"{key}\":{value}", if i == 0 { "" } else { "," });
     }
     json.push('}');
     crate::println!("BENCH-JSON {json}");
-    ExitCode::Success
 }
 
 /// Seconds from nanoseconds, as JSON wants them.
@@ -764,11 +764,6 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         ),
         ("seq_read_mib_s", alloc::format!("{}", mib_s(span, read_ns))),
     ];
-    let mut json = String::from("{");
-    for (i, (key, value)) in fields.iter().enumerate() {
-        let _ = write!(json, "{}\"{key}\":{value}", if i == 0 { "" } else { "," });
-    }
-    json.push('}');
-    crate::println!("BENCH-JSON {json}");
+    print_json(&fields);
     ExitCode::Success
 }
