@@ -220,13 +220,7 @@ fn depth(d: &dyn BlockDevice) -> usize {
 
 /// A zeroed buffer of `len` bytes, or [`Error::NoMemory`].
 fn zeroed(len: u64) -> Result<Vec<u8>, Error> {
-    let mut v = Vec::new();
-    usize::try_from(len)
-        .ok()
-        .and_then(|n| v.try_reserve_exact(n).ok())
-        .ok_or(Error::NoMemory(len))?;
-    v.resize(len as usize, 0);
-    Ok(v)
+    crate::try_filled(len, 0).ok_or(Error::NoMemory(len))
 }
 
 /// A transfer buffer for up to [`WINDOW`] bytes in whole `unit`s, and no
@@ -303,26 +297,23 @@ fn copy(
     while done < plan.layout.data_clusters {
         let n = per_window.min(plan.layout.data_clusters - done);
         let window = &mut buf[..(n * cs) as usize];
-        // Runs of contiguous host clusters: (host, first index, count).
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        // Runs of contiguous host clusters: (host, count), in copy order.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for i in 0..n {
             let (c, host) = clusters
                 .next()
                 .expect("table 2 holds data_clusters entries");
             debug_assert_eq!(c, done + i);
             match runs.last_mut() {
-                Some((h, _, k)) if *h + *k * cs == host => *k += 1,
-                _ => runs.push((host, i, 1)),
+                Some((h, k)) if *h + *k * cs == host => *k += 1,
+                _ => runs.push((host, 1)),
             }
         }
         let mut ops = Vec::with_capacity(runs.len());
         let mut rest: &mut [u8] = window;
-        let mut at = 0;
-        for &(host, i, k) in &runs {
-            debug_assert_eq!(i, at);
+        for &(host, k) in &runs {
             let (piece, tail) = rest.split_at_mut((k * cs) as usize);
             rest = tail;
-            at += k;
             // A last cluster that the file ends inside reads as zeros
             // past the end.
             let len = (k * cs).min(file_len - host) as usize;

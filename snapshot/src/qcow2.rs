@@ -21,7 +21,7 @@
 //! are big-endian.
 
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -117,12 +117,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// A zeroed buffer of `len` bytes, or an error instead of an abort when
 /// memory is short.
 fn buffer(len: u64, what: &str) -> Result<Vec<u8>, Qcow2Error> {
-    let len = usize::try_from(len).map_err(|_| Qcow2Error::TooLarge(what.to_string()))?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Qcow2Error::TooLarge(format!("{what}: {len} bytes")))?;
-    v.resize(len, 0);
-    Ok(v)
+    crate::try_filled(len, 0).ok_or_else(|| Qcow2Error::TooLarge(format!("{what}: {len} bytes")))
 }
 
 /// The image header, checked.
@@ -533,8 +528,9 @@ impl Table1 {
         Self::decode(table.entries[(vc % per_l2) as usize])
     }
 
-    /// Every mapped virtual cluster in ascending order, with what it holds.
-    pub fn clusters(&self) -> impl Iterator<Item = (u64, Cluster)> + '_ {
+    /// Every L2 entry inside the virtual size, as `(virtual cluster,
+    /// entry)`, in ascending order.
+    fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let per_l2 = self.cluster_size() / 8;
         let limit = self.virtual_clusters();
         self.l2.iter().flat_map(move |t| {
@@ -544,8 +540,13 @@ impl Table1 {
                 .enumerate()
                 .map(move |(j, &e)| (first + j as u64, e))
                 .take_while(move |&(vc, _)| vc < limit)
-                .filter_map(|(vc, e)| Some((vc, Self::decode(e)?)))
         })
+    }
+
+    /// Every mapped virtual cluster in ascending order, with what it holds.
+    pub fn clusters(&self) -> impl Iterator<Item = (u64, Cluster)> + '_ {
+        self.entries()
+            .filter_map(|(vc, e)| Some((vc, Self::decode(e)?)))
     }
 
     /// Virtual clusters that hold data.
@@ -576,12 +577,8 @@ struct Claims {
 impl Claims {
     fn new(file_len: u64, cluster_bits: u32) -> Result<Claims, Qcow2Error> {
         let clusters = file_len.div_ceil(1 << cluster_bits);
-        let words = usize::try_from(clusters.div_ceil(64))
-            .map_err(|_| Qcow2Error::TooLarge("cluster map".into()))?;
-        let mut bits = Vec::new();
-        bits.try_reserve_exact(words)
-            .map_err(|_| Qcow2Error::TooLarge(format!("cluster map of {clusters} clusters")))?;
-        bits.resize(words, 0);
+        let bits = crate::try_filled(clusters.div_ceil(64), 0u64)
+            .ok_or_else(|| Qcow2Error::TooLarge(format!("cluster map of {clusters} clusters")))?;
         Ok(Claims { bits, cluster_bits })
     }
 
@@ -691,12 +688,10 @@ pub fn open<D: BlockDevice + ?Sized>(dev: &D) -> Result<Image, Qcow2Error> {
         l2,
         file_len,
     )?;
-    for (vc, cluster) in table1.clusters() {
-        // A preallocated zero cluster still owns its host cluster.
-        let host = match cluster {
-            Cluster::Data(host) => host,
-            Cluster::Zero => table1.raw_offset(vc),
-        };
+    for (vc, entry) in table1.entries() {
+        // Data, or a preallocated zero cluster, which still owns its host
+        // cluster.
+        let host = entry & OFFSET_MASK;
         if host != 0 {
             claims.claim(
                 &|| format!("the cluster for virtual offset {:#x}", vc * cs),
@@ -711,17 +706,6 @@ pub fn open<D: BlockDevice + ?Sized>(dev: &D) -> Result<Image, Qcow2Error> {
         table1,
         file_len,
     })
-}
-
-impl Table1 {
-    /// The host offset bits of `vc`'s entry, whatever its flags.
-    fn raw_offset(&self, vc: u64) -> u64 {
-        let per_l2 = self.cluster_size() / 8;
-        self.index
-            .get((vc / per_l2) as usize)
-            .and_then(|&pos| self.l2.get(pos as usize))
-            .map_or(0, |t| t.entries[(vc % per_l2) as usize] & OFFSET_MASK)
-    }
 }
 
 /// Reads the refcount table and blocks: each block is placed and claimed,
@@ -759,7 +743,7 @@ fn check_refcounts<D: BlockDevice + ?Sized>(
         blocks.push((i as u64, entry));
     }
     // Every used cluster needs a nonzero refcount.
-    let used = core::mem::take(&mut claims.bits);
+    let used = &claims.bits;
     let mut block = buffer(cs, "refcount block")?;
     let refcount = |block: &[u8], k: u64| -> u64 {
         let bit = k * bits;
@@ -800,7 +784,6 @@ fn check_refcounts<D: BlockDevice + ?Sized>(
             )));
         }
     }
-    claims.bits = used;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use snapshot::backup::{self, Format};
-use snapshot::block::{BlockDevice, MemDisk};
+use snapshot::block::MemDisk;
 
 /// A corpus image's bytes.
 pub fn image(name: &str) -> Vec<u8> {
@@ -118,6 +118,5 @@ pub fn read_guest(qcow2: &[u8]) -> Vec<u8> {
             view[at..at + have].copy_from_slice(&qcow2[host as usize..host as usize + have]);
         }
     }
-    let _ = disk.info();
     view
 }
