@@ -44,7 +44,8 @@ fn steady_rate(workload: &Workload) -> u64 {
     per_second(workload.ops() - ops, now_ns() - t)
 }
 
-fn percentile(sorted: &[u64], p: usize) -> u64 {
+/// The `p`th percentile of sorted values (0 when there are none).
+pub fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

@@ -183,10 +183,7 @@ fn live_snapshot_demo() -> ExitCode {
         return ExitCode::Failure;
     };
     crate::log!("{}", memsnap::describe(&report));
-    let p99 = latencies
-        .get(latencies.len() * 99 / 100)
-        .copied()
-        .unwrap_or(0);
+    let p99 = crate::bench::percentile(&latencies, 99);
     crate::log!(
         "pause {} us; write faults: {} timed, p99 {} ns; verification: {} mismatched pages",
         report.pause_ns / 1000,
@@ -279,10 +276,7 @@ fn snapshot_to_disk(disk: &str) -> ExitCode {
     }
     let _ = memsnap::release();
     crate::log!("{}", memsnap::describe(&report));
-    let p99 = latencies
-        .get(latencies.len() * 99 / 100)
-        .copied()
-        .unwrap_or(0);
+    let p99 = crate::bench::percentile(&latencies, 99);
     crate::log!(
         "write faults: {} timed, p99 {} ns, {} waited for the disk writer; SNAPSHOT_MARK is {} now, 1 in the core",
         latencies.len(),
