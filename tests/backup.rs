@@ -5,30 +5,15 @@
 //! check` clean). The source file must come through byte for byte.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use boot::backup::{finish_backup, finish_restore, plan_backup, plan_restore};
 use boot::qemu::{Disk, Outcome, Verdict};
-use kernel_tests::{boot_with_disks, image_dir};
+use kernel_tests::{boot_with_disks, image_dir, tool};
 use snapshot::backup::Format;
 
 const MEM: u64 = 512 << 20;
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-fn tool(name: &str, args: &[&str]) -> String {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {name} ({e}); run: bash scripts/setup"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -17,6 +17,22 @@ pub fn kernel() -> PathBuf {
     boot::build::kernel().unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs a host tool (`qemu-img`, `readelf`, `gdb` ...) and returns its
+/// standard output; panics, with its output, if it fails or is missing.
+pub fn tool(name: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name} ({e}); run: bash scripts/setup"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Boots with `cmdline` and returns the outcome.
 pub fn boot(cmdline: &str, mem_bytes: u64, timeout: Duration) -> Outcome {
     boot_with_disks(cmdline, mem_bytes, timeout, Vec::new())

@@ -4,27 +4,13 @@
 //! user would reach for.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use boot::corefile;
 use boot::qemu::{Disk, Verdict};
-use kernel_tests::{image_dir, run_kernel_test_with_disks, DiskSpec};
+use kernel_tests::{image_dir, run_kernel_test_with_disks, tool, DiskSpec};
 
 const MEM: u64 = 128 << 20;
-
-fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool} ({e}); run: bash scripts/setup"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The `memsnap` scenario's core file: `readelf` lists one load per range
 /// plus the kernel image's alias, and `gdb` with the kernel ELF prints
@@ -54,7 +40,7 @@ fn core_file_reads_in_readelf_and_gdb_with_snapshot_time_values() {
     let core = corefile::extract(&image, len, &core_path, |_, _| {}).unwrap();
     assert_eq!(std::fs::metadata(&core_path).unwrap().len(), len);
 
-    let readelf = run("readelf", &["-lW", core_path.to_str().unwrap()]);
+    let readelf = tool("readelf", &["-lW", core_path.to_str().unwrap()]);
     assert!(readelf.contains("CORE (Core file)"), "{readelf}");
     let load_lines = readelf
         .lines()
@@ -63,7 +49,7 @@ fn core_file_reads_in_readelf_and_gdb_with_snapshot_time_values() {
     assert!(readelf.contains("NOTE"), "{readelf}");
 
     let kernel = kernel_tests::kernel();
-    let gdb = run(
+    let gdb = tool(
         "gdb",
         &[
             "-batch",
