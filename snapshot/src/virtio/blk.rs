@@ -25,6 +25,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{fence, Ordering};
 
 use super::device::{self, InitError};
 use super::queue::{Layout, Part, SplitQueue};
@@ -169,6 +170,9 @@ pub struct BlkDriver<T, H: Hal> {
     limits: Limits,
     broken: Option<&'static str>,
     stats: Stats,
+    /// Whether completions interrupt while the driver waits for them (see
+    /// [`Self::wait_used`]).
+    interrupts: bool,
     /// Scratch lists reused by every request (chain parts; one request's
     /// share of each op), so submitting does not allocate.
     parts: Vec<Part>,
@@ -241,7 +245,8 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             Err(e) => return Err((transport, e)),
         };
         let queue = SplitQueue::new(rings, size);
-        queue.set_interrupts(config.interrupts);
+        // Interrupts stay off except while the driver waits (wait_used).
+        queue.set_interrupts(false);
         device::go_live(&transport);
         let max_bytes = config.max_request_bytes.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
         let limits = Limits {
@@ -276,6 +281,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             limits,
             broken: None,
             stats: Stats::default(),
+            interrupts: config.interrupts,
             parts: Vec::new(),
             gather: Gather::default(),
         })
@@ -399,7 +405,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
                         break Err(self.error(None, ErrorKind::Unsupported))
                     }
                     Ok(Some(_)) => break Err(self.error(None, ErrorKind::Io)),
-                    Ok(None) => wait.wait(&mut || self.queue.has_used()),
+                    Ok(None) => self.wait_used(wait),
                     Err(e) => break Err(e),
                 }
             };
@@ -515,8 +521,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             }
             if reaped == 0 {
                 self.stats.waits += 1;
-                let queue = &self.queue;
-                wait.wait(&mut || queue.has_used());
+                self.wait_used(wait);
             }
         }
         // Whatever is still mapped (a batch cut short) is released; after
@@ -525,6 +530,23 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             self.release(op, state);
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits until the device returns a chain. The device interrupts only
+    /// during such waits: a completion that lands while the driver is busy
+    /// submitting or reaping is found by the next reap, and an interrupt
+    /// for it would only cost the CPU (under QEMU, a vCPU exit each).
+    fn wait_used(&self, wait: &impl Wait) {
+        if self.interrupts {
+            self.queue.set_interrupts(true);
+            // The device may have returned a chain before it could see the
+            // flag: the check inside `wait` must come after the flag is out.
+            fence(Ordering::SeqCst);
+        }
+        wait.wait(&mut || self.queue.has_used());
+        if self.interrupts {
+            self.queue.set_interrupts(false);
+        }
     }
 
     fn release(&self, op: &mut Op<'_>, state: &mut OpState<H::Mapping>) {

@@ -118,6 +118,10 @@ struct State {
     /// Requests that reached the device alongside a flush (a flush must
     /// be alone: everything before it done, nothing after it started).
     pub flush_overlaps: usize,
+    /// Driver waits that began with interrupts asked for, and without.
+    pub waits_armed: usize,
+    /// See [`Self::waits_armed`].
+    pub waits_unarmed: usize,
 }
 
 /// The fake device; clone handles share it.
@@ -159,6 +163,8 @@ impl Fake {
             rng,
             failing: Vec::new(),
             max_pending: 0,
+            waits_armed: 0,
+            waits_unarmed: 0,
             requests: 0,
             max_segments_seen: 0,
             flush_overlaps: 0,
@@ -194,6 +200,14 @@ impl Fake {
             s.max_segments_seen,
             s.flush_overlaps,
         )
+    }
+
+    /// Whether the driver asks for completion interrupts now (its
+    /// available ring's flags), and its waits that began with them asked
+    /// for and without.
+    pub fn interrupts(&self) -> (bool, usize, usize) {
+        let mut s = self.state();
+        (s.interrupts_armed(), s.waits_armed, s.waits_unarmed)
     }
 
     /// Bytes of fake memory still allocated (rings, slots, live mappings).
@@ -262,6 +276,10 @@ impl State {
     }
 
     /// Executes a random number of pending requests in random order.
+    fn interrupts_armed(&mut self) -> bool {
+        self.read16(self.queue.driver) & 1 == 0
+    }
+
     fn complete_some(&mut self) {
         assert!(
             !self.pending.is_empty(),
@@ -606,6 +624,14 @@ impl Hal for Fake {
 
 impl Wait for Fake {
     fn wait(&self, done: &mut dyn FnMut() -> bool) {
+        {
+            let mut s = self.state();
+            if s.interrupts_armed() {
+                s.waits_armed += 1;
+            } else {
+                s.waits_unarmed += 1;
+            }
+        }
         while !done() {
             self.state().complete_some();
         }

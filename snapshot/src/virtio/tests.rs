@@ -34,6 +34,39 @@ fn up(setup: Setup) -> (Fake, BlkDriver<Fake, Fake>) {
 }
 
 #[test]
+fn completions_interrupt_only_while_the_driver_waits() {
+    for interrupts in [true, false] {
+        let fake = Fake::new(Setup {
+            sectors: 1024,
+            ..Setup::default()
+        });
+        let config = Config {
+            interrupts,
+            ..config()
+        };
+        let mut driver = BlkDriver::new(fake.clone(), fake.clone(), &config).expect("bring-up");
+        assert!(!fake.interrupts().0, "none asked for before any wait");
+        let mut bufs = vec![[0u8; 4096]; 32];
+        let mut ops: Vec<Op<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, buf)| Op::Read {
+                sector: i as u64 * 24,
+                buf,
+            })
+            .collect();
+        driver.transfer(&mut ops, 8, &fake).unwrap();
+        let (armed_now, armed, unarmed) = fake.interrupts();
+        assert!(!armed_now, "interrupts asked for after the batch");
+        if interrupts {
+            assert!(armed > 0 && unarmed == 0, "{armed} armed, {unarmed} not");
+        } else {
+            assert!(armed == 0 && unarmed > 0, "polling asked for interrupts");
+        }
+    }
+}
+
+#[test]
 fn bring_up_reads_configuration_and_serial() {
     let (fake, driver) = up(Setup {
         sectors: 4096,
