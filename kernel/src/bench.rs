@@ -287,6 +287,9 @@ struct DiskFigures {
     report: memsnap::Report,
     latencies: Vec<u64>,
     ops_during: u64,
+    /// Completion interrupts the disk raised from the instant to the end
+    /// of the copy.
+    interrupts: u64,
     verified: Option<memsnap::Report>,
 }
 
@@ -314,14 +317,15 @@ impl DiskFigures {
             self.end_to_end_mib_s()
         );
         log!(
-            "to disk: fault p50 {} ns, p99 {} ns (in RAM p99 {} ns); {} faults and {} copier rounds waited for the writer; staging {} pages, peak {} in use",
+            "to disk: fault p50 {} ns, p99 {} ns (in RAM p99 {} ns); {} faults and {} copier rounds waited for the writer; staging {} pages, peak {} in use; {} disk interrupts",
             percentile(&self.latencies, 50),
             percentile(&self.latencies, 99),
             ram_p99,
             self.report.fault_waits,
             self.report.copier_waits,
             d.staging_pages,
-            d.writer.peak_in_use
+            d.writer.peak_in_use,
+            self.interrupts
         );
         log!(
             "one page copy while the disk takes sequential writes: p50 {} ns, p99 {} ns",
@@ -355,6 +359,7 @@ impl DiskFigures {
             ("disk_copier_waits", r.copier_waits),
             ("disk_staging_pages", d.staging_pages),
             ("disk_staging_peak", d.writer.peak_in_use),
+            ("disk_interrupts", self.interrupts),
             ("disk_workload_ops_per_s_during", self.ops_during),
             (
                 "disk_mismatched_pages",
@@ -419,9 +424,11 @@ fn snapshot_to_disk(
         disk: Some(name.into()),
         ..Options::default()
     };
+    let interrupts_before = disk.interrupt_count();
     memsnap::start(&opts).map_err(|e| alloc::format!("{e}"))?;
     let ops_start = workload.ops();
     let report = memsnap::wait().ok_or("no report")?;
+    let interrupts = disk.interrupt_count() - interrupts_before;
     let latencies = memsnap::latencies();
     if let Some(e) = &report.error {
         let _ = memsnap::abort();
@@ -444,6 +451,7 @@ fn snapshot_to_disk(
         report,
         latencies,
         ops_during,
+        interrupts,
         verified,
     })
 }
