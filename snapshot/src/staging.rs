@@ -195,24 +195,36 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
         );
     }
 
-    /// Moves up to `max` staged buffers to writing and appends them as
-    /// (buffer, slot) to `out`, in buffer order.
+    /// Moves the (up to) `max` staged buffers with the lowest slots to
+    /// writing and appends them as (buffer, slot) to `out`, in no
+    /// particular order. The lowest slots, not the first buffers: copiers
+    /// stage runs of consecutive slots that a disk takes in one request,
+    /// and buffers are reused in whatever order they were freed.
     pub fn take(&self, max: usize, out: &mut Vec<(usize, u64)>) {
-        let mut taken = 0;
-        for (i, state) in self.states().iter().enumerate() {
-            if taken == max {
-                break;
-            }
+        let first = out.len();
+        out.extend(self.states().iter().enumerate().filter_map(|(i, state)| {
             let s = state.load(Ordering::Acquire);
-            if s >= STAGED
-                && state
-                    .compare_exchange(s, WRITING, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
+            (s >= STAGED).then(|| (i, s - STAGED))
+        }));
+        let candidates = &mut out[first..];
+        if candidates.len() > max {
+            candidates.select_nth_unstable_by_key(max, |&(_, slot)| slot);
+            out.truncate(first + max);
+        }
+        // Only the writer moves a buffer out of `Staged`, so these succeed;
+        // the check keeps a second taker from ever sharing a buffer.
+        let mut kept = first;
+        for k in first..out.len() {
+            let (i, slot) = out[k];
+            if self.states()[i]
+                .compare_exchange(slot + STAGED, WRITING, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
             {
-                out.push((i, s - STAGED));
-                taken += 1;
+                out[kept] = (i, slot);
+                kept += 1;
             }
         }
+        out.truncate(kept);
     }
 
     /// The buffer staged with `slot`'s page, if one is (a linear scan: for
@@ -282,6 +294,25 @@ mod tests {
         }
         assert_eq!(s.free(), 4);
         assert!(!s.busy());
+    }
+
+    #[test]
+    fn the_writer_takes_the_lowest_slots_whatever_the_buffers() {
+        let s = staging(6, 1);
+        // Buffers filled in an order unrelated to their slots, as after
+        // the writer has freed them in its own order.
+        for slot in [40, 3, 41, 7, 5] {
+            let buf = s.claim(Claimant::MayWait).unwrap();
+            s.publish(buf, slot);
+        }
+        let mut out = vec![];
+        s.take(3, &mut out);
+        let mut slots: Vec<u64> = out.iter().map(|&(_, slot)| slot).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, [3, 5, 7]);
+        s.take(3, &mut out);
+        assert_eq!(out.len(), 5, "the rest, once");
+        assert_eq!(s.find(40), None, "taken buffers are no longer staged");
     }
 
     #[derive(Debug, Clone)]

@@ -440,7 +440,7 @@ impl Meta<'_> {
 fn writer(s: &Shared) {
     thread::forbid_fault_waits();
     let mut taken: Vec<Taken> = Vec::with_capacity(MAX_BATCH);
-    let mut scratch: Vec<(usize, u64)> = Vec::with_capacity(MAX_BATCH);
+    let mut scratch: Vec<(usize, u64)> = Vec::with_capacity(s.staging.len());
     loop {
         if FAILED.load(Ordering::Acquire) {
             return;
