@@ -45,6 +45,9 @@ const MIN_BATCH: usize = 64;
 const DEPTH: usize = 16;
 /// How long the writer naps when there is too little to write.
 const NAP_NS: u64 = 1_000_000;
+/// The background copier leaves `1 / FAULT_HEADROOM_DIVISOR` of staging
+/// to write faults.
+const FAULT_HEADROOM_DIVISOR: usize = 4;
 /// Bytes kept for the metadata note, so the header's length is known
 /// before the snapshot starts.
 pub const META_ROOM: usize = 3072;
@@ -284,6 +287,13 @@ impl super::SnapshotStore for DiskStore {
 
     fn room(&self) -> u64 {
         self.shared.staging.room() as u64
+    }
+
+    fn background_room(&self) -> u64 {
+        let staging = &self.shared.staging;
+        staging
+            .room()
+            .saturating_sub(staging.len() / FAULT_HEADROOM_DIVISOR) as u64
     }
 
     fn failed(&self) -> bool {

@@ -228,6 +228,12 @@ pub trait SnapshotStore: Send + Sync {
     fn room(&self) -> u64 {
         u64::MAX
     }
+    /// Of [`Self::room`], what the background copier may take: the rest is
+    /// kept for write faults, so that a copier running ahead of a slow store
+    /// does not make the workload wait.
+    fn background_room(&self) -> u64 {
+        self.room()
+    }
     /// Whether a copy was lost: the snapshot cannot complete.
     fn failed(&self) -> bool {
         false
@@ -865,10 +871,11 @@ fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
         let mut done = false;
         while now_ns() - burst_start < COPIER_BURST_NS {
             let t = now_ns();
-            // At most what the store takes without its reserve; `None`
-            // when it takes nothing now (a disk's staging is full).
+            // At most what the store takes without its reserve and the
+            // faults' headroom; `None` when it takes nothing now (a disk's
+            // staging is as full as the copier may make it).
             let copied = SESSION
-                .with(|s| match s.store.room().min(COPIER_BATCH) {
+                .with(|s| match s.store.background_room().min(COPIER_BATCH) {
                     0 if !s.store.failed() => None,
                     room => Some(s.snap.copy_background(s, room.max(1))),
                 })
@@ -884,7 +891,7 @@ fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
                     COPIER_WAITS.fetch_add(1, Ordering::Relaxed);
                     thread::block_until(disk::room_key(), || {
                         SESSION
-                            .with(|s| s.store.room() > 0 || s.store.failed())
+                            .with(|s| s.store.background_room() > 0 || s.store.failed())
                             .unwrap_or(true)
                     });
                 }
