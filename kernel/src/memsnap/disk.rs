@@ -2,9 +2,11 @@
 //!
 //! The copiers (the pause, the write-fault handler, the background copier)
 //! never touch the disk: [`DiskStore::save`] copies a page into a RAM
-//! [`StagingArea`] buffer and returns. A writer thread takes staged pages,
-//! sorts them by slot and writes them with several requests in flight; the
-//! driver gathers slots that follow each other on disk into large requests.
+//! [`StagingArea`] buffer and returns. A writer thread takes the staged
+//! pages with the lowest slots, sorts them and writes them with several
+//! requests in flight; the driver gathers slots that follow each other on
+//! disk into large requests. The background copier leaves a quarter of
+//! staging to write faults ([`super::SnapshotStore::background_room`]).
 //! Slot `s` lives at `data_start + 4096 * s`, because the core's loads are
 //! the range's runs in slot order ([`snapshot::elfcore::snapshot_loads`]).
 //!

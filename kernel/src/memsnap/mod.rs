@@ -493,7 +493,7 @@ const STAGING_RESERVE: usize = 256;
 /// free frames. Early in a snapshot the workload's faults alone can
 /// outrun the disk, whose requests are then single scattered pages; at
 /// 2 GiB a 32 MiB area left faults parked for the writer (27..84 of about
-/// 47 600 per run) where 128 MiB, peaking at 44..76 MiB, left none.
+/// 47 600 per run) where 128 MiB, peaking at 43..74 MiB, left none.
 fn staging_pages(universe: u64, eager: u64, free: u64, asked: Option<usize>) -> usize {
     let base = asked.map_or_else(
         || (universe / 16).clamp(2048, 32768).min(free / 8).max(2048),
