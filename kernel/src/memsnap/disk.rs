@@ -1,12 +1,13 @@
 //! Snapshot storage on a virtio-blk disk, as an ELF core file.
 //!
 //! The copiers (the pause, the write-fault handler, the background copier)
-//! never touch the disk: [`DiskStore::save`] copies a page into a RAM
-//! [`StagingArea`] buffer and returns. A writer thread takes the staged
-//! pages with the lowest slots, sorts them and writes them with several
-//! requests in flight; the driver gathers slots that follow each other on
-//! disk into large requests. The background copier leaves a quarter of
-//! staging to write faults ([`super::SnapshotStore::background_room`]).
+//! never touch the disk: `DiskStore`'s [`save`](super::SnapshotStore::save)
+//! copies a page into a RAM [`StagingArea`] buffer and returns. A writer
+//! thread takes the staged pages with the lowest slots, sorts them and
+//! writes them with several requests in flight; the driver gathers slots
+//! that follow each other on disk into large requests. The background
+//! copier leaves a quarter of staging to write faults
+//! ([`super::SnapshotStore::background_room`]).
 //! Slot `s` lives at `data_start + 4096 * s`, because the core's loads are
 //! the range's runs in slot order ([`snapshot::elfcore::snapshot_loads`]).
 //!
@@ -20,8 +21,7 @@
 //! before the instant; the pages; a flush; the ELF header region; a flush.
 //! A file is never an ELF file until everything in it is on the disk.
 //!
-//! Must never block or allocate in [`DiskStore::save`]: the fault path
-//! calls it.
+//! Must never block or allocate in `save`: the fault path calls it.
 
 use alloc::string::String;
 use alloc::sync::Arc;
