@@ -6,7 +6,8 @@ use snapshot::memsnap::Phase;
 
 const MS: u64 = 1_000_000;
 
-fn verified() -> Options {
+/// A verified snapshot with the copier at half the CPU.
+pub(super) fn verified() -> Options {
     Options {
         verify: true,
         copier_share_pct: 50,

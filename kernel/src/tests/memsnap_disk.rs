@@ -18,11 +18,22 @@ const MS: u64 = 1_000_000;
 
 fn to_disk(name: &str) -> Options {
     Options {
-        verify: true,
-        copier_share_pct: 50,
         disk: Some(String::from(name)),
-        ..Options::default()
+        ..super::memsnap::verified()
     }
+}
+
+/// After a refused or failed snapshot to disk, a snapshot to RAM starts,
+/// completes and matches its reference.
+fn a_ram_snapshot_still_verifies(after: &str) {
+    memsnap::start(&Options {
+        verify: true,
+        ..Options::default()
+    })
+    .unwrap_or_else(|e| panic!("a RAM snapshot after the {after}: {e}"));
+    let report = memsnap::wait().expect("report");
+    assert_eq!(report.mismatched, Some(0));
+    memsnap::release().expect("release");
 }
 
 fn first_page(name: &str) -> vec::Vec<u8> {
@@ -149,14 +160,7 @@ pub fn too_small_disk_is_refused_before_anything_starts() {
         memsnap::start(&to_disk("nosuchdisk")),
         Err(StartError::NoDisk(_))
     ));
-    memsnap::start(&Options {
-        verify: true,
-        ..Options::default()
-    })
-    .expect("a RAM snapshot after the refusal");
-    let report = memsnap::wait().expect("report");
-    assert_eq!(report.mismatched, Some(0));
-    memsnap::release().expect("release");
+    a_ram_snapshot_still_verifies("refusal");
 }
 
 /// The disk fails a sector mid-way through the pages: the snapshot ends
@@ -206,12 +210,5 @@ pub fn io_error_midway_aborts_cleanly() {
         free_before.abs_diff(free_after) <= 64,
         "frames leaked: {free_before} -> {free_after}"
     );
-    memsnap::start(&Options {
-        verify: true,
-        ..Options::default()
-    })
-    .expect("a RAM snapshot after the failure");
-    let report = memsnap::wait().expect("report");
-    assert_eq!(report.mismatched, Some(0));
-    memsnap::release().expect("release");
+    a_ram_snapshot_still_verifies("failure");
 }
