@@ -16,9 +16,11 @@
 //! taken with interrupts off, which cannot block for the writer): ordinary
 //! claims stop when only the reserve is left, reserve claims may use it.
 //!
-//! Nothing here allocates, blocks or takes a lock; the fault path calls
-//! it. Every word it writes is in the caller's storage `W` (in the kernel,
-//! engine memory outside the snapshot range, which never faults).
+//! Nothing here blocks or takes a lock, and nothing the copiers call
+//! (claim, publish) allocates: the fault path calls them. The writer's
+//! [`Staging::take`] appends to a vector the caller sizes. Every word
+//! written here is in the caller's storage `W` (in the kernel, engine
+//! memory outside the snapshot range, which never faults).
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -199,7 +201,9 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
     /// writing and appends them as (buffer, slot) to `out`, in no
     /// particular order. The lowest slots, not the first buffers: copiers
     /// stage runs of consecutive slots that a disk takes in one request,
-    /// and buffers are reused in whatever order they were freed.
+    /// and buffers are reused in whatever order they were freed. `out`
+    /// briefly holds every staged buffer: with room for [`Self::len`] more
+    /// entries it does not allocate.
     pub fn take(&self, max: usize, out: &mut Vec<(usize, u64)>) {
         let first = out.len();
         out.extend(self.states().iter().enumerate().filter_map(|(i, state)| {
