@@ -346,7 +346,6 @@ pub struct ShadowPhysmap {
     pts: Buffer,
     /// (GiB index, shadow PD, original PDPT entry) for each shadowed GiB.
     gibs: Vec<(u64, u64, u64)>,
-    active: core::sync::atomic::AtomicBool,
 }
 
 impl ShadowPhysmap {
@@ -413,12 +412,15 @@ impl ShadowPhysmap {
             _pds: pds,
             pts,
             gibs,
-            active: core::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Points the physical map at the shadow: range frames become
     /// read-only. Constant work: one entry per GiB, then a TLB flush.
+    ///
+    /// Writes nothing but the PDPT: this runs in the pause, after the
+    /// verification reference, and the shadow itself lives in the heap,
+    /// which is read-only through the physical map once the swap is done.
     pub fn activate(&self) {
         let pdpt = physmap_pdpt();
         for &(gib, pd, original) in &self.gibs {
@@ -427,11 +429,10 @@ impl ShadowPhysmap {
             unsafe { write_entry(pdpt, gib, pd | (original & !ADDR_MASK & !HUGE)) };
         }
         x86_64::instructions::tlb::flush_all();
-        self.active
-            .store(true, core::sync::atomic::Ordering::Release);
     }
 
-    /// Points the physical map back at the original tables.
+    /// Points the physical map back at the original tables. Harmless when
+    /// the shadow is not active: each entry gets the value it holds.
     pub fn deactivate(&self) {
         let pdpt = physmap_pdpt();
         for &(gib, _, original) in &self.gibs {
@@ -439,8 +440,6 @@ impl ShadowPhysmap {
             unsafe { write_entry(pdpt, gib, original) };
         }
         x86_64::instructions::tlb::flush_all();
-        self.active
-            .store(false, core::sync::atomic::Ordering::Release);
     }
 
     /// The shadow PT and index of `frame`. Only range frames are ever
@@ -489,10 +488,10 @@ impl ShadowPhysmap {
 }
 
 impl Drop for ShadowPhysmap {
+    /// The shadow's tables are freed with it, so the physical map must not
+    /// point at them any more.
     fn drop(&mut self) {
-        if self.active.load(core::sync::atomic::Ordering::Acquire) {
-            self.deactivate();
-        }
+        self.deactivate();
     }
 }
 

@@ -142,6 +142,9 @@ pub struct Report {
     /// The part of the pause spent turning protection on (PDPT swap and
     /// TLB flush); the rest is the eager copy.
     pub protect_ns: u64,
+    /// Pages the engine faulted on during the pause (interrupts off, so
+    /// nothing else ran): its own writes to protected memory. Always 0.
+    pub pause_faults: u64,
     /// From the instant to the last copy.
     pub total_ns: u64,
     /// Time the copier spent copying.
@@ -747,6 +750,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     // Held through the pause: no DMA registration slips past it.
     let dma = DMA.lock();
     let mut times = (0, 0, 0);
+    let mut pause_faults = 0;
     // The CPU state the core file records: this thread just before the
     // pause, on a stack the snapshot holds (unlike the pause stack).
     *REGISTERS.lock() = crate::arch::cpu::registers_here();
@@ -828,6 +832,8 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
             s.sample();
         });
         let t3 = now_ns();
+        let faults = COUNTERS.read();
+        pause_faults = faults.fault + faults.rewrites;
         times = (
             (t1 - t0 - hash_ns) + (t3 - t2),
             hash_ns + (t2 - t1),
@@ -847,6 +853,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         pause_ns,
         protect_ns,
         reference_ns,
+        pause_faults,
         instant_ns: INSTANT_NS.load(Ordering::Relaxed),
         ..Report::default()
     };
