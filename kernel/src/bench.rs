@@ -63,6 +63,9 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         }
     };
     let mem_bytes: u64 = crate::boot_ram().map(|r| r.end - r.start).sum();
+    let ram_pages: u64 = crate::boot_ram()
+        .map(|r| (r.end / 4096).saturating_sub(r.start.div_ceil(4096)))
+        .sum();
     let (free, _) = crate::memory::frames::stats();
     let per_thread = (free * 4096 / 32).clamp(1 << 20, 96 << 20);
     log!(
@@ -172,6 +175,11 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     let copy_bytes_per_s = per_second(s.background * 4096, report.copier_busy_ns);
     let (p50, p99) = (percentile(&latencies, 50), percentile(&latencies, 99));
     log!("timed: {}", memsnap::describe(&report));
+    log!(
+        "the range covers {} of RAM's {ram_pages} pages ({})",
+        report.pages,
+        fraction(report.pages, ram_pages)
+    );
     if let Some(v) = &verified {
         log!("verified: {}", memsnap::describe(v));
     }
@@ -220,6 +228,7 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         .unwrap_or(u64::MAX);
     let fields = [
         ("mem_bytes", mem_bytes),
+        ("ram_pages", ram_pages),
         ("pages", report.pages),
         ("eager_pages", s.eager),
         ("fault_pages", s.fault),
@@ -257,10 +266,19 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
         ("mismatched_pages", mismatched),
         ("not_copied_once", not_copied_once),
     ];
-    let mut fields = fields.to_vec();
+    let mut fields: Vec<(&str, String)> = fields
+        .iter()
+        .map(|&(k, v)| (k, alloc::format!("{v}")))
+        .collect();
+    fields.push(("range_share", fraction(report.pages, ram_pages)));
     if let Some(d) = &to_disk {
-        d.log(p99);
-        fields.extend(d.fields());
+        d.log(p99, ram_pages);
+        fields.extend(
+            d.fields()
+                .into_iter()
+                .map(|(k, v)| (k, alloc::format!("{v}"))),
+        );
+        fields.push(("disk_range_share", fraction(d.report.pages, ram_pages)));
     }
     let disk_ok = to_disk.as_ref().is_none_or(|d| {
         d.verified
@@ -304,9 +322,14 @@ impl DiskFigures {
         per_second(d.core_bytes, self.report.total_ns + d.complete_ns) >> 20
     }
 
-    fn log(&self, ram_p99: u64) {
+    fn log(&self, ram_p99: u64, ram_pages: u64) {
         let d = self.disk();
         log!("to disk: {}", memsnap::describe(&self.report));
+        log!(
+            "to disk: the range covers {} of RAM's {ram_pages} pages ({})",
+            self.report.pages,
+            fraction(self.report.pages, ram_pages)
+        );
         if let Some(v) = &self.verified {
             log!("to disk, verified: {}", memsnap::describe(v));
         }
@@ -666,6 +689,12 @@ fn print_json(fields: &[(&str, impl core::fmt::Display)]) {
     }
     json.push('}');
     crate::println!("BENCH-JSON {json}");
+}
+
+/// `part / whole` as a decimal fraction with four places, as JSON wants it.
+fn fraction(part: u64, whole: u64) -> String {
+    let per_10k = u128::from(part) * 10_000 / u128::from(whole.max(1));
+    alloc::format!("{}.{:04}", per_10k / 10_000, per_10k % 10_000)
 }
 
 /// Seconds from nanoseconds, as JSON wants them.

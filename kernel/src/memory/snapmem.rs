@@ -20,6 +20,7 @@ use alloc::vec::Vec;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicU8};
 
+use snapshot::memsnap::reserve::{FRAMES_PER_GIB, FRAMES_PER_REGION};
 use snapshot::memsnap::staging::{Claimant, Staging};
 use snapshot::memsnap::RangeIndex;
 use x86_64::structures::paging::{
@@ -32,8 +33,6 @@ use super::{paging, PAGE_SIZE, PHYS_OFFSET};
 
 /// The engine's window: all physical memory, writable, never protected.
 pub const ENGINE_OFFSET: u64 = 0xffff_8800_0000_0000;
-const FRAMES_PER_REGION: u64 = 512; // 2 MiB
-const FRAMES_PER_GIB: u64 = 512 * 512;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
@@ -339,69 +338,58 @@ fn physmap_pdpt() -> u64 {
 /// The shadow of the physical map's lower levels (see the module docs).
 #[derive(Debug)]
 pub struct ShadowPhysmap {
-    /// The shadow PDs, one per GiB; owned so they are freed with the shadow.
+    /// The shadow PDs, one per GiB holding range frames; owned so they are
+    /// freed with the shadow.
     _pds: FrameSet,
-    /// The shadow PTs, one per 2 MiB region, contiguous: the PTE of frame
-    /// `f` is at `pts + 8 f`, no lookup needed on the fault path.
+    /// The shadow PTs, one per 2 MiB region holding range frames, in
+    /// region order, contiguous.
     pts: Buffer,
+    /// For each 2 MiB region up to the last range frame's, its PT's page in
+    /// `pts`, or [`NO_PT`]: one read on the fault path finds a PTE.
+    region_pt: Vec<u32>,
     /// (GiB index, shadow PD, original PDPT entry) for each shadowed GiB.
     gibs: Vec<(u64, u64, u64)>,
 }
 
+/// A region without a shadow PT (no range frame in it).
+const NO_PT: u32 = u32::MAX;
+
 impl ShadowPhysmap {
-    /// Shadow PDs needed to cover `frames` frames (one per GiB).
-    pub fn pds_needed(frames: u64) -> u64 {
-        frames.div_ceil(FRAMES_PER_GIB)
-    }
-
-    /// Bytes of contiguous shadow PTs needed to cover `frames` frames.
-    pub fn pt_bytes(frames: u64) -> u64 {
-        frames.div_ceil(FRAMES_PER_REGION) * PAGE_SIZE
-    }
-
-    /// Builds the shadow for `index` in `pds` and `pts` (sized by
-    /// [`Self::pds_needed`] and [`Self::pt_bytes`]); nothing is live yet.
+    /// Builds the shadow for `index` in `pds` (one frame per GiB holding
+    /// range frames) and `pts` (one page per 2 MiB region holding range
+    /// frames); see [`snapshot::memsnap::reserve`]. Nothing is live yet.
     pub fn build(index: &RangeIndex, pds: FrameSet, pts: Buffer) -> Result<Self, &'static str> {
+        const TOO_SMALL: &str = "not enough shadow page-table memory";
         let pdpt = physmap_pdpt();
         let frames = index.frames().min(paging::physmap_end() / PAGE_SIZE);
-        if pds.len() < Self::pds_needed(frames) || pts.len_bytes() < Self::pt_bytes(frames) as usize
-        {
-            return Err("not enough shadow page-table memory");
-        }
-        let mut next_pd = 0;
+        let holds = |first: u64, len: u64| index.next_from(first).is_some_and(|f| f < first + len);
+        let mut region_pt = Vec::new();
+        let mut used = 0;
         let mut gibs = Vec::new();
         for gib in 0..frames.div_ceil(FRAMES_PER_GIB) {
             let original = read_entry(pdpt, gib);
-            let first = gib * FRAMES_PER_GIB;
-            let in_gib = index
-                .next_from(first)
-                .is_some_and(|f| f < first + FRAMES_PER_GIB);
-            if original & PRESENT == 0 || original & HUGE != 0 || !in_gib {
+            if original & PRESENT == 0
+                || original & HUGE != 0
+                || !holds(gib * FRAMES_PER_GIB, FRAMES_PER_GIB)
+            {
                 continue;
             }
-            let original_pd = original & ADDR_MASK;
-            let pd = pds.get(next_pd) * PAGE_SIZE;
-            next_pd += 1;
+            let pd = pds.frames.get(gibs.len()).ok_or(TOO_SMALL)?;
+            let pd = u64::from(*pd) * PAGE_SIZE;
             for slot in 0..512 {
                 let region = gib * 512 + slot;
-                let start = region * FRAMES_PER_REGION;
-                let shadowed = index
-                    .next_from(start)
-                    .is_some_and(|f| f < start + FRAMES_PER_REGION);
-                let entry = if shadowed {
-                    let pt = pts.phys + region * PAGE_SIZE;
-                    for i in 0..FRAMES_PER_REGION {
-                        let frame = start + i;
-                        let write = if index.contains(frame) { 0 } else { WRITABLE };
-                        // SAFETY: `pt` is a frame of `pts`, owned here and
-                        // not yet referenced by any live table.
-                        unsafe {
-                            write_entry(pt, i, (frame * PAGE_SIZE) | PRESENT | ACCESSED | write)
-                        };
+                let entry = if holds(region * FRAMES_PER_REGION, FRAMES_PER_REGION) {
+                    if used >= pts.frames {
+                        return Err(TOO_SMALL);
                     }
+                    region_pt.resize(region as usize, NO_PT);
+                    region_pt.push(used as u32);
+                    let pt = pts.phys + used * PAGE_SIZE;
+                    used += 1;
+                    fill_shadow_pt(index, pt, region);
                     pt | PRESENT | WRITABLE
                 } else {
-                    read_entry(original_pd, slot)
+                    read_entry(original & ADDR_MASK, slot)
                 };
                 // SAFETY: `pd` is a frame of `pds`, not yet live.
                 unsafe { write_entry(pd, slot, entry) };
@@ -411,6 +399,7 @@ impl ShadowPhysmap {
         Ok(ShadowPhysmap {
             _pds: pds,
             pts,
+            region_pt,
             gibs,
         })
     }
@@ -445,10 +434,10 @@ impl ShadowPhysmap {
     /// The shadow PT and index of `frame`. Only range frames are ever
     /// asked for, and their regions are always shadowed.
     fn pte(&self, frame: u64) -> Option<(u64, u64)> {
-        let region = frame / FRAMES_PER_REGION;
-        (region < self.pts.frames).then(|| {
+        let pt = *self.region_pt.get((frame / FRAMES_PER_REGION) as usize)?;
+        (pt != NO_PT).then(|| {
             (
-                self.pts.phys + region * PAGE_SIZE,
+                self.pts.phys + u64::from(pt) * PAGE_SIZE,
                 frame % FRAMES_PER_REGION,
             )
         })
@@ -484,6 +473,18 @@ impl ShadowPhysmap {
         unsafe { write_entry(pt, i, entry & !DIRTY) };
         x86_64::instructions::tlb::flush(VirtAddr::new(PHYS_OFFSET + frame * PAGE_SIZE));
         true
+    }
+}
+
+/// Fills the shadow PT at `pt` for 2 MiB region `region`: every frame
+/// mapped as in the physical map, range frames read-only.
+fn fill_shadow_pt(index: &RangeIndex, pt: u64, region: u64) {
+    for i in 0..FRAMES_PER_REGION {
+        let frame = region * FRAMES_PER_REGION + i;
+        let write = if index.contains(frame) { 0 } else { WRITABLE };
+        // SAFETY: `pt` is a page of the shadow's PT buffer, owned by the
+        // caller and not yet referenced by any live table.
+        unsafe { write_entry(pt, i, (frame * PAGE_SIZE) | PRESENT | ACCESSED | write) };
     }
 }
 

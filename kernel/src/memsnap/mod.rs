@@ -30,6 +30,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use snapshot::memsnap::reserve::{self, LATENCY_CAPACITY, SAMPLE_CAPACITY, SAMPLE_WORDS};
 use snapshot::memsnap::{
     transition, CopyMap, Counters, FaultOutcome, LifecycleError, PageIo, Phase, RangeIndex,
     Request, Snapshot, Stats,
@@ -201,12 +202,8 @@ static INSTANT_NS: AtomicU64 = AtomicU64::new(0);
 /// The registers at the instant (for the core file).
 static REGISTERS: IrqMutex<Registers> = IrqMutex::new(Registers([0; 27]));
 
-const LATENCY_CAPACITY: u64 = 1 << 17;
-const SAMPLE_CAPACITY: u64 = 8192;
-const SAMPLE_WORDS: u64 = 4;
 const COPIER_BATCH: u64 = 16;
 const COPIER_BURST_NS: u64 = 2_000_000;
-const PAUSE_STACK: u64 = 64 * 1024;
 
 /// Where snapshot pages go: a separate part of RAM ([`RamStore`]) or a
 /// disk ([`disk::DiskStore`]). Everything here runs with interrupts off,
@@ -484,40 +481,18 @@ enum Storage {
     Disk(disk::DiskStore),
 }
 
-/// Staging pages a copier that cannot wait may still use when the rest is
-/// full: faults with interrupts off, the writer's own faults, frames the
-/// allocator hands out.
-const STAGING_RESERVE: usize = 256;
-
-/// Staging pages for a range of `universe` frames whose eager set is about
-/// `eager` frames, with `free` frames free: all of the eager set must fit,
-/// since the pause copies it with the writer stopped. By default a
-/// sixteenth of the range, 8 MiB to 128 MiB, and at most an eighth of the
-/// free frames. Early in a snapshot the workload's faults alone can
-/// outrun the disk, whose requests are then single scattered pages; at
-/// 2 GiB a 32 MiB area left faults parked for the writer (27..84 of about
-/// 47 600 per run) where 128 MiB, peaking at 43..74 MiB, left none.
-fn staging_pages(universe: u64, eager: u64, free: u64, asked: Option<usize>) -> usize {
-    let base = asked.map_or_else(
-        || (universe / 16).clamp(2048, 32768).min(free / 8).max(2048),
-        |n| n as u64,
-    );
-    base.max(eager + eager / 4 + STAGING_RESERVE as u64 + 512) as usize
-}
-
-/// Sizes and allocates the reservation and builds the range: all RAM below
-/// the limit except the reservation. RAM storage gets one frame per range
-/// frame; since the range is what the reservation leaves, storage is about
-/// half of the RAM that remains after the other buffers. Disk storage needs
-/// only its staging area in RAM, and the disk is checked for room before
-/// anything on it changes.
+/// Sizes the reservation ([`reserve::plan`]) and allocates it, then builds
+/// the range: all RAM below the limit except the reservation. RAM storage
+/// is allocated last, to the range the other buffers leave. Disk storage
+/// needs only its staging area in RAM, and the disk is checked for room
+/// before anything on it changes.
 fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     let limit = opts
         .range_limit
         .unwrap_or(u64::MAX)
         .min(paging::physmap_end());
-    let frames = limit.div_ceil(PAGE_SIZE);
-    let universe: u64 = ram_frames(limit).map(|r| r.end - r.start).sum();
+    let ram: Vec<Range<u64>> = ram_frames(limit).collect();
+    let universe: u64 = ram.iter().map(|r| r.end - r.start).sum();
     if universe == 0 {
         return Err(StartError::EmptyRange);
     }
@@ -534,60 +509,60 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
         }
         None => None,
     };
-    let is_ram = |f: u64| ram_frames(limit).any(|r| r.contains(&f));
-    let pages = |bytes: u64| bytes.div_ceil(PAGE_SIZE);
-    let tables = ShadowPhysmap::pds_needed(frames) + pages(ShadowPhysmap::pt_bytes(frames));
-    let map_pages = pages(CopyMap::<Buffer>::words_for(universe) as u64 * 8);
-    let verify_pages = if opts.verify {
-        pages(universe * 8) + pages(universe)
-    } else {
-        0
-    };
-    let latency_pages = if opts.latencies {
-        pages(LATENCY_CAPACITY * 8)
-    } else {
-        0
-    };
+    let is_ram = |f: u64| ram.iter().any(|r| r.contains(&f));
     let (free, _) = crate::memory::frames::stats();
-    let staging = target.as_ref().map(|_| {
+    let store = match target {
+        Some(_) => reserve::Store::Disk {
+            staging: opts.staging_pages.map(|n| n as u64),
+        },
+        None => reserve::Store::Ram,
+    };
+    let eager = if target.is_some() {
         let mut eager = 0;
         snapmem::walk_eager(|_| eager += 1);
-        staging_pages(universe, eager, free, opts.staging_pages)
-    });
-    let sample_pages = pages(SAMPLE_CAPACITY * SAMPLE_WORDS * 8) + pages(PAUSE_STACK);
-    let outside = tables
-        + verify_pages
-        + latency_pages
-        + sample_pages
-        + staging.unwrap_or(0) as u64
-        + if opts.map_outside { map_pages } else { 0 };
-    let storage = match staging {
-        Some(_) => 0,
-        None => universe.saturating_sub(outside).div_ceil(2),
+        eager
+    } else {
+        0
     };
-    let needed = storage + outside + map_pages;
-    // Keep some frames for the kernel to go on working during the snapshot.
+    let plan = reserve::plan(&reserve::Demand {
+        ram: &ram,
+        eager,
+        free,
+        store,
+        verify: opts.verify,
+        latencies: opts.latencies,
+        map_outside: opts.map_outside,
+    })
+    .map_err(|e| match e {
+        reserve::PlanError::EmptyRange => StartError::EmptyRange,
+        reserve::PlanError::NoMemory { needed, free } => StartError::NoMemory {
+            needed: needed * PAGE_SIZE,
+            free: free * PAGE_SIZE,
+        },
+    })?;
+    let frames = plan.index_frames;
     let no_memory = || StartError::NoMemory {
-        needed: (needed + 1024) * PAGE_SIZE,
+        needed: (plan.needed() + reserve::KEEP_FREE) * PAGE_SIZE,
         free: free * PAGE_SIZE,
     };
-    if free < needed + 1024 {
-        return Err(no_memory());
-    }
-    let table_frames = FrameSet::alloc(ShadowPhysmap::pds_needed(frames)).ok_or_else(no_memory)?;
-    let buffer = |bytes: u64| Buffer::alloc(bytes).ok_or_else(no_memory);
-    let pt_buffer = buffer(ShadowPhysmap::pt_bytes(frames))?;
-    let map_words = buffer(map_pages * PAGE_SIZE)?;
-    let reference = opts.verify.then(|| buffer(universe * 8)).transpose()?;
-    let copies = opts.verify.then(|| buffer(universe)).transpose()?;
-    let latencies = opts
-        .latencies
-        .then(|| buffer(LATENCY_CAPACITY * 8))
-        .transpose()?;
-    let samples = buffer(SAMPLE_CAPACITY * SAMPLE_WORDS * 8)?;
-    let pause_stack = EngineStack::alloc(PAUSE_STACK).ok_or_else(no_memory)?;
-    let staging_area = staging
-        .map(|n| snapmem::StagingArea::alloc(n, STAGING_RESERVE).ok_or_else(no_memory))
+    let buffer = |pages: u64| Buffer::alloc(pages * PAGE_SIZE).ok_or_else(no_memory);
+    let maybe = |on: bool, pages: u64| on.then(|| buffer(pages)).transpose();
+    let table_frames = FrameSet::alloc(plan.shadow_pds).ok_or_else(no_memory)?;
+    let pt_buffer = buffer(plan.shadow_pts)?;
+    let map_words = buffer(plan.map_pages)?;
+    let reference = maybe(opts.verify, plan.reference_pages)?;
+    let copies = maybe(opts.verify, plan.copies_pages)?;
+    let latencies = maybe(opts.latencies, plan.latency_pages)?;
+    let samples = buffer(plan.sample_pages)?;
+    let pause_stack = EngineStack::alloc(plan.stack_pages * PAGE_SIZE).ok_or_else(no_memory)?;
+    let staging_area = (plan.staging_pages > 0)
+        .then(|| {
+            snapmem::StagingArea::alloc(
+                plan.staging_pages as usize,
+                reserve::STAGING_RESERVE as usize,
+            )
+            .ok_or_else(no_memory)
+        })
         .transpose()?;
 
     // RAM storage last: every frame of the other buffers that fell inside

@@ -25,6 +25,7 @@
 //! layout the disk copy takes.
 
 pub mod elfcore;
+pub mod reserve;
 pub mod staging;
 
 use alloc::vec;
