@@ -16,7 +16,7 @@
 
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use snapshot::devices::virtio::{Direction, DmaError, DmaRegion, Hal, Segment};
 use x86_64::structures::paging::Translate;
@@ -148,13 +148,19 @@ fn segments(buf: &[u8], out: &mut Vec<Segment>) -> Result<(), DmaError> {
     Ok(())
 }
 
-static REGISTER_LENT: AtomicBool = AtomicBool::new(true);
+/// How many callers of [`with_lent_buffers_unregistered`] are inside it.
+static LENDING_UNREGISTERED: AtomicUsize = AtomicUsize::new(0);
 
-/// Turns registration of lent buffers off or on. Only for the test that
-/// shows the snapshot verification catches a device writing unregistered
-/// memory; never turn it off otherwise.
-pub fn set_lent_registration(on: bool) {
-    REGISTER_LENT.store(on, Ordering::SeqCst);
+/// Runs `f` with buffers lent to devices left unregistered (device-shared
+/// memory from [`DmaMemory`] stays registered). Only for the test that shows
+/// the snapshot verification catches a device writing unregistered memory.
+/// Registration comes back when `f` returns; a panic inside `f` ends the
+/// kernel, so the switch cannot outlive its caller.
+pub fn with_lent_buffers_unregistered<R>(f: impl FnOnce() -> R) -> R {
+    LENDING_UNREGISTERED.fetch_add(1, Ordering::SeqCst);
+    let result = f();
+    LENDING_UNREGISTERED.fetch_sub(1, Ordering::SeqCst);
+    result
 }
 
 /// The kernel's DMA: see the module docs.
@@ -177,7 +183,7 @@ impl Hal for KernelHal {
         let first = out.len();
         segments(buf, out)?;
         let mut registered = Vec::new();
-        if dir == Direction::FromDevice && REGISTER_LENT.load(Ordering::Relaxed) {
+        if dir == Direction::FromDevice && LENDING_UNREGISTERED.load(Ordering::Relaxed) == 0 {
             for s in &out[first..] {
                 let range = s.addr..s.addr + u64::from(s.len);
                 crate::memsnap::register_dma(range.clone());
