@@ -82,6 +82,7 @@ pub fn madt() -> &'static acpi::Madt {
 /// Entered from `arch::boot` on the boot stack, interrupts off, with the
 /// physical address of the PVH start info.
 fn kernel_main(start_info: u64) -> ! {
+    install_layers();
     arch::serial::init();
     arch::cpu::enable_sse();
     arch::gdt::init();
@@ -128,6 +129,17 @@ fn kernel_main(start_info: u64) -> ! {
 
     let code = scenario::run(&cmd);
     finish(code)
+}
+
+/// Lets the lower layers reach the upper ones without naming them: the
+/// memory layer tells the live snapshot about frame reuse and DMA. Runs
+/// first, before any frame is handed out.
+fn install_layers() {
+    memory::hooks::install(memory::hooks::Hooks {
+        before_reuse: memsnap::before_reuse,
+        dma_registered: memsnap::register_dma,
+        dma_unregistered: memsnap::unregister_dma,
+    });
 }
 
 /// Flushes traces and exits QEMU with `code`.

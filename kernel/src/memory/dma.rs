@@ -2,14 +2,14 @@
 //!
 //! - [`DmaMemory`]: zeroed, physically contiguous frames the device may
 //!   read and write for their whole life (rings, request headers). They are
-//!   registered with the snapshot engine as DMA targets, so a live snapshot
+//!   registered as DMA targets ([`super::hooks`]), so a live snapshot
 //!   copies them at its instant rather than trusting write protection the
 //!   device bypasses.
 //! - [`KernelHal::map`]: lends a caller's buffer for one request, without
 //!   copying: its virtual range is translated page by page into physical
 //!   segments (merged where contiguous). A buffer the device writes is
 //!   registered as a DMA target until unmapped, which during a live
-//!   snapshot copies its frames first ([`crate::memsnap::register_dma`]).
+//!   snapshot copies its frames first.
 //!
 //! Must never hand the device an address it did not translate from memory
 //! the caller lent or this module allocated.
@@ -40,7 +40,7 @@ impl DmaMemory {
         let mut run = OwnedRun::alloc(frames)?;
         run.words_mut().fill(0);
         let phys = run.virt() - PHYS_OFFSET;
-        crate::memsnap::register_dma(phys..phys + frames * PAGE_SIZE);
+        super::hooks::dma_registered(phys..phys + frames * PAGE_SIZE);
         Some(DmaMemory {
             run,
             len: bytes,
@@ -77,7 +77,7 @@ impl DmaMemory {
 impl Drop for DmaMemory {
     fn drop(&mut self) {
         let frames = self.run.len_bytes();
-        crate::memsnap::unregister_dma(self.phys..self.phys + frames);
+        super::hooks::dma_unregistered(self.phys..self.phys + frames);
     }
 }
 
@@ -186,7 +186,7 @@ impl Hal for KernelHal {
         if dir == Direction::FromDevice && LENDING_UNREGISTERED.load(Ordering::Relaxed) == 0 {
             for s in &out[first..] {
                 let range = s.addr..s.addr + u64::from(s.len);
-                crate::memsnap::register_dma(range.clone());
+                super::hooks::dma_registered(range.clone());
                 registered.push(range);
             }
         }
@@ -195,7 +195,7 @@ impl Hal for KernelHal {
 
     fn unmap(&self, mapping: Lent, _buf: Option<&mut [u8]>) {
         for range in mapping.0 {
-            crate::memsnap::unregister_dma(range);
+            super::hooks::dma_unregistered(range);
         }
     }
 }

@@ -64,7 +64,7 @@ fn with<R>(f: impl FnOnce(&mut FrameBitmap<'static>) -> R) -> R {
 /// One free 4 KiB frame, contents undefined.
 pub fn alloc() -> Option<PhysFrame> {
     let addr = with(|b| b.alloc())?;
-    crate::memsnap::before_reuse(addr);
+    super::hooks::before_reuse(addr);
     Some(PhysFrame::containing_address(PhysAddr::new(addr)))
 }
 
@@ -84,7 +84,7 @@ pub fn free(frame: PhysFrame) -> Result<(), FrameError> {
 pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
     let start = with(|b| b.alloc_contiguous(count, align))?;
     for frame in 0..count {
-        crate::memsnap::before_reuse(start + frame * FRAME_SIZE);
+        super::hooks::before_reuse(start + frame * FRAME_SIZE);
     }
     Some(start)
 }

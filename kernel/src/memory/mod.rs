@@ -18,6 +18,7 @@
 pub mod dma;
 pub mod frames;
 pub mod heap;
+pub mod hooks;
 pub mod mmio;
 pub mod paging;
 pub mod probe;
