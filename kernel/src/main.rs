@@ -86,7 +86,12 @@ fn kernel_main(start_info: u64) -> ! {
     arch::serial::init();
     arch::cpu::enable_sse();
     arch::gdt::init();
-    arch::trap::init();
+    arch::trap::init(arch::trap::Handlers {
+        exception: exceptions::handle,
+        timer: thread::on_timer,
+        yielded: thread::on_yield,
+        after_device: thread::after_device_interrupt,
+    });
     let boot = BootInfo::read(start_info);
     memory::init(&boot);
     REGIONS.call_once(|| boot.regions_owned());

@@ -4,7 +4,7 @@
 use spin::Once;
 
 use super::cpu::rdmsr;
-use super::trap::{SPURIOUS_VECTOR, TIMER_VECTOR};
+use super::vectors::{SPURIOUS_VECTOR, TIMER_VECTOR};
 use crate::memory::mmio::Mmio;
 
 const IA32_APIC_BASE: u32 = 0x1b;
