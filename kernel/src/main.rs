@@ -26,6 +26,7 @@ mod ktest;
 mod log;
 mod memsnap;
 mod scenario;
+mod sleep_mutex;
 #[allow(unsafe_code)]
 mod sync;
 mod tests;
