@@ -71,7 +71,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
 fn demo() -> ExitCode {
     crate::log!("memory map (from the PVH start info):");
     let mut usable = 0;
-    for r in crate::boot_regions() {
+    for r in crate::boot_info::memory_map() {
         crate::println!(
             "    {:#014x}-{:#014x} {:>6} {}",
             r.start,

@@ -8,7 +8,6 @@ use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
 use x86_64::PhysAddr;
 
 use super::phys_to_virt;
-use crate::boot_info::BootInfo;
 use crate::sync::IrqMutex;
 
 static FRAMES: IrqMutex<Option<FrameBitmap<'static>>> = IrqMutex::new(None);
@@ -16,18 +15,19 @@ static FRAMES: IrqMutex<Option<FrameBitmap<'static>>> = IrqMutex::new(None);
 /// Low memory (BIOS data, the PVH start info, option ROMs) is never handed out.
 const LOW_MEMORY_END: u64 = 1 << 20;
 
-/// Builds the allocator: the bitmap is carved from the first usable RAM
-/// above the kernel image, inside the boot physical map (below 4 GiB).
-pub fn init(boot: &BootInfo, kernel: Range<u64>) {
-    let ram_end = boot
-        .ram()
+/// Builds the allocator over the usable RAM ranges `ram`: the bitmap is
+/// carved from the first of them above the kernel image, inside the boot
+/// physical map (below 4 GiB).
+pub fn init(ram: impl Iterator<Item = Range<u64>> + Clone, kernel: Range<u64>) {
+    let ram_end = ram
+        .clone()
         .map(|r| r.end)
         .max()
         .expect("no usable RAM in the memory map");
     let words = FrameBitmap::words_for(ram_end);
     let bytes = (words * 8) as u64;
-    let bitmap_at = boot
-        .ram()
+    let bitmap_at = ram
+        .clone()
         .filter_map(|r| {
             let start = r
                 .start
@@ -45,7 +45,7 @@ pub fn init(boot: &BootInfo, kernel: Range<u64>) {
     let storage =
         unsafe { core::slice::from_raw_parts_mut(phys_to_virt(bitmap_at) as *mut u64, words) };
     let mut bitmap = FrameBitmap::new(storage);
-    for region in boot.ram() {
+    for region in ram {
         bitmap.add_free_range(region.start, region.end);
     }
     bitmap.reserve_range(0, LOW_MEMORY_END);

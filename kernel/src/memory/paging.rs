@@ -3,6 +3,7 @@
 //! Every change returns or consumes the crate's `#[must_use]` flush token, so
 //! a TLB flush cannot be forgotten.
 
+use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use x86_64::structures::paging::mapper::{MapToError, UnmapError};
@@ -14,7 +15,6 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::frames::KernelFrames;
 use super::{phys_to_virt, PAGE_SIZE, PHYS_OFFSET};
-use crate::boot_info::BootInfo;
 use crate::sync::IrqMutex;
 
 static MAPPER: IrqMutex<Option<OffsetPageTable<'static>>> = IrqMutex::new(None);
@@ -46,11 +46,11 @@ pub fn physmap_end() -> u64 {
     PHYSMAP_END.load(Ordering::Acquire)
 }
 
-/// Adds RAM above 4 GiB to the physical map, in 2 MiB pages.
-pub fn map_high_ram(boot: &BootInfo) {
+/// Adds the RAM of `ram` above 4 GiB to the physical map, in 2 MiB pages.
+pub fn map_high_ram(ram: impl Iterator<Item = Range<u64>>) {
     let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
     let mut end = physmap_end();
-    for region in boot.ram().filter(|r| r.end > 1 << 32) {
+    for region in ram.filter(|r| r.end > 1 << 32) {
         let first = region.start.max(1 << 32) & !(Size2MiB::SIZE - 1);
         for phys in (first..region.end).step_by(Size2MiB::SIZE as usize) {
             let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(phys));
