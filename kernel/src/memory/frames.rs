@@ -71,8 +71,16 @@ pub fn alloc() -> Option<PhysFrame> {
 /// One free frame, zero-filled.
 pub fn alloc_zeroed() -> Option<PhysFrame> {
     let frame = alloc()?;
-    super::paging::zero_frame(frame);
+    zero_frame(frame);
     Some(frame)
+}
+
+/// Fills a frame with zeros through the physical map.
+fn zero_frame(frame: PhysFrame) {
+    let ptr = phys_to_virt(frame.start_address().as_u64()) as *mut u8;
+    // SAFETY: 1. the frame was just allocated, so the caller owns it; 2. it
+    // is RAM inside the physical map, writable and 4 KiB long.
+    unsafe { core::ptr::write_bytes(ptr, 0, FRAME_SIZE as usize) };
 }
 
 /// Returns a frame; refuses double and foreign frees.

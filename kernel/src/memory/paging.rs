@@ -14,7 +14,7 @@ use x86_64::structures::paging::{
 use x86_64::{PhysAddr, VirtAddr};
 
 use super::frames::KernelFrames;
-use super::{phys_to_virt, PAGE_SIZE, PHYS_OFFSET};
+use super::{phys_to_virt, PHYS_OFFSET};
 use crate::sync::IrqMutex;
 
 static MAPPER: IrqMutex<Option<OffsetPageTable<'static>>> = IrqMutex::new(None);
@@ -126,12 +126,4 @@ pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
         }
         Err(_) => Err(MapError::AlreadyMapped(virt)),
     }
-}
-
-/// Fills a frame with zeros through the physical map.
-pub fn zero_frame(frame: PhysFrame) {
-    let ptr = phys_to_virt(frame.start_address().as_u64()) as *mut u8;
-    // SAFETY: 1. the frame was just allocated, so the caller owns it; 2. it
-    // is RAM inside the physical map, writable and 4 KiB long.
-    unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
 }
