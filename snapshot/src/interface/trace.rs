@@ -308,8 +308,13 @@ mod tests {
     fn texts_keep_spaces_and_lose_quotes_and_control_characters() {
         let mut line = String::new();
         let reason = Value::Text("bad checksum: \"extent\" 0\n(copy clusters 0..16)");
-        write_record(&mut line, 9, "job.refused", &[("reason", reason), ("n", Value::U64(1))])
-            .unwrap();
+        write_record(
+            &mut line,
+            9,
+            "job.refused",
+            &[("reason", reason), ("n", Value::U64(1))],
+        )
+        .unwrap();
         assert_eq!(
             line,
             "TRACE 9 job.refused reason=\"bad checksum: 'extent' 0 (copy clusters 0..16)\" n=1\n"
@@ -320,7 +325,10 @@ mod tests {
             Some("bad checksum: 'extent' 0 (copy clusters 0..16)")
         );
         assert_eq!(rec.u64("n"), Some(1));
-        assert_eq!(parse_line("TRACE 1 e t=\"\"").unwrap().unwrap().str("t"), Some(""));
+        assert_eq!(
+            parse_line("TRACE 1 e t=\"\"").unwrap().unwrap().str("t"),
+            Some("")
+        );
     }
 
     #[test]
