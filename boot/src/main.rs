@@ -31,17 +31,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = qemu::check_qemu().and_then(|()| build::check_toolchain()) {
-        eprintln!("error: {e}");
+    let Some(kernel) = kernel_image() else {
         return ExitCode::from(2);
-    }
-    eprintln!("building the kernel ...");
-    let kernel = match build::kernel() {
-        Ok(path) => path,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
     };
     let run = match prepare(&args) {
         Ok(run) => run,
@@ -100,6 +91,17 @@ fn main() -> ExitCode {
         Verdict::Failed => ExitCode::from(1),
         Verdict::UnexpectedExit(_) | Verdict::TimedOut(_) => ExitCode::from(3),
     }
+}
+
+/// Checks the setup and builds the kernel; `None` (explained) if either
+/// fails.
+fn kernel_image() -> Option<PathBuf> {
+    if let Err(e) = qemu::check_qemu().and_then(|()| build::check_toolchain()) {
+        eprintln!("error: {e}");
+        return None;
+    }
+    eprintln!("building the kernel ...");
+    build::kernel().map_err(|e| eprintln!("error: {e}")).ok()
 }
 
 /// Echoes a serial line (unless quiet) and shows backup progress.
