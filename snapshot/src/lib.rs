@@ -18,6 +18,7 @@ extern crate std;
 pub mod backup;
 pub mod block;
 pub mod cmdline;
+pub mod copyonce;
 pub mod elfcore;
 pub mod fault;
 pub mod frames;
