@@ -62,12 +62,14 @@
 
 mod counters;
 pub mod map;
+mod pace;
 
 #[cfg(test)]
 mod tests;
 
 pub use counters::{Cause, Counters, Stats};
 pub use map::{words_for, AtomicWord, State, UNITS_PER_WORD};
+pub use pace::Pacer;
 
 use core::marker::PhantomData;
 use core::ops::Deref;
