@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kernel_tests::{image_dir, run_kernel_test_with_disks, DiskSpec};
-use snapshot::block::{fill_pattern, host_check_extents, HOST_CHECK_SEED, SECTOR_SIZE};
+use snapshot::devices::block::{fill_pattern, host_check_extents, HOST_CHECK_SEED, SECTOR_SIZE};
 
 /// Bytes the kernel wrote are in the file at the right offsets, and every
 /// other byte is still zero.

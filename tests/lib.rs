@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
-use snapshot::block::{fill_pattern, READ_ONLY_TEST_SEED};
+use snapshot::devices::block::{fill_pattern, READ_ONLY_TEST_SEED};
 
 /// The kernel image, built once per test process. Panics with the setup
 /// error (which names the command to run) if it cannot be built.

@@ -13,8 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use snapshot::backup::{Format, Front, Plan, Stage};
-use snapshot::block::{check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
-use snapshot::trace::Record;
+use snapshot::devices::block::{
+    check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE,
+};
+use snapshot::interface::trace::Record;
 
 use crate::qemu::Disk;
 
@@ -268,7 +270,9 @@ mod tests {
     #[test]
     fn progress_lines_name_the_stage() {
         let line = "TRACE 5 backup.progress stage=stream done=1048576 total=4194304";
-        let record = snapshot::trace::parse_line(line).unwrap().unwrap();
+        let record = snapshot::interface::trace::parse_line(line)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             progress_line(&record).unwrap(),
             "streaming to the tape:  25% (1 of 4 MiB)"

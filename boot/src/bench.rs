@@ -269,7 +269,7 @@ pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Di
     // same image.
     let total = BENCH_VIRTUAL >> 16;
     let mut chosen = std::collections::BTreeSet::new();
-    let mut rng = snapshot::rng::Rng::new(0x6261_636b);
+    let mut rng = snapshot::support::rng::Rng::new(0x6261_636b);
     while (chosen.len() as u64) < BENCH_CLUSTERS {
         chosen.insert(rng.next_u64() % total);
     }

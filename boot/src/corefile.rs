@@ -1,10 +1,10 @@
 //! Snapshot core files on the host: tell finished files from unfinished
-//! ones and read their layout (`snapshot::elfcore` defines the format).
+//! ones and read their layout (`snapshot::memsnap::elfcore` defines the format).
 
 use std::io::Read;
 use std::path::Path;
 
-use snapshot::elfcore::{self, Core, Kind};
+use snapshot::memsnap::elfcore::{self, Core, Kind};
 
 /// Bytes read to find the header region; the notes of any snapshot fit.
 const HEADER_PROBE: u64 = 1 << 20;
@@ -73,7 +73,7 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snapshot::elfcore::{header, Load, Registers, INCOMPLETE_MAGIC};
+    use snapshot::memsnap::elfcore::{header, Load, Registers, INCOMPLETE_MAGIC};
     use std::process::Command;
 
     fn write_core(path: &Path) -> Vec<u8> {

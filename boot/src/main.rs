@@ -15,7 +15,7 @@ use boot::backup::{self as host_backup, BackupJob, RestoreJob};
 use boot::qemu::{self, Config, Disk, Verdict};
 use boot::{bench, build, report, timeline};
 use snapshot::backup::Format;
-use snapshot::units::parse_size;
+use snapshot::interface::units::parse_size;
 
 const USAGE: &str = "\
 usage: cargo run --release -- [SCENARIO] [OPTIONS] [key=value ...]
@@ -332,7 +332,7 @@ fn main() -> ExitCode {
         if !quiet {
             println!("{line}");
         }
-        if let Ok(Some(record)) = snapshot::trace::parse_line(line) {
+        if let Ok(Some(record)) = snapshot::interface::trace::parse_line(line) {
             if let Some(progress) = host_backup::progress_line(&record) {
                 // One line per stage, rewritten in place.
                 let end = if record.u64("done") == record.u64("total") {

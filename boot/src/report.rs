@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use snapshot::trace::{parse_line, Record};
+use snapshot::interface::trace::{parse_line, Record};
 
 /// Every trace record in `serial`, in order. Malformed `TRACE` lines are
 /// returned as errors with their line number, never skipped silently.

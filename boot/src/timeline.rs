@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use snapshot::trace::Record;
+use snapshot::interface::trace::Record;
 
 /// One progress sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,7 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snapshot::trace::parse_line;
+    use snapshot::interface::trace::parse_line;
 
     #[test]
     fn reads_samples_and_draws_three_layers() {

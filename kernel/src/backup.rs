@@ -15,7 +15,7 @@
 //! read-only by the host as well.
 
 use snapshot::backup::{self, Format, Stage};
-use snapshot::cmdline::CmdLine;
+use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
 use crate::trace::Word;

@@ -7,7 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use snapshot::cmdline::CmdLine;
+use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
@@ -381,12 +381,12 @@ fn snapshot_to_disk(
 ) -> Result<DiskFigures, String> {
     let disk = crate::virtio::disk(name).map_err(|e| alloc::format!("{e}"))?;
     // The baseline: as many bytes as RAM, the way bench-blk writes.
-    use snapshot::block::BlockDevice;
+    use snapshot::devices::block::BlockDevice;
     let bytes = mem_bytes.min(disk.info().bytes()) / REQUEST as u64 * REQUEST as u64;
     let mut run = crate::memory::frames::OwnedRun::alloc((WINDOW / 4096) as u64)
         .ok_or("no memory for the baseline's buffer")?;
     let buf = run.bytes_mut();
-    snapshot::block::fill_pattern(2, 0, buf);
+    snapshot::devices::block::fill_pattern(2, 0, buf);
     let t = now_ns();
     sequential(&*disk, buf, (0, bytes), true).map_err(|e| alloc::format!("{e}"))?;
     let seq_write_mib_s = per_second(bytes, now_ns() - t) >> 20;
@@ -491,8 +491,8 @@ impl Phase {
 fn measure(
     disk: &crate::virtio::VirtioBlk,
     name: &'static str,
-    run: impl FnOnce() -> Result<(u64, u64), snapshot::block::BlockError>,
-) -> Result<Phase, snapshot::block::BlockError> {
+    run: impl FnOnce() -> Result<(u64, u64), snapshot::devices::block::BlockError>,
+) -> Result<Phase, snapshot::devices::block::BlockError> {
     let before = disk.counters();
     let start = now_ns();
     let (ops, bytes) = run()?;
@@ -547,12 +547,12 @@ const WINDOW: usize = 16 * REQUEST;
 /// `(ops, bytes)`. `bench-blk`'s sequential phases, and the baseline the
 /// snapshot to disk is measured against.
 fn sequential(
-    disk: &dyn snapshot::block::BlockDevice,
+    disk: &dyn snapshot::devices::block::BlockDevice,
     buf: &mut [u8],
     (from, total): (u64, u64),
     write: bool,
-) -> Result<(u64, u64), snapshot::block::BlockError> {
-    use snapshot::block::Op;
+) -> Result<(u64, u64), snapshot::devices::block::BlockError> {
+    use snapshot::devices::block::Op;
     let mut at = from;
     let mut ops = 0;
     while at < total {
@@ -581,7 +581,7 @@ fn sequential(
 /// 1 MiB requests 16 deep, then 4 KiB random reads at depth 1 and 32.
 /// The host adds its own read throughput of the image as the baseline.
 pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
-    use snapshot::block::{BlockDevice, Op};
+    use snapshot::devices::block::{BlockDevice, Op};
     let disk = match crate::virtio::disk("bench") {
         Ok(d) => d,
         Err(e) => {
@@ -594,7 +594,7 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         return ExitCode::Failure;
     };
     let buf = run.bytes_mut();
-    snapshot::block::fill_pattern(1, 0, buf);
+    snapshot::devices::block::fill_pattern(1, 0, buf);
     let total = disk.info().bytes();
     let sectors = disk.info().sectors;
     let mut seq = |write: bool| sequential(&*disk, buf, (0, total), write);
@@ -604,7 +604,7 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         disk.flush()?;
         let flush_ns = now_ns() - flush_start;
         let read = measure(&disk, "seq_read", || seq(false))?;
-        let mut rng = snapshot::rng::Rng::new(42);
+        let mut rng = snapshot::support::rng::Rng::new(42);
         let mut random = |depth: usize, count: usize| {
             let mut bufs = alloc::vec![[0u8; 4096]; 256];
             let mut done = 0;
@@ -627,7 +627,7 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         };
         let qd1 = measure(&disk, "rand_read_qd1", || random(1, 3000))?;
         let qd32 = measure(&disk, "rand_read_qd32", || random(32, 20_000))?;
-        Ok::<_, snapshot::block::BlockError>((write, flush_ns, read, qd1, qd32))
+        Ok::<_, snapshot::devices::block::BlockError>((write, flush_ns, read, qd1, qd32))
     })();
     let (write, flush_ns, read, qd1, qd32) = match result {
         Ok(r) => r,
@@ -680,7 +680,7 @@ fn seconds(ns: u64) -> String {
 /// 1 MiB writes and reads of the `tape` disk.
 pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
     use snapshot::backup::{backup as run_backup, restore, Format};
-    use snapshot::block::BlockDevice;
+    use snapshot::devices::block::BlockDevice;
     let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
     if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
         log!("bench-backup: {e}");

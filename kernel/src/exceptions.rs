@@ -1,11 +1,11 @@
 //! CPU exceptions: the page fault decides through
-//! [`snapshot::fault::classify`]; every other exception, and every page fault
+//! [`snapshot::policy::fault::classify`]; every other exception, and every page fault
 //! nothing explains, prints a diagnostic on serial and exits QEMU with the
 //! failure code. Never a silent hang, never a triple-fault reboot.
 
 use core::fmt::Write;
 
-use snapshot::fault::{classify, Layout, PageFault, Verdict};
+use snapshot::policy::fault::{classify, Layout, PageFault, Verdict};
 
 use crate::arch::trap::TrapFrame;
 use crate::arch::{cpu, serial};

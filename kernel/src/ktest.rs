@@ -14,8 +14,8 @@
 //!
 //! A test that needs disks lists them as `serial:MiB[:ro]`; the host makes
 //! a fresh raw image for each (zeros; read-only ones hold the pattern
-//! [`snapshot::block::fill_pattern`] with seed
-//! [`snapshot::block::READ_ONLY_TEST_SEED`]) and attaches
+//! [`snapshot::devices::block::fill_pattern`] with seed
+//! [`snapshot::devices::block::READ_ONLY_TEST_SEED`]) and attaches
 //! them in that order.
 
 use core::fmt::Write;

@@ -39,7 +39,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 use core::ops::Range;
 
-use snapshot::cmdline::CmdLine;
+use snapshot::interface::cmdline::CmdLine;
 use spin::Once;
 
 use crate::arch::qemu::{exit, ExitCode};

@@ -16,8 +16,8 @@
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use snapshot::cmdline::CmdLine;
-use snapshot::units::format_size;
+use snapshot::interface::cmdline::CmdLine;
+use snapshot::interface::units::format_size;
 
 use crate::arch::cpu::{crash, Crash};
 use crate::arch::qemu::ExitCode;

@@ -1,7 +1,7 @@
 //! Kernel threads: spawn, yield, sleep, block/wake, join. Preemptive, on one
 //! CPU, round robin with a time slice of a few timer ticks.
 //!
-//! The policy is [`snapshot::sched::RunQueue`]; this module supplies
+//! The policy is [`snapshot::policy::sched::RunQueue`]; this module supplies
 //! contexts (saved [`TrapFrame`] addresses), stacks, and the two entry
 //! points the trap path calls: [`on_timer`] (preemption) and [`on_yield`]
 //! (a thread giving up the CPU through `int 0x21`). Both run with
@@ -12,7 +12,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::sched::{RunQueue, Why, BOOT_SLOT, IDLE_SLOT, MAX_THREADS};
+use snapshot::policy::sched::{RunQueue, Why, BOOT_SLOT, IDLE_SLOT, MAX_THREADS};
 
 use crate::arch::trap::{raise_yield, yield_kind, TrapFrame};
 use crate::memory::stacks::{KernelStack, StackError};
@@ -373,7 +373,7 @@ impl<T> Drop for JoinHandle<T> {
                 if let Some(t) = s.threads[self.slot].as_mut() {
                     t.detached = true;
                 }
-                s.queue.state(self.slot) == snapshot::sched::State::Exited
+                s.queue.state(self.slot) == snapshot::policy::sched::State::Exited
             });
             if exited {
                 release(self.slot);
@@ -396,7 +396,7 @@ fn release(slot: usize) {
 fn reap_detached() {
     while let Some(slot) = with(|s| {
         (0..MAX_THREADS).find(|&i| {
-            s.queue.state(i) == snapshot::sched::State::Exited
+            s.queue.state(i) == snapshot::policy::sched::State::Exited
                 && s.threads[i].as_ref().is_some_and(|t| t.detached)
         })
     }) {

@@ -1,5 +1,5 @@
 //! Trace records on the serial console, in the format of
-//! [`snapshot::trace`]: `TRACE <ns> <event> key=value ...`.
+//! [`snapshot::interface::trace`]: `TRACE <ns> <event> key=value ...`.
 //!
 //! Cheap enough for hot paths: [`record`] copies a fixed-size record into a
 //! preallocated buffer under a short lock (no formatting, no allocation);
@@ -12,7 +12,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::trace::{write_record, Value};
+use snapshot::interface::trace::{write_record, Value};
 
 use crate::sync::IrqMutex;
 

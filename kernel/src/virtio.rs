@@ -1,6 +1,6 @@
 //! virtio-blk disks: the kernel's half of the driver.
 //!
-//! `snapshot::virtio` holds the engine (negotiation, virtqueues, request
+//! `snapshot::devices::virtio` holds the engine (negotiation, virtqueues, request
 //! splitting, errors); this module supplies the hardware under it:
 //! - the modern PCI transport: the common, notification and device
 //!   configuration windows of the device's BARs, mapped uncached;
@@ -24,12 +24,12 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use snapshot::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
-use snapshot::cmdline::CmdLine;
-use snapshot::pci::{self, Address, Bar, ConfigSpace};
-use snapshot::virtio::blk::{BlkDriver, Config};
-use snapshot::virtio::pci::{self as vpci, Window};
-use snapshot::virtio::{Transport, Wait, Width};
+use snapshot::devices::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
+use snapshot::devices::pci::{self, Address, Bar, ConfigSpace};
+use snapshot::devices::virtio::blk::{BlkDriver, Config};
+use snapshot::devices::virtio::pci::{self as vpci, Window};
+use snapshot::devices::virtio::{Transport, Wait, Width};
+use snapshot::interface::cmdline::CmdLine;
 use spin::Once;
 
 use crate::arch::pci::PortConfig;
@@ -383,7 +383,7 @@ pub fn init(cmd: &CmdLine<'_>) {
                         info.name,
                         f.address,
                         info.sectors,
-                        snapshot::units::format_size(info.bytes()),
+                        snapshot::interface::units::format_size(info.bytes()),
                         if info.read_only { ", read-only" } else { "" },
                         info.max_depth,
                         match disk.how {

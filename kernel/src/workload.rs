@@ -8,7 +8,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::rng::Rng;
+use snapshot::support::rng::Rng;
 
 use crate::memory::frames::OwnedRun;
 use crate::thread::{self, JoinHandle};

@@ -7,6 +7,22 @@
 //!
 //! This crate must never touch hardware, assume it runs in ring 0, or allocate
 //! on a path the kernel calls from an interrupt or fault handler.
+//!
+//! The crate is grouped by subsystem:
+//! - [`memsnap`]: the live memory snapshot (range index, lifecycle, staging
+//!   for snapshots to disk, ELF core files);
+//! - [`copyonce`]: the copy-once engine the live snapshot and the split
+//!   techniques share (copy each unit exactly once after an instant, by an
+//!   access or a background copier, and pace that copier);
+//! - [`devices`]: the block-device interface, PCI decoding, virtio and the
+//!   virtio-blk driver (with a fake device for tests);
+//! - [`backup`]: the qcow2 reader, the backup medium and the backup/restore
+//!   engine;
+//! - [`policy`]: the pure decisions behind the kernel's mechanisms (frame
+//!   allocation, scheduling, page-fault classification);
+//! - [`interface`]: what the host tool and the kernel share (command line,
+//!   trace format, sizes);
+//! - [`support`]: small utilities (a PRNG, fallible allocation).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -16,30 +32,9 @@ extern crate alloc;
 extern crate std;
 
 pub mod backup;
-pub mod block;
-pub mod cmdline;
 pub mod copyonce;
-pub mod elfcore;
-pub mod fault;
-pub mod frames;
+pub mod devices;
+pub mod interface;
 pub mod memsnap;
-pub mod pci;
-pub mod qcow2;
-pub mod rng;
-pub mod sched;
-pub mod staging;
-pub mod tape;
-pub mod trace;
-pub mod units;
-pub mod virtio;
-
-/// `len` copies of `value`, or `None` instead of an abort when memory is
-/// short (or `len` does not fit in memory at all): for buffers whose size
-/// comes from a disk image or medium.
-pub(crate) fn try_filled<T: Clone>(len: u64, value: T) -> Option<alloc::vec::Vec<T>> {
-    let len = usize::try_from(len).ok()?;
-    let mut v = alloc::vec::Vec::new();
-    v.try_reserve_exact(len).ok()?;
-    v.resize(len, value);
-    Some(v)
-}
+pub mod policy;
+pub mod support;

@@ -6,10 +6,10 @@ mod common;
 
 use common::{backup_disks, backup_to_tape, guest_view, image, read_guest, restore_tape, READABLE};
 use proptest::prelude::*;
+use snapshot::backup::qcow2::{Cluster, L2Table, NewImage, Table1, COPIED, ZERO_FLAG};
+use snapshot::backup::tape::{self, Layout, MediumError, Run, BLOCK, HEADER_BYTES};
 use snapshot::backup::{self, table2, Error, Format, Plan};
-use snapshot::block::{BlockDevice, ErrorKind, MemDisk};
-use snapshot::qcow2::{Cluster, L2Table, NewImage, Table1, COPIED, ZERO_FLAG};
-use snapshot::tape::{self, Layout, MediumError, Run, BLOCK, HEADER_BYTES};
+use snapshot::devices::block::{BlockDevice, ErrorKind, MemDisk};
 
 #[test]
 fn corpus_images_come_back_as_qemu_reads_them() {
@@ -224,7 +224,7 @@ fn made_image(cluster_bits: u32, vclusters: u64, used: impl Fn(u64) -> bool) -> 
     let mut runs: Vec<Run> = Vec::new();
     for vc in (0..vclusters).filter(|&vc| used(vc)) {
         let cluster = &mut model[(vc * cs) as usize..((vc + 1) * cs) as usize];
-        snapshot::block::fill_pattern(7, vc, cluster);
+        snapshot::devices::block::fill_pattern(7, vc, cluster);
         match runs.last_mut() {
             Some(r) if r.from + r.len == vc => r.len += 1,
             _ => runs.push(Run {

@@ -13,9 +13,9 @@ mod common;
 
 use common::{backup_to_tape, image, read_guest, restore_tape};
 use proptest::prelude::*;
+use snapshot::backup::qcow2;
 use snapshot::backup::Format;
-use snapshot::block::MemDisk;
-use snapshot::qcow2;
+use snapshot::devices::block::MemDisk;
 
 const CORPUS: &[&str] = &[
     "empty.qcow2",

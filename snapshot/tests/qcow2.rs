@@ -4,9 +4,9 @@
 mod common;
 
 use common::{image, qemu_map, READABLE};
+use snapshot::backup::qcow2::{self, Cluster, Qcow2Error};
 use snapshot::backup::{Error, Plan};
-use snapshot::block::MemDisk;
-use snapshot::qcow2::{self, Cluster, Qcow2Error};
+use snapshot::devices::block::MemDisk;
 
 fn open(bytes: &[u8]) -> Result<qcow2::Image, Qcow2Error> {
     qcow2::open(&MemDisk::from_bytes("img", bytes))

@@ -50,8 +50,8 @@ pub fn rdtsc() -> u64 {
 /// inlined), `rflags` and the segment selectors. The other general
 /// registers are left zero: they hold nothing a debugger needs.
 #[inline(always)]
-pub fn registers_here() -> snapshot::elfcore::Registers {
-    use snapshot::elfcore::Registers;
+pub fn registers_here() -> snapshot::memsnap::elfcore::Registers {
+    use snapshot::memsnap::elfcore::Registers;
     let (rip, rsp, rbp, rflags, cs, ss): (u64, u64, u64, u64, u64, u64);
     // SAFETY: the asm only reads registers into outputs; `pushfq`/`pop`
     // use the stack balanced, nothing else is written.

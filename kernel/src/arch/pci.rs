@@ -2,10 +2,10 @@
 //! goes to port `0xCF8`, the data comes and goes through `0xCFC`. The two
 //! accesses form one transaction, so they run under a lock.
 //!
-//! Decoding (enumeration, capabilities, BARs) is `snapshot::pci`'s job;
+//! Decoding (enumeration, capabilities, BARs) is `snapshot::devices::pci`'s job;
 //! this module only moves dwords.
 
-use snapshot::pci::{Address, ConfigSpace};
+use snapshot::devices::pci::{Address, ConfigSpace};
 
 use super::cpu::{inl, outl};
 use crate::sync::IrqMutex;

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use snapshot::virtio::{Direction, DmaError, DmaRegion, Hal, Segment};
+use snapshot::devices::virtio::{Direction, DmaError, DmaRegion, Hal, Segment};
 use x86_64::structures::paging::Translate;
 use x86_64::VirtAddr;
 

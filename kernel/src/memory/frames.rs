@@ -1,9 +1,9 @@
-//! The kernel's frame allocator: [`snapshot::frames::FrameBitmap`] over the
+//! The kernel's frame allocator: [`snapshot::policy::frames::FrameBitmap`] over the
 //! firmware memory map, behind an interrupt-safe lock.
 
 use core::ops::Range;
 
-use snapshot::frames::{FrameBitmap, FrameError, FRAME_SIZE};
+use snapshot::policy::frames::{FrameBitmap, FrameError, FRAME_SIZE};
 use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
 use x86_64::PhysAddr;
 

@@ -10,7 +10,7 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use snapshot::fault::{Fixup, PageFault};
+use snapshot::policy::fault::{Fixup, PageFault};
 use x86_64::structures::paging::PageTableFlags;
 
 use super::paging::{map_page, set_flags, unmap_page, MapError};

@@ -20,8 +20,8 @@ use alloc::vec::Vec;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicU8};
 
+use snapshot::memsnap::staging::{Claimant, Staging};
 use snapshot::memsnap::RangeIndex;
-use snapshot::staging::{Claimant, Staging};
 use x86_64::structures::paging::{
     Mapper, Page, PageSize, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
 };

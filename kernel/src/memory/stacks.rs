@@ -4,7 +4,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use snapshot::fault::StackRegion;
+use snapshot::policy::fault::StackRegion;
 use x86_64::structures::paging::PageTableFlags;
 
 use super::paging::{map_page, unmap_page, MapError};

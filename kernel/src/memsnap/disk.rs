@@ -9,7 +9,7 @@
 //! copier leaves a quarter of staging to write faults
 //! ([`super::SnapshotStore::background_room`]).
 //! Slot `s` lives at `data_start + 4096 * s`, because the core's loads are
-//! the range's runs in slot order ([`snapshot::elfcore::snapshot_loads`]).
+//! the range's runs in slot order ([`snapshot::memsnap::elfcore::snapshot_loads`]).
 //!
 //! When staging has no room, whoever can wait does (see
 //! [`super::on_write_fault`]); copiers that cannot (interrupts off, the
@@ -29,8 +29,8 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use snapshot::block::{self, BlockDevice, BlockError, Op, SECTOR_SIZE};
-use snapshot::elfcore::{self, Layout, Load, Registers, INCOMPLETE_MAGIC};
+use snapshot::devices::block::{self, BlockDevice, BlockError, Op, SECTOR_SIZE};
+use snapshot::memsnap::elfcore::{self, Layout, Load, Registers, INCOMPLETE_MAGIC};
 use snapshot::memsnap::Stats;
 
 use crate::clock::now_ns;

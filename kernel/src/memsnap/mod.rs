@@ -39,8 +39,8 @@ pub mod disk;
 
 use alloc::sync::Arc;
 
-use snapshot::block::{BlockDevice, BlockError};
-use snapshot::elfcore::Registers;
+use snapshot::devices::block::{BlockDevice, BlockError};
+use snapshot::memsnap::elfcore::Registers;
 
 use crate::clock::now_ns;
 use crate::memory::snapmem::{self, Buffer, EngineStack, FrameSet, RamStore, ShadowPhysmap};
@@ -1283,7 +1283,7 @@ pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
     };
     let frames: Vec<u64> = reserved.index.iter().collect();
     let slots = store.len();
-    let mut rng = snapshot::rng::Rng::new(0x5eed);
+    let mut rng = snapshot::support::rng::Rng::new(0x5eed);
     let pairs: Vec<(u64, u64)> = (0..rounds)
         .map(|_| {
             (

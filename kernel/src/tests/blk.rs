@@ -7,11 +7,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::block::{
+use snapshot::devices::block::{
     fill_pattern, host_check_extents, BlockDevice, ErrorKind, Op, HOST_CHECK_SEED,
     READ_ONLY_TEST_SEED as RO_SEED, SECTOR_SIZE,
 };
-use snapshot::rng::Rng;
+use snapshot::support::rng::Rng;
 
 use crate::memsnap::{self, Options};
 use crate::virtio::{self, VirtioBlk};

@@ -1,4 +1,4 @@
-use snapshot::fault::PfCode;
+use snapshot::policy::fault::PfCode;
 
 use crate::memory::probe::{self, ScratchPage};
 

@@ -69,7 +69,7 @@ pub fn frame_allocator_never_hands_out_a_frame_twice() {
 /// and the heap must end as it started.
 pub fn heap_survives_allocation_stress() {
     let (used_before, size) = heap::stats();
-    let mut rng = snapshot::rng::Rng::new(0x5eed_1234);
+    let mut rng = snapshot::support::rng::Rng::new(0x5eed_1234);
     let mut live: Vec<(Vec<u8>, u8)> = Vec::new();
     // Large blocks up to 1/64 of the heap; at most ~1/4 of it live on average.
     let large = (size / 64) as u64;

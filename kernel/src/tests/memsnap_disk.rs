@@ -6,8 +6,8 @@
 use alloc::string::String;
 use alloc::vec;
 
-use snapshot::block::BlockDevice;
-use snapshot::elfcore::{self, Kind, Registers};
+use snapshot::devices::block::BlockDevice;
+use snapshot::memsnap::elfcore::{self, Kind, Registers};
 use snapshot::memsnap::Phase;
 
 use crate::memory::frames;
@@ -135,7 +135,7 @@ pub fn snapshot_to_disk_matches_reference() {
 pub fn too_small_disk_is_refused_before_anything_starts() {
     let d = crate::virtio::disk("small").unwrap_or_else(|e| panic!("{e}"));
     let mut mark = vec![0u8; 4096];
-    snapshot::block::fill_pattern(11, 0, &mut mark);
+    snapshot::devices::block::fill_pattern(11, 0, &mut mark);
     d.write(0, &mark).unwrap_or_else(|e| panic!("{e}"));
     let (free_before, _) = frames::stats();
     match memsnap::start(&to_disk("small")) {

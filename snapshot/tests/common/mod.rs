@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use snapshot::backup::{self, Format};
-use snapshot::block::MemDisk;
+use snapshot::devices::block::MemDisk;
 
 /// A corpus image's bytes.
 pub fn image(name: &str) -> Vec<u8> {
@@ -105,9 +105,9 @@ pub fn restore_tape(stream: &[u8], format: Format) -> Result<Vec<u8>, backup::Er
 
 /// What a qcow2 image's guest sees, read with this crate's reader.
 pub fn read_guest(qcow2: &[u8]) -> Vec<u8> {
-    use snapshot::qcow2::Cluster;
+    use snapshot::backup::qcow2::Cluster;
     let disk = MemDisk::from_bytes("img", qcow2);
-    let img = snapshot::qcow2::open(&disk).unwrap_or_else(|e| panic!("{e}"));
+    let img = snapshot::backup::qcow2::open(&disk).unwrap_or_else(|e| panic!("{e}"));
     let cs = img.table1.cluster_size() as usize;
     let mut view = vec![0u8; img.header.virtual_size as usize];
     for (vc, c) in img.table1.clusters() {

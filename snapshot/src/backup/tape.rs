@@ -28,7 +28,8 @@ use core::fmt;
 
 use twox_hash::XxHash64;
 
-use crate::qcow2::{L2Table, Table1};
+use super::qcow2::{L2Table, Table1};
+pub use super::run::Run;
 
 /// The first eight bytes of a medium.
 pub const MAGIC: [u8; 8] = *b"SNAPTAPE";
@@ -98,19 +99,6 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 
 fn pad(len: u64) -> u64 {
     len.next_multiple_of(BLOCK)
-}
-
-/// A run of `len` consecutive entries mapping `from + i` to `to + i`: the
-/// unit of tables 2 and 3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    /// First key (a virtual cluster in table 2, a copy cluster in table 3).
-    pub from: u64,
-    /// First value (a copy cluster in table 2, a medium block of 512 bytes
-    /// in table 3).
-    pub to: u64,
-    /// Entries in the run (at least one).
-    pub len: u64,
 }
 
 /// Where each part of a stream lies. Everything follows from five numbers,
@@ -254,7 +242,7 @@ impl Header {
             return Err(MediumError::BadChecksum("header".into()));
         }
         let cluster_bits = le32(b, 16);
-        if !(crate::qcow2::MIN_CLUSTER_BITS..=crate::qcow2::MAX_CLUSTER_BITS)
+        if !(crate::backup::qcow2::MIN_CLUSTER_BITS..=crate::backup::qcow2::MAX_CLUSTER_BITS)
             .contains(&cluster_bits)
         {
             return Err(MediumError::Inconsistent(format!(
@@ -277,7 +265,7 @@ impl Header {
         // Bound everything before doing arithmetic on it: no field may
         // describe more than 2^56 bytes.
         let limit = 1u64 << 56;
-        if header.virtual_size > crate::qcow2::MAX_VIRTUAL_SIZE
+        if header.virtual_size > crate::backup::qcow2::MAX_VIRTUAL_SIZE
             || l.data_clusters > header.virtual_size.div_ceil(l.cluster_size())
             || l.table1_bytes > limit
             || l.table2_runs > l.data_clusters
@@ -407,7 +395,7 @@ pub fn decode_table2(b: &[u8], header: &Header, t1: &Table1) -> Result<Vec<Run>,
 /// The consistency rule of table 2 against table 1, shared by the writer's
 /// tests and the reader: see [`decode_table2`].
 pub fn check_table2(runs: &[Run], t1: &Table1, data_clusters: u64) -> Result<(), String> {
-    use crate::qcow2::Cluster;
+    use crate::backup::qcow2::Cluster;
     let mut next_copy = 0u64;
     let mut next_virtual = 0u64;
     for r in runs {

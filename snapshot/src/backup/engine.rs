@@ -1,26 +1,4 @@
-//! Compact backup of a thin-provisioned qcow2 disk, and its restore.
-//!
-//! The backup follows the method step by step:
-//!
-//! 1. **Table 1** is the source's own L1/L2 tables ([`qcow2::open`]).
-//! 2. **Table 2** maps each virtual cluster holding data to a cluster of a
-//!    dense *copy area* on a scratch disk, in virtual order, with unused
-//!    entries dropped ([`table2`]). The copy area is sized to the data.
-//! 3. **Table 3** maps each copy cluster to the block of the medium that
-//!    will hold it ([`tape::Layout::table3`]).
-//! 4. **Copy**: each data cluster is read from the source (where table 1
-//!    says) and written to the copy area (where table 2 says).
-//! 5. **Stream**: header, table 1, table 2, then the copy area extent by
-//!    extent (where table 3 says) and a trailer go to the medium in one
-//!    sequential pass, followed by a flush.
-//!
-//! [`restore`] reads the medium front to back, checks every checksum and
-//! table, and writes a raw image or a fresh qcow2 image.
-//!
-//! The engine works on [`BlockDevice`]s, so host tests run it on
-//! in-memory disks and the kernel on virtio-blk disks. It must never write
-//! to the source, and never write the medium anywhere but at the end of
-//! what it has written so far.
+//! The backup and restore engine; see the [subsystem docs](super).
 
 use alloc::format;
 use alloc::string::String;
@@ -28,12 +6,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::block::{BlockDevice, BlockError, Op};
-use crate::qcow2::{self, Cluster, NewImage, Qcow2Error, Table1};
-use crate::tape::{
+use super::qcow2::{self, Cluster, NewImage, Qcow2Error, Table1};
+use super::tape::{
     self, checksum, Digest, ExtentHeader, Header, Layout, MediumError, Run, Trailer, BLOCK,
     HEADER_BYTES,
 };
+use crate::devices::block::{BlockDevice, BlockError, Op};
 
 /// Bytes moved per batch of requests, at most (less when memory is short).
 /// 16 MiB windows measured no faster under QEMU than 4 MiB ones.
@@ -220,7 +198,7 @@ fn depth(d: &dyn BlockDevice) -> usize {
 
 /// A zeroed buffer of `len` bytes, or [`Error::NoMemory`].
 fn zeroed(len: u64) -> Result<Vec<u8>, Error> {
-    crate::try_filled(len, 0).ok_or(Error::NoMemory(len))
+    crate::support::try_filled(len, 0).ok_or(Error::NoMemory(len))
 }
 
 /// A transfer buffer for up to [`WINDOW`] bytes in whole `unit`s, and no

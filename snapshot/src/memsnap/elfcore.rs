@@ -506,7 +506,7 @@ mod tests {
         for cut in [0, 10, 17, 40, 63, 100, 200, 400] {
             let _ = parse(&bytes[..cut]);
         }
-        let mut rng = crate::rng::Rng::new(3);
+        let mut rng = crate::support::rng::Rng::new(3);
         for _ in 0..2000 {
             let mut b = bytes.clone();
             for _ in 0..4 {

@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use super::blk::{feature as blkf, request, status as blks};
 use super::{common, feature, status, Direction, DmaError, DmaRegion, Hal, Segment, Transport};
 use super::{Wait, Width};
-use crate::block::SECTOR_SIZE;
-use crate::rng::Rng;
+use crate::devices::block::SECTOR_SIZE;
+use crate::support::rng::Rng;
 
 /// How the device should misbehave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

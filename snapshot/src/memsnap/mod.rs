@@ -19,6 +19,13 @@
 //! would be needed so a faulting CPU waits for a copy another CPU started.
 //!
 //! Nothing here allocates after construction: the fault path calls it.
+//!
+//! Snapshots to disk add two parts: [`staging`], the bounded area that
+//! decouples the fault path from the disk, and [`elfcore`], the core-file
+//! layout the disk copy takes.
+
+pub mod elfcore;
+pub mod staging;
 
 use alloc::vec;
 use alloc::vec::Vec;

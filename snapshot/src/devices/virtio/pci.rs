@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-use crate::pci::{cap, Address, Capability, ConfigSpace};
+use crate::devices::pci::{cap, Address, Capability, ConfigSpace};
 
 /// The virtio PCI vendor.
 pub const VENDOR: u16 = 0x1af4;
@@ -119,7 +119,7 @@ pub fn layout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::capabilities;
+    use crate::devices::pci::capabilities;
     use alloc::string::ToString;
     use std::cell::RefCell;
     use std::collections::BTreeMap;

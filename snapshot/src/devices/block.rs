@@ -14,7 +14,7 @@
 //! tests (and the kernel's own tests) compare real devices against.
 //!
 //! This module must never assume a particular device: the virtio-blk
-//! driver ([`crate::virtio::blk`]) is one implementation among others.
+//! driver ([`crate::devices::virtio::blk`]) is one implementation among others.
 
 use alloc::string::String;
 use alloc::vec;

@@ -13,7 +13,7 @@ use super::blk::{BlkDriver, Config};
 use super::device::InitError;
 use super::fake::{Fake, Misbehave, Setup};
 use super::status;
-use crate::block::{fill_pattern, BlockError, ErrorKind, Op, SECTOR_SIZE};
+use crate::devices::block::{fill_pattern, BlockError, ErrorKind, Op, SECTOR_SIZE};
 
 fn config() -> Config {
     Config {

@@ -30,7 +30,7 @@ use core::sync::atomic::{fence, Ordering};
 use super::device::{self, InitError};
 use super::queue::{Layout, Part, SplitQueue};
 use super::{Direction, DmaRegion, Hal, Segment, Transport, Wait, Width};
-use crate::block::{check, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
+use crate::devices::block::{check, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
 
 /// virtio-blk feature bits (5.2.3).
 pub mod feature {
@@ -419,7 +419,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             .collect())
     }
 
-    /// Runs a batch; see [`crate::block::BlockDevice::transfer`].
+    /// Runs a batch; see [`crate::devices::block::BlockDevice::transfer`].
     pub fn transfer(
         &mut self,
         ops: &mut [Op<'_>],

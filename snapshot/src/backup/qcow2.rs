@@ -26,7 +26,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::block::{read_bytes, BlockDevice, BlockError};
+use crate::devices::block::{read_bytes, BlockDevice, BlockError};
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -117,7 +117,8 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// A zeroed buffer of `len` bytes, or an error instead of an abort when
 /// memory is short.
 fn buffer(len: u64, what: &str) -> Result<Vec<u8>, Qcow2Error> {
-    crate::try_filled(len, 0).ok_or_else(|| Qcow2Error::TooLarge(format!("{what}: {len} bytes")))
+    crate::support::try_filled(len, 0)
+        .ok_or_else(|| Qcow2Error::TooLarge(format!("{what}: {len} bytes")))
 }
 
 /// The image header, checked.
@@ -577,7 +578,7 @@ struct Claims {
 impl Claims {
     fn new(file_len: u64, cluster_bits: u32) -> Result<Claims, Qcow2Error> {
         let clusters = file_len.div_ceil(1 << cluster_bits);
-        let bits = crate::try_filled(clusters.div_ceil(64), 0u64)
+        let bits = crate::support::try_filled(clusters.div_ceil(64), 0u64)
             .ok_or_else(|| Qcow2Error::TooLarge(format!("cluster map of {clusters} clusters")))?;
         Ok(Claims { bits, cluster_bits })
     }
@@ -816,7 +817,7 @@ impl NewImage {
     /// The layout for an image of `virtual_size` whose data clusters sit at
     /// the virtual clusters of `runs` (ascending; `to` is ignored: data is
     /// placed in the runs' order).
-    pub fn new(cluster_bits: u32, virtual_size: u64, runs: &[crate::tape::Run]) -> NewImage {
+    pub fn new(cluster_bits: u32, virtual_size: u64, runs: &[super::run::Run]) -> NewImage {
         let cs = 1u64 << cluster_bits;
         let per_l2 = cs / 8;
         let l1_size = virtual_size.div_ceil(cs).div_ceil(per_l2);
@@ -892,7 +893,7 @@ impl NewImage {
 
     /// The metadata: the bytes of `[0, data_offset)`, for data at the
     /// virtual clusters of `runs` (the same runs [`NewImage::new`] got).
-    pub fn metadata(&self, runs: &[crate::tape::Run]) -> Vec<u8> {
+    pub fn metadata(&self, runs: &[super::run::Run]) -> Vec<u8> {
         let cs = self.cluster_size();
         let per_l2 = cs / 8;
         let mut b = vec![0u8; self.data_offset() as usize];

@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-use crate::units::parse_size;
+use crate::interface::units::parse_size;
 
 /// A borrowed, parsed view of a command line.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +74,7 @@ impl<'a> CmdLine<'a> {
         self.parse(key, "an unsigned integer (decimal or 0x hex)", parse_u64)
     }
 
-    /// A byte size such as `64M` (see [`crate::units::parse_size`]).
+    /// A byte size such as `64M` (see [`crate::interface::units::parse_size`]).
     pub fn size(&self, key: &'a str) -> Result<Option<u64>, ParamError<'a>> {
         self.parse(key, "a size such as 4096, 64K, 128M or 2G", |v| {
             parse_size(v).ok()
