@@ -156,7 +156,7 @@ impl Outcome {
 /// allows it (probed once with `qemu-io`), else its thread pool. Under
 /// io_uring the snapshot to disk at 512 MiB wrote at 1.14 to 1.42 times
 /// the sequential-write baseline, against 0.93 to 1.08 with the thread
-/// pool (README, snapshots to disk). `QEMU_AIO=threads` (or
+/// pool (docs/results/memsnap-disk.md, earlier round). `QEMU_AIO=threads` (or
 /// `io_uring`) in the environment overrides the probe.
 pub fn aio_mode() -> &'static str {
     static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();

@@ -62,8 +62,10 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
             return ExitCode::Failure;
         }
     };
-    let mem_bytes: u64 = crate::boot_ram().map(|r| r.end - r.start).sum();
-    let ram_pages: u64 = crate::boot_ram()
+    let mem_bytes: u64 = crate::boot_info::usable_ram()
+        .map(|r| r.end - r.start)
+        .sum();
+    let ram_pages: u64 = crate::boot_info::usable_ram()
         .map(|r| (r.end / 4096).saturating_sub(r.start.div_ceil(4096)))
         .sum();
     let (free, _) = crate::memory::frames::stats();
