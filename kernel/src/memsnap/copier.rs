@@ -91,7 +91,7 @@ fn fail(disk: Option<&Arc<Shared>>) {
     crate::log!("memsnap: snapshot failed: {why}");
     crate::trace!("memsnap.failed");
     if let Some(r) = REPORT.lock().as_mut() {
-        r.stats = LIVE.counters.read();
+        r.stats = LIVE.stats();
         r.error = Some(why);
     }
     let mut phase = PHASE.lock();
@@ -108,7 +108,7 @@ fn complete_on_disk(d: &Shared, total_ns: u64) -> Result<u64, String> {
     let meta = disk::Meta {
         instant_ns: LIVE.instant_ns.load(Ordering::Relaxed),
         total_ns,
-        stats: LIVE.counters.read(),
+        stats: LIVE.stats(),
         wall: wall.as_deref(),
     };
     let regs = SESSION.with(|s| s.registers).unwrap_or_default();
@@ -148,7 +148,7 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
     let not_copied_once = verify::not_copied_once();
     let mut report = REPORT.lock();
     if let Some(r) = report.as_mut() {
-        r.stats = LIVE.counters.read();
+        r.stats = LIVE.stats();
         r.total_ns = end - r.instant_ns;
         r.copier_busy_ns = copier_busy_ns;
         r.mismatched = mismatched;

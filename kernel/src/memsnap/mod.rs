@@ -170,7 +170,7 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
     let (times, disk) = result?;
     // The world runs again.
     *PHASE.lock() = Phase::Active;
-    let stats = LIVE.counters.read();
+    let stats = LIVE.stats();
     let pages = SESSION.with(|s| s.snap.index().len()).unwrap_or(0);
     let report = Report {
         pages,

@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::Ordering;
 
-use snapshot::memsnap::{CopyMap, PageIo, Snapshot};
+use snapshot::memsnap::{PageIo, Snapshot};
 
 use super::fault::with_dma_targets;
 use super::reserve::{reserve, Buffers, Reserved, Storage};
@@ -71,7 +71,6 @@ pub(super) fn prepare_and_pause(
     } else {
         map_words.frames().collect()
     };
-    let map = CopyMap::new(map_words, index.len());
     let (store, disk): (Box<dyn SnapshotStore>, _) = match storage {
         Storage::Ram(store) => (Box::new(store), None),
         Storage::Disk(store) => {
@@ -81,7 +80,7 @@ pub(super) fn prepare_and_pause(
     };
     LIVE.reset();
     let session = Session {
-        snap: Snapshot::new(index, map, &LIVE.counters),
+        snap: Snapshot::new(index, map_words, &LIVE.counters),
         store,
         shadow,
         verify: reference.zip(copies).map(|(r, c)| Verification::new(r, c)),
@@ -127,7 +126,7 @@ fn pause_on(s: &Session, eager_map: &[u64], dma: &[Range<u64>]) -> PauseTimes {
     LIVE.instant_ns.store(now_ns(), Ordering::Relaxed);
     s.sample();
     let t3 = now_ns();
-    let counts = LIVE.counters.read();
+    let counts = LIVE.stats();
     PauseTimes {
         pause_ns: (t1 - t0 - hash_ns) + (t3 - t2),
         reference_ns: hash_ns + (t2 - t1),
@@ -162,7 +161,7 @@ fn copy_eager_set(s: &Session, eager_map: &[u64], dma: &[Range<u64>]) -> u64 {
     for range in dma {
         for frame in range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE) {
             if let Some(slot) = s.snap.index().slot(frame) {
-                if !s.snap.map().is_set(slot) {
+                if !s.snap.is_copied(slot) {
                     s.snap.copy_eager(s, frame);
                     hash_ns += verify::reference_copy(s, slot);
                 }

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use snapshot::memsnap::elfcore::Registers;
 use snapshot::memsnap::reserve::{LATENCY_CAPACITY, SAMPLE_CAPACITY, SAMPLE_WORDS};
-use snapshot::memsnap::{Counters, PageIo, Snapshot};
+use snapshot::memsnap::{Counters, PageIo, Snapshot, Stats};
 
 use super::shadow::ShadowPhysmap;
 use super::store::SnapshotStore;
@@ -33,7 +33,7 @@ pub(super) static SESSION: Published<Session> = Published::new();
 /// the fault handler and the pause write it without faulting or locking.
 /// Reset by [`Live::reset`] before each pause.
 pub(super) struct Live {
-    /// Pages copied, by cause (the [`Snapshot`]'s counters).
+    /// The copy-once engine's counters (the [`Snapshot`]'s).
     pub counters: Counters,
     /// The shadow is live: writes through the physical map may be ours.
     pub protecting: AtomicBool,
@@ -68,6 +68,11 @@ pub(super) static LIVE: Live = Live {
 };
 
 impl Live {
+    /// Pages copied so far, by cause.
+    pub fn stats(&self) -> Stats {
+        self.counters.read().into()
+    }
+
     /// Clears the per-snapshot figures (the counters are reset with the
     /// [`Snapshot`]).
     pub fn reset(&self) {
@@ -85,7 +90,8 @@ impl Live {
 
 /// One snapshot; see the module docs.
 pub(super) struct Session {
-    /// The range, its copy map (engine memory) and the counters.
+    /// The range and the copy-once engine over its slots (its copy map
+    /// in engine memory, its counters in [`LIVE`]).
     pub snap: Snapshot<Buffer>,
     /// Where copies go.
     pub store: Box<dyn SnapshotStore>,
@@ -129,7 +135,7 @@ impl Session {
         self.snap
             .index()
             .slot(frame)
-            .is_none_or(|slot| self.snap.map().is_set(slot))
+            .is_none_or(|slot| self.snap.is_copied(slot))
     }
 
     /// Records one progress sample: time since the instant, pages by cause.

@@ -84,7 +84,7 @@ pub(super) fn reference_copy(s: &Session, slot: u64) -> u64 {
 pub(super) fn reference_rest(s: &Session) {
     if let Some(v) = &s.verify {
         for (slot, frame) in s.snap.index().iter().enumerate() {
-            if !s.snap.map().is_set(slot as u64) {
+            if !s.snap.is_copied(slot as u64) {
                 v.record(slot as u64, snapmem::hash_frame(frame * PAGE_SIZE));
             }
         }

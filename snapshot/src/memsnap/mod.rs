@@ -1,28 +1,31 @@
 //! The live memory snapshot engine, without the hardware.
 //!
 //! A snapshot covers a *range*: a set of physical frames (all RAM except the
-//! engine's own reservation). Each range frame has a dense *slot* number, and
-//! the *copy map* has one bit per slot. At the snapshot instant the kernel
-//! copies the eager set ([`Snapshot::copy_eager`]) and write-protects the rest;
-//! afterwards a frame is copied exactly once, by whichever comes first: the
-//! write-fault handler ([`Snapshot::on_write_fault`]) or the background copier
-//! ([`Snapshot::copy_background`]). Either one claims the frame's bit, copies,
-//! and only then lifts the protection, so no write can land before its copy.
+//! engine's own reservation). Each range frame has a dense *slot* number
+//! ([`RangeIndex`]), and the slots are the units of a copy-once
+//! [`Engine`](crate::copyonce::Engine), whose copy map says which are copied.
+//! At the snapshot instant the kernel copies the eager set
+//! ([`Snapshot::copy_eager`]) and write-protects the rest; afterwards a frame
+//! is copied exactly once, by whichever comes first: the write-fault handler
+//! ([`Snapshot::on_write_fault`]) or the background copier
+//! ([`Snapshot::copy_background`]). Either one claims the frame's slot,
+//! copies, and only then lifts the protection, so no write can land before
+//! its copy.
 //!
-//! The hardware sits behind [`PageIo`]: copy a frame into a storage slot, make
-//! a frame writable again, and (for restore) read and clear dirty bits.
+//! The hardware sits behind [`PageIo`]: copy a frame into a storage slot, and
+//! make a frame writable again.
 //!
-//! Atomicity: the kernel runs each claim-copy-unprotect sequence with
-//! interrupts off on its single CPU, so the sequences never interleave with
-//! each other or with the workload's writes; the property tests model exactly
-//! those interleavings. On several CPUs a second "copy in progress" bit
-//! would be needed so a faulting CPU waits for a copy another CPU started.
+//! Atomicity: the engine's three-state map makes a claim exclusive on any
+//! number of CPUs (a second claimant finds the slot *copying* and waits).
+//! The kernel runs each claim-copy-unprotect sequence with interrupts off on
+//! its single CPU, so on it no claimant ever finds a slot *copying*; the
+//! property tests model the interleavings of faults and the copier.
 //!
 //! Nothing here allocates after construction: the fault path calls it.
 //!
 //! Snapshots to disk add two parts: [`staging`], the bounded area that
 //! decouples the fault path from the disk, and [`elfcore`], the core-file
-//! layout the disk copy takes.
+//! layout the disk copy takes. [`reserve`] sizes what a snapshot sets aside.
 
 pub mod elfcore;
 pub mod reserve;
@@ -30,8 +33,11 @@ pub mod staging;
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::convert::Infallible;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
+
+use crate::copyonce::{self, Access, Cause, Engine, UnitCopy};
 
 /// Which frames belong to the snapshot, and the slot of each: its rank
 /// among the range's frames.
@@ -109,6 +115,21 @@ impl RangeIndex {
         Some(before + u64::from((bits & (bit - 1)).count_ones()))
     }
 
+    /// The frame of `slot` (the inverse of [`Self::slot`]), if the range
+    /// has that many frames. Logarithmic: a binary search over the words.
+    pub fn frame(&self, slot: u64) -> Option<u64> {
+        if slot >= self.len {
+            return None;
+        }
+        // The last word with fewer frames before it than `slot + 1`.
+        let word = self.words.partition_point(|&[_, before]| before <= slot) - 1;
+        let [mut bits, before] = self.words[word];
+        for _ in before..slot {
+            bits &= bits - 1;
+        }
+        Some(word as u64 * 64 + u64::from(bits.trailing_zeros()))
+    }
+
     /// The first range frame at or after `frame`.
     pub fn next_from(&self, frame: u64) -> Option<u64> {
         let mut word = (frame / 64) as usize;
@@ -147,110 +168,7 @@ impl RangeIndex {
     }
 }
 
-/// One bit per slot: set once the slot's frame has been copied. `W` owns
-/// the words (a `Vec` on the host; memory the fault path can write without
-/// faulting in the kernel).
-#[derive(Debug)]
-pub struct CopyMap<W> {
-    words: W,
-    slots: u64,
-}
-
-impl<W: AsRef<[AtomicU64]>> CopyMap<W> {
-    /// Words needed for `slots` bits.
-    pub fn words_for(slots: u64) -> usize {
-        slots.div_ceil(64) as usize
-    }
-
-    /// A map over `words`, which it clears.
-    pub fn new(words: W, slots: u64) -> Self {
-        assert!(
-            words.as_ref().len() >= Self::words_for(slots),
-            "copy map storage too small"
-        );
-        for word in words.as_ref() {
-            word.store(0, Ordering::Relaxed);
-        }
-        CopyMap { words, slots }
-    }
-
-    /// Sets the bit of `slot`; true if this call set it (it was clear).
-    pub fn claim(&self, slot: u64) -> bool {
-        let bit = 1 << (slot % 64);
-        self.words.as_ref()[(slot / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
-    }
-
-    /// Whether `slot` has been copied.
-    pub fn is_set(&self, slot: u64) -> bool {
-        self.words.as_ref()[(slot / 64) as usize].load(Ordering::Acquire) & (1 << (slot % 64)) != 0
-    }
-
-    /// Bits set.
-    pub fn count(&self) -> u64 {
-        let words = self.words.as_ref();
-        words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
-    }
-
-    /// Slots covered.
-    pub fn slots(&self) -> u64 {
-        self.slots
-    }
-}
-
-/// Pages copied, by cause. Kept where the fault handler can write without
-/// faulting (the kernel uses statics).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Copied at the snapshot instant.
-    pub eager: AtomicU64,
-    /// Copied by the write-fault handler.
-    pub fault: AtomicU64,
-    /// Copied by the background copier.
-    pub background: AtomicU64,
-    /// Write faults on pages already copied (permission restored only).
-    pub rewrites: AtomicU64,
-    /// Where the background copier goes on from (a frame number).
-    pub cursor: AtomicU64,
-}
-
-impl Counters {
-    /// All zero.
-    pub const fn new() -> Self {
-        Counters {
-            eager: AtomicU64::new(0),
-            fault: AtomicU64::new(0),
-            background: AtomicU64::new(0),
-            rewrites: AtomicU64::new(0),
-            cursor: AtomicU64::new(0),
-        }
-    }
-
-    /// Zeroes every counter.
-    pub fn reset(&self) {
-        for c in [
-            &self.eager,
-            &self.fault,
-            &self.background,
-            &self.rewrites,
-            &self.cursor,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// A plain copy of the values.
-    pub fn read(&self) -> Stats {
-        Stats {
-            eager: self.eager.load(Ordering::Relaxed),
-            fault: self.fault.load(Ordering::Relaxed),
-            background: self.background.load(Ordering::Relaxed),
-            rewrites: self.rewrites.load(Ordering::Relaxed),
-        }
-    }
-}
+pub use crate::copyonce::Counters;
 
 /// Pages copied by cause, as values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -269,6 +187,17 @@ impl Stats {
     /// Pages copied in all.
     pub fn copied(&self) -> u64 {
         self.eager + self.fault + self.background
+    }
+}
+
+impl From<copyonce::Stats> for Stats {
+    fn from(s: copyonce::Stats) -> Self {
+        Stats {
+            eager: s[Cause::Eager],
+            fault: s[Cause::Access],
+            background: s[Cause::Background],
+            rewrites: s[Cause::AlreadyCopied] + s[Cause::Waited],
+        }
     }
 }
 
@@ -292,7 +221,8 @@ pub enum FaultOutcome {
     NotInRange,
 }
 
-/// A snapshot in progress: the range, its copy map, the counters.
+/// A snapshot in progress: the range, and the copy-once engine over its
+/// slots (the copy map and the counters).
 ///
 /// Only the map and the counters change after construction, both through
 /// atomics, and both live wherever their owner put them: the fault path
@@ -300,20 +230,57 @@ pub enum FaultOutcome {
 #[derive(Debug)]
 pub struct Snapshot<W> {
     index: RangeIndex,
-    map: CopyMap<W>,
-    counters: &'static Counters,
+    engine: Engine<W, &'static Counters>,
+}
+
+/// One frame's copy, for the engine: its slot's unit is `frame`.
+struct FrameCopy<'a, P> {
+    io: &'a P,
+    frame: u64,
+}
+
+impl<P: PageIo> UnitCopy for FrameCopy<'_, P> {
+    type Error = Infallible;
+    fn copy(&self, slot: u64) -> Result<(), Infallible> {
+        self.io.copy_out(self.frame, slot);
+        self.io.unprotect(self.frame);
+        Ok(())
+    }
+}
+
+/// The background copier's copies: each slot's frame from the index.
+struct SlotCopy<'a, P> {
+    io: &'a P,
+    index: &'a RangeIndex,
+}
+
+impl<P: PageIo> UnitCopy for SlotCopy<'_, P> {
+    type Error = Infallible;
+    fn copy(&self, slot: u64) -> Result<(), Infallible> {
+        let frame = self.index.frame(slot).expect("engine units are slots");
+        self.io.copy_out(frame, slot);
+        self.io.unprotect(frame);
+        Ok(())
+    }
+}
+
+/// On one CPU with interrupts off no copy is ever in progress when a fault
+/// claims; on several, the claimant spins until the other copier is done.
+fn relax() {
+    core::hint::spin_loop();
 }
 
 impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
-    /// A snapshot of `index`'s range, nothing copied yet.
-    pub fn new(index: RangeIndex, map: CopyMap<W>, counters: &'static Counters) -> Self {
-        assert_eq!(map.slots(), index.len(), "copy map and range disagree");
-        counters.reset();
-        Snapshot {
-            index,
-            map,
-            counters,
-        }
+    /// Copy-map words needed for `slots` slots.
+    pub fn words_for(slots: u64) -> usize {
+        copyonce::words_for(slots)
+    }
+
+    /// A snapshot of `index`'s range over the copy-map `words` (at least
+    /// [`Self::words_for`] of them), nothing copied yet.
+    pub fn new(index: RangeIndex, words: W, counters: &'static Counters) -> Self {
+        let engine = Engine::new(words, index.len(), counters);
+        Snapshot { index, engine }
     }
 
     /// The range.
@@ -321,9 +288,14 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         &self.index
     }
 
-    /// The copy map.
-    pub fn map(&self) -> &CopyMap<W> {
-        &self.map
+    /// The engine over the range's slots.
+    pub fn engine(&self) -> &Engine<W, &'static Counters> {
+        &self.engine
+    }
+
+    /// Whether `slot`'s frame has been copied.
+    pub fn is_copied(&self, slot: u64) -> bool {
+        self.engine.is_copied(slot)
     }
 
     /// Copies a frame of the eager set at the instant. Frames outside the
@@ -332,13 +304,8 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         let Some(slot) = self.index.slot(frame) else {
             return false;
         };
-        if !self.map.claim(slot) {
-            return false;
-        }
-        io.copy_out(frame, slot);
-        io.unprotect(frame);
-        self.counters.eager.fetch_add(1, Ordering::Relaxed);
-        true
+        let Ok(copied) = self.engine.copy_eager(&FrameCopy { io, frame }, slot);
+        copied
     }
 
     /// Marks an eager frame the caller has already copied with
@@ -348,12 +315,11 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         let Some(slot) = self.index.slot(frame) else {
             return false;
         };
-        if !self.map.claim(slot) {
-            return false;
+        let marked = self.engine.mark_copied(slot);
+        if marked {
+            io.unprotect(frame);
         }
-        io.unprotect(frame);
-        self.counters.eager.fetch_add(1, Ordering::Relaxed);
-        true
+        marked
     }
 
     /// A write hit a protected frame: copy it first unless already copied,
@@ -362,52 +328,38 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         let Some(slot) = self.index.slot(frame) else {
             return FaultOutcome::NotInRange;
         };
-        let outcome = if self.map.claim(slot) {
-            io.copy_out(frame, slot);
-            self.counters.fault.fetch_add(1, Ordering::Relaxed);
-            FaultOutcome::Copied
-        } else {
-            self.counters.rewrites.fetch_add(1, Ordering::Relaxed);
-            FaultOutcome::AlreadyCopied
-        };
-        io.unprotect(frame);
-        outcome
+        match self
+            .engine
+            .copy_on_access(&FrameCopy { io, frame }, slot, relax)
+        {
+            Access::Copied => FaultOutcome::Copied,
+            Access::AlreadyCopied | Access::WaitedForOther => {
+                io.unprotect(frame);
+                FaultOutcome::AlreadyCopied
+            }
+            Access::Failed(never) => match never {},
+        }
     }
 
     /// Copies up to `max` uncopied frames, in address order from where the
     /// last call stopped; returns how many it copied (0 once complete).
     pub fn copy_background(&self, io: &impl PageIo, max: u64) -> u64 {
-        let mut copied = 0;
-        let mut frame = self.counters.cursor.load(Ordering::Relaxed);
-        while copied < max {
-            let Some(next) = self.index.next_from(frame) else {
-                frame = self.index.frames();
-                break;
-            };
-            frame = next + 1;
-            let slot = self
-                .index
-                .slot(next)
-                .expect("next_from yields range frames");
-            if self.map.claim(slot) {
-                io.copy_out(next, slot);
-                io.unprotect(next);
-                self.counters.background.fetch_add(1, Ordering::Relaxed);
-                copied += 1;
-            }
-        }
-        self.counters.cursor.store(frame, Ordering::Relaxed);
+        let copy = SlotCopy {
+            io,
+            index: &self.index,
+        };
+        let Ok(copied) = self.engine.copy_background(&copy, max);
         copied
     }
 
     /// Whether every frame of the range has been copied.
     pub fn is_complete(&self) -> bool {
-        self.counters.read().copied() == self.index.len()
+        self.engine.is_complete()
     }
 
     /// The counters' values.
     pub fn stats(&self) -> Stats {
-        self.counters.read()
+        self.engine.stats().into()
     }
 }
 
@@ -608,9 +560,9 @@ mod tests {
             };
             let at_instant = machine.memory.borrow().clone();
             let words: Vec<AtomicU64> =
-                (0..CopyMap::<Vec<AtomicU64>>::words_for(n)).map(|_| AtomicU64::new(u64::MAX)).collect();
+                (0..Snapshot::<Vec<AtomicU64>>::words_for(n)).map(|_| AtomicU64::new(u64::MAX)).collect();
             let counters: &'static Counters = std::boxed::Box::leak(std::boxed::Box::new(Counters::new()));
-            let snap = Snapshot::new(index.clone(), CopyMap::new(words, n), counters);
+            let snap = Snapshot::new(index.clone(), words, counters);
             for &e in eager.iter().filter(|&&e| e < frames) {
                 snap.copy_eager(&machine, e);
             }
@@ -635,7 +587,7 @@ mod tests {
             prop_assert!(snap.is_complete());
             let stats = snap.stats();
             prop_assert_eq!(stats.copied(), n, "counts by cause add up to the range");
-            prop_assert_eq!(snap.map().count(), n);
+            prop_assert_eq!(snap.engine().count(), n);
             prop_assert!(machine.copies.borrow().iter().all(|&c| c == 1), "a frame copied twice or never");
             for (slot, frame) in index.iter().enumerate() {
                 prop_assert_eq!(machine.storage.borrow()[slot], Some(at_instant[frame as usize]));
@@ -659,7 +611,9 @@ mod tests {
             prop_assert_eq!(index.iter().collect::<Vec<_>>(), model.clone());
             for (slot, &frame) in model.iter().enumerate() {
                 prop_assert_eq!(index.slot(frame), Some(slot as u64));
+                prop_assert_eq!(index.frame(slot as u64), Some(frame));
             }
+            prop_assert_eq!(index.frame(model.len() as u64), None);
         }
     }
 }
