@@ -10,9 +10,9 @@
 //!   out and possibly mapped where the shadow cannot protect it;
 //! - the background copier thread ([`copier`]), at a share of the CPU.
 //!
-//! When every bit of the copy map is set the snapshot is complete; the copy
-//! stays in storage for [`restore`] until [`release`]. [`abort`] undoes a
-//! snapshot at any point. The range is all RAM except the engine's own
+//! When every slot of the copy map is copied the snapshot is complete; the
+//! copy stays in storage for [`restore`] until [`release`]. [`abort`] undoes
+//! a snapshot at any point. The range is all RAM except the engine's own
 //! reservation (storage, shadow tables, verification buffers).
 //!
 //! Storage is a separate part of RAM ([`store::ram`]) or a disk, where the

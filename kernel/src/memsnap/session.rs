@@ -47,7 +47,7 @@ pub(super) struct Live {
     pub fault_waits: AtomicU64,
     /// Times the copier waited for room.
     pub copier_waits: AtomicU64,
-    /// Threads (one bit per slot) parked by a write fault, and when each
+    /// Threads (one bit per thread slot) parked by a write fault, and when each
     /// first faulted (TSC): for the fault latencies.
     pub waiting: AtomicU64,
     /// See `waiting`.
