@@ -31,8 +31,8 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use snapshot::memsnap::{
-    transition, CopyMap, Counters, FaultOutcome, LifecycleError, PageIo, Phase, RangeIndex,
-    Request, Snapshot, Stats,
+    transition, Counters, FaultOutcome, LifecycleError, PageIo, Phase, RangeIndex, Request,
+    Snapshot, Stats,
 };
 
 pub mod disk;
@@ -294,7 +294,7 @@ impl Session {
                 .snap
                 .index()
                 .slot(frame)
-                .is_some_and(|slot| !self.snap.map().is_set(slot))
+                .is_some_and(|slot| !self.snap.is_copied(slot))
     }
 
     fn sample(&self) {
@@ -335,7 +335,7 @@ pub fn register_dma(range: Range<u64>) {
                             .snap
                             .index()
                             .slot(frame)
-                            .is_none_or(|slot| s.snap.map().is_set(slot));
+                            .is_none_or(|slot| s.snap.is_copied(slot));
                         if copied {
                             return true;
                         }
@@ -534,7 +534,7 @@ fn reserve(opts: &Options) -> Result<Reserved, StartError> {
     let is_ram = |f: u64| ram_frames(limit).any(|r| r.contains(&f));
     let pages = |bytes: u64| bytes.div_ceil(PAGE_SIZE);
     let tables = ShadowPhysmap::pds_needed(frames) + pages(ShadowPhysmap::pt_bytes(frames));
-    let map_pages = pages(CopyMap::<Buffer>::words_for(universe) as u64 * 8);
+    let map_pages = pages(snapshot::memsnap::words_for(universe) as u64 * 8);
     let verify_pages = if opts.verify {
         pages(universe * 8) + pages(universe)
     } else {
@@ -705,7 +705,6 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     } else {
         map_words.frames().collect()
     };
-    let map = CopyMap::new(map_words, index.len());
     let (store, disk): (alloc::boxed::Box<dyn SnapshotStore>, _) = match storage {
         Storage::Ram(store) => (alloc::boxed::Box::new(store), None),
         Storage::Disk(store) => {
@@ -714,7 +713,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         }
     };
     let session = Session {
-        snap: Snapshot::new(index, map, &COUNTERS),
+        snap: Snapshot::new(index, map_words, &COUNTERS),
         store,
         shadow,
         reference,
@@ -780,7 +779,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
                     if s.snap
                         .index()
                         .slot(frame)
-                        .is_some_and(|slot| !s.snap.map().is_set(slot))
+                        .is_some_and(|slot| !s.snap.is_copied(slot))
                     {
                         reference(frame);
                         s.snap.copy_eager(s, frame);
@@ -795,7 +794,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
                         let Some(slot) = s.snap.index().slot(frame) else {
                             continue;
                         };
-                        if !s.snap.map().is_set(slot) {
+                        if !s.snap.is_copied(slot) {
                             s.snap.copy_eager(s, frame);
                             if let Some(reference) = &s.reference {
                                 let t = now_ns();
@@ -812,7 +811,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         SESSION.with(|s| {
             if let Some(reference) = &s.reference {
                 for (slot, frame) in s.snap.index().iter().enumerate() {
-                    if !s.snap.map().is_set(slot as u64) {
+                    if !s.snap.is_copied(slot as u64) {
                         let hash = snapmem::hash_frame(frame * PAGE_SIZE);
                         reference.atomics()[slot].store(hash, Ordering::Relaxed);
                     }
@@ -839,7 +838,7 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
     let (pause_ns, reference_ns, protect_ns) = times;
 
     *PHASE.lock() = Phase::Active;
-    let stats = COUNTERS.read();
+    let stats = Stats::from(COUNTERS.read());
     let pages = SESSION.with(|s| s.snap.index().len()).unwrap_or(0);
     let report = Report {
         pages,
@@ -926,7 +925,7 @@ fn fail(disk: Option<&Arc<disk::Shared>>) {
     crate::log!("memsnap: snapshot failed: {why}");
     crate::trace!("memsnap.failed");
     if let Some(r) = REPORT.lock().as_mut() {
-        r.stats = COUNTERS.read();
+        r.stats = Stats::from(COUNTERS.read());
         r.error = Some(why);
     }
     let mut phase = PHASE.lock();
@@ -943,7 +942,7 @@ fn complete_on_disk(d: &disk::Shared, total_ns: u64) -> Result<u64, String> {
     let meta = disk::Meta {
         instant_ns: INSTANT_NS.load(Ordering::Relaxed),
         total_ns,
-        stats: COUNTERS.read(),
+        stats: Stats::from(COUNTERS.read()),
         wall: wall.as_deref(),
     };
     let regs = *REGISTERS.lock();
@@ -1044,7 +1043,7 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<disk::Shared>>) {
         .flatten();
     let mut report = REPORT.lock();
     if let Some(r) = report.as_mut() {
-        r.stats = COUNTERS.read();
+        r.stats = Stats::from(COUNTERS.read());
         r.total_ns = end - r.instant_ns;
         r.copier_busy_ns = copier_busy_ns;
         r.mismatched = mismatched;
