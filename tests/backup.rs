@@ -50,7 +50,7 @@ fn boot(cmdline: &str, disks: Vec<Disk>) -> Outcome {
 /// Backs `src` up to `tape` as the `backup` command does; returns the
 /// kernel's outcome and the stream length on success.
 fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>) {
-    let job = plan_backup(src, tape, dir).unwrap_or_else(|e| panic!("{e}"));
+    let job = plan_backup(src, tape, dir, MEM).unwrap_or_else(|e| panic!("{e}"));
     let outcome = boot("scenario=backup", job.disks.clone());
     let records = boot::report::records(&outcome.serial).unwrap();
     let result = finish_backup(&job, &records, outcome.verdict == Verdict::Passed);
@@ -59,7 +59,7 @@ fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>)
 
 /// Restores `tape` to `out` as the `restore` command does.
 fn restore(tape: &Path, out: &Path, format: Format) -> (Outcome, Result<(), String>) {
-    let job = plan_restore(tape, out, format).unwrap_or_else(|e| panic!("{e}"));
+    let job = plan_restore(tape, out, format, MEM).unwrap_or_else(|e| panic!("{e}"));
     let name = if format == Format::Raw {
         "raw"
     } else {
@@ -238,7 +238,7 @@ fn truncated_and_corrupted_tapes_are_refused() {
 
     // Truncated: the host refuses before booting, naming the trailer.
     std::fs::write(&broken, &good[..good.len() - 4096]).unwrap();
-    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    let err = plan_restore(&broken, &out, Format::Raw, MEM).unwrap_err();
     assert!(err.contains("missing trailer"), "{err}");
     assert!(!out.exists());
     // The kernel, given the truncated tape directly, says the same.
@@ -265,7 +265,7 @@ fn truncated_and_corrupted_tapes_are_refused() {
     let mut bad = good.clone();
     bad[8] = 9;
     std::fs::write(&broken, &bad).unwrap();
-    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    let err = plan_restore(&broken, &out, Format::Raw, MEM).unwrap_err();
     assert!(err.contains("unknown medium version 9"), "{err}");
 
     // A flipped bit in the data of the last extent: only the kernel reads
@@ -330,7 +330,7 @@ fn unsupported_sources_are_refused_by_name() {
         (&compressed, "unsupported qcow2 feature: compressed cluster"),
         (&backed, "has a backing file"),
     ] {
-        let err = plan_backup(image, &tape, &dir).unwrap_err();
+        let err = plan_backup(image, &tape, &dir, MEM).unwrap_err();
         assert!(err.contains(says), "{err}");
         let scratch = dir.join("scratch.img");
         std::fs::write(&scratch, vec![0u8; 1 << 20]).unwrap();

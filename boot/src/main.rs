@@ -266,8 +266,8 @@ fn main() -> ExitCode {
     let mut restore_job: Option<RestoreJob> = None;
     let work = boot::workspace_root().join("target");
     let prepared = match (args.scenario.as_str(), &args.source, &args.tape, &args.out) {
-        ("backup", Some(source), Some(tape), _) => host_backup::plan_backup(source, tape, &work)
-            .map(|job| {
+        ("backup", Some(source), Some(tape), _) => {
+            host_backup::plan_backup(source, tape, &work, args.mem).map(|job| {
                 eprintln!(
                     "backup: {} MiB of data in a {} MiB virtual disk; the tape will hold {} bytes",
                     job.data_bytes >> 20,
@@ -276,10 +276,11 @@ fn main() -> ExitCode {
                 );
                 disks.extend(job.disks.iter().cloned());
                 backup_job = Some(job);
-            }),
+            })
+        }
         ("restore", _, Some(tape), Some(out)) => {
             let format = args.format.unwrap_or(Format::Raw);
-            host_backup::plan_restore(tape, out, format).map(|job| {
+            host_backup::plan_restore(tape, out, format, args.mem).map(|job| {
                 cmdline.push(format!(
                     "format={}",
                     if format == Format::Raw {
