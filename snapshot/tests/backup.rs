@@ -178,6 +178,35 @@ fn broken_media_are_refused_saying_what_is_wrong() {
     );
 }
 
+/// A short medium is reported with its true length (the caller's, when
+/// the device rounds it up to whole sectors) and as short, not as a bad
+/// header.
+#[test]
+fn short_media_are_reported_with_their_true_length() {
+    let stream = backup_to_tape(&image("scattered.qcow2")).unwrap();
+    for len in [100usize, 4095] {
+        let tape = MemDisk::from_bytes("t", &stream[..len]);
+        assert_eq!(tape.info().bytes(), len.next_multiple_of(512) as u64);
+        let err = backup::Front::read_len(&tape, len as u64).unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            format!(
+                "missing trailer: the medium is {len} bytes, shorter than its 4096-byte header"
+            )
+        );
+    }
+    let len = stream.len() - 700;
+    let tape = MemDisk::from_bytes("t", &stream[..len]);
+    let err = backup::Front::read_len(&tape, len as u64).unwrap_err();
+    assert_eq!(
+        format!("{err}"),
+        format!(
+            "missing trailer: the medium ends at byte {len}, the stream at {}",
+            stream.len()
+        )
+    );
+}
+
 #[test]
 fn too_small_disks_are_refused_before_anything_is_written() {
     let source = image("scattered.qcow2");

@@ -139,6 +139,32 @@ fn unsupported_features_are_named() {
 
 /// Hostile values in each field the reader follows get an error that
 /// names the field, never a panic.
+/// An offset that is aligned but lies past the end of the file is called
+/// that, with the figures; a misaligned one is called misaligned.
+#[test]
+fn offsets_past_the_end_and_misaligned_ones_are_told_apart() {
+    let base = image("scattered.qcow2");
+    let l1 = open(&base).unwrap().header.l1_offset as usize;
+    let len = base.len() as u64;
+    let mut b = base.clone();
+    put_be64(&mut b, l1, (1 << 63) | (len + 0x10000));
+    let err = error(&b);
+    assert_eq!(
+        err,
+        format!(
+            "invalid qcow2 image: L2 table 0 at {:#x} (+0x1000) lies past the end of the \
+             {len}-byte ({len:#x}) file",
+            len + 0x10000
+        )
+    );
+    let mut b = base.clone();
+    put_be64(&mut b, l1, (1 << 63) | 0x1200);
+    assert_eq!(
+        error(&b),
+        "invalid qcow2 image: L2 table 0 at 0x1200 is not aligned to the 4096-byte cluster"
+    );
+}
+
 #[test]
 fn hostile_fields_are_refused_by_name() {
     let base = image("scattered.qcow2");
