@@ -46,6 +46,28 @@ impl<E, R: Runs<E> + ?Sized> Runs<E> for alloc::boxed::Box<R> {
     }
 }
 
+/// Joins runs that continue each other as they come.
+#[derive(Debug, Default)]
+pub struct Joiner(Option<Run>);
+
+impl Joiner {
+    /// Adds `r`; returns the run it completes, if it starts a new one.
+    pub fn add(&mut self, r: Run) -> Option<Run> {
+        match &mut self.0 {
+            Some(p) if p.continued_by(&r) => {
+                p.len += r.len;
+                None
+            }
+            p => p.replace(r),
+        }
+    }
+
+    /// The run still open, at the end.
+    pub fn finish(&mut self) -> Option<Run> {
+        self.0.take()
+    }
+}
+
 /// Runs held in memory (small tables, and tests).
 #[derive(Debug, Clone)]
 pub struct SliceRuns<'a>(pub &'a [Run]);
@@ -67,7 +89,7 @@ impl<E> Runs<E> for SliceRuns<'_> {
 pub struct CopyRuns<R> {
     inner: R,
     next_copy: u64,
-    pending: Option<Run>,
+    joiner: Joiner,
 }
 
 impl<R> CopyRuns<R> {
@@ -76,7 +98,7 @@ impl<R> CopyRuns<R> {
         CopyRuns {
             inner,
             next_copy: 0,
-            pending: None,
+            joiner: Joiner::default(),
         }
     }
 }
@@ -85,7 +107,7 @@ impl<E, R: Runs<E>> Runs<E> for CopyRuns<R> {
     fn next_run(&mut self) -> Result<Option<Run>, E> {
         loop {
             let Some(r) = self.inner.next_run()? else {
-                return Ok(self.pending.take());
+                return Ok(self.joiner.finish());
             };
             let r = Run {
                 from: r.from,
@@ -93,13 +115,8 @@ impl<E, R: Runs<E>> Runs<E> for CopyRuns<R> {
                 len: r.len,
             };
             self.next_copy += r.len;
-            match &mut self.pending {
-                Some(p) if p.continued_by(&r) => p.len += r.len,
-                p => {
-                    if let Some(done) = p.replace(r) {
-                        return Ok(Some(done));
-                    }
-                }
+            if let Some(done) = self.joiner.add(r) {
+                return Ok(Some(done));
             }
         }
     }

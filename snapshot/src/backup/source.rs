@@ -21,7 +21,7 @@ use super::qcow2::{
     self, be32, be64, buffer, host_of, invalid, l1_entry, l2_entry, placed, Cluster, Header,
     Qcow2Error, V3_HEADER_LEN,
 };
-use super::run::{Run, Runs};
+use super::run::{Joiner, Run, Runs};
 use crate::devices::block::{read_bytes, BlockDevice};
 
 /// Bytes of the L1 and refcount tables read at a time.
@@ -77,7 +77,7 @@ pub struct Walk<'d, D: ?Sized> {
     l2: Vec<u8>,
     base: u64,
     next_j: u64,
-    pending: Option<Run>,
+    pending: Joiner,
     claims: Option<Claims>,
 }
 
@@ -98,7 +98,7 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
             l2: buffer(cs, "L2 table")?,
             base: 0,
             next_j: cs / 8,
-            pending: None,
+            pending: Joiner::default(),
             claims: None,
         })
     }
@@ -169,16 +169,11 @@ impl<D: BlockDevice + ?Sized> Runs<Qcow2Error> for Walk<'_, D> {
                 to: host >> bits,
                 len: 1,
             };
-            match &mut self.pending {
-                Some(p) if p.continued_by(&r) => p.len += 1,
-                p => {
-                    if let Some(done) = p.replace(r) {
-                        return Ok(Some(done));
-                    }
-                }
+            if let Some(done) = self.pending.add(r) {
+                return Ok(Some(done));
             }
         }
-        Ok(self.pending.take())
+        Ok(self.pending.finish())
     }
 }
 

@@ -24,7 +24,7 @@ use twox_hash::XxHash64;
 
 use super::engine::Error;
 use super::qcow2::{self, Cluster};
-use super::run::{Run, Runs};
+use super::run::{Joiner, Run, Runs};
 use super::tape::{Header, MediumError};
 use crate::devices::block::{read_bytes, BlockDevice};
 
@@ -260,7 +260,7 @@ pub struct V1Table1<'t> {
     next_index: u64,
     base: u64,
     j: u64,
-    pending: Option<Run>,
+    pending: Joiner,
 }
 
 impl<'t> V1Table1<'t> {
@@ -294,7 +294,7 @@ impl<'t> V1Table1<'t> {
             next_index: 0,
             base: 0,
             j: cs / 8,
-            pending: None,
+            pending: Joiner::default(),
         })
     }
 
@@ -342,16 +342,11 @@ impl Runs<Error> for V1Table1<'_> {
                 to: host >> bits,
                 len: 1,
             };
-            match &mut self.pending {
-                Some(p) if p.continued_by(&r) => p.len += 1,
-                p => {
-                    if let Some(done) = p.replace(r) {
-                        return Ok(Some(done));
-                    }
-                }
+            if let Some(done) = self.pending.add(r) {
+                return Ok(Some(done));
             }
         }
-        Ok(self.pending.take())
+        Ok(self.pending.finish())
     }
 }
 
