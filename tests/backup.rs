@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use boot::backup::{finish_backup, finish_restore, plan_backup, plan_restore};
 use boot::qemu::{Disk, Outcome, Verdict};
-use kernel_tests::{boot_with_disks, image_dir, tool};
+use kernel_tests::{boot_with_disks, host_tool, image_dir, tool};
 use snapshot::backup::Format;
+use snapshot::interface::scenario::JobFailure;
 
 const MEM: u64 = 512 << 20;
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -60,13 +61,8 @@ fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>)
 /// Restores `tape` to `out` as the `restore` command does.
 fn restore(tape: &Path, out: &Path, format: Format) -> (Outcome, Result<(), String>) {
     let job = plan_restore(tape, out, format, MEM).unwrap_or_else(|e| panic!("{e}"));
-    let name = if format == Format::Raw {
-        "raw"
-    } else {
-        "qcow2"
-    };
     let outcome = boot(
-        &format!("scenario=restore format={name}"),
+        &format!("scenario=restore format={}", format.name()),
         job.disks.clone(),
     );
     let records = boot::report::records(&outcome.serial).unwrap();
@@ -104,14 +100,17 @@ fn round_trip(dir: &Path, src: &Path) -> (u64, u64) {
         let (outcome, result) = restore(&tape, &out, format);
         assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
         result.unwrap();
-        let out_format = if format == Format::Raw {
-            "raw"
-        } else {
-            "qcow2"
-        };
         let said = tool(
             "qemu-img",
-            &["compare", "-f", "qcow2", "-F", out_format, s(src), s(&out)],
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                format.name(),
+                s(src),
+                s(&out),
+            ],
         );
         assert!(said.contains("Images are identical"), "{name}: {said}");
         if format == Format::Qcow2 {
@@ -323,14 +322,18 @@ fn truncated_and_corrupted_tapes_are_refused() {
     std::fs::write(&broken, &bad).unwrap();
     let (outcome, result) = restore(&broken, &out, Format::Qcow2);
     assert_eq!(outcome.verdict, Verdict::Failed);
+    let failure = job_failure(&outcome);
     assert!(
-        outcome
-            .serial
-            .contains("restore refused: bad checksum: extent 4"),
-        "{}",
-        outcome.tail(10)
+        failure.starts_with("restore refused: bad checksum: extent 4"),
+        "{failure}"
     );
     assert!(result.unwrap_err().contains("removed"));
+    assert!(!out.exists(), "a partial restore was left behind");
+    // The host tool, run as a user runs it, ends with the kernel's reason
+    // and exits 1.
+    let run = host_tool(&["restore", "--quiet", "--tape", s(&broken), "--out", s(&out)]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert_eq!(run.last_line(), failure, "{}", run.stderr);
     assert!(!out.exists(), "a partial restore was left behind");
 
     // A corrupted trailer.
@@ -395,9 +398,26 @@ fn unsupported_sources_are_refused_by_name() {
             ],
         );
         assert_eq!(outcome.verdict, Verdict::Failed);
-        assert!(outcome.serial.contains(says), "{}", outcome.tail(10));
+        assert_eq!(
+            job_failure(&outcome),
+            format!("backup refused: {}", err.split_once(": ").unwrap().1),
+            "the kernel gives the host's reason"
+        );
         assert!(std::fs::read(&tape).unwrap().iter().all(|&b| b == 0));
+        // The host tool refuses before booting, with the same reason last.
+        let run = host_tool(&["backup", "--source", s(image), "--tape", s(&tape)]);
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert_eq!(run.last_line(), format!("backup refused: {err}"));
     }
+}
+
+/// The reason the kernel gave for a job that did not complete, as the
+/// host tool shows it; panics if it gave none.
+fn job_failure(outcome: &Outcome) -> String {
+    let records = boot::report::records(&outcome.serial).unwrap();
+    let failure = records.iter().rev().find_map(JobFailure::from_record);
+    let failure = failure.unwrap_or_else(|| panic!("no failure record: {}", outcome.tail(10)));
+    failure.to_string()
 }
 
 /// Internal snapshots share clusters with the active layer (refcount 2,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use boot::qemu::Verdict;
 use boot::report;
-use kernel_tests::{boot, run_kernel_test};
+use kernel_tests::{boot, host_tool, run_kernel_test};
 
 const MEM: u64 = 128 << 20;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -21,6 +21,26 @@ fn a_panicking_kernel_test_fails_and_is_named() {
     assert!(
         err.contains("deliberate failure"),
         "panic message missing: {err}"
+    );
+}
+
+#[test]
+fn the_host_tool_ends_a_failed_test_with_its_reason() {
+    let run = host_tool(&["test", "deliberate::panics", "--quiet"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let last = run.last_line();
+    assert!(
+        last.starts_with("test deliberate::panics failed: panicked"),
+        "{}",
+        run.stderr
+    );
+    assert!(last.contains("deliberate failure"), "{last}");
+    let run = host_tool(&["nonsense"]);
+    assert_eq!(run.code, Some(2), "bad usage");
+    assert!(
+        run.stderr.starts_with("error: unknown scenario nonsense"),
+        "{}",
+        run.stderr
     );
 }
 

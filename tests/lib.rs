@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use boot::ktest;
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
 use snapshot::devices::block::{fill_pattern, READ_ONLY_TEST_SEED};
 
@@ -155,27 +156,26 @@ pub fn list_kernel_tests() -> Vec<KernelTest> {
         "listing kernel tests failed:\n{}",
         outcome.tail(20)
     );
-    outcome
-        .serial
-        .lines()
-        .filter_map(|line| line.strip_prefix("KTEST-LIST "))
-        .map(|rest| {
-            let mut words = rest.split_whitespace();
-            let name = words.next().unwrap_or_default().to_string();
-            let kind = words.next().unwrap_or_default();
-            let disks = words
-                .find_map(|w| w.strip_prefix("disks="))
-                .map(|list| {
-                    list.split(',')
-                        .map(|spec| DiskSpec::parse(spec).unwrap_or_else(|e| panic!("{name}: {e}")))
-                        .collect()
-                })
-                .unwrap_or_default();
-            KernelTest {
+    ktest::lines(&outcome.serial)
+        .filter_map(|line| match line {
+            ktest::Line::List {
                 name,
-                deliberately_fails: kind == "deliberate-failure",
+                deliberately_fails,
                 disks,
-            }
+            } => Some(KernelTest {
+                name: name.to_string(),
+                deliberately_fails,
+                disks: disks
+                    .map(|list| {
+                        list.split(',')
+                            .map(|spec| {
+                                DiskSpec::parse(spec).unwrap_or_else(|e| panic!("{name}: {e}"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+            _ => None,
         })
         .collect()
 }
@@ -205,19 +205,17 @@ pub fn run_kernel_test_with_disks(
         256 << 20
     };
     let outcome = boot_with_disks(&format!("scenario=test test={name}"), mem, timeout, images);
-    let passed_line = outcome.serial.lines().any(|l| {
-        l.strip_prefix("KTEST-PASS ")
-            .and_then(|r| r.split(' ').next())
-            == Some(name)
-    });
+    let passed_line = ktest::lines(&outcome.serial).any(|l| l == ktest::Line::Pass(name));
     if outcome.verdict == Verdict::Passed && passed_line {
         return Ok(outcome);
     }
-    let why = outcome
-        .serial
-        .lines()
-        .find(|l| l.starts_with(&format!("KTEST-FAIL {name}")))
-        .map(str::to_string)
+    let why = ktest::lines(&outcome.serial)
+        .find_map(|l| match l {
+            ktest::Line::Fail { name: n, why } if n == name => {
+                Some(format!("KTEST-FAIL {name}: {why}"))
+            }
+            _ => None,
+        })
         .unwrap_or_else(|| format!("kernel test {name}: {}", outcome.verdict));
     Err(format!(
         "{why}\n--- serial (last 25 lines) ---\n{}",
@@ -232,4 +230,54 @@ pub fn test_timeout() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     Duration::from_secs(secs)
+}
+
+/// What the host tool printed and how it exited.
+#[derive(Debug)]
+pub struct HostRun {
+    /// Its exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Its standard output (the serial console unless `--quiet`).
+    pub stdout: String,
+    /// Its standard error (progress, summaries, errors).
+    pub stderr: String,
+}
+
+impl HostRun {
+    /// The last non-empty line of standard error.
+    pub fn last_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+    }
+}
+
+/// Runs the host tool (`cargo run -- ARGS`) as a user does. Built once per
+/// test process, in its own target directory so it never waits for the
+/// build that runs the tests.
+pub fn host_tool(args: &[&str]) -> HostRun {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let binary = BUILT.get_or_init(|| {
+        let root = boot::workspace_root();
+        let target = root.join("target/host-tool");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "boot", "--bin", "boot", "--target-dir"])
+            .arg(&target)
+            .current_dir(&root)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the host tool failed");
+        target.join("debug/boot")
+    });
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    HostRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }

@@ -1,27 +1,8 @@
-//! Benchmark results: the kernel prints one `BENCH-JSON {...}` line; the
-//! host writes it to a file and judges the goals, each against a baseline
-//! measured in the same run.
+//! Benchmark results: the kernel prints one `BENCH-JSON {...}` line
+//! ([`BenchJson`]); the host writes it to a file and judges the goals,
+//! each against a baseline measured in the same run.
 
-/// The JSON object the kernel printed, if any.
-pub fn json(serial: &str) -> Option<&str> {
-    serial
-        .lines()
-        .find_map(|l| l.strip_prefix("BENCH-JSON "))
-        .map(str::trim)
-}
-
-/// The text of a field's value in a flat JSON object.
-fn raw_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let pattern = format!("\"{key}\":");
-    let rest = &json[json.find(&pattern)? + pattern.len()..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
-/// The value of an integer field of a flat JSON object.
-pub fn field(json: &str, key: &str) -> Option<u64> {
-    raw_field(json, key)?.parse().ok()
-}
+use crate::benchjson::BenchJson;
 
 /// One goal: its description, the measured ratio, the bound, whether met.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,8 +58,8 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 /// The goals of `bench-memsnap`, judged from its JSON.
-pub fn memsnap_goals(json: &str) -> Vec<Goal> {
-    let f = |k| field(json, k).unwrap_or(0) as f64;
+pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
+    let f = |k| json.f64(k).unwrap_or(0.0);
     let at_most = Goal::at_most;
     let at_least = Goal::at_least;
     // "Under 1/100 of stop-and-copy" is the goal at 2 GiB (of which the
@@ -130,7 +111,7 @@ pub fn memsnap_goals(json: &str) -> Vec<Goal> {
     ];
     // With --to-disk: the snapshot to disk against the same disk's
     // sequential writes and against the in-RAM snapshot of this run.
-    if field(json, "disk_write_mib_s").is_some() {
+    if json.f64("disk_write_mib_s").is_some() {
         goals.extend([
             at_least(
                 "to disk: disk writes / sequential writes",
@@ -180,18 +161,9 @@ pub fn host_read_mib_s(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(((total as f64 / (1 << 20) as f64) / secs) as u64)
 }
 
-/// `json` with `"key":value` appended.
-pub fn with_field(json: &str, key: &str, value: u64) -> String {
-    match json.strip_suffix('}') {
-        Some(body) if body.ends_with('{') => format!("{body}\"{key}\":{value}}}"),
-        Some(body) => format!("{body},\"{key}\":{value}}}"),
-        None => json.to_string(),
-    }
-}
-
 /// The goals of `bench-blk`, judged from its JSON.
-pub fn blk_goals(json: &str) -> Vec<Goal> {
-    let f = |k| field(json, k).unwrap_or(0) as f64;
+pub fn blk_goals(json: &BenchJson) -> Vec<Goal> {
+    let f = |k| json.f64(k).unwrap_or(0.0);
     let qd1 = f("rand_read_iops_qd1");
     vec![Goal::at_least(
         "random 4 KiB IOPS, depth 32 / depth 1 (x)",
@@ -204,14 +176,9 @@ pub fn blk_goals(json: &str) -> Vec<Goal> {
     )]
 }
 
-/// A number field of a flat JSON object, integer or decimal.
-pub fn field_f64(json: &str, key: &str) -> Option<f64> {
-    raw_field(json, key)?.parse().ok()
-}
-
 /// The goals of `bench-backup`, judged from its JSON.
-pub fn backup_goals(json: &str) -> Vec<Goal> {
-    let f = |k| field_f64(json, k).unwrap_or(0.0);
+pub fn backup_goals(json: &BenchJson) -> Vec<Goal> {
+    let f = |k| json.f64(k).unwrap_or(0.0);
     let at_most = Goal::at_most;
     vec![
         at_most(
@@ -343,17 +310,8 @@ mod tests {
     const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":4,"fault_ns_p99":7000,"page_copy_ns":4000,"mismatched_pages":0}"#;
 
     #[test]
-    fn finds_the_json_line_and_its_fields() {
-        let serial = format!("log\nBENCH-JSON {RUN}\nmore\n");
-        let json = json(&serial).unwrap();
-        assert_eq!(field(json, "pause_ns"), Some(2000));
-        assert_eq!(field(json, "mismatched_pages"), Some(0));
-        assert_eq!(field(json, "missing"), None);
-    }
-
-    #[test]
     fn judges_each_goal() {
-        let goals = memsnap_goals(RUN);
+        let goals = memsnap_goals(&BenchJson::parse(RUN).unwrap());
         let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
         assert_eq!(met, [true, true, true, false, true, true, false, false]);
         assert!(
@@ -368,7 +326,7 @@ mod tests {
             "}",
             r#","seq_write_mib_s":1000,"disk_write_mib_s":850,"disk_fault_ns_p99":15000,"disk_mismatched_pages":0}"#,
         );
-        let goals = memsnap_goals(&disk);
+        let goals = memsnap_goals(&BenchJson::parse(&disk).unwrap());
         assert_eq!(goals.len(), 12);
         assert!(
             !goals[11].applies,
@@ -380,17 +338,15 @@ mod tests {
     }
 
     #[test]
-    fn blk_fields_are_appended_and_judged() {
-        let json = with_field(
+    fn blk_goals_compare_the_two_depths() {
+        let json = |text| BenchJson::parse(text).unwrap();
+        let goals = blk_goals(&json(
             "{\"rand_read_iops_qd1\":1000,\"rand_read_iops_qd32\":4500}",
-            "host_read_mib_s",
-            900,
-        );
-        assert!(json.ends_with(",\"host_read_mib_s\":900}"));
-        assert_eq!(field(&json, "host_read_mib_s"), Some(900));
-        assert_eq!(with_field("{}", "a", 1), "{\"a\":1}");
-        let goals = blk_goals(&json);
+        ));
         assert!(goals[0].met && (goals[0].measured - 4.5).abs() < 1e-9);
-        assert!(!blk_goals("{\"rand_read_iops_qd1\":1000,\"rand_read_iops_qd32\":3000}")[0].met);
+        let goals = blk_goals(&json(
+            "{\"rand_read_iops_qd1\":1000,\"rand_read_iops_qd32\":3000}",
+        ));
+        assert!(!goals[0].met);
     }
 }

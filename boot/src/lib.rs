@@ -9,8 +9,11 @@
 
 pub mod backup;
 pub mod bench;
+pub mod benchjson;
 pub mod build;
+pub mod cli;
 pub mod corefile;
+pub mod ktest;
 pub mod qemu;
 pub mod report;
 pub mod timeline;

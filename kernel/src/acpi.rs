@@ -1,10 +1,13 @@
 //! Just enough ACPI to route interrupts: the RSDP, the RSDT/XSDT, and the
 //! MADT's IOAPIC and interrupt-source-override entries. Tables are copied out
 //! of physical memory and parsed with bounds checks; a malformed table is an
-//! error, never an out-of-bounds read.
+//! error, never an out-of-bounds read. What [`init`] found is kept for the
+//! kernel's life ([`madt`]).
 
 use alloc::vec;
 use alloc::vec::Vec;
+
+use spin::Once;
 
 use crate::memory::read_phys;
 
@@ -124,8 +127,26 @@ fn find_rsdp(hint: Option<u64>) -> Result<u64, AcpiError> {
         .ok_or(AcpiError::NoRsdp)
 }
 
+static MADT: Once<Madt> = Once::new();
+
+/// Reads the MADT once and keeps it; without one (logged), interrupt
+/// routing falls back to an empty table.
+pub fn init(rsdp_hint: Option<u64>) -> &'static Madt {
+    MADT.call_once(|| {
+        read_madt(rsdp_hint).unwrap_or_else(|e| {
+            crate::log!("no interrupt routing information: {e:?}");
+            Madt::default()
+        })
+    })
+}
+
+/// The interrupt routing information [`init`] kept.
+pub fn madt() -> &'static Madt {
+    MADT.get().expect("MADT read at boot")
+}
+
 /// Finds and parses the MADT.
-pub fn read_madt(rsdp_hint: Option<u64>) -> Result<Madt, AcpiError> {
+fn read_madt(rsdp_hint: Option<u64>) -> Result<Madt, AcpiError> {
     let rsdp = copy(find_rsdp(rsdp_hint)?, 36);
     if &rsdp[..8] != b"RSD PTR " || !checksum_ok(&rsdp[..20]) {
         return Err(AcpiError::BadTable("RSDP"));

@@ -9,7 +9,9 @@
 //! Progress goes out as `backup.progress stage=copy|stream|restore
 //! done=BYTES total=BYTES` trace records, about every 5 %; the result as
 //! `backup.done` or `restore.done`, which the host tool reads to cut the
-//! tape or output file to its length.
+//! tape or output file to its length. A job that cannot complete ends with
+//! a `job.refused` (bad input) or `job.failed` (a disk error, no memory)
+//! record naming the reason, which the host shows as its last line.
 //!
 //! This module must never write to the source disk; it is opened
 //! read-only by the host as well.
@@ -19,6 +21,7 @@ use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
+use crate::scenario::job_failed;
 use crate::trace::Word;
 use crate::{clock, log, virtio};
 
@@ -83,8 +86,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     let (source, scratch, tape) = match disks {
         (Ok(s), Ok(c), Ok(t)) => (s, c, t),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            log!("backup: {e}");
-            return ExitCode::Failure;
+            return job_failed("backup", true, &e);
         }
     };
     if let Err(e) = backup::source::read_header(&*source)
@@ -96,8 +98,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             )
         })
     {
-        log!("backup failed: {e}");
-        return ExitCode::Failure;
+        return job_failed("backup", e.is_refusal(), &e);
     }
     let mut progress = Progress::new();
     let start = clock::now_ns();
@@ -132,11 +133,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             crate::trace::flush();
             ExitCode::Success
         }
-        Err(e) => {
-            log!("backup failed: {e}");
-            crate::trace::flush();
-            ExitCode::Failure
-        }
+        Err(e) => job_failed("backup", e.is_refusal(), &e),
     }
 }
 
@@ -146,14 +143,13 @@ pub fn restore_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     let name = |key: &'static str| cmd.get(key).unwrap_or(key);
     let text = cmd.get("format").unwrap_or("raw");
     let Some(format) = Format::parse(text) else {
-        log!("restore: format={text}: want raw or qcow2");
-        return ExitCode::Failure;
+        let why = alloc::format!("format={text}: want raw or qcow2");
+        return job_failed("restore", true, &why);
     };
     let (tape, out) = match (virtio::disk(name("tape")), virtio::disk(name("out"))) {
         (Ok(t), Ok(o)) => (t, o),
         (Err(e), _) | (_, Err(e)) => {
-            log!("restore: {e}");
-            return ExitCode::Failure;
+            return job_failed("restore", true, &e);
         }
     };
     let mut head = alloc::vec![0u8; snapshot::backup::tape::HEADER_BYTES as usize];
@@ -164,8 +160,7 @@ pub fn restore_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         .and_then(|h| enough_memory("restore", backup::restore_memory(h.layout.cluster_bits)));
     // A medium too short for a header is refused by the restore itself.
     if let Err(e @ backup::Error::TooLittleMemory { .. }) = checked {
-        log!("restore refused: {e}");
-        return ExitCode::Failure;
+        return job_failed("restore", true, &e);
     }
     let mut progress = Progress::new();
     let start = clock::now_ns();
@@ -192,10 +187,6 @@ pub fn restore_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             crate::trace::flush();
             ExitCode::Success
         }
-        Err(e) => {
-            log!("restore refused: {e}");
-            crate::trace::flush();
-            ExitCode::Failure
-        }
+        Err(e) => job_failed("restore", e.is_refusal(), &e),
     }
 }

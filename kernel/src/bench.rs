@@ -62,7 +62,9 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
             return ExitCode::Failure;
         }
     };
-    let mem_bytes: u64 = crate::boot_ram().map(|r| r.end - r.start).sum();
+    let mem_bytes: u64 = crate::boot_info::usable_ram()
+        .map(|r| r.end - r.start)
+        .sum();
     let (free, _) = crate::memory::frames::stats();
     let per_thread = (free * 4096 / 32).clamp(1 << 20, 96 << 20);
     log!(

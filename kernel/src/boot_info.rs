@@ -1,11 +1,17 @@
 //! What the firmware tells us at boot: the PVH `hvm_start_info` block (Xen
 //! public header `arch-x86/hvm/start_info.h`) with the E820 memory map, the
 //! kernel command line and the ACPI RSDP address. Copied into kernel memory
-//! at once, because the block lives in low memory we do not keep.
+//! at once, because the block lives in low memory we do not keep; the memory
+//! map is kept for the kernel's life ([`memory_map`], [`usable_ram`]).
+//!
+//! Reads physical memory through `memory` but never hands `memory` a
+//! [`BootInfo`]: the kernel's entry passes it the RAM ranges.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
+
+use spin::Once;
 
 use crate::memory::{read_phys, read_phys_u64};
 
@@ -95,11 +101,8 @@ impl BootInfo {
     }
 
     /// The usable RAM ranges.
-    pub fn ram(&self) -> impl Iterator<Item = Range<u64>> + '_ {
-        self.regions()
-            .iter()
-            .filter(|r| r.kind == E820_RAM && r.end > r.start)
-            .map(|r| r.start..r.end)
+    pub fn ram(&self) -> impl Iterator<Item = Range<u64>> + Clone + '_ {
+        ram_of(self.regions())
     }
 
     /// The kernel command line (`-append`); invalid UTF-8 becomes empty.
@@ -112,10 +115,30 @@ impl BootInfo {
         String::from(self.cmdline())
     }
 
-    /// The regions as owned values.
-    pub fn regions_owned(&self) -> Vec<Region> {
-        self.regions().to_vec()
+    /// Keeps a copy of the memory map for [`memory_map`] and [`usable_ram`]
+    /// (once the heap exists; the first call wins).
+    pub fn keep_memory_map(&self) {
+        KEPT.call_once(|| self.regions().to_vec());
     }
+}
+
+static KEPT: Once<Vec<Region>> = Once::new();
+
+fn ram_of(regions: &[Region]) -> impl Iterator<Item = Range<u64>> + Clone + '_ {
+    regions
+        .iter()
+        .filter(|r| r.kind == E820_RAM && r.end > r.start)
+        .map(|r| r.start..r.end)
+}
+
+/// The firmware memory map (empty before [`BootInfo::keep_memory_map`]).
+pub fn memory_map() -> &'static [Region] {
+    KEPT.get().map_or(&[], Vec::as_slice)
+}
+
+/// The usable RAM ranges of the firmware memory map.
+pub fn usable_ram() -> impl Iterator<Item = Range<u64>> {
+    ram_of(memory_map())
 }
 
 /// The name of an E820 type, for the memory-map summary.

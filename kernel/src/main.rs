@@ -4,7 +4,21 @@
 //!
 //! Hardware-independent logic lives in the `snapshot` crate; this crate is
 //! the thin layer that implements it on real page tables, interrupts and
-//! devices. `unsafe` is confined to `arch` and `memory`.
+//! devices. `unsafe` is confined to `arch`, `memory` and `sync`, and to the
+//! entry symbol below.
+//!
+//! Layers, each importing only those under it:
+//! 1. `sync` (spinning locks), then `arch` (CPU, legacy devices, the trap
+//!    path), `clock`, `log`, `trace`;
+//! 2. `memory`, with `boot_info` and `acpi` reading firmware tables through
+//!    it, and the local and IO APICs, which need its MMIO mappings;
+//! 3. `thread` (the scheduler) and `sleep_mutex`; then `virtio`, `memsnap`,
+//!    `backup`, `exceptions`; then tests, benchmarks and `scenario`.
+//!
+//! Where a lower layer must reach an upper one, this file connects them at
+//! boot: the trap path calls the handlers given to `arch::trap::init`, and
+//! `memory` tells the live snapshot about frame reuse and DMA through
+//! `memory::hooks`. No module calls up into this file.
 #![no_std]
 #![no_main]
 #![deny(unsafe_code)]
@@ -26,6 +40,7 @@ mod ktest;
 mod log;
 mod memsnap;
 mod scenario;
+mod sleep_mutex;
 #[allow(unsafe_code)]
 mod sync;
 mod tests;
@@ -35,60 +50,41 @@ mod virtio;
 mod workload;
 
 use alloc::string::String;
-use alloc::vec::Vec;
 use core::fmt::Write;
-use core::ops::Range;
 
 use snapshot::interface::cmdline::CmdLine;
-use spin::Once;
 
 use crate::arch::qemu::{exit, ExitCode};
-use crate::boot_info::{BootInfo, Region};
+use crate::boot_info::BootInfo;
 
 /// Default local APIC timer frequency, the scheduler's tick (`timer_hz=`).
 const DEFAULT_TIMER_HZ: u64 = 1000;
 /// Default time slice in milliseconds (`quantum_ms=`).
 const DEFAULT_QUANTUM_MS: u64 = 4;
 
-static TIMER_HZ: core::sync::atomic::AtomicU64 =
-    core::sync::atomic::AtomicU64::new(DEFAULT_TIMER_HZ);
-
-/// The scheduler tick's frequency.
-pub fn timer_hz() -> u64 {
-    TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed)
-}
-
-static REGIONS: Once<Vec<Region>> = Once::new();
-static MADT: Once<acpi::Madt> = Once::new();
-
-/// The firmware memory map.
-pub fn boot_regions() -> &'static [Region] {
-    REGIONS.get().map_or(&[], Vec::as_slice)
-}
-
-/// The usable RAM ranges of the firmware memory map.
-pub fn boot_ram() -> impl Iterator<Item = Range<u64>> {
-    boot_regions()
-        .iter()
-        .filter(|r| r.kind == 1)
-        .map(|r| r.start..r.end)
-}
-
-/// The ACPI interrupt routing information.
-pub fn madt() -> &'static acpi::Madt {
-    MADT.get().expect("MADT read at boot")
-}
-
-/// Entered from `arch::boot` on the boot stack, interrupts off, with the
-/// physical address of the PVH start info.
-fn kernel_main(start_info: u64) -> ! {
+/// The symbol the boot stub (`arch::boot`) calls once in long mode, on the
+/// boot stack, interrupts off, with the physical address of the PVH start
+/// info. It lives here, at the top, so that `arch` never calls up into the
+/// kernel.
+#[allow(unsafe_code)]
+// SAFETY: 1. `kernel_main` is the only symbol of that name in the image
+// (`no_mangle` makes it global), and only the boot stub calls it, once, with
+// the C calling convention this declares.
+#[unsafe(no_mangle)]
+extern "C" fn kernel_main(start_info: u64) -> ! {
+    install_layers();
     arch::serial::init();
     arch::cpu::enable_sse();
     arch::gdt::init();
-    arch::trap::init();
+    arch::trap::init(arch::trap::Handlers {
+        exception: exceptions::handle,
+        timer: thread::on_timer,
+        yielded: thread::on_yield,
+        after_device: thread::after_device_interrupt,
+    });
     let boot = BootInfo::read(start_info);
-    memory::init(&boot);
-    REGIONS.call_once(|| boot.regions_owned());
+    memory::init(boot.ram());
+    boot.keep_memory_map();
     let cmdline: String = boot.cmdline_owned();
     let cmd = CmdLine::new(&cmdline);
     let tsc_hz = clock::calibrate();
@@ -97,17 +93,8 @@ fn kernel_main(start_info: u64) -> ! {
     trace::init(cmd.get("trace") != Some("off"));
     arch::pic::disable();
     arch::apic::init();
-    match acpi::read_madt(boot.rsdp) {
-        Ok(madt) => {
-            if let Some(first) = madt.ioapics.first() {
-                arch::ioapic::init(first);
-            }
-            MADT.call_once(|| madt);
-        }
-        Err(e) => {
-            log!("no interrupt routing information: {e:?}");
-            MADT.call_once(acpi::Madt::default);
-        }
+    if let Some(first) = acpi::init(boot.rsdp).ioapics.first() {
+        arch::ioapic::init(first);
     }
     let (quantum_ms, hz) = match (cmd.u64("quantum_ms"), cmd.u64("timer_hz")) {
         (Ok(q), Ok(hz)) => (
@@ -119,7 +106,6 @@ fn kernel_main(start_info: u64) -> ! {
             exit(ExitCode::Failure)
         }
     };
-    TIMER_HZ.store(hz, core::sync::atomic::Ordering::Relaxed);
     thread::init((quantum_ms * hz / 1000).max(1));
     let timer_hz = arch::apic::start_timer(hz as u32, || clock::spin_for(10_000_000));
     x86_64::instructions::interrupts::enable();
@@ -128,6 +114,17 @@ fn kernel_main(start_info: u64) -> ! {
 
     let code = scenario::run(&cmd);
     finish(code)
+}
+
+/// Lets the lower layers reach the upper ones without naming them: the
+/// memory layer tells the live snapshot about frame reuse and DMA. Runs
+/// first, before any frame is handed out.
+fn install_layers() {
+    memory::hooks::install(memory::hooks::Hooks {
+        before_reuse: memsnap::before_reuse,
+        dma_registered: memsnap::register_dma,
+        dma_unregistered: memsnap::unregister_dma,
+    });
 }
 
 /// Flushes traces and exits QEMU with `code`.

@@ -1,22 +1,21 @@
 //! Scenarios: what a boot does, chosen by `scenario=` on the kernel command
-//! line so one image serves the demo, the tests and every benchmark.
+//! line so one image serves the demo, the tests and every benchmark. The
+//! list, with each scenario's parameters and help, is
+//! [`snapshot::interface::scenario::ALL`], shared with the host tool; this
+//! module only dispatches on it.
 //!
-//! | scenario | parameters | what |
-//! |---|---|---|
-//! | `demo` (default) | | memory map, clock, two interleaved threads, a verified live snapshot of a running workload, traces |
-//! | `test` | `test=<name>` or `test=list` | one in-kernel test (see [`crate::ktest`]) |
-//! | `crash` | `kind=pf|ud|de|gp|bp|overflow` | raise an exception on purpose |
-//! | `memsnap` | `disk=snap` | a verified live snapshot of all RAM to a disk, as an ELF core file |
-//! | `bench-memsnap` | `copier_share=30`, `to_disk=NAME` | live snapshot benchmark (see [`crate::bench`]) |
-//! | `bench-blk` | `blk=poll` | virtio-blk benchmark on the disk `bench` |
-//! | `backup` | `source=`, `scratch=`, `tape=` | compact backup of a qcow2 disk to a medium (see [`crate::backup`]) |
-//! | `restore` | `tape=`, `out=`, `format=raw\|qcow2` | a medium back to a disk image |
-//! | `bench-backup` | | backup of scattered data against an all-data backup and raw throughput |
+//! A job that cannot complete ends with a `job.failed` or `job.refused`
+//! record carrying the reason ([`job_failed`]), which the host tool shows
+//! as its last line. This module must never decide a scenario by its name
+//! as a string: it matches on [`Scenario`].
 
+use alloc::string::ToString;
 use alloc::sync::Arc;
+use core::fmt::Display;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use snapshot::interface::cmdline::CmdLine;
+use snapshot::interface::scenario::{JobFailure, Scenario};
 use snapshot::interface::units::format_size;
 
 use crate::arch::cpu::{crash, Crash};
@@ -26,24 +25,18 @@ use crate::trace::Word;
 use crate::workload::Workload;
 use crate::{clock, memory, memsnap, thread};
 
-/// Known scenario names, for the error message.
-pub const SCENARIOS: &[&str] = &[
-    "demo",
-    "test",
-    "crash",
-    "memsnap",
-    "bench-memsnap",
-    "bench-blk",
-    "backup",
-    "restore",
-    "bench-backup",
-];
-
 /// Runs the scenario the command line names.
 pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
-    match cmd.get("scenario").unwrap_or("demo") {
-        "demo" => demo(),
-        "test" => match cmd.get("test") {
+    let scenario = match Scenario::from_cmdline(cmd) {
+        Ok(scenario) => scenario,
+        Err(unknown) => {
+            crate::log!("{unknown}");
+            return ExitCode::Failure;
+        }
+    };
+    match scenario {
+        Scenario::Demo => demo(),
+        Scenario::Test => match cmd.get("test") {
             Some("list") => crate::ktest::list(crate::tests::all()),
             Some(name) => crate::ktest::run(crate::tests::all(), name),
             None => {
@@ -51,27 +44,34 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
                 ExitCode::Failure
             }
         },
-        "crash" => crash_on_purpose(cmd.get("kind").unwrap_or("pf")),
-        "memsnap" => snapshot_to_disk(cmd.get("disk").unwrap_or("snap")),
-        "bench-memsnap" => crate::bench::memsnap(cmd),
-        "bench-blk" => crate::bench::blk(cmd),
-        "backup" => crate::backup::backup_scenario(cmd),
-        "restore" => crate::backup::restore_scenario(cmd),
-        "bench-backup" => crate::bench::backup(cmd),
-        other => {
-            crate::log!(
-                "unknown scenario {other:?}; known scenarios: {}",
-                SCENARIOS.join(", ")
-            );
-            ExitCode::Failure
-        }
+        Scenario::Crash => crash_on_purpose(cmd.get("kind").unwrap_or("pf")),
+        Scenario::Memsnap => snapshot_to_disk(cmd.get("disk").unwrap_or("snap")),
+        Scenario::BenchMemsnap => crate::bench::memsnap(cmd),
+        Scenario::BenchBlk => crate::bench::blk(cmd),
+        Scenario::Backup => crate::backup::backup_scenario(cmd),
+        Scenario::Restore => crate::backup::restore_scenario(cmd),
+        Scenario::BenchBackup => crate::bench::backup(cmd),
     }
+}
+
+/// Ends `job` without its result: logs `<job> refused|failed: <reason>`
+/// and emits the matching record for the host. Returns the failure code.
+pub fn job_failed(job: &str, refused: bool, reason: &dyn Display) -> ExitCode {
+    let reason = reason.to_string();
+    let failure = JobFailure {
+        job,
+        refused,
+        reason: &reason,
+    };
+    crate::log!("{failure}");
+    crate::trace::emit_now(failure.event(), &failure.fields());
+    ExitCode::Failure
 }
 
 fn demo() -> ExitCode {
     crate::log!("memory map (from the PVH start info):");
     let mut usable = 0;
-    for r in crate::boot_regions() {
+    for r in crate::boot_info::memory_map() {
         crate::println!(
             "    {:#014x}-{:#014x} {:>6} {}",
             r.start,
@@ -170,9 +170,8 @@ fn live_snapshot_demo() -> ExitCode {
         ..memsnap::Options::default()
     };
     if let Err(e) = memsnap::start(&opts) {
-        crate::log!("snapshot refused: {e}");
         workload.stop();
-        return ExitCode::Failure;
+        return job_failed("memsnap", true, &e);
     }
     let report = memsnap::wait();
     let latencies = memsnap::latencies();
@@ -180,7 +179,7 @@ fn live_snapshot_demo() -> ExitCode {
     let _ = memsnap::release();
     workload.stop();
     let Some(report) = report else {
-        return ExitCode::Failure;
+        return job_failed("memsnap", false, &"no snapshot report");
     };
     crate::log!("{}", memsnap::describe(&report));
     let p99 = crate::bench::percentile(&latencies, 99);
@@ -200,10 +199,9 @@ fn live_snapshot_demo() -> ExitCode {
         pause_ns = report.pause_ns,
         mismatched = report.mismatched.unwrap_or(u64::MAX)
     );
-    if report.mismatched == Some(0) && report.not_copied_once == Some(0) {
-        ExitCode::Success
-    } else {
-        ExitCode::Failure
+    match unverified(&report) {
+        None => ExitCode::Success,
+        Some(why) => job_failed("memsnap", false, &why),
     }
 }
 
@@ -259,20 +257,18 @@ fn snapshot_to_disk(disk: &str) -> ExitCode {
     // After the instant: the core file must still say 1.
     SNAPSHOT_MARK.store(2, Ordering::SeqCst);
     if let Err(e) = started {
-        crate::log!("snapshot refused: {e}");
         workload.stop();
-        return ExitCode::Failure;
+        return job_failed("memsnap", true, &e);
     }
     let report = memsnap::wait();
     let latencies = memsnap::latencies();
     workload.stop();
     let Some(report) = report else {
-        return ExitCode::Failure;
+        return job_failed("memsnap", false, &"no snapshot report");
     };
     if let Some(e) = &report.error {
-        crate::log!("the snapshot failed: {e}");
         let _ = memsnap::abort();
-        return ExitCode::Failure;
+        return job_failed("memsnap", false, e);
     }
     let _ = memsnap::release();
     crate::log!("{}", memsnap::describe(&report));
@@ -284,21 +280,29 @@ fn snapshot_to_disk(disk: &str) -> ExitCode {
         report.fault_waits,
         SNAPSHOT_MARK.load(Ordering::SeqCst)
     );
-    let ok = report.mismatched == Some(0) && report.not_copied_once == Some(0);
-    if ok {
-        if let Some(d) = &report.disk {
-            crate::trace!(
-                "memsnap.core",
-                bytes = d.core_bytes,
-                pages = report.pages,
-                instant_ns = report.instant_ns
-            );
-        }
+    if let Some(why) = unverified(&report) {
+        return job_failed("memsnap", false, &why);
+    }
+    if let Some(d) = &report.disk {
+        crate::trace!(
+            "memsnap.core",
+            bytes = d.core_bytes,
+            pages = report.pages,
+            instant_ns = report.instant_ns
+        );
     }
     crate::trace::flush();
-    if ok {
-        ExitCode::Success
-    } else {
-        ExitCode::Failure
-    }
+    ExitCode::Success
+}
+
+/// Why a verified snapshot does not match its reference, if it does not.
+fn unverified(report: &memsnap::Report) -> Option<alloc::string::String> {
+    let count = |n: Option<u64>| n.map_or("unknown".into(), |n| alloc::format!("{n}"));
+    (report.mismatched != Some(0) || report.not_copied_once != Some(0)).then(|| {
+        alloc::format!(
+            "verification: {} mismatched pages, {} pages not copied exactly once",
+            count(report.mismatched),
+            count(report.not_copied_once)
+        )
+    })
 }

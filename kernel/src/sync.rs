@@ -1,9 +1,15 @@
-//! The kernel's one lock: a spin lock that keeps interrupts off while held.
+//! The kernel's spinning locks: [`IrqMutex`], a spin lock that keeps
+//! interrupts off while held, [`IrqOff`], and [`Published`], one value
+//! handed to interrupt and fault handlers without a lock.
 //!
 //! On this single CPU that makes every lock safe to take from interrupt
 //! handlers: no handler can interrupt a holder, so no handler can spin on a
 //! lock its own CPU holds. Exception handlers (page faults) can still arrive
 //! while a lock is held; they must not take locks the faulting code may hold.
+//!
+//! Nothing here may block or name the scheduler: `arch` and `memory` build
+//! on these locks, below the scheduler. The lock whose waiters sleep is
+//! `sleep_mutex`, above it.
 
 use core::ops::{Deref, DerefMut};
 
@@ -161,79 +167,5 @@ impl<T> Published<T> {
         // SAFETY: a non-null `raw` came from `Box::into_raw` in `publish`, and
         // the swap made this call its only owner; no reader holds it (checked).
         (!raw.is_null()).then(|| unsafe { alloc::boxed::Box::from_raw(raw) })
-    }
-}
-
-/// A lock whose waiters sleep instead of spinning, for long holds (a disk
-/// batch). It is fair: callers get it in the order they asked (a ticket
-/// lock), so a thread that releases and asks again cannot starve others.
-/// Interrupts stay on while it is held; never take it in an interrupt
-/// handler.
-#[derive(Debug)]
-pub struct SleepMutex<T> {
-    next_ticket: core::sync::atomic::AtomicUsize,
-    serving: core::sync::atomic::AtomicUsize,
-    inner: spin::Mutex<T>,
-}
-
-/// A held [`SleepMutex`]; the next ticket is served when it drops.
-#[derive(Debug)]
-pub struct SleepGuard<'a, T> {
-    guard: Option<spin::MutexGuard<'a, T>>,
-    lock: &'a SleepMutex<T>,
-}
-
-impl<T> SleepMutex<T> {
-    /// A new unlocked mutex.
-    pub const fn new(value: T) -> Self {
-        SleepMutex {
-            next_ticket: core::sync::atomic::AtomicUsize::new(0),
-            serving: core::sync::atomic::AtomicUsize::new(0),
-            inner: spin::Mutex::new(value),
-        }
-    }
-
-    fn key(&self) -> usize {
-        self as *const Self as usize
-    }
-
-    /// Takes the lock, sleeping until every earlier caller has had it.
-    pub fn lock(&self) -> SleepGuard<'_, T> {
-        use core::sync::atomic::Ordering;
-        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        crate::thread::block_until(self.key(), || {
-            self.serving.load(Ordering::Acquire) == ticket
-        });
-        let guard = self
-            .inner
-            .try_lock()
-            .expect("the ticket holder is the only one to lock");
-        SleepGuard {
-            guard: Some(guard),
-            lock: self,
-        }
-    }
-}
-
-impl<T> Deref for SleepGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        self.guard.as_ref().expect("held until drop")
-    }
-}
-
-impl<T> DerefMut for SleepGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        self.guard.as_mut().expect("held until drop")
-    }
-}
-
-impl<T> Drop for SleepGuard<'_, T> {
-    fn drop(&mut self) {
-        self.guard = None;
-        self.lock
-            .serving
-            .fetch_add(1, core::sync::atomic::Ordering::Release);
-        crate::thread::wake_all(self.lock.key());
     }
 }

@@ -171,7 +171,7 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
 ///
 /// The fault's frame sits on the page-fault handler's own stack, which the
 /// next fault reuses, so it is first moved onto the thread's stack
-/// ([`crate::arch::trap::move_below_rsp`]). Returns `None`, and the caller
+/// ([`crate::memory::stacks::move_below_rsp`]). Returns `None`, and the caller
 /// must not wait, if the interrupted code had interrupts off (it may hold a
 /// lock, or be an interrupt handler), is the idle thread or a thread that
 /// called [`forbid_fault_waits`], or if its stack has no room.
@@ -189,7 +189,7 @@ pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<(usize, *mut Trap
     if !s.threads[current].as_ref().is_some_and(|t| t.fault_waits) {
         return None;
     }
-    let moved = crate::arch::trap::move_below_rsp(frame)?;
+    let moved = crate::memory::stacks::move_below_rsp(frame)?;
     s.ticks_in_slice = 0;
     let next = s
         .queue

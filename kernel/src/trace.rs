@@ -99,6 +99,17 @@ pub fn flush() -> bool {
     true
 }
 
+/// Prints one record now, after everything buffered, with values that
+/// may borrow (a reason formatted a moment ago). For the rare records
+/// that end a job; the hot paths use [`record`].
+pub fn emit_now(event: &str, fields: &[(&str, Value<'_>)]) {
+    flush();
+    let now = crate::clock::now_ns();
+    crate::arch::serial::with_console(|console| {
+        let _ = write_record(console, now, event, fields);
+    });
+}
+
 /// Records an event: `trace!("sched.spawn", slot = 3, name = Word("worker"))`.
 /// Values convert through [`Into<Value>`]: integers, `Hex`, `Word`.
 #[macro_export]

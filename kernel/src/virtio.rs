@@ -36,7 +36,7 @@ use crate::arch::pci::PortConfig;
 use crate::clock::now_ns;
 use crate::memory::dma::KernelHal;
 use crate::memory::mmio::Mmio;
-use crate::sync::SleepMutex;
+use crate::sleep_mutex::SleepMutex;
 use crate::trace::Word;
 
 /// Largest queue the driver asks for: QEMU's largest (the host tool gives

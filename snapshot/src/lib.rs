@@ -11,6 +11,9 @@
 //! The crate is grouped by subsystem:
 //! - [`memsnap`]: the live memory snapshot (range index, lifecycle, staging
 //!   for snapshots to disk, ELF core files);
+//! - [`copyonce`]: the copy-once engine the live snapshot and the split
+//!   techniques share (copy each unit exactly once after an instant, by an
+//!   access or a background copier, and pace that copier);
 //! - [`devices`]: the block-device interface, PCI decoding, virtio and the
 //!   virtio-blk driver (with a fake device for tests);
 //! - [`backup`]: the qcow2 reader, the backup medium and the backup/restore
@@ -29,6 +32,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod backup;
+pub mod copyonce;
 pub mod devices;
 pub mod interface;
 pub mod memsnap;

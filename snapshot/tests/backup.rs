@@ -119,6 +119,10 @@ fn broken_media_are_refused_saying_what_is_wrong() {
     };
     let checksum = |what: &str| Error::Medium(MediumError::BadChecksum(what.into()));
     assert_eq!(restore_error(&flip(200)), checksum("header"));
+    assert!(
+        restore_error(&flip(200)).is_refusal(),
+        "a bad medium is refused"
+    );
     assert_eq!(
         restore_error(&flip(layout.table1_offset() + 20)),
         checksum("table 1")
@@ -232,6 +236,7 @@ fn too_small_disks_are_refused_before_anything_is_written() {
         matches!(err, Error::TooSmall { ref disk, .. } if disk == "scratch"),
         "{err}"
     );
+    assert!(err.is_refusal());
 }
 
 #[test]
@@ -240,6 +245,10 @@ fn device_errors_stop_the_job_naming_disk_and_sector() {
     let (src, scratch, tape) = backup_disks(&source);
     tape.fail_sector(9);
     let err = backup::backup(&src, &scratch, &tape, &mut |_, _, _| {}).unwrap_err();
+    assert!(
+        !err.is_refusal(),
+        "a disk error is a failure, not a refusal"
+    );
     match err {
         Error::Io(e) => {
             assert_eq!((e.disk.as_str(), e.kind), ("tape", ErrorKind::Io));

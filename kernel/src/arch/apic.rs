@@ -1,10 +1,12 @@
 //! The local APIC (xAPIC, memory-mapped): end-of-interrupt, the periodic
 //! timer that drives preemption, and the CPU's APIC id for MSI/IOAPIC routing.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use spin::Once;
 
 use super::cpu::rdmsr;
-use super::trap::{SPURIOUS_VECTOR, TIMER_VECTOR};
+use super::vectors::{SPURIOUS_VECTOR, TIMER_VECTOR};
 use crate::memory::mmio::Mmio;
 
 const IA32_APIC_BASE: u32 = 0x1b;
@@ -22,6 +24,8 @@ const LVT_PERIODIC: u32 = 1 << 17;
 const DIVIDE_BY_16: u32 = 0b0011;
 
 static LAPIC: Once<Mmio> = Once::new();
+/// The tick rate [`start_timer`] was asked for.
+static TICK_HZ: AtomicU64 = AtomicU64::new(0);
 
 fn regs() -> &'static Mmio {
     LAPIC.get().expect("local APIC used before apic::init")
@@ -50,6 +54,7 @@ pub fn end_of_interrupt() {
 /// Measures the timer's input clock against `wait_ns` of the TSC clock and
 /// starts it in periodic mode at `hz`. Returns the timer's frequency.
 pub fn start_timer(hz: u32, wait: impl FnOnce()) -> u64 {
+    TICK_HZ.store(u64::from(hz), Ordering::Relaxed);
     let lapic = regs();
     lapic.write32(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     lapic.write32(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
@@ -62,4 +67,9 @@ pub fn start_timer(hz: u32, wait: impl FnOnce()) -> u64 {
     lapic.write32(REG_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
     lapic.write32(REG_TIMER_INITIAL, (timer_hz / u64::from(hz)).max(1) as u32);
     timer_hz
+}
+
+/// The periodic tick's rate (the scheduler's tick), 0 before [`start_timer`].
+pub fn tick_hz() -> u64 {
+    TICK_HZ.load(Ordering::Relaxed)
 }

@@ -14,7 +14,8 @@
 //!
 //! then enables PAE, long mode, NX, paging and CR0.WP (supervisor writes to
 //! read-only pages fault, which the live snapshot relies on), and calls
-//! `kernel_main(start_info_phys)` on the boot stack. This file must not grow
+//! `kernel_main(start_info_phys)` on the boot stack (the kernel's entry,
+//! defined at the crate root: this file calls nothing above `arch`). This file must not grow
 //! logic: anything that can be written in Rust is.
 
 use core::arch::global_asm;
@@ -166,10 +167,4 @@ unsafe extern "C" {
 pub fn ist_stack_top(index: usize) -> u64 {
     assert!(index < 4, "there are four interrupt stacks");
     (&raw const ist_stacks_bottom) as u64 + ((index + 1) * IST_STACK_SIZE) as u64
-}
-
-/// The symbol the boot stub calls once in long mode.
-#[unsafe(no_mangle)]
-extern "C" fn kernel_main(start_info: u64) -> ! {
-    crate::kernel_main(start_info)
 }

@@ -2,8 +2,14 @@
 //!
 //! This is one of the few places where `unsafe` is allowed. Each unsafe block
 //! sits behind a safe function whose contract makes it sound, and says why in
-//! a `// SAFETY:` comment. Code outside `arch` and `memory` cannot use
-//! `unsafe` at all (`#![deny(unsafe_code)]` at the crate root).
+//! a `// SAFETY:` comment. Code outside `arch`, `memory` and `sync` cannot
+//! use `unsafe` at all (`#![deny(unsafe_code)]` at the crate root).
+//!
+//! Nothing here may call up into the scheduler, the exception handler or
+//! the snapshot engine: the trap path reaches them through the handlers the
+//! kernel installs at boot ([`trap::Handlers`]). Most files sit below
+//! `memory`; the local APIC and IOAPIC drivers sit above it, because their
+//! registers are reached through `memory::mmio` mappings.
 
 pub mod apic;
 pub mod boot;
@@ -17,3 +23,4 @@ pub mod qemu;
 pub mod rtc;
 pub mod serial;
 pub mod trap;
+pub mod vectors;

@@ -2,7 +2,7 @@
 //! because the local APIC and IOAPIC deliver every interrupt this kernel uses.
 
 use super::cpu::outb;
-use super::trap::PIC_BASE_VECTOR;
+use super::vectors::PIC_BASE_VECTOR;
 
 /// Remaps both PICs to `PIC_BASE_VECTOR..+16` and masks every line.
 pub fn disable() {

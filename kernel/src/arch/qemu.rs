@@ -19,7 +19,7 @@ pub enum ExitCode {
 }
 
 /// Exits QEMU. Trace records still buffered are lost unless the caller
-/// flushed them ([`crate::trace::flush`] does; [`crate::exit`] calls it).
+/// flushed them first (the kernel's `finish` does).
 pub fn exit(code: ExitCode) -> ! {
     outb(DEBUG_EXIT_PORT, code as u8);
     // Not under QEMU (or the device is missing): stop here.

@@ -10,6 +10,13 @@
 //! The kernel is built without SSE (soft-float target), so the general
 //! registers are the whole thread context. Handlers here must never block;
 //! they decide and return.
+//!
+//! This file names no layer above `arch`: the scheduler and the exception
+//! handler are installed as [`Handlers`] by [`init`] at boot, and device
+//! drivers take a vector with [`alloc_vector`]. The one call it makes on
+//! its own is the local APIC's end-of-interrupt, which the CPU requires of
+//! every interrupt path. The dispatch path takes no lock and never
+//! allocates: the handlers are read with one atomic load.
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -20,20 +27,10 @@ use x86_64::structures::DescriptorTablePointer;
 use x86_64::VirtAddr;
 
 use super::gdt::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, IST_PAGE_FAULT, KERNEL_CS};
-
-/// The local APIC timer's vector.
-pub const TIMER_VECTOR: u8 = 0x20;
-/// The software interrupt threads raise to give up the CPU (`int 0x21`).
-pub const YIELD_VECTOR: u8 = 0x21;
-/// First vector handed out to devices (IOAPIC lines, MSI-X).
-pub const FIRST_DEVICE_VECTOR: u8 = 0x30;
-/// One past the last device vector.
-pub const END_DEVICE_VECTOR: u8 = 0xe0;
-/// Where the (masked) 8259 PICs are remapped, so a stray legacy interrupt
-/// cannot look like a CPU exception.
-pub const PIC_BASE_VECTOR: u8 = 0xe0;
-/// The local APIC's spurious-interrupt vector.
-pub const SPURIOUS_VECTOR: u8 = 0xff;
+use super::vectors::{
+    END_DEVICE_VECTOR, FIRST_DEVICE_VECTOR, PIC_BASE_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR,
+    YIELD_VECTOR,
+};
 
 /// The registers of an interrupted context, as the entry stub leaves them
 /// on the stack (lowest address first).
@@ -185,9 +182,30 @@ struct Idt([Gate; 256]);
 
 static IDT: Once<Idt> = Once::new();
 
-/// Builds and loads the IDT: every vector goes to its stub; double fault,
-/// page fault, NMI and machine check run on their own interrupt stacks.
-pub fn init() {
+/// What the layers above do with a trap: each takes the saved frame and
+/// returns the frame to resume (another thread's, to switch threads).
+pub type TrapHandler = fn(&mut TrapFrame) -> *mut TrapFrame;
+
+/// The handlers the kernel installs at boot with [`init`].
+#[derive(Debug, Clone, Copy)]
+pub struct Handlers {
+    /// CPU exceptions (vectors 0 to 31).
+    pub exception: TrapHandler,
+    /// The timer tick, after its end-of-interrupt.
+    pub timer: TrapHandler,
+    /// A thread raised [`YIELD_VECTOR`] ([`raise_yield`]).
+    pub yielded: TrapHandler,
+    /// After a device vector's handler ran and was acknowledged.
+    pub after_device: TrapHandler,
+}
+
+static ENTRIES: Once<Handlers> = Once::new();
+
+/// Installs `handlers`, then builds and loads the IDT: every vector goes to
+/// its stub; double fault, page fault, NMI and machine check run on their
+/// own interrupt stacks. Call once, before interrupts are enabled.
+pub fn init(handlers: Handlers) {
+    ENTRIES.call_once(|| handlers);
     let idt = IDT.call_once(|| {
         let base = (&raw const trap_stubs) as u64;
         let mut gates = [Gate::default(); 256];
@@ -250,13 +268,15 @@ fn device_handler(vector: u8) -> Option<IrqHandler> {
 #[unsafe(no_mangle)]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
     let vector = frame.vector as u8;
+    // No gate reaches here before `init` has installed the handlers.
+    let on = ENTRIES.get().expect("trap before trap::init");
     match vector {
-        0..=31 => crate::exceptions::handle(frame),
+        0..=31 => (on.exception)(frame),
         TIMER_VECTOR => {
             super::apic::end_of_interrupt();
-            crate::thread::on_timer(frame)
+            (on.timer)(frame)
         }
-        YIELD_VECTOR => crate::thread::on_yield(frame),
+        YIELD_VECTOR => (on.yielded)(frame),
         SPURIOUS_VECTOR => frame,
         v if v >= PIC_BASE_VECTOR => frame, // masked legacy PIC: spurious only
         _ => {
@@ -265,37 +285,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
                 None => crate::log!("unexpected interrupt on vector {vector:#x}"),
             }
             super::apic::end_of_interrupt();
-            crate::thread::after_device_interrupt(frame)
+            (on.after_device)(frame)
         }
     }
-}
-
-/// Copies `frame`, taken on an interrupt stack, onto the interrupted
-/// context's own stack just below its saved RSP, so the context can be
-/// switched away from and resumed later through the copy (the interrupt
-/// stack is reused by the next trap). Returns the copy's address, or `None`
-/// if the page below RSP is not mapped RAM.
-///
-/// The copy is placed inside one page, 16-byte aligned, 128 bytes below
-/// RSP; resuming it restores RSP, so the space is given back.
-pub fn move_below_rsp(frame: &TrapFrame) -> Option<u64> {
-    const PAGE: u64 = 4096;
-    let size = size_of::<TrapFrame>() as u64;
-    let mut at = (frame.rsp.checked_sub(128 + size)?) & !15;
-    if at / PAGE != (at + size - 1) / PAGE {
-        at = ((at + size - 1) / PAGE * PAGE - size) & !15;
-    }
-    let phys = crate::memory::dma::translate(at)?;
-    let through = crate::memory::snapmem::engine_virt(phys);
-    // SAFETY: 1. `at` is below the interrupted RSP, in memory the
-    // interrupted code does not use (this target has no red zone), and on a
-    // mapped page (translated above), so the write clobbers nothing live;
-    // 2. the write goes through the engine window, which maps all RAM
-    // writable and is never protected, to the same physical bytes the
-    // trap path will read back through `at`; 3. the copy lies inside one
-    // page and is aligned for `TrapFrame`.
-    unsafe { (through as *mut TrapFrame).write(*frame) };
-    Some(at)
 }
 
 /// Why a thread enters the scheduler through [`YIELD_VECTOR`], as passed

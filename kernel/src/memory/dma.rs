@@ -2,21 +2,21 @@
 //!
 //! - [`DmaMemory`]: zeroed, physically contiguous frames the device may
 //!   read and write for their whole life (rings, request headers). They are
-//!   registered with the snapshot engine as DMA targets, so a live snapshot
+//!   registered as DMA targets ([`super::hooks`]), so a live snapshot
 //!   copies them at its instant rather than trusting write protection the
 //!   device bypasses.
 //! - [`KernelHal::map`]: lends a caller's buffer for one request, without
 //!   copying: its virtual range is translated page by page into physical
 //!   segments (merged where contiguous). A buffer the device writes is
 //!   registered as a DMA target until unmapped, which during a live
-//!   snapshot copies its frames first ([`crate::memsnap::register_dma`]).
+//!   snapshot copies its frames first.
 //!
 //! Must never hand the device an address it did not translate from memory
 //! the caller lent or this module allocated.
 
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use snapshot::devices::virtio::{Direction, DmaError, DmaRegion, Hal, Segment};
 use x86_64::structures::paging::Translate;
@@ -40,7 +40,7 @@ impl DmaMemory {
         let mut run = OwnedRun::alloc(frames)?;
         run.words_mut().fill(0);
         let phys = run.virt() - PHYS_OFFSET;
-        crate::memsnap::register_dma(phys..phys + frames * PAGE_SIZE);
+        super::hooks::dma_registered(phys..phys + frames * PAGE_SIZE);
         Some(DmaMemory {
             run,
             len: bytes,
@@ -77,7 +77,7 @@ impl DmaMemory {
 impl Drop for DmaMemory {
     fn drop(&mut self) {
         let frames = self.run.len_bytes();
-        crate::memsnap::unregister_dma(self.phys..self.phys + frames);
+        super::hooks::dma_unregistered(self.phys..self.phys + frames);
     }
 }
 
@@ -148,13 +148,19 @@ fn segments(buf: &[u8], out: &mut Vec<Segment>) -> Result<(), DmaError> {
     Ok(())
 }
 
-static REGISTER_LENT: AtomicBool = AtomicBool::new(true);
+/// How many callers of [`with_lent_buffers_unregistered`] are inside it.
+static LENDING_UNREGISTERED: AtomicUsize = AtomicUsize::new(0);
 
-/// Turns registration of lent buffers off or on. Only for the test that
-/// shows the snapshot verification catches a device writing unregistered
-/// memory; never turn it off otherwise.
-pub fn set_lent_registration(on: bool) {
-    REGISTER_LENT.store(on, Ordering::SeqCst);
+/// Runs `f` with buffers lent to devices left unregistered (device-shared
+/// memory from [`DmaMemory`] stays registered). Only for the test that shows
+/// the snapshot verification catches a device writing unregistered memory.
+/// Registration comes back when `f` returns; a panic inside `f` ends the
+/// kernel, so the switch cannot outlive its caller.
+pub fn with_lent_buffers_unregistered<R>(f: impl FnOnce() -> R) -> R {
+    LENDING_UNREGISTERED.fetch_add(1, Ordering::SeqCst);
+    let result = f();
+    LENDING_UNREGISTERED.fetch_sub(1, Ordering::SeqCst);
+    result
 }
 
 /// The kernel's DMA: see the module docs.
@@ -177,10 +183,10 @@ impl Hal for KernelHal {
         let first = out.len();
         segments(buf, out)?;
         let mut registered = Vec::new();
-        if dir == Direction::FromDevice && REGISTER_LENT.load(Ordering::Relaxed) {
+        if dir == Direction::FromDevice && LENDING_UNREGISTERED.load(Ordering::Relaxed) == 0 {
             for s in &out[first..] {
                 let range = s.addr..s.addr + u64::from(s.len);
-                crate::memsnap::register_dma(range.clone());
+                super::hooks::dma_registered(range.clone());
                 registered.push(range);
             }
         }
@@ -189,7 +195,7 @@ impl Hal for KernelHal {
 
     fn unmap(&self, mapping: Lent, _buf: Option<&mut [u8]>) {
         for range in mapping.0 {
-            crate::memsnap::unregister_dma(range);
+            super::hooks::dma_unregistered(range);
         }
     }
 }

@@ -8,7 +8,6 @@ use x86_64::structures::paging::{FrameAllocator, PhysFrame, Size4KiB};
 use x86_64::PhysAddr;
 
 use super::phys_to_virt;
-use crate::boot_info::BootInfo;
 use crate::sync::IrqMutex;
 
 static FRAMES: IrqMutex<Option<FrameBitmap<'static>>> = IrqMutex::new(None);
@@ -16,18 +15,19 @@ static FRAMES: IrqMutex<Option<FrameBitmap<'static>>> = IrqMutex::new(None);
 /// Low memory (BIOS data, the PVH start info, option ROMs) is never handed out.
 const LOW_MEMORY_END: u64 = 1 << 20;
 
-/// Builds the allocator: the bitmap is carved from the first usable RAM
-/// above the kernel image, inside the boot physical map (below 4 GiB).
-pub fn init(boot: &BootInfo, kernel: Range<u64>) {
-    let ram_end = boot
-        .ram()
+/// Builds the allocator over the usable RAM ranges `ram`: the bitmap is
+/// carved from the first of them above the kernel image, inside the boot
+/// physical map (below 4 GiB).
+pub fn init(ram: impl Iterator<Item = Range<u64>> + Clone, kernel: Range<u64>) {
+    let ram_end = ram
+        .clone()
         .map(|r| r.end)
         .max()
         .expect("no usable RAM in the memory map");
     let words = FrameBitmap::words_for(ram_end);
     let bytes = (words * 8) as u64;
-    let bitmap_at = boot
-        .ram()
+    let bitmap_at = ram
+        .clone()
         .filter_map(|r| {
             let start = r
                 .start
@@ -45,7 +45,7 @@ pub fn init(boot: &BootInfo, kernel: Range<u64>) {
     let storage =
         unsafe { core::slice::from_raw_parts_mut(phys_to_virt(bitmap_at) as *mut u64, words) };
     let mut bitmap = FrameBitmap::new(storage);
-    for region in boot.ram() {
+    for region in ram {
         bitmap.add_free_range(region.start, region.end);
     }
     bitmap.reserve_range(0, LOW_MEMORY_END);
@@ -64,15 +64,23 @@ fn with<R>(f: impl FnOnce(&mut FrameBitmap<'static>) -> R) -> R {
 /// One free 4 KiB frame, contents undefined.
 pub fn alloc() -> Option<PhysFrame> {
     let addr = with(|b| b.alloc())?;
-    crate::memsnap::before_reuse(addr);
+    super::hooks::before_reuse(addr);
     Some(PhysFrame::containing_address(PhysAddr::new(addr)))
 }
 
 /// One free frame, zero-filled.
 pub fn alloc_zeroed() -> Option<PhysFrame> {
     let frame = alloc()?;
-    super::paging::zero_frame(frame);
+    zero_frame(frame);
     Some(frame)
+}
+
+/// Fills a frame with zeros through the physical map.
+fn zero_frame(frame: PhysFrame) {
+    let ptr = phys_to_virt(frame.start_address().as_u64()) as *mut u8;
+    // SAFETY: 1. the frame was just allocated, so the caller owns it; 2. it
+    // is RAM inside the physical map, writable and 4 KiB long.
+    unsafe { core::ptr::write_bytes(ptr, 0, FRAME_SIZE as usize) };
 }
 
 /// Returns a frame; refuses double and foreign frees.
@@ -84,7 +92,7 @@ pub fn free(frame: PhysFrame) -> Result<(), FrameError> {
 pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
     let start = with(|b| b.alloc_contiguous(count, align))?;
     for frame in 0..count {
-        crate::memsnap::before_reuse(start + frame * FRAME_SIZE);
+        super::hooks::before_reuse(start + frame * FRAME_SIZE);
     }
     Some(start)
 }

@@ -18,6 +18,7 @@
 pub mod dma;
 pub mod frames;
 pub mod heap;
+pub mod hooks;
 pub mod mmio;
 pub mod paging;
 pub mod probe;
@@ -25,8 +26,6 @@ pub mod snapmem;
 pub mod stacks;
 
 use core::ops::Range;
-
-use crate::boot_info::BootInfo;
 
 /// Where physical address 0 appears in the kernel's address space.
 pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
@@ -77,12 +76,13 @@ pub fn read_phys_u64(phys: u64) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// Brings up memory management from the firmware memory map: frame
-/// allocator, page tables (extending the physical map past 4 GiB), heap.
-pub fn init(boot: &BootInfo) {
+/// Brings up memory management over the usable RAM ranges of the firmware
+/// memory map: frame allocator, page tables (extending the physical map
+/// past 4 GiB), heap.
+pub fn init(ram: impl Iterator<Item = Range<u64>> + Clone) {
     paging::init();
-    frames::init(boot, kernel_image());
-    paging::map_high_ram(boot);
+    frames::init(ram.clone(), kernel_image());
+    paging::map_high_ram(ram);
     heap::init();
     snapmem::init_engine_window();
 }

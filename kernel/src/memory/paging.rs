@@ -3,6 +3,7 @@
 //! Every change returns or consumes the crate's `#[must_use]` flush token, so
 //! a TLB flush cannot be forgotten.
 
+use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use x86_64::structures::paging::mapper::{MapToError, UnmapError};
@@ -13,8 +14,7 @@ use x86_64::structures::paging::{
 use x86_64::{PhysAddr, VirtAddr};
 
 use super::frames::KernelFrames;
-use super::{phys_to_virt, PAGE_SIZE, PHYS_OFFSET};
-use crate::boot_info::BootInfo;
+use super::{phys_to_virt, PHYS_OFFSET};
 use crate::sync::IrqMutex;
 
 static MAPPER: IrqMutex<Option<OffsetPageTable<'static>>> = IrqMutex::new(None);
@@ -46,11 +46,11 @@ pub fn physmap_end() -> u64 {
     PHYSMAP_END.load(Ordering::Acquire)
 }
 
-/// Adds RAM above 4 GiB to the physical map, in 2 MiB pages.
-pub fn map_high_ram(boot: &BootInfo) {
+/// Adds the RAM of `ram` above 4 GiB to the physical map, in 2 MiB pages.
+pub fn map_high_ram(ram: impl Iterator<Item = Range<u64>>) {
     let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
     let mut end = physmap_end();
-    for region in boot.ram().filter(|r| r.end > 1 << 32) {
+    for region in ram.filter(|r| r.end > 1 << 32) {
         let first = region.start.max(1 << 32) & !(Size2MiB::SIZE - 1);
         for phys in (first..region.end).step_by(Size2MiB::SIZE as usize) {
             let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(phys));
@@ -126,12 +126,4 @@ pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
         }
         Err(_) => Err(MapError::AlreadyMapped(virt)),
     }
-}
-
-/// Fills a frame with zeros through the physical map.
-pub fn zero_frame(frame: PhysFrame) {
-    let ptr = phys_to_virt(frame.start_address().as_u64()) as *mut u8;
-    // SAFETY: 1. the frame was just allocated, so the caller owns it; 2. it
-    // is RAM inside the physical map, writable and 4 KiB long.
-    unsafe { core::ptr::write_bytes(ptr, 0, PAGE_SIZE as usize) };
 }

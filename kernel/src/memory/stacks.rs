@@ -1,6 +1,10 @@
 //! Kernel thread stacks: 4 KiB pages at the top of a 2 MiB slot, the rest of
 //! the slot unmapped, so running off the bottom hits a guard and the page
 //! fault handler reports a stack overflow instead of corrupting memory.
+//!
+//! Also [`move_below_rsp`]: a context trapped on an interrupt stack gets its
+//! saved frame copied onto its own stack, so the scheduler can switch away
+//! from it (a thread waiting out a write fault).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -121,4 +125,31 @@ impl Drop for KernelStack {
         }
         USED.fetch_and(!(1 << self.slot), Ordering::AcqRel);
     }
+}
+
+/// Copies `frame`, taken on an interrupt stack (the trap path), onto the interrupted
+/// context's own stack just below its saved RSP, so the context can be
+/// switched away from and resumed later through the copy (the interrupt
+/// stack is reused by the next trap). Returns the copy's address, or `None`
+/// if the page below RSP is not mapped RAM.
+///
+/// The copy is placed inside one page, 16-byte aligned, 128 bytes below
+/// RSP; resuming it restores RSP, so the space is given back.
+pub fn move_below_rsp(frame: &TrapFrame) -> Option<u64> {
+    let size = size_of::<TrapFrame>() as u64;
+    let mut at = (frame.rsp.checked_sub(128 + size)?) & !15;
+    if at / PAGE_SIZE != (at + size - 1) / PAGE_SIZE {
+        at = ((at + size - 1) / PAGE_SIZE * PAGE_SIZE - size) & !15;
+    }
+    let phys = super::dma::translate(at)?;
+    let through = super::snapmem::engine_virt(phys);
+    // SAFETY: 1. `at` is below the interrupted RSP, in memory the
+    // interrupted code does not use (this target has no red zone), and on a
+    // mapped page (translated above), so the write clobbers nothing live;
+    // 2. the write goes through the engine window, which maps all RAM
+    // writable and is never protected, to the same physical bytes the
+    // trap path will read back through `at`; 3. the copy lies inside one
+    // page and is aligned for `TrapFrame`.
+    unsafe { (through as *mut TrapFrame).write(*frame) };
+    Some(at)
 }

@@ -438,7 +438,7 @@ pub fn before_reuse(phys: u64) {
 }
 
 fn ram_frames(limit: u64) -> impl Iterator<Item = Range<u64>> {
-    crate::boot_ram().filter_map(move |r| {
+    crate::boot_info::usable_ram().filter_map(move |r| {
         let start = r.start.div_ceil(PAGE_SIZE);
         let end = r.end.min(limit) / PAGE_SIZE;
         (start < end).then_some(start..end)

@@ -382,9 +382,7 @@ pub fn snapshot_stays_consistent_while_disk_reads_land() {
     );
     assert_eq!(report.not_copied_once, Some(0));
 
-    crate::memory::dma::set_lent_registration(false);
-    let report = snapshot_during_reads(&d);
-    crate::memory::dma::set_lent_registration(true);
+    let report = crate::memory::dma::with_lent_buffers_unregistered(|| snapshot_during_reads(&d));
     assert!(
         report.mismatched.is_some_and(|m| m > 0),
         "unregistered DMA went unnoticed"

@@ -43,7 +43,7 @@ pub fn tsc_agrees_with_pit() {
 /// The local APIC timer, calibrated against the TSC, ticks at its rate
 /// within 20 % (in at least one of [`WINDOWS`] 100 ms windows).
 pub fn timer_ticks_at_its_rate() {
-    let want = crate::timer_hz();
+    let want = crate::arch::apic::tick_hz();
     let mut rates = [0u64; WINDOWS];
     for hz in &mut rates {
         let (t0, n0) = (clock::now_ns(), crate::thread::ticks());

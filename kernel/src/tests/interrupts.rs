@@ -14,7 +14,7 @@ fn on_rtc(_vector: u8) {
 /// rate the device was set to; once masked, it stops.
 pub fn ioapic_routes_the_rtc_interrupt() {
     let vector = trap::alloc_vector(on_rtc).expect("no free vector");
-    let route = crate::madt().isa_route(8);
+    let route = crate::acpi::madt().isa_route(8);
     ioapic::route(route.gsi, vector, route.trigger, route.polarity).expect("route IRQ 8");
     rtc::start_periodic(6); // 1024 Hz
     crate::thread::sleep_ns(100_000_000);

@@ -14,7 +14,7 @@ pub fn frame_allocator_never_hands_out_a_frame_twice() {
         free_before > 1000 && free_before <= managed,
         "free {free_before} of {managed}"
     );
-    let ram: Vec<_> = crate::boot_ram().collect();
+    let ram: Vec<_> = crate::boot_info::usable_ram().collect();
     let kernel = mem::kernel_image();
     let mut taken: Vec<OwnedFrame> = Vec::with_capacity(free_before as usize);
     let mut seen = BTreeSet::new();
@@ -110,13 +110,17 @@ pub fn heap_survives_allocation_stress() {
 /// word, above 4 GiB too.
 pub fn physical_map_covers_all_ram() {
     let mut total = 0;
-    for region in crate::boot_ram() {
+    for region in crate::boot_info::usable_ram() {
         let _ = read_phys_u64(region.start);
         let _ = read_phys_u64((region.end - 8) & !7);
         total += region.end - region.start;
     }
     assert!(total >= 16 << 20, "only {total} bytes of RAM");
     assert!(
-        crate::memory::paging::physmap_end() >= crate::boot_ram().map(|r| r.end).max().unwrap_or(0)
+        crate::memory::paging::physmap_end()
+            >= crate::boot_info::usable_ram()
+                .map(|r| r.end)
+                .max()
+                .unwrap_or(0)
     );
 }

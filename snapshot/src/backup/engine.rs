@@ -83,6 +83,18 @@ impl fmt::Display for Error {
     }
 }
 
+impl Error {
+    /// Whether the job refused its input (an image or medium it cannot
+    /// take, a disk too small) rather than failed while running (a disk
+    /// error, no memory).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            Error::Io(_) | Error::NoMemory(_) | Error::Source(Qcow2Error::Io(_))
+        )
+    }
+}
+
 impl From<BlockError> for Error {
     fn from(e: BlockError) -> Self {
         Error::Io(e)

@@ -37,6 +37,14 @@ impl Format {
             _ => None,
         }
     }
+
+    /// Its name, as [`Format::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// What a finished restore did.

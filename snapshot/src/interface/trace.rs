@@ -11,9 +11,12 @@
 //! - `<timestamp_ns>`: decimal nanoseconds since boot (the kernel's TSC clock).
 //! - `<event>`: a dotted name of `[a-z0-9_.]`, e.g. `sched.switch`.
 //! - `<key>`: `[a-z0-9_]+`; `<value>`: a decimal integer (optionally negative),
-//!   `0x`-prefixed hexadecimal, or a word without spaces or `=`.
+//!   `0x`-prefixed hexadecimal, a word without spaces, `=` or `"`, or a text
+//!   in double quotes: any characters but `"` and control characters, spaces
+//!   included (a reason, a message).
 //!
-//! Example: `TRACE 1523311 demo.tick thread=worker n=3 frame=0x1f000`.
+//! Example: `TRACE 1523311 demo.tick thread=worker n=3 frame=0x1f000`, or
+//! `TRACE 90 job.refused job=restore reason="bad checksum: extent 4"`.
 //! Parsing never panics; a line that starts with `TRACE ` but does not follow
 //! the format is an error, not silently skipped.
 
@@ -31,17 +34,28 @@ pub enum Value<'a> {
     I64(i64),
     /// Unsigned, printed as `0x…` (addresses, masks).
     Hex(u64),
-    /// A word: no whitespace, no `=`.
+    /// A word: no whitespace, no `=`, no `"`.
     Word(&'a str),
+    /// Free text, written in double quotes: a `"` in it is written as `'`,
+    /// a control character as a space.
+    Text(&'a str),
 }
 
-impl Value<'_> {
+impl<'a> Value<'a> {
     /// The value as an unsigned integer, if it is one.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             Value::U64(v) | Value::Hex(v) => Some(v),
             Value::I64(v) => u64::try_from(v).ok(),
-            Value::Word(_) => None,
+            Value::Word(_) | Value::Text(_) => None,
+        }
+    }
+
+    /// The value as text, if it is a word or a text.
+    pub fn as_str(&self) -> Option<&'a str> {
+        match *self {
+            Value::Word(w) | Value::Text(w) => Some(w),
+            _ => None,
         }
     }
 }
@@ -52,7 +66,7 @@ impl fmt::Display for Value<'_> {
             Value::U64(v) => write!(f, "{v}"),
             Value::I64(v) => write!(f, "{v}"),
             Value::Hex(v) => write!(f, "{v:#x}"),
-            Value::Word(w) => f.write_str(w),
+            Value::Word(w) | Value::Text(w) => f.write_str(w),
         }
     }
 }
@@ -74,6 +88,7 @@ pub fn write_record<W: Write + ?Sized>(
         match value {
             Value::Word("") => out.write_char('_')?,
             Value::Word(w) => write_clean(out, w, is_word_char)?,
+            Value::Text(t) => write_text(out, t)?,
             other => write!(out, "{other}")?,
         }
     }
@@ -90,6 +105,18 @@ fn write_clean<W: Write + ?Sized>(out: &mut W, text: &str, ok: fn(char) -> bool)
     Ok(())
 }
 
+fn write_text<W: Write + ?Sized>(out: &mut W, text: &str) -> fmt::Result {
+    out.write_char('"')?;
+    for c in text.chars() {
+        out.write_char(match c {
+            '"' => '\'',
+            c if c.is_control() => ' ',
+            c => c,
+        })?;
+    }
+    out.write_char('"')
+}
+
 fn is_event_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.'
 }
@@ -99,7 +126,7 @@ fn is_key_char(c: char) -> bool {
 }
 
 fn is_word_char(c: char) -> bool {
-    c.is_ascii_graphic() && c != '='
+    c.is_ascii_graphic() && c != '=' && c != '"'
 }
 
 /// A parsed trace line borrowing from the text.
@@ -115,10 +142,9 @@ pub struct Record<'a> {
 impl<'a> Record<'a> {
     /// The fields in order.
     pub fn fields(&self) -> impl Iterator<Item = (&'a str, Value<'a>)> + 'a {
-        self.fields.split_ascii_whitespace().filter_map(|word| {
-            let (key, value) = word.split_once('=')?;
-            Some((key, parse_value(value)))
-        })
+        let mut rest = self.fields;
+        // Checked by `parse_line`: every field parses.
+        core::iter::from_fn(move || next_field(&mut rest).and_then(Result::ok))
     }
 
     /// The value of `key`, if present.
@@ -129,6 +155,49 @@ impl<'a> Record<'a> {
     /// The value of `key` as an unsigned integer.
     pub fn u64(&self, key: &str) -> Option<u64> {
         self.get(key)?.as_u64()
+    }
+
+    /// The value of `key` as text, if it is a word or a text.
+    pub fn str(&self, key: &str) -> Option<&'a str> {
+        self.get(key)?.as_str()
+    }
+}
+
+/// Splits the first field off `rest`: `None` at the end, an error for a
+/// field that is not `key=value`.
+fn next_field<'a>(rest: &mut &'a str) -> Option<Result<(&'a str, Value<'a>), ParseError>> {
+    let text = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    if text.is_empty() {
+        *rest = text;
+        return None;
+    }
+    let Some((key, after)) = text.split_once('=') else {
+        *rest = "";
+        return Some(Err(ParseError::BadField));
+    };
+    let bad_key = key.is_empty() || !key.chars().all(is_key_char);
+    let (value, tail) = match after.strip_prefix('"') {
+        Some(quoted) => match quoted.split_once('"') {
+            Some((t, tail)) => (Some(Value::Text(t)), tail),
+            None => (None, ""),
+        },
+        None => {
+            let end = after
+                .find(|c: char| c.is_ascii_whitespace())
+                .unwrap_or(after.len());
+            let word = &after[..end];
+            let ok = !word.is_empty() && !word.contains(['=', '"']);
+            (ok.then(|| parse_value(word)), &after[end..])
+        }
+    };
+    let ends_well = tail.is_empty() || tail.starts_with(|c: char| c.is_ascii_whitespace());
+    *rest = tail;
+    match value {
+        Some(value) if !bad_key && ends_well => Some(Ok((key, value))),
+        _ => {
+            *rest = "";
+            Some(Err(ParseError::BadField))
+        }
     }
 }
 
@@ -170,12 +239,9 @@ pub fn parse_line(line: &str) -> Result<Option<Record<'_>>, ParseError> {
         .filter(|e| !e.is_empty() && e.chars().all(is_event_char))
         .ok_or(ParseError::BadEvent)?;
     let fields = parts.next().unwrap_or("");
-    for word in fields.split_ascii_whitespace() {
-        match word.split_once('=') {
-            Some((key, value))
-                if !key.is_empty() && key.chars().all(is_key_char) && !value.is_empty() => {}
-            _ => return Err(ParseError::BadField),
-        }
+    let mut rest = fields;
+    while let Some(field) = next_field(&mut rest) {
+        field?;
     }
     Ok(Some(Record {
         ts_ns,
@@ -232,6 +298,37 @@ mod tests {
         assert_eq!(parse_line("TRACE 5 Ev"), Err(ParseError::BadEvent));
         assert_eq!(parse_line("TRACE 5 ev novalue"), Err(ParseError::BadField));
         assert_eq!(parse_line("TRACE 5 ev k="), Err(ParseError::BadField));
+        assert_eq!(parse_line("TRACE 5 ev k=\"open"), Err(ParseError::BadField));
+        assert_eq!(parse_line("TRACE 5 ev k=\"a\"b"), Err(ParseError::BadField));
+        assert_eq!(parse_line("TRACE 5 ev k=a\"b"), Err(ParseError::BadField));
+        assert_eq!(parse_line("TRACE 5 ev =1"), Err(ParseError::BadField));
+    }
+
+    #[test]
+    fn texts_keep_spaces_and_lose_quotes_and_control_characters() {
+        let mut line = String::new();
+        let reason = Value::Text("bad checksum: \"extent\" 0\n(copy clusters 0..16)");
+        write_record(
+            &mut line,
+            9,
+            "job.refused",
+            &[("reason", reason), ("n", Value::U64(1))],
+        )
+        .unwrap();
+        assert_eq!(
+            line,
+            "TRACE 9 job.refused reason=\"bad checksum: 'extent' 0 (copy clusters 0..16)\" n=1\n"
+        );
+        let rec = parse_line(&line).unwrap().unwrap();
+        assert_eq!(
+            rec.str("reason"),
+            Some("bad checksum: 'extent' 0 (copy clusters 0..16)")
+        );
+        assert_eq!(rec.u64("n"), Some(1));
+        assert_eq!(
+            parse_line("TRACE 1 e t=\"\"").unwrap().unwrap().str("t"),
+            Some("")
+        );
     }
 
     #[test]
@@ -249,6 +346,8 @@ mod tests {
             (i64::MIN..0).prop_map(Value::I64),
             any::<u64>().prop_map(Value::Hex),
             prop_oneof![Just("ok"), Just("worker-1"), Just("a.b/c:d")].prop_map(Value::Word),
+            // Any text the writer keeps as it is: no `"`, no control character.
+            "[^\"\\p{Cc}]{0,40}".prop_map(|t| Value::Text(String::leak(t))),
         ]
     }
 
@@ -273,6 +372,15 @@ mod tests {
         #[test]
         fn parser_never_panics(line in "TRACE .{0,80}") {
             let _ = parse_line(&line);
+        }
+
+        #[test]
+        fn quoted_fields_never_panic(
+            line in "TRACE [0-9]{1,3} [a-z.]{1,5}( [a-z]{0,2}=?[\"a-z= ]{0,8}){0,4}",
+        ) {
+            if let Ok(Some(rec)) = parse_line(&line) {
+                let _ = rec.fields().count();
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! A bounded set of page buffers between the snapshot's copiers (the
 //! write-fault handler, the background copier) and a writer that drains
-//! them to a disk: groundwork for snapshots to disk.
+//! them to a disk, so a live snapshot can be written to disk while it runs.
 //!
 //! Each buffer has one state word, changed only by compare-and-swap, so
 //! any interleaving of claims (from a fault handler that interrupts the
@@ -161,15 +161,6 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
         self.free_word().load(Ordering::Acquire) as usize
     }
 
-    /// Whether a claim by `who` would find a buffer now.
-    pub fn can_claim(&self, who: Claimant) -> bool {
-        let floor = match who {
-            Claimant::MayWait => self.reserve,
-            Claimant::MustNotWait => 0,
-        };
-        self.free() > floor
-    }
-
     /// Takes a free buffer for filling, or `None` if none is left for `who`.
     pub fn claim(&self, who: Claimant) -> Option<usize> {
         let floor = match who {
@@ -239,11 +230,6 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
             .position(|s| s.load(Ordering::Acquire) == slot + STAGED)
     }
 
-    /// Whether any buffer is staged or being filled or written.
-    pub fn busy(&self) -> bool {
-        self.free() < self.buffers
-    }
-
     /// Frees a buffer the writer has written.
     pub fn release(&self, buffer: usize) {
         let previous = self.states()[buffer].swap(FREE, Ordering::AcqRel);
@@ -277,7 +263,6 @@ mod tests {
         let b = s.claim(Claimant::MayWait).unwrap();
         assert_ne!(a, b);
         assert_eq!(s.claim(Claimant::MayWait), None, "only the reserve is left");
-        assert!(!s.can_claim(Claimant::MayWait) && s.can_claim(Claimant::MustNotWait));
         let c = s.claim(Claimant::MustNotWait).unwrap();
         let d = s.claim(Claimant::MustNotWait).unwrap();
         assert_eq!(s.claim(Claimant::MustNotWait), None);
@@ -296,8 +281,7 @@ mod tests {
         for &(buf, _) in &out {
             s.release(buf);
         }
-        assert_eq!(s.free(), 4);
-        assert!(!s.busy());
+        assert_eq!(s.free(), 4, "nothing is staged, filled or written");
     }
 
     #[test]

@@ -135,12 +135,6 @@ impl<'a> FrameBitmap<'a> {
         self.frames * FRAME_SIZE
     }
 
-    /// Whether the frame at `addr` is free.
-    pub fn is_free(&self, addr: u64) -> bool {
-        let frame = addr / FRAME_SIZE;
-        frame < self.frames && !self.test(frame)
-    }
-
     /// Hands out one free frame and returns its physical address.
     pub fn alloc(&mut self) -> Option<u64> {
         let start = self.hint;
@@ -194,24 +188,6 @@ impl<'a> FrameBitmap<'a> {
         self.clear(frame);
         self.free += 1;
         self.hint = self.hint.min((frame / 64) as usize);
-        Ok(())
-    }
-
-    /// Returns `count` contiguous frames starting at `addr`; nothing is
-    /// freed unless every frame was allocated.
-    pub fn free_contiguous(&mut self, addr: u64, count: u64) -> Result<(), FrameError> {
-        let first = self.frame_of(addr)?;
-        let end = first.checked_add(count).filter(|&e| e <= self.frames);
-        let end = end.ok_or(FrameError::OutOfRange(addr))?;
-        if let Some(bad) = (first..end).find(|&f| !self.is_managed(f)) {
-            return Err(FrameError::NotManaged(bad * FRAME_SIZE));
-        }
-        if let Some(bad) = (first..end).find(|&f| !self.test(f)) {
-            return Err(FrameError::NotAllocated(bad * FRAME_SIZE));
-        }
-        for frame in first..end {
-            self.free(frame * FRAME_SIZE)?;
-        }
         Ok(())
     }
 
@@ -307,7 +283,9 @@ mod tests {
         let run = bitmap.alloc_contiguous(8, 8).unwrap();
         assert_eq!(run, 8 * FRAME_SIZE);
         assert!(bitmap.alloc_contiguous(300, 1).is_none());
-        assert_eq!(bitmap.free_contiguous(run, 8), Ok(()));
+        for frame in 0..8 {
+            assert_eq!(bitmap.free(run + frame * FRAME_SIZE), Ok(()));
+        }
         assert_eq!(bitmap.free_frames(), 255);
     }
 

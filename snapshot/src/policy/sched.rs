@@ -159,17 +159,6 @@ impl<C: Copy + Default> RunQueue<C> {
         self.wake_where(|s| matches!(s, State::Sleeping { until } if until <= now))
     }
 
-    /// The earliest wake-up time of any sleeper.
-    pub fn next_wakeup(&self) -> Option<u64> {
-        self.state
-            .iter()
-            .filter_map(|s| match *s {
-                State::Sleeping { until } => Some(until),
-                _ => None,
-            })
-            .min()
-    }
-
     /// Saves the running thread's context, records why it stops, and returns
     /// the context of the thread to run next (possibly the same one).
     pub fn switch(&mut self, saved: C, why: Why, now: u64) -> C {

@@ -1,0 +1,366 @@
+//! The host tool's command line: `[SCENARIO] [OPTIONS] [key=value ...]`.
+//!
+//! Scenarios, their arguments and the options only some of them take come
+//! from [`snapshot::interface::scenario::ALL`]; the usage text is generated
+//! from it and from [`OPTIONS`], so a scenario added there is listed,
+//! checked and passed to the kernel without touching this file. Parsing
+//! never touches the file system.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use snapshot::backup::Format;
+use snapshot::interface::scenario::{Scenario, ALL};
+use snapshot::interface::units::parse_size;
+
+use crate::qemu::Disk;
+
+/// Every option with its help, in usage order. The scenario-specific ones
+/// (`--out`, `--tape` ...) are checked against the scenario's description.
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("--mem SIZE", "guest RAM, e.g. 128M, 2G (default 128M, or the scenario's)"),
+    ("--timeout SECS", "kill QEMU after this long (default 600)"),
+    ("--quiet", "do not echo the serial console"),
+    ("--json FILE", "write a benchmark's JSON result there"),
+    (
+        "--svg FILE",
+        "write the snapshot timeline picture there (default: target/memsnap-timeline.svg when there is one)",
+    ),
+    ("--disk NAME=FILE", "attach raw image FILE as a virtio-blk disk named NAME"),
+    ("--ro-disk NAME=FILE", "the same, read-only"),
+    ("--image FILE", "bench-blk's image (default target/bench-blk.img)"),
+    ("--image-size SIZE", "its size (default 1G)"),
+    ("--out FILE", "memsnap's core file; restore's output image"),
+    ("--source FILE", "backup's source image (never written)"),
+    ("--tape FILE", "backup's medium (created) or restore's (read)"),
+    ("--format raw|qcow2", "restore's output format (default raw)"),
+    (
+        "--to-disk",
+        "bench-memsnap: also snapshot to a disk, against a sequential-write baseline on the same disk",
+    ),
+    ("-h, --help", "this text"),
+];
+
+const WIDTH: usize = 79;
+const COLUMN: usize = 23;
+
+/// Appends `left` padded to the help column, then `help` wrapped to
+/// [`WIDTH`]; a `left` too long for the column gets a line of its own.
+fn entry(out: &mut String, left: &str, help: &str) {
+    let mut line = format!("  {left}");
+    if line.len() + 1 > COLUMN {
+        out.push_str(&line);
+        out.push('\n');
+        line.clear();
+    }
+    for word in help.split(' ') {
+        if line.len() + 1 + word.len() > WIDTH && line.len() > COLUMN {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line.clear();
+        }
+        if line.len() < COLUMN {
+            line = format!("{line:<COLUMN$}");
+        } else {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+}
+
+/// The usage text, generated from the scenario table and [`OPTIONS`].
+pub fn usage() -> String {
+    let mut text =
+        String::from("usage: cargo run --release -- [SCENARIO] [OPTIONS] [key=value ...]\n\n");
+    text.push_str("scenarios:\n");
+    for d in ALL {
+        let mut help = d.help.to_string();
+        if !d.params.is_empty() {
+            let _ = write!(help, "; kernel words: {}", d.params.join(" "));
+        }
+        if d.mem_mib != Scenario::DEFAULT.describe().mem_mib {
+            let _ = write!(help, "; {}M of RAM unless --mem", d.mem_mib);
+        }
+        entry(&mut text, &d.to_string(), &help);
+    }
+    text.push_str("\noptions:\n");
+    for (left, help) in OPTIONS {
+        entry(&mut text, left, help);
+    }
+    text.push_str("\nFurther key=value words are passed to the kernel command line.");
+    text
+}
+
+/// The parsed command line.
+#[derive(Debug)]
+pub struct Args {
+    /// What the kernel runs.
+    pub scenario: Scenario,
+    /// The kernel command line so far: the scenario's words, then the
+    /// user's `key=value` words.
+    pub cmdline: Vec<String>,
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// When QEMU is killed.
+    pub timeout: Duration,
+    /// Whether to keep the serial console off stdout.
+    pub quiet: bool,
+    /// Where a benchmark's JSON goes.
+    pub json: Option<PathBuf>,
+    /// Where the timeline picture goes.
+    pub svg: Option<PathBuf>,
+    /// Disks from `--disk` and `--ro-disk`.
+    pub disks: Vec<Disk>,
+    /// bench-blk's image.
+    pub image: Option<PathBuf>,
+    /// Its size.
+    pub image_size: u64,
+    /// memsnap's core file, restore's output.
+    pub out: Option<PathBuf>,
+    /// bench-memsnap: also to a disk.
+    pub to_disk: bool,
+    /// backup's source image.
+    pub source: Option<PathBuf>,
+    /// backup's or restore's medium.
+    pub tape: Option<PathBuf>,
+    /// restore's output format.
+    pub format: Option<Format>,
+}
+
+fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && name.len() <= 20 && !path.is_empty() => {
+            Ok(Disk {
+                read_only,
+                ..Disk::new(path, name)
+            })
+        }
+        _ => Err(format!(
+            "{option} {text}: want NAME=FILE (NAME at most 20 characters)"
+        )),
+    }
+}
+
+/// Parses one option (with its value, unless it is a switch) into `args`.
+fn option(
+    args: &mut Args,
+    word: &str,
+    value: &mut dyn FnMut() -> Result<String, String>,
+) -> Result<(), String> {
+    let path = |v: Result<String, String>| v.map(|v| Some(PathBuf::from(v)));
+    match word {
+        "--mem" => {
+            let text = value()?;
+            args.mem = parse_size(&text).map_err(|e| format!("--mem {text}: {e}"))?;
+            if args.mem < 32 << 20 {
+                return Err(format!("--mem {text}: the kernel needs at least 32M"));
+            }
+        }
+        "--timeout" => {
+            let text = value()?;
+            let secs: f64 = text
+                .parse()
+                .map_err(|_| format!("--timeout {text}: not a number of seconds"))?;
+            args.timeout = Duration::from_secs_f64(secs);
+        }
+        "--quiet" => args.quiet = true,
+        "--json" => args.json = path(value())?,
+        "--svg" => args.svg = path(value())?,
+        "--disk" => args.disks.push(disk_arg(word, &value()?, false)?),
+        "--ro-disk" => args.disks.push(disk_arg(word, &value()?, true)?),
+        "--image" => args.image = path(value())?,
+        "--out" => args.out = path(value())?,
+        "--to-disk" => args.to_disk = true,
+        "--source" => args.source = path(value())?,
+        "--tape" => args.tape = path(value())?,
+        "--format" => {
+            let text = value()?;
+            let format =
+                Format::parse(&text).ok_or(format!("--format {text}: want raw or qcow2"))?;
+            args.format = Some(format);
+        }
+        "--image-size" => {
+            let text = value()?;
+            args.image_size = parse_size(&text).map_err(|e| format!("--image-size {text}: {e}"))?;
+            if args.image_size < 64 << 20 {
+                return Err(format!("--image-size {text}: at least 64M"));
+            }
+        }
+        w => return Err(format!("unknown option {w}")),
+    }
+    Ok(())
+}
+
+/// Checks the scenario-specific options: each given one must be the
+/// scenario's, each required one given.
+fn check_options(scenario: Scenario, given: &[String]) -> Result<(), String> {
+    let d = scenario.describe();
+    for o in d.options.iter().filter(|o| o.required) {
+        if !given.iter().any(|g| g == o.flag) {
+            return Err(format!("{} needs {} {}", d.name, o.flag, o.value));
+        }
+    }
+    for flag in given {
+        let takers: Vec<&str> = ALL
+            .iter()
+            .filter(|t| t.scenario.option(flag).is_some())
+            .map(|t| t.name)
+            .collect();
+        if !takers.is_empty() && scenario.option(flag).is_none() {
+            return Err(format!("{flag} is for {}", takers.join(" and ")));
+        }
+    }
+    Ok(())
+}
+
+/// Parses the words after the program name. `Err("")` asks for the usage
+/// text; any other error says what is wrong.
+pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args {
+        scenario: Scenario::DEFAULT,
+        cmdline: Vec::new(),
+        mem: 0,
+        timeout: Duration::from_secs(600),
+        quiet: false,
+        json: None,
+        svg: None,
+        disks: Vec::new(),
+        image: None,
+        image_size: 1 << 30,
+        out: None,
+        to_disk: false,
+        source: None,
+        tape: None,
+        format: None,
+    };
+    let (mut positional, mut given, mut user_words) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            w if w.starts_with('-') => {
+                let mut value = || words.next().ok_or(format!("{w} needs a value"));
+                option(&mut args, w, &mut value)?;
+                given.push(word);
+            }
+            w if w.contains('=') => user_words.push(word),
+            _ => positional.push(word),
+        }
+    }
+    let mut positional = positional.into_iter();
+    if let Some(name) = positional.next() {
+        args.scenario = Scenario::parse(&name).ok_or_else(|| {
+            let names: Vec<&str> = ALL.iter().map(|d| d.name).collect();
+            format!("unknown scenario {name}; known: {}", names.join(", "))
+        })?;
+    }
+    let d = args.scenario.describe();
+    check_options(args.scenario, &given)?;
+    let argument = positional.next();
+    match (d.argument, &argument) {
+        (Some(a), None) if a.required => {
+            return Err(format!("{} needs {}", d.name, a.value));
+        }
+        (None, Some(extra)) => return Err(format!("unexpected argument {extra}")),
+        _ => {}
+    }
+    if let Some(extra) = positional.next() {
+        return Err(format!("unexpected argument {extra}"));
+    }
+    if !given.iter().any(|g| g == "--mem") {
+        args.mem = d.mem_mib << 20;
+    }
+    // `scenario=` first and the argument last, as the kernel reads the
+    // last of repeated keys.
+    let mut scenario_words = args
+        .scenario
+        .cmdline(argument.as_deref())
+        .map(|(k, v)| format!("{k}={v}"));
+    args.cmdline.extend(scenario_words.next());
+    args.cmdline.extend(user_words);
+    args.cmdline.extend(scenario_words);
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(words: &[&str]) -> Result<Args, String> {
+        parse_args(words.iter().map(|w| w.to_string()))
+    }
+
+    #[test]
+    fn defaults_to_the_demo() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.cmdline, ["scenario=demo"]);
+        assert_eq!(args.mem, 128 << 20);
+    }
+
+    #[test]
+    fn scenario_options_and_kernel_words() {
+        let args = parse(&["test", "memory::x", "--mem", "2G", "seed=7"]).unwrap();
+        assert_eq!(args.cmdline, ["scenario=test", "seed=7", "test=memory::x"]);
+        assert_eq!(args.mem, 2 << 30);
+        let args = parse(&["crash"]).unwrap();
+        assert_eq!(
+            args.cmdline,
+            ["scenario=crash"],
+            "the kernel's default kind"
+        );
+        let args = parse(&["restore", "--tape", "t", "--out", "o"]).unwrap();
+        assert_eq!(args.mem, 512 << 20);
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert!(err(&["--mem", "lots"]).contains("--mem lots"));
+        assert!(err(&["--mem", "1M"]).contains("at least 32M"));
+        assert!(err(&["--frobnicate"]).contains("unknown option"));
+        assert!(err(&["demo", "extra"]).contains("unexpected argument"));
+        assert!(err(&["test"]).contains("test needs NAME|list"));
+        assert!(err(&["nonsense"]).contains("unknown scenario nonsense"));
+        assert_eq!(err(&["memsnap"]), "memsnap needs --out FILE");
+        assert_eq!(err(&["restore", "--tape", "t"]), "restore needs --out IMG");
+        assert_eq!(
+            err(&["demo", "--out", "x"]),
+            "--out is for memsnap and restore"
+        );
+        assert_eq!(
+            err(&["demo", "--to-disk"]),
+            "--to-disk is for bench-memsnap"
+        );
+        assert_eq!(
+            err(&["backup", "--tape", "t"]),
+            "backup needs --source IMG.qcow2"
+        );
+    }
+
+    #[test]
+    fn memsnap_takes_its_core_file_path() {
+        let args = parse(&["memsnap", "--out", "/tmp/x.core", "--mem", "256M"]).unwrap();
+        assert_eq!(args.scenario, Scenario::Memsnap);
+        assert_eq!(
+            args.out.as_deref(),
+            Some(std::path::Path::new("/tmp/x.core"))
+        );
+        assert!(parse(&["bench-memsnap", "--to-disk"]).unwrap().to_disk);
+    }
+
+    #[test]
+    fn the_usage_lists_every_scenario_and_option_within_the_width() {
+        let text = usage();
+        for d in ALL {
+            assert!(text.contains(&format!("\n  {d}")), "{}", d.name);
+        }
+        for (left, _) in OPTIONS {
+            assert!(text.contains(&format!("\n  {left}")), "{left}");
+        }
+        for line in text.lines() {
+            assert!(line.len() <= WIDTH || !line.contains(' '), "{line:?}");
+        }
+    }
+}
