@@ -51,7 +51,7 @@ fn boot(cmdline: &str, disks: Vec<Disk>) -> Outcome {
 /// Backs `src` up to `tape` as the `backup` command does; returns the
 /// kernel's outcome and the stream length on success.
 fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>) {
-    let job = plan_backup(src, tape, dir).unwrap_or_else(|e| panic!("{e}"));
+    let job = plan_backup(src, tape, dir, MEM).unwrap_or_else(|e| panic!("{e}"));
     let outcome = boot("scenario=backup", job.disks.clone());
     let records = boot::report::records(&outcome.serial).unwrap();
     let result = finish_backup(&job, &records, outcome.verdict == Verdict::Passed);
@@ -60,7 +60,7 @@ fn backup(dir: &Path, src: &Path, tape: &Path) -> (Outcome, Result<u64, String>)
 
 /// Restores `tape` to `out` as the `restore` command does.
 fn restore(tape: &Path, out: &Path, format: Format) -> (Outcome, Result<(), String>) {
-    let job = plan_restore(tape, out, format).unwrap_or_else(|e| panic!("{e}"));
+    let job = plan_restore(tape, out, format, MEM).unwrap_or_else(|e| panic!("{e}"));
     let outcome = boot(
         &format!("scenario=restore format={}", format.name()),
         job.disks.clone(),
@@ -200,6 +200,54 @@ fn a_100_gib_disk_with_little_data() {
     assert!(stream < 4 << 20, "{stream}");
 }
 
+/// `qemu-io` commands writing `count` 4 KiB patterns `step` bytes apart.
+fn spread(count: u64, step: u64) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("write -P {} {} 4k", i % 250 + 1, i * step))
+        .collect()
+}
+
+/// Large tables do not exhaust the kernel's memory (it has 32 MiB of
+/// heap here): the tables are streamed, and the medium holds the data
+/// runs only. Each case is one a whole-table reader could not hold.
+fn large_tables(test: &str, size: &str, options: &str, io: &[String]) {
+    let io: Vec<&str> = io.iter().map(String::as_str).collect();
+    let (dir, src) = make_image(test, size, options, &io);
+    let (stream, data) = round_trip(&dir, &src);
+    assert_eq!(data, qemu_data_bytes(&src));
+    // 1.01 times the data, and the header, a table sector, an extent
+    // header and the trailer.
+    assert!(
+        stream as f64 <= data as f64 * 1.01 + 6144.0,
+        "{stream} bytes on the medium for {data} of data"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// 1 TiB, 64 KiB clusters, 256 clusters 4 GiB apart: 256 L2 tables of
+/// 64 KiB (16 MiB of tables; the full case of 2048 is 128 MiB).
+#[test]
+fn a_1_tib_disk_with_spread_clusters() {
+    large_tables("1t-spread", "1T", "", &spread(256, 4 << 30));
+}
+
+/// 4 TiB in 4 KiB clusters: a 16 MiB L1 table.
+#[test]
+fn a_4_tib_disk_with_4_kib_clusters() {
+    large_tables("4t-4k", "4T", "cluster_size=4096", &spread(90, 45 << 30));
+}
+
+/// 100 GiB in 512-byte clusters: a 25 MiB L1 table.
+#[test]
+fn a_100_gib_disk_with_512_byte_clusters() {
+    large_tables(
+        "100g-512",
+        "100G",
+        "cluster_size=512",
+        &spread(100, 1 << 30),
+    );
+}
+
 #[test]
 fn small_clusters_and_odd_refcount_widths() {
     let (dir, src) = make_image(
@@ -237,7 +285,7 @@ fn truncated_and_corrupted_tapes_are_refused() {
 
     // Truncated: the host refuses before booting, naming the trailer.
     std::fs::write(&broken, &good[..good.len() - 4096]).unwrap();
-    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    let err = plan_restore(&broken, &out, Format::Raw, MEM).unwrap_err();
     assert!(err.contains("missing trailer"), "{err}");
     assert!(!out.exists());
     // The kernel, given the truncated tape directly, says the same.
@@ -264,7 +312,7 @@ fn truncated_and_corrupted_tapes_are_refused() {
     let mut bad = good.clone();
     bad[8] = 9;
     std::fs::write(&broken, &bad).unwrap();
-    let err = plan_restore(&broken, &out, Format::Raw).unwrap_err();
+    let err = plan_restore(&broken, &out, Format::Raw, MEM).unwrap_err();
     assert!(err.contains("unknown medium version 9"), "{err}");
 
     // A flipped bit in the data of the last extent: only the kernel reads
@@ -333,7 +381,7 @@ fn unsupported_sources_are_refused_by_name() {
         (&compressed, "unsupported qcow2 feature: compressed cluster"),
         (&backed, "has a backing file"),
     ] {
-        let err = plan_backup(image, &tape, &dir).unwrap_err();
+        let err = plan_backup(image, &tape, &dir, MEM).unwrap_err();
         assert!(err.contains(says), "{err}");
         let scratch = dir.join("scratch.img");
         std::fs::write(&scratch, vec![0u8; 1 << 20]).unwrap();

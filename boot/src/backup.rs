@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use snapshot::backup::{Format, Front, Plan, Stage};
+use snapshot::backup::{guest_heap_bytes, restore_memory, Error, Format, Front, Plan, Stage};
 use snapshot::devices::block::{
     check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE,
 };
@@ -46,6 +46,16 @@ impl FileDisk {
             file,
             len,
         })
+    }
+
+    /// The file's true length (the device shows whole sectors).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     fn io(&self, sector: u64) -> impl Fn(std::io::Error) -> BlockError + '_ {
@@ -114,15 +124,36 @@ pub struct BackupJob {
     pub virtual_bytes: u64,
 }
 
+/// Bytes of kernel heap a guest of `mem` bytes has for a job: its heap
+/// less what the kernel itself keeps (drivers, trace buffers).
+pub fn job_memory(mem: u64) -> u64 {
+    guest_heap_bytes(mem).saturating_sub(KERNEL_HEAP_USE)
+}
+
+/// Heap the kernel uses before a backup or restore starts, at most.
+const KERNEL_HEAP_USE: u64 = 2 << 20;
+
+/// Refuses a job needing more than a guest of `mem` bytes can give it.
+fn enough_memory(job: &'static str, need: u64, mem: u64) -> Result<(), String> {
+    let have = job_memory(mem);
+    if need > have {
+        return Err(format!("{}", Error::TooLittleMemory { job, need, have }));
+    }
+    Ok(())
+}
+
 /// Reads and checks `source`, then creates the scratch image (under
-/// `work`) and the tape, each of the size the kernel will need.
-pub fn plan_backup(source: &Path, tape: &Path, work: &Path) -> Result<BackupJob, String> {
+/// `work`) and the tape, each of the size the kernel will need. A job
+/// the kernel of a guest of `mem` bytes could not hold is refused.
+pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<BackupJob, String> {
     if same_file(source, tape) {
         return Err("--tape names the source image; it would be overwritten".into());
     }
     let disk =
         FileDisk::open(source, false).map_err(|e| format!("--source {}: {e}", source.display()))?;
     let plan = Plan::new(&disk).map_err(|e| format!("{}: {e}", source.display()))?;
+    enough_memory("backup", plan.memory_bytes(), mem)
+        .map_err(|e| format!("{}: {e}", source.display()))?;
     let scratch = work.join("backup-scratch.img");
     fresh_file(&scratch, plan.copy_bytes().max(SECTOR_SIZE as u64))?;
     fresh_file(tape, plan.layout.stream_bytes())?;
@@ -183,13 +214,26 @@ pub struct RestoreJob {
 
 /// Reads the medium's header and tables (refusing a bad one before
 /// booting) and creates the output image, empty, at the size it will have.
-pub fn plan_restore(tape: &Path, out: &Path, format: Format) -> Result<RestoreJob, String> {
+/// A job the kernel of a guest of `mem` bytes could not hold is refused.
+pub fn plan_restore(
+    tape: &Path,
+    out: &Path,
+    format: Format,
+    mem: u64,
+) -> Result<RestoreJob, String> {
     if same_file(tape, out) {
         return Err("--out names the tape; it would be overwritten".into());
     }
     let disk =
         FileDisk::open(tape, false).map_err(|e| format!("--tape {}: {e}", tape.display()))?;
-    let front = Front::read(&disk).map_err(|e| format!("{}: {e}", tape.display()))?;
+    let front =
+        Front::read_len(&disk, disk.len()).map_err(|e| format!("{}: {e}", tape.display()))?;
+    enough_memory(
+        "restore",
+        restore_memory(front.header.layout.cluster_bits),
+        mem,
+    )
+    .map_err(|e| format!("{}: {e}", tape.display()))?;
     let out_bytes = front.out_bytes(format).max(SECTOR_SIZE as u64);
     fresh_file(out, out_bytes)?;
     Ok(RestoreJob {

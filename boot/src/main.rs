@@ -192,7 +192,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.disks.push(Disk::new(image, "bench"));
         }
         (Scenario::Backup, Some(source), Some(tape), _) => {
-            let job = host_backup::plan_backup(source, tape, &work).map_err(refused)?;
+            let job = host_backup::plan_backup(source, tape, &work, args.mem).map_err(refused)?;
             eprintln!(
                 "backup: {} MiB of data in a {} MiB virtual disk; the tape will hold {} bytes",
                 job.data_bytes >> 20,
@@ -204,7 +204,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         }
         (Scenario::Restore, _, Some(tape), Some(out)) => {
             let format = args.format.unwrap_or(Format::Raw);
-            let job = host_backup::plan_restore(tape, out, format).map_err(refused)?;
+            let job = host_backup::plan_restore(tape, out, format, args.mem).map_err(refused)?;
             run.cmdline.push(format!("format={}", format.name()));
             run.disks.extend(job.disks.iter().cloned());
             run.restore = Some(job);

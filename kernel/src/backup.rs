@@ -17,6 +17,7 @@
 //! read-only by the host as well.
 
 use snapshot::backup::{self, Format, Stage};
+use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
@@ -62,6 +63,17 @@ impl Progress {
     }
 }
 
+/// Refuses a job that needs more heap than is free, before it starts:
+/// its tables are streamed, so what it needs is known from the header.
+fn enough_memory(job: &'static str, need: u64) -> Result<(), backup::Error> {
+    let (used, total) = crate::memory::heap::stats();
+    let have = (total - used) as u64;
+    if need > have {
+        return Err(backup::Error::TooLittleMemory { job, need, have });
+    }
+    Ok(())
+}
+
 /// `backup`: the qcow2 image on disk `source=` (default `source`) to the
 /// medium on `tape=`, through the copy area on `scratch=`.
 pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
@@ -77,6 +89,17 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             return job_failed("backup", true, &e);
         }
     };
+    if let Err(e) = backup::source::read_header(&*source)
+        .map_err(backup::Error::Source)
+        .and_then(|h| {
+            enough_memory(
+                "backup",
+                backup::backup_memory(h.cluster_bits, source.info().bytes()),
+            )
+        })
+    {
+        return job_failed("backup", e.is_refusal(), &e);
+    }
     let mut progress = Progress::new();
     let start = clock::now_ns();
     let result = backup::backup(&*source, &*scratch, &*tape, &mut |s, d, t| {
@@ -86,12 +109,12 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     match result {
         Ok(s) => {
             log!(
-                "backup: {} bytes of data of a {}-byte disk, {} bytes on the medium ({} extents, {} runs in table 2) in {} ms",
+                "backup: {} bytes of data of a {}-byte disk, {} bytes on the medium ({} extents, {} runs in table 1) in {} ms",
                 s.data_bytes,
                 s.virtual_bytes,
                 s.medium_bytes,
                 s.extents,
-                s.table2_runs,
+                s.table1_runs,
                 (end - start) / 1_000_000
             );
             // An image without data has no copy stage.
@@ -102,7 +125,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
                 data_bytes = s.data_bytes,
                 medium_bytes = s.medium_bytes,
                 extents = s.extents,
-                table2_runs = s.table2_runs,
+                table1_runs = s.table1_runs,
                 copy_ns = copied - start,
                 stream_ns = end - copied,
                 total_ns = end - start
@@ -129,6 +152,16 @@ pub fn restore_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             return job_failed("restore", true, &e);
         }
     };
+    let mut head = alloc::vec![0u8; snapshot::backup::tape::HEADER_BYTES as usize];
+    let checked = tape
+        .read(0, &mut head)
+        .map_err(backup::Error::Io)
+        .and_then(|()| Ok(snapshot::backup::tape::Header::decode(&head)?))
+        .and_then(|h| enough_memory("restore", backup::restore_memory(h.layout.cluster_bits)));
+    // A medium too short for a header is refused by the restore itself.
+    if let Err(e @ backup::Error::TooLittleMemory { .. }) = checked {
+        return job_failed("restore", true, &e);
+    }
     let mut progress = Progress::new();
     let start = clock::now_ns();
     let result = backup::restore(&*tape, &*out, format, &mut |s, d, t| {

@@ -3,13 +3,15 @@
 
 mod common;
 
+use common::clusters;
 use common::{image, qemu_map, READABLE};
-use snapshot::backup::qcow2::{self, Cluster, Qcow2Error};
+use snapshot::backup::qcow2::{Cluster, Qcow2Error};
+use snapshot::backup::source::{self, Image};
 use snapshot::backup::{Error, Plan};
 use snapshot::devices::block::MemDisk;
 
-fn open(bytes: &[u8]) -> Result<qcow2::Image, Qcow2Error> {
-    qcow2::open(&MemDisk::from_bytes("img", bytes))
+fn open(bytes: &[u8]) -> Result<Image, Qcow2Error> {
+    source::open(&MemDisk::from_bytes("img", bytes), &mut |_| {})
 }
 
 fn error(bytes: &[u8]) -> String {
@@ -36,8 +38,9 @@ fn be64(b: &[u8], at: usize) -> u64 {
 #[test]
 fn mapping_agrees_with_qemu_img_map() {
     for name in READABLE {
-        let img = open(&image(&format!("{name}.qcow2"))).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let cs = img.table1.cluster_size();
+        let bytes = image(&format!("{name}.qcow2"));
+        let img = open(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cs = img.header.cluster_size();
         let mut from_qemu = Vec::new();
         for e in qemu_map(name) {
             if let Some(host) = e.host {
@@ -46,33 +49,31 @@ fn mapping_agrees_with_qemu_img_map() {
                 }
             }
         }
-        let ours: Vec<(u64, u64)> = img
-            .table1
-            .clusters()
+        let ours: Vec<(u64, u64)> = clusters(&bytes)
+            .into_iter()
             .filter_map(|(vc, c)| match c {
                 Cluster::Data(host) => Some((vc, host)),
                 Cluster::Zero => None,
             })
             .collect();
         assert_eq!(ours, from_qemu, "{name}");
-        assert_eq!(img.table1.data_clusters(), ours.len() as u64);
+        assert_eq!(img.data_clusters, ours.len() as u64);
     }
 }
 
 #[test]
 fn header_fields_are_read() {
-    let img = open(&image("scattered.qcow2")).unwrap();
+    let bytes = image("scattered.qcow2");
+    let img = open(&bytes).unwrap();
     assert_eq!(img.header.virtual_size, 32 << 20);
     assert_eq!(img.header.cluster_size(), 4096);
     assert_eq!(img.header.refcount_bits(), 16);
     assert_eq!(img.header.backing_file, None);
     // The 64 KiB write at 12M was a zero write: mapped, but as zeros.
-    assert_eq!(img.table1.lookup((12 << 20) / 4096), Some(Cluster::Zero));
-    assert_eq!(
-        img.table1.lookup(0),
-        img.table1.clusters().next().map(|c| c.1)
-    );
-    assert_eq!(img.table1.lookup(1 << 40), None);
+    let mapped = clusters(&bytes);
+    let lookup = |vc: u64| mapped.iter().find(|c| c.0 == vc).map(|c| c.1);
+    assert_eq!(lookup((12 << 20) / 4096), Some(Cluster::Zero));
+    assert!(matches!(lookup(0), Some(Cluster::Data(_))));
     let tiny = open(&image("tiny.qcow2")).unwrap();
     assert_eq!(
         (tiny.header.cluster_size(), tiny.header.refcount_bits()),
@@ -138,6 +139,32 @@ fn unsupported_features_are_named() {
 
 /// Hostile values in each field the reader follows get an error that
 /// names the field, never a panic.
+/// An offset that is aligned but lies past the end of the file is called
+/// that, with the figures; a misaligned one is called misaligned.
+#[test]
+fn offsets_past_the_end_and_misaligned_ones_are_told_apart() {
+    let base = image("scattered.qcow2");
+    let l1 = open(&base).unwrap().header.l1_offset as usize;
+    let len = base.len() as u64;
+    let mut b = base.clone();
+    put_be64(&mut b, l1, (1 << 63) | (len + 0x10000));
+    let err = error(&b);
+    assert_eq!(
+        err,
+        format!(
+            "invalid qcow2 image: L2 table 0 at {:#x} (+0x1000) lies past the end of the \
+             {len}-byte ({len:#x}) file",
+            len + 0x10000
+        )
+    );
+    let mut b = base.clone();
+    put_be64(&mut b, l1, (1 << 63) | 0x1200);
+    assert_eq!(
+        error(&b),
+        "invalid qcow2 image: L2 table 0 at 0x1200 is not aligned to the 4096-byte cluster"
+    );
+}
+
 #[test]
 fn hostile_fields_are_refused_by_name() {
     let base = image("scattered.qcow2");
@@ -192,7 +219,7 @@ fn hostile_fields_are_refused_by_name() {
         ),
         // A data cluster outside the file, and one misaligned.
         (
-            "host offset",
+            "lies past the end of the",
             Box::new(move |b| put_be64(b, first_l2 as usize, 0x10_0000_0000)),
         ),
         (

@@ -3,6 +3,8 @@
 
 use alloc::string::String;
 
+use snapshot::backup::BackupSummary;
+use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 
 use super::blk::{sequential, WINDOW};
@@ -18,7 +20,6 @@ use crate::log;
 /// 1 MiB writes and reads of the `tape` disk.
 pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
     use snapshot::backup::{backup as run_backup, restore, Format};
-    use snapshot::devices::block::BlockDevice;
     let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
     if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
         log!("bench-backup: {e}");
@@ -27,20 +28,9 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
     let [src, full, scratch, tape, out] = disks.map(|d| d.expect("checked above"));
     let mut quiet = |_, _, _| {};
 
-    // Baseline: raw sequential throughput of the medium's disk.
-    let span = (512u64 << 20).min(tape.info().bytes());
-    let mut buf = alloc::vec![0u8; WINDOW];
-    let t = now_ns();
-    let write = sequential(&*tape, &mut buf, (0, span), true);
-    let write_ns = now_ns() - t;
-    let t = now_ns();
-    let read = sequential(&*tape, &mut buf, (0, span), false);
-    let read_ns = now_ns() - t;
-    drop(buf);
-    if let Err(e) = write.and(read) {
-        log!("bench-backup: baseline: {e}");
+    let Some((span, write_ns, read_ns)) = medium_baseline(&*tape) else {
         return ExitCode::Failure;
-    }
+    };
     let mib_s = |bytes: u64, ns: u64| per_second(bytes, ns) >> 20;
 
     // Each step timed; the first error ends the benchmark.
@@ -88,7 +78,47 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         mib_s(span, write_ns),
         mib_s(span, read_ns)
     );
-    let fields: [(&str, String); 12] = [
+    let medium = (span, write_ns, read_ns);
+    print_json(&fields(
+        &sparse,
+        &all,
+        (backup_ns, all_ns, restore_ns),
+        medium,
+    ));
+    ExitCode::Success
+}
+
+/// The baseline: raw sequential 1 MiB writes then reads of up to 512 MiB
+/// of the medium's disk. Returns `(bytes, write ns, read ns)`, or `None`
+/// (logged) on an I/O error.
+fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)> {
+    let span = (512u64 << 20).min(tape.info().bytes());
+    let mut buf = alloc::vec![0u8; WINDOW];
+    let t = now_ns();
+    let write = sequential(tape, &mut buf, (0, span), true);
+    let write_ns = now_ns() - t;
+    let t = now_ns();
+    let read = sequential(tape, &mut buf, (0, span), false);
+    let read_ns = now_ns() - t;
+    match write.and(read) {
+        Ok(_) => Some((span, write_ns, read_ns)),
+        Err(e) => {
+            log!("bench-backup: baseline: {e}");
+            None
+        }
+    }
+}
+
+/// The JSON fields: the sparse backup, the all-data one, their times
+/// `(backup, all-data backup, restore)` and the medium's baseline.
+fn fields(
+    sparse: &BackupSummary,
+    all: &BackupSummary,
+    (backup_ns, all_ns, restore_ns): (u64, u64, u64),
+    (span, write_ns, read_ns): (u64, u64, u64),
+) -> [(&'static str, String); 12] {
+    let mib_s = |bytes: u64, ns: u64| alloc::format!("{}", per_second(bytes, ns) >> 20);
+    [
         ("bench", "\"backup\"".into()),
         ("virtual_bytes", alloc::format!("{}", sparse.virtual_bytes)),
         ("data_bytes", alloc::format!("{}", sparse.data_bytes)),
@@ -97,20 +127,9 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         ("all_data_backup_s", seconds(all_ns)),
         ("all_data_bytes", alloc::format!("{}", all.data_bytes)),
         ("restore_s", seconds(restore_ns)),
-        (
-            "backup_mib_s",
-            alloc::format!("{}", mib_s(sparse.data_bytes, backup_ns)),
-        ),
-        (
-            "restore_mib_s",
-            alloc::format!("{}", mib_s(sparse.data_bytes, restore_ns)),
-        ),
-        (
-            "seq_write_mib_s",
-            alloc::format!("{}", mib_s(span, write_ns)),
-        ),
-        ("seq_read_mib_s", alloc::format!("{}", mib_s(span, read_ns))),
-    ];
-    print_json(&fields);
-    ExitCode::Success
+        ("backup_mib_s", mib_s(sparse.data_bytes, backup_ns)),
+        ("restore_mib_s", mib_s(sparse.data_bytes, restore_ns)),
+        ("seq_write_mib_s", mib_s(span, write_ns)),
+        ("seq_read_mib_s", mib_s(span, read_ns)),
+    ]
 }

@@ -41,9 +41,10 @@ unsafe impl GlobalAlloc for KernelHeap {
     }
 }
 
-/// Heap size: a sixteenth of RAM, between 4 and 64 MiB.
+/// Heap size: a sixteenth of RAM, between 4 and 64 MiB (the host sizes
+/// backup jobs against the same figure).
 fn heap_size(managed_frames: u64) -> u64 {
-    (managed_frames * PAGE_SIZE / 16).clamp(4 << 20, 64 << 20) & !(PAGE_SIZE - 1)
+    snapshot::backup::guest_heap_bytes(managed_frames * PAGE_SIZE)
 }
 
 /// Gives the heap its memory.

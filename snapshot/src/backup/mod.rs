@@ -2,35 +2,51 @@
 //!
 //! The backup follows the method step by step:
 //!
-//! 1. **Table 1** is the source's own L1/L2 tables ([`qcow2::open`]).
+//! 1. **Table 1** is the source's own L1/L2 tables, walked from the
+//!    source a window at a time ([`source::Walk`]).
 //! 2. **Table 2** maps each virtual cluster holding data to a cluster of a
 //!    dense *copy area* on a scratch disk, in virtual order, with unused
-//!    entries dropped ([`table2`]). The copy area is sized to the data.
+//!    entries dropped ([`run::CopyRuns`]). The copy area is sized to the
+//!    data.
 //! 3. **Table 3** maps each copy cluster to the block of the medium that
-//!    will hold it ([`tape::Layout::table3`]).
+//!    will hold it ([`tape::Layout::extent`]).
 //! 4. **Copy**: each data cluster is read from the source (where table 1
 //!    says) and written to the copy area (where table 2 says).
-//! 5. **Stream**: header, table 1, table 2, then the copy area extent by
-//!    extent (where table 3 says) and a trailer go to the medium in one
-//!    sequential pass, followed by a flush.
+//! 5. **Stream**: header, table 1 (its data runs only), then the copy
+//!    area extent by extent (where table 3 says) and a trailer go to the
+//!    medium in one sequential pass, followed by a flush.
 //!
 //! [`restore`] reads the medium front to back, checks every checksum and
 //! table, and writes a raw image or a fresh qcow2 image.
+//!
+//! Memory is bounded by design: no table is ever held whole, only
+//! windows of it, so neither the virtual size nor the size of the tables
+//! changes what a job needs. A backup needs [`engine::backup_memory`]
+//! (a few MiB, plus one bit per host cluster of the source file while it
+//! is checked); a restore [`engine::restore_memory`]. The kernel refuses
+//! a job it cannot give that much before the job starts.
 //!
 //! The engine works on [`BlockDevice`](crate::devices::block::BlockDevice)s, so host tests run it on
 //! in-memory disks and the kernel on virtio-blk disks. It must never write
 //! to the source, and never write the medium anywhere but at the end of
 //! what it has written so far.
 //!
-//! The subsystem's parts: [`qcow2`] reads (and, for restore, lays out) qcow2
-//! images, [`tape`] is the medium format, [`engine`] runs the steps.
+//! The subsystem's parts: [`qcow2`] decodes qcow2 headers and entries,
+//! [`source`] walks and checks a source image, [`newimage`] lays out and
+//! writes a new qcow2 image, [`tape`] is the medium's frame, [`table`]
+//! its tables, [`engine`] and [`restore`](mod@restore) run the steps.
 
 pub mod engine;
+pub mod newimage;
 pub mod qcow2;
+pub mod restore;
 pub mod run;
+pub mod source;
+pub mod table;
 pub mod tape;
 
 pub use engine::{
-    backup, restore, table2, BackupSummary, Error, Format, Front, Plan, Progress, RestoreSummary,
+    backup, backup_memory, guest_heap_bytes, restore_memory, BackupSummary, Error, Plan, Progress,
     Stage,
 };
+pub use restore::{restore, Format, Front, RestoreSummary};

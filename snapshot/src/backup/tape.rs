@@ -28,7 +28,6 @@ use core::fmt;
 
 use twox_hash::XxHash64;
 
-use super::qcow2::{L2Table, Table1};
 pub use super::run::Run;
 
 /// The first eight bytes of a medium.
@@ -37,8 +36,10 @@ pub const MAGIC: [u8; 8] = *b"SNAPTAPE";
 pub const EXTENT_MAGIC: [u8; 8] = *b"SNAPTEXT";
 /// The first eight bytes of the trailer.
 pub const TRAILER_MAGIC: [u8; 8] = *b"SNAPTEND";
-/// The format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format this build writes.
+pub const VERSION: u32 = 2;
+/// The oldest format this build still reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Bytes of the header.
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of an extent header, and of the trailer.
@@ -72,7 +73,7 @@ impl fmt::Display for MediumError {
             MediumError::NotAMedium => f.write_str("not a backup medium (bad magic)"),
             MediumError::UnknownVersion(v) => write!(
                 f,
-                "unknown medium version {v} (this build reads version {VERSION})"
+                "unknown medium version {v} (this build reads versions {OLDEST_VERSION} to {VERSION})"
             ),
             MediumError::BadChecksum(what) => write!(f, "bad checksum: {what}"),
             MediumError::MissingTrailer(why) => write!(f, "missing trailer: {why}"),
@@ -189,8 +190,13 @@ impl Layout {
 /// The header: the layout and what the stream describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The format: [`VERSION`], or an older one being read.
+    pub version: u32,
     /// The stream's layout.
     pub layout: Layout,
+    /// Runs in table 1 (version 2; 0 in version 1, whose table 1 is the
+    /// source's whole L1 and L2 tables).
+    pub table1_runs: u64,
     /// The source's virtual size in bytes.
     pub virtual_size: u64,
     /// The source file's length in bytes (table 1's offsets lie below it).
@@ -207,7 +213,7 @@ impl Header {
         let l = &self.layout;
         let mut b = alloc::vec![0u8; HEADER_BYTES as usize];
         b[..8].copy_from_slice(&MAGIC);
-        put32(&mut b, 8, VERSION);
+        put32(&mut b, 8, self.version);
         put32(&mut b, 12, HEADER_BYTES as u32);
         put32(&mut b, 16, l.cluster_bits);
         put32(&mut b, 20, l.extent_clusters() as u32);
@@ -223,6 +229,7 @@ impl Header {
         put64(&mut b, 96, l.extents());
         put64(&mut b, 104, l.stream_bytes());
         put64(&mut b, 112, self.source_bytes);
+        put64(&mut b, 120, self.table1_runs);
         let sum = checksum(&b[..4088]);
         put64(&mut b, 4088, sum);
         b
@@ -235,7 +242,7 @@ impl Header {
             return Err(MediumError::NotAMedium);
         }
         let version = le32(b, 8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(MediumError::UnknownVersion(version));
         }
         if checksum(&b[..4088]) != le64(b, 4088) {
@@ -250,6 +257,8 @@ impl Header {
             )));
         }
         let header = Header {
+            version,
+            table1_runs: if version == 1 { 0 } else { le64(b, 120) },
             layout: Layout {
                 cluster_bits,
                 data_clusters: le64(b, 32),
@@ -269,6 +278,8 @@ impl Header {
             || l.data_clusters > header.virtual_size.div_ceil(l.cluster_size())
             || l.table1_bytes > limit
             || l.table2_runs > l.data_clusters
+            || header.table1_runs > l.data_clusters
+            || (version >= 2 && l.table2_runs != 0)
         {
             return Err(MediumError::Inconsistent(
                 "sizes in the header are out of range".into(),
@@ -295,147 +306,6 @@ impl Header {
             }
         }
         Ok(header)
-    }
-}
-
-/// Encodes table 1 into `out` (exactly [`table1_bytes`] long): `[l1
-/// entries u64][l2 tables u64]`, the L1 entries, then each L2 table as
-/// `[l1 index u64][entries]`. Entry values are as qcow2 defines them.
-pub fn encode_table1(t: &Table1, out: &mut [u8]) {
-    debug_assert_eq!(out.len() as u64, table1_bytes(t));
-    let mut words = out.chunks_exact_mut(8);
-    let mut put = |v: u64| {
-        if let Some(w) = words.next() {
-            w.copy_from_slice(&v.to_le_bytes());
-        }
-    };
-    put(t.l1.len() as u64);
-    put(t.l2.len() as u64);
-    t.l1.iter().for_each(|&e| put(e));
-    for table in &t.l2 {
-        put(u64::from(table.l1_index));
-        table.entries.iter().for_each(|&e| put(e));
-    }
-}
-
-/// Bytes [`encode_table1`] writes.
-pub fn table1_bytes(t: &Table1) -> u64 {
-    16 + 8 * t.l1.len() as u64 + t.l2.len() as u64 * (8 + t.cluster_size())
-}
-
-/// Decodes and checks table 1 (see [`Table1::new`]).
-pub fn decode_table1(b: &[u8], header: &Header) -> Result<Table1, MediumError> {
-    let bad = |what: &str| MediumError::Inconsistent(format!("table 1: {what}"));
-    if b.len() < 16 {
-        return Err(bad("too short"));
-    }
-    let (l1_len, l2_len) = (le64(b, 0), le64(b, 8));
-    let cs = header.layout.cluster_size();
-    let per_l2 = cs / 8;
-    let want = l1_len
-        .checked_mul(8)
-        .and_then(|l1| l2_len.checked_mul(8 + cs)?.checked_add(l1 + 16));
-    if want != Some(b.len() as u64) {
-        return Err(bad("its counts do not match its length"));
-    }
-    let words =
-        |at: usize, n: u64| -> Vec<u64> { (0..n as usize).map(|i| le64(b, at + 8 * i)).collect() };
-    let l1 = words(16, l1_len);
-    let mut at = 16 + 8 * l1_len as usize;
-    let mut l2 = Vec::with_capacity(l2_len as usize);
-    for _ in 0..l2_len {
-        let l1_index = le64(b, at);
-        let l1_index = u32::try_from(l1_index).map_err(|_| bad("L1 index out of range"))?;
-        l2.push(L2Table {
-            l1_index,
-            entries: words(at + 8, per_l2),
-        });
-        at += 8 + cs as usize;
-    }
-    Table1::new(
-        header.layout.cluster_bits,
-        header.virtual_size,
-        l1,
-        l2,
-        header.source_bytes,
-    )
-    .map_err(|e| bad(&format!("{e}")))
-}
-
-/// Encodes table 2 runs into `out` (24 bytes per run) as `[from u64][to
-/// u64][len u64]` each.
-pub fn encode_runs(runs: &[Run], out: &mut [u8]) {
-    for (r, b) in runs.iter().zip(out.chunks_exact_mut(24)) {
-        put64(b, 0, r.from);
-        put64(b, 8, r.to);
-        put64(b, 16, r.len);
-    }
-}
-
-/// Decodes table 2 and checks it against table 1: runs ascend without
-/// overlap, copy clusters are `0..data_clusters` in order, and the
-/// virtual clusters named are exactly table 1's data clusters.
-pub fn decode_table2(b: &[u8], header: &Header, t1: &Table1) -> Result<Vec<Run>, MediumError> {
-    let bad = |what: String| MediumError::Inconsistent(format!("table 2: {what}"));
-    if b.len() as u64 != header.layout.table2_bytes() {
-        return Err(bad("wrong length".into()));
-    }
-    let runs: Vec<Run> = b
-        .chunks_exact(24)
-        .map(|r| Run {
-            from: le64(r, 0),
-            to: le64(r, 8),
-            len: le64(r, 16),
-        })
-        .collect();
-    check_table2(&runs, t1, header.layout.data_clusters).map_err(bad)?;
-    Ok(runs)
-}
-
-/// The consistency rule of table 2 against table 1, shared by the writer's
-/// tests and the reader: see [`decode_table2`].
-pub fn check_table2(runs: &[Run], t1: &Table1, data_clusters: u64) -> Result<(), String> {
-    use crate::backup::qcow2::Cluster;
-    let mut next_copy = 0u64;
-    let mut next_virtual = 0u64;
-    for r in runs {
-        if r.len == 0 || r.from < next_virtual || r.to != next_copy {
-            return Err(format!(
-                "run {:?} is empty, out of order or leaves a gap in the copy",
-                r
-            ));
-        }
-        let end = r.from.checked_add(r.len).ok_or("run overflows")?;
-        if end > t1.virtual_clusters() {
-            return Err(format!("run {r:?} ends past the virtual size"));
-        }
-        next_virtual = end;
-        next_copy += r.len;
-    }
-    if next_copy != data_clusters {
-        return Err(format!(
-            "{next_copy} copy clusters, the header says {data_clusters}"
-        ));
-    }
-    // Both lists ascend: walk them together.
-    let mut mapped = runs.iter().flat_map(|r| r.from..r.from + r.len);
-    for (vc, c) in t1.clusters() {
-        if let Cluster::Data(_) = c {
-            match mapped.next() {
-                Some(m) if m == vc => {}
-                Some(m) => {
-                    return Err(format!(
-                        "virtual cluster {} is data in table 1 but table 2 has {m} next",
-                        vc
-                    ))
-                }
-                None => return Err(format!("virtual cluster {vc} is data but has no copy")),
-            }
-        }
-    }
-    match mapped.next() {
-        Some(m) => Err(format!("virtual cluster {m} has a copy but no data")),
-        None => Ok(()),
     }
 }
 

@@ -158,7 +158,7 @@ pub fn plan(d: &Demand<'_>) -> Result<Plan, PlanError> {
         index_frames: d.ram.iter().map(|r| r.end).max().unwrap_or(0),
         shadow_pds: units_holding(d.ram, FRAMES_PER_GIB),
         shadow_pts: units_holding(d.ram, FRAMES_PER_REGION),
-        map_pages: pages(crate::copyonce::words_for(universe) as u64 * 8),
+        map_pages: pages(super::words_for(universe) as u64 * 8),
         sample_pages: pages(SAMPLE_CAPACITY * SAMPLE_WORDS * 8),
         stack_pages: pages(PAUSE_STACK_BYTES),
         ..Plan::default()

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use snapshot::backup::{self, Format};
+use snapshot::backup::{self, source, Format};
 use snapshot::devices::block::MemDisk;
 
 /// A corpus image's bytes.
@@ -103,14 +103,27 @@ pub fn restore_tape(stream: &[u8], format: Format) -> Result<Vec<u8>, backup::Er
     Ok(bytes)
 }
 
+/// Every mapped virtual cluster of a qcow2 image and what it holds, read
+/// with this crate's reader.
+pub fn clusters(qcow2: &[u8]) -> Vec<(u64, snapshot::backup::qcow2::Cluster)> {
+    let disk = MemDisk::from_bytes("img", qcow2);
+    let img = source::open(&disk, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let mut walk = img.walk(&disk).unwrap();
+    let mut all = Vec::new();
+    while let Some(c) = walk.next_cluster().unwrap() {
+        all.push(c);
+    }
+    all
+}
+
 /// What a qcow2 image's guest sees, read with this crate's reader.
 pub fn read_guest(qcow2: &[u8]) -> Vec<u8> {
     use snapshot::backup::qcow2::Cluster;
     let disk = MemDisk::from_bytes("img", qcow2);
-    let img = snapshot::backup::qcow2::open(&disk).unwrap_or_else(|e| panic!("{e}"));
-    let cs = img.table1.cluster_size() as usize;
+    let img = source::open(&disk, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let cs = img.header.cluster_size() as usize;
     let mut view = vec![0u8; img.header.virtual_size as usize];
-    for (vc, c) in img.table1.clusters() {
+    for (vc, c) in clusters(qcow2) {
         if let Cluster::Data(host) = c {
             let at = vc as usize * cs;
             let n = cs.min(view.len() - at);

@@ -1,0 +1,408 @@
+//! The source image's first address table (its L1 and L2 tables), walked
+//! straight off the device a window at a time, and the checks that make
+//! an image safe to back up ([`open`]).
+//!
+//! Memory is bounded by design: the walk holds one window of the L1
+//! table ([`TABLE_WINDOW`] bytes) and one L2 table (a cluster, at most
+//! 2 MiB), whatever the virtual size or the number of tables. [`open`]
+//! adds the refcount checks (one window of the refcount table, one
+//! refcount block) and a map of the file's host clusters, one bit each, to
+//! catch two users of one cluster: [`open_memory`] is the whole figure,
+//! known from the header before anything else is allocated.
+//!
+//! This module must never write to the image it reads, and must never
+//! hold a table whole.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::qcow2::{
+    self, be32, be64, buffer, host_of, invalid, l1_entry, l2_entry, placed, Cluster, Header,
+    Qcow2Error, V3_HEADER_LEN,
+};
+use super::run::{Joiner, Run, Runs};
+use crate::devices::block::{read_bytes, BlockDevice};
+
+/// Bytes of the L1 and refcount tables read at a time.
+pub const TABLE_WINDOW: u64 = 64 << 10;
+
+/// Reads entries of an on-disk table of big-endian `u64`s a window at a
+/// time, in ascending order.
+struct TableWindow {
+    offset: u64,
+    entries: u64,
+    buf: Vec<u8>,
+    first: u64,
+    have: u64,
+}
+
+impl TableWindow {
+    fn new(offset: u64, entries: u64, what: &str) -> Result<TableWindow, Qcow2Error> {
+        Ok(TableWindow {
+            offset,
+            entries,
+            buf: buffer((entries * 8).min(TABLE_WINDOW), what)?,
+            first: 0,
+            have: 0,
+        })
+    }
+
+    /// Entry `i` (`None` past the table's end).
+    fn get<D: BlockDevice + ?Sized>(&mut self, dev: &D, i: u64) -> Result<Option<u64>, Qcow2Error> {
+        if i >= self.entries {
+            return Ok(None);
+        }
+        if !(self.first..self.first + self.have).contains(&i) {
+            let n = (self.buf.len() as u64 / 8).min(self.entries - i);
+            read_bytes(dev, self.offset + i * 8, &mut self.buf[..(n * 8) as usize])?;
+            (self.first, self.have) = (i, n);
+        }
+        Ok(Some(be64(&self.buf, ((i - self.first) * 8) as usize)))
+    }
+}
+
+/// Table 1 of a source image, walked from its device: every mapped
+/// virtual cluster in ascending order ([`Walk::next_cluster`]), or the data
+/// clusters as runs of consecutive virtual and host clusters ([`Runs`];
+/// `to` is the host cluster, the host offset over the cluster size).
+pub struct Walk<'d, D: ?Sized> {
+    dev: &'d D,
+    cs: u64,
+    vclusters: u64,
+    l1_used: u64,
+    file_len: u64,
+    l1: TableWindow,
+    next_l1: u64,
+    l2: Vec<u8>,
+    base: u64,
+    next_j: u64,
+    pending: Joiner,
+    claims: Option<Claims>,
+}
+
+impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
+    /// A walk over the tables of the image `header` describes, `file_len`
+    /// bytes long, on `dev`.
+    pub fn new(dev: &'d D, header: &Header, file_len: u64) -> Result<Self, Qcow2Error> {
+        let cs = header.cluster_size();
+        let l1_used = header.virtual_clusters().div_ceil(cs / 8);
+        Ok(Walk {
+            dev,
+            cs,
+            vclusters: header.virtual_clusters(),
+            l1_used,
+            file_len,
+            l1: TableWindow::new(header.l1_offset, l1_used, "L1 table window")?,
+            next_l1: 0,
+            l2: buffer(cs, "L2 table")?,
+            base: 0,
+            next_j: cs / 8,
+            pending: Joiner::default(),
+            claims: None,
+        })
+    }
+
+    /// Loads the next L2 table; `false` when none is left.
+    fn next_table(&mut self) -> Result<bool, Qcow2Error> {
+        while self.next_l1 < self.l1_used {
+            let i = self.next_l1;
+            self.next_l1 += 1;
+            let entry = self.l1.get(self.dev, i)?.unwrap_or(0);
+            let offset = l1_entry(i, entry)?;
+            if offset == 0 {
+                continue;
+            }
+            placed(
+                &format!("L2 table {i}"),
+                offset,
+                self.cs,
+                self.cs,
+                self.file_len,
+            )?;
+            if let Some(claims) = &mut self.claims {
+                claims.claim(&|| format!("L2 table {i} at {offset:#x}"), offset, self.cs)?;
+            }
+            read_bytes(self.dev, offset, &mut self.l2)?;
+            (self.base, self.next_j) = (i * (self.cs / 8), 0);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The next mapped virtual cluster and what it holds.
+    pub fn next_cluster(&mut self) -> Result<Option<(u64, Cluster)>, Qcow2Error> {
+        loop {
+            if self.next_j == self.cs / 8 && !self.next_table()? {
+                return Ok(None);
+            }
+            let (j, vc) = (self.next_j, self.base + self.next_j);
+            self.next_j += 1;
+            if vc >= self.vclusters {
+                self.next_j = self.cs / 8;
+                continue;
+            }
+            let entry = be64(&self.l2, (j * 8) as usize);
+            let cluster = l2_entry(entry, vc, self.cs, self.file_len)?;
+            let host = host_of(entry);
+            if let (Some(claims), true) = (&mut self.claims, host != 0) {
+                // Data, or a preallocated zero cluster, which still owns
+                // its host cluster.
+                let cs = self.cs;
+                let what = || format!("the cluster for virtual offset {:#x}", vc * cs);
+                claims.claim(&what, host, cs.min(self.file_len - host))?;
+            }
+            if let Some(c) = cluster {
+                return Ok(Some((vc, c)));
+            }
+        }
+    }
+}
+
+impl<D: BlockDevice + ?Sized> Runs<Qcow2Error> for Walk<'_, D> {
+    fn next_run(&mut self) -> Result<Option<Run>, Qcow2Error> {
+        let bits = self.cs.trailing_zeros();
+        while let Some((vc, c)) = self.next_cluster()? {
+            let Cluster::Data(host) = c else { continue };
+            let r = Run {
+                from: vc,
+                to: host >> bits,
+                len: 1,
+            };
+            if let Some(done) = self.pending.add(r) {
+                return Ok(Some(done));
+            }
+        }
+        Ok(self.pending.finish())
+    }
+}
+
+/// A qcow2 image, read and checked; its tables stay on the device.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Its header.
+    pub header: Header,
+    /// The file's length as the reader saw it.
+    pub file_len: u64,
+    /// Virtual clusters holding data.
+    pub data_clusters: u64,
+    /// Runs of table 1 (data clusters consecutive in both the virtual
+    /// disk and the file).
+    pub runs: u64,
+}
+
+impl Image {
+    /// Walks its table 1 again, on the device it was opened from.
+    pub fn walk<'d, D: BlockDevice + ?Sized>(&self, dev: &'d D) -> Result<Walk<'d, D>, Qcow2Error> {
+        Walk::new(dev, &self.header, self.file_len)
+    }
+}
+
+/// Bytes of memory [`open`] needs at most for an image of `file_len`
+/// bytes with clusters of `1 << cluster_bits`: the host cluster map, one
+/// L2 table and one refcount block, two table windows, the first cluster.
+pub fn open_memory(cluster_bits: u32, file_len: u64) -> u64 {
+    let cs = 1u64 << cluster_bits;
+    claims_bytes(file_len, cluster_bits) + 3 * cs + 2 * TABLE_WINDOW
+}
+
+/// Reads the header of the image on `dev` (its whole capacity is the file).
+pub fn read_header<D: BlockDevice + ?Sized>(dev: &D) -> Result<Header, Qcow2Error> {
+    let file_len = dev.info().bytes();
+    if file_len < u64::from(V3_HEADER_LEN) {
+        return Err(Qcow2Error::NotQcow2);
+    }
+    let mut first = alloc::vec![0u8; V3_HEADER_LEN as usize];
+    read_bytes(dev, 0, &mut first)?;
+    if be32(&first, 0) != qcow2::MAGIC {
+        return Err(Qcow2Error::NotQcow2);
+    }
+    let cluster_bits = be32(&first, 20);
+    if (qcow2::MIN_CLUSTER_BITS..=qcow2::MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        first = buffer((1u64 << cluster_bits).min(file_len), "header cluster")?;
+        read_bytes(dev, 0, &mut first)?;
+    }
+    Header::parse(&first, file_len)
+}
+
+/// Reads the image on `dev` and checks it: header, L1 and L2 tables,
+/// refcount structures. `on_run` sees each run of table 1 as the walk
+/// finds it (so a caller can size and checksum what it derives from the
+/// table without a second walk).
+pub fn open<D: BlockDevice + ?Sized>(
+    dev: &D,
+    on_run: &mut dyn FnMut(&Run),
+) -> Result<Image, Qcow2Error> {
+    let file_len = dev.info().bytes();
+    let header = read_header(dev)?;
+    let cs = header.cluster_size();
+    let mut claims = Claims::new(file_len, header.cluster_bits)?;
+    claims.claim(&|| "the header".into(), 0, 1)?;
+    let pieces = [
+        (
+            "the refcount table",
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters) * cs,
+        ),
+        (
+            "the L1 table",
+            header.l1_offset,
+            u64::from(header.l1_size) * 8,
+        ),
+        (
+            "the snapshot table",
+            header.snapshots_offset,
+            u64::from(header.nb_snapshots) * 40,
+        ),
+    ];
+    for (what, offset, len) in pieces {
+        if len > 0 {
+            claims.claim(&|| String::from(what), offset, len)?;
+        }
+    }
+    let mut walk = Walk::new(dev, &header, file_len)?;
+    walk.claims = Some(claims);
+    let (mut data_clusters, mut runs) = (0, 0);
+    while let Some(r) = walk.next_run()? {
+        on_run(&r);
+        data_clusters += r.len;
+        runs += 1;
+    }
+    let mut claims = walk.claims.take().expect("set above");
+    drop(walk);
+    check_refcounts(dev, &header, &mut claims, file_len)?;
+    Ok(Image {
+        header,
+        file_len,
+        data_clusters,
+        runs,
+    })
+}
+
+fn claims_bytes(file_len: u64, cluster_bits: u32) -> u64 {
+    file_len.div_ceil(1 << cluster_bits).div_ceil(64) * 8
+}
+
+/// Host clusters the image uses, to catch two users of one cluster.
+struct Claims {
+    bits: Vec<u64>,
+    cluster_bits: u32,
+}
+
+impl Claims {
+    fn new(file_len: u64, cluster_bits: u32) -> Result<Claims, Qcow2Error> {
+        let words = claims_bytes(file_len, cluster_bits) / 8;
+        let bits = crate::support::try_filled(words, 0u64).ok_or_else(|| {
+            Qcow2Error::TooLarge(format!(
+                "a map of the file's host clusters needs {} bytes",
+                words * 8
+            ))
+        })?;
+        Ok(Claims { bits, cluster_bits })
+    }
+
+    fn used(&self, c: u64) -> bool {
+        self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    /// Claims the clusters of `[offset, offset + len)` for `what`.
+    fn claim(
+        &mut self,
+        what: &dyn Fn() -> String,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Qcow2Error> {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        for c in first..=last {
+            let (w, b) = ((c / 64) as usize, c % 64);
+            let word = self
+                .bits
+                .get_mut(w)
+                .ok_or_else(|| invalid(format!("{} lies outside the file", what())))?;
+            if *word & (1 << b) != 0 {
+                return Err(invalid(format!(
+                    "{} overlaps other metadata or data at host cluster {:#x}",
+                    what(),
+                    c << self.cluster_bits
+                )));
+            }
+            *word |= 1 << b;
+        }
+        Ok(())
+    }
+}
+
+/// The refcount of entry `k` of a refcount block `bits` wide.
+fn refcount(block: &[u8], bits: u64, k: u64) -> u64 {
+    let bit = k * bits;
+    let at = (bit / 8) as usize;
+    match bits {
+        64 => be64(block, at),
+        32 => u64::from(be32(block, at)),
+        16 => u64::from(u16::from_be_bytes([block[at], block[at + 1]])),
+        8 => u64::from(block[at]),
+        // Sub-byte widths count from the least significant bit.
+        _ => u64::from(block[at] >> (bit % 8)) & ((1 << bits) - 1),
+    }
+}
+
+/// Reads the refcount table (a window at a time) and blocks: each block is
+/// placed and claimed, and every cluster the image uses has a refcount of
+/// at least one.
+fn check_refcounts<D: BlockDevice + ?Sized>(
+    dev: &D,
+    header: &Header,
+    claims: &mut Claims,
+    file_len: u64,
+) -> Result<(), Qcow2Error> {
+    let cs = header.cluster_size();
+    let entries = u64::from(header.refcount_table_clusters) * cs / 8;
+    let mut table = TableWindow::new(header.refcount_table_offset, entries, "refcount table")?;
+    for i in 0..entries {
+        let entry = table.get(dev, i)?.unwrap_or(0);
+        if entry & qcow2::REFTABLE_RESERVED != 0 {
+            return Err(invalid(format!(
+                "refcount table entry {i} ({entry:#x}) has reserved bits set"
+            )));
+        }
+        if entry != 0 {
+            placed(&format!("refcount block {i}"), entry, cs, cs, file_len)?;
+            claims.claim(&|| format!("refcount block {i} at {entry:#x}"), entry, cs)?;
+        }
+    }
+    let bits = u64::from(header.refcount_bits());
+    let per_block = cs * 8 / bits;
+    let mut block = buffer(cs, "refcount block")?;
+    let mut loaded = u64::MAX;
+    for c in (0..file_len.div_ceil(cs)).filter(|&c| claims.used(c)) {
+        let b = c / per_block;
+        if b != loaded {
+            match table.get(dev, b)? {
+                Some(offset) if offset != 0 => read_bytes(dev, offset, &mut block)?,
+                _ => {
+                    return Err(invalid(format!(
+                        "host cluster {:#x} is in use but has no refcount block",
+                        c * cs
+                    )))
+                }
+            }
+            loaded = b;
+        }
+        if refcount(&block, bits, c % per_block) == 0 {
+            return Err(invalid(format!(
+                "host cluster {:#x} is in use but its refcount is 0",
+                c * cs
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl<D: ?Sized> core::fmt::Debug for Walk<'_, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Walk")
+            .field("next_l1", &self.next_l1)
+            .finish_non_exhaustive()
+    }
+}
