@@ -158,7 +158,7 @@ impl<'t> VolumeStream<'t> {
 
     /// Writes the trailer after the last extent and flushes the tape;
     /// returns the stream's length.
-    pub fn finish(self) -> Result<u64, Error> {
+    pub fn finish(&mut self) -> Result<u64, Error> {
         assert!(self.next_extent().is_none(), "extents left to write");
         let l = &self.layout;
         debug_assert_eq!(self.written, l.trailer_offset());
