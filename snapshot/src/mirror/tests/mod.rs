@@ -221,3 +221,39 @@ fn a_failing_primary_fails_only_the_requests_it_hits() {
     p.heal();
     write(&m, 30, 1, 6).unwrap();
 }
+
+/// The workload, the copier and a backup on three threads at once: the
+/// tape is the primary at the split instant, whatever the interleaving.
+#[test]
+fn workload_copier_and_backup_race_to_the_same_instant() {
+    for round in 0..8u64 {
+        let (p, s, c) = pair(256);
+        let (m, _) = Mirror::open(disks(&p, &s, &c), OPTS, relax).unwrap();
+        write(&m, 0, 256, 2).unwrap();
+        pump_all(&m);
+        write(&m, 0, 256, 3).unwrap();
+        let instant = versions(&p.contents());
+        m.split().unwrap();
+        let tape = MemDisk::new("tape", 2048);
+        let via = if round % 2 == 0 { Via::Memory } else { Via::Secondary };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for k in 0..400u64 {
+                    let at = (k * 37 + round * 11) % 255;
+                    write(&m, at, 2, 10 + k).unwrap();
+                }
+            });
+            scope.spawn(|| while m.copy(3).unwrap() > 0 {});
+            let mut job = BackupJob::start(&m, &tape, via).unwrap();
+            while job.step().unwrap().is_some() {}
+            job.finish().unwrap();
+        });
+        let out = MemDisk::new("out", 256);
+        crate::backup::restore(&tape, &out, crate::backup::Format::Raw, &mut |_, _, _| {})
+            .unwrap();
+        assert_eq!(versions(&out.contents()), instant, "round {round}");
+        assert!(m.copy_complete());
+        let stats = m.copy_stats();
+        assert_eq!(stats.copied(), 128, "every lagging block copied exactly once");
+    }
+}
