@@ -39,6 +39,7 @@ mod exceptions;
 mod ktest;
 mod log;
 mod memsnap;
+mod mirror;
 mod scenario;
 mod sleep_mutex;
 #[allow(unsafe_code)]

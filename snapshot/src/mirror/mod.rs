@@ -104,6 +104,8 @@ pub enum Refusal {
     Busy(&'static str),
     /// The pair is suspended, or the split broken: the reason.
     Suspended(String),
+    /// Bad input around the mirror (a missing disk, a bad parameter).
+    Input(String),
 }
 
 impl fmt::Display for Refusal {
@@ -136,6 +138,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Busy(what) => write!(f, "{what} is running"),
             Refusal::Suspended(why) => write!(f, "the pair is suspended ({why}); resync first"),
+            Refusal::Input(why) => f.write_str(why),
         }
     }
 }

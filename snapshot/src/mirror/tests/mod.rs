@@ -235,7 +235,11 @@ fn workload_copier_and_backup_race_to_the_same_instant() {
         let instant = versions(&p.contents());
         m.split().unwrap();
         let tape = MemDisk::new("tape", 2048);
-        let via = if round % 2 == 0 { Via::Memory } else { Via::Secondary };
+        let via = if round % 2 == 0 {
+            Via::Memory
+        } else {
+            Via::Secondary
+        };
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for k in 0..400u64 {
@@ -249,11 +253,14 @@ fn workload_copier_and_backup_race_to_the_same_instant() {
             job.finish().unwrap();
         });
         let out = MemDisk::new("out", 256);
-        crate::backup::restore(&tape, &out, crate::backup::Format::Raw, &mut |_, _, _| {})
-            .unwrap();
+        crate::backup::restore(&tape, &out, crate::backup::Format::Raw, &mut |_, _, _| {}).unwrap();
         assert_eq!(versions(&out.contents()), instant, "round {round}");
         assert!(m.copy_complete());
         let stats = m.copy_stats();
-        assert_eq!(stats.copied(), 128, "every lagging block copied exactly once");
+        assert_eq!(
+            stats.copied(),
+            128,
+            "every lagging block copied exactly once"
+        );
     }
 }
