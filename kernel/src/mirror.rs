@@ -286,14 +286,18 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     );
     let _ = written;
     crate::trace!(
-        "mirror.done",
+        "mirror.backup",
         medium_bytes = summary.medium_bytes,
         on_demand = summary.on_demand,
         copier_blocks = copied,
-        resync_bytes = marked * m.geometry().block_bytes,
         mismatched_blocks = bad_blocks,
         verified = u64::from(reference_hashes.is_some()),
-        backup_ns = backup_ns,
+        backup_ns = backup_ns
+    );
+    crate::trace!(
+        "mirror.done",
+        medium_bytes = summary.medium_bytes,
+        resync_bytes = marked * m.geometry().block_bytes,
         in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
     );
     crate::trace::flush();

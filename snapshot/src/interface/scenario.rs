@@ -229,7 +229,7 @@ pub const ALL: &[Description] = &[
         help: "pair (resync), split under a write workload, back up the split instant during the copy to FILE, resync",
         mem_mib: BACKUP_MEM,
         benchmark: false,
-        emits: &["mirror.opened", "mirror.progress", "mirror.split", "mirror.done", FAILED, REFUSED],
+        emits: &["mirror.opened", "mirror.progress", "mirror.split", "mirror.backup", "mirror.done", FAILED, REFUSED],
         ends_with: Some("mirror.done"),
     },
 ];
