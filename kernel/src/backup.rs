@@ -91,12 +91,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     };
     if let Err(e) = backup::source::read_header(&*source)
         .map_err(backup::Error::Source)
-        .and_then(|h| {
-            enough_memory(
-                "backup",
-                backup::backup_memory(h.cluster_bits, source.info().bytes()),
-            )
-        })
+        .and_then(|h| enough_memory("backup", backup::backup_memory(&h, source.info().bytes())))
     {
         return job_failed("backup", e.is_refusal(), &e);
     }
