@@ -681,7 +681,8 @@ fn seconds(ns: u64) -> String {
 /// The baselines, in the same boot: that all-data backup, and sequential
 /// 1 MiB writes and reads of the `tape` disk.
 pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
-    use snapshot::backup::{backup as run_backup, restore, Format};
+    use crate::backup::run_backup;
+    use snapshot::backup::{restore, Format};
     use snapshot::devices::block::BlockDevice;
     let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
     if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
@@ -720,8 +721,10 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
             .map_err(|e| log!("bench-backup: {what}: {e}"))
             .ok()
     }
+    crate::memory::heap::reset_peak();
     let steps = timed("backup", || {
-        run_backup(&*src, &*scratch, &*tape, &mut quiet)
+        let done = run_backup(&*src, &*scratch, &*tape, &mut quiet);
+        Ok((done?, crate::memory::heap::peak()))
     })
     .and_then(|backup| {
         let restored = timed("restore", || {
@@ -732,7 +735,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         })?;
         Some((backup, restored.1, all))
     });
-    let Some(((sparse, backup_ns), restore_ns, (all, all_ns))) = steps else {
+    let Some((((sparse, peak_heap), backup_ns), restore_ns, (all, all_ns))) = steps else {
         return ExitCode::Failure;
     };
     log!(
@@ -752,7 +755,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         mib_s(span, write_ns),
         mib_s(span, read_ns)
     );
-    let fields: [(&str, String); 12] = [
+    let fields: [(&str, String); 13] = [
         ("bench", "\"backup\"".into()),
         ("virtual_bytes", alloc::format!("{}", sparse.virtual_bytes)),
         ("data_bytes", alloc::format!("{}", sparse.data_bytes)),
@@ -774,6 +777,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
             alloc::format!("{}", mib_s(span, write_ns)),
         ),
         ("seq_read_mib_s", alloc::format!("{}", mib_s(span, read_ns))),
+        ("peak_kernel_heap_bytes", alloc::format!("{peak_heap}")),
     ];
     print_json(&fields);
     ExitCode::Success

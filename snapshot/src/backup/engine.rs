@@ -188,6 +188,14 @@ impl Plan {
     pub fn memory_bytes(&self) -> u64 {
         backup_memory(&self.image.header, self.image.file_len)
     }
+
+    /// Bytes of memory the backup takes at most, when memory allows its
+    /// transfer windows their full [`WINDOW`] each.
+    pub fn memory_bytes_at_most(&self) -> u64 {
+        let h = &self.image.header;
+        let stride = BLOCK + h.cluster_size().max(tape::EXTENT_DATA_BYTES);
+        self.memory_bytes() + 2 * WINDOW.saturating_sub(stride)
+    }
 }
 
 /// Bytes of kernel memory a backup of a source of `file_len` bytes with

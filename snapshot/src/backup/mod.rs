@@ -49,6 +49,6 @@ pub mod tape;
 
 pub use engine::{
     backup, backup_memory, backup_overlapped, guest_heap_bytes, restore_memory, BackupSummary,
-    Error, Plan, Progress, Stage,
+    Error, InTurn, Overlap, Plan, Progress, Stage,
 };
 pub use restore::{restore, Format, Front, RestoreSummary};
