@@ -16,7 +16,7 @@
 //!    area extent by extent (where table 3 says) and a trailer go to the
 //!    medium in one sequential pass, followed by a flush.
 //!
-//! [`restore`] reads the medium front to back, checks every checksum and
+//! [`restore`](fn@restore) reads the medium front to back, checks every checksum and
 //! table, and writes a raw image or a fresh qcow2 image.
 //!
 //! Memory is bounded by design: no table is ever held whole, only
@@ -39,6 +39,8 @@
 pub mod copy;
 pub mod decode;
 pub mod engine;
+pub mod error;
+mod io;
 pub mod newimage;
 pub mod qcow2;
 pub mod restore;

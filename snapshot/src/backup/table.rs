@@ -22,7 +22,7 @@ use core::hash::Hasher;
 
 use twox_hash::XxHash64;
 
-use super::engine::Error;
+use super::error::Error;
 use super::qcow2::{self, Cluster};
 use super::run::{Joiner, Run, Runs};
 use super::tape::{Header, MediumError};
