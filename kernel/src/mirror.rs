@@ -30,7 +30,7 @@ use snapshot::mirror::{BackupJob, Disks, Error, Mirror, Opened, Options, Phase, 
 use snapshot::support::rng::Rng;
 
 use crate::arch::qemu::ExitCode;
-use crate::scenario::job_failed;
+use crate::trace::job_failed;
 use crate::trace::Word;
 use crate::{clock, log, thread, virtio};
 

@@ -11,7 +11,8 @@
 
 use alloc::vec::Vec;
 
-use super::engine::{need, write_deep, zeroed, Error};
+use super::error::Error;
+use super::io::{need, write_deep, zeroed};
 use super::run::Run;
 use super::table::Encoder;
 use super::tape::{
