@@ -219,10 +219,10 @@ pub const ALL: &[Description] = &[
         name: "mirror",
         argument: None,
         options: &[
-            opt("--primary", "P.img", true),
-            opt("--secondary", "S.img", true),
+            opt("--primary", "P", true),
+            opt("--secondary", "S", true),
             opt("--tape", "FILE", true),
-            opt("--via", "secondary|memory", false),
+            opt("--via", "MODE", false),
             opt("--workload", "on|off", false),
         ],
         params: &["primary=primary", "secondary=secondary", "control=control", "tape=tape", "via=secondary", "workload=on", "verify=on", "seed=1"],
