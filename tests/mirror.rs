@@ -5,13 +5,16 @@
 //! primary byte for byte; with it on, the kernel compares the tape with
 //! per-block hashes taken stop-the-world at the instant, and after the
 //! resync the secondary is the primary. Refusals and I/O errors on either
-//! volume end the run with the reason.
+//! volume end the run with the reason. QEMU killed at several points
+//! (pairing, mid-copy, mid-backup, mid-resync) and booted again with the
+//! same disks: the pair resumes from its controller disk and the run
+//! finishes with the same results.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use boot::qemu::{Disk, Verdict};
-use kernel_tests::{boot_with_disks, host_tool, image_dir, tool};
+use boot::qemu::{Config, Disk, Verdict};
+use kernel_tests::{boot_with_disks, host_tool, image_dir, kernel, tool};
 use snapshot::interface::scenario::JobFailure;
 
 fn s(p: &Path) -> &str {
@@ -196,4 +199,112 @@ fn an_io_error_on_either_volume_names_disk_and_sector() {
         why.starts_with("mirror failed: disk 'primary': I/O error at sector"),
         "{why}"
     );
+}
+
+/// Where a crash test kills QEMU: at the `nth` serial line holding
+/// `mark`, counting only after a line holding `after` (if any).
+struct KillPoint {
+    words: &'static str,
+    after: Option<&'static str>,
+    mark: &'static str,
+    nth: usize,
+}
+
+/// Boots `mirror` on the pair and kills QEMU (SIGKILL) at `at`.
+fn killed_run(p: &Path, sec: &Path, tape: &Path, at: &KillPoint) {
+    let job = boot::mirror::plan(p, sec, tape).unwrap();
+    let config = Config {
+        mem_bytes: 512 << 20,
+        timeout: Duration::from_secs(300),
+        disks: job.disks.clone(),
+        ..Config::new(&kernel(), &format!("scenario=mirror {}", at.words))
+    };
+    let (mut armed, mut seen) = (at.after.is_none(), 0);
+    let outcome = boot::qemu::run_killing(
+        &config,
+        |_| {},
+        |line| {
+            armed |= at.after.is_some_and(|a| line.contains(a));
+            seen += usize::from(armed && line.contains(at.mark));
+            seen == at.nth
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        outcome.verdict,
+        Verdict::UnexpectedExit(None),
+        "not killed at {} #{}: {}",
+        at.mark,
+        at.nth,
+        outcome.tail(20)
+    );
+}
+
+/// Kills a run at `at`, then runs `mirror` again (workload off) on the
+/// same disks: it must resume (a pending split if `split_pending`),
+/// finish, and leave a tape and a secondary equal to the primary.
+fn crash_and_resume(test: &str, at: KillPoint, via: &str, split_pending: bool) {
+    let (dir, p, sec) = volumes(test, 24);
+    let (tape, out) = (dir.join("tape"), dir.join("out.img"));
+    killed_run(&p, &sec, &tape, &at);
+    let run = mirror(&p, &sec, &tape, &["--workload", "off", "--via", via]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let opened = run.stdout.lines().find(|l| l.contains("mirror.opened"));
+    let want = format!("resumed_split={}", u64::from(split_pending));
+    assert!(
+        opened.unwrap_or("").contains(&want),
+        "{opened:?}, want {want}"
+    );
+    restore(&tape, &out);
+    identical(&p, &out);
+    identical(&p, &sec);
+}
+
+#[test]
+fn killed_while_pairing_the_pair_resumes() {
+    let at = KillPoint {
+        words: "workload=off",
+        after: None,
+        mark: "stage=pair",
+        nth: 3,
+    };
+    crash_and_resume("crash-pair", at, "secondary", false);
+}
+
+#[test]
+fn killed_mid_copy_the_split_resumes_toward_its_instant() {
+    let at = KillPoint {
+        words: "workload=off presync=off",
+        after: None,
+        mark: "stage=copy",
+        nth: 3,
+    };
+    crash_and_resume("crash-copy", at, "secondary", true);
+}
+
+/// A crash mid-backup leaves a partial tape; the next run writes the
+/// tape again from its start (the host creates it afresh), for the same
+/// pending instant.
+#[test]
+fn killed_mid_backup_the_backup_is_redone() {
+    let at = KillPoint {
+        words: "workload=off presync=off via=memory",
+        after: None,
+        mark: "stage=backup",
+        nth: 4,
+    };
+    crash_and_resume("crash-backup", at, "memory", true);
+}
+
+/// Killed while the resync copies what the workload wrote since the
+/// split: after the next run the secondary holds every acknowledged write.
+#[test]
+fn killed_mid_resync_no_acknowledged_write_is_lost() {
+    let at = KillPoint {
+        words: "workload=on",
+        after: Some("mirror.backup"),
+        mark: "stage=pair",
+        nth: 1,
+    };
+    crash_and_resume("crash-resync", at, "secondary", false);
 }

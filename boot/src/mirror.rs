@@ -134,9 +134,10 @@ pub fn progress_line(record: &Record<'_>) -> Option<String> {
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let what = match stage.as_str() {
         "pair" => "bringing the secondary in sync (blocks)",
+        "copy" => "copying the split instant to the secondary (blocks)",
         _ => "backing up the split instant (MiB)",
     };
-    let (d, t) = if stage == "pair" {
+    let (d, t) = if stage != "backup" {
         (done, total)
     } else {
         (done >> 20, total >> 20)

@@ -262,7 +262,18 @@ pub fn command(config: &Config) -> Command {
 
 /// Boots and waits for the verdict, handing each serial line to `on_line`
 /// as it arrives.
-pub fn run(config: &Config, mut on_line: impl FnMut(&str)) -> Result<Outcome, String> {
+pub fn run(config: &Config, on_line: impl FnMut(&str)) -> Result<Outcome, String> {
+    run_killing(config, on_line, |_| false)
+}
+
+/// As [`run`], but kills QEMU (SIGKILL, as a power cut would stop the
+/// machine) as soon as `kill_at` says yes to a serial line; the verdict
+/// is then [`Verdict::UnexpectedExit`]`(None)`. For crash tests.
+pub fn run_killing(
+    config: &Config,
+    mut on_line: impl FnMut(&str),
+    mut kill_at: impl FnMut(&str) -> bool,
+) -> Result<Outcome, String> {
     check_qemu().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut child = command(config)
@@ -303,6 +314,10 @@ pub fn run(config: &Config, mut on_line: impl FnMut(&str)) -> Result<Outcome, St
                 on_line(&line);
                 serial.push_str(&line);
                 serial.push('\n');
+                if kill_at(&line) {
+                    let _ = child.kill();
+                    break;
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {

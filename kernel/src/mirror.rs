@@ -14,7 +14,10 @@
 //! thread copies and the workload keeps writing, then resyncs. With
 //! `verify=on` the split takes per-block hashes of the primary
 //! stop-the-world at the instant, and the tape is read back and compared
-//! with them. Progress goes out as `mirror.progress stage=... done total`.
+//! with them. `presync=off` splits without first pumping the pair in
+//! sync, so what the pair still lags on (all of a first pairing) is the
+//! split's differential data. Progress goes out as
+//! `mirror.progress stage=pair|copy|backup done total`.
 //!
 //! This module must never write the primary except through the mirror.
 
@@ -135,12 +138,16 @@ pub fn workload(
 }
 
 /// Runs the copier until the instant is wholly on the secondary or
-/// `stop`; returns the blocks it copied.
+/// `stop`, reporting `stage=copy` progress (blocks of the instant on the
+/// secondary, whoever copied them); returns the blocks it copied.
 pub fn copier(m: &Mirror, stop: &AtomicBool) -> Result<u64, Error> {
     let mut copied = 0;
+    let mut progress = Progress::new();
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
         let n = m.copy(BATCH)?;
         copied += n;
+        let status = m.status();
+        progress.report("copy", status.copied, status.pending);
         if n == 0 {
             thread::yield_now();
         }
@@ -228,6 +235,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         .ok_or_else(|| bad("via= wants secondary or memory".into()))?;
     let workload_on = word(cmd, "workload", "on") == "on";
     let verify = word(cmd, "verify", "on") == "on";
+    let presync = word(cmd, "presync", "on") == "on";
     let seed: u64 = word(cmd, "seed", "1").parse().unwrap_or(1);
     let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
     let (m, opened) = open(cmd, Options::default())?;
@@ -242,7 +250,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         if m.status().broken.is_some() {
             m.resync()?;
         }
-        pump_all(&m, &mut progress)?;
+        if presync {
+            pump_all(&m, &mut progress)?;
+        }
         if workload_on {
             workload(&m, seed, Some(256), &stop, false)?;
             let (m2, stop2) = (m.clone(), stop.clone());
@@ -277,14 +287,8 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         Some(r) => mismatched(&*tape, r)?,
         None => 0,
     };
-    let marked = m.resync()?;
-    pump_all(&m, &mut progress)?;
-    let status = m.status();
-    log!(
-        "mirror: backup via {} of {} bytes in {} ms ({} blocks on demand, {} by the copier); resync copied {} blocks; {} mismatched blocks",
-        via.name(), summary.volume_bytes, backup_ns / 1_000_000, summary.on_demand, copied, marked, bad_blocks
-    );
-    let _ = written;
+    // The backup record goes out before the resync starts: a crash test
+    // keys on it.
     crate::trace!(
         "mirror.backup",
         medium_bytes = summary.medium_bytes,
@@ -294,6 +298,15 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         verified = u64::from(reference_hashes.is_some()),
         backup_ns = backup_ns
     );
+    crate::trace::flush();
+    let marked = m.resync()?;
+    pump_all(&m, &mut progress)?;
+    let status = m.status();
+    log!(
+        "mirror: backup via {} of {} bytes in {} ms ({} blocks on demand, {} by the copier); resync copied {} blocks; {} mismatched blocks",
+        via.name(), summary.volume_bytes, backup_ns / 1_000_000, summary.on_demand, copied, marked, bad_blocks
+    );
+    let _ = written;
     crate::trace!(
         "mirror.done",
         medium_bytes = summary.medium_bytes,
