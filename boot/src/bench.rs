@@ -208,6 +208,45 @@ pub fn backup_goals(json: &BenchJson) -> Vec<Goal> {
     ]
 }
 
+/// The goals of `bench-mirror`, judged from its JSON.
+pub fn mirror_goals(json: &BenchJson) -> Vec<Goal> {
+    let f = |k| json.f64(k).unwrap_or(0.0);
+    let slower = f("seq_read_mib_s").min(f("seq_write_mib_s"));
+    let quick = f("backup_s_via_secondary").max(f("backup_s_via_memory"));
+    vec![
+        Goal::at_most("split acknowledgement (ms)", f("split_ack_ns") / 1e6, 1.0),
+        Goal::at_most(
+            "split ack, big volume / small volume (x)",
+            ratio(f("split_ack_big_ns"), f("split_ack_ns")),
+            2.0,
+        ),
+        Goal::at_least(
+            "copy / slower of seq read, write",
+            ratio(f("copy_mib_s"), slower),
+            0.8,
+        ),
+        Goal::at_least(
+            "workload during / before",
+            ratio(
+                f("workload_ops_per_s_during"),
+                f("workload_ops_per_s_before"),
+            ),
+            0.5,
+        ),
+        Goal::at_most(
+            "slower quick backup / copy then backup (x)",
+            ratio(quick, f("copy_then_backup_s")),
+            0.75,
+        ),
+        Goal::at_most(
+            "|resync - written since split| (blocks)",
+            (f("resync_bytes") - f("written_since_split_bytes")).abs() / f("block_bytes").max(1.0),
+            0.0,
+        ),
+        Goal::at_most("mismatched blocks", f("mismatched_blocks"), 0.0),
+    ]
+}
+
 /// The `bench-backup` images: 4 GiB virtual, 256 MiB of data.
 const BENCH_VIRTUAL: u64 = 4 << 30;
 /// Data clusters (64 KiB each) written at scattered places.

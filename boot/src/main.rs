@@ -227,6 +227,11 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.disks.extend(job.disks.iter().cloned());
             run.mirror = Some(job);
         }
+        (Scenario::BenchMirror, ..) => {
+            let disks = boot::mirror::prepare_bench(&work.join("bench-mirror"))
+                .map_err(|e| (1, format!("error: {e}")))?;
+            run.disks.extend(disks);
+        }
         (Scenario::BenchBackup, ..) => {
             let disks = bench::prepare_backup_bench(&work.join("bench-backup"))
                 .map_err(|e| (1, format!("error: {e}")))?;
@@ -313,6 +318,7 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
         Scenario::BenchBlk => bench::blk_goals(&json),
         Scenario::BenchMemsnap => bench::memsnap_goals(&json),
         Scenario::BenchBackup => bench::backup_goals(&json),
+        Scenario::BenchMirror => bench::mirror_goals(&json),
         _ => Vec::new(),
     };
     if !goals.is_empty() {

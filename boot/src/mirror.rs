@@ -124,6 +124,45 @@ pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u
     }
 }
 
+/// `bench-mirror`'s pair, scaled to run in minutes under TCG.
+pub const BENCH_VOLUME: u64 = 256 << 20;
+/// The two pairs whose split acknowledgement is timed.
+pub const BENCH_ACK_VOLUMES: [(&str, u64); 2] = [("small-", 1 << 30), ("big-", 16 << 30)];
+
+/// Makes `bench-mirror`'s blank sparse images in `dir` (the volumes start
+/// equal: all zeros) and returns its disks.
+pub fn prepare_bench(dir: &Path) -> Result<Vec<Disk>, String> {
+    let mut disks = Vec::new();
+    let pairs = [("", BENCH_VOLUME)].into_iter().chain(BENCH_ACK_VOLUMES);
+    for (prefix, bytes) in pairs {
+        let geo = Geometry {
+            block_bytes: Options::default().block_bytes,
+            volume_bytes: bytes,
+        };
+        for (what, size) in [
+            ("primary", bytes),
+            ("secondary", bytes),
+            ("control", geo.control_bytes()),
+        ] {
+            let name = format!("{prefix}{what}");
+            let path = dir.join(format!("{name}.img"));
+            crate::bench::make_blank_image(&path, size)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            disks.push(Disk::new(path, &name));
+        }
+    }
+    let geo_bits = Geometry {
+        block_bytes: Options::default().block_bytes,
+        volume_bytes: BENCH_VOLUME,
+    }
+    .block_bits();
+    let tape = dir.join("tape.img");
+    crate::bench::make_blank_image(&tape, VolumeStream::medium_bytes(BENCH_VOLUME, geo_bits))
+        .map_err(|e| format!("{}: {e}", tape.display()))?;
+    disks.push(Disk::new(tape, "tape"));
+    Ok(disks)
+}
+
 /// A progress line for a `mirror.progress` record, if it is one.
 pub fn progress_line(record: &Record<'_>) -> Option<String> {
     if record.event != "mirror.progress" {

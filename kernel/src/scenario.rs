@@ -50,6 +50,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::Restore => crate::backup::restore_scenario(cmd),
         Scenario::BenchBackup => crate::bench::backup(cmd),
         Scenario::Mirror => crate::mirror::mirror_scenario(cmd),
+        Scenario::BenchMirror => crate::bench::mirror(cmd),
     }
 }
 

@@ -11,6 +11,7 @@ mod baseline;
 mod blk;
 mod memsnap;
 mod memsnap_disk;
+mod mirror;
 
 use alloc::string::String;
 use core::fmt::Write;
@@ -18,6 +19,7 @@ use core::fmt::Write;
 pub use backup::backup;
 pub use blk::blk;
 pub use memsnap::memsnap;
+pub use mirror::mirror;
 
 const MS: u64 = 1_000_000;
 

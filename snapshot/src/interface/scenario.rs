@@ -42,6 +42,8 @@ pub enum Scenario {
     /// A mirrored pair: pair, split under a workload, back up the split
     /// instant during the copy, resync.
     Mirror,
+    /// The quick-split mirror benchmark.
+    BenchMirror,
 }
 
 /// The word after a scenario's name on the host command line, passed to
@@ -231,6 +233,18 @@ pub const ALL: &[Description] = &[
         benchmark: false,
         emits: &["mirror.opened", "mirror.progress", "mirror.split", "mirror.backup", "mirror.done", FAILED, REFUSED],
         ends_with: Some("mirror.done"),
+    },
+    Description {
+        scenario: Scenario::BenchMirror,
+        name: "bench-mirror",
+        argument: None,
+        options: &[],
+        params: &[],
+        help: "quick split of a 256 MiB pair with 64 MiB differential, backup during the copy both ways against copy-then-backup (use --json)",
+        mem_mib: BACKUP_MEM,
+        benchmark: true,
+        emits: &["mirror.progress", "blk.batch", "blk.batch_time"],
+        ends_with: None,
     },
 ];
 

@@ -1,0 +1,286 @@
+//! `bench-mirror`: the quick-split mirror measured. A pair with a set
+//! amount of differential data at the split, a seeded write workload
+//! writing during the copy; three rounds on the same data: the backup
+//! during the copy `via=secondary`, the same `via=memory`, and the slow
+//! way (wait for the copy, then back up). Beside them, in the same boot:
+//! sequential reads of the primary and writes of the secondary (the
+//! copy's baseline), the workload before the split, and the split's
+//! acknowledgement on two more pairs of different sizes.
+//!
+//! This module only measures: it drives the mirror through its public
+//! operations and never changes how they work.
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use snapshot::devices::block::BlockDevice;
+use snapshot::interface::cmdline::CmdLine;
+use snapshot::mirror::{Disks, Error, Mirror, Options, Via};
+use snapshot::support::rng::Rng;
+
+use super::blk::sequential;
+use super::{per_second, percentile, print_json, seconds};
+use crate::arch::qemu::ExitCode;
+use crate::clock::now_ns;
+use crate::mirror::{backup, copier, mismatched, pump_all, reference, workload, Progress, BATCH};
+use crate::{log, thread, virtio};
+
+/// Every `SPREAD`th block carries differential data at the split.
+const SPREAD: u64 = 4;
+/// Workload writes timed before the split.
+const BEFORE_OPS: u64 = 1000;
+/// Splits timed on each acknowledgement pair (the median is reported).
+const ACK_SPLITS: usize = 5;
+
+/// `bench-mirror`: see the module docs.
+pub fn mirror(_cmd: &CmdLine<'_>) -> ExitCode {
+    match run() {
+        Ok(fields) => {
+            print_json(&fields);
+            ExitCode::Success
+        }
+        Err(e) => {
+            log!("bench-mirror: {e}");
+            ExitCode::Failure
+        }
+    }
+}
+
+fn disk(name: &str) -> Result<Arc<virtio::VirtioBlk>, Error> {
+    virtio::disk(name).map_err(Error::Io)
+}
+
+fn disks(prefix: &str) -> Result<Disks, Error> {
+    let name = |what: &str| alloc::format!("{prefix}{what}");
+    Ok(Disks {
+        primary: disk(&name("primary"))?,
+        secondary: disk(&name("secondary"))?,
+        control: disk(&name("control"))?,
+    })
+}
+
+/// The median time of a split on a new pair (every block pending): the
+/// acknowledgement must not grow with the volume.
+fn split_ack_ns(prefix: &str) -> Result<(u64, u64), Error> {
+    let (m, _) = Mirror::open(disks(prefix)?, Options::default(), thread::yield_now)?;
+    let mut times = Vec::new();
+    for _ in 0..ACK_SPLITS {
+        let t = now_ns();
+        m.split()?;
+        times.push(now_ns() - t);
+        m.resync()?;
+    }
+    times.sort_unstable();
+    Ok((percentile(&times, 50), m.geometry().volume_bytes))
+}
+
+/// Sequential writes of the secondary (zeros, which it holds already)
+/// and reads of the primary over `span` bytes: MiB/s of each.
+fn baseline(p: &dyn BlockDevice, s: &dyn BlockDevice, span: u64) -> Result<(u64, u64), Error> {
+    let mut buf = alloc::vec![0u8; (BATCH << 16) as usize];
+    let t = now_ns();
+    sequential(s, &mut buf, (0, span), true).map_err(Error::Io)?;
+    s.flush().map_err(Error::Io)?;
+    let write_ns = now_ns() - t;
+    let t = now_ns();
+    sequential(p, &mut buf, (0, span), false).map_err(Error::Io)?;
+    let read_ns = now_ns() - t;
+    Ok((
+        per_second(span, write_ns) >> 20,
+        per_second(span, read_ns) >> 20,
+    ))
+}
+
+/// Writes the differential data: every [`SPREAD`]th block, whole.
+fn differential(m: &Mirror) -> Result<u64, Error> {
+    let geo = m.geometry();
+    let mut buf = alloc::vec![0u8; geo.block_bytes as usize];
+    let mut bytes = 0;
+    for b in (0..geo.blocks()).step_by(SPREAD as usize) {
+        let (sector, len) = geo.extent(b);
+        snapshot::devices::block::fill_pattern(0xd1ff, sector, &mut buf[..len]);
+        m.write(sector, &buf[..len])?;
+        bytes += len as u64;
+    }
+    Ok(bytes)
+}
+
+/// What the workload did: latencies (sorted), ops per second, and the
+/// blocks it wrote, counted by replaying its seeded positions.
+struct Load {
+    lat: Vec<u64>,
+    ops_per_s: u64,
+    blocks: u64,
+}
+
+impl Load {
+    fn new(m: &Mirror, seed: u64, mut lat: Vec<u64>, ns: u64) -> Load {
+        let geo = m.geometry();
+        let mut rng = Rng::new(seed);
+        let sectors = geo.volume_bytes / 512;
+        let mut seen = alloc::collections::BTreeSet::new();
+        for _ in 0..lat.len() {
+            let at = rng.below(sectors.saturating_sub(8).max(1)) & !7;
+            seen.insert(at * 512 / geo.block_bytes);
+        }
+        let ops_per_s = per_second(lat.len() as u64, ns);
+        lat.sort_unstable();
+        Load {
+            lat,
+            ops_per_s,
+            blocks: seen.len() as u64,
+        }
+    }
+}
+
+/// One round's figures.
+struct Round {
+    backup_ns: u64,
+    copy_ns: u64,
+    copied_bytes: u64,
+    on_demand: u64,
+    mismatched: u64,
+    resync_bytes: u64,
+    load: Load,
+}
+
+/// Differential data, split (reference hashes at the instant), the
+/// workload from the acknowledgement on; then the backup during the copy
+/// (`slow` false) or after it (`slow` true, via the secondary); then
+/// resync. Times count from the acknowledgement.
+fn round(
+    m: &Arc<Mirror>,
+    tape: &dyn BlockDevice,
+    via: Via,
+    slow: bool,
+    seed: u64,
+) -> Result<Round, Error> {
+    differential(m)?;
+    let mut hashes = Ok(Vec::new());
+    let ack = m.split_with(&mut || hashes = reference(m))?;
+    let hashes = hashes?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (m2, stop2) = (m.clone(), stop.clone());
+    let t0 = now_ns();
+    let writer = thread::spawn("bench-mirror-workload", move || {
+        workload(&m2, seed, None, &stop2, true)
+    });
+    let never = AtomicBool::new(false);
+    let mut progress = Progress::new();
+    let (summary, copy_ns) = if slow {
+        copier(m, &never)?;
+        let copy_ns = now_ns() - t0;
+        (backup(m, tape, Via::Secondary, &mut progress)?, copy_ns)
+    } else {
+        let m2 = m.clone();
+        let copying = thread::spawn("bench-mirror-copier", move || {
+            let never = AtomicBool::new(false);
+            copier(&m2, &never).map(|_| now_ns() - t0)
+        });
+        let summary = backup(m, tape, via, &mut progress);
+        let copy_ns = copying.join()?;
+        (summary?, copy_ns)
+    };
+    let backup_ns = now_ns() - t0;
+    stop.store(true, Ordering::Relaxed);
+    let lat = writer.join()?;
+    let load = Load::new(m, seed, lat, now_ns() - t0);
+    let mismatched = mismatched(tape, &hashes)?;
+    let resync_bytes = m.resync()? * m.geometry().block_bytes;
+    pump_all(m, &mut progress)?;
+    Ok(Round {
+        backup_ns,
+        copy_ns,
+        copied_bytes: ack.pending * m.geometry().block_bytes,
+        on_demand: summary.on_demand,
+        mismatched,
+        resync_bytes,
+        load,
+    })
+}
+
+fn run() -> Result<Vec<(&'static str, String)>, Error> {
+    let (ack_small, small_bytes) = split_ack_ns("small-")?;
+    let (ack_big, big_bytes) = split_ack_ns("big-")?;
+    let d = disks("")?;
+    let (p, s) = (d.primary.clone(), d.secondary.clone());
+    let tape = disk("tape")?;
+    let span = d.primary.info().bytes() / SPREAD;
+    let (seq_write, seq_read) = baseline(&*p, &*s, span)?;
+    let opts = Options {
+        assume_clean: true,
+        ..Options::default()
+    };
+    let (m, _) = Mirror::open(d, opts, thread::yield_now)?;
+    let m = Arc::new(m);
+    let t = now_ns();
+    let never = AtomicBool::new(false);
+    let lat = workload(&m, 7, Some(BEFORE_OPS), &never, true)?;
+    let before = Load::new(&m, 7, lat, now_ns() - t);
+    pump_all(&m, &mut Progress::new())?;
+    let quick = round(&m, &*tape, Via::Secondary, false, 11)?;
+    let memory = round(&m, &*tape, Via::Memory, false, 11)?;
+    let slow = round(&m, &*tape, Via::Secondary, true, 11)?;
+    log!(
+        "bench-mirror: backup via secondary {} ms, via memory {} ms, copy then backup {} ms",
+        quick.backup_ns / 1_000_000,
+        memory.backup_ns / 1_000_000,
+        slow.backup_ns / 1_000_000
+    );
+    let during = &quick.load;
+    let n = |v: u64| alloc::format!("{v}");
+    Ok(alloc::vec![
+        ("bench", "\"mirror\"".into()),
+        ("volume_bytes", n(m.geometry().volume_bytes)),
+        ("block_bytes", n(m.geometry().block_bytes)),
+        ("differential_bytes", n(slow.copied_bytes)),
+        ("split_ack_ns", n(ack_small)),
+        ("split_ack_volume_bytes", n(small_bytes)),
+        ("split_ack_big_ns", n(ack_big)),
+        ("split_ack_big_volume_bytes", n(big_bytes)),
+        (
+            "copy_mib_s",
+            n(per_second(slow.copied_bytes, slow.copy_ns) >> 20)
+        ),
+        (
+            "copy_mib_s_during_backup",
+            n(per_second(quick.copied_bytes, quick.copy_ns) >> 20)
+        ),
+        ("seq_read_mib_s", n(seq_read)),
+        ("seq_write_mib_s", n(seq_write)),
+        (
+            "workload_write_p50_ns_before",
+            n(percentile(&before.lat, 50))
+        ),
+        (
+            "workload_write_p99_ns_before",
+            n(percentile(&before.lat, 99))
+        ),
+        ("workload_ops_per_s_before", n(before.ops_per_s)),
+        (
+            "workload_write_p50_ns_during",
+            n(percentile(&during.lat, 50))
+        ),
+        (
+            "workload_write_p99_ns_during",
+            n(percentile(&during.lat, 99))
+        ),
+        ("workload_ops_per_s_during", n(during.ops_per_s)),
+        ("backup_s_via_secondary", seconds(quick.backup_ns)),
+        ("backup_s_via_memory", seconds(memory.backup_ns)),
+        ("copy_then_backup_s", seconds(slow.backup_ns)),
+        ("on_demand_blocks", n(quick.on_demand)),
+        ("on_demand_blocks_via_memory", n(memory.on_demand)),
+        ("resync_bytes", n(quick.resync_bytes)),
+        (
+            "written_since_split_bytes",
+            n(quick.load.blocks * m.geometry().block_bytes)
+        ),
+        (
+            "mismatched_blocks",
+            n(quick.mismatched + memory.mismatched + slow.mismatched)
+        ),
+    ])
+}
