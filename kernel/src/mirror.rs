@@ -38,7 +38,7 @@ use crate::trace::Word;
 use crate::{clock, log, thread, virtio};
 
 /// Blocks a pump or copier step moves at most.
-pub const BATCH: u64 = 16;
+pub const BATCH: u64 = 64;
 
 /// Opens the pair on the disks the command line names.
 pub fn open(cmd: &CmdLine<'_>, opts: Options) -> Result<(Arc<Mirror>, Opened), Error> {

@@ -47,7 +47,10 @@ impl Mirror {
         g.gate = false;
         r?;
         g.pending = g.areas[g.sb.d].count();
-        g.cursor = 0;
+        // The copier starts halfway: a backup streams from block 0, and
+        // a copier walking the same way would hold the very blocks the
+        // backup reaches next, so that the two would take turns.
+        g.cursor = g.areas[g.sb.d].blocks() / 2;
         Ok(SplitAck { pending: g.pending })
     }
 
