@@ -240,7 +240,7 @@ pub const ALL: &[Description] = &[
         argument: None,
         options: &[],
         params: &[],
-        help: "quick split of a 256 MiB pair with 64 MiB differential, backup during the copy both ways against copy-then-backup (use --json)",
+        help: "quick split of a 256 MiB pair, 64 MiB differential: backup during the copy vs copy-then-backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,
         emits: &["mirror.progress", "blk.batch", "blk.batch_time"],
