@@ -16,6 +16,7 @@ pub mod corefile;
 pub mod ktest;
 pub mod qemu;
 pub mod report;
+pub mod setup;
 pub mod timeline;
 
 use std::fmt;

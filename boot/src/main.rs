@@ -14,6 +14,7 @@ use boot::backup::{self as host_backup, BackupJob, RestoreJob};
 use boot::benchjson::BenchJson;
 use boot::cli::{self, Args};
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
+use boot::setup::{self, Need};
 use boot::{bench, build, ktest, report, timeline};
 use snapshot::backup::Format;
 use snapshot::interface::scenario::{JobFailure, Scenario};
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
 /// Checks the setup and builds the kernel; `None` (explained) if either
 /// fails.
 fn kernel_image() -> Option<PathBuf> {
-    if let Err(e) = qemu::check_qemu().and_then(|()| build::check_toolchain()) {
+    if let Err(e) = setup::ensure(&[Need::Qemu, Need::KernelTarget]) {
         eprintln!("error: {e}");
         return None;
     }
