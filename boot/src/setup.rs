@@ -11,6 +11,7 @@
 //! script would not.
 
 use std::fs::File;
+use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::{build, qemu, workspace_root, SetupError};
@@ -119,7 +120,10 @@ pub fn ensure(needs: &[Need]) -> Result<(), SetupError> {
     }
     let what = missing_line(&now);
     let them = if now.len() == 1 { "it" } else { "them" };
-    eprintln!(
+    // Straight to the stream, not through `eprintln!`, which the test
+    // harness would hold back with the output of a passing test.
+    let _ = writeln!(
+        std::io::stderr(),
         "setup: {what}; installing {them} with scripts/setup (set {NO_AUTO_SETUP}=1 to stop this)"
     );
     let script = workspace_root().join("scripts/setup");
