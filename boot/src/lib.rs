@@ -18,6 +18,7 @@ pub mod qemu;
 pub mod report;
 pub mod setup;
 pub mod timeline;
+pub mod tracejson;
 
 use std::fmt;
 use std::path::PathBuf;

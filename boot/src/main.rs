@@ -15,7 +15,7 @@ use boot::benchjson::BenchJson;
 use boot::cli::{self, Args};
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
 use boot::setup::{self, Need};
-use boot::{bench, build, ktest, report, timeline};
+use boot::{bench, build, ktest, report, timeline, tracejson};
 use snapshot::backup::Format;
 use snapshot::interface::scenario::{JobFailure, Scenario};
 use snapshot::interface::trace::Record;
@@ -74,6 +74,12 @@ fn main() -> ExitCode {
         Vec::new()
     });
     show_trace(&args, &config, &records);
+    if let Some(path) = &args.trace_json {
+        match std::fs::write(path, tracejson::document(&records)) {
+            Ok(()) => eprintln!("trace: {} (Chrome trace-event JSON)", path.display()),
+            Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+        }
+    }
     show_bench(&args, &config, &outcome);
     eprintln!(
         "kernel {} in {:.2} s",

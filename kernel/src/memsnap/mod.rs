@@ -854,7 +854,9 @@ fn prepare_and_pause(opts: &Options) -> Result<Report, StartError> {
         "memsnap.start",
         pages = pages,
         eager = stats.eager,
-        pause_ns = pause_ns
+        pause_ns = pause_ns,
+        reference_ns = reference_ns,
+        instant_ns = report.instant_ns
     );
     let share = opts.copier_share_pct.clamp(1, 100);
     *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || {
@@ -875,7 +877,7 @@ fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
             return;
         }
         let burst_start = now_ns();
-        let mut done = false;
+        let (mut done, mut pages) = (false, 0);
         while now_ns() - burst_start < COPIER_BURST_NS {
             let t = now_ns();
             // At most what the store takes without its reserve and the
@@ -893,7 +895,7 @@ fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
                     done = true;
                     break;
                 }
-                Some(_) => {}
+                Some(n) => pages += n,
                 None => {
                     COPIER_WAITS.fetch_add(1, Ordering::Relaxed);
                     thread::block_until(disk::room_key(), || {
@@ -905,6 +907,7 @@ fn copier(share_pct: u64, disk: Option<Arc<disk::Shared>>) {
             }
         }
         SESSION.with(Session::sample);
+        crate::trace!("memsnap.burst", ns = now_ns() - burst_start, pages = pages);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
             finish(busy_ns, disk.as_ref());
             return;

@@ -112,7 +112,7 @@ pub const ALL: &[Description] = &[
         help: "boot, memory map, two interleaved threads, a verified live snapshot, traces (default)",
         mem_mib: MEM,
         benchmark: false,
-        emits: &["demo.memory", "demo.step", "demo.done", "memsnap.progress", "demo.snapshot", FAILED, REFUSED],
+        emits: &["demo.memory", "demo.step", "demo.done", "memsnap.start", "memsnap.burst", "memsnap.progress", "demo.snapshot", FAILED, REFUSED],
         ends_with: Some("demo.snapshot"),
     },
     Description {
@@ -148,7 +148,7 @@ pub const ALL: &[Description] = &[
         help: "live snapshot of all RAM to a disk, left as an ELF core file at FILE (read it with gdb, readelf)",
         mem_mib: MEM,
         benchmark: false,
-        emits: &["memsnap.core", FAILED, REFUSED],
+        emits: &["memsnap.start", "memsnap.burst", "blk.batch", "blk.batch_time", "memsnap.core", FAILED, REFUSED],
         ends_with: Some("memsnap.core"),
     },
     Description {
@@ -160,7 +160,7 @@ pub const ALL: &[Description] = &[
         help: "live memory snapshot benchmark (use --mem, --json, --to-disk)",
         mem_mib: MEM,
         benchmark: true,
-        emits: &["memsnap.progress"],
+        emits: &["memsnap.start", "memsnap.burst", "memsnap.progress"],
         ends_with: None,
     },
     Description {
