@@ -8,26 +8,26 @@
 
 use std::ffi::OsStr;
 
-use kernel_tests::host_tool_env;
+use kernel_tests::{host_tool_env, HostRun};
 
-/// An empty directory, one per test, to serve as the whole `PATH`.
-fn empty_path(test: &str) -> std::path::PathBuf {
+/// The host tool run with an empty directory, one per test, as its whole
+/// `PATH`, and `SNAPSHOT_NO_AUTO_SETUP` set to `no_auto_setup`.
+fn run_without_path(test: &str, no_auto_setup: &str) -> HostRun {
     let dir = boot::workspace_root().join("target/empty-path").join(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the empty PATH directory");
-    dir
+    host_tool_env(
+        &["--quiet"],
+        &[
+            ("PATH", dir.as_os_str()),
+            ("SNAPSHOT_NO_AUTO_SETUP", OsStr::new(no_auto_setup)),
+        ],
+    )
 }
 
 #[test]
 fn with_auto_setup_off_a_missing_qemu_stops_with_the_command_to_run() {
-    let path = empty_path("off");
-    let run = host_tool_env(
-        &["--quiet"],
-        &[
-            ("PATH", path.as_os_str()),
-            ("SNAPSHOT_NO_AUTO_SETUP", OsStr::new("1")),
-        ],
-    );
+    let run = run_without_path("off", "1");
     assert_eq!(run.code, Some(2), "missing setup: {}", run.stderr);
     assert_eq!(
         run.stderr.trim(),
@@ -37,14 +37,7 @@ fn with_auto_setup_off_a_missing_qemu_stops_with_the_command_to_run() {
 
 #[test]
 fn a_missing_qemu_is_announced_and_installed_with_the_setup_script() {
-    let path = empty_path("on");
-    let run = host_tool_env(
-        &["--quiet"],
-        &[
-            ("PATH", path.as_os_str()),
-            ("SNAPSHOT_NO_AUTO_SETUP", OsStr::new("")),
-        ],
-    );
+    let run = run_without_path("on", "");
     let lines: Vec<&str> = run.stderr.lines().collect();
     // Without rustc on PATH the kernel target counts as missing too.
     let missing = "QEMU and the Rust target x86_64-unknown-none are missing";
