@@ -627,18 +627,23 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
             }
             Ok((done as u64, done as u64 * 4096))
         };
+        let split_before = disk.split();
         let qd1 = measure(&disk, "rand_read_qd1", || random(1, 3000))?;
+        let split = disk.split().since(&split_before);
         let qd32 = measure(&disk, "rand_read_qd32", || random(32, 20_000))?;
-        Ok::<_, snapshot::devices::block::BlockError>((write, flush_ns, read, qd1, qd32))
+        Ok::<_, snapshot::devices::block::BlockError>((write, flush_ns, read, (qd1, split), qd32))
     })();
-    let (write, flush_ns, read, qd1, qd32) = match result {
+    let (write, flush_ns, read, (qd1, split), qd32) = match result {
         Ok(r) => r,
         Err(e) => {
             log!("bench-blk: {e}");
             return ExitCode::Failure;
         }
     };
-    let fields: [(&str, u64); 15] = [
+    let per_request = |ns: u64| ns / split.batches.max(1);
+    let in_driver = split.submit_ns + split.kick_ns + split.device_ns + split.wakeup_ns;
+    let in_driver = per_request(in_driver + split.complete_ns);
+    let fields: [(&str, u64); 23] = [
         ("disk_bytes", total),
         ("request_bytes", REQUEST as u64),
         ("interrupts", u64::from(disk.interrupts())),
@@ -654,6 +659,18 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         ("qd32_notify_pct", qd32.notify_pct()),
         ("seq_read_notify_pct", read.notify_pct()),
         ("irqs", disk.interrupt_count()),
+        ("qd1_request_ns", qd1.ns / qd1.ops.max(1)),
+        ("qd1_submit_ns", per_request(split.submit_ns)),
+        ("qd1_kick_ns", per_request(split.kick_ns)),
+        ("qd1_device_ns", per_request(split.device_ns)),
+        ("qd1_wakeup_ns", per_request(split.wakeup_ns)),
+        ("qd1_complete_ns", per_request(split.complete_ns)),
+        // The rest: the caller's loop and the batch's trace records.
+        (
+            "qd1_outside_ns",
+            (qd1.ns / qd1.ops.max(1)).saturating_sub(in_driver),
+        ),
+        ("qd1_split_batches", split.batches),
     ];
     print_json(&fields);
     ExitCode::Success

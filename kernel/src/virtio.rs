@@ -57,6 +57,8 @@ pub struct PciTransport {
     /// Time spent in notification writes (under TCG the device starts
     /// processing the queue inside the write).
     notify_ns: Arc<AtomicU64>,
+    /// When the last notification write began and ended (for [`Split`]).
+    kick: Arc<[AtomicU64; 2]>,
 }
 
 impl Transport for PciTransport {
@@ -79,8 +81,10 @@ impl Transport for PciTransport {
     fn notify(&self, offset: u32, queue: u16) {
         let start = now_ns();
         self.notify.write16(offset as usize, queue);
-        self.notify_ns
-            .fetch_add(now_ns() - start, Ordering::Relaxed);
+        let end = now_ns();
+        self.notify_ns.fetch_add(end - start, Ordering::Relaxed);
+        self.kick[0].store(start, Ordering::Relaxed);
+        self.kick[1].store(end, Ordering::Relaxed);
     }
 
     fn notify_multiplier(&self) -> u32 {
@@ -102,12 +106,15 @@ fn read(mmio: &Mmio, offset: usize, width: Width) -> u32 {
 
 /// Per-vector completion interrupts, and the wait keys they wake.
 static INTERRUPTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// Per vector: when its handler last ran (for [`Split`]).
+static INTERRUPTED_AT: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
 fn wake_key(vector: u8) -> usize {
     &INTERRUPTS[usize::from(vector)] as *const AtomicU64 as usize
 }
 
 fn on_interrupt(vector: u8) {
+    INTERRUPTED_AT[usize::from(vector)].store(now_ns(), Ordering::Relaxed);
     INTERRUPTS[usize::from(vector)].fetch_add(1, Ordering::Relaxed);
     crate::thread::wake_all_now(wake_key(vector));
 }
@@ -126,6 +133,18 @@ enum Waiter {
 struct TimedWait {
     how: Waiter,
     waited_ns: AtomicU64,
+    /// When the last wait ended: the completion was seen (for [`Split`]).
+    seen_at: AtomicU64,
+}
+
+impl TimedWait {
+    fn new(how: Waiter) -> Self {
+        TimedWait {
+            how,
+            waited_ns: AtomicU64::new(0),
+            seen_at: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Wait for TimedWait {
@@ -147,8 +166,9 @@ impl Wait for TimedWait {
                 }
             }
         }
-        self.waited_ns
-            .fetch_add(now_ns() - start, Ordering::Relaxed);
+        let end = now_ns();
+        self.waited_ns.fetch_add(end - start, Ordering::Relaxed);
+        self.seen_at.store(end, Ordering::Relaxed);
     }
 }
 
@@ -172,11 +192,82 @@ pub struct Counters {
 #[derive(Debug, Default)]
 struct AtomicCounters([AtomicU64; 5]);
 
+/// Where the time of a batch of one request went, summed over such
+/// batches (the benchmark's depth-1 reads are such batches). The five
+/// parts add up to the batches' time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Split {
+    /// Batches of one request.
+    pub batches: u64,
+    /// From the call to the notification write: the disk's lock, checks,
+    /// lending the buffer, filling the queue.
+    pub submit_ns: u64,
+    /// The notification write (a VM exit; under TCG, QEMU's handling of it).
+    pub kick_ns: u64,
+    /// From the end of the notification to the first sign of the
+    /// completion: the interrupt handler, or the check that saw it when
+    /// the driver found it without an interrupt.
+    pub device_ns: u64,
+    /// From the interrupt handler to the waiting thread seeing the
+    /// completion (the switch back to it included).
+    pub wakeup_ns: u64,
+    /// From seeing the completion to returning: reaping, giving the buffer
+    /// back, accounting.
+    pub complete_ns: u64,
+}
+
+impl Split {
+    /// The split of one batch from its timestamps: `start`, the
+    /// notification's `kick` (begin, end), the last interrupt, the moment
+    /// the completion was seen (0: at once, without waiting), `end`.
+    fn of_batch(start: u64, kick: [u64; 2], irq_at: u64, seen_at: u64, end: u64) -> Split {
+        let [kick_start, kick_end] = kick;
+        let seen = seen_at.clamp(kick_end, end);
+        // An interrupt counts if it came between the kick and the sighting.
+        let signal = if (kick_end..=seen).contains(&irq_at) {
+            irq_at
+        } else {
+            seen
+        };
+        Split {
+            batches: 1,
+            submit_ns: kick_start.saturating_sub(start),
+            kick_ns: kick_end - kick_start,
+            device_ns: signal - kick_end,
+            wakeup_ns: seen - signal,
+            complete_ns: end - seen,
+        }
+    }
+
+    /// The sums since `before`.
+    pub fn since(&self, before: &Split) -> Split {
+        Split {
+            batches: self.batches - before.batches,
+            submit_ns: self.submit_ns - before.submit_ns,
+            kick_ns: self.kick_ns - before.kick_ns,
+            device_ns: self.device_ns - before.device_ns,
+            wakeup_ns: self.wakeup_ns - before.wakeup_ns,
+            complete_ns: self.complete_ns - before.complete_ns,
+        }
+    }
+
+    fn add(&mut self, other: &Split) {
+        self.batches += other.batches;
+        self.submit_ns += other.submit_ns;
+        self.kick_ns += other.kick_ns;
+        self.device_ns += other.device_ns;
+        self.wakeup_ns += other.wakeup_ns;
+        self.complete_ns += other.complete_ns;
+    }
+}
+
 /// A virtio-blk disk.
 pub struct VirtioBlk {
     info: DiskInfo,
     counters: AtomicCounters,
     notify_ns: Arc<AtomicU64>,
+    kick: Arc<[AtomicU64; 2]>,
+    split: spin::Mutex<Split>,
     name: &'static str,
     address: Address,
     how: Waiter,
@@ -213,6 +304,11 @@ impl VirtioBlk {
             wait_ns,
             notify_ns: self.notify_ns.load(Ordering::Relaxed),
         }
+    }
+
+    /// Where the time of single-request batches went so far.
+    pub fn split(&self) -> Split {
+        *self.split.lock()
     }
 
     /// Completion interrupts taken so far.
@@ -255,8 +351,10 @@ impl VirtioBlk {
             device: window(layout.device)?,
             multiplier: layout.notify_multiplier,
             notify_ns: Arc::new(AtomicU64::new(0)),
+            kick: Arc::new([const { AtomicU64::new(0) }; 2]),
         };
         let notify_ns = transport.notify_ns.clone();
+        let kick = transport.kick.clone();
         let msix = if poll { None } else { pci::msix(&cfg, at) };
         let how = match msix {
             Some(msix) => Waiter::Interrupt(enable_msix(&cfg, at, &msix)?),
@@ -271,10 +369,7 @@ impl VirtioBlk {
         };
         let mut driver =
             BlkDriver::new(transport, KernelHal, &config).map_err(|e| format!("{e}"))?;
-        let wait = TimedWait {
-            how,
-            waited_ns: AtomicU64::new(0),
-        };
+        let wait = TimedWait::new(how);
         // A device without GET_ID keeps its PCI name.
         let name = match driver.identify(&wait) {
             Ok(name) => name,
@@ -290,6 +385,8 @@ impl VirtioBlk {
             how,
             counters: AtomicCounters::default(),
             notify_ns,
+            kick,
+            split: spin::Mutex::new(Split::default()),
             driver: SleepMutex::new(driver),
         })
     }
@@ -323,16 +420,16 @@ impl BlockDevice for VirtioBlk {
     }
 
     fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
-        let mut driver = self.driver.lock();
-        let wait = TimedWait {
-            how: self.how,
-            waited_ns: AtomicU64::new(0),
-        };
         let start = now_ns();
+        let mut driver = self.driver.lock();
+        let wait = TimedWait::new(self.how);
         let result = driver.transfer(ops, depth, &wait);
-        let total_ns = now_ns() - start;
         let stats = driver.take_stats();
+        if stats.requests == 1 && stats.notifies == 1 {
+            self.account_single(start, &wait);
+        }
         drop(driver);
+        let total_ns = now_ns() - start;
         let waited = wait.waited_ns.load(Ordering::Relaxed);
         for (counter, add) in
             self.counters
@@ -360,6 +457,21 @@ impl BlockDevice for VirtioBlk {
             ok = result.is_ok(),
         );
         result
+    }
+}
+
+impl VirtioBlk {
+    /// Adds a batch of one request to [`Split`]; called with the disk's
+    /// lock held, so the kick timestamps are this batch's.
+    fn account_single(&self, start: u64, wait: &TimedWait) {
+        let irq_at = match self.how {
+            Waiter::Interrupt(v) => INTERRUPTED_AT[usize::from(v)].load(Ordering::Relaxed),
+            Waiter::Poll => 0,
+        };
+        let kick = self.kick.each_ref().map(|t| t.load(Ordering::Relaxed));
+        let seen = wait.seen_at.load(Ordering::Relaxed);
+        let one = Split::of_batch(start, kick, irq_at, seen, now_ns());
+        self.split.lock().add(&one);
     }
 }
 
