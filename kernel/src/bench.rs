@@ -634,24 +634,23 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
             }
             Ok((done as u64, done as u64 * 4096))
         };
-        let split_before = disk.split();
+        let stages_before = disk.stages();
         let qd1 = measure(&disk, "rand_read_qd1", || random(1, 3000))?;
-        let split = disk.split().since(&split_before);
+        let stages = disk.stages().since(&stages_before);
         let qd32 = measure(&disk, "rand_read_qd32", || random(32, 20_000))?;
         single_ns.sort_unstable();
-        let qd1 = (qd1, split, percentile(&single_ns, 50));
+        let qd1 = (qd1, stages, percentile(&single_ns, 50));
         Ok::<_, snapshot::devices::block::BlockError>((write, flush_ns, read, qd1, qd32))
     })();
-    let (write, flush_ns, read, (qd1, split, qd1_p50_ns), qd32) = match result {
+    let (write, flush_ns, read, (qd1, stages, qd1_p50_ns), qd32) = match result {
         Ok(r) => r,
         Err(e) => {
             log!("bench-blk: {e}");
             return ExitCode::Failure;
         }
     };
-    let per_request = |ns: u64| ns / split.batches.max(1);
-    let in_driver = split.submit_ns + split.kick_ns + split.device_ns + split.wakeup_ns;
-    let in_driver = per_request(in_driver + split.complete_ns);
+    let per_request = |ns: u64| stages.per_batch(ns);
+    let qd1_ns = qd1.ns / qd1.ops.max(1);
     let fields: [(&str, u64); 24] = [
         ("disk_bytes", total),
         ("request_bytes", REQUEST as u64),
@@ -668,19 +667,19 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         ("qd32_notify_pct", qd32.notify_pct()),
         ("seq_read_notify_pct", read.notify_pct()),
         ("irqs", disk.interrupt_count()),
-        ("qd1_request_ns", qd1.ns / qd1.ops.max(1)),
+        ("qd1_request_ns", qd1_ns),
         ("qd1_p50_ns", qd1_p50_ns),
-        ("qd1_submit_ns", per_request(split.submit_ns)),
-        ("qd1_kick_ns", per_request(split.kick_ns)),
-        ("qd1_device_ns", per_request(split.device_ns)),
-        ("qd1_wakeup_ns", per_request(split.wakeup_ns)),
-        ("qd1_complete_ns", per_request(split.complete_ns)),
+        ("qd1_submit_ns", per_request(stages.submit_ns)),
+        ("qd1_kick_ns", per_request(stages.kick_ns)),
+        ("qd1_device_ns", per_request(stages.device_ns)),
+        ("qd1_wakeup_ns", per_request(stages.wakeup_ns)),
+        ("qd1_complete_ns", per_request(stages.complete_ns)),
         // The rest: the caller's loop and the batch's trace records.
         (
             "qd1_outside_ns",
-            (qd1.ns / qd1.ops.max(1)).saturating_sub(in_driver),
+            qd1_ns.saturating_sub(per_request(stages.total_ns())),
         ),
-        ("qd1_split_batches", split.batches),
+        ("qd1_batches", stages.batches),
     ];
     print_json(&fields);
     ExitCode::Success

@@ -30,6 +30,7 @@ use snapshot::devices::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op}
 use snapshot::devices::pci::{self, Address, Bar, ConfigSpace};
 use snapshot::devices::virtio::blk::{BlkDriver, Config, Stats};
 use snapshot::devices::virtio::pci::{self as vpci, Window};
+use snapshot::devices::virtio::stages::{Moments, Stages};
 use snapshot::devices::virtio::{Transport, Wait, Width};
 use snapshot::interface::cmdline::CmdLine;
 use spin::Once;
@@ -59,7 +60,7 @@ pub struct PciTransport {
     /// Time spent in notification writes (under TCG the device starts
     /// processing the queue inside the write).
     notify_ns: Arc<AtomicU64>,
-    /// When the last notification write began and ended (for [`Split`]).
+    /// When the last notification write began and ended (for [`Stages`]).
     kick: Arc<[AtomicU64; 2]>,
 }
 
@@ -108,7 +109,7 @@ fn read(mmio: &Mmio, offset: usize, width: Width) -> u32 {
 
 /// Per-vector completion interrupts, and the wait keys they wake.
 static INTERRUPTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
-/// Per vector: when its handler last ran (for [`Split`]).
+/// Per vector: when its handler last ran (for [`Stages`]).
 static INTERRUPTED_AT: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
 fn wake_key(vector: u8) -> usize {
@@ -135,7 +136,7 @@ enum Waiter {
 struct TimedWait {
     how: Waiter,
     waited_ns: AtomicU64,
-    /// When the last wait ended: the completion was seen (for [`Split`]).
+    /// When the last wait ended: the completion was seen (for [`Stages`]).
     seen_at: AtomicU64,
 }
 
@@ -225,82 +226,13 @@ impl Totals {
     }
 }
 
-/// Where the time of a batch of one request went, summed over such
-/// batches (the benchmark's depth-1 reads are such batches). The five
-/// parts add up to the batches' time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Split {
-    /// Batches of one request.
-    pub batches: u64,
-    /// From the call to the notification write: the disk's lock, checks,
-    /// lending the buffer, filling the queue.
-    pub submit_ns: u64,
-    /// The notification write (a VM exit; under TCG, QEMU's handling of it).
-    pub kick_ns: u64,
-    /// From the end of the notification to the first sign of the
-    /// completion: the interrupt handler, or the check that saw it when
-    /// the driver found it without an interrupt.
-    pub device_ns: u64,
-    /// From the interrupt handler to the waiting thread seeing the
-    /// completion (the switch back to it included).
-    pub wakeup_ns: u64,
-    /// From seeing the completion to returning: reaping, giving the buffer
-    /// back, accounting.
-    pub complete_ns: u64,
-}
-
-impl Split {
-    /// The split of one batch from its timestamps: `start`, the
-    /// notification's `kick` (begin, end), the last interrupt, the moment
-    /// the completion was seen (0: at once, without waiting), `end`.
-    fn of_batch(start: u64, kick: [u64; 2], irq_at: u64, seen_at: u64, end: u64) -> Split {
-        let [kick_start, kick_end] = kick;
-        let seen = seen_at.clamp(kick_end, end);
-        // An interrupt counts if it came between the kick and the sighting.
-        let signal = if (kick_end..=seen).contains(&irq_at) {
-            irq_at
-        } else {
-            seen
-        };
-        Split {
-            batches: 1,
-            submit_ns: kick_start.saturating_sub(start),
-            kick_ns: kick_end - kick_start,
-            device_ns: signal - kick_end,
-            wakeup_ns: seen - signal,
-            complete_ns: end - seen,
-        }
-    }
-
-    /// The sums since `before`.
-    pub fn since(&self, before: &Split) -> Split {
-        Split {
-            batches: self.batches - before.batches,
-            submit_ns: self.submit_ns - before.submit_ns,
-            kick_ns: self.kick_ns - before.kick_ns,
-            device_ns: self.device_ns - before.device_ns,
-            wakeup_ns: self.wakeup_ns - before.wakeup_ns,
-            complete_ns: self.complete_ns - before.complete_ns,
-        }
-    }
-
-    fn add(&mut self, other: &Split) {
-        self.batches += other.batches;
-        self.submit_ns += other.submit_ns;
-        self.kick_ns += other.kick_ns;
-        self.device_ns += other.device_ns;
-        self.wakeup_ns += other.wakeup_ns;
-        self.complete_ns += other.complete_ns;
-    }
-}
-
 /// A virtio-blk disk.
 pub struct VirtioBlk {
     info: DiskInfo,
     totals: Totals,
     notify_ns: Arc<AtomicU64>,
     kick: Arc<[AtomicU64; 2]>,
-    split: spin::Mutex<Split>,
+    stages: spin::Mutex<Stages>,
     name: &'static str,
     address: Address,
     how: Waiter,
@@ -337,8 +269,8 @@ impl VirtioBlk {
     }
 
     /// Where the time of single-request batches went so far.
-    pub fn split(&self) -> Split {
-        *self.split.lock()
+    pub fn stages(&self) -> Stages {
+        *self.stages.lock()
     }
 
     /// Completion interrupts taken so far.
@@ -416,7 +348,7 @@ impl VirtioBlk {
             totals: Totals::default(),
             notify_ns,
             kick,
-            split: spin::Mutex::new(Split::default()),
+            stages: spin::Mutex::new(Stages::default()),
             driver: SleepMutex::new(driver),
         })
     }
@@ -470,17 +402,23 @@ impl BlockDevice for VirtioBlk {
 }
 
 impl VirtioBlk {
-    /// Adds a batch of one request to [`Split`]; called with the disk's
-    /// lock held, so the kick timestamps are this batch's.
+    /// Adds a batch of one request to [`Stages`]; called with the disk's
+    /// lock held, so the notification's timestamps are this batch's.
     fn account_single(&self, start: u64, wait: &TimedWait) {
-        let irq_at = match self.how {
-            Waiter::Interrupt(v) => INTERRUPTED_AT[usize::from(v)].load(Ordering::Relaxed),
-            Waiter::Poll => 0,
+        let interrupt = match self.how {
+            Waiter::Interrupt(v) => Some(INTERRUPTED_AT[usize::from(v)].load(Ordering::Relaxed)),
+            Waiter::Poll => None,
         };
-        let kick = self.kick.each_ref().map(|t| t.load(Ordering::Relaxed));
+        let [kick_start, kick_end] = self.kick.each_ref().map(|t| t.load(Ordering::Relaxed));
         let seen = wait.seen_at.load(Ordering::Relaxed);
-        let one = Split::of_batch(start, kick, irq_at, seen, now_ns());
-        self.split.lock().add(&one);
+        let one = Stages::of(&Moments {
+            start,
+            kick: (kick_start, kick_end),
+            interrupt,
+            seen: (seen != 0).then_some(seen),
+            end: now_ns(),
+        });
+        self.stages.lock().add(&one);
     }
 }
 
