@@ -108,6 +108,15 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
             ratio(f("fault_ns_p99"), f("page_copy_ns_p99")),
             2.0,
         ),
+        // Storage in RAM takes a frame per range frame: about half.
+        Goal {
+            applies: false,
+            ..at_least(
+                "(info) range / RAM, snapshot in RAM",
+                ratio(f("pages"), f("ram_pages")),
+                0.45,
+            )
+        },
     ];
     // With --to-disk: the snapshot to disk against the same disk's
     // sequential writes and against the in-RAM snapshot of this run.
@@ -124,6 +133,11 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
                 2.0,
             ),
             at_most("to disk: mismatched pages", f("disk_mismatched_pages"), 0.0),
+            at_least(
+                "to disk: range / RAM",
+                ratio(f("disk_pages"), f("ram_pages")),
+                0.92,
+            ),
             Goal::info(
                 "(info) to disk: fault p99 / copy p99 under I/O",
                 ratio(f("disk_fault_ns_p99"), f("page_copy_ns_p99_under_io")),
@@ -313,10 +327,17 @@ mod tests {
     fn judges_each_goal() {
         let goals = memsnap_goals(&BenchJson::parse(RUN).unwrap());
         let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
-        assert_eq!(met, [true, true, true, false, true, true, false, false]);
+        assert_eq!(
+            met,
+            [true, true, true, false, true, true, false, false, true]
+        );
         assert!(
             !goals[6].applies && !goals[7].applies,
             "the copy-spread ratios are information only"
+        );
+        assert!(
+            !goals[8].applies,
+            "the RAM store's share is information only"
         );
     }
 
@@ -324,17 +345,23 @@ mod tests {
     fn disk_goals_join_when_the_run_went_to_disk() {
         let disk = RUN.replace(
             "}",
-            r#","seq_write_mib_s":1000,"disk_write_mib_s":850,"disk_fault_ns_p99":15000,"disk_mismatched_pages":0}"#,
+            r#","seq_write_mib_s":1000,"disk_write_mib_s":850,"disk_fault_ns_p99":15000,"disk_mismatched_pages":0,"ram_pages":1000,"disk_pages":925}"#,
         );
         let goals = memsnap_goals(&BenchJson::parse(&disk).unwrap());
-        assert_eq!(goals.len(), 12);
+        assert_eq!(goals.len(), 14);
         assert!(
-            !goals[11].applies,
+            !goals[13].applies,
             "the under-I/O ratio is information only"
         );
-        let met: Vec<bool> = goals[8..11].iter().map(|g| g.met).collect();
-        assert_eq!(met, [true, false, true], "15000 > 2 x 7000");
-        assert!((goals[8].measured - 0.85).abs() < 1e-9);
+        let met: Vec<bool> = goals[9..13].iter().map(|g| g.met).collect();
+        assert_eq!(met, [true, false, true, true], "15000 > 2 x 7000");
+        assert!((goals[9].measured - 0.85).abs() < 1e-9);
+        assert!((goals[12].measured - 0.925).abs() < 1e-9);
+        let short = disk.replace("\"disk_pages\":925", "\"disk_pages\":900");
+        assert!(
+            !memsnap_goals(&BenchJson::parse(&short).unwrap())[12].met,
+            "90 % of RAM is too little"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
-use crate::scenario::job_failed;
+use crate::trace::job_failed;
 use crate::trace::Word;
 use crate::{clock, log, virtio};
 

@@ -4,8 +4,8 @@
 //!
 //! Hardware-independent logic lives in the `snapshot` crate; this crate is
 //! the thin layer that implements it on real page tables, interrupts and
-//! devices. `unsafe` is confined to `arch`, `memory` and `sync`, and to the
-//! entry symbol below.
+//! devices. `unsafe` is confined to `arch`, `memory` and `sync`, the live
+//! snapshot's shadow map (`memsnap::shadow`), and the entry symbol below.
 //!
 //! Layers, each importing only those under it:
 //! 1. `sync` (spinning locks), then `arch` (CPU, legacy devices, the trap

@@ -1,27 +1,23 @@
-//! The live snapshot's hardware: the engine's private window onto physical
-//! memory, the page-copy routine, frames the engine owns, the shadow
-//! physical map that write-protects the snapshot range, and the page-table
-//! walk that finds the eager set.
+//! The live snapshot's memory primitives, the only place its unsafe
+//! memory access lives besides the shadow map's table edits
+//! (`memsnap::shadow`): the engine's private window onto physical memory,
+//! the page-copy routine, memory the engine owns (single frames, contiguous
+//! buffers, the pause's stack, the disk store's staging pages), raw
+//! page-table entries, and the page-table walk that finds the eager set.
 //!
-//! How protection works without a pause that grows with RAM: before the
-//! pause, while the workload still runs, [`ShadowPhysmap::build`] makes a
-//! copy of the physical map's lower levels in 4 KiB pages, with every range
-//! frame read-only. The pause swaps the physical map's PDPT entries (one per
-//! GiB) to point at the shadow and flushes the TLB: constant work. A fault
-//! then flips one PTE. The shadow stays live after completion so the CPU's
-//! dirty bits tell restore which pages were written since the instant.
+//! The engine writes only through [`ENGINE_OFFSET`], a second mapping of
+//! all memory that the snapshot never protects, so it never faults on
+//! itself. Everything here that writes memory writes frames the engine owns
+//! (its storage, its tables, its buffers) or page-table entries.
 //!
-//! The engine itself writes only through [`ENGINE_OFFSET`], a second mapping
-//! of all memory that is never protected, so it never faults on itself.
-//! Everything here that writes memory writes frames the engine owns (its
-//! storage, its tables, its buffers) or page-table entries of the shadow.
+//! Must never hold snapshot policy (which frames, when, by whom): that is
+//! `memsnap`'s, which uses these primitives through safe APIs.
 
 use alloc::vec::Vec;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicU8};
 
 use snapshot::memsnap::staging::{Claimant, Staging};
-use snapshot::memsnap::RangeIndex;
 use x86_64::structures::paging::{
     Mapper, Page, PageSize, PageTableFlags, PhysFrame, Size1GiB, Size2MiB,
 };
@@ -32,14 +28,18 @@ use super::{paging, PAGE_SIZE, PHYS_OFFSET};
 
 /// The engine's window: all physical memory, writable, never protected.
 pub const ENGINE_OFFSET: u64 = 0xffff_8800_0000_0000;
-const FRAMES_PER_REGION: u64 = 512; // 2 MiB
-const FRAMES_PER_GIB: u64 = 512 * 512;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const HUGE: u64 = 1 << 7;
+/// The physical-address bits of a page-table entry.
+pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Page-table entry bits.
+pub const PRESENT: u64 = 1;
+/// Writes allowed.
+pub const WRITABLE: u64 = 1 << 1;
+/// Set by the CPU on access.
+pub const ACCESSED: u64 = 1 << 5;
+/// Set by the CPU on a write.
+pub const DIRTY: u64 = 1 << 6;
+/// A large page (in a PD or PDPT entry).
+pub const HUGE: u64 = 1 << 7;
 
 /// The engine-window address of physical `phys`.
 pub fn engine_virt(phys: u64) -> u64 {
@@ -130,7 +130,7 @@ unsafe extern "C" {
 /// 1. `dst` is a frame the caller owns (engine storage, or a range frame
 ///    being restored while nothing else uses it);
 /// 2. interrupts are off (the copy uses xmm registers no context switch saves).
-unsafe fn copy_frame(dst: u64, src: u64) {
+pub unsafe fn copy_frame(dst: u64, src: u64) {
     debug_assert!(!x86_64::instructions::interrupts::are_enabled());
     // SAFETY: both are whole, 4 KiB-aligned frames of RAM inside the engine
     // window; the caller owns `dst` and keeps interrupts off (contract).
@@ -192,6 +192,18 @@ impl FrameSet {
     pub fn len(&self) -> u64 {
         self.frames.len() as u64
     }
+
+    /// Copies physical frame `frame` into this set's `i`th frame.
+    ///
+    /// Panics unless interrupts are off: the copy uses xmm registers that
+    /// no context switch saves. This single-CPU kernel runs nothing else
+    /// meanwhile, so no one else writes the frame during the copy.
+    pub fn copy_in(&self, i: u64, frame: u64) {
+        assert!(!x86_64::instructions::interrupts::are_enabled());
+        // SAFETY: 1. the destination is a frame this set owns (`get`
+        // panics outside it); 2. interrupts are off (asserted).
+        unsafe { copy_frame(self.get(i) * PAGE_SIZE, frame * PAGE_SIZE) };
+    }
 }
 
 impl Drop for FrameSet {
@@ -236,6 +248,27 @@ impl Buffer {
     /// Its frames.
     pub fn frames(&self) -> core::ops::Range<u64> {
         self.phys / PAGE_SIZE..self.phys / PAGE_SIZE + self.frames
+    }
+
+    /// Its first frame's physical address.
+    pub fn phys(&self) -> u64 {
+        self.phys
+    }
+
+    /// Its length in pages.
+    pub fn pages(&self) -> u64 {
+        self.frames
+    }
+
+    /// Copies physical frame `frame` into this buffer's page `page`.
+    ///
+    /// Panics unless interrupts are off (see [`FrameSet::copy_in`]) or if
+    /// `page` is outside the buffer.
+    pub fn copy_in(&self, page: u64, frame: u64) {
+        assert!(page < self.frames && !x86_64::instructions::interrupts::are_enabled());
+        // SAFETY: 1. the destination is a page of this buffer (checked);
+        // 2. interrupts are off (checked).
+        unsafe { copy_frame(self.phys + page * PAGE_SIZE, frame * PAGE_SIZE) };
     }
 
     fn len_bytes(&self) -> usize {
@@ -308,7 +341,8 @@ impl AsRef<[AtomicU64]> for Buffer {
     }
 }
 
-fn read_entry(table_phys: u64, index: u64) -> u64 {
+/// Reads entry `index` of the page table at physical `table_phys`.
+pub fn read_entry(table_phys: u64, index: u64) -> u64 {
     debug_assert!(table_phys + index * 8 < paging::physmap_end());
     let entry = engine_virt(table_phys + index * 8) as *const u64;
     // SAFETY: page tables are RAM inside the engine window (the callers pass
@@ -320,10 +354,10 @@ fn read_entry(table_phys: u64, index: u64) -> u64 {
 ///
 /// # Safety
 ///
-/// `table_phys` is a page table this module owns (a shadow table) or the
+/// `table_phys` is a page table the caller owns (a shadow table) or the
 /// physical map's PDPT, and `value` keeps every mapping the kernel relies on
 /// (the physical map's frames at their offsets).
-unsafe fn write_entry(table_phys: u64, index: u64, value: u64) {
+pub unsafe fn write_entry(table_phys: u64, index: u64, value: u64) {
     let entry = engine_virt(table_phys + index * 8) as *mut u64;
     // SAFETY: the entry lies in a page table inside the engine window; the
     // caller guarantees the new value maps what the kernel expects.
@@ -331,270 +365,9 @@ unsafe fn write_entry(table_phys: u64, index: u64, value: u64) {
 }
 
 /// The physical map's PDPT (PML4 entry 256).
-fn physmap_pdpt() -> u64 {
+pub fn physmap_pdpt() -> u64 {
     let pml4 = crate::arch::cpu::cr3();
     read_entry(pml4, (PHYS_OFFSET >> 39) & 511) & ADDR_MASK
-}
-
-/// The shadow of the physical map's lower levels (see the module docs).
-#[derive(Debug)]
-pub struct ShadowPhysmap {
-    /// The shadow PDs, one per GiB; owned so they are freed with the shadow.
-    _pds: FrameSet,
-    /// The shadow PTs, one per 2 MiB region, contiguous: the PTE of frame
-    /// `f` is at `pts + 8 f`, no lookup needed on the fault path.
-    pts: Buffer,
-    /// (GiB index, shadow PD, original PDPT entry) for each shadowed GiB.
-    gibs: Vec<(u64, u64, u64)>,
-    active: core::sync::atomic::AtomicBool,
-}
-
-impl ShadowPhysmap {
-    /// Shadow PDs needed to cover `frames` frames (one per GiB).
-    pub fn pds_needed(frames: u64) -> u64 {
-        frames.div_ceil(FRAMES_PER_GIB)
-    }
-
-    /// Bytes of contiguous shadow PTs needed to cover `frames` frames.
-    pub fn pt_bytes(frames: u64) -> u64 {
-        frames.div_ceil(FRAMES_PER_REGION) * PAGE_SIZE
-    }
-
-    /// Builds the shadow for `index` in `pds` and `pts` (sized by
-    /// [`Self::pds_needed`] and [`Self::pt_bytes`]); nothing is live yet.
-    pub fn build(index: &RangeIndex, pds: FrameSet, pts: Buffer) -> Result<Self, &'static str> {
-        let pdpt = physmap_pdpt();
-        let frames = index.frames().min(paging::physmap_end() / PAGE_SIZE);
-        if pds.len() < Self::pds_needed(frames) || pts.len_bytes() < Self::pt_bytes(frames) as usize
-        {
-            return Err("not enough shadow page-table memory");
-        }
-        let mut next_pd = 0;
-        let mut gibs = Vec::new();
-        for gib in 0..frames.div_ceil(FRAMES_PER_GIB) {
-            let original = read_entry(pdpt, gib);
-            let first = gib * FRAMES_PER_GIB;
-            let in_gib = index
-                .next_from(first)
-                .is_some_and(|f| f < first + FRAMES_PER_GIB);
-            if original & PRESENT == 0 || original & HUGE != 0 || !in_gib {
-                continue;
-            }
-            let original_pd = original & ADDR_MASK;
-            let pd = pds.get(next_pd) * PAGE_SIZE;
-            next_pd += 1;
-            for slot in 0..512 {
-                let region = gib * 512 + slot;
-                let start = region * FRAMES_PER_REGION;
-                let shadowed = index
-                    .next_from(start)
-                    .is_some_and(|f| f < start + FRAMES_PER_REGION);
-                let entry = if shadowed {
-                    let pt = pts.phys + region * PAGE_SIZE;
-                    for i in 0..FRAMES_PER_REGION {
-                        let frame = start + i;
-                        let write = if index.contains(frame) { 0 } else { WRITABLE };
-                        // SAFETY: `pt` is a frame of `pts`, owned here and
-                        // not yet referenced by any live table.
-                        unsafe {
-                            write_entry(pt, i, (frame * PAGE_SIZE) | PRESENT | ACCESSED | write)
-                        };
-                    }
-                    pt | PRESENT | WRITABLE
-                } else {
-                    read_entry(original_pd, slot)
-                };
-                // SAFETY: `pd` is a frame of `pds`, not yet live.
-                unsafe { write_entry(pd, slot, entry) };
-            }
-            gibs.push((gib, pd, original));
-        }
-        Ok(ShadowPhysmap {
-            _pds: pds,
-            pts,
-            gibs,
-            active: core::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    /// Points the physical map at the shadow: range frames become
-    /// read-only. Constant work: one entry per GiB, then a TLB flush.
-    pub fn activate(&self) {
-        let pdpt = physmap_pdpt();
-        for &(gib, pd, original) in &self.gibs {
-            // SAFETY: the shadow PD maps every frame of this GiB at the same
-            // address as the original, with equal or fewer permissions.
-            unsafe { write_entry(pdpt, gib, pd | (original & !ADDR_MASK & !HUGE)) };
-        }
-        x86_64::instructions::tlb::flush_all();
-        self.active
-            .store(true, core::sync::atomic::Ordering::Release);
-    }
-
-    /// Points the physical map back at the original tables.
-    pub fn deactivate(&self) {
-        let pdpt = physmap_pdpt();
-        for &(gib, _, original) in &self.gibs {
-            // SAFETY: restores the entry the boot code or `map_high_ram` made.
-            unsafe { write_entry(pdpt, gib, original) };
-        }
-        x86_64::instructions::tlb::flush_all();
-        self.active
-            .store(false, core::sync::atomic::Ordering::Release);
-    }
-
-    /// The shadow PT and index of `frame`. Only range frames are ever
-    /// asked for, and their regions are always shadowed.
-    fn pte(&self, frame: u64) -> Option<(u64, u64)> {
-        let region = frame / FRAMES_PER_REGION;
-        (region < self.pts.frames).then(|| {
-            (
-                self.pts.phys + region * PAGE_SIZE,
-                frame % FRAMES_PER_REGION,
-            )
-        })
-    }
-
-    /// Lets writes to `frame` through the physical map again.
-    ///
-    /// No TLB flush: the change only adds write permission. A read-only
-    /// entry still cached can at worst cause one spurious write fault, which
-    /// the engine counts as a rewrite and answers by calling this again; and
-    /// the CPU drops the entry of the faulting address itself when it raises
-    /// the fault (Intel SDM vol. 3, 4.10.4.3). Flushing here would cost more
-    /// than the copy under emulation.
-    pub fn set_writable(&self, frame: u64) {
-        if let Some((pt, i)) = self.pte(frame) {
-            let entry = read_entry(pt, i);
-            // SAFETY: a shadow PTE; adding write permission keeps its frame.
-            unsafe { write_entry(pt, i, entry | WRITABLE) };
-        }
-    }
-
-    /// Whether `frame` was written through the physical map since the
-    /// instant; clears the CPU's dirty bit so later writes show again.
-    pub fn take_dirty(&self, frame: u64) -> bool {
-        let Some((pt, i)) = self.pte(frame) else {
-            return false;
-        };
-        let entry = read_entry(pt, i);
-        if entry & DIRTY == 0 {
-            return false;
-        }
-        // SAFETY: a shadow PTE; clearing the dirty bit keeps its mapping.
-        unsafe { write_entry(pt, i, entry & !DIRTY) };
-        x86_64::instructions::tlb::flush(VirtAddr::new(PHYS_OFFSET + frame * PAGE_SIZE));
-        true
-    }
-}
-
-impl Drop for ShadowPhysmap {
-    fn drop(&mut self) {
-        if self.active.load(core::sync::atomic::Ordering::Acquire) {
-            self.deactivate();
-        }
-    }
-}
-
-/// Storage in RAM: one engine-owned frame per slot, as one contiguous run
-/// when memory allows (slot to frame is then arithmetic, which spares the
-/// fault path a table lookup) or as single frames.
-#[derive(Debug)]
-pub struct RamStore {
-    slots: Slots,
-}
-
-#[derive(Debug)]
-enum Slots {
-    Run(Buffer),
-    Frames(FrameSet),
-}
-
-impl RamStore {
-    /// Storage for `slots` pages, or `None` if memory is short.
-    pub fn alloc(slots: u64) -> Option<Self> {
-        Some(RamStore {
-            slots: Slots::Frames(FrameSet::alloc(slots)?),
-        })
-    }
-
-    /// Storage with a slot for every frame of a range that starts at
-    /// `universe` frames and loses each storage frame `in_range` says falls
-    /// inside it. Tries one contiguous run first; otherwise grows frame by
-    /// frame. `None` if memory runs out (everything taken is freed).
-    pub fn alloc_for_range(universe: u64, in_range: impl Fn(u64) -> bool) -> Option<Self> {
-        let half = universe.div_ceil(2);
-        // Zeroed now, while the workload runs: under an emulator the host
-        // backs guest RAM on first touch, which the fault path must not pay.
-        if let Some(run) = Buffer::alloc(half * PAGE_SIZE) {
-            let inside = run.frames().filter(|&f| in_range(f)).count() as u64;
-            if half >= universe - inside {
-                return Some(RamStore {
-                    slots: Slots::Run(run),
-                });
-            }
-        }
-        let mut slots = FrameSet::default();
-        let mut range = universe;
-        while slots.len() < range {
-            let frame = slots.grow()?;
-            if in_range(frame) {
-                range -= 1;
-            }
-        }
-        Some(RamStore {
-            slots: Slots::Frames(slots),
-        })
-    }
-
-    /// Its frames.
-    pub fn frames(&self) -> alloc::boxed::Box<dyn Iterator<Item = u64> + '_> {
-        match &self.slots {
-            Slots::Run(run) => alloc::boxed::Box::new(run.frames()),
-            Slots::Frames(set) => alloc::boxed::Box::new(set.frames()),
-        }
-    }
-
-    /// How many slots.
-    pub fn len(&self) -> u64 {
-        match &self.slots {
-            Slots::Run(run) => run.frames,
-            Slots::Frames(set) => set.len(),
-        }
-    }
-
-    /// The frame of `slot`.
-    pub fn frame(&self, slot: u64) -> u64 {
-        match &self.slots {
-            Slots::Run(run) => {
-                debug_assert!(slot < run.frames);
-                run.phys / PAGE_SIZE + slot
-            }
-            Slots::Frames(set) => set.get(slot),
-        }
-    }
-
-    /// Copies range frame `frame` into `slot`. Interrupts must be off.
-    pub fn save(&self, frame: u64, slot: u64) {
-        let dst = self.frame(slot);
-        // SAFETY: 1. `dst` is a storage frame this store owns; 2. callers
-        // (the fault handler, the copier, the pause) run with interrupts off.
-        unsafe { copy_frame(dst * PAGE_SIZE, frame * PAGE_SIZE) };
-    }
-
-    /// Copies `slot` back over range frame `frame`. Interrupts must be off,
-    /// and nothing may be using the frame (restore's contract).
-    pub fn load(&self, slot: u64, frame: u64) {
-        let src = self.frame(slot);
-        // SAFETY: 1. restore runs only on the caller's own quiesced range,
-        // whose frames it may overwrite; 2. interrupts are off.
-        unsafe { copy_frame(frame * PAGE_SIZE, src * PAGE_SIZE) };
-    }
-
-    /// The hash of `slot`'s copy.
-    pub fn hash(&self, slot: u64) -> u64 {
-        hash_frame(self.frame(slot) * PAGE_SIZE)
-    }
 }
 
 /// Calls `eager` for every frame the snapshot must copy at the instant
@@ -716,11 +489,8 @@ impl StagingArea {
         else {
             return false;
         };
-        let dst = self.pages.phys + buffer as u64 * PAGE_SIZE;
-        // SAFETY: 1. `dst` is a page of this area's buffer, and the claim
-        // above made this call its only user until `publish`; 2. the caller
-        // keeps interrupts off (contract, asserted in `copy_frame`).
-        unsafe { copy_frame(dst, frame * PAGE_SIZE) };
+        // The claim made this call the buffer's only user until `publish`.
+        self.pages.copy_in(buffer as u64, frame);
         self.state.publish(buffer, slot);
         true
     }

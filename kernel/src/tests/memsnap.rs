@@ -33,6 +33,10 @@ fn check(report: &memsnap::Report) {
         "counts by cause do not add up to the range"
     );
     assert!(report.stats.eager > 0, "nothing copied eagerly");
+    assert_eq!(
+        report.pause_faults, 0,
+        "the engine faulted on itself in the pause"
+    );
     assert!(report.stats.background > 0, "the copier copied nothing");
 }
 
@@ -226,4 +230,25 @@ pub fn dma_targets_are_copied_at_the_instant() {
         "exactly the unregistered DMA page should differ from the instant"
     );
     memsnap::release().expect("release");
+}
+
+/// The engine takes no fault of its own in the pause: with no workload,
+/// nothing but the engine runs from the pause's start to protection (the
+/// interrupts are off), so any page copied on a fault by then, or any
+/// rewrite, was the engine writing memory it had just protected.
+pub fn engine_never_faults_in_the_pause() {
+    for opts in [Options::default(), verified()] {
+        let started = memsnap::start(&opts).expect("start");
+        assert_eq!(
+            started.pause_faults, 0,
+            "the engine faulted on memory it protected ({:?})",
+            started.stats
+        );
+        let report = memsnap::wait().expect("report");
+        assert_eq!(report.stats.copied(), report.pages);
+        if opts.verify {
+            check(&report);
+        }
+        memsnap::release().expect("release");
+    }
 }

@@ -72,6 +72,10 @@ pub fn snapshot_to_disk_matches_reference() {
         );
         assert_eq!(report.not_copied_once, Some(0));
         assert_eq!(report.stats.copied(), report.pages);
+        assert_eq!(
+            report.pause_faults, 0,
+            "the engine faulted on itself in the pause"
+        );
         assert!(report.stats.fault > 0, "the workload never faulted");
         let disk = report.disk.clone().expect("disk figures");
         assert_eq!(

@@ -47,6 +47,7 @@ const PASSING: &[Test] = tests![
     memsnap::start_without_storage_fails_cleanly,
     memsnap::copy_map_outside_the_range,
     memsnap::dma_targets_are_copied_at_the_instant,
+    memsnap::engine_never_faults_in_the_pause,
     blk::disks_are_found_by_serial["data0:64", "data1:16", "data2:8", "ro0:8:ro"],
     blk::device_errors_name_disk_and_sector["data0:16", "bad0:16:fail=800"],
     blk::patterns_round_trip_at_depths_and_sizes["data0:32"],

@@ -25,12 +25,14 @@
 //! Nothing here allocates after construction: the fault path calls it.
 //!
 //! The parts: [`range`] (frames to slots), [`lifecycle`] (the phases),
+//! [`reserve`] (what a snapshot sets aside, and whether it fits),
 //! [`staging`] (the bounded area that decouples the fault path from a
 //! disk) and [`elfcore`] (the core-file layout a disk copy takes).
 
 pub mod elfcore;
 pub mod lifecycle;
 pub mod range;
+pub mod reserve;
 pub mod staging;
 
 pub use crate::copyonce::{words_for, Counters};

@@ -31,6 +31,8 @@ pub struct Moments {
 pub struct Stages {
     /// Batches of one request.
     pub batches: u64,
+    /// Of which the completion was signalled by an interrupt.
+    pub interrupted: u64,
     /// From the call to the notification write: locking, checks, lending
     /// the buffer, filling the queue.
     pub submit_ns: u64,
@@ -57,12 +59,11 @@ impl Stages {
         let seen = m.seen.map_or(kick_end, |t| t.clamp(kick_end, end));
         // An interrupt counts only if it came between the notification
         // and the sighting: an earlier one belonged to another batch.
-        let signal = m
-            .interrupt
-            .filter(|t| (kick_end..=seen).contains(t))
-            .unwrap_or(seen);
+        let interrupt = m.interrupt.filter(|t| (kick_end..=seen).contains(t));
+        let signal = interrupt.unwrap_or(seen);
         Stages {
             batches: 1,
+            interrupted: u64::from(interrupt.is_some()),
             submit_ns: kick_start - m.start,
             kick_ns: kick_end - kick_start,
             device_ns: signal - kick_end,
@@ -79,6 +80,7 @@ impl Stages {
     /// Adds `other`'s batches.
     pub fn add(&mut self, other: &Stages) {
         self.batches += other.batches;
+        self.interrupted += other.interrupted;
         self.submit_ns += other.submit_ns;
         self.kick_ns += other.kick_ns;
         self.device_ns += other.device_ns;
@@ -90,6 +92,7 @@ impl Stages {
     pub fn since(&self, before: &Stages) -> Stages {
         Stages {
             batches: self.batches - before.batches,
+            interrupted: self.interrupted - before.interrupted,
             submit_ns: self.submit_ns - before.submit_ns,
             kick_ns: self.kick_ns - before.kick_ns,
             device_ns: self.device_ns - before.device_ns,
@@ -138,7 +141,7 @@ mod tests {
             ),
             (4, 8, 20, 3, 3)
         );
-        assert_eq!(s.total_ns(), 38);
+        assert_eq!((s.total_ns(), s.interrupted), (38, 1));
     }
 
     #[test]

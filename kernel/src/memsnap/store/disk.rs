@@ -12,7 +12,7 @@
 //! the range's runs in slot order ([`snapshot::memsnap::elfcore::snapshot_loads`]).
 //!
 //! When staging has no room, whoever can wait does (see
-//! [`super::on_write_fault`]); copiers that cannot (interrupts off, the
+//! [`crate::memsnap::on_write_fault`]); copiers that cannot (interrupts off, the
 //! writer itself) take the staging reserve. If even that is gone, or the
 //! disk fails, the store is *failed*: later saves do nothing, and the
 //! session ends in [`snapshot::memsnap::Phase::Failed`].
@@ -271,8 +271,8 @@ impl super::SnapshotStore for DiskStore {
         PEAK.fetch_max(s.staging.in_use() as u64, Ordering::Relaxed);
     }
 
-    fn load(&self, _slot: u64, _frame: u64) -> bool {
-        false
+    fn saved_frame(&self, _slot: u64) -> Option<u64> {
+        None
     }
 
     fn fresh_hash(&self, slot: u64) -> u64 {

@@ -1,0 +1,135 @@
+//! `bench-backup`: a compact backup of a qcow2 image and its restore,
+//! against an all-data backup and the medium disk's raw throughput.
+
+use alloc::string::String;
+
+use snapshot::backup::BackupSummary;
+use snapshot::devices::block::BlockDevice;
+use snapshot::interface::cmdline::CmdLine;
+
+use super::blk::{sequential, WINDOW};
+use super::{per_second, print_json, seconds, MS};
+use crate::arch::qemu::ExitCode;
+use crate::clock::now_ns;
+use crate::log;
+
+/// `bench-backup`: backs up the qcow2 image on disk `src` (scattered data
+/// in a large virtual disk) and restores it raw onto `out`; then backs up
+/// `full` (the same virtual size, every cluster allocated) the same way.
+/// The baselines, in the same boot: that all-data backup, and sequential
+/// 1 MiB writes and reads of the `tape` disk.
+pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
+    use snapshot::backup::{backup as run_backup, restore, Format};
+    let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
+    if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
+        log!("bench-backup: {e}");
+        return ExitCode::Failure;
+    }
+    let [src, full, scratch, tape, out] = disks.map(|d| d.expect("checked above"));
+    let mut quiet = |_, _, _| {};
+
+    let Some((span, write_ns, read_ns)) = medium_baseline(&*tape) else {
+        return ExitCode::Failure;
+    };
+    let mib_s = |bytes: u64, ns: u64| per_second(bytes, ns) >> 20;
+
+    // Each step timed; the first error ends the benchmark.
+    fn timed<T>(
+        what: &str,
+        step: impl FnOnce() -> Result<T, snapshot::backup::Error>,
+    ) -> Option<(T, u64)> {
+        let t = now_ns();
+        let result = step();
+        let ns = now_ns() - t;
+        result
+            .map(|value| (value, ns))
+            .map_err(|e| log!("bench-backup: {what}: {e}"))
+            .ok()
+    }
+    let steps = timed("backup", || {
+        run_backup(&*src, &*scratch, &*tape, &mut quiet)
+    })
+    .and_then(|backup| {
+        let restored = timed("restore", || {
+            restore(&*tape, &*out, Format::Raw, &mut quiet)
+        })?;
+        let all = timed("all-data backup", || {
+            run_backup(&*full, &*scratch, &*tape, &mut quiet)
+        })?;
+        Some((backup, restored.1, all))
+    });
+    let Some(((sparse, backup_ns), restore_ns, (all, all_ns))) = steps else {
+        return ExitCode::Failure;
+    };
+    log!(
+        "backup: {} MiB of data in a {} MiB disk: {} ms, {} MiB/s; medium {} bytes for {} bytes of data",
+        sparse.data_bytes >> 20,
+        sparse.virtual_bytes >> 20,
+        backup_ns / MS,
+        mib_s(sparse.data_bytes, backup_ns),
+        sparse.medium_bytes,
+        sparse.data_bytes
+    );
+    log!(
+        "all-data backup: {} MiB in {} ms; restore: {} ms; the medium's disk: {} MiB/s writing, {} MiB/s reading",
+        all.data_bytes >> 20,
+        all_ns / MS,
+        restore_ns / MS,
+        mib_s(span, write_ns),
+        mib_s(span, read_ns)
+    );
+    let medium = (span, write_ns, read_ns);
+    print_json(&fields(
+        &sparse,
+        &all,
+        (backup_ns, all_ns, restore_ns),
+        medium,
+    ));
+    ExitCode::Success
+}
+
+/// The baseline: raw sequential 1 MiB writes then reads of up to 512 MiB
+/// of the medium's disk. Returns `(bytes, write ns, read ns)`, or `None`
+/// (logged) on an I/O error.
+fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)> {
+    let span = (512u64 << 20).min(tape.info().bytes());
+    let mut buf = alloc::vec![0u8; WINDOW];
+    let t = now_ns();
+    let write = sequential(tape, &mut buf, (0, span), true);
+    let write_ns = now_ns() - t;
+    let t = now_ns();
+    let read = sequential(tape, &mut buf, (0, span), false);
+    let read_ns = now_ns() - t;
+    match write.and(read) {
+        Ok(_) => Some((span, write_ns, read_ns)),
+        Err(e) => {
+            log!("bench-backup: baseline: {e}");
+            None
+        }
+    }
+}
+
+/// The JSON fields: the sparse backup, the all-data one, their times
+/// `(backup, all-data backup, restore)` and the medium's baseline.
+fn fields(
+    sparse: &BackupSummary,
+    all: &BackupSummary,
+    (backup_ns, all_ns, restore_ns): (u64, u64, u64),
+    (span, write_ns, read_ns): (u64, u64, u64),
+) -> [(&'static str, String); 12] {
+    let mib_s = |bytes: u64, ns: u64| alloc::format!("{}", per_second(bytes, ns) >> 20);
+    [
+        ("bench", "\"backup\"".into()),
+        ("virtual_bytes", alloc::format!("{}", sparse.virtual_bytes)),
+        ("data_bytes", alloc::format!("{}", sparse.data_bytes)),
+        ("medium_bytes", alloc::format!("{}", sparse.medium_bytes)),
+        ("backup_s", seconds(backup_ns)),
+        ("all_data_backup_s", seconds(all_ns)),
+        ("all_data_bytes", alloc::format!("{}", all.data_bytes)),
+        ("restore_s", seconds(restore_ns)),
+        ("backup_mib_s", mib_s(sparse.data_bytes, backup_ns)),
+        ("restore_mib_s", mib_s(sparse.data_bytes, restore_ns)),
+        ("seq_write_mib_s", mib_s(span, write_ns)),
+        ("seq_read_mib_s", mib_s(span, read_ns)),
+    ]
+}

@@ -1,0 +1,326 @@
+//! `bench-memsnap`: a live snapshot of all RAM under a write-heavy
+//! workload, against stop-and-copy of the same range, a plain copy of its
+//! pages, one page copy, a 128 MiB range's pause and the workload's rate
+//! before; then a verified snapshot, and with `to_disk=NAME` the same to a
+//! disk ([`super::memsnap_disk`]).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use snapshot::interface::cmdline::CmdLine;
+
+use super::baseline::{self, CopyTime};
+use super::memsnap_disk::{snapshot_to_disk, DiskFigures};
+use super::{complete_snapshot, fraction, per_second, percentile, print_json, MS};
+use crate::arch::qemu::ExitCode;
+use crate::clock::now_ns;
+use crate::memsnap::{self, Options, Report};
+use crate::workload::Workload;
+use crate::{log, thread};
+
+/// Workload threads in the benchmarks.
+const THREADS: usize = 3;
+
+/// The workload's rate over half a second, after a tenth to settle.
+fn steady_rate(workload: &Workload) -> u64 {
+    thread::sleep_ns(100 * MS);
+    let (ops, t) = (workload.ops(), now_ns());
+    thread::sleep_ns(500 * MS);
+    per_second(workload.ops() - ops, now_ns() - t)
+}
+
+/// Everything the benchmark measured.
+struct Figures {
+    mem_bytes: u64,
+    ram_pages: u64,
+    share: u64,
+    warm_copy: CopyTime,
+    cold_copy: CopyTime,
+    stop_pages: u64,
+    stop_copy_ns: u64,
+    small: Report,
+    ops_before: u64,
+    timed: Report,
+    latencies: Vec<u64>,
+    ops_during: u64,
+    ops_after: u64,
+    verified: Option<Report>,
+    to_disk: Option<DiskFigures>,
+}
+
+/// The benchmark; see the module docs.
+pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
+    match run(cmd) {
+        Ok(figures) => {
+            figures.log();
+            print_json(&figures.fields());
+            figures.verdict(verifies(cmd))
+        }
+        Err(e) => {
+            log!("{e}");
+            ExitCode::Failure
+        }
+    }
+}
+
+fn verifies(cmd: &CmdLine<'_>) -> bool {
+    cmd.get("verify").is_none_or(|v| v != "off")
+}
+
+fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
+    let share = cmd
+        .u64("copier_share")
+        .map_err(|e| alloc::format!("{e}"))?
+        .unwrap_or(30);
+    let ram = || crate::boot_info::usable_ram();
+    let mem_bytes: u64 = ram().map(|r| r.end - r.start).sum();
+    let ram_pages: u64 = ram()
+        .map(|r| (r.end / 4096).saturating_sub(r.start.div_ceil(4096)))
+        .sum();
+    let (free, _) = crate::memory::frames::stats();
+    let per_thread = (free * 4096 / 32).clamp(1 << 20, 96 << 20);
+    log!(
+        "bench-memsnap: {} MiB RAM, workload {THREADS} x {} MiB, copier share {share}%",
+        mem_bytes >> 20,
+        per_thread >> 20
+    );
+    // Warm-up (code paths translated once by the emulator); not measured.
+    let warm = Options {
+        range_limit: Some(32 << 20),
+        ..Options::default()
+    };
+    complete_snapshot("warm-up", &warm)?;
+    let warm_copy = baseline::page_copy_ns(2000);
+    let cold_copy = baseline::page_copy_cold_ns(2000);
+    let workload = Workload::start(THREADS, per_thread, 42).ok_or("no memory for the workload")?;
+    thread::sleep_ns(100 * MS);
+    let (stop_pages, stop_copy_ns) = stop_and_copy_twice()?;
+    let small = Options {
+        range_limit: Some(128 << 20),
+        copier_share_pct: share,
+        ..Options::default()
+    };
+    let small = complete_snapshot("small-range", &small)?;
+    // Measured here, in the state the live snapshot will meet: the emulator
+    // has settled after the baselines (its TLB is sized at full flushes).
+    let ops_before = steady_rate(&workload);
+    let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
+    let ops_after = steady_rate(&workload);
+    // The verified snapshot, same workload, same boot: its result is
+    // compared page by page with a stop-the-world reference.
+    let verify = verifies(cmd);
+    let verified = verify
+        .then(|| {
+            let opts = Options {
+                verify: true,
+                copier_share_pct: share,
+                ..Options::default()
+            };
+            complete_snapshot("verified", &opts)
+        })
+        .transpose()?;
+    let to_disk = cmd
+        .get("to_disk")
+        .map(|name| {
+            snapshot_to_disk(name, share, &workload, verify, mem_bytes)
+                .map_err(|e| alloc::format!("snapshot to disk {name:?}: {e}"))
+        })
+        .transpose()?;
+    workload.stop();
+    Ok(Figures {
+        mem_bytes,
+        ram_pages,
+        share,
+        warm_copy,
+        cold_copy,
+        stop_pages,
+        stop_copy_ns,
+        small,
+        ops_before,
+        timed,
+        latencies,
+        ops_during,
+        ops_after,
+        verified,
+        to_disk,
+    })
+}
+
+/// Stop-and-copy, twice: the first run also pays the emulator's first
+/// touch of the storage frames, which the live snapshot (reusing them)
+/// does not. Returns the second's `(pages, ns)`.
+fn stop_and_copy_twice() -> Result<(u64, u64), String> {
+    let mut stop = Err(memsnap::StartError::EmptyRange);
+    for _ in 0..2 {
+        stop = baseline::stop_and_copy(&Options::default());
+    }
+    stop.map_err(|e| alloc::format!("stop-and-copy baseline: {e}"))
+}
+
+/// The timed snapshot, with fault latencies and its timeline; returns its
+/// report, the latencies and the workload's rate meanwhile. It runs
+/// without verification, whose stop-the-world hashing of every page would
+/// warm the emulator's TLB just before the pause's flush and so inflate
+/// the pause it is meant to check.
+fn timed_snapshot(share: u64, workload: &Workload) -> Result<(Report, Vec<u64>, u64), String> {
+    let opts = Options {
+        latencies: true,
+        copier_share_pct: share,
+        ..Options::default()
+    };
+    let started = memsnap::start(&opts).map_err(|e| alloc::format!("live snapshot: {e}"))?;
+    let ops_start = workload.ops();
+    let report = memsnap::wait().unwrap_or(started);
+    let ops_during = per_second(workload.ops() - ops_start, report.total_ns);
+    let latencies = memsnap::latencies();
+    memsnap::emit_timeline();
+    let _ = memsnap::release();
+    Ok((report, latencies, ops_during))
+}
+
+impl Figures {
+    fn copy_bytes_per_s(&self) -> u64 {
+        per_second(
+            self.timed.stats.background * 4096,
+            self.timed.copier_busy_ns,
+        )
+    }
+
+    fn memcpy_bytes_per_s(&self) -> u64 {
+        per_second(self.stop_pages * 4096, self.stop_copy_ns)
+    }
+
+    /// The verified run's figure, or `u64::MAX` without one.
+    fn verified(&self, f: impl Fn(&Report) -> Option<u64>) -> u64 {
+        self.verified.as_ref().and_then(f).unwrap_or(u64::MAX)
+    }
+
+    /// The human summary.
+    fn log(&self) {
+        let (r, lat) = (&self.timed, &self.latencies);
+        log!("timed: {}", memsnap::describe(r));
+        log!(
+            "the range covers {} of RAM's {} pages ({})",
+            r.pages,
+            self.ram_pages,
+            fraction(r.pages, self.ram_pages)
+        );
+        if let Some(v) = &self.verified {
+            log!("verified: {}", memsnap::describe(v));
+        }
+        log!(
+            "pause {} us (a {}-page range: {} us) vs stop-and-copy {} us ({}x)",
+            r.pause_ns / 1000,
+            self.small.pages,
+            self.small.pause_ns / 1000,
+            self.stop_copy_ns / 1000,
+            self.stop_copy_ns / r.pause_ns.max(1)
+        );
+        log!(
+            "background copy {} MiB/s vs plain copy {} MiB/s; fault p50 {} ns, p99 {} ns ({} faults; one page copy p50 {} ns p99 {} ns, cold p50 {} ns p99 {} ns)",
+            self.copy_bytes_per_s() >> 20,
+            self.memcpy_bytes_per_s() >> 20,
+            percentile(lat, 50),
+            percentile(lat, 99),
+            lat.len(),
+            self.warm_copy.p50,
+            self.warm_copy.p99,
+            self.cold_copy.p50,
+            self.cold_copy.p99
+        );
+        log!(
+            "workload {} ops/s before, {} during, {} after",
+            self.ops_before,
+            self.ops_during,
+            self.ops_after
+        );
+        log!(
+            "fault latency ns: p10 {} p50 {} p90 {} p95 {} p99 {} p99.9 {} max {}",
+            percentile(lat, 10),
+            percentile(lat, 50),
+            percentile(lat, 90),
+            percentile(lat, 95),
+            percentile(lat, 99),
+            lat.get(lat.len() * 999 / 1000).copied().unwrap_or(0),
+            lat.last().copied().unwrap_or(0)
+        );
+        if let Some(d) = &self.to_disk {
+            d.log(percentile(lat, 99), self.ram_pages);
+        }
+    }
+
+    /// The JSON fields.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let (r, s, lat) = (&self.timed, self.timed.stats, &self.latencies);
+        let verified = self.verified.as_ref();
+        let numbers = [
+            ("mem_bytes", self.mem_bytes),
+            ("ram_pages", self.ram_pages),
+            ("pages", r.pages),
+            ("eager_pages", s.eager),
+            ("fault_pages", s.fault),
+            ("background_pages", s.background),
+            ("rewrite_faults", s.rewrites),
+            ("pause_ns", r.pause_ns),
+            ("stop_copy_pause_ns", self.stop_copy_ns),
+            ("stop_copy_pages", self.stop_pages),
+            ("small_range_pages", self.small.pages),
+            ("small_range_pause_ns", self.small.pause_ns),
+            ("protect_ns", r.protect_ns),
+            ("small_range_protect_ns", self.small.protect_ns),
+            ("verified_pause_ns", verified.map_or(0, |v| v.pause_ns)),
+            (
+                "verified_reference_ns",
+                verified.map_or(0, |v| v.reference_ns),
+            ),
+            ("total_ns", r.total_ns),
+            ("fault_ns_p50", percentile(lat, 50)),
+            ("fault_ns_p99", percentile(lat, 99)),
+            ("faults_timed", lat.len() as u64),
+            ("page_copy_ns", self.warm_copy.p50),
+            ("page_copy_cold_ns", self.cold_copy.p50),
+            ("page_copy_ns_p99", self.warm_copy.p99),
+            ("page_copy_cold_ns_p99", self.cold_copy.p99),
+            ("copy_bytes_per_s", self.copy_bytes_per_s()),
+            ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
+            ("workload_ops_per_s_before", self.ops_before),
+            ("workload_ops_per_s_during", self.ops_during),
+            ("workload_ops_per_s_after", self.ops_after),
+            ("copier_share_pct", self.share),
+            ("mismatched_pages", self.verified(|v| v.mismatched)),
+            ("not_copied_once", self.verified(|v| v.not_copied_once)),
+        ];
+        let mut fields: Vec<(&str, String)> = numbers
+            .iter()
+            .map(|&(k, v)| (k, alloc::format!("{v}")))
+            .collect();
+        fields.push(("range_share", fraction(r.pages, self.ram_pages)));
+        if let Some(d) = &self.to_disk {
+            fields.extend(
+                d.fields()
+                    .into_iter()
+                    .map(|(k, v)| (k, alloc::format!("{v}"))),
+            );
+            fields.push(("disk_range_share", fraction(d.report.pages, self.ram_pages)));
+        }
+        fields
+    }
+
+    /// Success unless a verified run found a mismatch or a page not copied
+    /// exactly once.
+    fn verdict(&self, verify: bool) -> ExitCode {
+        let mismatched = self.verified(|v| v.mismatched);
+        let not_copied_once = self.verified(|v| v.not_copied_once);
+        let disk_ok = self.to_disk.as_ref().is_none_or(|d| {
+            d.verified
+                .as_ref()
+                .is_none_or(|v| v.mismatched == Some(0) && v.not_copied_once == Some(0))
+        });
+        if !verify || (mismatched == 0 && not_copied_once == 0 && disk_ok) {
+            ExitCode::Success
+        } else {
+            log!("verification failed: {mismatched} mismatched pages");
+            ExitCode::Failure
+        }
+    }
+}

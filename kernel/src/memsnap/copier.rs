@@ -1,0 +1,169 @@
+//! The background copier: a kernel thread that copies the range in address
+//! order at a share of the CPU, in bursts of [`COPIER_BURST_NS`] paced by
+//! the copy-once engine's [`Pacer`], and ends
+//! the snapshot: complete (the disk's core file made durable, the copy
+//! verified if asked) or failed (the store lost a copy).
+//!
+//! It takes from the store only the room the store gives the background
+//! ([`super::store::SnapshotStore::background_room`]), waiting for the
+//! disk writer otherwise, so the workload's faults keep theirs. It must
+//! never copy with interrupts on (the copy paths rely on it).
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
+
+use snapshot::copyonce::Pacer;
+use snapshot::memsnap::{transition, Request};
+
+use super::report::DiskReport;
+use super::session::{Session, LIVE, SESSION};
+use super::store::disk::{self, Shared};
+use super::{verify, ABORT, PHASE, REPORT};
+use crate::clock::now_ns;
+use crate::thread;
+
+/// Pages copied per session visit (interrupts off meanwhile).
+const COPIER_BATCH: u64 = 16;
+/// One burst of copying, ns.
+const COPIER_BURST_NS: u64 = 2_000_000;
+
+/// The copier thread, at `share_pct` percent of the CPU.
+pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
+    let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
+    let mut busy_ns = 0;
+    loop {
+        if ABORT.load(Ordering::Acquire) {
+            return;
+        }
+        if SESSION.with(|s| s.store.failed()).unwrap_or(false) {
+            fail(disk.as_ref());
+            return;
+        }
+        let done = burst(&mut pacer, &mut busy_ns);
+        SESSION.with(Session::sample);
+        if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
+            finish(busy_ns, disk.as_ref());
+            return;
+        }
+        let rest_ns = pacer.end_burst();
+        if rest_ns > 0 {
+            thread::sleep_ns(rest_ns);
+        }
+    }
+}
+
+/// One burst; true once a pass found nothing left to copy.
+fn burst(pacer: &mut Pacer, busy_ns: &mut u64) -> bool {
+    pacer.start_burst(now_ns());
+    while pacer.keep_working(now_ns()) {
+        let t = now_ns();
+        // At most what the store takes without its reserve and the faults'
+        // headroom; `None` when it takes nothing now (a disk's staging is
+        // as full as the copier may make it).
+        let copied = SESSION
+            .with(|s| match s.store.background_room().min(COPIER_BATCH) {
+                0 if !s.store.failed() => None,
+                room => Some(s.snap.copy_background(s, room.max(1))),
+            })
+            .unwrap_or(Some(0));
+        *busy_ns += now_ns() - t;
+        match copied {
+            Some(0) => return true,
+            Some(_) => {}
+            None => {
+                LIVE.copier_waits.fetch_add(1, Ordering::Relaxed);
+                thread::block_until(disk::room_key(), || {
+                    SESSION
+                        .with(|s| s.store.background_room() > 0 || s.store.failed())
+                        .unwrap_or(true)
+                });
+            }
+        }
+    }
+    false
+}
+
+/// Ends a snapshot whose store failed: the phase becomes `Failed` and the
+/// report says why. Protection stays until [`super::abort`]; writes still
+/// get through (the fault path copies nothing into a failed store).
+fn fail(disk: Option<&Arc<Shared>>) {
+    let why = disk
+        .and_then(|d| d.error())
+        .unwrap_or_else(|| String::from("the snapshot store failed"));
+    crate::log!("memsnap: snapshot failed: {why}");
+    crate::trace!("memsnap.failed");
+    if let Some(r) = REPORT.lock().as_mut() {
+        r.stats = LIVE.stats();
+        r.error = Some(why);
+    }
+    let mut phase = PHASE.lock();
+    *phase = transition(*phase, Request::Fail).unwrap_or(*phase);
+    drop(phase);
+    thread::wake_all(&PHASE as *const _ as usize);
+}
+
+/// Makes a disk snapshot durable: drains staging, flushes, writes the
+/// core file's header. Returns the time it took.
+fn complete_on_disk(d: &Shared, total_ns: u64) -> Result<u64, String> {
+    let t = now_ns();
+    let wall = crate::arch::rtc::wall_clock();
+    let meta = disk::Meta {
+        instant_ns: LIVE.instant_ns.load(Ordering::Relaxed),
+        total_ns,
+        stats: LIVE.stats(),
+        wall: wall.as_deref(),
+    };
+    let regs = SESSION.with(|s| s.registers).unwrap_or_default();
+    d.complete(&regs, meta)?;
+    Ok(now_ns() - t)
+}
+
+/// Ends a snapshot whose every page is copied: completes the disk's file,
+/// verifies, fills in the report, and moves the phase to `Complete`.
+fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
+    let end = now_ns();
+    let total_ns = end - LIVE.instant_ns.load(Ordering::Relaxed);
+    let mut disk_report = None;
+    if let Some(d) = disk {
+        match complete_on_disk(d, total_ns) {
+            Ok(complete_ns) => {
+                disk_report = Some(DiskReport {
+                    core_bytes: d.total(),
+                    writer: d.stats(),
+                    complete_ns,
+                    staging_pages: d.staging_pages(),
+                });
+                crate::trace!(
+                    "memsnap.core",
+                    bytes = d.total(),
+                    written = d.stats().bytes,
+                    complete_ns = complete_ns
+                );
+            }
+            Err(_) => {
+                fail(disk);
+                return;
+            }
+        }
+    }
+    let mismatched = verify::count_mismatches(disk);
+    let not_copied_once = verify::not_copied_once();
+    let mut report = REPORT.lock();
+    if let Some(r) = report.as_mut() {
+        r.stats = LIVE.stats();
+        r.total_ns = end - r.instant_ns;
+        r.copier_busy_ns = copier_busy_ns;
+        r.mismatched = mismatched;
+        r.not_copied_once = not_copied_once;
+        r.disk = disk_report;
+        r.fault_waits = LIVE.fault_waits.load(Ordering::Relaxed);
+        r.copier_waits = LIVE.copier_waits.load(Ordering::Relaxed);
+    }
+    drop(report);
+    {
+        let mut phase = PHASE.lock();
+        *phase = transition(*phase, Request::Finish).unwrap_or(*phase);
+    }
+    thread::wake_all(&PHASE as *const _ as usize);
+}

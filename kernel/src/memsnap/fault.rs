@@ -1,0 +1,150 @@
+//! The paths that copy a range frame before someone writes it: the
+//! write-fault handler, the frame allocator's hook (a frame handed out may
+//! be mapped where the shadow cannot protect it) and DMA registration (a
+//! device writes behind the MMU's back).
+//!
+//! The fault path never allocates, takes a lock, or waits inside the
+//! handler: it reaches the session through [`SESSION`], copies through the
+//! engine window and counts in [`LIVE`]. When a disk store's staging is
+//! full, a thread that faulted with interrupts on is blocked like any
+//! waiting thread ([`thread::block_faulting`]) and retries its write when
+//! the disk writer has made room.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::Ordering;
+
+use snapshot::memsnap::FaultOutcome;
+
+use super::session::{LIVE, SESSION};
+use super::store::disk;
+use crate::memory::{paging, PAGE_SIZE, PHYS_OFFSET};
+use crate::sync::IrqMutex;
+use crate::thread;
+
+/// Registered DMA targets. A static because registrations outlive
+/// snapshots: a range registered before a snapshot is copied at its instant.
+static DMA: IrqMutex<Vec<Range<u64>>> = IrqMutex::new(Vec::new());
+
+/// Registers physical `[start, end)` as a DMA target: devices write it
+/// behind the MMU's back. Registered before a snapshot's instant, it is
+/// copied at the instant; registered during a snapshot, its frames are
+/// copied now, before the caller lets a device write them.
+pub fn register_dma(range: Range<u64>) {
+    // The pause holds this lock, so either the pause sees the range or
+    // the range sees the snapshot protecting.
+    let protecting = {
+        let mut dma = DMA.lock();
+        dma.push(range.clone());
+        LIVE.protecting.load(Ordering::Acquire)
+    };
+    if protecting {
+        for frame in range.start / PAGE_SIZE..range.end.div_ceil(PAGE_SIZE) {
+            // Only frames not yet copied matter: the device's writes bypass
+            // the protection anyway. Waits for the disk writer if staging
+            // is full, like a fault.
+            thread::block_until(disk::room_key(), || {
+                SESSION
+                    .with(|s| {
+                        if s.is_copied(frame) {
+                            return true;
+                        }
+                        if s.must_wait(frame) {
+                            return false;
+                        }
+                        s.snap.on_write_fault(s, frame);
+                        true
+                    })
+                    .unwrap_or(true)
+            });
+        }
+    }
+}
+
+/// Forgets a DMA registration made with [`register_dma`].
+pub fn unregister_dma(range: Range<u64>) {
+    let mut dma = DMA.lock();
+    if let Some(i) = dma.iter().position(|r| *r == range) {
+        dma.swap_remove(i);
+    }
+}
+
+/// Runs `f` on the registered DMA targets with registration held off (the
+/// pause: no registration slips past it).
+pub(super) fn with_dma_targets<R>(f: impl FnOnce(&[Range<u64>]) -> R) -> R {
+    f(&DMA.lock())
+}
+
+/// The virtual window whose writes the snapshot protects, while it does.
+pub fn window() -> Option<(u64, u64)> {
+    LIVE.protecting
+        .load(Ordering::Acquire)
+        .then(|| (PHYS_OFFSET, PHYS_OFFSET + paging::physmap_end()))
+}
+
+/// What the fault handler should do with a write to the snapshot window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFault {
+    /// Copied (or already copied) and writable again: resume the write.
+    Handled,
+    /// Not the snapshot's frame.
+    NotOurs,
+    /// Staging has no room: block the thread on this key (see
+    /// [`thread::block_faulting`]) and let it retry the write, or, if it
+    /// cannot wait, call [`on_write_fault`] again with `may_wait` false.
+    Wait(usize),
+}
+
+/// The write-fault path (interrupts are off): copy the frame at `offset` in
+/// the physical map unless already copied, then let the write through.
+/// `may_wait` says the faulting thread could be blocked.
+pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
+    let mut start = crate::arch::cpu::rdtsc();
+    let frame = offset / PAGE_SIZE;
+    let outcome = SESSION.with(|s| {
+        if may_wait && s.must_wait(frame) {
+            return None;
+        }
+        // A retry after waiting for room: the latency runs from the first
+        // fault, so the wait counts.
+        let waited = s.latencies.is_some() && LIVE.waiting.load(Ordering::Relaxed) != 0;
+        let mut retried = false;
+        if let Some(slot) = waited.then(thread::current_slot).flatten() {
+            let bit = 1u64 << (slot % 64);
+            if LIVE.waiting.fetch_and(!bit, Ordering::Relaxed) & bit != 0 {
+                start = LIVE.wait_start[slot % 64].load(Ordering::Relaxed);
+                retried = true;
+            }
+        }
+        let outcome = s.snap.on_write_fault(s, frame);
+        if s.latencies.is_some() && (outcome == FaultOutcome::Copied || retried) {
+            s.note_latency(crate::clock::cycles_to_ns(
+                crate::arch::cpu::rdtsc() - start,
+            ));
+        }
+        Some(outcome)
+    });
+    match outcome {
+        Some(None) => WriteFault::Wait(disk::room_key()),
+        Some(Some(FaultOutcome::Copied | FaultOutcome::AlreadyCopied)) => WriteFault::Handled,
+        Some(Some(FaultOutcome::NotInRange)) | None => WriteFault::NotOurs,
+    }
+}
+
+/// Counts a write fault that blocked thread `slot` for room, from time
+/// `since` (TSC): called by the fault path once the thread is parked, so
+/// its retry can record the whole latency.
+pub fn note_fault_wait(slot: usize, since: u64) {
+    LIVE.fault_waits.fetch_add(1, Ordering::Relaxed);
+    LIVE.wait_start[slot % 64].store(since, Ordering::Relaxed);
+    LIVE.waiting.fetch_or(1 << (slot % 64), Ordering::Relaxed);
+}
+
+/// Called by the frame allocator for each frame it hands out: a frame of an
+/// active snapshot is copied before its new owner writes it, because the
+/// owner may map it where the shadow cannot protect it.
+pub fn before_reuse(phys: u64) {
+    if LIVE.protecting.load(Ordering::Acquire) {
+        SESSION.with(|s| s.snap.on_write_fault(s, phys / PAGE_SIZE));
+    }
+}
