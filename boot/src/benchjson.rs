@@ -94,6 +94,11 @@ impl BenchJson {
     pub fn push(&mut self, key: &str, value: u64) {
         self.fields.push((key.to_string(), value.to_string()));
     }
+
+    /// Appends `key` with seconds to the microsecond.
+    pub fn push_seconds(&mut self, key: &str, seconds: f64) {
+        self.fields.push((key.to_string(), format!("{seconds:.6}")));
+    }
 }
 
 /// The object as JSON, fields in order, without spaces.

@@ -280,6 +280,17 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             Err(e) => eprintln!("error: reading {}: {e}", image.display()),
         }
     }
+    if args.scenario == Scenario::BenchBackup {
+        let source = config.disks.iter().find(|d| d.serial == "src");
+        let dir = source.and_then(|d| d.path.parent()).expect("bench source");
+        match bench::qemu_img_convert_s(dir) {
+            Ok(seconds) => {
+                json.push_seconds("qemu_img_convert_s", seconds);
+                eprintln!("qemu-img convert -O qcow2 of the source: {seconds:.2} s");
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
     let goals = match args.scenario {
         Scenario::BenchBlk => bench::blk_goals(&json),
         Scenario::BenchMemsnap => bench::memsnap_goals(&json),

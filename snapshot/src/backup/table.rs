@@ -22,7 +22,7 @@ use core::hash::Hasher;
 
 use twox_hash::XxHash64;
 
-use super::engine::Error;
+use super::error::Error;
 use super::qcow2::{self, Cluster};
 use super::run::{Joiner, Run, Runs};
 use super::tape::{Header, MediumError};
@@ -321,6 +321,10 @@ impl<'t> V1Table1<'t> {
             }
             match qcow2::l2_entry(entry, vc, self.cs, self.source_bytes) {
                 Ok(Some(Cluster::Data(host))) => return Ok(Some((vc, host))),
+                // Version 1 writers refused compressed images.
+                Ok(Some(Cluster::Compressed(_) | Cluster::Subclusters { .. })) => {
+                    return Err(bad("1", "a compressed cluster"))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(bad("1", &format!("{e}"))),
             }
