@@ -33,7 +33,11 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("--image-size SIZE", "its size (default 1G)"),
     ("--out FILE", "memsnap's core file; restore's output image"),
     ("--source FILE", "backup's source image (never written)"),
-    ("--tape FILE", "backup's medium (created) or restore's (read)"),
+    ("--tape FILE", "backup's or mirror's medium (created) or restore's (read)"),
+    ("--primary FILE", "mirror's primary volume (raw; the workload writes it)"),
+    ("--secondary FILE", "mirror's secondary volume; its state is kept in FILE.mirror"),
+    ("--via secondary|memory", "mirror: how the backup reads blocks the copier has not reached"),
+    ("--workload on|off", "mirror: a seeded write workload on the primary (default on)"),
     ("--format raw|qcow2", "restore's output format (default raw)"),
     (
         "--to-disk",
@@ -128,6 +132,10 @@ pub struct Args {
     pub tape: Option<PathBuf>,
     /// restore's output format.
     pub format: Option<Format>,
+    /// mirror's primary and secondary images.
+    pub primary: Option<PathBuf>,
+    /// See `primary`.
+    pub secondary: Option<PathBuf>,
 }
 
 fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
@@ -176,6 +184,22 @@ fn option(
         "--to-disk" => args.to_disk = true,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
+        "--primary" => args.primary = path(value())?,
+        "--secondary" => args.secondary = path(value())?,
+        "--via" => {
+            let text = value()?;
+            if !matches!(text.as_str(), "secondary" | "memory") {
+                return Err(format!("--via {text}: want secondary or memory"));
+            }
+            args.cmdline.push(format!("via={text}"));
+        }
+        "--workload" => {
+            let text = value()?;
+            if !matches!(text.as_str(), "on" | "off") {
+                return Err(format!("--workload {text}: want on or off"));
+            }
+            args.cmdline.push(format!("workload={text}"));
+        }
         "--format" => {
             let text = value()?;
             let format =
@@ -235,6 +259,8 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         source: None,
         tape: None,
         format: None,
+        primary: None,
+        secondary: None,
     };
     let (mut positional, mut given, mut user_words) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(word) = words.next() {

@@ -14,6 +14,7 @@ pub mod build;
 pub mod cli;
 pub mod corefile;
 pub mod ktest;
+pub mod mirror;
 pub mod qemu;
 pub mod report;
 pub mod timeline;

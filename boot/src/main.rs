@@ -110,7 +110,9 @@ fn show_line(line: &str, quiet: bool) {
         println!("{line}");
     }
     if let Ok(Some(record)) = snapshot::interface::trace::parse_line(line) {
-        if let Some(progress) = host_backup::progress_line(&record) {
+        let progress =
+            host_backup::progress_line(&record).or_else(|| boot::mirror::progress_line(&record));
+        if let Some(progress) = progress {
             // One line per stage, rewritten in place.
             let end = if record.u64("done") == record.u64("total") {
                 "\n"
@@ -145,6 +147,7 @@ struct Run {
     snapshot_image: Option<PathBuf>,
     backup: Option<BackupJob>,
     restore: Option<RestoreJob>,
+    mirror: Option<boot::mirror::MirrorJob>,
     /// Where the host keeps its work files.
     work: PathBuf,
 }
@@ -159,6 +162,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         snapshot_image: None,
         backup: None,
         restore: None,
+        mirror: None,
         work: work.clone(),
     };
     let blank = |image: &Path, size: u64| {
@@ -208,6 +212,20 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.cmdline.push(format!("format={}", format.name()));
             run.disks.extend(job.disks.iter().cloned());
             run.restore = Some(job);
+        }
+        (Scenario::Mirror, ..) => {
+            let (p, s, t) = (&args.primary, &args.secondary, &args.tape);
+            let (Some(p), Some(s), Some(t)) = (p, s, t) else {
+                return Err((2, "mirror needs --primary, --secondary and --tape".into()));
+            };
+            let job = boot::mirror::plan(p, s, t).map_err(refused)?;
+            eprintln!(
+                "mirror: controller disk {}; the tape will hold {} bytes",
+                job.control.display(),
+                job.medium_bytes
+            );
+            run.disks.extend(job.disks.iter().cloned());
+            run.mirror = Some(job);
         }
         (Scenario::BenchBackup, ..) => {
             let disks = bench::prepare_backup_bench(&work.join("bench-backup"))
@@ -345,6 +363,12 @@ fn finish(
     };
     if let Some(job) = &run.backup {
         match host_backup::finish_backup(job, records, passed) {
+            Ok(n) => eprintln!("tape: {} ({n} bytes)", job.tape.display()),
+            Err(e) => fail(e),
+        }
+    }
+    if let Some(job) = &run.mirror {
+        match boot::mirror::finish(job, records, passed) {
             Ok(n) => eprintln!("tape: {} ({n} bytes)", job.tape.display()),
             Err(e) => fail(e),
         }

@@ -263,6 +263,7 @@ fn pump(
         table1_runs: plan.table1_runs,
         virtual_size: plan.image.header.virtual_size,
         source_bytes: plan.image.file_len,
+        source: tape::SourceKind::Qcow2,
         table1_checksum: plan.table1_checksum,
         table2_checksum: checksum(&[]),
     }

@@ -34,7 +34,8 @@
 //! The subsystem's parts: [`qcow2`] decodes qcow2 headers and entries,
 //! [`source`] walks and checks a source image, [`newimage`] lays out and
 //! writes a new qcow2 image, [`tape`] is the medium's frame, [`table`]
-//! its tables, [`engine`] and [`restore`](mod@restore) run the steps.
+//! its tables, [`engine`] and [`restore`](mod@restore) run the steps;
+//! [`volume`] streams a raw volume whole (the mirror's backup).
 
 pub mod copy;
 pub mod decode;
@@ -48,6 +49,7 @@ pub mod run;
 pub mod source;
 pub mod table;
 pub mod tape;
+pub mod volume;
 
 pub use engine::{
     backup, backup_memory, backup_overlapped, guest_heap_bytes, restore_memory, BackupSummary,

@@ -39,6 +39,9 @@ pub enum Scenario {
     Restore,
     /// The backup benchmark.
     BenchBackup,
+    /// A mirrored pair: pair, split under a workload, back up the split
+    /// instant during the copy, resync.
+    Mirror,
 }
 
 /// The word after a scenario's name on the host command line, passed to
@@ -210,6 +213,24 @@ pub const ALL: &[Description] = &[
         benchmark: true,
         emits: &["backup.progress", "blk.disk", "blk.disk_time"],
         ends_with: None,
+    },
+    Description {
+        scenario: Scenario::Mirror,
+        name: "mirror",
+        argument: None,
+        options: &[
+            opt("--primary", "P", true),
+            opt("--secondary", "S", true),
+            opt("--tape", "FILE", true),
+            opt("--via", "MODE", false),
+            opt("--workload", "on|off", false),
+        ],
+        params: &["primary=primary", "secondary=secondary", "control=control", "tape=tape", "via=secondary", "workload=on", "verify=on", "seed=1"],
+        help: "pair (resync), split under a write workload, back up the split instant during the copy to FILE, resync",
+        mem_mib: BACKUP_MEM,
+        benchmark: false,
+        emits: &["mirror.opened", "mirror.progress", "mirror.split", "mirror.backup", "mirror.done", FAILED, REFUSED],
+        ends_with: Some("mirror.done"),
     },
 ];
 
