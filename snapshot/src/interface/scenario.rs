@@ -175,7 +175,7 @@ pub const ALL: &[Description] = &[
         help: "virtio-blk benchmark on a fresh raw image (use --json, --image, --image-size)",
         mem_mib: MEM,
         benchmark: true,
-        emits: &["bench.blk", "blk.batch", "blk.batch_time"],
+        emits: &["bench.blk", "blk.disk", "blk.disk_time"],
         ends_with: None,
     },
     Description {
@@ -211,7 +211,7 @@ pub const ALL: &[Description] = &[
         help: "backup of 256 MiB of scattered data in a 4 GiB disk, against an all-data backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,
-        emits: &["backup.progress", "blk.batch", "blk.batch_time"],
+        emits: &["backup.progress", "blk.disk", "blk.disk_time"],
         ends_with: None,
     },
     Description {
