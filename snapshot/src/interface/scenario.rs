@@ -243,7 +243,7 @@ pub const ALL: &[Description] = &[
         help: "quick split of a 256 MiB pair, 64 MiB differential: backup during the copy vs copy-then-backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,
-        emits: &["mirror.progress", "blk.batch", "blk.batch_time"],
+        emits: &["mirror.progress"],
         ends_with: None,
     },
 ];
