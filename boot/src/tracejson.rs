@@ -10,7 +10,7 @@
 //!
 //! It must never invent timing: every span comes from a record's own
 //! timestamp and a duration the kernel measured (`memsnap.start`'s
-//! `pause_ns`, `memsnap.burst`'s `ns`, `blk.batch_time`'s `total_ns`), and
+//! `pause_ns`, `memsnap.burst`'s `ns`, `blk.batch`'s `total_ns`), and
 //! every counter from `memsnap.progress`'s time since the instant.
 
 use std::collections::HashMap;
@@ -69,9 +69,6 @@ pub fn events(records: &[Record<'_>]) -> Vec<Json> {
     let mut out = Vec::new();
     let mut tracks = vec![(EVENTS, "events".to_string())];
     let mut disks: HashMap<&str, u64> = HashMap::new();
-    // The last `blk.batch` of each disk, whose sizes go with the
-    // `blk.batch_time` that follows it.
-    let mut batches: HashMap<&str, Map<String, Json>> = HashMap::new();
     // The snapshot instant the following progress samples count from.
     let mut instant_ns = None;
     for r in records {
@@ -101,17 +98,11 @@ pub fn events(records: &[Record<'_>]) -> Vec<Json> {
             }
             "blk.batch" => {
                 let disk = r.str("disk").unwrap_or("?");
-                batches.insert(disk, args(r));
-            }
-            "blk.batch_time" => {
-                let disk = r.str("disk").unwrap_or("?");
                 let next = FIRST_DISK + disks.len() as u64;
                 let tid = *disks.entry(disk).or_insert(next);
                 add_track(&mut tracks, tid, &format!("disk {disk}"));
-                let mut values = batches.remove(disk).unwrap_or_default();
-                values.extend(args(r));
                 let total = r.u64("total_ns").unwrap_or(0);
-                out.push(span("disk batch", tid, r.ts_ns, total, values));
+                out.push(span("disk batch", tid, r.ts_ns, total, args(r)));
             }
             _ => out.push(json!({
                 "name": r.event, "ph": "i", "s": "t", "pid": PID, "tid": EVENTS,
@@ -149,8 +140,7 @@ mod tests {
     const TRACE: &str = "\
 TRACE 1000 boot.done tsc_hz=5 apic_timer_hz=6
 TRACE 50000 memsnap.start pages=9 eager=2 pause_ns=7000 reference_ns=3000 instant_ns=48000
-TRACE 60000 blk.batch disk=snap ops=1 bytes=4096 requests=1 max_inflight=1 wait_ns=10
-TRACE 61000 blk.batch_time disk=snap total_ns=5000 notifies=1 waits=0 ok=1
+TRACE 61000 blk.batch disk=snap bytes=4194304 requests=4 max_inflight=4 total_ns=5000 ok=1
 TRACE 70000 memsnap.burst ns=2000 pages=4
 TRACE 90000 memsnap.progress t_us=0 eager=2 fault=0 background=0
 TRACE 90001 memsnap.progress t_us=20 eager=2 fault=1 background=4
@@ -188,7 +178,7 @@ TRACE 90001 memsnap.progress t_us=20 eager=2 fault=1 background=4
             (Some(56.0), Some(5.0))
         );
         assert_eq!(
-            batch[0]["args"]["bytes"], 4096,
+            batch[0]["args"]["bytes"], 4194304,
             "the batch's sizes go with its time"
         );
         assert_eq!(find(&events, "boot.done")[0]["ph"], "i");

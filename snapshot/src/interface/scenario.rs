@@ -153,7 +153,7 @@ pub const ALL: &[Description] = &[
         help: "live snapshot of all RAM to a disk, left as an ELF core file at FILE (read it with gdb, readelf)",
         mem_mib: MEM,
         benchmark: false,
-        emits: &["memsnap.start", "memsnap.burst", "blk.batch", "blk.batch_time", "memsnap.core", FAILED, REFUSED],
+        emits: &["memsnap.start", "memsnap.burst", "blk.batch", "memsnap.core", FAILED, REFUSED],
         ends_with: Some("memsnap.core"),
     },
     Description {
