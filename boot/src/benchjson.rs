@@ -94,6 +94,11 @@ impl BenchJson {
     pub fn push(&mut self, key: &str, value: u64) {
         self.fields.push((key.to_string(), value.to_string()));
     }
+
+    /// Appends a decimal field (six places).
+    pub fn push_f64(&mut self, key: &str, value: f64) {
+        self.fields.push((key.to_string(), format!("{value:.6}")));
+    }
 }
 
 /// The object as JSON, fields in order, without spaces.

@@ -29,9 +29,11 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     ("--disk NAME=FILE", "attach raw image FILE as a virtio-blk disk named NAME"),
     ("--ro-disk NAME=FILE", "the same, read-only"),
-    ("--image FILE", "bench-blk's image (default target/bench-blk.img)"),
+    ("--image FILE", "bench-blk's image (default target/bench-blk.img); clone-split's clone"),
     ("--image-size SIZE", "its size (default 1G)"),
-    ("--out FILE", "memsnap's core file; restore's output image"),
+    ("--out FILE", "memsnap's core file; restore's output image; clone's new clone"),
+    ("--base FILE", "clone's base image (qcow2 or raw; never written)"),
+    ("--workload", "clone-split: a seeded workload reads and writes the clone meanwhile"),
     ("--source FILE", "backup's source image (never written)"),
     ("--tape FILE", "backup's medium (created) or restore's (read)"),
     ("--format raw|qcow2", "restore's output format (default raw)"),
@@ -128,6 +130,10 @@ pub struct Args {
     pub tape: Option<PathBuf>,
     /// restore's output format.
     pub format: Option<Format>,
+    /// clone's base image.
+    pub base: Option<PathBuf>,
+    /// clone-split: run the workload.
+    pub workload: bool,
 }
 
 fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
@@ -174,6 +180,8 @@ fn option(
         "--image" => args.image = path(value())?,
         "--out" => args.out = path(value())?,
         "--to-disk" => args.to_disk = true,
+        "--base" => args.base = path(value())?,
+        "--workload" => args.workload = true,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
         "--format" => {
@@ -235,6 +243,8 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         source: None,
         tape: None,
         format: None,
+        base: None,
+        workload: false,
     };
     let (mut positional, mut given, mut user_words) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(word) = words.next() {

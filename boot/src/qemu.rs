@@ -34,6 +34,9 @@ pub struct Config {
     pub timeout: Duration,
     /// virtio-blk disks, in PCI order.
     pub disks: Vec<Disk>,
+    /// Kill QEMU (as a power cut would stop it) when a serial line
+    /// contains this text: tests of what a crash leaves behind.
+    pub kill_on: Option<String>,
 }
 
 /// A raw image file attached as a virtio-blk disk (modern transport only,
@@ -92,6 +95,7 @@ impl Config {
             cmdline: cmdline.to_string(),
             timeout: Duration::from_secs(60),
             disks: Vec::new(),
+            kill_on: None,
         }
     }
 }
@@ -303,6 +307,14 @@ pub fn run(config: &Config, mut on_line: impl FnMut(&str)) -> Result<Outcome, St
                 on_line(&line);
                 serial.push_str(&line);
                 serial.push('\n');
+                if config
+                    .kill_on
+                    .as_ref()
+                    .is_some_and(|k| line.contains(k.as_str()))
+                {
+                    let _ = child.kill();
+                    break;
+                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {

@@ -108,7 +108,7 @@ fn walk(top: &dyn BlockDevice, top_id: &str, resolve: Resolve<'_>) -> Result<Vec
             None => Format::probe(&*layer.dev)?,
         };
         let size = layer.dev.info().bytes();
-        if size < header.virtual_size {
+        if format == Format::Raw && size < header.virtual_size {
             return Err(invalid(format!(
                 "backing image {} is {size} bytes, smaller than the {}-byte image {parent} over it",
                 layer.id, header.virtual_size

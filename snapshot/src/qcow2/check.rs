@@ -30,6 +30,9 @@ pub struct Report {
     pub leaks: u64,
     /// Data and zero-allocated clusters referenced by L2 entries.
     pub data_clusters: u64,
+    /// Where the last cluster in use (referenced or counted) ends: what
+    /// the file can be cut to.
+    pub end: u64,
 }
 
 /// Checks the image on `dev`.
@@ -127,6 +130,9 @@ pub fn check(dev: &dyn BlockDevice) -> Result<Report> {
             ));
         } else if r > n {
             report.leaks += 1;
+        }
+        if r > 0 || n > 0 {
+            report.end = (c + 1) * cs;
         }
     }
     for (host, copied, what) in flagged {

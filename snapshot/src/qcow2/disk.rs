@@ -82,7 +82,8 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         }
         source::open(&file, &mut |_| {})?;
         let geo = Geometry::new(&header, file.info().bytes());
-        let tables = Tables::open(&file, &geo, header.l1_size)?;
+        let mut tables = Tables::open(&file, &geo, header.l1_size)?;
+        tables.check_all(&file, &geo)?;
         let rc = if writable {
             clear_autoclear(&file)?;
             let (at, n) = (header.refcount_table_offset, header.refcount_table_clusters);
@@ -295,9 +296,12 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             }
             rc.sync(&self.file)?;
         }
-        self.file.flush()?;
-        self.write_data(items, &hosts)?;
-        self.file.flush()?;
+        // Zero entries alone need no ordering: nothing new is pointed at.
+        if hosts.iter().any(|&h| h != 0) {
+            self.file.flush()?;
+            self.write_data(items, &hosts)?;
+            self.file.flush()?;
+        }
         let mut m = self.meta.lock();
         let Meta { tables, rc } = &mut *m;
         let mut entries = Vec::new();
@@ -379,6 +383,18 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             ),
         }
     }
+}
+
+/// Bytes of memory opening the image with `header` on a device of
+/// `file_len` bytes needs at most: the checks of [`source::open`], the L1
+/// table, the refcount table, the L2 cache, a refcount block and a cluster
+/// buffer.
+pub fn open_memory(header: &Header, file_len: u64) -> u64 {
+    let cs = header.cluster_size();
+    source::open_memory(header.cluster_bits, file_len)
+        + 2 * u64::from(header.l1_size) * 8
+        + u64::from(header.refcount_table_clusters) * cs * 2
+        + (super::tables::CACHED_L2 as u64 + 2) * cs
 }
 
 fn shared(vc: u64, g: &Geometry, h: u64) -> Qcow2Error {

@@ -14,7 +14,8 @@
 //! - [`split`] fills the clone's holes from the chain while a workload
 //!   goes on, on the [copy-once engine](crate::copyonce), then releases
 //!   the backing file.
-//! - [`check`] is the validator the tests run after every crash.
+//! - [`check`] is the validator the tests run after every crash;
+//! - [`workload`] is the seeded workload the split scenario runs.
 //!
 //! The format's decoding (header, entry bits) is shared with the backup's
 //! reader ([`crate::backup::qcow2`]). This module must never write to a
@@ -28,6 +29,7 @@ pub mod disk;
 mod refcount;
 pub mod split;
 mod tables;
+pub mod workload;
 
 #[cfg(test)]
 mod tests;

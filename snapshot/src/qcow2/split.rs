@@ -297,28 +297,28 @@ where
 
     /// Runs the split to the end, paced: bursts while `pacer` allows, rests
     /// of `pacer`'s choosing through `rest(ns)`, stepping aside when the
-    /// workload was active during a burst. `now()` reads a monotonic clock
-    /// in ns; `report` sees the progress after each burst.
+    /// workload was busy during a burst (more than `busy_ops` requests).
+    /// `now()` reads a monotonic clock in ns; `report` sees the progress
+    /// after each burst.
     pub fn run(
         &self,
         pacer: &mut Pacer,
+        busy_ops: u64,
         now: &mut dyn FnMut() -> u64,
         rest: &mut dyn FnMut(u64),
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress> {
         loop {
             pacer.start_burst(now());
-            let mut seen = self.workload_ops();
+            let seen = self.workload_ops();
             let mut idle = false;
             while pacer.keep_working(now()) {
                 if self.step()? == 0 {
                     idle = true;
                     break;
                 }
-                let ops = self.workload_ops();
-                if ops != seen {
+                if self.workload_ops() - seen > busy_ops {
                     pacer.foreground();
-                    seen = ops;
                 }
             }
             report(&self.progress());

@@ -105,6 +105,22 @@ impl Tables {
         })
     }
 
+    /// Decodes every entry of every L2 table, so that what the device
+    /// cannot serve (a compressed cluster) is refused when the image is
+    /// opened, not on the read that meets it.
+    pub(super) fn check_all(&mut self, dev: &dyn BlockDevice, g: &Geometry) -> Result<()> {
+        for i in 0..self.l1.len() as u64 {
+            if host_of(self.l1[i as usize]) == 0 {
+                continue;
+            }
+            let last = ((i + 1) * g.l2_entries).min(g.vclusters);
+            for vc in i * g.l2_entries..last {
+                self.entry(dev, g, vc)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The cache slot holding L2 table `i`, loading it; `None` if the
     /// table does not exist.
     fn slot(&mut self, dev: &dyn BlockDevice, g: &Geometry, i: u64) -> Result<Option<usize>> {

@@ -370,6 +370,7 @@ fn split_fills_holes_then_releases_the_backing() {
     let p = s
         .run(
             &mut pacer,
+            0,
             &mut || {
                 clock += 1;
                 clock
