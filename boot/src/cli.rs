@@ -337,7 +337,12 @@ mod tests {
         assert_eq!(err(&["restore", "--tape", "t"]), "restore needs --out IMG");
         assert_eq!(
             err(&["demo", "--out", "x"]),
-            "--out is for memsnap and restore"
+            "--out is for memsnap and restore and clone"
+        );
+        assert_eq!(err(&["clone", "--out", "c"]), "clone needs --base IMG");
+        assert_eq!(
+            err(&["demo", "--workload"]),
+            "--workload is for clone-split"
         );
         assert_eq!(
             err(&["demo", "--to-disk"]),
