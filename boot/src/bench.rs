@@ -298,6 +298,23 @@ pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Di
     ])
 }
 
+/// The host's reference for `bench-backup`: seconds `qemu-img convert -O
+/// qcow2` takes to copy the scattered source (`src.qcow2` in `dir`), run
+/// after the kernel's backup in the same sitting; the copy is removed.
+pub fn qemu_img_convert_s(dir: &std::path::Path) -> Result<f64, String> {
+    let out = dir.join("converted.qcow2");
+    let start = std::time::Instant::now();
+    let result = run_tool(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(dir.join("src.qcow2"))
+            .arg(&out),
+    );
+    let seconds = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    result.map(|()| seconds)
+}
+
 /// After `bench-backup`: `qemu-img compare` must find the raw restore
 /// identical to the source; then the large images are removed.
 pub fn check_backup_bench(dir: &std::path::Path) -> Result<(), String> {

@@ -95,9 +95,9 @@ impl BenchJson {
         self.fields.push((key.to_string(), value.to_string()));
     }
 
-    /// Appends a decimal field (six places).
-    pub fn push_f64(&mut self, key: &str, value: f64) {
-        self.fields.push((key.to_string(), format!("{value:.6}")));
+    /// Appends `key` with seconds to the microsecond.
+    pub fn push_seconds(&mut self, key: &str, seconds: f64) {
+        self.fields.push((key.to_string(), format!("{seconds:.6}")));
     }
 }
 

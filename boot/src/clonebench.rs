@@ -116,9 +116,9 @@ pub fn host_figures(dir: &Path, json: &mut BenchJson) -> Result<(), String> {
     let t = Instant::now();
     qemu_img(dir, &["rebase", "-b", "", "clone-rebase.qcow2"])?;
     let rebase_s = t.elapsed().as_secs_f64();
-    json.push_f64("qemu_img_rebase_s", rebase_s);
+    json.push_seconds("qemu_img_rebase_s", rebase_s);
     let split_s = json.f64("split_s").unwrap_or(0.0);
-    json.push_f64("split_s_over_rebase_s", ratio(split_s, rebase_s));
+    json.push_seconds("split_s_over_rebase_s", ratio(split_s, rebase_s));
     Ok(())
 }
 

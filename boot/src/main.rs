@@ -322,6 +322,17 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             Err(e) => eprintln!("error: reading {}: {e}", image.display()),
         }
     }
+    if args.scenario == Scenario::BenchBackup {
+        let source = config.disks.iter().find(|d| d.serial == "src");
+        let dir = source.and_then(|d| d.path.parent()).expect("bench source");
+        match bench::qemu_img_convert_s(dir) {
+            Ok(seconds) => {
+                json.push_seconds("qemu_img_convert_s", seconds);
+                eprintln!("qemu-img convert -O qcow2 of the source: {seconds:.2} s");
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
     if args.scenario == Scenario::BenchCloneSplit {
         let dir = boot::workspace_root().join("target/bench-clone-split");
         if let Err(e) = boot::clonebench::host_figures(&dir, &mut json) {

@@ -3,7 +3,7 @@
 //!
 //! | scenario | disks (default names) | what |
 //! |---|---|---|
-//! | `backup` | `source` (read-only), `scratch`, `tape` | qcow2 image on `source` to a medium on `tape`, through a copy area on `scratch` |
+//! | `backup` | `source` (read-only), `scratch`, `tape` | qcow2 image on `source` to a medium on `tape`, through a copy area on `scratch`; each window's copy on a second thread while the window before streams (`overlap=off`: in turn) |
 //! | `restore` | `tape` (read-only), `out` | medium to a raw (`format=raw`) or qcow2 (`format=qcow2`) image on `out`, which must read as zeros |
 //!
 //! Progress goes out as `backup.progress stage=copy|stream|restore
@@ -21,7 +21,7 @@ use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 
 use crate::arch::qemu::ExitCode;
-use crate::scenario::job_failed;
+use crate::trace::job_failed;
 use crate::trace::Word;
 use crate::{clock, log, virtio};
 
@@ -63,6 +63,31 @@ impl Progress {
     }
 }
 
+/// Runs a window's copy on a second thread while the calling thread
+/// streams the window before, so the source, the copy area and the medium
+/// are all busy at once.
+#[derive(Debug)]
+struct Threads;
+
+/// Stack of the copy thread: the copy, its walk and its decoders.
+const COPY_STACK: u64 = 256 * 1024;
+
+impl backup::Overlap for Threads {
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        crate::scoped::both("backup-copy", COPY_STACK, a, b);
+    }
+}
+
+/// [`backup::backup_overlapped`] with the copy on its own thread.
+pub fn run_backup(
+    source: &dyn BlockDevice,
+    scratch: &dyn BlockDevice,
+    tape: &dyn BlockDevice,
+    progress: backup::Progress<'_>,
+) -> Result<backup::BackupSummary, backup::Error> {
+    backup::backup_overlapped(source, scratch, tape, &Threads, progress)
+}
+
 /// Refuses a job that needs more heap than is free, before it starts:
 /// its tables are streamed, so what it needs is known from the header.
 fn enough_memory(job: &'static str, need: u64) -> Result<(), backup::Error> {
@@ -91,18 +116,20 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     };
     if let Err(e) = backup::source::read_header(&*source)
         .map_err(backup::Error::Source)
-        .and_then(|h| {
-            enough_memory(
-                "backup",
-                backup::backup_memory(h.cluster_bits, source.info().bytes()),
-            )
-        })
+        .and_then(|h| enough_memory("backup", backup::backup_memory(&h, source.info().bytes())))
     {
         return job_failed("backup", e.is_refusal(), &e);
     }
     let mut progress = Progress::new();
     let start = clock::now_ns();
-    let result = backup::backup(&*source, &*scratch, &*tape, &mut |s, d, t| {
+    crate::memory::heap::reset_peak();
+    let heap_base = crate::memory::heap::stats().0;
+    // `overlap=off`: copy and stream in turn (a baseline for the overlap).
+    let overlap: &dyn backup::Overlap = match cmd.get("overlap") {
+        Some("off") => &backup::InTurn,
+        _ => &Threads,
+    };
+    let result = backup::backup_overlapped(&*source, &*scratch, &*tape, overlap, &mut |s, d, t| {
         progress.report(s, d, t)
     });
     let end = clock::now_ns();
@@ -129,6 +156,11 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
                 copy_ns = copied - start,
                 stream_ns = end - copied,
                 total_ns = end - start
+            );
+            crate::trace!(
+                "backup.heap",
+                base_bytes = heap_base,
+                peak_bytes = crate::memory::heap::peak()
             );
             crate::trace::flush();
             ExitCode::Success

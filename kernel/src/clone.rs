@@ -33,7 +33,7 @@ use snapshot::qcow2::split::{Progress, Split};
 use snapshot::qcow2::{workload, Entry, Qcow2Disk, Qcow2Error};
 
 use crate::arch::qemu::ExitCode;
-use crate::scenario::job_failed;
+use crate::trace::job_failed;
 use crate::virtio::VirtioBlk;
 use crate::{clock, log, thread, virtio};
 

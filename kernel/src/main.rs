@@ -4,7 +4,7 @@
 //!
 //! Hardware-independent logic lives in the `snapshot` crate; this crate is
 //! the thin layer that implements it on real page tables, interrupts and
-//! devices. `unsafe` is confined to `arch`, `memory` and `sync`, the live
+//! devices. `unsafe` is confined to `arch`, `memory`, `sync` and `scoped`, the live
 //! snapshot's shadow map (`memsnap::shadow`), and the entry symbol below.
 //!
 //! Layers, each importing only those under it:
@@ -12,7 +12,7 @@
 //!    path), `clock`, `log`, `trace`;
 //! 2. `memory`, with `boot_info` and `acpi` reading firmware tables through
 //!    it, and the local and IO APICs, which need its MMIO mappings;
-//! 3. `thread` (the scheduler) and `sleep_mutex`; then `virtio`, `memsnap`,
+//! 3. `thread` (the scheduler), `scoped` and `sleep_mutex`; then `virtio`, `memsnap`,
 //!    `backup`, `exceptions`; then tests, benchmarks and `scenario`.
 //!
 //! Where a lower layer must reach an upper one, this file connects them at
@@ -41,6 +41,8 @@ mod ktest;
 mod log;
 mod memsnap;
 mod scenario;
+#[allow(unsafe_code)]
+mod scoped;
 mod sleep_mutex;
 #[allow(unsafe_code)]
 mod sync;

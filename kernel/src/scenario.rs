@@ -5,23 +5,21 @@
 //! module only dispatches on it.
 //!
 //! A job that cannot complete ends with a `job.failed` or `job.refused`
-//! record carrying the reason ([`job_failed`]), which the host tool shows
+//! record carrying the reason ([`crate::trace::job_failed`]), which the host tool shows
 //! as its last line. This module must never decide a scenario by its name
 //! as a string: it matches on [`Scenario`].
 
-use alloc::string::ToString;
 use alloc::sync::Arc;
-use core::fmt::Display;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use snapshot::interface::cmdline::CmdLine;
-use snapshot::interface::scenario::{JobFailure, Scenario};
+use snapshot::interface::scenario::Scenario;
 use snapshot::interface::units::format_size;
 
 use crate::arch::cpu::{crash, Crash};
 use crate::arch::qemu::ExitCode;
 use crate::boot_info::region_kind_name;
-use crate::trace::Word;
+use crate::trace::{job_failed, Word};
 use crate::workload::Workload;
 use crate::{clock, memory, memsnap, thread};
 
@@ -55,20 +53,6 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::CloneSplit => crate::clone::split_scenario(cmd),
         Scenario::BenchCloneSplit => crate::bench::clone_split(cmd),
     }
-}
-
-/// Ends `job` without its result: logs `<job> refused|failed: <reason>`
-/// and emits the matching record for the host. Returns the failure code.
-pub fn job_failed(job: &str, refused: bool, reason: &dyn Display) -> ExitCode {
-    let reason = reason.to_string();
-    let failure = JobFailure {
-        job,
-        refused,
-        reason: &reason,
-    };
-    crate::log!("{failure}");
-    crate::trace::emit_now(failure.event(), &failure.fields());
-    ExitCode::Failure
 }
 
 fn demo() -> ExitCode {

@@ -170,3 +170,21 @@ impl From<bool> for TraceValue {
         TraceValue(Value::U64(u64::from(v)))
     }
 }
+
+/// Ends `job` without its result: logs `<job> refused|failed: <reason>`
+/// and emits the matching record for the host. Returns the failure code.
+pub fn job_failed(
+    job: &str,
+    refused: bool,
+    reason: &dyn core::fmt::Display,
+) -> crate::arch::qemu::ExitCode {
+    let reason = alloc::string::ToString::to_string(reason);
+    let failure = snapshot::interface::scenario::JobFailure {
+        job,
+        refused,
+        reason: &reason,
+    };
+    crate::log!("{failure}");
+    emit_now(failure.event(), &failure.fields());
+    crate::arch::qemu::ExitCode::Failure
+}

@@ -19,7 +19,8 @@ use crate::log;
 /// The baselines, in the same boot: that all-data backup, and sequential
 /// 1 MiB writes and reads of the `tape` disk.
 pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
-    use snapshot::backup::{backup as run_backup, restore, Format};
+    use crate::backup::run_backup;
+    use snapshot::backup::{restore, Format};
     let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
     if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
         log!("bench-backup: {e}");
@@ -46,8 +47,10 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
             .map_err(|e| log!("bench-backup: {what}: {e}"))
             .ok()
     }
+    crate::memory::heap::reset_peak();
     let steps = timed("backup", || {
-        run_backup(&*src, &*scratch, &*tape, &mut quiet)
+        let done = run_backup(&*src, &*scratch, &*tape, &mut quiet);
+        Ok((done?, crate::memory::heap::peak()))
     })
     .and_then(|backup| {
         let restored = timed("restore", || {
@@ -58,7 +61,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         })?;
         Some((backup, restored.1, all))
     });
-    let Some(((sparse, backup_ns), restore_ns, (all, all_ns))) = steps else {
+    let Some((((sparse, peak_heap), backup_ns), restore_ns, (all, all_ns))) = steps else {
         return ExitCode::Failure;
     };
     log!(
@@ -84,6 +87,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
         &all,
         (backup_ns, all_ns, restore_ns),
         medium,
+        peak_heap,
     ));
     ExitCode::Success
 }
@@ -110,13 +114,15 @@ pub(super) fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)>
 }
 
 /// The JSON fields: the sparse backup, the all-data one, their times
-/// `(backup, all-data backup, restore)` and the medium's baseline.
+/// `(backup, all-data backup, restore)`, the medium's baseline and the
+/// kernel heap's high-water mark during the sparse backup.
 fn fields(
     sparse: &BackupSummary,
     all: &BackupSummary,
     (backup_ns, all_ns, restore_ns): (u64, u64, u64),
     (span, write_ns, read_ns): (u64, u64, u64),
-) -> [(&'static str, String); 12] {
+    peak_heap: usize,
+) -> [(&'static str, String); 13] {
     let mib_s = |bytes: u64, ns: u64| alloc::format!("{}", per_second(bytes, ns) >> 20);
     [
         ("bench", "\"backup\"".into()),
@@ -131,5 +137,6 @@ fn fields(
         ("restore_mib_s", mib_s(sparse.data_bytes, restore_ns)),
         ("seq_write_mib_s", mib_s(span, write_ns)),
         ("seq_read_mib_s", mib_s(span, read_ns)),
+        ("peak_kernel_heap_bytes", alloc::format!("{peak_heap}")),
     ]
 }

@@ -11,7 +11,7 @@ use snapshot::interface::cmdline::CmdLine;
 
 use super::baseline::{self, CopyTime};
 use super::memsnap_disk::{snapshot_to_disk, DiskFigures};
-use super::{fraction, per_second, percentile, print_json, MS};
+use super::{complete_snapshot, fraction, per_second, percentile, print_json, MS};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
 use crate::memsnap::{self, Options, Report};
@@ -20,14 +20,6 @@ use crate::{log, thread};
 
 /// Workload threads in the benchmarks.
 const THREADS: usize = 3;
-
-/// Takes a snapshot to completion and releases it.
-pub(super) fn complete_snapshot(label: &str, opts: &Options) -> Result<Report, String> {
-    memsnap::start(opts).map_err(|e| alloc::format!("{label} snapshot: {e}"))?;
-    let report = memsnap::wait();
-    let _ = memsnap::release();
-    report.ok_or_else(|| alloc::format!("{label} snapshot: no report"))
-}
 
 /// The workload's rate over half a second, after a tenth to settle.
 fn steady_rate(workload: &Workload) -> u64 {

@@ -11,8 +11,7 @@ use snapshot::devices::block::BlockDevice;
 
 use super::baseline::{self, CopyTime};
 use super::blk::{sequential, REQUEST, WINDOW};
-use super::memsnap::complete_snapshot;
-use super::{fraction, per_second, percentile, MS};
+use super::{complete_snapshot, fraction, per_second, percentile, MS};
 use crate::clock::now_ns;
 use crate::memory::frames::OwnedRun;
 use crate::memsnap::{self, Options};

@@ -56,3 +56,14 @@ fn fraction(part: u64, whole: u64) -> String {
 fn seconds(ns: u64) -> String {
     alloc::format!("{}.{:06}", ns / 1_000_000_000, ns % 1_000_000_000 / 1000)
 }
+
+/// Takes a snapshot to completion and releases it.
+fn complete_snapshot(
+    label: &str,
+    opts: &crate::memsnap::Options,
+) -> Result<crate::memsnap::Report, alloc::string::String> {
+    crate::memsnap::start(opts).map_err(|e| alloc::format!("{label} snapshot: {e}"))?;
+    let report = crate::memsnap::wait();
+    let _ = crate::memsnap::release();
+    report.ok_or_else(|| alloc::format!("{label} snapshot: no report"))
+}

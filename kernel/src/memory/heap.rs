@@ -4,6 +4,7 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{null_mut, NonNull};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use linked_list_allocator::Heap;
 
@@ -22,14 +23,19 @@ impl core::fmt::Debug for KernelHeap {
 #[global_allocator]
 static HEAP: KernelHeap = KernelHeap(IrqMutex::new(Heap::empty()));
 
+/// The most heap bytes in use at once since [`reset_peak`].
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
 // SAFETY: allocation and deallocation are delegated to `linked_list_allocator`
 // under a lock, which returns blocks that fit the layout and do not overlap.
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.0
-            .lock()
+        let mut heap = self.0.lock();
+        let ptr = heap
             .allocate_first_fit(layout)
-            .map_or(null_mut(), NonNull::as_ptr)
+            .map_or(null_mut(), NonNull::as_ptr);
+        PEAK.fetch_max(heap.used(), Ordering::Relaxed);
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -67,4 +73,16 @@ pub fn init() {
 pub fn stats() -> (usize, usize) {
     let heap = HEAP.0.lock();
     (heap.used(), heap.size())
+}
+
+/// The most heap bytes in use at once since the last [`reset_peak`] (or
+/// boot): a job's high-water mark.
+pub fn peak() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new high-water mark at what is in use now.
+pub fn reset_peak() {
+    let used = HEAP.0.lock().used();
+    PEAK.store(used, Ordering::Relaxed);
 }

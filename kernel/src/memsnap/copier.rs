@@ -1,5 +1,6 @@
 //! The background copier: a kernel thread that copies the range in address
-//! order at a share of the CPU, in bursts of [`COPIER_BURST_NS`], and ends
+//! order at a share of the CPU, in bursts of [`COPIER_BURST_NS`] paced by
+//! the copy-once engine's [`Pacer`], and ends
 //! the snapshot: complete (the disk's core file made durable, the copy
 //! verified if asked) or failed (the store lost a copy).
 //!
@@ -12,6 +13,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
+use snapshot::copyonce::Pacer;
 use snapshot::memsnap::{transition, Request};
 
 use super::report::DiskReport;
@@ -28,7 +30,7 @@ const COPIER_BURST_NS: u64 = 2_000_000;
 
 /// The copier thread, at `share_pct` percent of the CPU.
 pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
-    let rest_ns = COPIER_BURST_NS * (100 - share_pct) / share_pct;
+    let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
     let mut busy_ns = 0;
     loop {
         if ABORT.load(Ordering::Acquire) {
@@ -38,12 +40,13 @@ pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
             fail(disk.as_ref());
             return;
         }
-        let done = burst(&mut busy_ns);
+        let done = burst(&mut pacer, &mut busy_ns);
         SESSION.with(Session::sample);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
             finish(busy_ns, disk.as_ref());
             return;
         }
+        let rest_ns = pacer.end_burst();
         if rest_ns > 0 {
             thread::sleep_ns(rest_ns);
         }
@@ -51,9 +54,9 @@ pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
 }
 
 /// One burst; true once a pass found nothing left to copy.
-fn burst(busy_ns: &mut u64) -> bool {
-    let burst_start = now_ns();
-    while now_ns() - burst_start < COPIER_BURST_NS {
+fn burst(pacer: &mut Pacer, busy_ns: &mut u64) -> bool {
+    pacer.start_burst(now_ns());
+    while pacer.keep_working(now_ns()) {
         let t = now_ns();
         // At most what the store takes without its reserve and the faults'
         // headroom; `None` when it takes nothing now (a disk's staging is

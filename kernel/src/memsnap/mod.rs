@@ -26,6 +26,7 @@
 mod copier;
 mod fault;
 mod pause;
+mod reference;
 mod report;
 mod reserve;
 mod session;

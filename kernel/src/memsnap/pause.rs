@@ -19,12 +19,13 @@ use core::sync::atomic::Ordering;
 use snapshot::memsnap::{PageIo, Snapshot};
 
 use super::fault::with_dma_targets;
+use super::reference::Verification;
 use super::reserve::{reserve, Buffers, Reserved, Storage};
 use super::session::{Session, LIVE, SESSION};
 use super::shadow::ShadowPhysmap;
 use super::store::disk::Shared;
 use super::store::SnapshotStore;
-use super::verify::{self, Verification};
+use super::verify;
 use super::{Options, StartError};
 use crate::clock::now_ns;
 use crate::memory::snapmem::{self, EngineStack};

@@ -17,9 +17,9 @@ use snapshot::memsnap::elfcore::Registers;
 use snapshot::memsnap::reserve::{LATENCY_CAPACITY, SAMPLE_CAPACITY, SAMPLE_WORDS};
 use snapshot::memsnap::{Counters, PageIo, Snapshot, Stats};
 
+use super::reference::Verification;
 use super::shadow::ShadowPhysmap;
 use super::store::SnapshotStore;
-use super::verify::Verification;
 use crate::clock::now_ns;
 use crate::memory::snapmem::Buffer;
 use crate::sync::Published;

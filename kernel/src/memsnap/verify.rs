@@ -9,49 +9,12 @@
 //! pause. Must never change what the engine copies or when.
 
 use alloc::sync::Arc;
-use core::sync::atomic::Ordering;
 
 use super::session::{Session, SESSION};
 use super::store::disk::Shared;
 use crate::clock::now_ns;
-use crate::memory::snapmem::{self, Buffer};
+use crate::memory::snapmem;
 use crate::memory::PAGE_SIZE;
-
-/// The reference hashes and copy counts, one per slot, in engine memory
-/// (the fault path counts copies).
-pub(super) struct Verification {
-    reference: Buffer,
-    copies: Buffer,
-}
-
-impl Verification {
-    /// Over `reference` (a word per slot) and `copies` (a byte per slot).
-    pub fn new(reference: Buffer, copies: Buffer) -> Self {
-        Verification { reference, copies }
-    }
-
-    /// Counts a copy of `slot` (on the copy paths).
-    pub fn note_copy(&self, slot: u64) {
-        self.copies.bytes()[slot as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Records `slot`'s reference hash.
-    pub fn record(&self, slot: u64, hash: u64) {
-        self.reference.atomics()[slot as usize].store(hash, Ordering::Relaxed);
-    }
-
-    fn expected(&self, slot: u64) -> u64 {
-        self.reference.atomics()[slot as usize].load(Ordering::Relaxed)
-    }
-
-    /// Slots among the first `len` not copied exactly once.
-    pub fn not_copied_once(&self, len: u64) -> u64 {
-        self.copies.bytes()[..len as usize]
-            .iter()
-            .filter(|c| c.load(Ordering::Relaxed) != 1)
-            .count() as u64
-    }
-}
 
 /// In the pause: hashes range frame `frame` as its reference, if verifying;
 /// returns the time it took.
@@ -115,7 +78,7 @@ pub(super) fn count_mismatches(disk: Option<&Arc<Shared>>) -> Option<u64> {
         if hash != expected {
             if mismatched < 8 {
                 let frame = SESSION
-                    .with(|s| s.snap.index().iter().nth(slot as usize))
+                    .with(|s| s.snap.index().frame(slot))
                     .flatten()
                     .unwrap_or(0);
                 crate::log!("mismatch: frame {:#x} (slot {slot})", frame * PAGE_SIZE);

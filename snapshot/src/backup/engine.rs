@@ -4,9 +4,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use super::copy::{copy_memory, Copier};
 use super::newimage::NewImage;
-use super::qcow2::Qcow2Error;
-use super::run::{Run, Runs};
+use super::qcow2::{self, Qcow2Error};
+use super::run::Runs;
 use super::source::{self, Image};
 use super::table::{self, Encoder};
 use super::tape::{
@@ -185,21 +186,31 @@ impl Plan {
 
     /// Bytes of memory the backup needs at least: see [`backup_memory`].
     pub fn memory_bytes(&self) -> u64 {
-        backup_memory(self.layout.cluster_bits, self.image.file_len)
+        backup_memory(&self.image.header, self.image.file_len)
+    }
+
+    /// Bytes of memory the backup takes at most, when memory allows its
+    /// transfer windows their full [`WINDOW`] each.
+    pub fn memory_bytes_at_most(&self) -> u64 {
+        let h = &self.image.header;
+        let stride = BLOCK + h.cluster_size().max(tape::EXTENT_DATA_BYTES);
+        self.memory_bytes() + 2 * WINDOW.saturating_sub(stride)
     }
 }
 
 /// Bytes of kernel memory a backup of a source of `file_len` bytes with
 /// clusters of `1 << cluster_bits` needs at least, whatever its virtual
-/// size or tables: the check of the source ([`source::open_memory`]: one
-/// bit per host cluster, three clusters, two table windows), or, later,
-/// one L2 table, a table window and one transfer unit (an extent: 1 MiB
-/// and 512 bytes, or one cluster and 512), plus [`SLACK`]. Transfers use
-/// up to [`WINDOW`] when memory allows.
-pub fn backup_memory(cluster_bits: u32, file_len: u64) -> u64 {
-    let cs = 1u64 << cluster_bits;
+/// size or tables: the check of the source ([`source::open_memory`]: two
+/// bits per host cluster, three clusters, two table windows), or, later,
+/// one L2 table, a table window, two transfer units (the copy's and the
+/// stream's, each an extent: 1 MiB and 512 bytes, or one cluster and 512)
+/// and a decoder of compressed clusters ([`copy_memory`]), plus
+/// [`SLACK`]. Transfers use up to [`WINDOW`] each when memory allows.
+pub fn backup_memory(header: &qcow2::Header, file_len: u64) -> u64 {
+    let cs = header.cluster_size();
     let stride = BLOCK + cs.max(tape::EXTENT_DATA_BYTES);
-    source::open_memory(cluster_bits, file_len).max(cs + source::TABLE_WINDOW + stride) + SLACK
+    let running = cs + source::TABLE_WINDOW + 2 * stride + copy_memory(header);
+    source::open_memory(header.cluster_bits, file_len).max(running) + SLACK
 }
 
 /// Bytes of kernel memory a restore of a medium with clusters of
@@ -261,13 +272,27 @@ pub(super) fn zeroed(len: u64) -> Result<Vec<u8>, Error> {
 /// more than `wanted` units: as many as fit, halving when memory is short;
 /// `(buffer, units)`.
 pub(super) fn window(unit: u64, wanted: u64) -> Result<(Vec<u8>, u64), Error> {
-    let mut units = (WINDOW / unit).clamp(1, wanted.max(1));
+    let ([buf], units) = windows([unit], wanted)?;
+    Ok((buf, units))
+}
+
+/// [`window`] for buffers of as many units of each size in `units` (the
+/// first, the largest, sets the count).
+fn windows<const N: usize>(units: [u64; N], wanted: u64) -> Result<([Vec<u8>; N], u64), Error> {
+    let mut count = (WINDOW / units[0]).clamp(1, wanted.max(1));
     loop {
-        match zeroed(units * unit) {
-            Ok(buf) => return Ok((buf, units)),
-            Err(e) if units == 1 => return Err(e),
-            Err(_) => units /= 2,
+        let mut bufs = Vec::with_capacity(N);
+        for unit in units {
+            match zeroed(count * unit) {
+                Ok(buf) => bufs.push(buf),
+                Err(e) if count == 1 => return Err(e),
+                Err(_) => break,
+            }
         }
+        if let Ok(bufs) = bufs.try_into() {
+            return Ok((bufs, count));
+        }
+        count /= 2;
     }
 }
 
@@ -286,19 +311,50 @@ pub(super) fn read_deep(
     d.transfer(&mut [Op::Read { sector, buf }], depth(d))
 }
 
-/// Backs `source` up to `tape` through the copy area on `scratch`.
-/// Nothing is written before the sizes of both disks are checked.
+/// Runs two jobs and returns when both are done: at the same time where
+/// the platform can (the kernel runs one on a second thread), else one
+/// after the other ([`InTurn`]).
+pub trait Overlap: Sync {
+    /// Runs `a` and `b`.
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send));
+}
+
+/// Runs the two jobs one after the other.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InTurn;
+
+impl Overlap for InTurn {
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        a();
+        b();
+    }
+}
+
+/// Backs `source` up to `tape` through the copy area on `scratch`, the
+/// copy and the stream in turn: [`backup_overlapped`] with [`InTurn`].
 pub fn backup(
     source: &dyn BlockDevice,
     scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
     progress: Progress<'_>,
 ) -> Result<BackupSummary, Error> {
+    backup_overlapped(source, scratch, tape, &InTurn, progress)
+}
+
+/// Backs `source` up to `tape` through the copy area on `scratch`, each
+/// window's copy overlapped by `overlap` with the stream of the window
+/// before. Nothing is written before the sizes of both disks are checked.
+pub fn backup_overlapped(
+    source: &dyn BlockDevice,
+    scratch: &dyn BlockDevice,
+    tape: &dyn BlockDevice,
+    overlap: &dyn Overlap,
+    progress: Progress<'_>,
+) -> Result<BackupSummary, Error> {
     let plan = Plan::new(source)?;
     need(scratch, plan.copy_bytes())?;
     need(tape, plan.layout.stream_bytes())?;
-    copy(&plan, source, scratch, progress)?;
-    stream(&plan, source, scratch, tape, progress)?;
+    pump(&plan, source, scratch, tape, overlap, progress)?;
     Ok(BackupSummary {
         virtual_bytes: plan.image.header.virtual_size,
         data_bytes: plan.copy_bytes(),
@@ -309,74 +365,10 @@ pub fn backup(
 }
 
 /// The walk found other tables than the plan did: the image changed.
-fn changed() -> Error {
+pub(super) fn changed() -> Error {
     Error::Source(Qcow2Error::Invalid(
         "the image changed while it was read".into(),
     ))
-}
-
-/// Step 4: source clusters (table 1) into the copy area (table 2), a
-/// window at a time; contiguous host clusters share one read. Table 1 is
-/// walked again from the source.
-fn copy(
-    plan: &Plan,
-    source: &dyn BlockDevice,
-    scratch: &dyn BlockDevice,
-    progress: Progress<'_>,
-) -> Result<(), Error> {
-    let cs = plan.layout.cluster_size();
-    let file_len = plan.image.file_len;
-    let data = plan.layout.data_clusters;
-    let (mut buf, per_window) = window(cs, data)?;
-    let mut walk = plan.image.walk(source).map_err(Error::Source)?;
-    let mut rest: Option<Run> = None; // what the last window left of a run
-    let mut done = 0;
-    while done < data {
-        let n = per_window.min(data - done);
-        // Runs of contiguous host clusters: (host cluster, count).
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut filled = 0;
-        while filled < n {
-            let r = match rest.take() {
-                Some(r) => r,
-                None => walk
-                    .next_run()
-                    .map_err(Error::Source)?
-                    .ok_or_else(changed)?,
-            };
-            let take = r.len.min(n - filled);
-            runs.push((r.to, take));
-            if take < r.len {
-                rest = Some(Run {
-                    from: r.from + take,
-                    to: r.to + take,
-                    len: r.len - take,
-                });
-            }
-            filled += take;
-        }
-        let window = &mut buf[..(n * cs) as usize];
-        let mut ops = Vec::with_capacity(runs.len());
-        let mut left: &mut [u8] = window;
-        for &(host, k) in &runs {
-            let (piece, tail) = left.split_at_mut((k * cs) as usize);
-            left = tail;
-            // A last cluster that the file ends inside reads as zeros
-            // past the end.
-            let len = (k * cs).min(file_len - host * cs) as usize;
-            piece[len..].fill(0);
-            ops.push(Op::Read {
-                sector: host * cs / 512,
-                buf: &mut piece[..len],
-            });
-        }
-        source.transfer(&mut ops, depth(source))?;
-        drop(ops);
-        write_deep(scratch, done * cs / 512, &buf[..(n * cs) as usize])?;
-        done += n;
-        progress(Stage::Copy, done * cs, plan.copy_bytes());
-    }
-    Ok(())
 }
 
 /// Writes table 1 to the tape from `HEADER_BYTES` on, walking the source
@@ -418,13 +410,17 @@ fn write_table1(
     Ok(written + padded as u64)
 }
 
-/// Step 5: header and table 1, then the copy area extent by extent as
-/// table 3 places it, then the trailer; all sequential, then a flush.
-fn stream(
+/// Steps 4 and 5 overlapped: the header and table 1 go to the medium,
+/// then window after window of the copy area is filled from the source
+/// (step 4) while the window before it streams from the copy area to the
+/// medium, extent by extent as table 3 places it (step 5); then the
+/// trailer and a flush.
+fn pump(
     plan: &Plan,
     source: &dyn BlockDevice,
     scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
+    overlap: &dyn Overlap,
     progress: Progress<'_>,
 ) -> Result<(), Error> {
     let layout = &plan.layout;
@@ -440,18 +436,102 @@ fn stream(
     }
     .encode();
     write_deep(tape, 0, &header)?;
-    let stride = BLOCK + layout.extent_clusters() * cs;
-    let (mut buf, extents_per_window) = window(stride, layout.extents())?;
-    let mut written = write_table1(plan, source, tape, &mut buf)?;
-    debug_assert_eq!(written, layout.data_offset());
-    let mut digest = Digest::default();
+    let per_extent = layout.extent_clusters() * cs;
+    let ([mut out, mut copy_buf], per) =
+        windows([BLOCK + per_extent, per_extent], layout.extents())?;
+    let mut stream = Streamer {
+        layout,
+        scratch,
+        tape,
+        written: write_table1(plan, source, tape, &mut out)?,
+        digest: Digest::default(),
+        buf: out,
+    };
+    debug_assert_eq!(stream.written, layout.data_offset());
+    let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;
+    let windows = layout.extents().div_ceil(per);
     let total = plan.copy_bytes();
-    let mut k = 0;
-    while k < layout.extents() {
-        let n = extents_per_window.min(layout.extents() - k);
+    for w in 0..=windows {
+        let (mut copied, mut streamed) = (Ok(0), Ok(0));
+        overlap.both(
+            &mut || {
+                if w < windows {
+                    copied = copy_window(&mut copier, scratch, &mut copy_buf, layout, w * per, per);
+                }
+            },
+            &mut || {
+                if w > 0 {
+                    streamed = stream.window((w - 1) * per, per);
+                }
+            },
+        );
+        let (copied, streamed) = (copied?, streamed?);
+        if w < windows {
+            progress(Stage::Copy, copied, total);
+        }
+        if w > 0 {
+            progress(Stage::Stream, streamed, total);
+        }
+    }
+    debug_assert_eq!(stream.written, layout.trailer_offset());
+    let trailer = Trailer {
+        extents: layout.extents(),
+        data_clusters: layout.data_clusters,
+        stream_bytes: layout.stream_bytes(),
+        header_checksum: u64::from_le_bytes(header[4088..].try_into().expect("8 bytes")),
+        digest: stream.digest.value(),
+    };
+    tape.write(stream.written / 512, &trailer.encode())?;
+    tape.flush()?;
+    if total == 0 {
+        progress(Stage::Copy, 0, 0);
+        progress(Stage::Stream, 0, 0);
+    }
+    Ok(())
+}
+
+/// Step 4 for the `n` extents from extent `k` (fewer at the end): their
+/// clusters from the source into `buf`, then into the copy area; returns
+/// the copy area's bytes filled so far.
+fn copy_window(
+    copier: &mut Copier<'_>,
+    scratch: &dyn BlockDevice,
+    buf: &mut [u8],
+    layout: &Layout,
+    k: u64,
+    n: u64,
+) -> Result<u64, Error> {
+    let cs = layout.cluster_size();
+    let first = k * layout.extent_clusters();
+    let clusters = (n * layout.extent_clusters()).min(layout.data_clusters - first);
+    let window = &mut buf[..(clusters * cs) as usize];
+    copier.fill(window)?;
+    write_deep(scratch, first * cs / 512, window)?;
+    Ok((first + clusters) * cs)
+}
+
+/// Step 5's state: the medium written up to `written`, the extents'
+/// checksums so far, and its window.
+struct Streamer<'a> {
+    layout: &'a Layout,
+    scratch: &'a dyn BlockDevice,
+    tape: &'a dyn BlockDevice,
+    written: u64,
+    digest: Digest,
+    buf: Vec<u8>,
+}
+
+impl Streamer<'_> {
+    /// Streams the `n` extents from extent `k` (fewer at the end) from the
+    /// copy area to the medium; returns the copy area's bytes streamed so
+    /// far.
+    fn window(&mut self, k: u64, n: u64) -> Result<u64, Error> {
+        let layout = self.layout;
+        let cs = layout.cluster_size();
+        let n = n.min(layout.extents() - k);
         // Lay the window out as it goes on the medium: header, data, ...
         let mut pieces = Vec::with_capacity(n as usize);
-        let mut rest: &mut [u8] = &mut buf;
+        let mut rest: &mut [u8] = &mut self.buf;
         for i in k..k + n {
             let (first, len, _) = layout.extent(i);
             let (head, tail) = rest.split_at_mut(BLOCK as usize);
@@ -466,40 +546,25 @@ fn stream(
                 buf: data,
             })
             .collect();
-        scratch.transfer(&mut ops, depth(scratch))?;
+        self.scratch.transfer(&mut ops, depth(self.scratch))?;
         drop(ops);
         let mut len = 0;
         for (i, first, head, data) in pieces.iter_mut() {
             let sum = checksum(data);
-            digest.add(sum);
+            self.digest.add(sum);
             ExtentHeader {
                 index: *i,
                 first: *first,
                 clusters: data.len() as u64 / cs,
-                data_at: written + len + BLOCK,
+                data_at: self.written + len + BLOCK,
                 data_checksum: sum,
             }
             .encode_into(head);
             len += BLOCK + data.len() as u64;
         }
-        write_deep(tape, written / 512, &buf[..len as usize])?;
-        written += len;
-        k += n;
-        let (first, clusters, _) = layout.extent(k - 1);
-        progress(Stage::Stream, (first + clusters) * cs, total);
+        write_deep(self.tape, self.written / 512, &self.buf[..len as usize])?;
+        self.written += len;
+        let (first, clusters, _) = layout.extent(k + n - 1);
+        Ok((first + clusters) * cs)
     }
-    debug_assert_eq!(written, layout.trailer_offset());
-    let trailer = Trailer {
-        extents: layout.extents(),
-        data_clusters: layout.data_clusters,
-        stream_bytes: layout.stream_bytes(),
-        header_checksum: u64::from_le_bytes(header[4088..].try_into().expect("8 bytes")),
-        digest: digest.value(),
-    };
-    tape.write(written / 512, &trailer.encode())?;
-    tape.flush()?;
-    if total == 0 {
-        progress(Stage::Stream, 0, 0);
-    }
-    Ok(())
 }

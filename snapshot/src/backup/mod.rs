@@ -22,7 +22,7 @@
 //! Memory is bounded by design: no table is ever held whole, only
 //! windows of it, so neither the virtual size nor the size of the tables
 //! changes what a job needs. A backup needs [`engine::backup_memory`]
-//! (a few MiB, plus one bit per host cluster of the source file while it
+//! (a few MiB, plus two bits per host cluster of the source file while it
 //! is checked); a restore [`engine::restore_memory`]. The kernel refuses
 //! a job it cannot give that much before the job starts.
 //!
@@ -36,6 +36,8 @@
 //! writes a new qcow2 image, [`tape`] is the medium's frame, [`table`]
 //! its tables, [`engine`] and [`restore`](mod@restore) run the steps.
 
+pub mod copy;
+pub mod decode;
 pub mod engine;
 pub mod newimage;
 pub mod qcow2;
@@ -46,7 +48,7 @@ pub mod table;
 pub mod tape;
 
 pub use engine::{
-    backup, backup_memory, guest_heap_bytes, restore_memory, BackupSummary, Error, Plan, Progress,
-    Stage,
+    backup, backup_memory, backup_overlapped, guest_heap_bytes, restore_memory, BackupSummary,
+    Error, InTurn, Overlap, Plan, Progress, Stage,
 };
 pub use restore::{restore, Format, Front, RestoreSummary};

@@ -4,10 +4,11 @@
 //!
 //! The header's fields are checked before anything uses them: offsets lie
 //! inside the file and are aligned, sizes are bounded, reserved bits are
-//! clear. Features this reader does not handle (compression, encryption,
-//! an external data file, extended L2 entries, unknown incompatible
-//! features) and images marked dirty or corrupt are refused with an error
-//! that names them. A hostile image gets an [`Qcow2Error`], never a panic,
+//! clear. Compressed clusters (deflate or zstd, [`Compressed`]) and
+//! extended L2 entries (subclusters, [`Cluster::Subclusters`]) are read;
+//! features this reader does not handle (encryption, an external data
+//! file, unknown incompatible features or compression types) and images
+//! marked dirty or corrupt are refused with an error that names them. A hostile image gets an [`Qcow2Error`], never a panic,
 //! an out-of-bounds access or an unbounded allocation.
 //!
 //! This module must never touch a device: it decodes bytes it is given.
@@ -20,10 +21,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+pub use super::decode::Compressed;
 use crate::devices::block::BlockError;
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster with extended L2 entries: 32 subclusters of 512 bytes.
+const MIN_EXTENDED_CLUSTER_BITS: u32 = 14;
 /// Smallest and largest cluster sizes QEMU supports (512 B to 2 MiB).
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// See [`MIN_CLUSTER_BITS`].
@@ -144,12 +148,55 @@ pub struct Header {
     pub compatible_features: u64,
     /// Bytes of the header proper.
     pub header_length: u32,
+    /// How compressed clusters are compressed.
+    pub compression: Compression,
+    /// L2 entries are 128 bits with subcluster bitmaps.
+    pub extended_l2: bool,
+}
+
+/// The compression type of an image's compressed clusters (header byte
+/// 104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Raw deflate (type 0, the default).
+    Deflate,
+    /// A zstd frame (type 1).
+    Zstd,
+}
+
+/// Reads the compression type: byte 104 when the header has it, which
+/// must agree with the incompatible bit 3 (set for any type but deflate).
+fn compression(first: &[u8], header_length: u32, incompat: u64) -> Result<Compression, Qcow2Error> {
+    let kind = if header_length > V3_HEADER_LEN {
+        first[V3_HEADER_LEN as usize]
+    } else {
+        0
+    };
+    let bit = incompat & INCOMPAT_COMPRESSION_TYPE != 0;
+    match (kind, bit) {
+        (0, false) => Ok(Compression::Deflate),
+        (1, true) => Ok(Compression::Zstd),
+        (0 | 1, _) => Err(invalid(format!(
+            "compression type {kind} with the compression type bit {}",
+            if bit { "set" } else { "clear" }
+        ))),
+        _ => Err(Qcow2Error::Unsupported(format!("compression type {kind}"))),
+    }
 }
 
 impl Header {
     /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Bytes of one L2 entry: 8, or 16 with extended L2 entries.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2 {
+            16
+        } else {
+            8
+        }
     }
 
     /// Virtual clusters (the last may be partial).
@@ -193,16 +240,16 @@ impl Header {
             (INCOMPAT_DIRTY, "dirty bit set (the image was not closed cleanly; qemu-img check -r all repairs it)"),
             (INCOMPAT_CORRUPT, "corrupt bit set (qemu-img check -r all may repair it)"),
             (INCOMPAT_EXTERNAL_DATA, "external data file"),
-            (INCOMPAT_COMPRESSION_TYPE, "compression (a non-zlib compression type)"),
-            (INCOMPAT_EXTENDED_L2, "extended L2 entries (subclusters)"),
         ] {
             if incompat & bit != 0 {
                 return Err(Qcow2Error::Unsupported(what.into()));
             }
         }
-        if incompat != 0 {
+        let known = INCOMPAT_COMPRESSION_TYPE | INCOMPAT_EXTENDED_L2;
+        if incompat & !known != 0 {
             return Err(Qcow2Error::Unsupported(format!(
-                "unknown incompatible features {incompat:#x}"
+                "unknown incompatible features {:#x}",
+                incompat & !known
             )));
         }
         let refcount_order = be32(first, 96);
@@ -218,10 +265,13 @@ impl Header {
                 "header_length {header_length} (want a multiple of 8, at least {V3_HEADER_LEN}, within the first cluster)"
             )));
         }
-        if header_length > 104 && first[104] != 0 {
-            return Err(Qcow2Error::Unsupported(format!(
-                "compression type {}",
-                first[104]
+        let compression = compression(first, header_length, incompat)?;
+        let extended_l2 = incompat & INCOMPAT_EXTENDED_L2 != 0;
+        if extended_l2 && cluster_bits < MIN_EXTENDED_CLUSTER_BITS {
+            return Err(invalid(format!(
+                "extended L2 entries with {cluster_size}-byte clusters (subclusters \
+                 need clusters of at least {} bytes)",
+                1u64 << MIN_EXTENDED_CLUSTER_BITS
             )));
         }
         let virtual_size = be64(first, 24);
@@ -244,6 +294,8 @@ impl Header {
             backing_format: None,
             compatible_features: be64(first, 80),
             header_length,
+            compression,
+            extended_l2,
         };
         let header = Header {
             backing_file: backing_name(first, file_len, cluster_size)?,
@@ -257,7 +309,7 @@ impl Header {
     /// Checks the L1, refcount and snapshot tables' placement and size.
     fn check_tables(&self, file_len: u64) -> Result<(), Qcow2Error> {
         let cs = self.cluster_size();
-        let entries_per_l2 = cs / 8;
+        let entries_per_l2 = cs / self.l2_entry_bytes();
         let needed = self.virtual_clusters().div_ceil(entries_per_l2);
         let l1_bytes = u64::from(self.l1_size) * 8;
         if u64::from(self.l1_size) < needed || l1_bytes > MAX_L1_BYTES {
@@ -394,11 +446,30 @@ pub enum Cluster {
     Data(u64),
     /// Reads as zeros (the zero flag; a preallocated zero cluster too).
     Zero,
+    /// Compressed data somewhere in the file.
+    Compressed(Compressed),
+    /// Extended L2 entries: the subclusters whose bit is set in `data`
+    /// (bit `i`: bytes `i * C / 32` to `(i + 1) * C / 32`) are data in the
+    /// host cluster at `host`; the others read as zeros.
+    Subclusters {
+        /// The host cluster's offset.
+        host: u64,
+        /// Which of the 32 subclusters hold data (neither none nor all).
+        data: u32,
+    },
 }
 
-/// The host offset an L1 or L2 entry names (0: none).
+/// Bits 0-55: where a compressed descriptor's offset may have bits.
+pub(crate) const OFFSET_MASK_WIDE: u64 = 0x00ff_ffff_ffff_ffff;
+
+/// The host offset an L1 or L2 entry names (0: none; a compressed
+/// cluster's entry names none here).
 pub fn host_of(entry: u64) -> u64 {
-    entry & OFFSET_MASK
+    if entry & COMPRESSED != 0 {
+        0
+    } else {
+        entry & OFFSET_MASK
+    }
 }
 
 /// Checks L1 entry `i` and returns the offset of its L2 table (0: none).
@@ -422,11 +493,29 @@ pub fn l2_entry(
 ) -> Result<Option<Cluster>, Qcow2Error> {
     let at = vc * cs;
     if entry & COMPRESSED != 0 {
-        return Err(Qcow2Error::Unsupported(format!(
-            "compressed cluster at virtual offset {at:#x}"
-        )));
+        let c = Compressed::decode(entry, cs.trailing_zeros(), file_len, at)?;
+        return Ok(Some(Cluster::Compressed(c)));
     }
-    if entry & L2_RESERVED != 0 {
+    let host = data_entry(entry, L2_RESERVED, at, cs, file_len)?;
+    Ok(if entry & ZERO_FLAG != 0 {
+        Some(Cluster::Zero)
+    } else if host != 0 {
+        Some(Cluster::Data(host))
+    } else {
+        None
+    })
+}
+
+/// Checks an uncompressed L2 entry's reserved bits (`reserved`) and host
+/// offset; returns the offset (0: none).
+fn data_entry(
+    entry: u64,
+    reserved: u64,
+    at: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<u64, Qcow2Error> {
+    if entry & reserved != 0 {
         return Err(invalid(format!(
             "L2 entry for virtual offset {at:#x} ({entry:#x}) has reserved bits set"
         )));
@@ -436,11 +525,47 @@ pub fn l2_entry(
         let what = format!("the data cluster of virtual offset {at:#x}");
         placed(&what, host, 1, cs, file_len)?;
     }
-    Ok(if entry & ZERO_FLAG != 0 {
-        Some(Cluster::Zero)
-    } else if host != 0 {
-        Some(Cluster::Data(host))
-    } else {
-        None
+    Ok(host)
+}
+
+/// [`l2_entry`] for an extended L2 entry: the standard entry `entry`
+/// (whose zero flag is reserved) and its subcluster bitmap `bitmap`
+/// (bits 0-31: allocated, 32-63: reads as zeros; a compressed cluster's
+/// is reserved).
+pub fn l2_extended(
+    entry: u64,
+    bitmap: u64,
+    vc: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<Option<Cluster>, Qcow2Error> {
+    let at = vc * cs;
+    if entry & COMPRESSED != 0 && bitmap != 0 {
+        return Err(invalid(format!(
+            "compressed cluster at virtual offset {at:#x} has a subcluster bitmap ({bitmap:#x})"
+        )));
+    }
+    if entry & COMPRESSED != 0 {
+        return l2_entry(entry, vc, cs, file_len);
+    }
+    let host = data_entry(entry, L2_RESERVED | ZERO_FLAG, at, cs, file_len)?;
+    let (data, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+    if data & zero != 0 {
+        return Err(invalid(format!(
+            "L2 entry for virtual offset {at:#x}: subclusters {:#x} are both data and zero",
+            data & zero
+        )));
+    }
+    if host == 0 && data != 0 {
+        return Err(invalid(format!(
+            "L2 entry for virtual offset {at:#x}: subclusters {data:#x} are data but the \
+             cluster has no host offset"
+        )));
+    }
+    Ok(match data {
+        u32::MAX => Some(Cluster::Data(host)),
+        0 if zero != 0 || host != 0 => Some(Cluster::Zero),
+        0 => None,
+        _ => Some(Cluster::Subclusters { host, data }),
     })
 }

@@ -6,8 +6,9 @@
 //! table ([`TABLE_WINDOW`] bytes) and one L2 table (a cluster, at most
 //! 2 MiB), whatever the virtual size or the number of tables. [`open`]
 //! adds the refcount checks (one window of the refcount table, one
-//! refcount block) and a map of the file's host clusters, one bit each, to
-//! catch two users of one cluster: [`open_memory`] is the whole figure,
+//! refcount block) and two maps of the file's host clusters, one bit
+//! each, to catch two users of one cluster (compressed clusters may share
+//! host clusters with each other, nothing else may): [`open_memory`] is the whole figure,
 //! known from the header before anything else is allocated.
 //!
 //! This module must never write to the image it reads, and must never
@@ -18,7 +19,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::qcow2::{
-    self, be32, be64, buffer, host_of, invalid, l1_entry, l2_entry, placed, Cluster, Header,
+    self, be32, be64, buffer, invalid, l1_entry, l2_entry, placed, Cluster, Compressed, Header,
     Qcow2Error, V3_HEADER_LEN,
 };
 use super::run::{Joiner, Run, Runs};
@@ -62,13 +63,58 @@ impl TableWindow {
     }
 }
 
+/// One piece of table 1 as the copy stage needs it: a run of clusters
+/// that are read as they are, or one cluster that needs more than a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Data clusters consecutive in the virtual disk and the file (`to`
+    /// is the host cluster).
+    Run(Run),
+    /// A compressed cluster: virtual cluster `vc`, its data in the file.
+    Compressed {
+        /// The virtual cluster.
+        vc: u64,
+        /// Where its compressed data lies.
+        data: Compressed,
+    },
+    /// A cluster only some of whose subclusters are data.
+    Subclusters {
+        /// The virtual cluster.
+        vc: u64,
+        /// Its host cluster's offset.
+        host: u64,
+        /// Which subclusters are data (the rest read as zeros).
+        data: u32,
+    },
+}
+
+impl Piece {
+    /// The piece as a run of table 1: a compressed cluster's host cluster
+    /// is the one its data starts in.
+    pub fn run(&self, cluster_bits: u32) -> Run {
+        let one = |from, host: u64| Run {
+            from,
+            to: host >> cluster_bits,
+            len: 1,
+        };
+        match *self {
+            Piece::Run(r) => r,
+            Piece::Compressed { vc, data } => one(vc, data.offset),
+            Piece::Subclusters { vc, host, .. } => one(vc, host),
+        }
+    }
+}
+
 /// Table 1 of a source image, walked from its device: every mapped
-/// virtual cluster in ascending order ([`Walk::next_cluster`]), or the data
-/// clusters as runs of consecutive virtual and host clusters ([`Runs`];
-/// `to` is the host cluster, the host offset over the cluster size).
+/// virtual cluster in ascending order ([`Walk::next_cluster`]), the data
+/// as [`Piece`]s ([`Walk::next_piece`]), or as runs of consecutive virtual
+/// and host clusters ([`Runs`]; `to` is the host cluster, the host offset
+/// over the cluster size).
 pub struct Walk<'d, D: ?Sized> {
     dev: &'d D,
     cs: u64,
+    extended: bool,
+    per_l2: u64,
     vclusters: u64,
     l1_used: u64,
     file_len: u64,
@@ -78,6 +124,7 @@ pub struct Walk<'d, D: ?Sized> {
     base: u64,
     next_j: u64,
     pending: Joiner,
+    queued: Option<Piece>,
     claims: Option<Claims>,
 }
 
@@ -86,10 +133,13 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
     /// bytes long, on `dev`.
     pub fn new(dev: &'d D, header: &Header, file_len: u64) -> Result<Self, Qcow2Error> {
         let cs = header.cluster_size();
-        let l1_used = header.virtual_clusters().div_ceil(cs / 8);
+        let per_l2 = cs / header.l2_entry_bytes();
+        let l1_used = header.virtual_clusters().div_ceil(per_l2);
         Ok(Walk {
             dev,
             cs,
+            extended: header.extended_l2,
+            per_l2,
             vclusters: header.virtual_clusters(),
             l1_used,
             file_len,
@@ -97,8 +147,9 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
             next_l1: 0,
             l2: buffer(cs, "L2 table")?,
             base: 0,
-            next_j: cs / 8,
+            next_j: per_l2,
             pending: Joiner::default(),
+            queued: None,
             claims: None,
         })
     }
@@ -124,7 +175,7 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
                 claims.claim(&|| format!("L2 table {i} at {offset:#x}"), offset, self.cs)?;
             }
             read_bytes(self.dev, offset, &mut self.l2)?;
-            (self.base, self.next_j) = (i * (self.cs / 8), 0);
+            (self.base, self.next_j) = (i * self.per_l2, 0);
             return Ok(true);
         }
         Ok(false)
@@ -133,47 +184,84 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
     /// The next mapped virtual cluster and what it holds.
     pub fn next_cluster(&mut self) -> Result<Option<(u64, Cluster)>, Qcow2Error> {
         loop {
-            if self.next_j == self.cs / 8 && !self.next_table()? {
+            if self.next_j == self.per_l2 && !self.next_table()? {
                 return Ok(None);
             }
             let (j, vc) = (self.next_j, self.base + self.next_j);
             self.next_j += 1;
             if vc >= self.vclusters {
-                self.next_j = self.cs / 8;
+                self.next_j = self.per_l2;
                 continue;
             }
-            let entry = be64(&self.l2, (j * 8) as usize);
-            let cluster = l2_entry(entry, vc, self.cs, self.file_len)?;
-            let host = host_of(entry);
-            if let (Some(claims), true) = (&mut self.claims, host != 0) {
-                // Data, or a preallocated zero cluster, which still owns
-                // its host cluster.
-                let cs = self.cs;
+            let (cs, file_len) = (self.cs, self.file_len);
+            let cluster = if self.extended {
+                let at = (j * 16) as usize;
+                let (entry, bitmap) = (be64(&self.l2, at), be64(&self.l2, at + 8));
+                qcow2::l2_extended(entry, bitmap, vc, cs, file_len)?
+            } else {
+                l2_entry(be64(&self.l2, (j * 8) as usize), vc, cs, file_len)?
+            };
+            if let Some(claims) = &mut self.claims {
                 let what = || format!("the cluster for virtual offset {:#x}", vc * cs);
-                claims.claim(&what, host, cs.min(self.file_len - host))?;
+                match cluster {
+                    // Data, or a preallocated zero cluster, which still
+                    // owns its host cluster.
+                    Some(Cluster::Data(host) | Cluster::Subclusters { host, .. }) => {
+                        claims.claim(&what, host, cs.min(file_len - host))?
+                    }
+                    Some(Cluster::Compressed(c)) => {
+                        let len = c.bytes.min(file_len.saturating_sub(c.offset));
+                        claims.share(&what, c.offset, len)?
+                    }
+                    Some(Cluster::Zero) | None => {}
+                }
             }
             if let Some(c) = cluster {
                 return Ok(Some((vc, c)));
             }
         }
     }
+
+    /// The next piece of the data: runs of plain data clusters as long as
+    /// they go, compressed and partly allocated clusters one at a time.
+    pub fn next_piece(&mut self) -> Result<Option<Piece>, Qcow2Error> {
+        if let Some(p) = self.queued.take() {
+            return Ok(Some(p));
+        }
+        let bits = self.cs.trailing_zeros();
+        while let Some((vc, c)) = self.next_cluster()? {
+            let single = match c {
+                Cluster::Zero => continue,
+                Cluster::Data(host) => {
+                    let r = Run {
+                        from: vc,
+                        to: host >> bits,
+                        len: 1,
+                    };
+                    match self.pending.add(r) {
+                        Some(done) => return Ok(Some(Piece::Run(done))),
+                        None => continue,
+                    }
+                }
+                Cluster::Compressed(data) => Piece::Compressed { vc, data },
+                Cluster::Subclusters { host, data } => Piece::Subclusters { vc, host, data },
+            };
+            return Ok(Some(match self.pending.finish() {
+                Some(done) => {
+                    self.queued = Some(single);
+                    Piece::Run(done)
+                }
+                None => single,
+            }));
+        }
+        Ok(self.pending.finish().map(Piece::Run))
+    }
 }
 
 impl<D: BlockDevice + ?Sized> Runs<Qcow2Error> for Walk<'_, D> {
     fn next_run(&mut self) -> Result<Option<Run>, Qcow2Error> {
         let bits = self.cs.trailing_zeros();
-        while let Some((vc, c)) = self.next_cluster()? {
-            let Cluster::Data(host) = c else { continue };
-            let r = Run {
-                from: vc,
-                to: host >> bits,
-                len: 1,
-            };
-            if let Some(done) = self.pending.add(r) {
-                return Ok(Some(done));
-            }
-        }
-        Ok(self.pending.finish())
+        Ok(self.next_piece()?.map(|p| p.run(bits)))
     }
 }
 
@@ -279,55 +367,86 @@ pub fn open<D: BlockDevice + ?Sized>(
     })
 }
 
+/// Bytes of the two maps of [`Claims`].
 fn claims_bytes(file_len: u64, cluster_bits: u32) -> u64 {
-    file_len.div_ceil(1 << cluster_bits).div_ceil(64) * 8
+    file_len.div_ceil(1 << cluster_bits).div_ceil(64) * 16
 }
 
-/// Host clusters the image uses, to catch two users of one cluster.
+/// Host clusters the image uses, to catch two users of one cluster:
+/// `own` marks clusters with one user (metadata, data), `shared` those
+/// holding compressed data, which several compressed clusters may share
+/// but nothing else may use.
 struct Claims {
-    bits: Vec<u64>,
+    own: Vec<u64>,
+    shared: Vec<u64>,
     cluster_bits: u32,
 }
 
 impl Claims {
     fn new(file_len: u64, cluster_bits: u32) -> Result<Claims, Qcow2Error> {
-        let words = claims_bytes(file_len, cluster_bits) / 8;
-        let bits = crate::support::try_filled(words, 0u64).ok_or_else(|| {
-            Qcow2Error::TooLarge(format!(
-                "a map of the file's host clusters needs {} bytes",
-                words * 8
-            ))
-        })?;
-        Ok(Claims { bits, cluster_bits })
+        let words = claims_bytes(file_len, cluster_bits) / 16;
+        let map = || {
+            crate::support::try_filled(words, 0u64).ok_or_else(|| {
+                Qcow2Error::TooLarge(format!(
+                    "a map of the file's host clusters needs {} bytes",
+                    words * 16
+                ))
+            })
+        };
+        Ok(Claims {
+            own: map()?,
+            shared: map()?,
+            cluster_bits,
+        })
     }
 
     fn used(&self, c: u64) -> bool {
-        self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
+        let (w, b) = ((c / 64) as usize, 1 << (c % 64));
+        (self.own[w] | self.shared[w]) & b != 0
     }
 
-    /// Claims the clusters of `[offset, offset + len)` for `what`.
+    /// Claims the clusters of `[offset, offset + len)` for `what` alone.
     fn claim(
         &mut self,
         what: &dyn Fn() -> String,
         offset: u64,
         len: u64,
     ) -> Result<(), Qcow2Error> {
+        self.mark(what, offset, len, false)
+    }
+
+    /// Claims the clusters of `[offset, offset + len)` for compressed data.
+    fn share(
+        &mut self,
+        what: &dyn Fn() -> String,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Qcow2Error> {
+        self.mark(what, offset, len, true)
+    }
+
+    fn mark(
+        &mut self,
+        what: &dyn Fn() -> String,
+        offset: u64,
+        len: u64,
+        shared: bool,
+    ) -> Result<(), Qcow2Error> {
         let first = offset >> self.cluster_bits;
         let last = (offset + len.max(1) - 1) >> self.cluster_bits;
         for c in first..=last {
-            let (w, b) = ((c / 64) as usize, c % 64);
-            let word = self
-                .bits
-                .get_mut(w)
-                .ok_or_else(|| invalid(format!("{} lies outside the file", what())))?;
-            if *word & (1 << b) != 0 {
+            let (w, b) = ((c / 64) as usize, 1u64 << (c % 64));
+            let (Some(own), Some(sh)) = (self.own.get_mut(w), self.shared.get_mut(w)) else {
+                return Err(invalid(format!("{} lies outside the file", what())));
+            };
+            if *own & b != 0 || (!shared && *sh & b != 0) {
                 return Err(invalid(format!(
                     "{} overlaps other metadata or data at host cluster {:#x}",
                     what(),
                     c << self.cluster_bits
                 )));
             }
-            *word |= 1 << b;
+            *if shared { sh } else { own } |= b;
         }
         Ok(())
     }

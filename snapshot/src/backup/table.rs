@@ -321,6 +321,10 @@ impl<'t> V1Table1<'t> {
             }
             match qcow2::l2_entry(entry, vc, self.cs, self.source_bytes) {
                 Ok(Some(Cluster::Data(host))) => return Ok(Some((vc, host))),
+                // Version 1 writers refused compressed images.
+                Ok(Some(Cluster::Compressed(_) | Cluster::Subclusters { .. })) => {
+                    return Err(bad("1", "a compressed cluster"))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(bad("1", &format!("{e}"))),
             }

@@ -30,6 +30,8 @@ pub struct MapExtent {
     pub start: u64,
     pub len: u64,
     pub host: Option<u64>,
+    /// QEMU maps it as compressed data (no host offset).
+    pub compressed: bool,
 }
 
 /// QEMU's map of a corpus image.
@@ -44,6 +46,7 @@ pub fn qemu_map(name: &str) -> Vec<MapExtent> {
                 start: f[0] as u64,
                 len: f[1] as u64,
                 host: (f[2] == 1).then_some(f[3] as u64),
+                compressed: f[2] == 2,
             }
         })
         .collect()
@@ -57,6 +60,7 @@ pub fn guest_view(name: &str) -> Vec<u8> {
     let size = map.last().map_or(0, |e| e.start + e.len);
     let mut view = vec![0u8; size as usize];
     for e in map {
+        assert!(!e.compressed, "{name}: compressed data has no host offset");
         if let Some(host) = e.host {
             let (s, h, n) = (e.start as usize, host as usize, e.len as usize);
             let have = n.min(bytes.len().saturating_sub(h));
@@ -67,20 +71,40 @@ pub fn guest_view(name: &str) -> Vec<u8> {
 }
 
 /// Disks for a backup of `source`: the source (read-only), a scratch disk
-/// and a tape, each as large as the job could need.
+/// and a tape, each as large as the job could need (a compressed source
+/// needs more than its own size).
 pub fn backup_disks(source: &[u8]) -> (MemDisk, MemDisk, MemDisk) {
     let sectors = (source.len() as u64).div_ceil(512);
+    let src = MemDisk::from_bytes("source", source).read_only();
+    let (copy, stream) = match backup::Plan::new(&src) {
+        Ok(p) => (p.copy_bytes() / 512, p.layout.stream_bytes() / 512),
+        Err(_) => (0, 0),
+    };
     (
-        MemDisk::from_bytes("source", source).read_only(),
-        MemDisk::new("scratch", sectors),
-        MemDisk::new("tape", 2 * sectors + 64),
+        src,
+        MemDisk::new("scratch", sectors.max(copy)),
+        MemDisk::new("tape", (2 * sectors + 64).max(stream)),
     )
 }
 
-/// Backs `source` up; returns the tape's stream (cut to its length).
+/// Runs the two jobs on two threads, as the kernel does.
+#[derive(Debug)]
+pub struct Threads;
+
+impl backup::Overlap for Threads {
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        std::thread::scope(|s| {
+            s.spawn(a);
+            b();
+        });
+    }
+}
+
+/// Backs `source` up, each window's copy on a second thread while the
+/// window before streams; returns the tape's stream (cut to its length).
 pub fn backup_to_tape(source: &[u8]) -> Result<Vec<u8>, backup::Error> {
     let (src, scratch, tape) = backup_disks(source);
-    let summary = backup::backup(&src, &scratch, &tape, &mut |_, _, _| {})?;
+    let summary = backup::backup_overlapped(&src, &scratch, &tape, &Threads, &mut |_, _, _| {})?;
     assert_eq!(
         src.contents()[..source.len()],
         *source,
@@ -116,7 +140,9 @@ pub fn clusters(qcow2: &[u8]) -> Vec<(u64, snapshot::backup::qcow2::Cluster)> {
     all
 }
 
-/// What a qcow2 image's guest sees, read with this crate's reader.
+/// What a qcow2 image's guest sees, read with this crate's reader;
+/// compressed clusters read as zeros here (the corpus tests check their
+/// decoding against QEMU).
 pub fn read_guest(qcow2: &[u8]) -> Vec<u8> {
     use snapshot::backup::qcow2::Cluster;
     let disk = MemDisk::from_bytes("img", qcow2);
@@ -124,11 +150,19 @@ pub fn read_guest(qcow2: &[u8]) -> Vec<u8> {
     let cs = img.header.cluster_size() as usize;
     let mut view = vec![0u8; img.header.virtual_size as usize];
     for (vc, c) in clusters(qcow2) {
-        if let Cluster::Data(host) = c {
-            let at = vc as usize * cs;
-            let n = cs.min(view.len() - at);
-            let have = n.min(qcow2.len() - host as usize);
-            view[at..at + have].copy_from_slice(&qcow2[host as usize..host as usize + have]);
+        let (host, data) = match c {
+            Cluster::Data(host) => (host as usize, u32::MAX),
+            Cluster::Subclusters { host, data } => (host as usize, data),
+            _ => continue,
+        };
+        let at = vc as usize * cs;
+        let n = cs.min(view.len() - at);
+        let have = n.min(qcow2.len() - host);
+        view[at..at + have].copy_from_slice(&qcow2[host..host + have]);
+        let sub = cs / 32;
+        for i in (0..32).filter(|i| data & (1 << i) == 0) {
+            let from = (at + i * sub).min(at + n);
+            view[from..(from + sub).min(at + n)].fill(0);
         }
     }
     view

@@ -1,0 +1,46 @@
+//! The verification buffers a session owns when asked to verify: a
+//! reference hash per slot, taken stop-the-world at the instant, and a
+//! count of copies per slot, kept by the copy paths. Plain data in engine
+//! memory; [`super::verify`] takes and checks the reference. Must never
+//! allocate (the copy paths write it).
+
+use core::sync::atomic::Ordering;
+
+use crate::memory::snapmem::Buffer;
+
+/// The reference hashes and copy counts, one per slot, in engine memory
+/// (the fault path counts copies).
+pub(super) struct Verification {
+    reference: Buffer,
+    copies: Buffer,
+}
+
+impl Verification {
+    /// Over `reference` (a word per slot) and `copies` (a byte per slot).
+    pub fn new(reference: Buffer, copies: Buffer) -> Self {
+        Verification { reference, copies }
+    }
+
+    /// Counts a copy of `slot` (on the copy paths).
+    pub fn note_copy(&self, slot: u64) {
+        self.copies.bytes()[slot as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records `slot`'s reference hash.
+    pub fn record(&self, slot: u64, hash: u64) {
+        self.reference.atomics()[slot as usize].store(hash, Ordering::Relaxed);
+    }
+
+    /// `slot`'s reference hash.
+    pub fn expected(&self, slot: u64) -> u64 {
+        self.reference.atomics()[slot as usize].load(Ordering::Relaxed)
+    }
+
+    /// Slots among the first `len` not copied exactly once.
+    pub fn not_copied_once(&self, len: u64) -> u64 {
+        self.copies.bytes()[..len as usize]
+            .iter()
+            .filter(|c| c.load(Ordering::Relaxed) != 1)
+            .count() as u64
+    }
+}
