@@ -388,3 +388,56 @@ fn bad_chains_are_refused_with_nothing_written() {
     assert!(e.contains("compress"), "{e}");
     assert_eq!(std::fs::read(&clone).unwrap(), before);
 }
+
+/// A clone is backed up as the guest sees it: `restore` gives the chain
+/// flattened, which `qemu-img compare` finds equal to `qemu-img convert`
+/// of the chain.
+#[test]
+fn a_clone_is_backed_up_through_its_chain() {
+    let dir = fresh("backup");
+    let base = dir.join("base.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&base), "32M"],
+    );
+    qemu_io(&base, "qcow2", &scattered(20, 1 << 20, "100k", 4));
+    let clone = dir.join("sub/clone.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            s(&clone),
+        ],
+    );
+    qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "5k", 8));
+    qemu_io(&clone, "qcow2", &["write -q -z 0 64k".into()]);
+    let expected = dir.join("expected.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&clone), s(&expected)],
+    );
+    let tape = dir.join("tape");
+    let run = host_tool(&[
+        "backup",
+        "--quiet",
+        "--source",
+        s(&clone),
+        "--tape",
+        s(&tape),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let out = dir.join("out.raw");
+    let run = host_tool(&["restore", "--quiet", "--tape", s(&tape), "--out", s(&out)]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s(&expected), s(&out)],
+    );
+}

@@ -17,8 +17,9 @@ use snapshot::interface::trace::Record;
 use snapshot::qcow2::chain::{self, Format, Layer};
 use snapshot::qcow2::check::check;
 use snapshot::qcow2::create::clone_image;
+use snapshot::qcow2::flat::FlatView;
 use snapshot::qcow2::workload;
-use snapshot::qcow2::Qcow2Error;
+use snapshot::qcow2::{Qcow2Disk, Qcow2Error};
 
 use crate::backup::FileDisk;
 use crate::qemu::Disk;
@@ -72,6 +73,44 @@ pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
     };
     chain::open(top, &top_path.display().to_string(), &mut resolve).map_err(|e| e.to_string())?;
     Ok(layers)
+}
+
+/// A clone's chain seen as one qcow2 file, on the host.
+pub type FlatSource = FlatView<Qcow2Disk<FileDisk>>;
+
+/// The merged view of the chain under the qcow2 image `source`, as one
+/// self-contained qcow2 file for the compact backup, and the backing
+/// disks to attach read-only (`back1` ...); `None` without a backing file.
+pub fn flat_source(source: &Path) -> Result<Option<(FlatSource, Vec<Disk>)>, String> {
+    let dev = FileDisk::open(source, false).map_err(|e| format!("{}: {e}", source.display()))?;
+    let Ok(h) = read_header(&dev) else {
+        return Ok(None);
+    };
+    if h.backing_file.is_none() {
+        return Ok(None);
+    }
+    let paths = chain_of(source)?;
+    let mut next = paths.iter();
+    let mut resolve = |_: &str, _: &str| -> snapshot::qcow2::Result<Layer> {
+        let path = next.next().expect("the chain was resolved just before");
+        let dev = FileDisk::open(path, false).map_err(|e| Qcow2Error::Invalid(e.to_string()))?;
+        Ok(Layer {
+            dev: Box::new(dev),
+            id: path.display().to_string(),
+        })
+    };
+    let merged =
+        chain::open(dev, &source.display().to_string(), &mut resolve).map_err(|e| e.to_string())?;
+    let view = FlatView::new(merged, h.cluster_bits).map_err(|e| e.to_string())?;
+    let disks = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Disk {
+            read_only: true,
+            ..Disk::new(p, &layer_disk(i + 1))
+        })
+        .collect();
+    Ok(Some((view, disks)))
 }
 
 /// `to` relative to the directory `from` (both absolute).

@@ -229,6 +229,26 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> Result<(), BlockError> {
         self.transfer(&mut [Op::Flush], 1)
     }
+
+    /// What the disk holds from `sector` on, and for how many sectors (at
+    /// least one) the answer holds: QEMU's block status. A plain disk
+    /// only knows it holds data; an image format knows its holes.
+    fn status(&self, sector: u64) -> Result<(Status, u64), BlockError> {
+        Ok((
+            Status::Data,
+            self.info().sectors.saturating_sub(sector).max(1),
+        ))
+    }
+}
+
+/// What a range of a disk holds, as [`BlockDevice::status`] tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Data (which may happen to be zeros).
+    Data,
+    /// Reads as zeros without holding data (a hole with nothing under it,
+    /// a zero cluster).
+    Zero,
 }
 
 /// A shared or boxed disk is the disk (a layer of a backing chain holds its
@@ -241,6 +261,9 @@ macro_rules! forward_block_device {
             }
             fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
                 (**self).transfer(ops, depth)
+            }
+            fn status(&self, sector: u64) -> Result<(Status, u64), BlockError> {
+                (**self).status(sector)
             }
         }
     )*};

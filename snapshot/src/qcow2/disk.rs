@@ -33,7 +33,8 @@ use super::{Geometry, Result};
 use crate::backup::qcow2::{be64, buffer, host_of, invalid, Header, Qcow2Error, COPIED};
 use crate::backup::source;
 use crate::devices::block::{
-    check, read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE,
+    check, read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, Status,
+    SECTOR_SIZE,
 };
 
 /// Incompatible feature bit of extended L2 entries (subclusters).
@@ -472,6 +473,32 @@ impl<D: BlockDevice> BlockDevice for Qcow2Disk<D> {
             result.map_err(|e| self.block_error(sector, e))?;
         }
         Ok(())
+    }
+
+    fn status(&self, sector: u64) -> core::result::Result<(Status, u64), BlockError> {
+        self.status_at(sector)
+            .map_err(|e| self.block_error(sector, e))
+    }
+}
+
+impl<D: BlockDevice> Qcow2Disk<D> {
+    /// The block status of virtual `sector`: this image's own mapping, or
+    /// the chain's below a hole.
+    pub fn status_at(&self, sector: u64) -> Result<(Status, u64)> {
+        let g = &self.geo;
+        let at = sector * 512;
+        let left = (g.cs - at % g.cs) / 512;
+        Ok(match self.entry(at / g.cs)? {
+            Entry::Data(_) | Entry::Shared(_) => (Status::Data, left),
+            Entry::Zero | Entry::ZeroAlloc(_) => (Status::Zero, left),
+            Entry::Hole => match &self.backing {
+                Some(b) if !self.detached.load(Ordering::Acquire) => {
+                    let (s, n) = b.status(sector)?;
+                    (s, n.min(left))
+                }
+                _ => (Status::Zero, left),
+            },
+        })
     }
 }
 

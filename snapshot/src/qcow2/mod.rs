@@ -14,6 +14,8 @@
 //! - [`split`] fills the clone's holes from the chain while a workload
 //!   goes on, on the [copy-once engine](crate::copyonce), then releases
 //!   the backing file.
+//! - [`flat`] shows a chain as one self-contained qcow2 file, which the
+//!   compact backup backs up as the guest sees it;
 //! - [`check`] is the validator the tests run after every crash;
 //! - [`workload`] is the seeded workload the split scenario runs.
 //!
@@ -26,6 +28,7 @@ pub mod chain;
 pub mod check;
 pub mod create;
 pub mod disk;
+pub mod flat;
 mod refcount;
 pub mod split;
 mod tables;
