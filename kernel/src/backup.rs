@@ -185,10 +185,11 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
 /// if the source has a backing file.
 fn flat_view(name: &str) -> Result<Option<FlatView<crate::clone::CloneDisk>>, (bool, String)> {
     let disk = virtio::disk(name).map_err(|e| (true, e.to_string()))?;
-    let header = backup::source::read_header(&*disk).map_err(|e| (true, e.to_string()))?;
-    if header.backing_file.is_none() {
-        return Ok(None);
-    }
+    // An image the reader refuses is the backup's to refuse, in its words.
+    let header = match backup::source::read_header(&*disk) {
+        Ok(h) if h.backing_file.is_some() => h,
+        _ => return Ok(None),
+    };
     let merged = crate::clone::open(name)?;
     FlatView::new(merged, header.cluster_bits)
         .map(Some)
