@@ -45,7 +45,7 @@ pub type KernelSplit = Split<'static, Arc<VirtioBlk>, Vec<AtomicU64>, Box<Counte
 
 /// Clusters the background split copies per batch (one flush for their
 /// refcounts, one for their data).
-const BATCH: u64 = 64;
+pub const BATCH: u64 = 64;
 
 /// Refuses an image whose tables would not fit the free heap.
 fn fits(what: &str, need: u64) -> Result<(), Qcow2Error> {
@@ -123,6 +123,8 @@ pub struct Options {
     pub workload: Option<(u64, u64)>,
     /// How long the workload runs alone before the split starts.
     pub before_ns: u64,
+    /// Clusters per background batch.
+    pub batch: u64,
 }
 
 /// What a workload did, by phase (0 before the split, 1 during).
@@ -205,7 +207,7 @@ pub fn run_split(
             clone,
             words,
             Box::new(Counters::new()),
-            BATCH,
+            opts.batch,
             thread::yield_now,
         )
         .map_err(failed)?,
@@ -288,6 +290,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         workload: (cmd.get("workload") == Some("on"))
             .then(|| (num("seed", workload::SEED), num("pause_us", 200) * 1000)),
         before_ns: num("before_ms", 200) * 1_000_000,
+        batch: num("batch", BATCH),
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,

@@ -18,7 +18,8 @@ use crate::log;
 
 /// `bench-clone-split`: see the module docs.
 pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
-    let share = cmd.get("share").and_then(|s| s.parse().ok()).unwrap_or(50);
+    let num = |key, default| cmd.get(key).and_then(|s| s.parse().ok()).unwrap_or(default);
+    let share = num("share", 100);
     let scratch = match crate::virtio::disk("scratch") {
         Ok(d) => d,
         Err(e) => {
@@ -41,6 +42,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         busy_ops: 20,
         workload: Some((workload::SEED, 1_000_000)),
         before_ns: 2_000 * MS,
+        batch: num("batch", crate::clone::BATCH),
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,

@@ -6,8 +6,11 @@
 //! are zeros. A write to a data cluster goes in place; a write to a hole
 //! or zero cluster allocates ([`Qcow2Disk::materialize`]): the rest of the
 //! cluster is filled from what it read as before, and then, in order, the
-//! L2 table exists, the new cluster's refcount is durable (flush), its data
-//! is durable (flush), and only then does the L2 entry point at it.
+//! L2 table exists, the new cluster's refcount and its data are written
+//! and made durable (one flush), and only then does the L2 entry point at
+//! it. (Neither needs to be durable before the other: a refcount without
+//! its data is a leak, data without its refcount sits in a free cluster
+//! nothing points at.)
 //!
 //! A crash therefore leaks at most the clusters of the allocation in
 //! progress (a data cluster, an L2 table; see [`super::refcount`] for
@@ -151,6 +154,18 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         Ok(())
     }
 
+    /// Whether the chain below holds data anywhere in virtual cluster `vc`
+    /// (false: it reads as zeros there, and need not be read).
+    pub fn data_below(&self, vc: u64) -> Result<bool> {
+        let g = &self.geo;
+        match &self.backing {
+            Some(b) if !self.detached.load(Ordering::Acquire) => {
+                holds_data(b, vc * g.cs / 512, g.cluster_len(vc) / 512)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// The longest run from virtual `offset` (at most `len` bytes) whose
     /// clusters map alike: one hole run, one zero run, or data clusters
     /// consecutive in the file.
@@ -270,8 +285,8 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     /// Gives virtual clusters of one L2 table, each last seen as `was` (a
     /// hole or zero), their content: `Some(bytes)` a cluster holding those
     /// bytes (a whole cluster), `None` a zero entry. In order: the L2
-    /// table exists, the new clusters' refcounts are durable, their data
-    /// is durable, then the entries are published. Returns false, with
+    /// table exists, the new clusters' refcounts and data are written and
+    /// flushed, then the entries are published. Returns false, with
     /// nothing published, if any entry changed meanwhile (a racing write):
     /// the caller looks again.
     pub fn materialize(&self, items: &[(u64, Entry, Option<&[u8]>)]) -> Result<bool> {
@@ -297,9 +312,10 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             }
             rc.sync(&self.file)?;
         }
-        // Zero entries alone need no ordering: nothing new is pointed at.
+        // The refcounts and the data need only be durable before the
+        // entries point at them: one flush for both. (Zero entries alone
+        // point at nothing new.)
         if hosts.iter().any(|&h| h != 0) {
-            self.file.flush()?;
             self.write_data(items, &hosts)?;
             self.file.flush()?;
         }
@@ -326,33 +342,33 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         Ok(true)
     }
 
-    /// Writes the data of `items` to `hosts`, joining consecutive clusters
-    /// into one request.
+    /// Writes the data of `items` to `hosts`, joining clusters whose hosts
+    /// follow each other into one request (zero entries between them do
+    /// not break a run: they have no host).
     fn write_data(&self, items: &[(u64, Entry, Option<&[u8]>)], hosts: &[u64]) -> Result<()> {
         let cs = self.geo.cs as usize;
+        let data: Vec<(&[u8], u64)> = items
+            .iter()
+            .zip(hosts)
+            .filter_map(|(item, &h)| item.2.map(|d| (&d[..cs], h)))
+            .collect();
         let mut k = 0;
-        while k < items.len() {
-            let Some(data) = items[k].2 else {
-                k += 1;
-                continue;
-            };
+        while k < data.len() {
             let mut end = k + 1;
-            while end < items.len()
-                && items[end].2.is_some()
-                && hosts[end] == hosts[k] + ((end - k) * cs) as u64
+            while end < data.len()
+                && data[end].1 == data[k].1 + ((end - k) * cs) as u64
                 && end - k < 64
             {
                 end += 1;
             }
             if end == k + 1 {
-                write_bytes(&self.file, hosts[k], &data[..cs])?;
+                write_bytes(&self.file, data[k].1, data[k].0)?;
             } else {
                 let mut joined = buffer(((end - k) * cs) as u64, "write batch")?;
-                for (n, item) in items[k..end].iter().enumerate() {
-                    let d = item.2.expect("checked above");
-                    joined[n * cs..(n + 1) * cs].copy_from_slice(&d[..cs]);
+                for (n, (d, _)) in data[k..end].iter().enumerate() {
+                    joined[n * cs..(n + 1) * cs].copy_from_slice(d);
                 }
-                write_bytes(&self.file, hosts[k], &joined)?;
+                write_bytes(&self.file, data[k].1, &joined)?;
             }
             k = end;
         }
@@ -396,6 +412,20 @@ pub fn open_memory(header: &Header, file_len: u64) -> u64 {
         + 2 * u64::from(header.l1_size) * 8
         + u64::from(header.refcount_table_clusters) * cs * 2
         + (super::tables::CACHED_L2 as u64 + 2) * cs
+}
+
+/// Whether any of the `sectors` from `sector` of `d` hold data, by its
+/// block status.
+pub fn holds_data<D: BlockDevice + ?Sized>(d: &D, sector: u64, sectors: u64) -> Result<bool> {
+    let mut at = sector;
+    while at < sector + sectors {
+        let (s, n) = d.status(at)?;
+        if s == Status::Data {
+            return Ok(true);
+        }
+        at += n.max(1);
+    }
+    Ok(false)
 }
 
 fn shared(vc: u64, g: &Geometry, h: u64) -> Qcow2Error {

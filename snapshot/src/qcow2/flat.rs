@@ -16,13 +16,12 @@
 use alloc::format;
 use alloc::vec::Vec;
 
+use super::disk::holds_data;
 use super::Result;
 use crate::backup::newimage::NewImage;
 use crate::backup::qcow2::Qcow2Error;
 use crate::backup::run::{Joiner, Run};
-use crate::devices::block::{
-    check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, Status, SECTOR_SIZE,
-};
+use crate::devices::block::{check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, SECTOR_SIZE};
 
 /// Most bytes of metadata (and runs) a view holds.
 pub const MAX_METADATA: u64 = 64 << 20;
@@ -122,19 +121,6 @@ impl<D: BlockDevice> FlatView<D> {
         }
         Ok(())
     }
-}
-
-/// Whether any of the `sectors` from `sector` of `d` hold data.
-fn holds_data<D: BlockDevice>(d: &D, sector: u64, sectors: u64) -> Result<bool> {
-    let mut at = sector;
-    while at < sector + sectors {
-        let (s, n) = d.status(at)?;
-        if s == Status::Data {
-            return Ok(true);
-        }
-        at += n.max(1);
-    }
-    Ok(false)
 }
 
 fn too_large(bytes: u64) -> Qcow2Error {

@@ -10,7 +10,7 @@
 //!   freed only after that;
 //! - [`Refcounts::alloc`] sets refcounts in the cached block; the caller
 //!   writes them ([`Refcounts::sync`]) and flushes before anything points
-//!   at the clusters.
+//!   at the clusters (the same flush may cover the clusters' contents).
 //!
 //! So a crash leaks at most what was counted and not yet pointed at: the
 //! clusters of the allocation in progress, or during table growth the old

@@ -14,9 +14,10 @@
 //!   newer data;
 //! - the background split ([`Split::step`]): it claims up to `batch` holes
 //!   of one L2 table, reads their data from the chain, and gives each a new
-//!   cluster holding it, or a zero entry where the chain reads as zeros;
-//!   one flush for the batch's refcounts, one for its data, then the L2
-//!   entries ([`Qcow2Disk::materialize`]).
+//!   cluster holding it, or a zero entry where the chain reads as zeros
+//!   (known from its block status without reading); the batch's refcounts
+//!   and data are made durable by one flush, then the L2 entries are
+//!   written ([`Qcow2Disk::materialize`]).
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
@@ -37,6 +38,10 @@ use super::{Entry, Qcow2Disk, Result};
 use crate::backup::qcow2::{buffer, Qcow2Error};
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
 use crate::devices::block::{check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
+
+/// Most clusters one batch claims, as a multiple of its data clusters:
+/// holes over zeros cost an entry each, not a read or a write.
+pub const UNITS_PER_BATCH: u64 = 16;
 
 /// Where a split stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -192,16 +197,22 @@ where
         self.disk.read_at(offset, buf)
     }
 
-    /// Claims up to `batch` unclaimed clusters of one L2 table, from the
-    /// cursor on, wrapping once.
-    fn claim_batch(&self) -> Vec<Token> {
+    /// Claims unclaimed clusters of one L2 table from the cursor on
+    /// (wrapping once), until `batch` of them have data below or
+    /// [`UNITS_PER_BATCH`] times as many are claimed; each comes with
+    /// whether the chain holds data there (by its block status).
+    fn claim_batch(&self) -> Result<Vec<(Token, bool)>> {
         let g = self.disk.geometry();
         let n = self.engine.units();
-        let mut tokens = Vec::new();
+        let mut claimed = Vec::new();
         let start = self.cursor.load(Ordering::Relaxed) % n.max(1);
-        let mut scanned = 0;
+        let (mut scanned, mut with_data) = (0, 0);
         let mut table = None;
-        while scanned < n && (tokens.len() as u64) < self.batch {
+        let mut result = Ok(());
+        while scanned < n
+            && with_data < self.batch
+            && (claimed.len() as u64) < self.batch * UNITS_PER_BATCH
+        {
             let vc = (start + scanned) % n;
             if table.is_some_and(|t| t != vc / g.l2_entries) {
                 break;
@@ -212,32 +223,48 @@ where
             }
             if let Claim::Won(t) = self.engine.claim(vc) {
                 table = Some(vc / g.l2_entries);
-                tokens.push(t);
+                match self.disk.data_below(vc) {
+                    Ok(data) => {
+                        with_data += u64::from(data);
+                        claimed.push((t, data));
+                    }
+                    Err(e) => {
+                        self.engine.abandon(t);
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
         }
         self.cursor
             .store((start + scanned) % n.max(1), Ordering::Relaxed);
-        tokens
+        if let Err(e) = result {
+            for (t, _) in claimed {
+                self.engine.abandon(t);
+            }
+            return Err(e);
+        }
+        Ok(claimed)
     }
 
     /// One background batch; returns the clusters it settled (0: nothing
     /// left to claim).
     pub fn step(&self) -> Result<u64> {
-        let tokens = self.claim_batch();
-        if tokens.is_empty() {
+        let claimed = self.claim_batch()?;
+        if claimed.is_empty() {
             return Ok(0);
         }
-        match self.fill(&tokens) {
+        match self.fill(&claimed) {
             Ok(zeroed) => {
-                let n = tokens.len() as u64;
+                let n = claimed.len() as u64;
                 self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
-                for t in tokens {
+                for (t, _) in claimed {
                     self.engine.finish(t, Cause::Background);
                 }
                 Ok(n)
             }
             Err(e) => {
-                for t in tokens {
+                for (t, _) in claimed {
                     self.engine.abandon(t);
                 }
                 Err(e)
@@ -245,39 +272,41 @@ where
         }
     }
 
-    /// Copies the claimed holes from the chain; returns how many read as
-    /// zeros (and got zero entries).
-    fn fill(&self, tokens: &[Token]) -> Result<u64> {
+    /// Copies the claimed holes with data below from the chain (runs of
+    /// consecutive clusters in one read) and gives the others zero
+    /// entries; returns how many got zero entries.
+    fn fill(&self, claimed: &[(Token, bool)]) -> Result<u64> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
-        let mut data = buffer(g.cs * tokens.len() as u64, "split batch")?;
+        let with_data: Vec<u64> = claimed.iter().filter(|c| c.1).map(|c| c.0.unit()).collect();
+        let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
         let mut k = 0;
-        while k < tokens.len() {
-            // Read runs of consecutive clusters in one request.
+        while k < with_data.len() {
             let mut end = k + 1;
-            while end < tokens.len() && tokens[end].unit() == tokens[k].unit() + (end - k) as u64 {
+            while end < with_data.len() && with_data[end] == with_data[k] + (end - k) as u64 {
                 end += 1;
             }
-            let first = tokens[k].unit();
-            let last = tokens[end - 1].unit();
+            let (first, last) = (with_data[k], with_data[end - 1]);
             let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
             self.disk
                 .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
             k = end;
         }
+        let mut chunks = data.chunks(cs);
         let mut items = Vec::new();
         let mut zeroed = 0;
-        for (t, chunk) in tokens.iter().zip(data.chunks(cs)) {
-            let zero = chunk.iter().all(|&b| b == 0);
-            zeroed += u64::from(zero);
-            items.push((t.unit(), Entry::Hole, (!zero).then_some(chunk)));
+        for (t, below) in claimed {
+            let chunk = if *below { chunks.next() } else { None };
+            let content = chunk.filter(|c| c.iter().any(|&b| b != 0));
+            zeroed += u64::from(content.is_none());
+            items.push((t.unit(), Entry::Hole, content));
         }
         if !self.disk.materialize(&items)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
         }
-        let copied = (tokens.len() as u64 - zeroed) * g.cs;
+        let copied = (claimed.len() as u64 - zeroed) * g.cs;
         self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
         Ok(zeroed)
     }

@@ -4,7 +4,7 @@
 //! The L1 table is held whole (at most 32 MiB, QEMU's bound, checked by
 //! the header parser; allocated fallibly); L2 tables are cached
 //! [`CACHED_L2`] at a time and written through, a sector at a time. A new
-//! L2 table is counted (refcount durable), written zeroed and flushed
+//! L2 table is counted and written zeroed, both made durable by one flush,
 //! before the L1 entry names it.
 //!
 //! This module must never publish an entry pointing at a cluster whose
@@ -167,7 +167,6 @@ impl Tables {
         }
         let c = rc.alloc(dev, g)?;
         rc.sync(dev)?;
-        dev.flush()?;
         let zero = buffer(g.cs, "L2 table")?;
         write_bytes(dev, c * g.cs, &zero)?;
         dev.flush()?;
