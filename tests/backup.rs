@@ -383,7 +383,8 @@ fn unsupported_sources_are_refused_by_name() {
     let tape = dir.join("tape");
     // A clone with a backing file is backed up through its chain (see
     // the clone tests), no longer refused.
-    for (image, says) in [(&external, "unsupported qcow2 feature: external data file")] {
+    let (image, says) = (&external, "unsupported qcow2 feature: external data file");
+    {
         let err = plan_backup(image, &tape, &dir, MEM).unwrap_err();
         assert!(err.contains(says), "{err}");
         let scratch = dir.join("scratch.img");
