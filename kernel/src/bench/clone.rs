@@ -19,7 +19,7 @@ use crate::log;
 /// `bench-clone-split`: see the module docs.
 pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
     let num = |key, default| cmd.get(key).and_then(|s| s.parse().ok()).unwrap_or(default);
-    let share = num("share", 100);
+    let share = num("share", 50);
     let scratch = match crate::virtio::disk("scratch") {
         Ok(d) => d,
         Err(e) => {
