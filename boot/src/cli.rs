@@ -33,9 +33,15 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("--image-size SIZE", "its size (default 1G)"),
     ("--out FILE", "memsnap's core file; restore's output image; clone's new clone"),
     ("--base FILE", "clone's base image (qcow2 or raw; never written)"),
-    ("--workload", "clone-split: a seeded workload reads and writes the clone meanwhile"),
     ("--source FILE", "backup's source image (never written)"),
-    ("--tape FILE", "backup's medium (created) or restore's (read)"),
+    ("--tape FILE", "backup's or mirror's medium (created) or restore's (read)"),
+    ("--primary FILE", "mirror's primary volume (raw; the workload writes it)"),
+    ("--secondary FILE", "mirror's secondary volume; its state is kept in FILE.mirror"),
+    ("--via secondary|memory", "mirror: how the backup reads blocks the copier has not reached"),
+    (
+        "--workload on|off",
+        "mirror: a seeded write workload on the primary (default on); clone-split: a seeded read/write workload on the clone (default off)",
+    ),
     ("--format raw|qcow2", "restore's output format (default raw)"),
     (
         "--to-disk",
@@ -132,8 +138,10 @@ pub struct Args {
     pub format: Option<Format>,
     /// clone's base image.
     pub base: Option<PathBuf>,
-    /// clone-split: run the workload.
-    pub workload: bool,
+    /// mirror's primary and secondary images.
+    pub primary: Option<PathBuf>,
+    /// See `primary`.
+    pub secondary: Option<PathBuf>,
 }
 
 fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
@@ -181,9 +189,24 @@ fn option(
         "--out" => args.out = path(value())?,
         "--to-disk" => args.to_disk = true,
         "--base" => args.base = path(value())?,
-        "--workload" => args.workload = true,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
+        "--primary" => args.primary = path(value())?,
+        "--secondary" => args.secondary = path(value())?,
+        "--via" => {
+            let text = value()?;
+            if !matches!(text.as_str(), "secondary" | "memory") {
+                return Err(format!("--via {text}: want secondary or memory"));
+            }
+            args.cmdline.push(format!("via={text}"));
+        }
+        "--workload" => {
+            let text = value()?;
+            if !matches!(text.as_str(), "on" | "off") {
+                return Err(format!("--workload {text}: want on or off"));
+            }
+            args.cmdline.push(format!("workload={text}"));
+        }
         "--format" => {
             let text = value()?;
             let format =
@@ -244,7 +267,8 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         tape: None,
         format: None,
         base: None,
-        workload: false,
+        primary: None,
+        secondary: None,
     };
     let (mut positional, mut given, mut user_words) = (Vec::new(), Vec::new(), Vec::new());
     while let Some(word) = words.next() {
@@ -341,8 +365,8 @@ mod tests {
         );
         assert_eq!(err(&["clone", "--out", "c"]), "clone needs --base IMG");
         assert_eq!(
-            err(&["demo", "--workload"]),
-            "--workload is for clone-split"
+            err(&["demo", "--workload", "on"]),
+            "--workload is for mirror and clone-split"
         );
         assert_eq!(
             err(&["demo", "--to-disk"]),

@@ -16,6 +16,7 @@ pub mod clone;
 pub mod clonebench;
 pub mod corefile;
 pub mod ktest;
+pub mod mirror;
 pub mod qemu;
 pub mod report;
 pub mod timeline;

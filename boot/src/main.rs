@@ -112,7 +112,9 @@ fn show_line(line: &str, quiet: bool) {
         println!("{line}");
     }
     if let Ok(Some(record)) = snapshot::interface::trace::parse_line(line) {
-        if let Some(progress) = host_backup::progress_line(&record) {
+        let progress =
+            host_backup::progress_line(&record).or_else(|| boot::mirror::progress_line(&record));
+        if let Some(progress) = progress {
             // One line per stage, rewritten in place.
             let end = if record.u64("done") == record.u64("total") {
                 "\n"
@@ -149,6 +151,7 @@ struct Run {
     restore: Option<RestoreJob>,
     clone: Option<CloneJob>,
     split: Option<SplitJob>,
+    mirror: Option<boot::mirror::MirrorJob>,
     /// Where the host keeps its work files.
     work: PathBuf,
 }
@@ -165,6 +168,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         restore: None,
         clone: None,
         split: None,
+        mirror: None,
         work: work.clone(),
     };
     let blank = |image: &Path, size: u64| {
@@ -215,6 +219,20 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.disks.extend(job.disks.iter().cloned());
             run.restore = Some(job);
         }
+        (Scenario::Mirror, ..) => {
+            let (p, s, t) = (&args.primary, &args.secondary, &args.tape);
+            let (Some(p), Some(s), Some(t)) = (p, s, t) else {
+                return Err((2, "mirror needs --primary, --secondary and --tape".into()));
+            };
+            let job = boot::mirror::plan(p, s, t).map_err(refused)?;
+            eprintln!(
+                "mirror: controller disk {}; the tape will hold {} bytes",
+                job.control.display(),
+                job.medium_bytes
+            );
+            run.disks.extend(job.disks.iter().cloned());
+            run.mirror = Some(job);
+        }
         (Scenario::BenchBackup, ..) => {
             let disks = bench::prepare_backup_bench(&work.join("bench-backup"))
                 .map_err(|e| (1, format!("error: {e}")))?;
@@ -244,9 +262,6 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
                 image.display(),
                 job.chain.len()
             );
-            if args.workload {
-                run.cmdline.push("workload=on".into());
-            }
             run.disks.extend(job.disks.iter().cloned());
             run.split = Some(job);
         }
@@ -394,6 +409,12 @@ fn finish(
     };
     if let Some(job) = &run.backup {
         match host_backup::finish_backup(job, records, passed) {
+            Ok(n) => eprintln!("tape: {} ({n} bytes)", job.tape.display()),
+            Err(e) => fail(e),
+        }
+    }
+    if let Some(job) = &run.mirror {
+        match boot::mirror::finish(job, records, passed) {
             Ok(n) => eprintln!("tape: {} ({n} bytes)", job.tape.display()),
             Err(e) => fail(e),
         }

@@ -40,6 +40,7 @@ mod exceptions;
 mod ktest;
 mod log;
 mod memsnap;
+mod mirror;
 mod scenario;
 #[allow(unsafe_code)]
 mod scoped;

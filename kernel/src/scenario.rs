@@ -49,6 +49,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::Backup => crate::backup::backup_scenario(cmd),
         Scenario::Restore => crate::backup::restore_scenario(cmd),
         Scenario::BenchBackup => crate::bench::backup(cmd),
+        Scenario::Mirror => crate::mirror::mirror_scenario(cmd),
         Scenario::Clone => crate::clone::clone_scenario(cmd),
         Scenario::CloneSplit => crate::clone::split_scenario(cmd),
         Scenario::BenchCloneSplit => crate::bench::clone_split(cmd),

@@ -14,6 +14,9 @@
 //! - [`copyonce`]: the copy-once engine the live snapshot and the split
 //!   techniques share (copy each unit exactly once after an instant, by an
 //!   access or a background copier, and pace that copier);
+//! - [`mirror`]: the quick-split mirror (a mirrored pair's controller:
+//!   durable differential bitmap, split, copy before write, backup of the
+//!   split instant, resync);
 //! - [`devices`]: the block-device interface, PCI decoding, virtio and the
 //!   virtio-blk driver (with a fake device for tests);
 //! - [`backup`]: the qcow2 reader, the backup medium and the backup/restore
@@ -38,6 +41,7 @@ pub mod copyonce;
 pub mod devices;
 pub mod interface;
 pub mod memsnap;
+pub mod mirror;
 pub mod policy;
 pub mod qcow2;
 pub mod support;

@@ -404,6 +404,7 @@ proptest! {
             table1_runs: enc.runs,
             virtual_size: kinds.len() as u64 * cs,
             source_bytes: 200_000_000 * cs,
+            source: tape::SourceKind::Qcow2,
             table1_checksum: enc.checksum(),
             table2_checksum: 0,
         };

@@ -16,7 +16,8 @@
 use alloc::vec::Vec;
 
 use super::decode::Decoder;
-use super::engine::{changed, depth, zeroed, Error};
+use super::error::Error;
+use super::io::{changed, depth, zeroed};
 use super::qcow2::{Compressed, Header};
 use super::run::Run;
 use super::source::{Piece, Walk};

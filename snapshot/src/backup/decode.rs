@@ -1,5 +1,5 @@
-//! Decoding qcow2 compressed clusters: their descriptor ([`Compressed`])
-//! and their data, raw deflate (compression type 0)
+//! Decoding the data of qcow2 compressed clusters (whose descriptor is
+//! [`Compressed`]): raw deflate (compression type 0)
 //! with `miniz_oxide`, a zstd frame (type 1) with `ruzstd`.
 //!
 //! Memory is bounded by design: a compressed cluster decodes into exactly
@@ -23,70 +23,7 @@ use miniz_oxide::inflate::TINFLStatus;
 use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
 use ruzstd::io::Read;
 
-use super::qcow2::{invalid, Compression, Qcow2Error, COPIED, OFFSET_MASK_WIDE};
-
-/// Where a compressed cluster's data lies: `bytes` at byte `offset` of the
-/// file, at most two clusters; it decodes into exactly one cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Compressed {
-    /// First byte (not aligned to anything).
-    pub offset: u64,
-    /// Bytes from there to the end of the last 512-byte sector the
-    /// descriptor names; the stream may end before.
-    pub bytes: u64,
-}
-
-impl Compressed {
-    /// The sectors holding the data: `(first sector, sector count)`.
-    pub fn sectors(&self) -> (u64, u64) {
-        let first = self.offset / 512;
-        (first, (self.offset + self.bytes).div_ceil(512) - first)
-    }
-
-    /// Most bytes a descriptor names with clusters of `1 << cluster_bits`
-    /// (two clusters' worth of sectors): the input bound of a decoder.
-    pub fn max_bytes(cluster_bits: u32) -> u64 {
-        2 << cluster_bits
-    }
-
-    /// Decodes the descriptor of L2 entry `entry` (bit 62 set) with
-    /// clusters of `1 << cluster_bits`, in a file of `file_len` bytes; `at`
-    /// is the virtual offset, for messages.
-    pub(crate) fn decode(
-        entry: u64,
-        cluster_bits: u32,
-        file_len: u64,
-        at: u64,
-    ) -> Result<Self, Qcow2Error> {
-        if entry & COPIED != 0 {
-            return Err(invalid(format!(
-                "compressed cluster at virtual offset {at:#x} ({entry:#x}) has the COPIED flag set"
-            )));
-        }
-        let shift = 70 - cluster_bits;
-        let offset = entry & ((1 << shift) - 1);
-        let sectors = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1;
-        let c = Compressed {
-            offset,
-            bytes: sectors * 512 - offset % 512,
-        };
-        if offset & !OFFSET_MASK_WIDE != 0 || offset >> cluster_bits == 0 {
-            return Err(invalid(format!(
-                "compressed cluster at virtual offset {at:#x} has its data at {offset:#x}"
-            )));
-        }
-        // The last sector may run past the end of a file whose length is
-        // not a whole number of sectors; nothing more.
-        if offset + c.bytes > file_len.next_multiple_of(512) {
-            return Err(invalid(format!(
-                "the compressed data of virtual offset {at:#x} at {offset:#x} (+{:#x}) lies past \
-                 the end of the {file_len}-byte ({file_len:#x}) file",
-                c.bytes
-            )));
-        }
-        Ok(c)
-    }
-}
+use super::qcow2::{invalid, Compressed, Compression, Qcow2Error};
 
 /// A decoder of one image's compressed clusters, reused from cluster to
 /// cluster.

@@ -1,118 +1,21 @@
 //! The backup and restore engine; see the [subsystem docs](super).
 
-use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt;
 
 use super::copy::{copy_memory, Copier};
+pub use super::error::Error;
+use super::io::{changed, depth, need, windows, write_deep};
 use super::newimage::NewImage;
-use super::qcow2::{self, Qcow2Error};
+use super::qcow2;
 use super::run::Runs;
 use super::source::{self, Image};
 use super::table::{self, Encoder};
 use super::tape::{
-    self, checksum, Digest, ExtentHeader, Header, Layout, MediumError, Trailer, BLOCK, HEADER_BYTES,
+    self, checksum, Digest, ExtentHeader, Header, Layout, Trailer, BLOCK, HEADER_BYTES,
 };
-use crate::devices::block::{BlockDevice, BlockError, Op};
+use crate::devices::block::{BlockDevice, Op};
 
-/// Bytes moved per batch of requests, at most (less when memory is short).
-/// 16 MiB windows measured no faster under QEMU than 4 MiB ones.
-pub const WINDOW: u64 = 4 << 20;
-/// Requests in flight per batch.
-const DEPTH: usize = 32;
-
-/// Why a backup or restore stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// The source image cannot be read.
-    Source(Qcow2Error),
-    /// The source reads part of its data from a backing file, which the
-    /// backup cannot see.
-    Backing(String),
-    /// A disk failed.
-    Io(BlockError),
-    /// A disk is too small: which, and how many bytes the job needs.
-    TooSmall {
-        /// The disk's name.
-        disk: String,
-        /// Bytes needed.
-        need: u64,
-        /// Bytes it has.
-        have: u64,
-    },
-    /// The medium cannot be restored.
-    Medium(MediumError),
-    /// Not enough memory for the tables or a single transfer buffer.
-    NoMemory(u64),
-    /// The job needs more memory than the guest has free: refused
-    /// before it starts.
-    TooLittleMemory {
-        /// What would run: `backup` or `restore`.
-        job: &'static str,
-        /// Bytes it needs at least.
-        need: u64,
-        /// Bytes free.
-        have: u64,
-    },
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Source(e) => write!(f, "source: {e}"),
-            Error::Backing(name) => write!(
-                f,
-                "source: has a backing file ({name}); its unallocated clusters \
-                 read from there, which this backup cannot see (flatten it first: \
-                 qemu-img convert -O qcow2 SRC FLAT)"
-            ),
-            Error::Io(e) => write!(f, "{e}"),
-            Error::TooSmall { disk, need, have } => write!(
-                f,
-                "disk \"{disk}\" too small: needs {need} bytes, has {have}"
-            ),
-            Error::Medium(e) => write!(f, "{e}"),
-            Error::NoMemory(bytes) => write!(f, "out of memory for a {bytes}-byte buffer"),
-            Error::TooLittleMemory { job, need, have } => write!(
-                f,
-                "the {job} needs {need} bytes of kernel memory ({} MiB), the guest has {have} \
-                 ({} MiB) free; give it more memory (--mem)",
-                need.div_ceil(1 << 20),
-                have >> 20
-            ),
-        }
-    }
-}
-
-impl Error {
-    /// Whether the job refused its input (an image or medium it cannot
-    /// take, a disk too small) rather than failed while running (a disk
-    /// error, no memory).
-    pub fn is_refusal(&self) -> bool {
-        !matches!(
-            self,
-            Error::Io(_) | Error::NoMemory(_) | Error::Source(Qcow2Error::Io(_))
-        )
-    }
-}
-
-impl From<BlockError> for Error {
-    fn from(e: BlockError) -> Self {
-        Error::Io(e)
-    }
-}
-
-impl From<Qcow2Error> for Error {
-    fn from(e: Qcow2Error) -> Self {
-        Error::Source(e)
-    }
-}
-
-impl From<MediumError> for Error {
-    fn from(e: MediumError) -> Self {
-        Error::Medium(e)
-    }
-}
+pub use super::io::WINDOW;
 
 /// The stage a progress report belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,70 +150,6 @@ pub struct BackupSummary {
     pub extents: u64,
 }
 
-pub(super) fn need(disk: &dyn BlockDevice, bytes: u64) -> Result<(), Error> {
-    let have = disk.info().bytes();
-    if have < bytes {
-        return Err(Error::TooSmall {
-            disk: disk.info().name.clone(),
-            need: bytes,
-            have,
-        });
-    }
-    Ok(())
-}
-
-pub(super) fn depth(d: &dyn BlockDevice) -> usize {
-    d.info().max_depth.clamp(1, DEPTH)
-}
-
-/// A zeroed buffer of `len` bytes, or [`Error::NoMemory`].
-pub(super) fn zeroed(len: u64) -> Result<Vec<u8>, Error> {
-    crate::support::try_filled(len, 0).ok_or(Error::NoMemory(len))
-}
-
-/// A transfer buffer for up to [`WINDOW`] bytes in whole `unit`s, and no
-/// more than `wanted` units: as many as fit, halving when memory is short;
-/// `(buffer, units)`.
-pub(super) fn window(unit: u64, wanted: u64) -> Result<(Vec<u8>, u64), Error> {
-    let ([buf], units) = windows([unit], wanted)?;
-    Ok((buf, units))
-}
-
-/// [`window`] for buffers of as many units of each size in `units` (the
-/// first, the largest, sets the count).
-fn windows<const N: usize>(units: [u64; N], wanted: u64) -> Result<([Vec<u8>; N], u64), Error> {
-    let mut count = (WINDOW / units[0]).clamp(1, wanted.max(1));
-    loop {
-        let mut bufs = Vec::with_capacity(N);
-        for unit in units {
-            match zeroed(count * unit) {
-                Ok(buf) => bufs.push(buf),
-                Err(e) if count == 1 => return Err(e),
-                Err(_) => break,
-            }
-        }
-        if let Ok(bufs) = bufs.try_into() {
-            return Ok((bufs, count));
-        }
-        count /= 2;
-    }
-}
-
-/// Writes `buf` at `sector` with the device's pieces of it in flight
-/// together (a plain `write` sends them one at a time).
-pub(super) fn write_deep(d: &dyn BlockDevice, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
-    d.transfer(&mut [Op::Write { sector, buf }], depth(d))
-}
-
-/// Reads into `buf` from `sector`, the pieces in flight together.
-pub(super) fn read_deep(
-    d: &dyn BlockDevice,
-    sector: u64,
-    buf: &mut [u8],
-) -> Result<(), BlockError> {
-    d.transfer(&mut [Op::Read { sector, buf }], depth(d))
-}
-
 /// Runs two jobs and returns when both are done: at the same time where
 /// the platform can (the kernel runs one on a second thread), else one
 /// after the other ([`InTurn`]).
@@ -362,13 +201,6 @@ pub fn backup_overlapped(
         table1_runs: plan.table1_runs,
         extents: plan.layout.extents(),
     })
-}
-
-/// The walk found other tables than the plan did: the image changed.
-pub(super) fn changed() -> Error {
-    Error::Source(Qcow2Error::Invalid(
-        "the image changed while it was read".into(),
-    ))
 }
 
 /// Writes table 1 to the tape from `HEADER_BYTES` on, walking the source
@@ -431,6 +263,7 @@ fn pump(
         table1_runs: plan.table1_runs,
         virtual_size: plan.image.header.virtual_size,
         source_bytes: plan.image.file_len,
+        source: tape::SourceKind::Qcow2,
         table1_checksum: plan.table1_checksum,
         table2_checksum: checksum(&[]),
     }

@@ -16,7 +16,7 @@
 //!    area extent by extent (where table 3 says) and a trailer go to the
 //!    medium in one sequential pass, followed by a flush.
 //!
-//! [`restore`] reads the medium front to back, checks every checksum and
+//! [`restore`](fn@restore) reads the medium front to back, checks every checksum and
 //! table, and writes a raw image or a fresh qcow2 image.
 //!
 //! Memory is bounded by design: no table is ever held whole, only
@@ -34,11 +34,14 @@
 //! The subsystem's parts: [`qcow2`] decodes qcow2 headers and entries,
 //! [`source`] walks and checks a source image, [`newimage`] lays out and
 //! writes a new qcow2 image, [`tape`] is the medium's frame, [`table`]
-//! its tables, [`engine`] and [`restore`](mod@restore) run the steps.
+//! its tables, [`engine`] and [`restore`](mod@restore) run the steps;
+//! [`volume`] streams a raw volume whole (the mirror's backup).
 
 pub mod copy;
 pub mod decode;
 pub mod engine;
+pub mod error;
+mod io;
 pub mod newimage;
 pub mod qcow2;
 pub mod restore;
@@ -46,6 +49,7 @@ pub mod run;
 pub mod source;
 pub mod table;
 pub mod tape;
+pub mod volume;
 
 pub use engine::{
     backup, backup_memory, backup_overlapped, guest_heap_bytes, restore_memory, BackupSummary,

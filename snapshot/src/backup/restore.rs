@@ -10,7 +10,9 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::vec;
 
-use super::engine::{need, read_deep, window, write_deep, Error, Progress, Stage};
+use super::engine::{Progress, Stage};
+use super::error::Error;
+use super::io::{need, read_deep, window, write_deep};
 use super::newimage::{L2Count, NewImage};
 use super::run::{CopyRuns, Run, Runs};
 use super::table::{same_mapping, V1Table1, V1Table2, V2Table1};
@@ -308,7 +310,7 @@ pub fn restore(
                 )?,
             }
         }
-        out.transfer(&mut ops, super::engine::depth(out))?;
+        out.transfer(&mut ops, super::io::depth(out))?;
         k += n;
         let (first, len, _) = l.extent(k - 1);
         progress(Stage::Restore, (first + len) * cs, total);

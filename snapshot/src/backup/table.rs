@@ -22,10 +22,10 @@ use core::hash::Hasher;
 
 use twox_hash::XxHash64;
 
-use super::engine::Error;
+use super::error::Error;
 use super::qcow2::{self, Cluster};
 use super::run::{Joiner, Run, Runs};
-use super::tape::{Header, MediumError};
+use super::tape::{Header, MediumError, SourceKind};
 use crate::devices::block::{read_bytes, BlockDevice};
 
 /// Bytes of a table section read at a time.
@@ -181,6 +181,9 @@ pub struct V2Table1<'t> {
     host_end: u64,
     runs_left: u64,
     clusters_left: u64,
+    /// Host cluster 0 is a qcow2 image's header, never data; a raw
+    /// volume's cluster 0 is data like any other.
+    first_host: u64,
 }
 
 impl<'t> V2Table1<'t> {
@@ -195,6 +198,10 @@ impl<'t> V2Table1<'t> {
             host_end: 0,
             runs_left: header.table1_runs,
             clusters_left: l.data_clusters,
+            first_host: match header.source {
+                SourceKind::Qcow2 => 1,
+                SourceKind::RawVolume => 0,
+            },
         })
     }
 }
@@ -228,7 +235,7 @@ impl Runs<Error> for V2Table1<'_> {
         let host_ok =
             r.to.checked_add(r.len)
                 .is_some_and(|e| e <= self.host_clusters);
-        if !vc_ok || !host_ok || r.to == 0 || r.len > self.clusters_left {
+        if !vc_ok || !host_ok || r.to < self.first_host || r.len > self.clusters_left {
             return Err(bad(
                 "1",
                 &format!("run {r:?} lies outside the disk or the source"),

@@ -187,6 +187,26 @@ impl Layout {
     }
 }
 
+/// What a medium holds: a qcow2 image's data (table 1's host clusters
+/// are clusters of the image file, cluster 0 being its header), or a raw
+/// volume (every cluster of the volume, table 1 mapping each to itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A qcow2 image (0 on the medium; what media without the field hold).
+    Qcow2,
+    /// A raw volume, streamed whole (1 on the medium).
+    RawVolume,
+}
+
+impl SourceKind {
+    fn code(self) -> u32 {
+        match self {
+            SourceKind::Qcow2 => 0,
+            SourceKind::RawVolume => 1,
+        }
+    }
+}
+
 /// The header: the layout and what the stream describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -201,6 +221,8 @@ pub struct Header {
     pub virtual_size: u64,
     /// The source file's length in bytes (table 1's offsets lie below it).
     pub source_bytes: u64,
+    /// What the source was.
+    pub source: SourceKind,
     /// Checksum of the table 1 section.
     pub table1_checksum: u64,
     /// Checksum of the table 2 section.
@@ -230,6 +252,7 @@ impl Header {
         put64(&mut b, 104, l.stream_bytes());
         put64(&mut b, 112, self.source_bytes);
         put64(&mut b, 120, self.table1_runs);
+        put32(&mut b, 128, self.source.code());
         let sum = checksum(&b[..4088]);
         put64(&mut b, 4088, sum);
         b
@@ -256,8 +279,18 @@ impl Header {
                 "cluster_bits {cluster_bits}"
             )));
         }
+        let source = match le32(b, 128) {
+            0 => SourceKind::Qcow2,
+            1 if version >= 2 => SourceKind::RawVolume,
+            other => {
+                return Err(MediumError::Inconsistent(format!(
+                    "source kind {other} (0 is a qcow2 image, 1 a raw volume)"
+                )))
+            }
+        };
         let header = Header {
             version,
+            source,
             table1_runs: if version == 1 { 0 } else { le64(b, 120) },
             layout: Layout {
                 cluster_bits,

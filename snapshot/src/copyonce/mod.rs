@@ -165,6 +165,17 @@ where
         }
     }
 
+    /// Every unit back to not copied and the counters to zero, for the
+    /// next instant: what [`Self::new`] does, on the same storage. The
+    /// caller guarantees nobody claims, copies or waits meanwhile (no
+    /// instant is in progress); a claim racing a reset could be lost.
+    pub fn reset(&self) {
+        for word in &self.words.as_ref()[..words_for(self.units)] {
+            word.store(0, Ordering::Release);
+        }
+        self.counters.reset();
+    }
+
     /// Units covered.
     pub fn units(&self) -> u64 {
         self.units

@@ -83,6 +83,14 @@ fn claim_walks_the_three_states() {
     assert_eq!((e.count(), e.completed()), (1, 1));
     assert_eq!(e.stats()[Cause::Abandoned], 1);
     assert!(!e.is_complete());
+    e.reset();
+    assert_eq!(
+        e.state(33),
+        State::NotCopied,
+        "a reset starts a new instant"
+    );
+    assert_eq!((e.count(), e.completed()), (0, 0));
+    assert_eq!(e.stats(), Default::default());
 }
 
 #[test]

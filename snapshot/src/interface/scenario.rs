@@ -39,6 +39,9 @@ pub enum Scenario {
     Restore,
     /// The backup benchmark.
     BenchBackup,
+    /// A mirrored pair: pair, split under a workload, back up the split
+    /// instant during the copy, resync.
+    Mirror,
     /// A new, empty qcow2 clone over a read-only base, served writable.
     Clone,
     /// Fill a clone's holes from its backing chain while a workload runs,
@@ -219,6 +222,24 @@ pub const ALL: &[Description] = &[
         ends_with: None,
     },
     Description {
+        scenario: Scenario::Mirror,
+        name: "mirror",
+        argument: None,
+        options: &[
+            opt("--primary", "P", true),
+            opt("--secondary", "S", true),
+            opt("--tape", "FILE", true),
+            opt("--via", "MODE", false),
+            opt("--workload", "on|off", false),
+        ],
+        params: &["primary=primary", "secondary=secondary", "control=control", "tape=tape", "via=secondary", "workload=on", "verify=on", "seed=1"],
+        help: "pair (resync), split under a write workload, back up the split instant during the copy to FILE, resync",
+        mem_mib: BACKUP_MEM,
+        benchmark: false,
+        emits: &["mirror.opened", "mirror.progress", "mirror.split", "mirror.backup", "mirror.done", FAILED, REFUSED],
+        ends_with: Some("mirror.done"),
+    },
+    Description {
         scenario: Scenario::Clone,
         name: "clone",
         argument: None,
@@ -234,7 +255,7 @@ pub const ALL: &[Description] = &[
         scenario: Scenario::CloneSplit,
         name: "clone-split",
         argument: None,
-        options: &[opt("--image", "CLONE.qcow2", true), opt("--workload", "", false)],
+        options: &[opt("--image", "CLONE.qcow2", true), opt("--workload", "on|off", false)],
         params: &["clone=clone", "share=50", "workload=off", "seed=0xc10e"],
         help: "fill a clone's holes from its backing chain (read-only) while it serves I/O, then drop the backing file",
         mem_mib: BACKUP_MEM,

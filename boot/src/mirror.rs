@@ -1,0 +1,145 @@
+//! Host side of `mirror`: checks the pair before booting (the same file
+//! twice, a secondary smaller than the primary, a primary the host may not
+//! write), creates the controller disk beside the secondary on first use
+//! (`S.img.mirror`, kept: it is the pair's durable state, and a later run
+//! resumes from it) and the tape at the stream's length, and removes a
+//! tape whose backup did not complete.
+
+use std::path::{Path, PathBuf};
+
+use snapshot::backup::volume::VolumeStream;
+use snapshot::interface::trace::Record;
+use snapshot::mirror::{Geometry, Options};
+
+use crate::qemu::Disk;
+
+/// A mirror run about to start.
+#[derive(Debug)]
+pub struct MirrorJob {
+    /// Primary, secondary, controller disk, tape.
+    pub disks: Vec<Disk>,
+    /// The tape file.
+    pub tape: PathBuf,
+    /// The stream's length.
+    pub medium_bytes: u64,
+    /// The controller disk.
+    pub control: PathBuf,
+}
+
+fn len(path: &Path, what: &str) -> Result<u64, String> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The controller disk kept beside `secondary`.
+pub fn control_path(secondary: &Path) -> PathBuf {
+    let mut name = secondary.as_os_str().to_owned();
+    name.push(".mirror");
+    PathBuf::from(name)
+}
+
+/// Checks the pair and prepares the controller disk and the tape.
+pub fn plan(primary: &Path, secondary: &Path, tape: &Path) -> Result<MirrorJob, String> {
+    if same(primary, secondary) {
+        return Err(format!(
+            "--primary and --secondary are the same file ({}); a mirror needs two",
+            primary.display()
+        ));
+    }
+    for (other, what) in [(primary, "--primary"), (secondary, "--secondary")] {
+        if same(tape, other) {
+            return Err(format!(
+                "--tape names the {what} image; it would be overwritten"
+            ));
+        }
+    }
+    let (p, s) = (len(primary, "--primary")?, len(secondary, "--secondary")?);
+    if p % 512 != 0 || p == 0 {
+        return Err(format!(
+            "--primary {}: {p} bytes, not a whole number of 512-byte sectors",
+            primary.display()
+        ));
+    }
+    if s < p {
+        return Err(format!(
+            "the secondary ({s} bytes) is smaller than the primary ({p} bytes)"
+        ));
+    }
+    for (path, what) in [(primary, "--primary"), (secondary, "--secondary")] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{what} {}: {e}; the mirror writes it", path.display()))?;
+    }
+    let geo = Geometry {
+        block_bytes: Options::default().block_bytes,
+        volume_bytes: p,
+    };
+    let control = control_path(secondary);
+    if !control.exists() {
+        crate::bench::make_blank_image(&control, geo.control_bytes())
+            .map_err(|e| format!("{}: {e}", control.display()))?;
+    }
+    let medium_bytes = VolumeStream::medium_bytes(p, geo.block_bits());
+    crate::bench::make_blank_image(tape, medium_bytes)
+        .map_err(|e| format!("{}: {e}", tape.display()))?;
+    Ok(MirrorJob {
+        disks: vec![
+            Disk::new(primary, "primary"),
+            Disk::new(secondary, "secondary"),
+            Disk::new(&control, "control"),
+            Disk::new(tape, "tape"),
+        ],
+        tape: tape.to_path_buf(),
+        medium_bytes,
+        control,
+    })
+}
+
+/// After the kernel ran: the tape holds a whole stream, or is removed.
+pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
+    let done = records.iter().rfind(|r| r.event == "mirror.done");
+    match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
+        (true, Some(n)) if n == job.medium_bytes => Ok(n),
+        (true, Some(n)) => Err(format!(
+            "the kernel wrote a {n}-byte stream, the host expected {}",
+            job.medium_bytes
+        )),
+        _ => {
+            let _ = std::fs::remove_file(&job.tape);
+            Err(format!(
+                "the mirror run did not complete; {} removed (the pair's state stays in {})",
+                job.tape.display(),
+                job.control.display()
+            ))
+        }
+    }
+}
+
+/// A progress line for a `mirror.progress` record, if it is one.
+pub fn progress_line(record: &Record<'_>) -> Option<String> {
+    if record.event != "mirror.progress" {
+        return None;
+    }
+    let stage = format!("{}", record.get("stage")?);
+    let (done, total) = (record.u64("done")?, record.u64("total")?);
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
+    let what = match stage.as_str() {
+        "pair" => "bringing the secondary in sync (blocks)",
+        _ => "backing up the split instant (MiB)",
+    };
+    let (d, t) = if stage == "pair" {
+        (done, total)
+    } else {
+        (done >> 20, total >> 20)
+    };
+    Some(format!("{what}: {pct:>3}% ({d} of {t})"))
+}

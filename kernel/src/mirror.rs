@@ -1,0 +1,315 @@
+//! The quick-split mirror on virtio-blk disks: the kernel's thin layer
+//! over [`snapshot::mirror`], with the requesters as kernel threads.
+//!
+//! | disk (default name) | what |
+//! |---|---|
+//! | `primary` | the volume the workload thread (the first server) writes |
+//! | `secondary` | its mirror, which the backup reads |
+//! | `control` | the controller disk: superblock and bitmaps |
+//! | `tape` | the backup medium, a raw volume stream |
+//!
+//! `mirror` opens the pair (resuming whatever the controller disk holds),
+//! pumps it in sync, runs a seeded write workload (`workload=on`), splits,
+//! backs the split instant up (`via=secondary|memory`) while a copier
+//! thread copies and the workload keeps writing, then resyncs. With
+//! `verify=on` the split takes per-block hashes of the primary
+//! stop-the-world at the instant, and the tape is read back and compared
+//! with them. Progress goes out as `mirror.progress stage=... done total`.
+//!
+//! This module must never write the primary except through the mirror.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use snapshot::backup::tape::{Header, BLOCK, HEADER_BYTES};
+use snapshot::devices::block::BlockDevice;
+use snapshot::interface::cmdline::CmdLine;
+use snapshot::memsnap::page_hash;
+use snapshot::mirror::{BackupJob, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via};
+use snapshot::support::rng::Rng;
+
+use crate::arch::qemu::ExitCode;
+use crate::trace::job_failed;
+use crate::trace::Word;
+use crate::{clock, log, thread, virtio};
+
+/// Blocks a pump or copier step moves at most.
+pub const BATCH: u64 = 16;
+
+/// Opens the pair on the disks the command line names.
+pub fn open(cmd: &CmdLine<'_>, opts: Options) -> Result<(Arc<Mirror>, Opened), Error> {
+    let name = |key: &'static str| cmd.get(key).unwrap_or(key);
+    let disk = |key| virtio::disk(name(key)).map_err(|e| input(alloc::format!("{e}")));
+    let disks = Disks {
+        primary: disk("primary")?,
+        secondary: disk("secondary")?,
+        control: disk("control")?,
+    };
+    let (m, opened) = Mirror::open(disks, opts, thread::yield_now)?;
+    Ok((Arc::new(m), opened))
+}
+
+/// Reports `stage` progress at most every 5 %.
+pub struct Progress {
+    last: Option<(&'static str, u64)>,
+}
+
+impl Progress {
+    /// No report yet.
+    pub fn new() -> Self {
+        Progress { last: None }
+    }
+
+    /// `done` of `total` in `stage`.
+    pub fn report(&mut self, stage: &'static str, done: u64, total: u64) {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let due = match self.last {
+            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
+            _ => true,
+        };
+        if due {
+            crate::trace!(
+                "mirror.progress",
+                stage = Word(stage),
+                done = done,
+                total = total
+            );
+            crate::trace::flush();
+            self.last = Some((stage, pct));
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pumps until the secondary is in sync; returns the blocks copied.
+pub fn pump_all(m: &Mirror, progress: &mut Progress) -> Result<u64, Error> {
+    let total = m.status().marked;
+    let mut done = 0;
+    progress.report("pair", 0, total);
+    loop {
+        let n = m.pump(BATCH)?;
+        if n == 0 && m.status().marked == 0 {
+            progress.report("pair", total, total);
+            return Ok(done);
+        }
+        done += n;
+        progress.report("pair", done.min(total), total);
+        if n == 0 {
+            thread::yield_now();
+        }
+    }
+}
+
+/// A seeded workload writing `ops` 4 KiB writes (forever if `None`, until
+/// `stop`) at random places of the primary; returns write latencies in
+/// ns if `record`.
+pub fn workload(
+    m: &Mirror,
+    seed: u64,
+    ops: Option<u64>,
+    stop: &AtomicBool,
+    record: bool,
+) -> Result<Vec<u64>, Error> {
+    let mut rng = Rng::new(seed);
+    let sectors = m.geometry().volume_bytes / 512;
+    let mut buf = alloc::vec![0u8; 4096];
+    let mut lat = Vec::new();
+    let mut i = 0;
+    while ops.is_none_or(|n| i < n) && !stop.load(Ordering::Relaxed) {
+        let at = rng.below(sectors.saturating_sub(8).max(1)) & !7;
+        snapshot::devices::block::fill_pattern(seed.wrapping_add(i), at, &mut buf);
+        let t0 = clock::now_ns();
+        m.write(at, &buf)?;
+        if record && lat.len() < 1 << 20 {
+            lat.push(clock::now_ns() - t0);
+        }
+        i += 1;
+    }
+    Ok(lat)
+}
+
+/// Runs the copier until the instant is wholly on the secondary or
+/// `stop`; returns the blocks it copied.
+pub fn copier(m: &Mirror, stop: &AtomicBool) -> Result<u64, Error> {
+    let mut copied = 0;
+    while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
+        let n = m.copy(BATCH)?;
+        copied += n;
+        if n == 0 {
+            thread::yield_now();
+        }
+    }
+    Ok(copied)
+}
+
+/// Backs the split instant up to `tape`; returns the summary.
+pub fn backup(
+    m: &Mirror,
+    tape: &dyn BlockDevice,
+    via: Via,
+    progress: &mut Progress,
+) -> Result<snapshot::mirror::BackupSummary, Error> {
+    let mut job = BackupJob::start(m, tape, via)?;
+    while let Some((done, total)) = job.step()? {
+        progress.report("backup", done, total);
+    }
+    job.finish()
+}
+
+/// Per-block hashes of the primary, read directly: the stop-the-world
+/// reference of a verify run.
+pub fn reference(m: &Mirror) -> Result<Vec<u64>, Error> {
+    let geo = m.geometry();
+    let mut buf = alloc::vec![0u8; geo.block_bytes as usize];
+    let mut out = Vec::with_capacity(geo.blocks() as usize);
+    for b in 0..geo.blocks() {
+        let (sector, len) = geo.extent(b);
+        buf.fill(0);
+        m.disks()
+            .primary
+            .read(sector, &mut buf[..len])
+            .map_err(Error::Io)?;
+        out.push(hash(&buf));
+    }
+    Ok(out)
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let words: Vec<u64> = bytes
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    page_hash(&words)
+}
+
+/// Reads the tape back, extent by extent as its header lays them out,
+/// and counts the blocks whose hash differs from `reference`.
+pub fn mismatched(tape: &dyn BlockDevice, reference: &[u64]) -> Result<u64, Error> {
+    let mut head = alloc::vec![0u8; HEADER_BYTES as usize];
+    tape.read(0, &mut head).map_err(Error::Io)?;
+    let header = Header::decode(&head).map_err(|e| Error::Medium(alloc::format!("{e}")))?;
+    let l = header.layout;
+    let cs = l.cluster_size() as usize;
+    let mut bad = 0;
+    let mut buf = alloc::vec![0u8; cs * l.extent_clusters() as usize];
+    for k in 0..l.extents() {
+        let (first, len, at) = l.extent(k);
+        let data = &mut buf[..cs * len as usize];
+        tape.read((at + BLOCK) / 512, data).map_err(Error::Io)?;
+        for (i, block) in data.chunks(cs).enumerate() {
+            let b = first as usize + i;
+            bad += u64::from(reference.get(b) != Some(&hash(block)));
+        }
+    }
+    Ok(bad + (reference.len() as u64).saturating_sub(l.data_clusters))
+}
+
+/// `mirror`: the whole cycle; see the module docs.
+pub fn mirror_scenario(cmd: &CmdLine<'_>) -> ExitCode {
+    match run(cmd) {
+        Ok(()) => ExitCode::Success,
+        Err(e) => job_failed("mirror", e.is_refusal(), &e),
+    }
+}
+
+fn word<'a>(cmd: &CmdLine<'a>, key: &str, default: &'a str) -> &'a str {
+    cmd.get(key).unwrap_or(default)
+}
+
+fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
+    let bad = input;
+    let via = Via::parse(word(cmd, "via", "secondary"))
+        .ok_or_else(|| bad("via= wants secondary or memory".into()))?;
+    let workload_on = word(cmd, "workload", "on") == "on";
+    let verify = word(cmd, "verify", "on") == "on";
+    let seed: u64 = word(cmd, "seed", "1").parse().unwrap_or(1);
+    let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
+    let (m, opened) = open(cmd, Options::default())?;
+    let pending_split = matches!(opened, Opened::Split { .. });
+    log!("mirror: opened {opened:?}; {:?}", m.geometry());
+    crate::trace!("mirror.opened", resumed_split = u64::from(pending_split));
+    let mut progress = Progress::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = None;
+    let mut reference_hashes = None;
+    if !pending_split {
+        if m.status().broken.is_some() {
+            m.resync()?;
+        }
+        pump_all(&m, &mut progress)?;
+        if workload_on {
+            workload(&m, seed, Some(256), &stop, false)?;
+            let (m2, stop2) = (m.clone(), stop.clone());
+            writer = Some(thread::spawn("mirror-workload", move || {
+                workload(&m2, seed + 1, None, &stop2, false)
+            }));
+        }
+        let mut hashes = Ok(Vec::new());
+        let t0 = clock::now_ns();
+        let ack = m.split_with(&mut || {
+            if verify {
+                hashes = reference(&m);
+            }
+        })?;
+        let ack_ns = clock::now_ns() - t0;
+        reference_hashes = verify.then_some(hashes?);
+        log!("mirror: split acknowledged, {} blocks to copy", ack.pending);
+        crate::trace!("mirror.split", pending = ack.pending, ack_ns = ack_ns);
+    } else if verify {
+        log!("mirror: resuming a pending split; no reference of its instant (verify skipped)");
+    }
+    let (m2, stop2) = (m.clone(), stop.clone());
+    let copier_thread = thread::spawn("mirror-copier", move || copier(&m2, &stop2));
+    let t0 = clock::now_ns();
+    let summary = backup(&m, &*tape, via, &mut progress);
+    let backup_ns = clock::now_ns() - t0;
+    let copied = copier_thread.join();
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.map(|w| w.join()).transpose()?;
+    let (summary, copied) = (summary?, copied?);
+    let bad_blocks = match &reference_hashes {
+        Some(r) => mismatched(&*tape, r)?,
+        None => 0,
+    };
+    let marked = m.resync()?;
+    pump_all(&m, &mut progress)?;
+    let status = m.status();
+    log!(
+        "mirror: backup via {} of {} bytes in {} ms ({} blocks on demand, {} by the copier); resync copied {} blocks; {} mismatched blocks",
+        via.name(), summary.volume_bytes, backup_ns / 1_000_000, summary.on_demand, copied, marked, bad_blocks
+    );
+    let _ = written;
+    crate::trace!(
+        "mirror.backup",
+        medium_bytes = summary.medium_bytes,
+        on_demand = summary.on_demand,
+        copier_blocks = copied,
+        mismatched_blocks = bad_blocks,
+        verified = u64::from(reference_hashes.is_some()),
+        backup_ns = backup_ns
+    );
+    crate::trace!(
+        "mirror.done",
+        medium_bytes = summary.medium_bytes,
+        resync_bytes = marked * m.geometry().block_bytes,
+        in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
+    );
+    crate::trace::flush();
+    if bad_blocks > 0 {
+        return Err(Error::Medium(alloc::format!(
+            "{bad_blocks} blocks differ from the split instant"
+        )));
+    }
+    Ok(())
+}
+
+/// A refusal of bad input.
+fn input(why: alloc::string::String) -> Error {
+    Error::Refused(Refusal::Input(why))
+}

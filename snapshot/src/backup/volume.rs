@@ -1,0 +1,218 @@
+//! A raw volume streamed whole to a medium, one extent at a time, in
+//! volume order: what a backup of a split mirror writes (source kind
+//! [`SourceKind::RawVolume`] in `docs/backup-medium.md`). The caller
+//! fills each extent's data, from wherever it has it (a disk, memory);
+//! this module lays out the header, table 1 (one run), the extent headers
+//! and the trailer, so that [`super::restore`] brings the volume back.
+//!
+//! Memory: the caller owns the one extent buffer ([`VolumeStream::buffer`]).
+//! This module must never read the volume itself, and writes the medium
+//! only sequentially, from its start.
+
+use alloc::vec::Vec;
+
+use super::error::Error;
+use super::io::{need, write_deep, zeroed};
+use super::run::Run;
+use super::table::Encoder;
+use super::tape::{
+    self, checksum, Digest, ExtentHeader, Header, Layout, SourceKind, Trailer, BLOCK, HEADER_BYTES,
+};
+use crate::devices::block::BlockDevice;
+
+/// A medium being written from a raw volume.
+pub struct VolumeStream<'t> {
+    tape: &'t dyn BlockDevice,
+    layout: Layout,
+    header_checksum: u64,
+    written: u64,
+    next: u64,
+    digest: Digest,
+}
+
+impl core::fmt::Debug for VolumeStream<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VolumeStream")
+            .field("tape", &self.tape.info().name)
+            .field("layout", &self.layout)
+            .field("written", &self.written)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl<'t> VolumeStream<'t> {
+    /// The layout of a medium for a volume of `volume_bytes` in clusters
+    /// of `1 << cluster_bits` bytes, with its table 1 as encoded (its
+    /// bytes, runs and checksum).
+    fn plan(volume_bytes: u64, cluster_bits: u32) -> (Layout, Vec<u8>, Encoder) {
+        let clusters = volume_bytes.div_ceil(1 << cluster_bits);
+        let mut enc = Encoder::default();
+        let mut table = Vec::new();
+        if clusters > 0 {
+            let run = Run {
+                from: 0,
+                to: 0,
+                len: clusters,
+            };
+            enc.push(&run, &mut |b| table.extend_from_slice(b));
+        }
+        let layout = Layout {
+            cluster_bits,
+            data_clusters: clusters,
+            table1_bytes: enc.bytes,
+            table2_runs: 0,
+        };
+        (layout, table, enc)
+    }
+
+    /// Bytes of medium a volume of `volume_bytes` in clusters of
+    /// `1 << cluster_bits` takes.
+    pub fn medium_bytes(volume_bytes: u64, cluster_bits: u32) -> u64 {
+        Self::plan(volume_bytes, cluster_bits).0.stream_bytes()
+    }
+
+    /// Checks the tape holds the whole stream, then writes the header and
+    /// table 1. `cluster_bits` is the medium's cluster (a mirror block),
+    /// 9 to 21.
+    pub fn start(
+        tape: &'t dyn BlockDevice,
+        volume_bytes: u64,
+        cluster_bits: u32,
+    ) -> Result<Self, Error> {
+        let (layout, table, enc) = Self::plan(volume_bytes, cluster_bits);
+        need(tape, layout.stream_bytes())?;
+        let header = Header {
+            version: tape::VERSION,
+            layout,
+            table1_runs: enc.runs,
+            virtual_size: volume_bytes,
+            source_bytes: volume_bytes,
+            source: SourceKind::RawVolume,
+            table1_checksum: enc.checksum(),
+            table2_checksum: checksum(&[]),
+        };
+        let mut front = header.encode();
+        front.extend_from_slice(&table);
+        front.resize(layout.data_offset() as usize, 0);
+        write_deep(tape, 0, &front)?;
+        let header_checksum = u64::from_le_bytes(front[4088..4096].try_into().expect("8 bytes"));
+        debug_assert!(front.len() as u64 >= HEADER_BYTES);
+        Ok(VolumeStream {
+            tape,
+            layout,
+            header_checksum,
+            written: layout.data_offset(),
+            next: 0,
+            digest: Digest::default(),
+        })
+    }
+
+    /// The medium's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Clusters per extent: how many the caller fills at a time.
+    pub fn extent_clusters(&self) -> u64 {
+        self.layout.extent_clusters()
+    }
+
+    /// The next extent to write as `(first cluster, clusters)`, or `None`
+    /// once all are written.
+    pub fn next_extent(&self) -> Option<(u64, u64)> {
+        (self.next < self.layout.extents()).then(|| {
+            let (first, len, _) = self.layout.extent(self.next);
+            (first, len)
+        })
+    }
+
+    /// A buffer for one extent: [`BLOCK`] bytes for its header, then the
+    /// data of a full extent.
+    pub fn buffer(&self) -> Result<Vec<u8>, Error> {
+        zeroed(BLOCK + self.extent_clusters() * self.layout.cluster_size())
+    }
+
+    /// Writes the next extent, whose data the caller put in `buf` after
+    /// the first [`BLOCK`] bytes (the clusters [`Self::next_extent`]
+    /// names, in order); returns the bytes of data streamed so far.
+    pub fn put(&mut self, buf: &mut [u8]) -> Result<u64, Error> {
+        let (first, len) = self.next_extent().expect("an extent left to write");
+        let cs = self.layout.cluster_size();
+        let end = (BLOCK + len * cs) as usize;
+        let (head, data) = buf[..end].split_at_mut(BLOCK as usize);
+        let sum = checksum(data);
+        self.digest.add(sum);
+        ExtentHeader {
+            index: self.next,
+            first,
+            clusters: len,
+            data_at: self.written + BLOCK,
+            data_checksum: sum,
+        }
+        .encode_into(head);
+        write_deep(self.tape, self.written / 512, &buf[..end])?;
+        self.written += end as u64;
+        self.next += 1;
+        Ok((first + len) * cs)
+    }
+
+    /// Writes the trailer after the last extent and flushes the tape;
+    /// returns the stream's length.
+    pub fn finish(&mut self) -> Result<u64, Error> {
+        assert!(self.next_extent().is_none(), "extents left to write");
+        let l = &self.layout;
+        debug_assert_eq!(self.written, l.trailer_offset());
+        let trailer = Trailer {
+            extents: l.extents(),
+            data_clusters: l.data_clusters,
+            stream_bytes: l.stream_bytes(),
+            header_checksum: self.header_checksum,
+            digest: self.digest.value(),
+        };
+        self.tape.write(self.written / 512, &trailer.encode())?;
+        self.tape.flush()?;
+        Ok(l.stream_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{restore, Format};
+    use crate::devices::block::{fill_pattern, MemDisk};
+
+    /// A volume streamed through `VolumeStream` and restored by the
+    /// ordinary restore is the volume, for sizes that end inside a cluster
+    /// and sizes smaller than one.
+    #[test]
+    fn a_streamed_volume_restores_to_itself() {
+        for (sectors, bits) in [(3000u64, 16u32), (7, 12), (4096, 20), (1, 9), (0, 16)] {
+            let mut volume = alloc::vec![0u8; sectors as usize * 512];
+            fill_pattern(sectors, 0, &mut volume);
+            let bytes = sectors * 512;
+            let tape = MemDisk::new("tape", VolumeStream::medium_bytes(bytes, bits) / 512);
+            let mut s = VolumeStream::start(&tape, bytes, bits).unwrap();
+            let cs = 1u64 << bits;
+            let mut buf = s.buffer().unwrap();
+            while let Some((first, len)) = s.next_extent() {
+                let data = &mut buf[BLOCK as usize..];
+                data.fill(0);
+                let from = (first * cs).min(bytes) as usize;
+                let to = ((first + len) * cs).min(bytes) as usize;
+                data[..to - from].copy_from_slice(&volume[from..to]);
+                s.put(&mut buf).unwrap();
+            }
+            let len = s.finish().unwrap();
+            assert_eq!(len, tape.info().bytes());
+            let out = MemDisk::new("out", sectors);
+            let done = restore(&tape, &out, Format::Raw, &mut |_, _, _| {}).unwrap();
+            assert_eq!(done.virtual_bytes, bytes);
+            assert_eq!(
+                out.contents(),
+                volume,
+                "{sectors} sectors, cluster bits {bits}"
+            );
+        }
+    }
+}

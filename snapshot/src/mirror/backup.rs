@@ -1,0 +1,284 @@
+//! The second server's backup of a split secondary to a tape: the volume
+//! as it was at the split instant, streamed in block order through one
+//! extent buffer, while the copy to the secondary may still run. A block
+//! of the instant the copier has not reached is copied on demand, one of
+//! two ways ([`Via`]); either way the secondary receives it, and the
+//! copy-once engine sees to it that no block is copied twice.
+//!
+//! This module must never write the primary, or put anything on the
+//! tape but blocks as they were at the instant.
+
+use alloc::vec::Vec;
+
+use super::controller::{CopyError, Mirror};
+use super::layout::Phase;
+use super::{Error, Refusal};
+use crate::backup::tape::BLOCK;
+use crate::backup::volume::VolumeStream;
+use crate::copyonce::{Cause, Claim, State, Token};
+use crate::devices::block::{BlockDevice, Op};
+
+/// Where a backup reads a block the copier has not reached yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Copy it from primary to secondary first, then read it from the
+    /// secondary like every other block.
+    Secondary,
+    /// Read it from the primary into the controller's buffer (the other
+    /// blocks of the extent from the secondary), stream it from there and
+    /// write it to the secondary too.
+    Memory,
+}
+
+impl Via {
+    /// Parses `secondary` or `memory`.
+    pub fn parse(text: &str) -> Option<Via> {
+        match text {
+            "secondary" => Some(Via::Secondary),
+            "memory" => Some(Via::Memory),
+            _ => None,
+        }
+    }
+
+    /// Its name, as [`Via::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Secondary => "secondary",
+            Via::Memory => "memory",
+        }
+    }
+}
+
+/// What a finished backup did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// Bytes of volume streamed.
+    pub volume_bytes: u64,
+    /// Bytes of medium written.
+    pub medium_bytes: u64,
+    /// Blocks the backup copied itself because the copier had not reached
+    /// them.
+    pub on_demand: u64,
+}
+
+/// A backup of the split instant in progress: call [`BackupJob::step`]
+/// until it returns `None`, then [`BackupJob::finish`].
+pub struct BackupJob<'m, 't> {
+    mirror: &'m Mirror,
+    stream: VolumeStream<'t>,
+    buf: Vec<u8>,
+    via: Via,
+    on_demand: u64,
+}
+
+impl core::fmt::Debug for BackupJob<'_, '_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BackupJob")
+            .field("stream", &self.stream)
+            .field("via", &self.via)
+            .field("on_demand", &self.on_demand)
+            .finish()
+    }
+}
+
+impl<'m, 't> BackupJob<'m, 't> {
+    /// Starts a backup of `mirror`'s split instant to `tape`: refused
+    /// before any split, on a broken split, or while another backup or a
+    /// resync runs; writes the medium's header.
+    pub fn start(mirror: &'m Mirror, tape: &'t dyn BlockDevice, via: Via) -> Result<Self, Error> {
+        {
+            let mut g = mirror.inner.lock();
+            if g.sb.phase != Phase::Split {
+                return Err(Refusal::NoSplit.into());
+            }
+            if let Some(why) = &g.sb.broken {
+                return Err(Refusal::Suspended(why.clone()).into());
+            }
+            if g.backup_busy || g.gate {
+                return Err(Refusal::Busy("another backup or a resync").into());
+            }
+            g.backup_busy = true;
+        }
+        let geo = mirror.geometry();
+        let started = VolumeStream::start(tape, geo.volume_bytes, geo.block_bits())
+            .and_then(|s| Ok((s.buffer()?, s)));
+        match started {
+            Ok((buf, stream)) => Ok(BackupJob {
+                mirror,
+                stream,
+                buf,
+                via,
+                on_demand: 0,
+            }),
+            Err(e) => {
+                mirror.inner.lock().backup_busy = false;
+                Err(Error::Medium(alloc::format!("{e}")))
+            }
+        }
+    }
+
+    /// Streams the next extent; returns `(bytes done, bytes in all)`, or
+    /// `None` when every extent is on the tape.
+    pub fn step(&mut self) -> Result<Option<(u64, u64)>, Error> {
+        let Some((first, len)) = self.stream.next_extent() else {
+            return Ok(None);
+        };
+        let tokens = self.claim_window(first, len);
+        let r = match self.via {
+            Via::Secondary => self.via_secondary(first, len, tokens),
+            Via::Memory => self.via_memory(first, len, tokens),
+        };
+        r?;
+        let done = self
+            .stream
+            .put(&mut self.buf)
+            .map_err(|e| Error::Medium(alloc::format!("{e}")))?;
+        Ok(Some((
+            done.min(self.mirror.geo.volume_bytes),
+            self.mirror.geo.volume_bytes,
+        )))
+    }
+
+    /// Writes the trailer; the tape then restores to the instant.
+    pub fn finish(mut self) -> Result<BackupSummary, Error> {
+        let volume_bytes = self.mirror.geo.volume_bytes;
+        let on_demand = self.on_demand;
+        let medium_bytes = self
+            .stream
+            .finish()
+            .map_err(|e| Error::Medium(alloc::format!("{e}")))?;
+        Ok(BackupSummary {
+            volume_bytes,
+            medium_bytes,
+            on_demand,
+        })
+    }
+
+    /// Claims the blocks of `first..first + len` that belong to the
+    /// instant and nobody has copied; waits for those another copier holds.
+    fn claim_window(&self, first: u64, len: u64) -> Vec<Token> {
+        let m = self.mirror;
+        let frozen: Vec<u64> = {
+            let g = m.inner.lock();
+            (first..first + len)
+                .filter(|&b| g.areas[g.sb.d].get(b))
+                .collect()
+        };
+        let mut tokens = Vec::new();
+        for b in frozen {
+            loop {
+                match m.engine.claim(b) {
+                    Claim::Won(t) => tokens.push(t),
+                    Claim::Copied => {}
+                    Claim::Busy => {
+                        // Abandoned: claim again; copied: nothing to do.
+                        if m.engine.wait(b, m.relax) == State::NotCopied {
+                            continue;
+                        }
+                    }
+                }
+                break;
+            }
+        }
+        tokens
+    }
+
+    /// Copies the claimed blocks to the secondary, then reads the extent
+    /// from the secondary.
+    fn via_secondary(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
+        let m = self.mirror;
+        if !tokens.is_empty() {
+            let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
+            let r = m.copy_blocks(&blocks);
+            self.settle(tokens, r)?;
+        }
+        let bs = m.geo.block_bytes as usize;
+        let data = &mut self.buf[BLOCK as usize..];
+        data.fill(0);
+        let mut ops: Vec<Op<'_>> = data
+            .chunks_mut(bs)
+            .zip(first..first + len)
+            .map(|(piece, b)| {
+                let (sector, n) = m.geo.extent(b);
+                Op::Read {
+                    sector,
+                    buf: &mut piece[..n],
+                }
+            })
+            .collect();
+        let depth = m.disks.secondary.info().max_depth.clamp(1, 32);
+        match m.disks.secondary.transfer(&mut ops, depth) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                m.suspend(&e)?;
+                Err(Error::Suspended(alloc::format!("{e}")))
+            }
+        }
+    }
+
+    /// Reads the claimed blocks from the primary and the rest from the
+    /// secondary into the extent buffer, then writes the claimed ones to
+    /// the secondary.
+    fn via_memory(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
+        let m = self.mirror;
+        let bs = m.geo.block_bytes as usize;
+        let claimed: Vec<u64> = tokens.iter().map(Token::unit).collect();
+        let data = &mut self.buf[BLOCK as usize..];
+        data.fill(0);
+        let (mut from_p, mut from_s): (Vec<Op<'_>>, Vec<Op<'_>>) = (Vec::new(), Vec::new());
+        for (piece, b) in data.chunks_mut(bs).zip(first..first + len) {
+            let (sector, n) = m.geo.extent(b);
+            let op = Op::Read {
+                sector,
+                buf: &mut piece[..n],
+            };
+            if claimed.contains(&b) {
+                from_p.push(op);
+            } else {
+                from_s.push(op);
+            }
+        }
+        let depth = |d: &dyn BlockDevice| d.info().max_depth.clamp(1, 32);
+        let read = m
+            .disks
+            .primary
+            .transfer(&mut from_p, depth(&*m.disks.primary))
+            .map_err(CopyError::Primary)
+            .and_then(|()| {
+                m.disks
+                    .secondary
+                    .transfer(&mut from_s, depth(&*m.disks.secondary))
+                    .map_err(CopyError::Secondary)
+            });
+        drop((from_p, from_s));
+        let data = &self.buf[BLOCK as usize..];
+        let r = read.and_then(|()| {
+            m.put_pieces(claimed.iter().map(|&b| {
+                let at = ((b - first) as usize) * bs;
+                (b, &data[at..at + bs])
+            }))
+        });
+        self.settle(tokens, r)
+    }
+
+    /// Finishes or abandons the window's claims as the copy went; a
+    /// secondary failure breaks the split.
+    fn settle(&mut self, tokens: Vec<Token>, r: Result<(), CopyError>) -> Result<(), Error> {
+        let m = self.mirror;
+        let n = tokens.len() as u64;
+        m.settle(tokens, r.is_ok(), Cause::Access);
+        match r {
+            Ok(()) => {
+                self.on_demand += n;
+                Ok(())
+            }
+            Err(e) => Err(m.copy_failed(e)),
+        }
+    }
+}
+
+impl Drop for BackupJob<'_, '_> {
+    fn drop(&mut self) {
+        self.mirror.inner.lock().backup_busy = false;
+    }
+}
