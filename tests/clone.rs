@@ -45,6 +45,52 @@ fn scattered(count: u64, stride: u64, len: &str, seed: u64) -> Vec<String> {
         .collect()
 }
 
+/// A new qcow2 image at `path` of `size` with `options`.
+fn qcow2(path: &Path, size: &str, options: &str) {
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", options, s(path), size],
+    );
+}
+
+/// Points `image` at `backing` in `format` without touching its data
+/// (`qemu-img rebase -u`).
+fn rebase(image: &Path, backing: &str, format: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            format,
+            s(image),
+        ],
+    );
+}
+
+/// A new qcow2 image at `image` over `backing` (as the header names it)
+/// in `format`, as `qemu-img create -b -F` makes it.
+fn overlay(image: &Path, backing: &str, format: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            format,
+            s(image),
+        ],
+    );
+}
+
 fn boot(cmdline: &str, disks: Vec<Disk>, kill_on: Option<&str>) -> Outcome {
     let config = Config {
         mem_bytes: MEM,
@@ -94,19 +140,7 @@ fn assert_standalone_and_equal(clone: &Path, expected: &Path) {
 fn split_with_workload_holds_the_chain_and_the_workload_writes() {
     let dir = fresh("workload");
     let base = dir.join("base.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            s(&base),
-            "64M",
-        ],
-    );
+    qcow2(&base, "64M", "cluster_size=4k");
     qemu_io(&base, "qcow2", &scattered(200, 300 << 10, "20k", 1));
     let clone = dir.join("sub/clone.qcow2");
     let run = host_tool(&["clone", "--base", s(&base), "--out", s(&clone), "--quiet"]);
@@ -151,36 +185,10 @@ fn a_chain_of_depth_two_splits_to_the_flattened_chain() {
     tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
     qemu_io(&base, "raw", &scattered(40, 700 << 10, "100k", 3));
     let mid = dir.join("mid.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&mid),
-        ],
-    );
+    overlay(&mid, "base.raw", "raw");
     qemu_io(&mid, "qcow2", &scattered(30, 900 << 10, "7k", 5));
     let clone = dir.join("sub/clone.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&clone),
-        ],
-    );
+    overlay(&clone, "../mid.qcow2", "qcow2");
     qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "3k", 9));
     let expected = dir.join("expected.raw");
     tool(
@@ -203,19 +211,7 @@ fn a_split_killed_at_several_points_resumes_without_recopying() {
     for point in ["pct=1", "pct=4", "pct=7"] {
         let dir = fresh(&format!("kill-{}", &point[4..]));
         let base = dir.join("base.qcow2");
-        tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4k",
-                s(&base),
-                "96M",
-            ],
-        );
+        qcow2(&base, "96M", "cluster_size=4k");
         qemu_io(&base, "qcow2", &scattered(300, 320 << 10, "60k", 2));
         let clone = dir.join("sub/clone.qcow2");
         make_clone(&base, &clone).unwrap();
@@ -293,27 +289,11 @@ fn holes(path: &Path) -> u64 {
 fn bad_chains_are_refused_with_nothing_written() {
     let dir = fresh("refuse");
     let base = dir.join("base.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", s(&base), "16M"],
-    );
+    qcow2(&base, "16M", "cluster_size=64k");
     let clone = dir.join("sub/clone.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../base.qcow2",
-            "-F",
-            "qcow2",
-            s(&clone),
-        ],
-    );
-    let before = std::fs::read(&clone).unwrap();
+    overlay(&clone, "../base.qcow2", "qcow2");
     let refused = |why: &str| {
+        let before = std::fs::read(&clone).unwrap();
         let e = plan_split(&clone).unwrap_err();
         assert!(e.contains(why), "{e}");
         assert_eq!(std::fs::read(&clone).unwrap(), before, "nothing written");
@@ -322,20 +302,7 @@ fn bad_chains_are_refused_with_nothing_written() {
     refused(&format!("{}", dir.join("sub/../base.qcow2").display()));
     std::fs::rename(dir.join("moved.qcow2"), &base).unwrap();
     // A loop: the base names the clone.
-    tool(
-        "qemu-img",
-        &[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/clone.qcow2",
-            "-F",
-            "qcow2",
-            s(&base),
-        ],
-    );
+    rebase(&base, "sub/clone.qcow2", "qcow2");
     refused("loops");
     tool(
         "qemu-img",
@@ -344,24 +311,8 @@ fn bad_chains_are_refused_with_nothing_written() {
     // A raw backing file smaller than the clone.
     let small = dir.join("small.raw");
     tool("qemu-img", &["create", "-q", "-f", "raw", s(&small), "1M"]);
-    tool(
-        "qemu-img",
-        &[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-b",
-            "../small.raw",
-            "-F",
-            "raw",
-            s(&clone),
-        ],
-    );
-    let before = std::fs::read(&clone).unwrap();
-    let e = plan_split(&clone).unwrap_err();
-    assert!(e.contains("smaller"), "{e}");
-    assert_eq!(std::fs::read(&clone).unwrap(), before);
+    rebase(&clone, "../small.raw", "raw");
+    refused("smaller");
     // An unsupported feature in the chain: a compressed cluster.
     qemu_io(&base, "qcow2", &["write -q -P 5 0 64k".into()]);
     let packed = dir.join("packed.qcow2");
@@ -369,24 +320,8 @@ fn bad_chains_are_refused_with_nothing_written() {
         "qemu-img",
         &["convert", "-c", "-O", "qcow2", s(&base), s(&packed)],
     );
-    tool(
-        "qemu-img",
-        &[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-b",
-            "../packed.qcow2",
-            "-F",
-            "qcow2",
-            s(&clone),
-        ],
-    );
-    let before = std::fs::read(&clone).unwrap();
-    let e = plan_split(&clone).unwrap_err();
-    assert!(e.contains("compress"), "{e}");
-    assert_eq!(std::fs::read(&clone).unwrap(), before);
+    rebase(&clone, "../packed.qcow2", "qcow2");
+    refused("compress");
 }
 
 /// A clone is backed up as the guest sees it: `restore` gives the chain
@@ -396,26 +331,10 @@ fn bad_chains_are_refused_with_nothing_written() {
 fn a_clone_is_backed_up_through_its_chain() {
     let dir = fresh("backup");
     let base = dir.join("base.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", s(&base), "32M"],
-    );
+    qcow2(&base, "32M", "cluster_size=64k");
     qemu_io(&base, "qcow2", &scattered(20, 1 << 20, "100k", 4));
     let clone = dir.join("sub/clone.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../base.qcow2",
-            "-F",
-            "qcow2",
-            s(&clone),
-        ],
-    );
+    overlay(&clone, "../base.qcow2", "qcow2");
     qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "5k", 8));
     qemu_io(&clone, "qcow2", &["write -q -z 0 64k".into()]);
     let expected = dir.join("expected.raw");

@@ -8,7 +8,7 @@
 //! copied flag (set exactly when the refcount is one), as QEMU does.
 //!
 //! Memory: four bytes per host cluster of the file, allocated fallibly;
-//! a test and tool helper, not for the kernel's hot paths. It must never
+//! for tests and host tools, not for the kernel's hot paths. It must never
 //! write.
 
 use alloc::format;

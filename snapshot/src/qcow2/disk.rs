@@ -36,8 +36,7 @@ use super::{Geometry, Result};
 use crate::backup::qcow2::{be64, buffer, host_of, invalid, Header, Qcow2Error, COPIED};
 use crate::backup::source;
 use crate::devices::block::{
-    check, read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, Status,
-    SECTOR_SIZE,
+    read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
 
 /// Incompatible feature bit of extended L2 entries (subclusters).
@@ -389,17 +388,6 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         self.detached.store(true, Ordering::Release);
         Ok(())
     }
-
-    fn block_error(&self, sector: u64, e: Qcow2Error) -> BlockError {
-        match e {
-            Qcow2Error::Io(e) => e,
-            other => BlockError::new(
-                &self.info.name,
-                Some(sector),
-                ErrorKind::Image(other.to_string()),
-            ),
-        }
-    }
 }
 
 /// Bytes of memory opening the image with `header` on a device of
@@ -491,23 +479,27 @@ impl<D: BlockDevice> BlockDevice for Qcow2Disk<D> {
     }
 
     fn transfer(&self, ops: &mut [Op<'_>], _depth: usize) -> core::result::Result<(), BlockError> {
-        for op in ops.iter() {
-            check(&self.info, op)?;
-        }
-        for op in ops.iter_mut() {
-            let (sector, result) = match op {
-                Op::Read { sector, buf } => (*sector, self.read_at(*sector * 512, buf)),
-                Op::Write { sector, buf } => (*sector, self.write_at(*sector * 512, buf)),
-                Op::Flush => (0, self.file.flush().map_err(Qcow2Error::Io)),
-            };
-            result.map_err(|e| self.block_error(sector, e))?;
-        }
-        Ok(())
+        super::serve(self, ops)
     }
 
     fn status(&self, sector: u64) -> core::result::Result<(Status, u64), BlockError> {
         self.status_at(sector)
-            .map_err(|e| self.block_error(sector, e))
+            .map_err(|e| super::block_error(&self.info.name, sector, e))
+    }
+}
+
+impl<D: BlockDevice> super::Serve for Qcow2Disk<D> {
+    fn disk_info(&self) -> &DiskInfo {
+        &self.info
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Qcow2Disk::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        Qcow2Disk::write_at(self, offset, data)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.file.flush()?)
     }
 }
 

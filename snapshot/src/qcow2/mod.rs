@@ -95,3 +95,54 @@ impl Geometry {
         self.cs.min(self.virtual_size - vc * self.cs)
     }
 }
+
+/// A virtual disk's requests: reads and writes at byte offsets, flushes.
+pub(crate) trait Serve {
+    /// The disk.
+    fn disk_info(&self) -> &crate::devices::block::DiskInfo;
+    /// Reads `buf` at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// Runs a batch on a [`Serve`]: every op checked first, then each in
+/// turn; an image error becomes a block error naming the disk and sector.
+pub(crate) fn serve(
+    disk: &dyn Serve,
+    ops: &mut [crate::devices::block::Op<'_>],
+) -> core::result::Result<(), crate::devices::block::BlockError> {
+    use crate::devices::block::{check, Op};
+    for op in ops.iter() {
+        check(disk.disk_info(), op)?;
+    }
+    for op in ops.iter_mut() {
+        let (sector, result) = match op {
+            Op::Read { sector, buf } => (*sector, disk.read_at(*sector * 512, buf)),
+            Op::Write { sector, buf } => (*sector, disk.write_at(*sector * 512, buf)),
+            Op::Flush => (0, disk.flush()),
+        };
+        result.map_err(|e| block_error(&disk.disk_info().name, sector, e))?;
+    }
+    Ok(())
+}
+
+/// An image error as a block error on disk `name` at `sector` (a device
+/// error stays the device's own).
+pub(crate) fn block_error(
+    name: &str,
+    sector: u64,
+    e: Qcow2Error,
+) -> crate::devices::block::BlockError {
+    use crate::devices::block::{BlockError, ErrorKind};
+    match e {
+        Qcow2Error::Io(e) => e,
+        other => BlockError::new(
+            name,
+            Some(sector),
+            ErrorKind::Image(alloc::string::ToString::to_string(&other)),
+        ),
+    }
+}

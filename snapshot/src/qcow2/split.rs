@@ -37,7 +37,7 @@ use alloc::vec::Vec;
 use super::{Entry, Qcow2Disk, Result};
 use crate::backup::qcow2::{buffer, Qcow2Error};
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
-use crate::devices::block::{check, BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
+use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
 
 /// Most clusters one batch claims, as a multiple of its data clusters:
 /// holes over zeros cost an entry each, not a read or a write.
@@ -374,25 +374,27 @@ where
     }
 
     fn transfer(&self, ops: &mut [Op<'_>], _depth: usize) -> core::result::Result<(), BlockError> {
-        for op in ops.iter() {
-            check(self.info(), op)?;
-        }
-        for op in ops.iter_mut() {
-            let (sector, r) = match op {
-                Op::Read { sector, buf } => (*sector, self.read_at(*sector * 512, buf)),
-                Op::Write { sector, buf } => (*sector, self.write_at(*sector * 512, buf)),
-                Op::Flush => (0, self.disk.file().flush().map_err(Qcow2Error::Io)),
-            };
-            r.map_err(|e| match e {
-                Qcow2Error::Io(e) => e,
-                other => BlockError::new(
-                    &self.info().name,
-                    Some(sector),
-                    ErrorKind::Image(alloc::string::ToString::to_string(&other)),
-                ),
-            })?;
-        }
-        Ok(())
+        super::serve(self, ops)
+    }
+}
+
+impl<D, W, C> super::Serve for Split<'_, D, W, C>
+where
+    D: BlockDevice,
+    W: AsRef<[AtomicU64]>,
+    C: core::ops::Deref<Target = Counters>,
+{
+    fn disk_info(&self) -> &DiskInfo {
+        self.disk.info()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Split::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        Split::write_at(self, offset, data)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.disk.file().flush()?)
     }
 }
 
