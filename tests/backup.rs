@@ -14,7 +14,8 @@ use snapshot::backup::Format;
 use snapshot::interface::scenario::JobFailure;
 
 const MEM: u64 = 512 << 20;
-const TIMEOUT: Duration = Duration::from_secs(300);
+/// Backups move hundreds of MiB through QEMU: twice the usual hang limit.
+const TIMEOUT: Duration = Duration::from_secs(2 * kernel_tests::HANG.as_secs());
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -1,9 +1,7 @@
 //! The host's side of the virtio-blk tests: the kernel writes through the
 //! driver, QEMU exits, and the host reads the image file itself.
 
-use std::time::Duration;
-
-use kernel_tests::{image_dir, run_kernel_test_with_disks, DiskSpec};
+use kernel_tests::{image_dir, run_kernel_test_with_disks, DiskSpec, HANG};
 use snapshot::devices::block::{fill_pattern, host_check_extents, HOST_CHECK_SEED, SECTOR_SIZE};
 
 /// Bytes the kernel wrote are in the file at the right offsets, and every
@@ -12,7 +10,7 @@ use snapshot::devices::block::{fill_pattern, host_check_extents, HOST_CHECK_SEED
 fn kernel_writes_are_in_the_image_at_their_offsets() {
     let test = "blk::writes_land_where_the_host_expects";
     let disks = [DiskSpec::parse("data0:16").unwrap()];
-    if let Err(e) = run_kernel_test_with_disks(test, &disks, Duration::from_secs(60)) {
+    if let Err(e) = run_kernel_test_with_disks(test, &disks, HANG) {
         panic!("{e}");
     }
     let image = std::fs::read(image_dir(test).join("data0.img")).expect("image");
@@ -53,7 +51,7 @@ fn polling_mode_drives_two_disks_without_interrupts() {
     let outcome = kernel_tests::boot_with_disks(
         &format!("scenario=test test={test} blk=poll"),
         256 << 20,
-        Duration::from_secs(60),
+        HANG,
         disks,
     );
     assert!(

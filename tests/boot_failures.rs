@@ -9,7 +9,7 @@ use boot::report;
 use kernel_tests::{boot, host_tool, run_kernel_test};
 
 const MEM: u64 = 128 << 20;
-const TIMEOUT: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = kernel_tests::HANG;
 
 #[test]
 fn a_panicking_kernel_test_fails_and_is_named() {

@@ -7,20 +7,26 @@ use std::time::Duration;
 
 use boot::ktest;
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
+use boot::setup::{self, Need};
 use snapshot::devices::block::{fill_pattern, READ_ONLY_TEST_SEED};
 
-/// The kernel image, built once per test process. Panics with the setup
+/// The kernel image, built once per test process, after installing QEMU
+/// or the kernel target if the machine lacks them. Panics with the setup
 /// error (which names the command to run) if it cannot be built.
 pub fn kernel() -> PathBuf {
-    if let Err(e) = qemu::check_qemu() {
+    if let Err(e) = setup::ensure(&[Need::Qemu, Need::KernelTarget]) {
         panic!("{e}");
     }
     boot::build::kernel().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Runs a host tool (`qemu-img`, `readelf`, `gdb` ...) and returns its
-/// standard output; panics, with its output, if it fails or is missing.
+/// Runs a host tool (`qemu-img`, `readelf`, `gdb` ...), installed first if
+/// the set-up provides it and it is missing, and returns its standard
+/// output; panics, with its output, if it fails or is missing.
 pub fn tool(name: &str, args: &[&str]) -> String {
+    if let Some(need) = Need::of_tool(name) {
+        setup::ensure(&[need]).unwrap_or_else(|e| panic!("{e}"));
+    }
     let out = std::process::Command::new(name)
         .args(args)
         .output()
@@ -145,11 +151,7 @@ pub struct KernelTest {
 
 /// Asks the kernel for its test list.
 pub fn list_kernel_tests() -> Vec<KernelTest> {
-    let outcome = boot(
-        "scenario=test test=list",
-        128 << 20,
-        Duration::from_secs(60),
-    );
+    let outcome = boot("scenario=test test=list", 128 << 20, HANG);
     assert_eq!(
         outcome.verdict,
         Verdict::Passed,
@@ -223,12 +225,18 @@ pub fn run_kernel_test_with_disks(
     ))
 }
 
-/// Per-test timeout: `KERNEL_TEST_TIMEOUT` seconds, default 60.
+/// How long a boot may run before it counts as hung. Generous: a busy
+/// host slows QEMU many times over (next to two CPU-bound processes and
+/// other people's tests, a blk test of seconds passed 60 s), and a timeout
+/// only has to tell a hang; no test judges how long a boot took.
+pub const HANG: Duration = Duration::from_secs(300);
+
+/// Per-test timeout: `KERNEL_TEST_TIMEOUT` seconds, default [`HANG`].
 pub fn test_timeout() -> Duration {
     let secs = std::env::var("KERNEL_TEST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(HANG.as_secs());
     Duration::from_secs(secs)
 }
 
@@ -257,6 +265,11 @@ impl HostRun {
 /// test process, in its own target directory so it never waits for the
 /// build that runs the tests.
 pub fn host_tool(args: &[&str]) -> HostRun {
+    host_tool_env(args, &[])
+}
+
+/// [`host_tool`] with `env` set in its environment.
+pub fn host_tool_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> HostRun {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let binary = BUILT.get_or_init(|| {
         let root = boot::workspace_root();
@@ -273,6 +286,7 @@ pub fn host_tool(args: &[&str]) -> HostRun {
     });
     let out = std::process::Command::new(binary)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
     HostRun {

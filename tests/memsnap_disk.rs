@@ -4,11 +4,10 @@
 //! user would reach for.
 
 use std::path::Path;
-use std::time::Duration;
 
 use boot::corefile;
 use boot::qemu::{Disk, Verdict};
-use kernel_tests::{image_dir, run_kernel_test_with_disks, tool, DiskSpec};
+use kernel_tests::{image_dir, run_kernel_test_with_disks, tool, DiskSpec, HANG};
 
 const MEM: u64 = 128 << 20;
 
@@ -25,7 +24,7 @@ fn core_file_reads_in_readelf_and_gdb_with_snapshot_time_values() {
     let outcome = kernel_tests::boot_with_disks(
         "scenario=memsnap disk=snap",
         MEM,
-        Duration::from_secs(120),
+        HANG,
         vec![Disk::new(&image, "snap")],
     );
     assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(25));
@@ -74,7 +73,7 @@ fn core_file_reads_in_readelf_and_gdb_with_snapshot_time_values() {
 fn interrupted_snapshot_is_recognised_as_incomplete() {
     let test = "memsnap_disk::io_error_midway_aborts_cleanly";
     let disks = [DiskSpec::parse("bad:272:fail=204800").unwrap()];
-    if let Err(e) = run_kernel_test_with_disks(test, &disks, Duration::from_secs(120)) {
+    if let Err(e) = run_kernel_test_with_disks(test, &disks, HANG) {
         panic!("{e}");
     }
     let image = image_dir(test).join("bad.img");

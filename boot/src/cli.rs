@@ -27,6 +27,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "--svg FILE",
         "write the snapshot timeline picture there (default: target/memsnap-timeline.svg when there is one)",
     ),
+    (
+        "--trace-json FILE",
+        "write the trace there as Chrome trace-event JSON, for Perfetto or chrome://tracing",
+    ),
     ("--disk NAME=FILE", "attach raw image FILE as a virtio-blk disk named NAME"),
     ("--ro-disk NAME=FILE", "the same, read-only"),
     ("--image FILE", "bench-blk's image (default target/bench-blk.img); clone-split's clone"),
@@ -120,6 +124,8 @@ pub struct Args {
     pub json: Option<PathBuf>,
     /// Where the timeline picture goes.
     pub svg: Option<PathBuf>,
+    /// Where the trace goes as trace-event JSON.
+    pub trace_json: Option<PathBuf>,
     /// Disks from `--disk` and `--ro-disk`.
     pub disks: Vec<Disk>,
     /// bench-blk's image.
@@ -183,6 +189,7 @@ fn option(
         "--quiet" => args.quiet = true,
         "--json" => args.json = path(value())?,
         "--svg" => args.svg = path(value())?,
+        "--trace-json" => args.trace_json = path(value())?,
         "--disk" => args.disks.push(disk_arg(word, &value()?, false)?),
         "--ro-disk" => args.disks.push(disk_arg(word, &value()?, true)?),
         "--image" => args.image = path(value())?,
@@ -258,6 +265,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         quiet: false,
         json: None,
         svg: None,
+        trace_json: None,
         disks: Vec::new(),
         image: None,
         image_size: 1 << 30,

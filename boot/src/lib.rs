@@ -19,7 +19,9 @@ pub mod ktest;
 pub mod mirror;
 pub mod qemu;
 pub mod report;
+pub mod setup;
 pub mod timeline;
+pub mod tracejson;
 
 use std::fmt;
 use std::path::PathBuf;

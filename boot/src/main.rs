@@ -15,7 +15,8 @@ use boot::benchjson::BenchJson;
 use boot::cli::{self, Args};
 use boot::clone::{self as host_clone, CloneJob, SplitJob};
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
-use boot::{bench, build, ktest, report, timeline};
+use boot::setup::{self, Need};
+use boot::{bench, build, ktest, report, timeline, tracejson};
 use snapshot::backup::Format;
 use snapshot::interface::scenario::{JobFailure, Scenario};
 use snapshot::interface::trace::Record;
@@ -75,6 +76,12 @@ fn main() -> ExitCode {
         Vec::new()
     });
     show_trace(&args, &config, &records);
+    if let Some(path) = &args.trace_json {
+        match std::fs::write(path, tracejson::document(&records)) {
+            Ok(()) => eprintln!("trace: {} (Chrome trace-event JSON)", path.display()),
+            Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+        }
+    }
     show_bench(&args, &config, &outcome);
     eprintln!(
         "kernel {} in {:.2} s",
@@ -98,7 +105,7 @@ fn main() -> ExitCode {
 /// Checks the setup and builds the kernel; `None` (explained) if either
 /// fails.
 fn kernel_image() -> Option<PathBuf> {
-    if let Err(e) = qemu::check_qemu().and_then(|()| build::check_toolchain()) {
+    if let Err(e) = setup::ensure(&[Need::Qemu, Need::KernelTarget]) {
         eprintln!("error: {e}");
         return None;
     }

@@ -44,8 +44,10 @@ pub fn summary(records: &[Record<'_>]) -> String {
     text
 }
 
-/// Per-disk totals of the block layer's `blk.batch` and `blk.batch_time`
-/// records: where each disk's time went. `None` without such records.
+/// Per-disk totals from the block layer's `blk.disk` and `blk.disk_time`
+/// records (each disk's sums since boot, traced as the run ends; a later
+/// record replaces an earlier one): where each disk's time went. `None`
+/// without such records.
 pub fn blk_report(records: &[Record<'_>]) -> Option<String> {
     #[derive(Default)]
     struct Disk {
@@ -65,19 +67,19 @@ pub fn blk_report(records: &[Record<'_>]) -> Option<String> {
         };
         let u = |k| r.u64(k).unwrap_or(0);
         match r.event {
-            "blk.batch" => {
+            "blk.disk" => {
                 let d = disks.entry(name).or_default();
-                d.batches += 1;
-                d.requests += u("requests");
-                d.bytes += u("bytes");
-                d.max_inflight = d.max_inflight.max(u("max_inflight"));
-                d.wait_ns += u("wait_ns");
+                d.batches = u("batches");
+                d.requests = u("requests");
+                d.bytes = u("bytes");
+                d.max_inflight = u("max_inflight");
+                d.failed = u("failed");
             }
-            "blk.batch_time" => {
+            "blk.disk_time" => {
                 let d = disks.entry(name).or_default();
-                d.total_ns += u("total_ns");
-                d.notifies += u("notifies");
-                d.failed += u64::from(u("ok") == 0);
+                d.total_ns = u("busy_ns");
+                d.wait_ns = u("wait_ns");
+                d.notifies = u("notifies");
             }
             _ => {}
         }
@@ -86,7 +88,7 @@ pub fn blk_report(records: &[Record<'_>]) -> Option<String> {
         return None;
     }
     let mut text = String::from(
-        "block layer (from blk.batch records):\n  disk             batches  requests       MiB  max in flight   busy ms  waiting %  notifies  failed\n",
+        "block layer (from blk.disk records):\n  disk             batches  requests       MiB  max in flight   busy ms  waiting %  notifies  failed\n",
     );
     for (name, d) in &disks {
         let waiting = if d.total_ns == 0 {
@@ -129,14 +131,14 @@ mod tests {
     }
 
     #[test]
-    fn block_records_add_up_per_disk() {
+    fn block_records_give_each_disk_its_last_sums() {
         let serial = "\
-TRACE 1 blk.batch disk=data0 ops=2 bytes=1048576 requests=2 max_inflight=2 wait_ns=300
-TRACE 2 blk.batch_time disk=data0 total_ns=400 notifies=1 waits=1 ok=1
-TRACE 3 blk.batch disk=data0 ops=1 bytes=1048576 requests=1 max_inflight=1 wait_ns=100
-TRACE 4 blk.batch_time disk=data0 total_ns=600 notifies=1 waits=1 ok=0
-TRACE 5 blk.batch disk=tape ops=1 bytes=512 requests=1 max_inflight=1 wait_ns=0
-TRACE 6 blk.batch_time disk=tape total_ns=10 notifies=1 waits=0 ok=1
+TRACE 1 blk.disk disk=data0 batches=1 requests=1 bytes=1048576 max_inflight=1 failed=0
+TRACE 2 blk.disk_time disk=data0 busy_ns=100 wait_ns=50 notifies=1 waits=1
+TRACE 3 blk.disk disk=data0 batches=2 requests=3 bytes=2097152 max_inflight=2 failed=1
+TRACE 4 blk.disk_time disk=data0 busy_ns=1000 wait_ns=400 notifies=2 waits=2
+TRACE 5 blk.disk disk=tape batches=1 requests=1 bytes=512 max_inflight=1 failed=0
+TRACE 6 blk.disk_time disk=tape busy_ns=10 wait_ns=0 notifies=1 waits=0
 ";
         let records = records(serial).unwrap();
         let report = blk_report(&records).expect("report");

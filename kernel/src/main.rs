@@ -131,8 +131,9 @@ fn install_layers() {
     });
 }
 
-/// Flushes traces and exits QEMU with `code`.
+/// Traces the disks' sums, flushes traces and exits QEMU with `code`.
 pub fn finish(code: ExitCode) -> ! {
+    virtio::trace_totals();
     trace::flush();
     exit(code)
 }

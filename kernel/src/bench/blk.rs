@@ -3,6 +3,7 @@
 
 use alloc::vec::Vec;
 
+use snapshot::devices::virtio::stages::Stages;
 use snapshot::interface::cmdline::CmdLine;
 
 use super::{per_second, print_json};
@@ -131,11 +132,69 @@ pub(super) fn sequential(
     Ok((ops, total - from))
 }
 
+/// `count` 4 KiB reads at random 4 KiB-aligned places of `disk`, in
+/// batches of `depth * 8` run `depth` deep (one read per batch at depth 1,
+/// each one's time pushed to `single_ns`); returns `(ops, bytes)`.
+fn random_reads(
+    disk: &dyn snapshot::devices::block::BlockDevice,
+    rng: &mut snapshot::support::rng::Rng,
+    depth: usize,
+    count: usize,
+    single_ns: &mut Vec<u64>,
+) -> Result<(u64, u64), snapshot::devices::block::BlockError> {
+    use snapshot::devices::block::Op;
+    let sectors = disk.info().sectors;
+    let mut bufs = alloc::vec![[0u8; 4096]; 256];
+    let mut done = 0;
+    while done < count {
+        let mut batch: Vec<Op<'_>> = bufs
+            .iter_mut()
+            .take(depth.max(1) * 8)
+            .map(|b| Op::Read {
+                sector: rng.below(sectors / 8) * 8,
+                buf: b,
+            })
+            .collect();
+        if depth == 1 {
+            batch.truncate(1);
+        }
+        done += batch.len();
+        let start = now_ns();
+        disk.transfer(&mut batch, depth)?;
+        if depth == 1 {
+            single_ns.push(now_ns() - start);
+        }
+    }
+    Ok((done as u64, done as u64 * 4096))
+}
+
+/// Where a depth-1 read's time went, per read: the mean and median, the
+/// driver's stages, and the rest (the benchmark's own loop).
+fn qd1_stages(qd1: &Phase, stages: &Stages, p50_ns: u64) -> [(&'static str, u64); 10] {
+    let per_request = |ns: u64| stages.per_batch(ns);
+    let mean_ns = qd1.ns / qd1.ops.max(1);
+    [
+        ("qd1_request_ns", mean_ns),
+        ("qd1_p50_ns", p50_ns),
+        ("qd1_submit_ns", per_request(stages.submit_ns)),
+        ("qd1_kick_ns", per_request(stages.kick_ns)),
+        ("qd1_device_ns", per_request(stages.device_ns)),
+        ("qd1_wakeup_ns", per_request(stages.wakeup_ns)),
+        ("qd1_complete_ns", per_request(stages.complete_ns)),
+        (
+            "qd1_outside_ns",
+            mean_ns.saturating_sub(per_request(stages.total_ns())),
+        ),
+        ("qd1_batches", stages.batches),
+        ("qd1_interrupted", stages.interrupted),
+    ]
+}
+
 /// `bench-blk`: sequential write and read of the whole disk `bench` in
 /// 1 MiB requests 16 deep, then 4 KiB random reads at depth 1 and 32.
 /// The host adds its own read throughput of the image as the baseline.
 pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
-    use snapshot::devices::block::{BlockDevice, Op};
+    use snapshot::devices::block::BlockDevice;
     let disk = match crate::virtio::disk("bench") {
         Ok(d) => d,
         Err(e) => {
@@ -150,7 +209,6 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
     let buf = run.bytes_mut();
     snapshot::devices::block::fill_pattern(1, 0, buf);
     let total = disk.info().bytes();
-    let sectors = disk.info().sectors;
     let mut seq = |write: bool| sequential(&*disk, buf, (0, total), write);
     let result = (|| {
         let write = measure(&disk, "seq_write", || seq(true))?;
@@ -159,31 +217,20 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         let flush_ns = now_ns() - flush_start;
         let read = measure(&disk, "seq_read", || seq(false))?;
         let mut rng = snapshot::support::rng::Rng::new(42);
-        let mut random = |depth: usize, count: usize| {
-            let mut bufs = alloc::vec![[0u8; 4096]; 256];
-            let mut done = 0;
-            while done < count {
-                let mut batch: Vec<Op<'_>> = bufs
-                    .iter_mut()
-                    .take(depth.max(1) * 8)
-                    .map(|b| Op::Read {
-                        sector: rng.below(sectors / 8) * 8,
-                        buf: b,
-                    })
-                    .collect();
-                if depth == 1 {
-                    batch.truncate(1);
-                }
-                done += batch.len();
-                disk.transfer(&mut batch, depth)?;
-            }
-            Ok((done as u64, done as u64 * 4096))
-        };
+        // Each depth-1 read's time, for the median (the mean suffers most
+        // from the host's scheduling hiccups).
+        let mut single_ns = Vec::with_capacity(3000);
+        let mut random =
+            |depth, count| random_reads(&*disk, &mut rng, depth, count, &mut single_ns);
+        let stages_before = disk.stages();
         let qd1 = measure(&disk, "rand_read_qd1", || random(1, 3000))?;
+        let stages = disk.stages().since(&stages_before);
         let qd32 = measure(&disk, "rand_read_qd32", || random(32, 20_000))?;
+        single_ns.sort_unstable();
+        let qd1 = (qd1, stages, super::percentile(&single_ns, 50));
         Ok::<_, snapshot::devices::block::BlockError>((write, flush_ns, read, qd1, qd32))
     })();
-    let (write, flush_ns, read, qd1, qd32) = match result {
+    let (write, flush_ns, read, (qd1, stages, qd1_p50_ns), qd32) = match result {
         Ok(r) => r,
         Err(e) => {
             log!("bench-blk: {e}");
@@ -207,6 +254,8 @@ pub fn blk(_cmd: &CmdLine<'_>) -> ExitCode {
         ("seq_read_notify_pct", read.notify_pct()),
         ("irqs", disk.interrupt_count()),
     ];
+    let mut fields = Vec::from(fields);
+    fields.extend(qd1_stages(&qd1, &stages, qd1_p50_ns));
     print_json(&fields);
     ExitCode::Success
 }

@@ -40,8 +40,10 @@ pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
             fail(disk.as_ref());
             return;
         }
-        let done = burst(&mut pacer, &mut busy_ns);
+        let (started, mut pages) = (now_ns(), 0);
+        let done = burst(&mut pacer, &mut busy_ns, &mut pages);
         SESSION.with(Session::sample);
+        crate::trace!("memsnap.burst", ns = now_ns() - started, pages = pages);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
             finish(busy_ns, disk.as_ref());
             return;
@@ -53,8 +55,9 @@ pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
     }
 }
 
-/// One burst; true once a pass found nothing left to copy.
-fn burst(pacer: &mut Pacer, busy_ns: &mut u64) -> bool {
+/// One burst, adding the pages it copied to `pages`; true once a pass
+/// found nothing left to copy.
+fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64) -> bool {
     pacer.start_burst(now_ns());
     while pacer.keep_working(now_ns()) {
         let t = now_ns();
@@ -70,7 +73,7 @@ fn burst(pacer: &mut Pacer, busy_ns: &mut u64) -> bool {
         *busy_ns += now_ns() - t;
         match copied {
             Some(0) => return true,
-            Some(_) => {}
+            Some(n) => *pages += n,
             None => {
                 LIVE.copier_waits.fetch_add(1, Ordering::Relaxed);
                 thread::block_until(disk::room_key(), || {

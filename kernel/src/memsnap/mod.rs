@@ -188,7 +188,9 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
         "memsnap.start",
         pages = pages,
         eager = stats.eager,
-        pause_ns = times.pause_ns
+        pause_ns = times.pause_ns,
+        reference_ns = times.reference_ns,
+        instant_ns = report.instant_ns
     );
     let share = opts.copier_share_pct.clamp(1, 100);
     *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || {

@@ -336,6 +336,48 @@ pub fn two_disks_at_once() {
     }
 }
 
+/// Batches of one request are timed in stages, and only those: twenty
+/// single reads add twenty batches whose stages fit inside the time the
+/// caller measured around them; a batch of eight requests adds none. The
+/// reads bring back the pattern written before them.
+pub fn single_requests_are_timed_in_stages() {
+    let d = disk("data0");
+    let mut data = vec![0u8; 64 * 4096];
+    fill_pattern(5, 0, &mut data);
+    d.write(0, &data).unwrap_or_else(|e| panic!("{e}"));
+    let before = d.stages();
+    let mut outside_ns = 0;
+    let mut buf = [0u8; 4096];
+    for i in 0..20u64 {
+        let start = crate::clock::now_ns();
+        d.read(i * 8 * 3, &mut buf)
+            .unwrap_or_else(|e| panic!("{e}"));
+        outside_ns += crate::clock::now_ns() - start;
+        let at = (i * 3 * 4096) as usize;
+        assert!(
+            buf == data[at..at + 4096],
+            "read {i} brought back other data"
+        );
+    }
+    let mut bufs = vec![[0u8; 4096]; 8];
+    let mut ops: Vec<Op<'_>> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, buf)| Op::Read {
+            sector: i as u64 * 16,
+            buf,
+        })
+        .collect();
+    d.transfer(&mut ops, 8).unwrap_or_else(|e| panic!("{e}"));
+    let stages = d.stages().since(&before);
+    assert_eq!(stages.batches, 20, "{stages:?}");
+    assert!(
+        stages.total_ns() <= outside_ns,
+        "{stages:?} in {outside_ns} ns"
+    );
+    assert!(stages.kick_ns > 0, "no notification was timed: {stages:?}");
+}
+
 /// Writes the host-check pattern at scattered, odd extents in one batch
 /// and flushes; the host then reads the image file (tests/blk.rs).
 pub fn writes_land_where_the_host_expects() {

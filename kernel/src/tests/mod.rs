@@ -54,6 +54,7 @@ const PASSING: &[Test] = tests![
     blk::refusals_flush_and_read_only_contents["data0:16", "ro0:8:ro"],
     blk::two_disks_at_once["data0:32", "data1:32"],
     blk::writes_land_where_the_host_expects["data0:16"],
+    blk::single_requests_are_timed_in_stages["data0:16"],
     blk::snapshot_stays_consistent_while_disk_reads_land["data0:32"],
     memsnap_disk::snapshot_to_disk_matches_reference["snap:272"],
     memsnap_disk::too_small_disk_is_refused_before_anything_starts["small:64"],

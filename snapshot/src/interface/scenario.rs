@@ -122,7 +122,7 @@ pub const ALL: &[Description] = &[
         help: "boot, memory map, two interleaved threads, a verified live snapshot, traces (default)",
         mem_mib: MEM,
         benchmark: false,
-        emits: &["demo.memory", "demo.step", "demo.done", "memsnap.progress", "demo.snapshot", FAILED, REFUSED],
+        emits: &["demo.memory", "demo.step", "demo.done", "memsnap.start", "memsnap.burst", "memsnap.progress", "demo.snapshot", FAILED, REFUSED],
         ends_with: Some("demo.snapshot"),
     },
     Description {
@@ -158,7 +158,7 @@ pub const ALL: &[Description] = &[
         help: "live snapshot of all RAM to a disk, left as an ELF core file at FILE (read it with gdb, readelf)",
         mem_mib: MEM,
         benchmark: false,
-        emits: &["memsnap.core", FAILED, REFUSED],
+        emits: &["memsnap.start", "memsnap.burst", "blk.batch", "blk.batch_time", "memsnap.core", FAILED, REFUSED],
         ends_with: Some("memsnap.core"),
     },
     Description {
@@ -170,7 +170,7 @@ pub const ALL: &[Description] = &[
         help: "live memory snapshot benchmark (use --mem, --json, --to-disk)",
         mem_mib: MEM,
         benchmark: true,
-        emits: &["memsnap.progress"],
+        emits: &["memsnap.start", "memsnap.burst", "memsnap.progress"],
         ends_with: None,
     },
     Description {
@@ -182,7 +182,7 @@ pub const ALL: &[Description] = &[
         help: "virtio-blk benchmark on a fresh raw image (use --json, --image, --image-size)",
         mem_mib: MEM,
         benchmark: true,
-        emits: &["bench.blk", "blk.batch", "blk.batch_time"],
+        emits: &["bench.blk", "blk.disk", "blk.disk_time"],
         ends_with: None,
     },
     Description {
@@ -218,7 +218,7 @@ pub const ALL: &[Description] = &[
         help: "backup of 256 MiB of scattered data in a 4 GiB disk, against an all-data backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,
-        emits: &["backup.progress", "blk.batch", "blk.batch_time"],
+        emits: &["backup.progress", "blk.disk", "blk.disk_time"],
         ends_with: None,
     },
     Description {

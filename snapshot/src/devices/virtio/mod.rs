@@ -22,6 +22,7 @@ pub mod device;
 pub mod fake;
 pub mod pci;
 pub mod queue;
+pub mod stages;
 #[cfg(test)]
 mod tests;
 
