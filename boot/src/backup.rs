@@ -151,7 +151,13 @@ pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<
     }
     let disk =
         FileDisk::open(source, false).map_err(|e| format!("--source {}: {e}", source.display()))?;
-    let plan = Plan::new(&disk).map_err(|e| format!("{}: {e}", source.display()))?;
+    // A clone is backed up as the guest sees it: its chain merged.
+    let flat = crate::clone::flat_source(source)?;
+    let plan = match &flat {
+        Some((view, _)) => Plan::new(view),
+        None => Plan::new(&disk),
+    }
+    .map_err(|e| format!("{}: {e}", source.display()))?;
     enough_memory("backup", plan.memory_bytes(), mem)
         .map_err(|e| format!("{}: {e}", source.display()))?;
     let scratch = work.join("backup-scratch.img");
@@ -165,7 +171,10 @@ pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<
             },
             Disk::new(&scratch, "scratch"),
             Disk::new(tape, "tape"),
-        ],
+        ]
+        .into_iter()
+        .chain(flat.into_iter().flat_map(|(_, backing)| backing))
+        .collect(),
         scratch,
         tape: tape.to_path_buf(),
         medium_bytes: plan.layout.stream_bytes(),

@@ -49,7 +49,7 @@ impl Goal {
 }
 
 /// `a / b`, infinite when `b` is zero.
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         f64::INFINITY
     } else {
@@ -252,7 +252,7 @@ const BENCH_VIRTUAL: u64 = 4 << 30;
 /// Data clusters (64 KiB each) written at scattered places.
 const BENCH_CLUSTERS: u64 = 4096;
 
-fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
+pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
     let out = cmd
         .output()
         .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;

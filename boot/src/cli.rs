@@ -33,15 +33,19 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     ("--disk NAME=FILE", "attach raw image FILE as a virtio-blk disk named NAME"),
     ("--ro-disk NAME=FILE", "the same, read-only"),
-    ("--image FILE", "bench-blk's image (default target/bench-blk.img)"),
+    ("--image FILE", "bench-blk's image (default target/bench-blk.img); clone-split's clone"),
     ("--image-size SIZE", "its size (default 1G)"),
-    ("--out FILE", "memsnap's core file; restore's output image"),
+    ("--out FILE", "memsnap's core file; restore's output image; clone's new clone"),
+    ("--base FILE", "clone's base image (qcow2 or raw; never written)"),
     ("--source FILE", "backup's source image (never written)"),
     ("--tape FILE", "backup's or mirror's medium (created) or restore's (read)"),
     ("--primary FILE", "mirror's primary volume (raw; the workload writes it)"),
     ("--secondary FILE", "mirror's secondary volume; its state is kept in FILE.mirror"),
     ("--via secondary|memory", "mirror: how the backup reads blocks the copier has not reached"),
-    ("--workload on|off", "mirror: a seeded write workload on the primary (default on)"),
+    (
+        "--workload on|off",
+        "mirror: a seeded write workload on the primary (default on); clone-split: a seeded read/write workload on the clone (default off)",
+    ),
     ("--format raw|qcow2", "restore's output format (default raw)"),
     (
         "--to-disk",
@@ -138,6 +142,8 @@ pub struct Args {
     pub tape: Option<PathBuf>,
     /// restore's output format.
     pub format: Option<Format>,
+    /// clone's base image.
+    pub base: Option<PathBuf>,
     /// mirror's primary and secondary images.
     pub primary: Option<PathBuf>,
     /// See `primary`.
@@ -189,6 +195,7 @@ fn option(
         "--image" => args.image = path(value())?,
         "--out" => args.out = path(value())?,
         "--to-disk" => args.to_disk = true,
+        "--base" => args.base = path(value())?,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
         "--primary" => args.primary = path(value())?,
@@ -267,6 +274,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         source: None,
         tape: None,
         format: None,
+        base: None,
         primary: None,
         secondary: None,
     };
@@ -361,7 +369,12 @@ mod tests {
         assert_eq!(err(&["restore", "--tape", "t"]), "restore needs --out IMG");
         assert_eq!(
             err(&["demo", "--out", "x"]),
-            "--out is for memsnap and restore"
+            "--out is for memsnap and restore and clone"
+        );
+        assert_eq!(err(&["clone", "--out", "c"]), "clone needs --base IMG");
+        assert_eq!(
+            err(&["demo", "--workload", "on"]),
+            "--workload is for mirror and clone-split"
         );
         assert_eq!(
             err(&["demo", "--to-disk"]),

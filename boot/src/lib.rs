@@ -12,6 +12,8 @@ pub mod bench;
 pub mod benchjson;
 pub mod build;
 pub mod cli;
+pub mod clone;
+pub mod clonebench;
 pub mod corefile;
 pub mod ktest;
 pub mod mirror;

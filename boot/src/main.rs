@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use boot::backup::{self as host_backup, BackupJob, RestoreJob};
 use boot::benchjson::BenchJson;
 use boot::cli::{self, Args};
+use boot::clone::{self as host_clone, CloneJob, SplitJob};
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
 use boot::setup::{self, Need};
 use boot::{bench, build, ktest, report, timeline, tracejson};
@@ -154,6 +155,8 @@ struct Run {
     snapshot_image: Option<PathBuf>,
     backup: Option<BackupJob>,
     restore: Option<RestoreJob>,
+    clone: Option<CloneJob>,
+    split: Option<SplitJob>,
     mirror: Option<boot::mirror::MirrorJob>,
     /// Where the host keeps its work files.
     work: PathBuf,
@@ -169,6 +172,8 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         snapshot_image: None,
         backup: None,
         restore: None,
+        clone: None,
+        split: None,
         mirror: None,
         work: work.clone(),
     };
@@ -243,6 +248,39 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             let disks = bench::prepare_backup_bench(&work.join("bench-backup"))
                 .map_err(|e| (1, format!("error: {e}")))?;
             run.disks.extend(disks);
+        }
+        (Scenario::Clone, ..) => {
+            let (Some(base), Some(out)) = (&args.base, &args.out) else {
+                return Err((2, "clone needs --base and --out".into()));
+            };
+            let job = host_clone::make_clone(base, out).map_err(refused)?;
+            eprintln!(
+                "clone: {} over {} (backing name \"{}\")",
+                job.out.display(),
+                base.display(),
+                job.backing_name
+            );
+            run.disks.extend(job.disks.iter().cloned());
+            run.clone = Some(job);
+        }
+        (Scenario::CloneSplit, ..) => {
+            let Some(image) = &args.image else {
+                return Err((2, "clone-split needs --image".into()));
+            };
+            let job = host_clone::plan_split(image).map_err(refused)?;
+            eprintln!(
+                "clone-split: {} over {} backing layer(s), attached read-only",
+                image.display(),
+                job.chain.len()
+            );
+            run.disks.extend(job.disks.iter().cloned());
+            run.split = Some(job);
+        }
+        (Scenario::BenchCloneSplit, ..) => {
+            let (disks, job) = boot::clonebench::prepare(&work.join("bench-clone-split"))
+                .map_err(|e| (1, format!("error: {e}")))?;
+            run.disks.extend(disks);
+            run.split = Some(job);
         }
         _ => {}
     }
@@ -321,8 +359,15 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             Err(e) => eprintln!("error: {e}"),
         }
     }
+    if args.scenario == Scenario::BenchCloneSplit {
+        let dir = boot::workspace_root().join("target/bench-clone-split");
+        if let Err(e) = boot::clonebench::host_figures(&dir, &mut json) {
+            eprintln!("error: {e}");
+        }
+    }
     let goals = match args.scenario {
         Scenario::BenchBlk => bench::blk_goals(&json),
+        Scenario::BenchCloneSplit => boot::clonebench::goals(&json),
         Scenario::BenchMemsnap => bench::memsnap_goals(&json),
         Scenario::BenchBackup => bench::backup_goals(&json),
         Scenario::BenchMirror => bench::mirror_goals(&json),
@@ -402,6 +447,7 @@ fn finish(
             fail(e);
         }
     }
+    finish_clone(args, run, records, passed, &mut fail);
     if let Some(image) = &run.snapshot_image {
         if let Some(out) = &args.out {
             let core_len = records
@@ -416,6 +462,51 @@ fn finish(
         let _ = std::fs::remove_file(image);
     }
     verdict
+}
+
+/// After `clone`, `clone-split` and `bench-clone-split`: a clone the
+/// kernel refused is removed; a split clone is checked and cut to its end.
+fn finish_clone(
+    args: &Args,
+    run: &Run,
+    records: &[Record<'_>],
+    passed: bool,
+    fail: &mut dyn FnMut(String),
+) {
+    if let Some(job) = &run.clone {
+        if passed {
+            eprintln!("clone ready: {}", job.out.display());
+        } else {
+            let _ = std::fs::remove_file(&job.out);
+        }
+    }
+    let Some(job) = &run.split else { return };
+    if args.scenario == Scenario::BenchCloneSplit {
+        if passed {
+            let ops = records
+                .iter()
+                .rfind(|r| r.event == "clone.split")
+                .and_then(|r| r.u64("workload_ops"))
+                .unwrap_or(0);
+            let dir = run.work.join("bench-clone-split");
+            if let Err(e) = boot::clonebench::check_result(&dir, job, ops) {
+                fail(e);
+            }
+        }
+        return;
+    }
+    match host_clone::finish_split(job, records) {
+        Ok(Some(ops)) if passed => eprintln!(
+            "split: {} stands alone now ({ops} workload requests during the split)",
+            job.image.display()
+        ),
+        Ok(_) if passed => fail("the kernel reported no clone.split record".into()),
+        Ok(_) => eprintln!(
+            "the split did not finish; {} is sound (run clone-split again to resume)",
+            job.image.display()
+        ),
+        Err(e) => fail(e),
+    }
 }
 
 /// After `memsnap`: copies the core file off the snapshot disk image to

@@ -16,9 +16,11 @@
 //! This module must never write to the source disk; it is opened
 //! read-only by the host as well.
 
+use alloc::string::{String, ToString};
 use snapshot::backup::{self, Format, Stage};
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
+use snapshot::qcow2::flat::FlatView;
 
 use crate::arch::qemu::ExitCode;
 use crate::trace::job_failed;
@@ -114,7 +116,17 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             return job_failed("backup", true, &e);
         }
     };
-    if let Err(e) = backup::source::read_header(&*source)
+    // A clone is backed up as the guest sees it: its backing chain
+    // (attached read-only as `back1` ...) merged into one flat view.
+    let flat = match flat_view(name("source")) {
+        Ok(flat) => flat,
+        Err((refused, why)) => return job_failed("backup", refused, &why),
+    };
+    let source: &dyn BlockDevice = match &flat {
+        Some(view) => view,
+        None => &*source,
+    };
+    if let Err(e) = backup::source::read_header(source)
         .map_err(backup::Error::Source)
         .and_then(|h| enough_memory("backup", backup::backup_memory(&h, source.info().bytes())))
     {
@@ -129,7 +141,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         Some("off") => &backup::InTurn,
         _ => &Threads,
     };
-    let result = backup::backup_overlapped(&*source, &*scratch, &*tape, overlap, &mut |s, d, t| {
+    let result = backup::backup_overlapped(source, &*scratch, &*tape, overlap, &mut |s, d, t| {
         progress.report(s, d, t)
     });
     let end = clock::now_ns();
@@ -167,6 +179,21 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         }
         Err(e) => job_failed("backup", e.is_refusal(), &e),
     }
+}
+
+/// The chain under the source `name`, merged and seen as one qcow2 file,
+/// if the source has a backing file.
+fn flat_view(name: &str) -> Result<Option<FlatView<crate::clone::CloneDisk>>, (bool, String)> {
+    let disk = virtio::disk(name).map_err(|e| (true, e.to_string()))?;
+    // An image the reader refuses is the backup's to refuse, in its words.
+    let header = match backup::source::read_header(&*disk) {
+        Ok(h) if h.backing_file.is_some() => h,
+        _ => return Ok(None),
+    };
+    let merged = crate::clone::open(name)?;
+    FlatView::new(merged, header.cluster_bits)
+        .map(Some)
+        .map_err(|e| (true, e.to_string()))
 }
 
 /// `restore`: the medium on `tape=` to a new image on `out=` in

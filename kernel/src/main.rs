@@ -35,6 +35,7 @@ mod backup;
 mod bench;
 mod boot_info;
 mod clock;
+mod clone;
 mod exceptions;
 mod ktest;
 mod log;

@@ -51,6 +51,9 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::BenchBackup => crate::bench::backup(cmd),
         Scenario::Mirror => crate::mirror::mirror_scenario(cmd),
         Scenario::BenchMirror => crate::bench::mirror(cmd),
+        Scenario::Clone => crate::clone::clone_scenario(cmd),
+        Scenario::CloneSplit => crate::clone::split_scenario(cmd),
+        Scenario::BenchCloneSplit => crate::bench::clone_split(cmd),
     }
 }
 

@@ -21,6 +21,8 @@
 //!   virtio-blk driver (with a fake device for tests);
 //! - [`backup`]: the qcow2 reader, the backup medium and the backup/restore
 //!   engine;
+//! - [`qcow2`]: qcow2 images as read-write block devices over a backing
+//!   chain, clone creation and the online clone split;
 //! - [`policy`]: the pure decisions behind the kernel's mechanisms (frame
 //!   allocation, scheduling, page-fault classification);
 //! - [`interface`]: what the host tool and the kernel share (command line,
@@ -41,4 +43,5 @@ pub mod interface;
 pub mod memsnap;
 pub mod mirror;
 pub mod policy;
+pub mod qcow2;
 pub mod support;

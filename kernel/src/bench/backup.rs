@@ -95,7 +95,7 @@ pub fn backup(_cmd: &CmdLine<'_>) -> ExitCode {
 /// The baseline: raw sequential 1 MiB writes then reads of up to 512 MiB
 /// of the medium's disk. Returns `(bytes, write ns, read ns)`, or `None`
 /// (logged) on an I/O error.
-fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)> {
+pub(super) fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)> {
     let span = (512u64 << 20).min(tape.info().bytes());
     let mut buf = alloc::vec![0u8; WINDOW];
     let t = now_ns();

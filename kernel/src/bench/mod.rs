@@ -9,6 +9,7 @@
 mod backup;
 mod baseline;
 mod blk;
+mod clone;
 mod memsnap;
 mod memsnap_disk;
 mod mirror;
@@ -18,6 +19,7 @@ use core::fmt::Write;
 
 pub use backup::backup;
 pub use blk::blk;
+pub use clone::clone_split;
 pub use memsnap::memsnap;
 pub use mirror::mirror;
 

@@ -115,6 +115,9 @@ pub enum ErrorKind {
     /// The buffer could not be lent to the device (no memory for the
     /// mapping, or part of it is not mapped).
     NoMemory,
+    /// A disk image format on top of the device (qcow2) found its metadata
+    /// unusable or a feature it does not handle: what, in words.
+    Image(String),
 }
 
 /// An error from a block device: which disk, where, and what.
@@ -170,6 +173,7 @@ impl fmt::Display for BlockError {
             ErrorKind::NoMemory => {
                 f.write_str("buffer cannot be lent to the device (no memory, or not mapped)")?
             }
+            ErrorKind::Image(what) => f.write_str(what)?,
             ErrorKind::NotFound { .. } => unreachable!("handled above"),
         }
         if let Some(sector) = self.sector {
@@ -225,7 +229,46 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> Result<(), BlockError> {
         self.transfer(&mut [Op::Flush], 1)
     }
+
+    /// What the disk holds from `sector` on, and for how many sectors (at
+    /// least one) the answer holds: QEMU's block status. A plain disk
+    /// only knows it holds data; an image format knows its holes.
+    fn status(&self, sector: u64) -> Result<(Status, u64), BlockError> {
+        Ok((
+            Status::Data,
+            self.info().sectors.saturating_sub(sector).max(1),
+        ))
+    }
 }
+
+/// What a range of a disk holds, as [`BlockDevice::status`] tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Data (which may happen to be zeros).
+    Data,
+    /// Reads as zeros without holding data (a hole with nothing under it,
+    /// a zero cluster).
+    Zero,
+}
+
+/// A shared or boxed disk is the disk (a layer of a backing chain holds its
+/// image this way).
+macro_rules! forward_block_device {
+    ($($t:ty),*) => {$(
+        impl<T: BlockDevice + ?Sized> BlockDevice for $t {
+            fn info(&self) -> &DiskInfo {
+                (**self).info()
+            }
+            fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
+                (**self).transfer(ops, depth)
+            }
+            fn status(&self, sector: u64) -> Result<(Status, u64), BlockError> {
+                (**self).status(sector)
+            }
+        }
+    )*};
+}
+forward_block_device!(alloc::boxed::Box<T>, alloc::sync::Arc<T>, &T);
 
 /// A byte range cut at sector boundaries: a run of whole sectors, or part
 /// of one sector (`skip` bytes into it).

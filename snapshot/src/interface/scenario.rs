@@ -44,6 +44,13 @@ pub enum Scenario {
     Mirror,
     /// The quick-split mirror benchmark.
     BenchMirror,
+    /// A new, empty qcow2 clone over a read-only base, served writable.
+    Clone,
+    /// Fill a clone's holes from its backing chain while a workload runs,
+    /// then release the backing file.
+    CloneSplit,
+    /// The clone split benchmark.
+    BenchCloneSplit,
 }
 
 /// The word after a scenario's name on the host command line, passed to
@@ -172,7 +179,7 @@ pub const ALL: &[Description] = &[
         scenario: Scenario::BenchBlk,
         name: "bench-blk",
         argument: None,
-        options: &[],
+        options: &[opt("--image", "FILE", false)],
         params: &["blk=poll"],
         help: "virtio-blk benchmark on a fresh raw image (use --json, --image, --image-size)",
         mem_mib: MEM,
@@ -244,6 +251,42 @@ pub const ALL: &[Description] = &[
         mem_mib: BACKUP_MEM,
         benchmark: true,
         emits: &["mirror.progress"],
+        ends_with: None,
+    },
+    Description {
+        scenario: Scenario::Clone,
+        name: "clone",
+        argument: None,
+        options: &[opt("--base", "IMG", true), opt("--out", "CLONE.qcow2", true)],
+        params: &["clone=clone", "back1=back1"],
+        help: "a new, empty qcow2 clone of a qcow2 or raw base, served writable over the read-only base",
+        mem_mib: BACKUP_MEM,
+        benchmark: false,
+        emits: &["clone.ready", FAILED, REFUSED],
+        ends_with: Some("clone.ready"),
+    },
+    Description {
+        scenario: Scenario::CloneSplit,
+        name: "clone-split",
+        argument: None,
+        options: &[opt("--image", "CLONE.qcow2", true), opt("--workload", "on|off", false)],
+        params: &["clone=clone", "share=50", "workload=off", "seed=0xc10e"],
+        help: "fill a clone's holes from its backing chain (read-only) while it serves I/O, then drop the backing file",
+        mem_mib: BACKUP_MEM,
+        benchmark: false,
+        emits: &["clone.progress", "clone.split", FAILED, REFUSED],
+        ends_with: Some("clone.split"),
+    },
+    Description {
+        scenario: Scenario::BenchCloneSplit,
+        name: "bench-clone-split",
+        argument: None,
+        options: &[],
+        params: &["share=50"],
+        help: "clone split of a 4 GiB base with 1 GiB of data under a workload, against qemu-img rebase (use --json)",
+        mem_mib: BACKUP_MEM,
+        benchmark: true,
+        emits: &["clone.progress", "clone.split", "blk.batch"],
         ends_with: None,
     },
 ];

@@ -1,0 +1,322 @@
+//! Host side of `clone` and `clone-split`: makes a clone file, resolves a
+//! clone's backing chain the way QEMU does (a relative name is relative to
+//! the directory of the image that names it), attaches the chain
+//! read-only in order (`back1`, `back2` ...) and, after the kernel's
+//! split, checks the image and cuts the room it was given to grow into.
+//!
+//! The chain is checked here with the same library the kernel uses, so a
+//! missing backing file (named with the path tried), a loop, a short
+//! backing image or an unsupported feature is refused before QEMU starts,
+//! with nothing written. The host never writes a backing file.
+
+use std::fs::OpenOptions;
+use std::path::{Component, Path, PathBuf};
+
+use snapshot::backup::source::read_header;
+use snapshot::interface::trace::Record;
+use snapshot::qcow2::chain::{self, Format, Layer};
+use snapshot::qcow2::check::check;
+use snapshot::qcow2::create::clone_image;
+use snapshot::qcow2::flat::FlatView;
+use snapshot::qcow2::workload;
+use snapshot::qcow2::{Qcow2Disk, Qcow2Error};
+
+use crate::backup::FileDisk;
+use crate::qemu::Disk;
+
+/// The name of the `n`th backing layer's disk (1 is the clone's base).
+pub fn layer_disk(n: usize) -> String {
+    format!("back{n}")
+}
+
+/// The full path of `path` (which must exist).
+fn canonical(path: &Path) -> Result<PathBuf, String> {
+    path.canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where the backing name `name` found in `parent` points, as QEMU
+/// resolves it.
+pub fn resolve_name(parent: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        parent.parent().unwrap_or(Path::new("/")).join(p)
+    }
+}
+
+/// The backing chain of the qcow2 image at `image`, top-down, checked as
+/// the kernel will check it.
+pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
+    let top_path = canonical(image)?;
+    let top = FileDisk::open(&top_path, false).map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut layers = Vec::new();
+    let mut resolve = |name: &str, parent: &str| -> snapshot::qcow2::Result<Layer> {
+        let path = resolve_name(Path::new(parent), name);
+        let dev = FileDisk::open(&path, false).map_err(|e| {
+            Qcow2Error::Invalid(format!(
+                "backing file \"{name}\" of {parent}: {}: {e}",
+                path.display()
+            ))
+        })?;
+        let id = path
+            .canonicalize()
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string();
+        layers.push(PathBuf::from(&id));
+        Ok(Layer {
+            dev: Box::new(dev),
+            id,
+        })
+    };
+    chain::open(top, &top_path.display().to_string(), &mut resolve).map_err(|e| e.to_string())?;
+    Ok(layers)
+}
+
+/// A clone's chain seen as one qcow2 file, on the host.
+pub type FlatSource = FlatView<Qcow2Disk<FileDisk>>;
+
+/// The merged view of the chain under the qcow2 image `source`, as one
+/// self-contained qcow2 file for the compact backup, and the backing
+/// disks to attach read-only (`back1` ...); `None` without a backing file.
+pub fn flat_source(source: &Path) -> Result<Option<(FlatSource, Vec<Disk>)>, String> {
+    let dev = FileDisk::open(source, false).map_err(|e| format!("{}: {e}", source.display()))?;
+    let Ok(h) = read_header(&dev) else {
+        return Ok(None);
+    };
+    if h.backing_file.is_none() {
+        return Ok(None);
+    }
+    let paths = chain_of(source)?;
+    let mut next = paths.iter();
+    let mut resolve = |_: &str, _: &str| -> snapshot::qcow2::Result<Layer> {
+        let path = next.next().expect("the chain was resolved just before");
+        let dev = FileDisk::open(path, false).map_err(|e| Qcow2Error::Invalid(e.to_string()))?;
+        Ok(Layer {
+            dev: Box::new(dev),
+            id: path.display().to_string(),
+        })
+    };
+    let merged =
+        chain::open(dev, &source.display().to_string(), &mut resolve).map_err(|e| e.to_string())?;
+    let view = FlatView::new(merged, h.cluster_bits).map_err(|e| e.to_string())?;
+    let disks = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Disk {
+            read_only: true,
+            ..Disk::new(p, &layer_disk(i + 1))
+        })
+        .collect();
+    Ok(Some((view, disks)))
+}
+
+/// `to` relative to the directory `from` (both absolute).
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (a, b): (Vec<Component<'_>>, Vec<Component<'_>>) =
+        (from.components().collect(), to.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..a.len() {
+        out.push("..");
+    }
+    for c in &b[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// A clone made.
+#[derive(Debug, Clone)]
+pub struct CloneJob {
+    /// The clone file.
+    pub out: PathBuf,
+    /// The backing name its header holds.
+    pub backing_name: String,
+    /// The disks the kernel gets: the clone, then its chain.
+    pub disks: Vec<Disk>,
+}
+
+/// Makes an empty qcow2 clone at `out` (which must not exist) of the
+/// qcow2 or raw image `base`, naming it relative to the clone.
+pub fn make_clone(base: &Path, out: &Path) -> Result<CloneJob, String> {
+    if out.exists() {
+        return Err(format!("{} exists; clone makes a new file", out.display()));
+    }
+    let base_path = canonical(base)?;
+    let dev = FileDisk::open(&base_path, false).map_err(|e| format!("{}: {e}", base.display()))?;
+    let format = Format::probe(&dev).map_err(|e| e.to_string())?;
+    let (size, bits, fmt) = match format {
+        Format::Qcow2 => {
+            chain_of(&base_path)?;
+            let h = read_header(&dev).map_err(|e| format!("{}: {e}", base.display()))?;
+            (h.virtual_size, h.cluster_bits, "qcow2")
+        }
+        Format::Raw if dev.len() % 512 != 0 => {
+            return Err(format!(
+                "{}: a raw base of {} bytes is not a whole number of 512-byte sectors",
+                base.display(),
+                dev.len()
+            ))
+        }
+        Format::Raw => (dev.len(), 16, "raw"),
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = relative(&canonical(dir)?, &base_path).display().to_string();
+    let bytes = clone_image(size, bits, Some((&name, fmt))).map_err(|e| e.to_string())?;
+    std::fs::write(out, bytes).map_err(|e| format!("{}: {e}", out.display()))?;
+    let disks = attach(out).inspect_err(|_| {
+        let _ = std::fs::remove_file(out);
+    })?;
+    Ok(CloneJob {
+        out: out.to_path_buf(),
+        backing_name: name,
+        disks,
+    })
+}
+
+/// The clone writable, its chain read-only in order.
+fn attach(image: &Path) -> Result<Vec<Disk>, String> {
+    let mut disks = vec![Disk::new(image, "clone")];
+    for (i, path) in chain_of(image)?.into_iter().enumerate() {
+        disks.push(Disk {
+            read_only: true,
+            ..Disk::new(path, &layer_disk(i + 1))
+        });
+    }
+    Ok(disks)
+}
+
+/// A split about to run.
+#[derive(Debug, Clone)]
+pub struct SplitJob {
+    /// The clone.
+    pub image: PathBuf,
+    /// Its chain, top-down.
+    pub chain: Vec<PathBuf>,
+    /// The disks the kernel gets.
+    pub disks: Vec<Disk>,
+}
+
+/// Room a clone of `virtual_size` may need to grow into during a split:
+/// every cluster, plus tables.
+pub fn split_room(virtual_size: u64) -> u64 {
+    virtual_size + virtual_size / 64 + (64 << 20)
+}
+
+/// Checks the clone and its chain, and gives the clone file room to grow
+/// into (sparse); the kernel's device is the file's length.
+pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
+    let chain = chain_of(image)?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{} has no backing file: nothing to split",
+            image.display()
+        ));
+    }
+    let dev = FileDisk::open(image, false).map_err(|e| format!("{}: {e}", image.display()))?;
+    let report = check(&dev).map_err(|e| e.to_string())?;
+    if !report.corruptions.is_empty() {
+        return Err(format!(
+            "{}: {}",
+            image.display(),
+            report.corruptions.join("; ")
+        ));
+    }
+    let h = read_header(&dev).map_err(|e| e.to_string())?;
+    let want = report.end + split_room(h.virtual_size);
+    if dev.len() < want {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(image)
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        f.set_len(want)
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+    }
+    let disks = attach(image)?;
+    Ok(SplitJob {
+        image: image.to_path_buf(),
+        chain,
+        disks,
+    })
+}
+
+/// After the kernel: checks the clone (no corruption, whatever happened)
+/// and cuts the file to its last cluster in use. Returns the `clone.split`
+/// record's workload requests when the split completed.
+pub fn finish_split(job: &SplitJob, records: &[Record<'_>]) -> Result<Option<u64>, String> {
+    let dev = FileDisk::open(&job.image, false).map_err(|e| e.to_string())?;
+    let report = check(&dev).map_err(|e| e.to_string())?;
+    drop(dev);
+    if !report.corruptions.is_empty() {
+        return Err(format!(
+            "{} is corrupt: {}",
+            job.image.display(),
+            report.corruptions.join("; ")
+        ));
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&job.image)
+        .map_err(|e| format!("{}: {e}", job.image.display()))?;
+    f.set_len(report.end)
+        .map_err(|e| format!("{}: {e}", job.image.display()))?;
+    Ok(records
+        .iter()
+        .rfind(|r| r.event == "clone.split")
+        .and_then(|r| r.u64("workload_ops")))
+}
+
+/// Applies the first `ops` requests of the workload of `seed` to the raw
+/// image at `raw` (the clone's content before them): what the clone must
+/// read after the run.
+pub fn replay_workload(raw: &Path, seed: u64, ops: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(raw)
+        .map_err(|e| format!("{}: {e}", raw.display()))?;
+    let sectors = f.metadata().map_err(|e| e.to_string())?.len() / 512;
+    let mut buf = vec![0u8; (workload::MAX_SECTORS * 512) as usize];
+    for k in 0..ops {
+        let r = workload::request(seed, k, sectors);
+        if r.write {
+            let b = &mut buf[..(r.sectors * 512) as usize];
+            workload::fill(seed, k, &r, b);
+            f.write_all_at(b, r.sector * 512)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_as_qemu_resolves_them() {
+        assert_eq!(
+            relative(Path::new("/a/b"), Path::new("/a/b/c.img")),
+            PathBuf::from("c.img")
+        );
+        assert_eq!(
+            relative(Path::new("/a/b"), Path::new("/a/x/c.img")),
+            PathBuf::from("../x/c.img")
+        );
+        assert_eq!(
+            resolve_name(Path::new("/a/b/clone.qcow2"), "../x/c.img"),
+            PathBuf::from("/a/b/../x/c.img")
+        );
+        assert_eq!(
+            resolve_name(Path::new("/a/b/clone.qcow2"), "/abs.img"),
+            PathBuf::from("/abs.img")
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `bench-clone-split`: the online split of a fresh clone of a 4 GiB base
+//! holding 1 GiB of scattered data, while a seeded workload reads and
+//! writes the clone; baselines in the same boot: sequential writes and
+//! reads of a scratch disk on the same host disk, and the workload alone
+//! before the split. The host adds the base's data bytes and the time
+//! `qemu-img rebase -b ''` takes on a copy of the same clone.
+
+use alloc::string::String;
+
+use snapshot::interface::cmdline::CmdLine;
+use snapshot::qcow2::workload;
+
+use super::backup::medium_baseline;
+use super::{per_second, percentile, print_json, seconds, MS};
+use crate::arch::qemu::ExitCode;
+use crate::clone::{open, run_split, Options};
+use crate::log;
+
+/// `bench-clone-split`: see the module docs.
+pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
+    let num = |key, default| cmd.get(key).and_then(|s| s.parse().ok()).unwrap_or(default);
+    let share = num("share", 50);
+    let scratch = match crate::virtio::disk("scratch") {
+        Ok(d) => d,
+        Err(e) => {
+            log!("bench-clone-split: {e}");
+            return ExitCode::Failure;
+        }
+    };
+    let Some((span, write_ns, read_ns)) = medium_baseline(&*scratch) else {
+        return ExitCode::Failure;
+    };
+    let clone = match open("clone") {
+        Ok(c) => alloc::boxed::Box::leak(alloc::boxed::Box::new(c)),
+        Err((_, why)) => {
+            log!("bench-clone-split: {why}");
+            return ExitCode::Failure;
+        }
+    };
+    let opts = Options {
+        share,
+        busy_ops: 20,
+        workload: Some((workload::SEED, 1_000_000)),
+        before_ns: 2_000 * MS,
+        batch: num("batch", crate::clone::BATCH),
+    };
+    let run = match run_split(clone, &opts, &mut |_| {}) {
+        Ok(r) => r,
+        Err((_, why)) => {
+            log!("bench-clone-split: {why}");
+            return ExitCode::Failure;
+        }
+    };
+    let load = run.load.as_ref().expect("the benchmark runs a workload");
+    let [mut before, mut during] = [load.latencies[0].clone(), load.latencies[1].clone()];
+    before.sort_unstable();
+    during.sort_unstable();
+    let p = run.progress;
+    let mib_s = |bytes: u64, ns: u64| per_second(bytes, ns) >> 20;
+    log!(
+        "split: {} MiB copied, {} zero clusters, {} filled by the workload, in {} ms ({} MiB/s); scratch disk {} MiB/s writing, {} reading",
+        p.copied_bytes >> 20,
+        p.zeroed,
+        p.by_workload,
+        run.split_ns / MS,
+        mib_s(p.copied_bytes, run.split_ns),
+        mib_s(span, write_ns),
+        mib_s(span, read_ns)
+    );
+    let f = |v: u64| alloc::format!("{v}");
+    let fields: [(&str, String); 15] = [
+        ("bench", "\"clone-split\"".into()),
+        ("virtual_bytes", f(clone.geometry().virtual_size)),
+        ("copied_bytes", f(p.copied_bytes)),
+        ("zero_clusters", f(p.zeroed)),
+        ("workload_filled_clusters", f(p.by_workload)),
+        ("split_s", seconds(run.split_ns)),
+        ("split_mib_s", f(mib_s(p.copied_bytes, run.split_ns))),
+        ("seq_write_mib_s", f(mib_s(span, write_ns))),
+        ("seq_read_mib_s", f(mib_s(span, read_ns))),
+        (
+            "workload_ops_per_s_before",
+            f(per_second(before.len() as u64, run.before_ns)),
+        ),
+        (
+            "workload_ops_per_s_during",
+            f(per_second(during.len() as u64, run.split_ns)),
+        ),
+        ("workload_p99_ns_before", f(percentile(&before, 99))),
+        ("workload_p99_ns_during", f(percentile(&during, 99))),
+        ("share_pct", f(share)),
+        ("workload_ops", f(load.ops)),
+    ];
+    crate::trace!(
+        "clone.split",
+        units = p.units,
+        copied_bytes = p.copied_bytes,
+        split_ns = run.split_ns,
+        workload_ops = load.ops
+    );
+    crate::trace::flush();
+    print_json(&fields);
+    ExitCode::Success
+}

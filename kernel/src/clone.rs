@@ -1,0 +1,324 @@
+//! Writable qcow2 clones and the online clone split on virtio-blk disks:
+//! the kernel's thin layer over [`snapshot::qcow2`].
+//!
+//! | scenario | disks | what |
+//! |---|---|---|
+//! | `clone` | `clone`, then `back1` ... `backN` (read-only) | opens a new clone over its chain, writable, and reports it ready |
+//! | `clone-split` | the same | fills the clone's holes from the chain, with `workload=on` while a seeded workload reads and writes it, then releases the backing file |
+//!
+//! The host resolves the chain from the headers (as QEMU does) and
+//! attaches it in order; the kernel checks it again (names, sizes,
+//! formats, features) and refuses what it cannot serve before writing
+//! anything. Progress goes out as `clone.progress done= total= pct=`
+//! records (one per whole per cent reached), the result as `clone.split` (with the number
+//! of workload requests, so the host can recompute what they wrote).
+//!
+//! This module must never write to a backing disk (the host attaches them
+//! read-only as well).
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use snapshot::backup::source::read_header;
+use snapshot::copyonce::{words_for, Counters, Pacer};
+use snapshot::devices::block::BlockDevice;
+use snapshot::interface::cmdline::CmdLine;
+use snapshot::qcow2::chain::{self, Layer};
+use snapshot::qcow2::disk::open_memory;
+use snapshot::qcow2::split::{Progress, Split};
+use snapshot::qcow2::{workload, Entry, Qcow2Disk, Qcow2Error};
+
+use crate::arch::qemu::ExitCode;
+use crate::trace::job_failed;
+use crate::virtio::VirtioBlk;
+use crate::{clock, log, thread, virtio};
+
+/// A clone on a virtio disk.
+pub type CloneDisk = Qcow2Disk<Arc<VirtioBlk>>;
+
+/// The split as the kernel runs it.
+pub type KernelSplit = Split<'static, Arc<VirtioBlk>, Vec<AtomicU64>, Box<Counters>>;
+
+/// Clusters the background split copies per batch (one flush for their
+/// refcounts, one for their data).
+pub const BATCH: u64 = 64;
+
+/// Refuses an image whose tables would not fit the free heap.
+fn fits(what: &str, need: u64) -> Result<(), Qcow2Error> {
+    let (used, total) = crate::memory::heap::stats();
+    let have = (total - used) as u64;
+    if need > have {
+        return Err(Qcow2Error::TooLarge(format!(
+            "{what} needs {need} bytes of memory, {have} are free"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the clone on disk `name` over `back1`, `back2` ...; the error
+/// says whether it is a refusal (bad input) and why.
+pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
+    let refusal = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
+    let top = virtio::disk(name).map_err(|e| (true, e.to_string()))?;
+    let h = read_header(&*top).map_err(refusal)?;
+    fits(name, open_memory(&h, top.info().bytes())).map_err(refusal)?;
+    let mut depth = 0usize;
+    let mut resolve = |backing: &str, parent: &str| -> snapshot::qcow2::Result<Layer> {
+        depth += 1;
+        let id = format!("back{depth}");
+        let dev = virtio::disk(&id).map_err(|e| {
+            Qcow2Error::Invalid(format!(
+                "backing file \"{backing}\" of {parent} is not attached: {e}"
+            ))
+        })?;
+        if let Ok(h) = read_header(&*dev) {
+            fits(&id, open_memory(&h, dev.info().bytes()))?;
+        }
+        Ok(Layer {
+            dev: Box::new(dev),
+            id,
+        })
+    };
+    chain::open(top, name, &mut resolve).map_err(refusal)
+}
+
+/// `clone`: opens the new clone writable over its chain and reports it.
+pub fn clone_scenario(cmd: &CmdLine<'_>) -> ExitCode {
+    let clone = match open(cmd.get("clone").unwrap_or("clone")) {
+        Ok(c) => c,
+        Err((refused, why)) => return job_failed("clone", refused, &why),
+    };
+    let g = clone.geometry();
+    let holes = (0..g.vclusters)
+        .filter(|&vc| clone.entry(vc) == Ok(Entry::Hole))
+        .count();
+    log!(
+        "clone: {} bytes in {}-byte clusters, {holes} of {} clusters read from the backing chain",
+        g.virtual_size,
+        g.cs,
+        g.vclusters
+    );
+    crate::trace!(
+        "clone.ready",
+        virtual_bytes = g.virtual_size,
+        cluster_bytes = g.cs,
+        holes = holes as u64
+    );
+    crate::trace::flush();
+    ExitCode::Success
+}
+
+/// How a split runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The background split's share of the time, in percent.
+    pub share: u64,
+    /// Workload requests in one 10 ms burst above which it steps aside.
+    pub busy_ops: u64,
+    /// The seeded workload and its pause between requests, if any.
+    pub workload: Option<(u64, u64)>,
+    /// How long the workload runs alone before the split starts.
+    pub before_ns: u64,
+    /// Clusters per background batch.
+    pub batch: u64,
+}
+
+/// What a workload did, by phase (0 before the split, 1 during).
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Requests completed, in order: requests `0..ops` of the seed.
+    pub ops: u64,
+    /// Latencies by phase, in ns.
+    pub latencies: [Vec<u64>; 2],
+    /// The first error, if one ended it.
+    pub error: Option<String>,
+}
+
+/// A split's outcome.
+#[derive(Debug)]
+pub struct SplitRun {
+    /// Where it ended.
+    pub progress: Progress,
+    /// ns from the split's start to the backing file's release.
+    pub split_ns: u64,
+    /// ns the workload ran alone before.
+    pub before_ns: u64,
+    /// The workload's account.
+    pub load: Option<LoadResult>,
+}
+
+static PHASE: AtomicU64 = AtomicU64::new(0);
+
+/// Runs the seeded workload on `split` until `stop`.
+fn workload_loop(split: &KernelSplit, seed: u64, pause_ns: u64, stop: &AtomicBool) -> LoadResult {
+    let sectors = split.disk().geometry().virtual_size / 512;
+    let mut r = LoadResult::default();
+    for l in &mut r.latencies {
+        l.reserve(1 << 18);
+    }
+    let mut buf = alloc::vec![0u8; (workload::MAX_SECTORS * 512) as usize];
+    while !stop.load(Ordering::Relaxed) {
+        let req = workload::request(seed, r.ops, sectors);
+        let b = &mut buf[..(req.sectors * 512) as usize];
+        let t = clock::now_ns();
+        let done = if req.write {
+            workload::fill(seed, r.ops, &req, b);
+            split.write_at(req.sector * 512, b)
+        } else {
+            split.read_at(req.sector * 512, b)
+        };
+        if let Err(e) = done {
+            r.error = Some(e.to_string());
+            break;
+        }
+        let phase = PHASE.load(Ordering::Relaxed) as usize;
+        r.latencies[phase.min(1)].push(clock::now_ns() - t);
+        r.ops += 1;
+        if pause_ns > 0 {
+            thread::sleep_ns(pause_ns);
+        }
+    }
+    r
+}
+
+/// Splits `clone`, with the workload `opts` asks for; `report` sees the
+/// progress after each burst.
+pub fn run_split(
+    clone: &'static CloneDisk,
+    opts: &Options,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<SplitRun, (bool, String)> {
+    let units = clone.geometry().vclusters;
+    let mut words = Vec::new();
+    words.try_reserve_exact(words_for(units)).map_err(|_| {
+        (
+            true,
+            format!("no memory for the copy map of {units} clusters"),
+        )
+    })?;
+    words.extend((0..words_for(units)).map(|_| AtomicU64::new(0)));
+    let failed = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
+    let split: &'static KernelSplit = Box::leak(Box::new(
+        Split::new(
+            clone,
+            words,
+            Box::new(Counters::new()),
+            opts.batch,
+            thread::yield_now,
+        )
+        .map_err(failed)?,
+    ));
+    PHASE.store(0, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = opts.workload.map(|(seed, pause)| {
+        let stop = stop.clone();
+        thread::spawn("clone-load", move || {
+            workload_loop(split, seed, pause, &stop)
+        })
+    });
+    let t0 = clock::now_ns();
+    if load.is_some() {
+        thread::sleep_ns(opts.before_ns);
+    }
+    let before_ns = clock::now_ns() - t0;
+    PHASE.store(1, Ordering::Relaxed);
+    let start = clock::now_ns();
+    let mut pacer = Pacer::new(opts.share, 10_000_000);
+    let mut rest = |ns: u64| {
+        if ns > 0 {
+            thread::sleep_ns(ns)
+        } else {
+            thread::yield_now()
+        }
+    };
+    let result = split.run(
+        &mut pacer,
+        opts.busy_ops,
+        &mut clock::now_ns,
+        &mut rest,
+        report,
+    );
+    let split_ns = clock::now_ns() - start;
+    stop.store(true, Ordering::Relaxed);
+    let load = load.map(|h| h.join());
+    let progress = result.map_err(failed)?;
+    if let Some(e) = load.as_ref().and_then(|l| l.error.clone()) {
+        return Err((false, format!("the workload failed: {e}")));
+    }
+    Ok(SplitRun {
+        progress,
+        split_ns,
+        before_ns,
+        load,
+    })
+}
+
+/// Emits `clone.progress` when the whole per cent done changes.
+fn progress_reporter() -> impl FnMut(&Progress) {
+    let mut last = None;
+    move |p: &Progress| {
+        // Whole per cents, at most one record per per cent.
+        let pct = (p.done() * 100).checked_div(p.units).unwrap_or(100);
+        if last.is_none_or(|l| pct > l) {
+            crate::trace!(
+                "clone.progress",
+                done = p.done(),
+                total = p.units,
+                pct = pct
+            );
+            crate::trace::flush();
+            last = Some(pct);
+        }
+    }
+}
+
+/// `clone-split`: the split of the clone on `clone=`, with the seeded
+/// workload when `workload=on`.
+pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
+    let num = |key, default| cmd.get(key).and_then(parse_u64).unwrap_or(default);
+    let clone: &'static CloneDisk = match open(cmd.get("clone").unwrap_or("clone")) {
+        Ok(c) => Box::leak(Box::new(c)),
+        Err((refused, why)) => return job_failed("clone-split", refused, &why),
+    };
+    let opts = Options {
+        share: num("share", 50),
+        busy_ops: num("busy", 20),
+        workload: (cmd.get("workload") == Some("on"))
+            .then(|| (num("seed", workload::SEED), num("pause_us", 200) * 1000)),
+        before_ns: num("before_ms", 200) * 1_000_000,
+        batch: num("batch", BATCH),
+    };
+    let run = match run_split(clone, &opts, &mut progress_reporter()) {
+        Ok(run) => run,
+        Err((refused, why)) => return job_failed("clone-split", refused, &why),
+    };
+    let p = run.progress;
+    let ops = run.load.as_ref().map_or(0, |l| l.ops);
+    log!(
+        "clone-split: {} clusters: {} already filled, {} copied ({} bytes), {} zero, {} filled by the workload first; {} ms; {ops} workload requests",
+        p.units, p.already, p.copied, p.copied_bytes, p.zeroed, p.by_workload, run.split_ns / 1_000_000
+    );
+    crate::trace!(
+        "clone.split",
+        copied = p.copied,
+        zeroed = p.zeroed,
+        by_workload = p.by_workload,
+        copied_bytes = p.copied_bytes,
+        split_ns = run.split_ns,
+        workload_ops = ops
+    );
+    crate::trace::flush();
+    ExitCode::Success
+}
+
+/// A decimal or `0x` hexadecimal number.
+fn parse_u64(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}

@@ -1,0 +1,407 @@
+//! The online clone split: every hole of a clone gets its own copy of the
+//! backing chain's data while a workload goes on reading and writing the
+//! clone, then the clone lets go of its backing file.
+//!
+//! Built on the [copy-once engine](crate::copyonce): the units are the
+//! clone's virtual clusters. At the start every cluster that is not a hole
+//! (data, or zero) is marked copied, so a split resumed after a crash
+//! never copies a cluster twice. Then a cluster becomes copied by
+//! whichever comes first:
+//!
+//! - a workload write ([`Split::write_at`], or the [`BlockDevice`] this
+//!   type is): it claims the cluster, writes (a partial write fills the
+//!   rest from the chain first) and finishes: the split never overwrites
+//!   newer data;
+//! - the background split ([`Split::step`]): it claims up to `batch` holes
+//!   of one L2 table, reads their data from the chain, and gives each a new
+//!   cluster holding it, or a zero entry where the chain reads as zeros
+//!   (known from its block status without reading); the batch's refcounts
+//!   and data are made durable by one flush, then the L2 entries are
+//!   written ([`Qcow2Disk::materialize`]).
+//!
+//! Reads need no claim: a hole and its copy read the same.
+//! [`Split::run`] paces the background work with a [`Pacer`] and steps
+//! aside when the workload was active during a burst. When every cluster
+//! is copied, [`Split::finish`] flushes, clears the backing file name and
+//! backing format in the header, and flushes again.
+//!
+//! A crash leaks at most one batch of clusters (counted, data maybe
+//! written, never published) and corrupts nothing; the clone reads the
+//! same before and after. This module must never write to a cluster that
+//! is not a hole without holding its claim, nor copy a unit it has not won.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use alloc::vec::Vec;
+
+use super::{Entry, Qcow2Disk, Result};
+use crate::backup::qcow2::{buffer, Qcow2Error};
+use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
+use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
+
+/// Most clusters one batch claims, as a multiple of its data clusters:
+/// holes over zeros cost an entry each, not a read or a write.
+pub const UNITS_PER_BATCH: u64 = 16;
+
+/// Where a split stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Virtual clusters in all.
+    pub units: u64,
+    /// Clusters that were not holes when this run started.
+    pub already: u64,
+    /// Holes the background split filled with a copy.
+    pub copied: u64,
+    /// Holes the background split made zero entries.
+    pub zeroed: u64,
+    /// Holes the workload's writes filled first.
+    pub by_workload: u64,
+    /// Bytes copied from the chain.
+    pub copied_bytes: u64,
+    /// Whether the backing file is released.
+    pub released: bool,
+}
+
+impl Progress {
+    /// Clusters settled (not holes any more).
+    pub fn done(&self) -> u64 {
+        self.already + self.copied + self.zeroed + self.by_workload
+    }
+}
+
+/// A split in progress over a clone; see the module docs.
+pub struct Split<'a, D, W, C> {
+    disk: &'a Qcow2Disk<D>,
+    engine: Engine<W, C>,
+    batch: u64,
+    cursor: AtomicU64,
+    already: u64,
+    zeroed: AtomicU64,
+    copied_bytes: AtomicU64,
+    workload_ops: AtomicU64,
+    relax: fn(),
+}
+
+impl<'a, D, W, C> Split<'a, D, W, C>
+where
+    D: BlockDevice,
+    W: AsRef<[AtomicU64]>,
+    C: core::ops::Deref<Target = Counters>,
+{
+    /// A split of `disk` whose copy map lives in `words` (at least
+    /// [`crate::copyonce::words_for`] of the virtual clusters) and counts
+    /// in `counters`, copying up to `batch` clusters at a time (1 or more);
+    /// `relax` runs while a write waits for the background copy of its
+    /// cluster. Marks every cluster that is not a hole copied.
+    pub fn new(
+        disk: &'a Qcow2Disk<D>,
+        words: W,
+        counters: C,
+        batch: u64,
+        relax: fn(),
+    ) -> Result<Self> {
+        let units = disk.geometry().vclusters;
+        let engine = Engine::new(words, units, counters);
+        for vc in 0..units {
+            if disk.entry(vc)? != Entry::Hole {
+                engine.mark_copied(vc);
+            }
+        }
+        let already = engine.count();
+        Ok(Split {
+            disk,
+            engine,
+            batch: batch.max(1),
+            cursor: AtomicU64::new(0),
+            already,
+            zeroed: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
+            workload_ops: AtomicU64::new(0),
+            relax,
+        })
+    }
+
+    /// The clone.
+    pub fn disk(&self) -> &Qcow2Disk<D> {
+        self.disk
+    }
+
+    /// Where the split stands.
+    pub fn progress(&self) -> Progress {
+        let s = self.engine.stats();
+        let zeroed = self.zeroed.load(Ordering::Relaxed);
+        Progress {
+            units: self.engine.units(),
+            already: self.already,
+            copied: s[Cause::Background] - zeroed,
+            zeroed,
+            by_workload: s[Cause::Access],
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
+            released: !self.disk.has_backing(),
+        }
+    }
+
+    /// Whether every cluster is settled.
+    pub fn is_complete(&self) -> bool {
+        self.engine.is_complete()
+    }
+
+    /// Workload requests served so far (the pacer's sign of activity).
+    pub fn workload_ops(&self) -> u64 {
+        self.workload_ops.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on cluster `vc` holding its claim if it is not copied yet
+    /// (finishing it as the workload's), or straight away if it is.
+    fn with_claim(&self, vc: u64, f: impl Fn() -> Result<()>) -> Result<()> {
+        loop {
+            match self.engine.claim(vc) {
+                Claim::Won(token) => {
+                    return match f() {
+                        Ok(()) => {
+                            self.engine.finish(token, Cause::Access);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            self.engine.abandon(token);
+                            Err(e)
+                        }
+                    }
+                }
+                Claim::Copied => return f(),
+                Claim::Busy => {
+                    self.engine.wait(vc, self.relax);
+                }
+            }
+        }
+    }
+
+    /// A workload write: each cluster it touches is claimed first.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.workload_ops.fetch_add(1, Ordering::Relaxed);
+        let cs = self.disk.geometry().cs;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let n = ((cs - at % cs) as usize).min(data.len() - done);
+            let piece = &data[done..done + n];
+            self.with_claim(at / cs, || self.disk.write_in_cluster(at, piece))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A workload read (no claim: a hole and its copy read the same).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.workload_ops.fetch_add(1, Ordering::Relaxed);
+        self.disk.read_at(offset, buf)
+    }
+
+    /// Claims unclaimed clusters of one L2 table from the cursor on
+    /// (wrapping once), until `batch` of them have data below or
+    /// [`UNITS_PER_BATCH`] times as many are claimed; each comes with
+    /// whether the chain holds data there (by its block status).
+    fn claim_batch(&self) -> Result<Vec<(Token, bool)>> {
+        let g = self.disk.geometry();
+        let n = self.engine.units();
+        let mut claimed = Vec::new();
+        let start = self.cursor.load(Ordering::Relaxed) % n.max(1);
+        let (mut scanned, mut with_data) = (0, 0);
+        let mut table = None;
+        let mut result = Ok(());
+        while scanned < n
+            && with_data < self.batch
+            && (claimed.len() as u64) < self.batch * UNITS_PER_BATCH
+        {
+            let vc = (start + scanned) % n;
+            if table.is_some_and(|t| t != vc / g.l2_entries) {
+                break;
+            }
+            scanned += 1;
+            if self.engine.state(vc) != crate::copyonce::State::NotCopied {
+                continue;
+            }
+            if let Claim::Won(t) = self.engine.claim(vc) {
+                table = Some(vc / g.l2_entries);
+                match self.disk.data_below(vc) {
+                    Ok(data) => {
+                        with_data += u64::from(data);
+                        claimed.push((t, data));
+                    }
+                    Err(e) => {
+                        self.engine.abandon(t);
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        self.cursor
+            .store((start + scanned) % n.max(1), Ordering::Relaxed);
+        if let Err(e) = result {
+            for (t, _) in claimed {
+                self.engine.abandon(t);
+            }
+            return Err(e);
+        }
+        Ok(claimed)
+    }
+
+    /// One background batch; returns the clusters it settled (0: nothing
+    /// left to claim).
+    pub fn step(&self) -> Result<u64> {
+        let claimed = self.claim_batch()?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        match self.fill(&claimed) {
+            Ok(zeroed) => {
+                let n = claimed.len() as u64;
+                self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
+                for (t, _) in claimed {
+                    self.engine.finish(t, Cause::Background);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                for (t, _) in claimed {
+                    self.engine.abandon(t);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies the claimed holes with data below from the chain (runs of
+    /// consecutive clusters in one read) and gives the others zero
+    /// entries; returns how many got zero entries.
+    fn fill(&self, claimed: &[(Token, bool)]) -> Result<u64> {
+        let g = self.disk.geometry();
+        let cs = g.cs as usize;
+        let with_data: Vec<u64> = claimed.iter().filter(|c| c.1).map(|c| c.0.unit()).collect();
+        let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
+        let mut k = 0;
+        while k < with_data.len() {
+            let mut end = k + 1;
+            while end < with_data.len() && with_data[end] == with_data[k] + (end - k) as u64 {
+                end += 1;
+            }
+            let (first, last) = (with_data[k], with_data[end - 1]);
+            let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
+            self.disk
+                .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
+            k = end;
+        }
+        let mut chunks = data.chunks(cs);
+        let mut items = Vec::new();
+        let mut zeroed = 0;
+        for (t, below) in claimed {
+            let chunk = if *below { chunks.next() } else { None };
+            let content = chunk.filter(|c| c.iter().any(|&b| b != 0));
+            zeroed += u64::from(content.is_none());
+            items.push((t.unit(), Entry::Hole, content));
+        }
+        if !self.disk.materialize(&items)? {
+            return Err(Qcow2Error::Invalid(
+                "a claimed hole changed under the split (a write bypassed the claims)".into(),
+            ));
+        }
+        let copied = (claimed.len() as u64 - zeroed) * g.cs;
+        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        Ok(zeroed)
+    }
+
+    /// Releases the backing file once every cluster is settled: flush,
+    /// clear the name and format, flush. Returns whether it did (false:
+    /// holes are left).
+    pub fn finish(&self) -> Result<bool> {
+        if !self.is_complete() {
+            return Ok(false);
+        }
+        if self.disk.has_backing() {
+            self.disk.release_backing()?;
+        }
+        Ok(true)
+    }
+
+    /// Runs the split to the end, paced: bursts while `pacer` allows, rests
+    /// of `pacer`'s choosing through `rest(ns)`, stepping aside when the
+    /// workload was busy during a burst (more than `busy_ops` requests).
+    /// `now()` reads a monotonic clock in ns; `report` sees the progress
+    /// after each burst.
+    pub fn run(
+        &self,
+        pacer: &mut Pacer,
+        busy_ops: u64,
+        now: &mut dyn FnMut() -> u64,
+        rest: &mut dyn FnMut(u64),
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Progress> {
+        loop {
+            pacer.start_burst(now());
+            let seen = self.workload_ops();
+            let mut idle = false;
+            while pacer.keep_working(now()) {
+                if self.step()? == 0 {
+                    idle = true;
+                    break;
+                }
+                if self.workload_ops() - seen > busy_ops {
+                    pacer.foreground();
+                }
+            }
+            report(&self.progress());
+            if idle && self.is_complete() {
+                self.finish()?;
+                let p = self.progress();
+                report(&p);
+                return Ok(p);
+            }
+            let ns = pacer.end_burst();
+            rest(ns);
+        }
+    }
+}
+
+impl<D, W, C> BlockDevice for Split<'_, D, W, C>
+where
+    D: BlockDevice,
+    W: AsRef<[AtomicU64]> + Send + Sync,
+    C: core::ops::Deref<Target = Counters> + Send + Sync,
+{
+    fn info(&self) -> &DiskInfo {
+        self.disk.info()
+    }
+
+    fn transfer(&self, ops: &mut [Op<'_>], _depth: usize) -> core::result::Result<(), BlockError> {
+        super::serve(self, ops)
+    }
+}
+
+impl<D, W, C> super::Serve for Split<'_, D, W, C>
+where
+    D: BlockDevice,
+    W: AsRef<[AtomicU64]>,
+    C: core::ops::Deref<Target = Counters>,
+{
+    fn disk_info(&self) -> &DiskInfo {
+        self.disk.info()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Split::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        Split::write_at(self, offset, data)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.disk.file().flush()?)
+    }
+}
+
+impl<D, W, C> core::fmt::Debug for Split<'_, D, W, C> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Split")
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}

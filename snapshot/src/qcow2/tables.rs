@@ -1,0 +1,222 @@
+//! The L1 table and a small cache of L2 tables: what each virtual cluster
+//! maps to, and publishing new mappings.
+//!
+//! The L1 table is held whole (at most 32 MiB, QEMU's bound, checked by
+//! the header parser; allocated fallibly); L2 tables are cached
+//! [`CACHED_L2`] at a time and written through, a sector at a time. A new
+//! L2 table is counted and written zeroed, both made durable by one flush,
+//! before the L1 entry names it.
+//!
+//! This module must never publish an entry pointing at a cluster whose
+//! refcount and data are not yet durable: its callers order that.
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use super::refcount::Refcounts;
+use super::{Geometry, Result};
+use crate::backup::qcow2::{
+    be64, buffer, host_of, invalid, l1_entry, l2_entry, placed, Qcow2Error, COPIED, ZERO_FLAG,
+};
+use crate::devices::block::{read_bytes, write_bytes, BlockDevice, SECTOR_SIZE};
+
+/// L2 tables kept in memory.
+pub const CACHED_L2: usize = 4;
+
+const COMPRESSED: u64 = 1 << 62;
+
+/// What one virtual cluster maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Unallocated: reads come from the backing chain (zeros without one).
+    Hole,
+    /// Reads as zeros, no host cluster.
+    Zero,
+    /// Reads as zeros; owns the host cluster at this offset.
+    ZeroAlloc(u64),
+    /// Data at this host offset, refcount one (writable in place).
+    Data(u64),
+    /// Data at this host offset shared with something else (refcount
+    /// above one): readable, never written in place.
+    Shared(u64),
+}
+
+impl Entry {
+    /// Decodes the L2 entry of virtual cluster `vc`, checked.
+    fn decode(raw: u64, vc: u64, g: &Geometry) -> Result<Entry> {
+        if raw & COMPRESSED != 0 {
+            return Err(Qcow2Error::Unsupported(format!(
+                "compressed cluster at virtual offset {:#x}",
+                vc * g.cs
+            )));
+        }
+        l2_entry(raw, vc, g.cs, g.file_len)?;
+        let host = host_of(raw);
+        Ok(match (raw & ZERO_FLAG != 0, host, raw & COPIED != 0) {
+            (true, 0, _) => Entry::Zero,
+            (true, h, _) => Entry::ZeroAlloc(h),
+            (false, 0, _) => Entry::Hole,
+            (false, h, true) => Entry::Data(h),
+            (false, h, false) => Entry::Shared(h),
+        })
+    }
+
+    /// The raw L2 entry for this mapping.
+    pub fn encode(self) -> u64 {
+        match self {
+            Entry::Hole => 0,
+            Entry::Zero => ZERO_FLAG,
+            Entry::ZeroAlloc(h) => h | ZERO_FLAG | COPIED,
+            Entry::Data(h) => h | COPIED,
+            Entry::Shared(h) => h,
+        }
+    }
+}
+
+/// The L1 table and the L2 cache.
+#[derive(Debug)]
+pub(super) struct Tables {
+    l1: Vec<u64>,
+    cache: Vec<(u64, Vec<u8>)>,
+    victim: usize,
+}
+
+impl Tables {
+    /// Reads and checks the L1 table.
+    pub(super) fn open(dev: &dyn BlockDevice, g: &Geometry, l1_size: u32) -> Result<Self> {
+        let used = g.vclusters.div_ceil(g.l2_entries);
+        let mut raw = buffer(u64::from(l1_size) * 8, "L1 table")?;
+        read_bytes(dev, g.l1_offset, &mut raw)?;
+        let mut l1 = Vec::new();
+        l1.try_reserve_exact(used as usize)
+            .map_err(|_| Qcow2Error::TooLarge(format!("L1 table: {} bytes", used * 8)))?;
+        for i in 0..used {
+            let e = be64(&raw, (i * 8) as usize);
+            let at = l1_entry(i, e)?;
+            if at != 0 {
+                placed(&format!("L2 table {i}"), at, g.cs, g.cs, g.file_len)?;
+            }
+            l1.push(e);
+        }
+        Ok(Tables {
+            l1,
+            cache: Vec::new(),
+            victim: 0,
+        })
+    }
+
+    /// Decodes every entry of every L2 table, so that what the device
+    /// cannot serve (a compressed cluster) is refused when the image is
+    /// opened, not on the read that meets it.
+    pub(super) fn check_all(&mut self, dev: &dyn BlockDevice, g: &Geometry) -> Result<()> {
+        for i in 0..self.l1.len() as u64 {
+            if host_of(self.l1[i as usize]) == 0 {
+                continue;
+            }
+            let last = ((i + 1) * g.l2_entries).min(g.vclusters);
+            for vc in i * g.l2_entries..last {
+                self.entry(dev, g, vc)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache slot holding L2 table `i`, loading it; `None` if the
+    /// table does not exist.
+    fn slot(&mut self, dev: &dyn BlockDevice, g: &Geometry, i: u64) -> Result<Option<usize>> {
+        let at = host_of(self.l1[i as usize]);
+        if at == 0 {
+            return Ok(None);
+        }
+        if let Some(s) = self.cache.iter().position(|(t, _)| *t == i) {
+            return Ok(Some(s));
+        }
+        let s = if self.cache.len() < CACHED_L2 {
+            self.cache.push((i, buffer(g.cs, "L2 table")?));
+            self.cache.len() - 1
+        } else {
+            self.victim = (self.victim + 1) % CACHED_L2;
+            self.victim
+        };
+        self.cache[s].0 = u64::MAX;
+        read_bytes(dev, at, &mut self.cache[s].1)?;
+        self.cache[s].0 = i;
+        Ok(Some(s))
+    }
+
+    /// What virtual cluster `vc` maps to.
+    pub(super) fn entry(&mut self, dev: &dyn BlockDevice, g: &Geometry, vc: u64) -> Result<Entry> {
+        let (i, j) = (vc / g.l2_entries, vc % g.l2_entries);
+        match self.slot(dev, g, i)? {
+            None => Ok(Entry::Hole),
+            Some(s) => Entry::decode(be64(&self.cache[s].1, (j * 8) as usize), vc, g),
+        }
+    }
+
+    /// Makes sure L2 table `i` exists: allocates, counts, zeroes and flushes
+    /// a new one before the L1 entry names it.
+    pub(super) fn ensure(
+        &mut self,
+        dev: &dyn BlockDevice,
+        g: &Geometry,
+        rc: &mut Refcounts,
+        i: u64,
+    ) -> Result<()> {
+        if host_of(self.l1[i as usize]) != 0 {
+            return Ok(());
+        }
+        let c = rc.alloc(dev, g)?;
+        rc.sync(dev)?;
+        let zero = buffer(g.cs, "L2 table")?;
+        write_bytes(dev, c * g.cs, &zero)?;
+        dev.flush()?;
+        self.l1[i as usize] = (c * g.cs) | COPIED;
+        let first = (i as usize * 8) / SECTOR_SIZE * SECTOR_SIZE / 8;
+        let mut sector = [0u8; SECTOR_SIZE];
+        for (k, w) in sector.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&self.l1.get(first + k).copied().unwrap_or(0).to_be_bytes());
+        }
+        // The L1 table may end mid-sector: keep what follows it.
+        let l1_end = g.l1_offset + g.l1_bytes;
+        let at = g.l1_offset + first as u64 * 8;
+        let keep = (l1_end.saturating_sub(at) as usize).min(SECTOR_SIZE);
+        if keep < SECTOR_SIZE {
+            let mut old = [0u8; SECTOR_SIZE];
+            read_bytes(dev, at, &mut old)?;
+            sector[keep..].copy_from_slice(&old[keep..]);
+        }
+        write_bytes(dev, at, &sector)?;
+        Ok(())
+    }
+
+    /// Sets the entries of virtual clusters in one L2 table, which exists,
+    /// and writes the changed sectors (no flush).
+    pub(super) fn publish(
+        &mut self,
+        dev: &dyn BlockDevice,
+        g: &Geometry,
+        entries: &[(u64, Entry)],
+    ) -> Result<()> {
+        let Some(&(first_vc, _)) = entries.first() else {
+            return Ok(());
+        };
+        let i = first_vc / g.l2_entries;
+        let s = self
+            .slot(dev, g, i)?
+            .ok_or_else(|| invalid(format!("L2 table {i} missing when publishing")))?;
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for &(vc, e) in entries {
+            debug_assert_eq!(vc / g.l2_entries, i, "one table per publish");
+            let at = ((vc % g.l2_entries) * 8) as usize;
+            self.cache[s].1[at..at + 8].copy_from_slice(&e.encode().to_be_bytes());
+            (lo, hi) = (lo.min(at), hi.max(at + 8));
+        }
+        let (lo, hi) = (
+            lo / SECTOR_SIZE * SECTOR_SIZE,
+            hi.next_multiple_of(SECTOR_SIZE),
+        );
+        let table = host_of(self.l1[i as usize]);
+        write_bytes(dev, table + lo as u64, &self.cache[s].1[lo..hi])?;
+        Ok(())
+    }
+}

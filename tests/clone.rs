@@ -1,0 +1,362 @@
+//! Clones and the online clone split as a user runs them: images made by
+//! `qemu-img create -b ... -F ...` and filled with `qemu-io`, split by the
+//! kernel on virtio disks, then judged by QEMU's own tools: `qemu-img
+//! check` (no corruption), `qemu-img info` (no backing file after the
+//! split) and `qemu-img compare` against `qemu-img convert` of the
+//! original chain, with the workload's writes replayed on the host from
+//! its seed. QEMU is also killed in the middle of splits, and the split
+//! resumed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use boot::clone::{finish_split, make_clone, plan_split, replay_workload, SplitJob};
+use boot::qemu::{self, Config, Disk, Outcome, Verdict};
+use kernel_tests::{host_tool, image_dir, kernel, tool};
+use snapshot::interface::trace::Record;
+use snapshot::qcow2::workload;
+
+const MEM: u64 = 512 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn fresh(test: &str) -> PathBuf {
+    let dir = image_dir(&format!("clone-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    dir
+}
+
+fn qemu_io(image: &Path, format: &str, cmds: &[String]) {
+    let mut args = vec!["-f", format];
+    for c in cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(s(image));
+    tool("qemu-io", &args);
+}
+
+/// Scattered writes of `count` pieces of `len` bytes, each its own pattern.
+fn scattered(count: u64, stride: u64, len: &str, seed: u64) -> Vec<String> {
+    (0..count)
+        .map(|k| format!("write -q -P {} {} {len}", (k + seed) % 250 + 1, k * stride))
+        .collect()
+}
+
+/// A new qcow2 image at `path` of `size` with `options`.
+fn qcow2(path: &Path, size: &str, options: &str) {
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", options, s(path), size],
+    );
+}
+
+/// Points `image` at `backing` in `format` without touching its data
+/// (`qemu-img rebase -u`).
+fn rebase(image: &Path, backing: &str, format: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            format,
+            s(image),
+        ],
+    );
+}
+
+/// A new qcow2 image at `image` over `backing` (as the header names it)
+/// in `format`, as `qemu-img create -b -F` makes it.
+fn overlay(image: &Path, backing: &str, format: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            format,
+            s(image),
+        ],
+    );
+}
+
+fn boot(cmdline: &str, disks: Vec<Disk>, kill_on: Option<&str>) -> Outcome {
+    let config = Config {
+        mem_bytes: MEM,
+        timeout: Duration::from_secs(300),
+        disks,
+        ..Config::new(&kernel(), cmdline)
+    };
+    let kill_at = |line: &str| kill_on.is_some_and(|k| line.contains(k));
+    qemu::run_killing(&config, |_| {}, kill_at).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs the split of `job`; returns the outcome and the `clone.split`
+/// record's (copied + zeroed clusters, workload requests).
+fn split(job: &SplitJob, workload: bool, kill_on: Option<&str>) -> (Outcome, Option<(u64, u64)>) {
+    let cmdline = if workload {
+        "scenario=clone-split workload=on share=30"
+    } else {
+        "scenario=clone-split share=30"
+    };
+    let outcome = boot(cmdline, job.disks.clone(), kill_on);
+    let records: Vec<Record<'_>> = boot::report::records(&outcome.serial).unwrap();
+    let ops = finish_split(job, &records).unwrap_or_else(|e| panic!("{e}"));
+    let done = records.iter().rfind(|r| r.event == "clone.split").map(|r| {
+        (
+            r.u64("copied").unwrap() + r.u64("zeroed").unwrap(),
+            ops.unwrap(),
+        )
+    });
+    (outcome, done)
+}
+
+fn assert_standalone_and_equal(clone: &Path, expected: &Path) {
+    let check = tool("qemu-img", &["check", s(clone)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let info = tool("qemu-img", &["info", "--output=json", s(clone)]);
+    assert!(!info.contains("backing-filename"), "still backed: {info}");
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", s(expected), s(clone)],
+    );
+}
+
+/// A qcow2 base, a clone made by the `clone` command (relative backing
+/// name), the split with the workload running: the result is the chain
+/// flattened plus exactly the workload's writes.
+#[test]
+fn split_with_workload_holds_the_chain_and_the_workload_writes() {
+    let dir = fresh("workload");
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "64M", "cluster_size=4k");
+    qemu_io(&base, "qcow2", &scattered(200, 300 << 10, "20k", 1));
+    let clone = dir.join("sub/clone.qcow2");
+    let run = host_tool(&["clone", "--base", s(&base), "--out", s(&clone), "--quiet"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let info = tool("qemu-img", &["info", s(&clone)]);
+    assert!(info.contains("backing file: ../base.qcow2"), "{info}");
+    assert!(info.contains("backing file format: qcow2"), "{info}");
+    let expected = dir.join("expected.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&clone), s(&expected)],
+    );
+    let job = plan_split(&clone).unwrap();
+    let (outcome, done) = split(&job, true, None);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
+    let (_, ops) = done.expect("a clone.split record");
+    assert!(ops > 0, "the workload ran");
+    replay_workload(&expected, workload::SEED, ops).unwrap();
+    assert_standalone_and_equal(&clone, &expected);
+    // The base is not needed any more.
+    std::fs::remove_file(&base).unwrap();
+    tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            s(&expected),
+            s(&clone),
+        ],
+    );
+}
+
+/// Raw base, qcow2 middle layer with writes of its own, qcow2 clone with
+/// writes of its own: the split reads through both.
+#[test]
+fn a_chain_of_depth_two_splits_to_the_flattened_chain() {
+    let dir = fresh("depth2");
+    let base = dir.join("base.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
+    qemu_io(&base, "raw", &scattered(40, 700 << 10, "100k", 3));
+    let mid = dir.join("mid.qcow2");
+    overlay(&mid, "base.raw", "raw");
+    qemu_io(&mid, "qcow2", &scattered(30, 900 << 10, "7k", 5));
+    let clone = dir.join("sub/clone.qcow2");
+    overlay(&clone, "../mid.qcow2", "qcow2");
+    qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "3k", 9));
+    let expected = dir.join("expected.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&clone), s(&expected)],
+    );
+    let job = plan_split(&clone).unwrap();
+    assert_eq!(job.chain.len(), 2);
+    let (outcome, done) = split(&job, false, None);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
+    assert!(done.is_some());
+    assert_standalone_and_equal(&clone, &expected);
+}
+
+/// QEMU killed at several points of a split: the image is sound by
+/// `qemu-img check`, still reads as the clone did, and a second run
+/// settles exactly the holes left (never recopying a filled cluster).
+#[test]
+fn a_split_killed_at_several_points_resumes_without_recopying() {
+    for point in ["pct=1", "pct=4", "pct=7"] {
+        let dir = fresh(&format!("kill-{}", &point[4..]));
+        let base = dir.join("base.qcow2");
+        qcow2(&base, "96M", "cluster_size=4k");
+        qemu_io(&base, "qcow2", &scattered(300, 320 << 10, "60k", 2));
+        let clone = dir.join("sub/clone.qcow2");
+        make_clone(&base, &clone).unwrap();
+        let expected = dir.join("expected.raw");
+        tool(
+            "qemu-img",
+            &["convert", "-O", "raw", s(&clone), s(&expected)],
+        );
+        let job = plan_split(&clone).unwrap();
+        let (outcome, done) = split(&job, false, Some(point));
+        assert_ne!(
+            outcome.verdict,
+            Verdict::Passed,
+            "{point}: the split finished first"
+        );
+        assert!(done.is_none());
+        let check = tool("qemu-img", &["check", s(&clone)]);
+        assert!(
+            check.contains("No errors were found") || check.contains("leaked clusters"),
+            "{check}"
+        );
+        assert!(!check.contains("ERROR"), "{check}");
+        tool(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                s(&expected),
+                s(&clone),
+            ],
+        );
+        let holes = holes(&clone);
+        assert!(holes > 0, "{point}: nothing left to do");
+        let job = plan_split(&clone).unwrap();
+        let (outcome, done) = split(&job, false, None);
+        assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
+        assert_eq!(
+            done.unwrap().0,
+            holes,
+            "{point}: the resumed split settles exactly the holes left"
+        );
+        assert_standalone_and_equal(&clone, &expected);
+    }
+}
+
+/// Holes left in the clone at `path`, by `qemu-img map`: clusters it
+/// does not allocate itself (depth > 0 or unallocated).
+fn holes(path: &Path) -> u64 {
+    let map = tool("qemu-img", &["map", "--output=json", s(path)]);
+    let mut holes = 0;
+    for line in map.lines().filter(|l| l.contains("\"start\"")) {
+        let num = |key: &str| -> u64 {
+            let at = line.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
+            line[at..]
+                .trim_start()
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        if num("depth") > 0 || line.contains("\"present\": false") {
+            holes += num("length") / 4096;
+        }
+    }
+    holes
+}
+
+/// Bad chains are refused before anything is written, naming the problem.
+#[test]
+fn bad_chains_are_refused_with_nothing_written() {
+    let dir = fresh("refuse");
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "16M", "cluster_size=64k");
+    let clone = dir.join("sub/clone.qcow2");
+    overlay(&clone, "../base.qcow2", "qcow2");
+    let refused = |why: &str| {
+        let before = std::fs::read(&clone).unwrap();
+        let e = plan_split(&clone).unwrap_err();
+        assert!(e.contains(why), "{e}");
+        assert_eq!(std::fs::read(&clone).unwrap(), before, "nothing written");
+    };
+    std::fs::rename(&base, dir.join("moved.qcow2")).unwrap();
+    refused(&format!("{}", dir.join("sub/../base.qcow2").display()));
+    std::fs::rename(dir.join("moved.qcow2"), &base).unwrap();
+    // A loop: the base names the clone.
+    rebase(&base, "sub/clone.qcow2", "qcow2");
+    refused("loops");
+    tool(
+        "qemu-img",
+        &["rebase", "-u", "-f", "qcow2", "-b", "", s(&base)],
+    );
+    // A raw backing file smaller than the clone.
+    let small = dir.join("small.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", s(&small), "1M"]);
+    rebase(&clone, "../small.raw", "raw");
+    refused("smaller");
+    // An unsupported feature in the chain: a compressed cluster.
+    qemu_io(&base, "qcow2", &["write -q -P 5 0 64k".into()]);
+    let packed = dir.join("packed.qcow2");
+    tool(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", s(&base), s(&packed)],
+    );
+    rebase(&clone, "../packed.qcow2", "qcow2");
+    refused("compress");
+}
+
+/// A clone is backed up as the guest sees it: `restore` gives the chain
+/// flattened, which `qemu-img compare` finds equal to `qemu-img convert`
+/// of the chain.
+#[test]
+fn a_clone_is_backed_up_through_its_chain() {
+    let dir = fresh("backup");
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "32M", "cluster_size=64k");
+    qemu_io(&base, "qcow2", &scattered(20, 1 << 20, "100k", 4));
+    let clone = dir.join("sub/clone.qcow2");
+    overlay(&clone, "../base.qcow2", "qcow2");
+    qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "5k", 8));
+    qemu_io(&clone, "qcow2", &["write -q -z 0 64k".into()]);
+    let expected = dir.join("expected.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&clone), s(&expected)],
+    );
+    let tape = dir.join("tape");
+    let run = host_tool(&[
+        "backup",
+        "--quiet",
+        "--source",
+        s(&clone),
+        "--tape",
+        s(&tape),
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let out = dir.join("out.raw");
+    let run = host_tool(&["restore", "--quiet", "--tape", s(&tape), "--out", s(&out)]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s(&expected), s(&out)],
+    );
+}
