@@ -21,7 +21,7 @@ use snapshot::qcow2::flat::FlatView;
 use snapshot::qcow2::workload;
 use snapshot::qcow2::{Qcow2Disk, Qcow2Error};
 
-use crate::backup::FileDisk;
+use crate::filedisk::FileDisk;
 use crate::qemu::Disk;
 
 /// The name of the `n`th backing layer's disk (1 is the clone's base).

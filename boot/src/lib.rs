@@ -15,6 +15,7 @@ pub mod cli;
 pub mod clone;
 pub mod clonebench;
 pub mod corefile;
+pub mod filedisk;
 pub mod ktest;
 pub mod mirror;
 pub mod qemu;
