@@ -24,41 +24,25 @@ use snapshot::qcow2::flat::FlatView;
 
 use crate::arch::qemu::ExitCode;
 use crate::trace::job_failed;
-use crate::trace::Word;
 use crate::{clock, log, virtio};
 
 /// Emits progress records, at most one per 5 % of each stage, and notes
 /// when the copy stage ended (the backup's split between copy and stream).
 struct Progress {
-    last: Option<(Stage, u64)>,
+    stages: crate::trace::Progress,
     copy_ended_ns: Option<u64>,
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
-            last: None,
+            stages: crate::trace::Progress::new("backup.progress"),
             copy_ended_ns: None,
         }
     }
 
     fn report(&mut self, stage: Stage, done: u64, total: u64) {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let due = match self.last {
-            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
-            _ => true,
-        };
-        if due {
-            crate::trace!(
-                "backup.progress",
-                stage = Word(stage.name()),
-                done = done,
-                total = total
-            );
-            // Out now, not when the trace buffer fills: the host shows it.
-            crate::trace::flush();
-            self.last = Some((stage, pct));
-        }
+        self.stages.report(stage.name(), done, total);
         if stage == Stage::Copy && done == total {
             self.copy_ended_ns = Some(clock::now_ns());
         }

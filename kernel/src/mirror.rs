@@ -34,7 +34,7 @@ use snapshot::support::rng::Rng;
 
 use crate::arch::qemu::ExitCode;
 use crate::trace::job_failed;
-use crate::trace::Word;
+use crate::trace::Progress;
 use crate::{clock, log, thread, virtio};
 
 /// Blocks a pump or copier step moves at most.
@@ -53,41 +53,9 @@ pub fn open(cmd: &CmdLine<'_>, opts: Options) -> Result<(Arc<Mirror>, Opened), E
     Ok((Arc::new(m), opened))
 }
 
-/// Reports `stage` progress at most every 5 %.
-pub struct Progress {
-    last: Option<(&'static str, u64)>,
-}
-
-impl Progress {
-    /// No report yet.
-    pub fn new() -> Self {
-        Progress { last: None }
-    }
-
-    /// `done` of `total` in `stage`.
-    pub fn report(&mut self, stage: &'static str, done: u64, total: u64) {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let due = match self.last {
-            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
-            _ => true,
-        };
-        if due {
-            crate::trace!(
-                "mirror.progress",
-                stage = Word(stage),
-                done = done,
-                total = total
-            );
-            crate::trace::flush();
-            self.last = Some((stage, pct));
-        }
-    }
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The mirror's progress records, `mirror.progress stage= done= total=`.
+pub fn progress() -> Progress {
+    Progress::new("mirror.progress")
 }
 
 /// Pumps until the secondary is in sync; returns the blocks copied.
@@ -142,7 +110,7 @@ pub fn workload(
 /// secondary, whoever copied them); returns the blocks it copied.
 pub fn copier(m: &Mirror, stop: &AtomicBool) -> Result<u64, Error> {
     let mut copied = 0;
-    let mut progress = Progress::new();
+    let mut progress = progress();
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
         let n = m.copy(BATCH)?;
         copied += n;
@@ -242,7 +210,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     let pending_split = matches!(opened, Opened::Split { .. });
     log!("mirror: opened {opened:?}; {:?}", m.geometry());
     crate::trace!("mirror.opened", resumed_split = u64::from(pending_split));
-    let mut progress = Progress::new();
+    let mut progress = progress();
     let stop = Arc::new(AtomicBool::new(false));
     let mut writer = None;
     let mut reference_hashes = None;

@@ -188,3 +188,39 @@ pub fn job_failed(
     emit_now(failure.event(), &failure.fields());
     crate::arch::qemu::ExitCode::Failure
 }
+
+/// A job's progress through its stages, traced as `EVENT stage= done=
+/// total=` at most every 5 % of a stage (and at its end), and flushed at
+/// once so the host tool can show it while the job runs.
+#[derive(Debug)]
+pub struct Progress {
+    event: &'static str,
+    last: Option<(&'static str, u64)>,
+}
+
+impl Progress {
+    /// No report yet; records will be named `event`.
+    pub const fn new(event: &'static str) -> Self {
+        Progress { event, last: None }
+    }
+
+    /// `done` of `total` in `stage`.
+    pub fn report(&mut self, stage: &'static str, done: u64, total: u64) {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let due = match self.last {
+            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
+            _ => true,
+        };
+        if due {
+            emit_now(
+                self.event,
+                &[
+                    ("stage", Value::Word(stage)),
+                    ("done", Value::U64(done)),
+                    ("total", Value::U64(total)),
+                ],
+            );
+            self.last = Some((stage, pct));
+        }
+    }
+}

@@ -24,7 +24,7 @@ use super::blk::sequential;
 use super::{per_second, percentile, print_json, seconds};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
-use crate::mirror::{backup, copier, mismatched, pump_all, reference, workload, Progress, BATCH};
+use crate::mirror::{backup, copier, mismatched, progress, pump_all, reference, workload, BATCH};
 use crate::{log, thread, virtio};
 
 /// Every `SPREAD`th block carries differential data at the split.
@@ -172,7 +172,7 @@ fn round(
         workload(&m2, seed, None, &stop2, true)
     });
     let never = AtomicBool::new(false);
-    let mut progress = Progress::new();
+    let mut progress = progress();
     let (summary, copy_ns) = if slow {
         copier(m, &never)?;
         let copy_ns = now_ns() - t0;
@@ -223,7 +223,7 @@ fn run() -> Result<Vec<(&'static str, String)>, Error> {
     let never = AtomicBool::new(false);
     let lat = workload(&m, 7, Some(BEFORE_OPS), &never, true)?;
     let before = Load::new(&m, 7, lat, now_ns() - t);
-    pump_all(&m, &mut Progress::new())?;
+    pump_all(&m, &mut progress())?;
     let quick = round(&m, &*tape, Via::Secondary, false, 11)?;
     let memory = round(&m, &*tape, Via::Memory, false, 11)?;
     let slow = round(&m, &*tape, Via::Secondary, true, 11)?;
