@@ -39,6 +39,7 @@ pub use crate::copyonce::{words_for, Counters};
 pub use lifecycle::{transition, LifecycleError, Phase, Request};
 pub use range::RangeIndex;
 
+use core::cell::Cell;
 use core::convert::Infallible;
 use core::sync::atomic::AtomicU64;
 
@@ -119,15 +120,29 @@ impl<P: PageIo> UnitCopy for OneFrame<'_, P> {
 struct AnySlot<'a, P> {
     io: &'a P,
     index: &'a RangeIndex,
+    /// The last slot copied and its frame: the copier claims slots in
+    /// order, so the next frame is usually the next one in the range.
+    last: Cell<Option<(u64, u64)>>,
+}
+
+impl<P: PageIo> AnySlot<'_, P> {
+    /// The frame of `slot`: one step from the last one when the copier
+    /// goes on in order, a search of the index otherwise.
+    fn frame(&self, slot: u64) -> u64 {
+        let next = match self.last.get() {
+            Some((last, frame)) if last + 1 == slot => self.index.next_from(frame + 1),
+            _ => self.index.frame(slot),
+        };
+        let frame = next.expect("the engine's units are the range's slots");
+        self.last.set(Some((slot, frame)));
+        frame
+    }
 }
 
 impl<P: PageIo> UnitCopy for AnySlot<'_, P> {
     type Error = Infallible;
     fn copy(&self, slot: u64) -> Result<(), Infallible> {
-        let frame = self
-            .index
-            .frame(slot)
-            .expect("the engine's units are the range's slots");
+        let frame = self.frame(slot);
         self.io.copy_out(frame, slot);
         self.io.unprotect(frame);
         Ok(())
@@ -218,6 +233,7 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         let io = AnySlot {
             io,
             index: &self.index,
+            last: Cell::new(None),
         };
         let Ok(copied) = self.engine.copy_background(&io, max);
         copied
