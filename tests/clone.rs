@@ -127,6 +127,11 @@ fn assert_standalone_and_equal(clone: &Path, expected: &Path) {
     assert!(check.contains("No errors were found"), "{check}");
     let info = tool("qemu-img", &["info", "--output=json", s(clone)]);
     assert!(!info.contains("backing-filename"), "still backed: {info}");
+    assert_equal_to_raw(clone, expected);
+}
+
+/// `qemu-img compare` finds the qcow2 `clone` equal to the raw `expected`.
+fn assert_equal_to_raw(clone: &Path, expected: &Path) {
     tool(
         "qemu-img",
         &["compare", "-f", "raw", "-F", "qcow2", s(expected), s(clone)],
@@ -162,18 +167,7 @@ fn split_with_workload_holds_the_chain_and_the_workload_writes() {
     assert_standalone_and_equal(&clone, &expected);
     // The base is not needed any more.
     std::fs::remove_file(&base).unwrap();
-    tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            s(&expected),
-            s(&clone),
-        ],
-    );
+    assert_equal_to_raw(&clone, &expected);
 }
 
 /// Raw base, qcow2 middle layer with writes of its own, qcow2 clone with
@@ -234,18 +228,7 @@ fn a_split_killed_at_several_points_resumes_without_recopying() {
             "{check}"
         );
         assert!(!check.contains("ERROR"), "{check}");
-        tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "qcow2",
-                s(&expected),
-                s(&clone),
-            ],
-        );
+        assert_equal_to_raw(&clone, &expected);
         let holes = holes(&clone);
         assert!(holes > 0, "{point}: nothing left to do");
         let job = plan_split(&clone).unwrap();
