@@ -54,10 +54,12 @@ fn main() -> ExitCode {
         cmdline: run.cmdline.join(" "),
         timeout: args.timeout,
         disks: run.disks.clone(),
+        cpus: args.cpus,
     };
     eprintln!(
-        "booting: {} MiB, cmdline {:?}",
+        "booting: {} MiB, {} CPU(s), cmdline {:?}",
         config.mem_bytes >> 20,
+        config.cpus,
         config.cmdline
     );
     let outcome = match qemu::run(&config, |line| show_line(line, args.quiet)) {

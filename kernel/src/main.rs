@@ -36,6 +36,7 @@ mod bench;
 mod boot_info;
 mod clock;
 mod clone;
+mod cpus;
 mod exceptions;
 mod ktest;
 mod log;
@@ -76,6 +77,7 @@ const DEFAULT_QUANTUM_MS: u64 = 4;
 // the C calling convention this declares.
 #[unsafe(no_mangle)]
 extern "C" fn kernel_main(start_info: u64) -> ! {
+    arch::percpu::init_this(0, 0);
     install_layers();
     arch::serial::init();
     arch::cpu::enable_sse();
@@ -97,7 +99,10 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     trace::init(cmd.get("trace") != Some("off"));
     arch::pic::disable();
     arch::apic::init();
-    if let Some(first) = acpi::init(boot.rsdp).ioapics.first() {
+    arch::percpu::init_this(0, arch::apic::id());
+    arch::percpu::report_in();
+    let madt = acpi::init(boot.rsdp);
+    if let Some(first) = madt.ioapics.first() {
         arch::ioapic::init(first);
     }
     let (quantum_ms, hz) = match (cmd.u64("quantum_ms"), cmd.u64("timer_hz")) {
@@ -113,7 +118,23 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     thread::init((quantum_ms * hz / 1000).max(1));
     let timer_hz = arch::apic::start_timer(hz as u32, || clock::spin_for(10_000_000));
     x86_64::instructions::interrupts::enable();
-    trace!("boot.done", tsc_hz = tsc_hz, apic_timer_hz = timer_hz);
+    let cpu_limit = match cmd.u64("cpus") {
+        Ok(limit) => limit.map_or(usize::MAX, |n| n as usize),
+        Err(e) => {
+            log!("{e}");
+            exit(ExitCode::Failure)
+        }
+    };
+    let cpus = cpus::start_others(&madt.cpus, cpu_limit);
+    if cpus > 1 {
+        log!("{cpus} CPUs online");
+    }
+    trace!(
+        "boot.done",
+        tsc_hz = tsc_hz,
+        apic_timer_hz = timer_hz,
+        cpus = cpus as u64
+    );
     virtio::init(&cmd);
 
     let code = scenario::run(&cmd);
@@ -141,10 +162,17 @@ pub fn finish(code: ExitCode) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     x86_64::instructions::interrupts::disable();
+    if !arch::ipi::stop_all_fatal() {
+        arch::cpu::halt_forever(); // another CPU failed first and reports
+    }
+    let on = arch::percpu::index();
     let mut out = arch::serial::emergency_writer();
-    let _ = write!(out, "\n!!! PANIC in thread ");
+    let _ = write!(out, "\n!!! PANIC on CPU {on} in thread ");
     let _ = thread::write_current(&mut out);
     let _ = writeln!(out, ": {info}");
-    ktest::report_fatal(&mut out, format_args!("panicked: {}", info.message()));
+    ktest::report_fatal(
+        &mut out,
+        format_args!("panicked on CPU {on}: {}", info.message()),
+    );
     exit(ExitCode::Failure)
 }
