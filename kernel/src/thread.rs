@@ -50,6 +50,8 @@ struct Scheduler {
     ticks_in_slice: [u64; MAX_CPUS],
     /// A device interrupt on that CPU woke a thread that should run at once.
     wake_preempt: [bool; MAX_CPUS],
+    /// Live [`OthersHeld`] guards.
+    holds: usize,
 }
 
 static SCHED: IrqMutex<Option<Scheduler>> = IrqMutex::new(None);
@@ -101,6 +103,7 @@ pub fn init(quantum_ticks: u64) {
         quantum_ticks: quantum_ticks.max(1),
         ticks_in_slice: [0; MAX_CPUS],
         wake_preempt: [false; MAX_CPUS],
+        holds: 0,
     });
 }
 
@@ -556,7 +559,7 @@ pub fn current_cpu() -> usize {
 
 /// Lets the calling thread run only on the CPUs of `mask` (bit `n` = CPU
 /// `n`); with `reserve`, its one CPU runs no other thread while it lives.
-/// Moves there at once. Returns `false`, changing nothing, if refused
+/// Moves there at its next switch (it yields once to get there). Returns `false`, changing nothing, if refused
 /// (no such CPU online, a reservation of several CPUs or of the last free
 /// one).
 pub fn set_affinity(mask: u64, reserve: bool) -> bool {
@@ -571,10 +574,9 @@ pub fn set_affinity(mask: u64, reserve: bool) -> bool {
         let current = s.queue.current(percpu::index());
         s.queue.set_affinity(current, mask, reserve)
     });
-    if set {
-        while mask & (1 << current_cpu()) == 0 {
-            yield_now();
-        }
+    if set && mask & (1 << current_cpu()) == 0 {
+        // Moves at this switch, unless its CPUs are held (then later).
+        yield_now();
     }
     set
 }
@@ -594,10 +596,13 @@ pub struct OthersHeld(());
 
 /// Holds every CPU but the boot CPU in its idle thread, and moves the
 /// calling thread to the boot CPU: from the return on, threads run on the
-/// boot CPU alone (whatever their affinity) until the guard drops. For
-/// code that is not yet safe on several CPUs.
+/// boot CPU alone (whatever their affinity) until the last such guard
+/// drops. For code that is not yet safe on several CPUs.
 pub fn hold_others() -> OthersHeld {
-    with(|s| s.queue.hold(u64::MAX));
+    with(|s| {
+        s.holds += 1;
+        s.queue.hold(u64::MAX);
+    });
     loop {
         let settled = with(|s| {
             kick_held(s);
@@ -621,8 +626,11 @@ fn kick_held(s: &Scheduler) {
 impl Drop for OthersHeld {
     fn drop(&mut self) {
         with(|s| {
-            s.queue.hold(0);
-            kick_idle_cpus(s, percpu::index());
+            s.holds -= 1;
+            if s.holds == 0 {
+                s.queue.hold(0);
+                kick_idle_cpus(s, percpu::index());
+            }
         });
     }
 }
