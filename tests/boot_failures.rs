@@ -25,6 +25,23 @@ fn a_panicking_kernel_test_fails_and_is_named() {
 }
 
 #[test]
+fn a_panic_on_another_cpu_names_that_cpu_and_stops_the_machine() {
+    let err =
+        kernel_tests::run_kernel_test_on_cpus("deliberate::panics_on_another_cpu", &[], 2, TIMEOUT)
+            .expect_err("a test panicking on CPU 1 passed");
+    // The test says where it ran (its own reading) and the panic report
+    // says where it panicked: both must be CPU 1.
+    assert!(
+        err.starts_with(
+            "KTEST-FAIL deliberate::panics_on_another_cpu: panicked on CPU 1: \
+             deliberate failure on CPU 1"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("!!! PANIC on CPU 1"), "{err}");
+}
+
+#[test]
 fn the_host_tool_ends_a_failed_test_with_its_reason() {
     let run = host_tool(&["test", "deliberate::panics", "--quiet"]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);

@@ -338,6 +338,8 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             return;
         }
     };
+    // What the figures ran on: the CPUs QEMU gave the guest.
+    json.push("cpus", config.cpus as u64);
     if args.scenario == Scenario::BenchBlk {
         // The reference: the host reading the same file, now in its cache
         // as QEMU left it, in the same run.

@@ -8,12 +8,15 @@
 //! snapshot's shadow map (`memsnap::shadow`), and the entry symbol below.
 //!
 //! Layers, each importing only those under it:
-//! 1. `sync` (spinning locks), then `arch` (CPU, legacy devices, the trap
-//!    path), `clock`, `log`, `trace`;
+//! 1. `arch::percpu` (which CPU am I), `sync` (spinning locks), then the
+//!    rest of `arch` (CPU, legacy devices, the trap path), `clock`, `log`,
+//!    `trace`;
 //! 2. `memory`, with `boot_info` and `acpi` reading firmware tables through
 //!    it, and the local and IO APICs, which need its MMIO mappings;
 //! 3. `thread` (the scheduler), `scoped` and `sleep_mutex`; then `virtio`, `memsnap`,
-//!    `backup`, `exceptions`; then tests, benchmarks and `scenario`.
+//!    `backup`, `exceptions`; then tests, benchmarks, `scenario` and
+//!    `cpus` (bringing up the other CPUs, which joins `arch`, `memory` and
+//!    `thread`).
 //!
 //! Where a lower layer must reach an upper one, this file connects them at
 //! boot: the trap path calls the handlers given to `arch::trap::init`, and

@@ -155,6 +155,11 @@ pub fn install(kernel_pml4: u64) {
     let start = (&raw const ap_trampoline_start) as u64;
     let len = (&raw const ap_trampoline_end) as u64 - start;
     assert!(len <= PAGE, "the trampoline outgrew its page");
+    assert_eq!(
+        size_of::<Params>(),
+        40,
+        "Params and the assembly's block differ"
+    );
     let (pml4, pdpt, pd) = (AREA + PAGE, AREA + 2 * PAGE, AREA + 3 * PAGE);
     // SAFETY: 1. [AREA, AREA + 4 pages) is low memory, never handed out by
     // the frame allocator, and the caller checked it is RAM that no AP is
@@ -183,8 +188,9 @@ pub fn set_params(params: Params) {
     let offset = (&raw const ap_params) as u64 - (&raw const ap_trampoline_start) as u64;
     let at = phys_to_virt(AREA + offset) as *mut Params;
     // SAFETY: 1. the block lies in the trampoline page `install` filled,
-    // 8-byte aligned (`.balign 8`), 40 bytes = size_of::<Params>(); 2. no
-    // AP reads it now (the caller starts one AP at a time).
+    // 8-byte aligned (`.balign 8`), 40 bytes = size_of::<Params>() (the
+    // assembly's `.skip 40`); 2. no AP reads it now (the caller starts one
+    // AP at a time and waits for it to leave the trampoline).
     unsafe { at.write_volatile(params) };
 }
 
@@ -195,15 +201,19 @@ fn copy_table(from: u64, to: u64) {
 }
 
 fn entry(table: u64, index: u64) -> u64 {
-    // SAFETY: `table` is a page table (the kernel's, below 4 GiB in the
-    // physical map), `index` < 512: an aligned u64 read of RAM.
+    // SAFETY: 1. `table` is a page table (the kernel's, below 4 GiB, so in
+    // the physical map) and `index` < 512: an aligned u64 read of RAM;
+    // 2. reading an entry the page-table code may change is harmless here:
+    // the boot entries copied (PML4, PDPT and PD of the low identity map)
+    // never change after boot.
     unsafe { (phys_to_virt(table + index * 8) as *const u64).read_volatile() }
 }
 
 fn set_entry(table: u64, index: u64, value: u64) {
     debug_assert!((AREA..AREA + AREA_PAGES * PAGE).contains(&table));
-    // SAFETY: `table` is one of the trampoline area's own table pages
-    // (asserted in debug builds, and only `install` calls this with them),
-    // which no CPU uses while it is written.
+    // SAFETY: 1. `table` is one of the trampoline area's own table pages
+    // (asserted in debug builds; only `install` calls this, with them);
+    // 2. no CPU uses those tables while they are written (no AP is in the
+    // trampoline then).
     unsafe { (phys_to_virt(table + index * 8) as *mut u64).write_volatile(value) };
 }

@@ -1,0 +1,123 @@
+//! Several CPUs: every CPU reports in, threads sleep, block and join across
+//! CPUs, and a lock hammered from every CPU loses no update. Each test also
+//! passes on one CPU (it then checks what one CPU can show).
+//!
+//! The reference for "which CPU ran this" is the hardware: the local APIC
+//! id register read on the CPU itself, not the kernel's per-CPU records.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sync::IrqMutex;
+use crate::thread;
+
+/// Spawns one thread pinned to each online CPU; each returns `f()` and the
+/// APIC id the hardware reports where `f` ran.
+fn on_each_cpu<T: Send + 'static>(f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<(T, u32)> {
+    let f = Arc::new(f);
+    let cpus: Vec<usize> = (0..crate::arch::percpu::MAX_CPUS)
+        .filter(|&c| crate::arch::percpu::is_online(c))
+        .collect();
+    let handles: Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let f = f.clone();
+            thread::spawn("on-cpu", move || {
+                assert!(thread::set_affinity(1 << cpu, false), "pin to CPU {cpu}");
+                let value = f(cpu);
+                // Read with interrupts off: the value belongs to this CPU.
+                let _irq = crate::sync::IrqOff::new();
+                assert!(thread::current_cpu() == cpu, "ran off CPU {cpu}");
+                (value, crate::arch::apic::id())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join()).collect()
+}
+
+/// Every CPU QEMU gives reports in (as many as the runner asked for, when it
+/// says), and each runs a thread: the hardware shows as many distinct APIC
+/// ids as CPUs are online.
+pub fn every_cpu_reports_in() {
+    let online = thread::cpus();
+    if let Some(expected) = crate::ktest::expected_cpus() {
+        assert_eq!(online, expected, "CPUs online vs. -smp");
+    }
+    let mut ids: Vec<u32> = on_each_cpu(|_| ()).into_iter().map(|(_, id)| id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), online, "distinct APIC ids seen {ids:?}");
+}
+
+/// A thread on the last CPU sleeps, then blocks until the boot CPU wakes it;
+/// the boot CPU joins it; a thread on the last CPU joins one on CPU 0.
+pub fn sleep_block_and_join_across_cpus() {
+    let last = (0..crate::arch::percpu::MAX_CPUS)
+        .rev()
+        .find(|&c| crate::arch::percpu::is_online(c))
+        .unwrap_or(0);
+    let flag = Arc::new(AtomicU64::new(0));
+    let key = Arc::as_ptr(&flag) as usize;
+    let sleeper = {
+        let flag = flag.clone();
+        thread::spawn("sleeper", move || {
+            assert!(thread::set_affinity(1 << last, false));
+            thread::sleep_ns(2_000_000);
+            thread::block_until(key, || flag.load(Ordering::Acquire) != 0);
+            (flag.load(Ordering::Acquire), thread::current_cpu())
+        })
+    };
+    for _ in 0..10 {
+        thread::sleep_ns(1_000_000);
+    }
+    flag.store(7, Ordering::Release);
+    thread::wake_all(key);
+    let (seen, cpu) = sleeper.join();
+    assert_eq!((seen, cpu), (7, last), "woken value and CPU");
+    let on_zero = thread::spawn("cpu0", || {
+        assert!(thread::set_affinity(1, false));
+        thread::sleep_ns(1_000_000);
+        41 + 1
+    });
+    let joiner = thread::spawn("joiner", move || {
+        assert!(thread::set_affinity(1 << last, false));
+        on_zero.join()
+    });
+    assert_eq!(joiner.join(), 42);
+}
+
+/// Per thread: increments of the locked counter.
+const ROUNDS: u64 = 20_000;
+
+/// One thread per CPU plus as many again (oversubscribed) increment a plain
+/// counter under an `IrqMutex`, read-pause-write so a broken lock loses
+/// updates; an atomic counts the same increments independently.
+pub fn lock_hammered_from_all_cpus() {
+    let counter = Arc::new(IrqMutex::new(0u64));
+    let independent = Arc::new(AtomicU64::new(0));
+    let threads = 2 * thread::cpus();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (counter, independent) = (counter.clone(), independent.clone());
+            thread::spawn("hammer", move || {
+                for _ in 0..ROUNDS {
+                    let mut held = counter.lock();
+                    let seen = *held;
+                    core::hint::black_box(&seen);
+                    for _ in 0..8 {
+                        core::hint::spin_loop();
+                    }
+                    *held = seen + 1;
+                    independent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join();
+    }
+    let total = *counter.lock();
+    assert_eq!(total, independent.load(Ordering::Relaxed));
+    assert_eq!(total, threads as u64 * ROUNDS);
+}
