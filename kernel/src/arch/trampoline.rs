@@ -5,9 +5,10 @@
 //! A STARTUP IPI with vector `v` starts the CPU in 16-bit real mode at
 //! `v << 12` (CS = `v << 8`, IP = 0). The trampoline there:
 //! 1. loads its own GDT and enters 32-bit protected mode;
-//! 2. enables PAE, loads CR3 with *temporary* page tables (below 4 GiB, in
-//!    the trampoline's area), sets EFER.LME (and NXE if the CPU has it),
-//!    enables paging and CR0.WP, and far-jumps to 64-bit code;
+//! 2. loads CR3 with *temporary* page tables (below 4 GiB, in the
+//!    trampoline's area) and turns paging on in long mode through the boot
+//!    stub's `enable_long_mode32` (PAE, EFER.LME and NXE, PG and CR0.WP),
+//!    which runs from the kernel image, then far-jumps to 64-bit code;
 //! 3. jumps to `ap_entry64` in the kernel image, which loads the kernel's
 //!    own CR3 and stack and calls the Rust entry with the CPU's number.
 //!
@@ -73,24 +74,11 @@ ap_tramp32:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movl %cr4, %eax
-    orl $(1 << 5), %eax                 /* PAE */
-    movl %eax, %cr4
     movl {area} + (ap_params - ap_trampoline_start), %eax
-    movl %eax, %cr3
-    movl $0x80000001, %eax
-    cpuid
-    movl %edx, %edi
-    movl $0xC0000080, %ecx
-    rdmsr
-    orl $(1 << 8), %eax                 /* LME */
-    btl $20, %edi
-    jnc 1f
-    orl $(1 << 11), %eax                /* NXE */
-1:  wrmsr
-    movl %cr0, %eax
-    orl $((1 << 31) | (1 << 16) | 1), %eax  /* PG | WP | PE */
-    movl %eax, %cr0
+    movl ${area} + (ap_paged - ap_trampoline_start), %ebp
+    movl $enable_long_mode32, %ecx      /* in the kernel image (arch::boot) */
+    jmpl *%ecx
+ap_paged:
     ljmpl $0x18, ${area} + (ap_tramp64 - ap_trampoline_start)
 
     .code64
