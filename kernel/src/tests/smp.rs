@@ -121,3 +121,56 @@ pub fn lock_hammered_from_all_cpus() {
     assert_eq!(total, independent.load(Ordering::Relaxed));
     assert_eq!(total, threads as u64 * ROUNDS);
 }
+
+/// A live snapshot while threads write on every CPU at once (twice as many
+/// as CPUs), sessions on all CPUs (not held): it equals the stop-the-world
+/// reference hashed at the instant, and every page is copied exactly once;
+/// then an abort mid-way restores every permission on every CPU (the
+/// writers go on without a fatal fault). The copier reserves the last CPU,
+/// so with two CPUs every write fault races the copier on the other CPU,
+/// and with more the writers also race each other. The race itself, not a
+/// proof: the soak repeats it over many seeds.
+pub fn snapshot_with_writers_on_every_cpu() {
+    use crate::memsnap;
+    use crate::workload::Workload;
+    memsnap::run_on_all_cpus(true);
+    let threads = 2 * thread::cpus();
+    for seed in [11u64, 12] {
+        let workload = Workload::start(threads, 4 << 20, seed).expect("workload memory");
+        thread::sleep_ns(5_000_000);
+        let opts = memsnap::Options {
+            verify: true,
+            copier_share_pct: 50,
+            ..memsnap::Options::default()
+        };
+        memsnap::start(&opts).expect("start");
+        let report = memsnap::wait().expect("report");
+        workload.stop();
+        assert_eq!(
+            report.mismatched,
+            Some(0),
+            "snapshot differs from the instant"
+        );
+        assert_eq!(
+            report.not_copied_once,
+            Some(0),
+            "a page copied twice or never"
+        );
+        assert_eq!(report.stats.copied(), report.pages, "counts by cause");
+        assert!(report.stats.fault > 0, "seed {seed}: no write faulted");
+        memsnap::release().expect("release");
+    }
+    let workload = Workload::start(threads, 4 << 20, 13).expect("workload memory");
+    memsnap::start(&memsnap::Options {
+        copier_share_pct: 1,
+        ..memsnap::Options::default()
+    })
+    .expect("start");
+    thread::sleep_ns(20_000_000);
+    memsnap::abort().expect("abort");
+    thread::sleep_ns(20_000_000);
+    let ops = workload.ops();
+    workload.stop();
+    assert!(ops > 0, "the writers made no progress");
+    memsnap::run_on_all_cpus(false);
+}
