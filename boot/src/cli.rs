@@ -272,8 +272,7 @@ fn check_options(scenario: Scenario, given: &[String]) -> Result<(), String> {
 /// CPUs a scenario gets without `--cpus`: two for the demo and the
 /// benchmarks (the machines they stand for have several), one otherwise.
 pub fn default_cpus(scenario: Scenario) -> usize {
-    let name = scenario.describe().name;
-    if scenario == Scenario::DEFAULT || name.starts_with("bench-") {
+    if scenario == Scenario::DEFAULT || scenario.describe().benchmark {
         2
     } else {
         1
@@ -384,6 +383,17 @@ mod tests {
         );
         let args = parse(&["restore", "--tape", "t", "--out", "o"]).unwrap();
         assert_eq!(args.mem, 512 << 20);
+    }
+
+    #[test]
+    fn cpus_default_by_scenario_and_are_checked() {
+        assert_eq!(parse(&[]).unwrap().cpus, 2, "the demo");
+        assert_eq!(parse(&["bench-memsnap"]).unwrap().cpus, 2, "a benchmark");
+        assert_eq!(parse(&["test", "x::y"]).unwrap().cpus, 1);
+        assert_eq!(parse(&["crash", "--cpus", "4"]).unwrap().cpus, 4);
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert!(err(&["--cpus", "0"]).contains("want 1 to 16"));
+        assert!(err(&["--cpus", "many"]).contains("--cpus many"));
     }
 
     #[test]
