@@ -359,10 +359,23 @@ pub fn wake_all_now(key: usize) -> usize {
     with(|s| {
         WAKES.fetch_add(1, Ordering::AcqRel);
         let woken = s.queue.wake_first(key);
-        let cpu = percpu::index();
-        s.wake_preempt[cpu] |= woken > 0;
-        if woken > 0 {
-            kick_idle_cpus(s, cpu);
+        if woken == 0 {
+            return 0;
+        }
+        let here = percpu::index();
+        // Run it where the interrupt came in if it may run there, else on
+        // the first CPU that may, told by a reschedule interrupt.
+        let cpu = (0..s.queue.cpus())
+            .map(|i| (here + i) % s.queue.cpus())
+            .find(|&c| (c == here || percpu::is_online(c)) && s.queue.has_ready(c));
+        if let Some(cpu) = cpu {
+            s.wake_preempt[cpu] = true;
+            if cpu != here {
+                crate::arch::apic::send_ipi(
+                    percpu::apic_id(cpu),
+                    crate::arch::vectors::RESCHED_VECTOR,
+                );
+            }
         }
         woken
     })
