@@ -51,6 +51,10 @@ impl Shootdown {
         if percpu::online() <= 1 {
             return;
         }
+        // No migration from here on: "every CPU but me" must stay one set.
+        let _irq = crate::sync::IrqOff::new();
+        // The caller may have moved since its own flush: flush here too.
+        flush_local();
         let request = FLUSH_REQUESTED.fetch_add(1, Ordering::AcqRel) + 1;
         let me = percpu::index();
         super::apic::send_nmi_others();

@@ -41,6 +41,7 @@ const PASSING: &[Test] = tests![
     smp::every_cpu_reports_in,
     smp::sleep_block_and_join_across_cpus,
     smp::lock_hammered_from_all_cpus,
+    smp::permission_removal_reaches_every_cpu,
     smp::snapshot_with_writers_on_every_cpu,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,

@@ -174,3 +174,53 @@ pub fn snapshot_with_writers_on_every_cpu() {
     assert!(ops > 0, "the writers made no progress");
     memsnap::run_on_all_cpus(false);
 }
+
+/// A page made read-only on CPU 0 refuses a write on every other CPU,
+/// although each had just written it (so its TLB held the writable entry):
+/// the permission removal's shootdown reached them. Without it, a CPU keeps
+/// writing through its stale entry.
+pub fn permission_removal_reaches_every_cpu() {
+    use crate::memory::probe::ScratchPage;
+    assert!(thread::set_affinity(1, false), "main on CPU 0");
+    let others: Vec<usize> = (1..crate::arch::percpu::MAX_CPUS)
+        .filter(|&c| crate::arch::percpu::is_online(c))
+        .collect();
+    for cpu in others {
+        let page = Arc::new(ScratchPage::new().expect("scratch page"));
+        let step = Arc::new(AtomicU64::new(0));
+        let probe = {
+            let (page, step) = (page.clone(), step.clone());
+            thread::spawn("prober", move || {
+                assert!(thread::set_affinity(1 << cpu, false));
+                let before = page.probe_write(0, 1);
+                step.store(1, Ordering::Release);
+                while step.load(Ordering::Acquire) != 2 {
+                    core::hint::spin_loop();
+                }
+                (before, page.probe_write(0, 2), thread::current_cpu())
+            })
+        };
+        while step.load(Ordering::Acquire) != 1 {
+            thread::yield_now();
+        }
+        page.set_writable(false).expect("protect");
+        step.store(2, Ordering::Release);
+        let (before, after, ran_on) = probe.join();
+        assert_eq!(ran_on, cpu);
+        assert_eq!(
+            before,
+            Ok(()),
+            "CPU {cpu}: the writable page refused a write"
+        );
+        assert!(
+            after.is_err(),
+            "CPU {cpu} wrote a page made read-only elsewhere"
+        );
+        assert_eq!(
+            crate::memory::probe::read_u64(page.addr()),
+            Ok(1),
+            "CPU {cpu}"
+        );
+    }
+    assert!(thread::set_affinity(u64::MAX, false));
+}
