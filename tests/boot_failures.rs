@@ -89,7 +89,7 @@ fn crash(kind: &str) -> String {
 fn an_unexpected_page_fault_prints_vector_error_code_rip_and_cr2() {
     let log = crash("pf");
     assert!(
-        log.contains("CPU EXCEPTION #PF page fault: vector=14 error_code=0x0"),
+        log.contains("CPU EXCEPTION #PF page fault on CPU 0: vector=14 error_code=0x0"),
         "{log}"
     );
     assert!(
@@ -102,10 +102,10 @@ fn an_unexpected_page_fault_prints_vector_error_code_rip_and_cr2() {
 #[test]
 fn every_exception_kind_is_reported_and_fails_the_run() {
     for (kind, expected) in [
-        ("ud", "#UD invalid opcode: vector=6"),
-        ("de", "#DE divide error: vector=0"),
-        ("gp", "#GP general protection fault: vector=13"),
-        ("bp", "#BP breakpoint: vector=3"),
+        ("ud", "#UD invalid opcode on CPU 0: vector=6"),
+        ("de", "#DE divide error on CPU 0: vector=0"),
+        ("gp", "#GP general protection fault on CPU 0: vector=13"),
+        ("bp", "#BP breakpoint on CPU 0: vector=3"),
     ] {
         let log = crash(kind);
         assert!(log.contains(expected), "crash {kind}: {log}");
