@@ -29,7 +29,7 @@ use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 use snapshot::qcow2::chain::{self, Layer};
 use snapshot::qcow2::disk::open_memory;
-use snapshot::qcow2::split::{Progress, Split};
+use snapshot::qcow2::split::{Progress, Split, WRITE_BACK_BYTES};
 use snapshot::qcow2::{workload, Entry, Qcow2Disk, Qcow2Error};
 
 use crate::arch::qemu::ExitCode;
@@ -43,8 +43,8 @@ pub type CloneDisk = Qcow2Disk<Arc<VirtioBlk>>;
 /// The split as the kernel runs it.
 pub type KernelSplit = Split<'static, Arc<VirtioBlk>, Vec<AtomicU64>, Box<Counters>>;
 
-/// Clusters the background split copies per batch (one flush for their
-/// refcounts, one for their data).
+/// Clusters the background split copies per batch (one read of the chain
+/// per run of data, one transfer per run of new clusters).
 pub const BATCH: u64 = 64;
 
 /// Refuses an image whose tables would not fit the free heap.
@@ -125,6 +125,8 @@ pub struct Options {
     pub before_ns: u64,
     /// Clusters per background batch.
     pub batch: u64,
+    /// Bytes copied between two write-backs of the metadata.
+    pub write_back_bytes: u64,
 }
 
 /// What a workload did, by phase (0 before the split, 1 during).
@@ -210,7 +212,8 @@ pub fn run_split(
             opts.batch,
             thread::yield_now,
         )
-        .map_err(failed)?,
+        .map_err(failed)?
+        .with_write_back(opts.write_back_bytes),
     ));
     PHASE.store(0, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,6 +249,8 @@ pub fn run_split(
     stop.store(true, Ordering::Relaxed);
     let load = load.map(|h| h.join());
     let progress = result.map_err(failed)?;
+    // The workload's last writes, after the release, are durable too.
+    clone.flush().map_err(failed)?;
     if let Some(e) = load.as_ref().and_then(|l| l.error.clone()) {
         return Err((false, format!("the workload failed: {e}")));
     }
@@ -291,6 +296,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
             .then(|| (num("seed", workload::SEED), num("pause_us", 200) * 1000)),
         before_ns: num("before_ms", 200) * 1_000_000,
         batch: num("batch", BATCH),
+        write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,

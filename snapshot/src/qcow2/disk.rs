@@ -39,6 +39,9 @@ use crate::devices::block::{
     read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
 
+/// Requests in flight when the split's batch data goes out.
+const WRITE_DEPTH: usize = 8;
+
 /// Incompatible feature bit of extended L2 entries (subclusters).
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 
@@ -243,7 +246,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                 self.read_below(vc * g.cs, &mut buf[..len])?;
             }
             buf[within..within + data.len()].copy_from_slice(data);
-            if self.materialize(&[(vc, entry, Some(&buf))])? {
+            if self.materialize(&[(vc, entry, Some(0))], &buf)? {
                 return Ok(());
             }
         }
@@ -271,6 +274,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                     let rc = rc.as_mut().ok_or_else(read_only)?;
                     tables.ensure(&self.file, g, rc, vc / g.l2_entries)?;
                     tables.publish(&self.file, g, &[(vc, zero)])?;
+                    self.bound_dirty(&mut m)?;
                 }
             } else {
                 let zeros = buffer(n, "zero buffer")?;
@@ -282,13 +286,15 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     }
 
     /// Gives virtual clusters of one L2 table, each last seen as `was` (a
-    /// hole or zero), their content: `Some(bytes)` a cluster holding those
-    /// bytes (a whole cluster), `None` a zero entry. In order: the L2
-    /// table exists, the new clusters' refcounts and data are written and
-    /// flushed, then the entries are published. Returns false, with
-    /// nothing published, if any entry changed meanwhile (a racing write):
-    /// the caller looks again.
-    pub fn materialize(&self, items: &[(u64, Entry, Option<&[u8]>)]) -> Result<bool> {
+    /// hole or zero), their content: `Some(k)` a cluster holding chunk `k`
+    /// of `data` (chunks of a whole cluster each), `None` a zero entry. In
+    /// order: the L2 table exists, the new clusters are counted (in the
+    /// cache) and their data written, then the entries are published in
+    /// the cached table, to be written after the next flush
+    /// ([`Self::write_back`]). Returns false, with nothing published, if
+    /// any entry changed meanwhile (a racing write): the caller looks
+    /// again.
+    pub fn materialize(&self, items: &[(u64, Entry, Option<usize>)], data: &[u8]) -> Result<bool> {
         let g = &self.geo;
         let Some(&(first, _, _)) = items.first() else {
             return Ok(true);
@@ -302,22 +308,17 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             let Meta { tables, rc } = &mut *m;
             let rc = rc.as_mut().ok_or_else(read_only)?;
             tables.ensure(&self.file, g, rc, first / g.l2_entries)?;
-            for &(_, was, data) in items {
-                hosts.push(match (was, data) {
+            for &(_, was, chunk) in items {
+                hosts.push(match (was, chunk) {
                     (_, None) => 0,
                     (Entry::ZeroAlloc(h), Some(_)) => h,
                     (_, Some(_)) => rc.alloc(&self.file, g)? * g.cs,
                 });
             }
-            rc.sync(&self.file)?;
         }
-        // The refcounts and the data need only be durable before the
-        // entries point at them: one flush for both. (Zero entries alone
-        // point at nothing new.)
-        if hosts.iter().any(|&h| h != 0) {
-            self.write_data(items, &hosts)?;
-            self.file.flush()?;
-        }
+        // The data need only be durable before the entries are written,
+        // which waits for the next write-back's flush.
+        self.write_data(items, &hosts, data)?;
         let mut m = self.meta.lock();
         let Meta { tables, rc } = &mut *m;
         let mut entries = Vec::new();
@@ -332,53 +333,93 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                         rc.set_refcount(&self.file, g, h / g.cs, 0)?;
                     }
                 }
-                rc.sync(&self.file)?;
                 return Ok(false);
             }
             entries.push((vc, if h == 0 { Entry::Zero } else { Entry::Data(h) }));
         }
         tables.publish(&self.file, g, &entries)?;
+        self.bound_dirty(&mut m)?;
         Ok(true)
     }
 
-    /// Writes the data of `items` to `hosts`, joining clusters whose hosts
-    /// follow each other into one request (zero entries between them do
-    /// not break a run: they have no host).
-    fn write_data(&self, items: &[(u64, Entry, Option<&[u8]>)], hosts: &[u64]) -> Result<()> {
+    /// Writes the chunks of `data` that `items` name to `hosts`, joining
+    /// clusters whose chunks and hosts both follow each other into one
+    /// transfer with several requests in flight (zero entries between
+    /// them do not break a run: they have no host).
+    fn write_data(
+        &self,
+        items: &[(u64, Entry, Option<usize>)],
+        hosts: &[u64],
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.geo.cs as usize;
-        let data: Vec<(&[u8], u64)> = items
+        let runs: Vec<(usize, u64)> = items
             .iter()
             .zip(hosts)
-            .filter_map(|(item, &h)| item.2.map(|d| (&d[..cs], h)))
+            .filter_map(|(item, &h)| item.2.map(|k| (k, h)))
             .collect();
+        let depth = self.file.info().max_depth.clamp(1, WRITE_DEPTH);
         let mut k = 0;
-        while k < data.len() {
+        while k < runs.len() {
             let mut end = k + 1;
-            while end < data.len()
-                && data[end].1 == data[k].1 + ((end - k) * cs) as u64
-                && end - k < 64
+            while end < runs.len()
+                && runs[end].0 == runs[k].0 + (end - k)
+                && runs[end].1 == runs[k].1 + ((end - k) * cs) as u64
             {
                 end += 1;
             }
-            if end == k + 1 {
-                write_bytes(&self.file, data[k].1, data[k].0)?;
-            } else {
-                let mut joined = buffer(((end - k) * cs) as u64, "write batch")?;
-                for (n, (d, _)) in data[k..end].iter().enumerate() {
-                    joined[n * cs..(n + 1) * cs].copy_from_slice(d);
-                }
-                write_bytes(&self.file, data[k].1, &joined)?;
-            }
+            let buf = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
+            let sector = runs[k].1 / SECTOR_SIZE as u64;
+            self.file
+                .transfer(&mut [Op::Write { sector, buf }], depth)?;
             k = end;
         }
         Ok(())
+    }
+
+    /// Keeps at least one cached L2 table clean (a lookup evicts a clean
+    /// one), writing the dirty ones back when only one is left.
+    fn bound_dirty(&self, m: &mut Meta) -> Result<()> {
+        if m.tables.dirty() >= super::tables::CACHED_L2 - 1 {
+            self.write_back_locked(m)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the cached refcounts, flushes (they and the data the new
+    /// entries point at are durable), then writes the dirty L2 entries
+    /// (durable with the next flush). A crash before this point leaks the
+    /// clusters allocated since the last one and corrupts nothing.
+    pub fn write_back(&self) -> Result<()> {
+        self.write_back_locked(&mut self.meta.lock())
+    }
+
+    /// [`Self::write_back`] with the lock held: no entry is published
+    /// between the flush and the write of the tables.
+    fn write_back_locked(&self, m: &mut Meta) -> Result<()> {
+        if let Some(rc) = m.rc.as_mut() {
+            rc.sync(&self.file)?;
+        }
+        if m.tables.dirty() > 0 {
+            self.file.flush()?;
+            m.tables.write_back(&self.file)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable, metadata included: write-back,
+    /// then flush.
+    pub fn flush(&self) -> Result<()> {
+        let mut m = self.meta.lock();
+        self.write_back_locked(&mut m)?;
+        Ok(self.file.flush()?)
     }
 
     /// Ends the association with the backing file: flush, rewrite the
     /// header without the backing name and backing format, flush. From
     /// then on holes read as zeros.
     pub fn release_backing(&self) -> Result<()> {
-        self.file.flush()?;
+        self.flush()?;
         let len = self.geo.cs.min(self.geo.file_len);
         let mut first = buffer(len, "header cluster")?;
         read_bytes(&self.file, 0, &mut first)?;
@@ -499,7 +540,7 @@ impl<D: BlockDevice> super::Serve for Qcow2Disk<D> {
         Qcow2Disk::write_at(self, offset, data)
     }
     fn flush(&self) -> Result<()> {
-        Ok(self.file.flush()?)
+        Qcow2Disk::flush(self)
     }
 }
 

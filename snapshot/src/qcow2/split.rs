@@ -43,6 +43,10 @@ use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
 /// holes over zeros cost an entry each, not a read or a write.
 pub const UNITS_PER_BATCH: u64 = 16;
 
+/// Bytes the split copies between two write-backs of the metadata
+/// (one flush each) unless told otherwise: what a crash can leak.
+pub const WRITE_BACK_BYTES: u64 = 64 << 20;
+
 /// Where a split stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -79,6 +83,9 @@ pub struct Split<'a, D, W, C> {
     zeroed: AtomicU64,
     copied_bytes: AtomicU64,
     workload_ops: AtomicU64,
+    /// Clusters copied since the last write-back, and how many trigger one.
+    unwritten: AtomicU64,
+    write_back_every: u64,
     relax: fn(),
 }
 
@@ -117,8 +124,18 @@ where
             zeroed: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
             workload_ops: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
+            write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
             relax,
         })
+    }
+
+    /// The same split, writing its metadata back (one flush) after every
+    /// `bytes` copied (at least one cluster): a crash leaks at most that
+    /// and one batch of the split's clusters.
+    pub fn with_write_back(mut self, bytes: u64) -> Self {
+        self.write_back_every = (bytes / self.disk.geometry().cs).max(1);
+        self
     }
 
     /// The clone.
@@ -261,6 +278,10 @@ where
                 for (t, _) in claimed {
                     self.engine.finish(t, Cause::Background);
                 }
+                if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
+                    self.unwritten.store(0, Ordering::Relaxed);
+                    self.disk.write_back()?;
+                }
                 Ok(n)
             }
             Err(e) => {
@@ -292,22 +313,24 @@ where
                 .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
             k = end;
         }
-        let mut chunks = data.chunks(cs);
+        let mut chunks = data.chunks(cs).enumerate();
         let mut items = Vec::new();
         let mut zeroed = 0;
         for (t, below) in claimed {
             let chunk = if *below { chunks.next() } else { None };
-            let content = chunk.filter(|c| c.iter().any(|&b| b != 0));
+            let content = chunk.filter(|(_, c)| c.iter().any(|&b| b != 0));
             zeroed += u64::from(content.is_none());
-            items.push((t.unit(), Entry::Hole, content));
+            items.push((t.unit(), Entry::Hole, content.map(|(k, _)| k)));
         }
-        if !self.disk.materialize(&items)? {
+        if !self.disk.materialize(&items, &data)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
         }
-        let copied = (claimed.len() as u64 - zeroed) * g.cs;
-        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        let copied = claimed.len() as u64 - zeroed;
+        self.copied_bytes
+            .fetch_add(copied * g.cs, Ordering::Relaxed);
+        self.unwritten.fetch_add(copied, Ordering::Relaxed);
         Ok(zeroed)
     }
 
@@ -394,7 +417,7 @@ where
         Split::write_at(self, offset, data)
     }
     fn flush(&self) -> Result<()> {
-        Ok(self.disk.file().flush()?)
+        self.disk.flush()
     }
 }
 
