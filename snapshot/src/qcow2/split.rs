@@ -47,6 +47,14 @@ pub const UNITS_PER_BATCH: u64 = 16;
 /// (one flush each) unless told otherwise: what a crash can leak.
 pub const WRITE_BACK_BYTES: u64 = 64 << 20;
 
+/// A batch of claimed holes and their data read from the chain, between
+/// [`Split::prepare`] and [`Split::commit`].
+#[derive(Debug)]
+pub struct Batch {
+    claimed: Vec<(Token, bool)>,
+    data: Vec<u8>,
+}
+
 /// Where a split stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -267,15 +275,51 @@ where
     /// One background batch; returns the clusters it settled (0: nothing
     /// left to claim).
     pub fn step(&self) -> Result<u64> {
+        match self.prepare()? {
+            Some(batch) => self.commit(batch),
+            None => Ok(0),
+        }
+    }
+
+    /// The first half of a batch: claims holes and reads their data from
+    /// the chain (runs of consecutive clusters in one read); `None` when
+    /// nothing is left to claim. Another thread may prepare the next batch
+    /// while this one is committed: the chain and the clone are different
+    /// disks. Hand the batch to [`Self::commit`] or [`Self::abandon`].
+    pub fn prepare(&self) -> Result<Option<Batch>> {
         let claimed = self.claim_batch()?;
         if claimed.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
-        match self.fill(&claimed) {
+        match self.read_batch(&claimed) {
+            Ok(data) => Ok(Some(Batch { claimed, data })),
+            Err(e) => {
+                self.abandon(Batch {
+                    claimed,
+                    data: Vec::new(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up a prepared batch: its holes go back to the split.
+    pub fn abandon(&self, batch: Batch) {
+        for (t, _) in batch.claimed {
+            self.engine.abandon(t);
+        }
+    }
+
+    /// The second half of a batch: gives each hole with data a new cluster
+    /// holding it and the others zero entries, then finishes the claims;
+    /// writes the metadata back when enough was copied since the last
+    /// time. Returns the clusters settled.
+    pub fn commit(&self, batch: Batch) -> Result<u64> {
+        match self.fill(&batch.claimed, &batch.data) {
             Ok(zeroed) => {
-                let n = claimed.len() as u64;
+                let n = batch.claimed.len() as u64;
                 self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
-                for (t, _) in claimed {
+                for (t, _) in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
                 if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
@@ -285,18 +329,15 @@ where
                 Ok(n)
             }
             Err(e) => {
-                for (t, _) in claimed {
-                    self.engine.abandon(t);
-                }
+                self.abandon(batch);
                 Err(e)
             }
         }
     }
 
-    /// Copies the claimed holes with data below from the chain (runs of
-    /// consecutive clusters in one read) and gives the others zero
-    /// entries; returns how many got zero entries.
-    fn fill(&self, claimed: &[(Token, bool)]) -> Result<u64> {
+    /// Reads the claimed holes with data below from the chain, one cluster
+    /// after another in the buffer.
+    fn read_batch(&self, claimed: &[(Token, bool)]) -> Result<Vec<u8>> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().filter(|c| c.1).map(|c| c.0.unit()).collect();
@@ -313,6 +354,15 @@ where
                 .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
             k = end;
         }
+        Ok(data)
+    }
+
+    /// Publishes the batch read into `data`: a new cluster for each hole
+    /// whose data is not all zeros, a zero entry for the others; returns
+    /// how many got zero entries.
+    fn fill(&self, claimed: &[(Token, bool)], data: &[u8]) -> Result<u64> {
+        let g = self.disk.geometry();
+        let cs = g.cs as usize;
         let mut chunks = data.chunks(cs).enumerate();
         let mut items = Vec::new();
         let mut zeroed = 0;
@@ -322,7 +372,7 @@ where
             zeroed += u64::from(content.is_none());
             items.push((t.unit(), Entry::Hole, content.map(|(k, _)| k)));
         }
-        if !self.disk.materialize(&items, &data)? {
+        if !self.disk.materialize(&items, data)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
@@ -360,15 +410,32 @@ where
         rest: &mut dyn FnMut(u64),
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress> {
+        let mut next = || self.prepare();
+        self.run_from(&mut next, pacer, busy_ops, now, rest, report)
+    }
+
+    /// [`Self::run`] committing the batches `next` prepares (on another
+    /// thread, say, reading ahead while this one writes); `next` gives
+    /// `None` once nothing is left to claim.
+    pub fn run_from(
+        &self,
+        next: &mut dyn FnMut() -> Result<Option<Batch>>,
+        pacer: &mut Pacer,
+        busy_ops: u64,
+        now: &mut dyn FnMut() -> u64,
+        rest: &mut dyn FnMut(u64),
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Progress> {
         loop {
             pacer.start_burst(now());
             let seen = self.workload_ops();
             let mut idle = false;
             while pacer.keep_working(now()) {
-                if self.step()? == 0 {
+                let Some(batch) = next()? else {
                     idle = true;
                     break;
-                }
+                };
+                self.commit(batch)?;
                 if self.workload_ops() - seen > busy_ops {
                     pacer.foreground();
                 }
