@@ -45,6 +45,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         before_ns: 2_000 * MS,
         batch: num("batch", crate::clone::BATCH),
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
+        write_chunk: num("chunk_kib", crate::clone::WRITE_CHUNK >> 10) << 10,
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,

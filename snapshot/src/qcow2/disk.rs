@@ -28,7 +28,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::refcount::Refcounts;
 use super::tables::{Entry, Tables};
@@ -57,6 +57,8 @@ pub struct Qcow2Disk<D> {
     file: D,
     backing: Option<Box<dyn BlockDevice>>,
     detached: AtomicBool,
+    /// Largest transfer of newly allocated clusters (0: a whole run).
+    write_chunk: AtomicU64,
     geo: Geometry,
     header: Header,
     meta: spin::Mutex<Meta>,
@@ -110,10 +112,18 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             file,
             backing,
             detached: AtomicBool::new(false),
+            write_chunk: AtomicU64::new(0),
             geo,
             header,
             meta: spin::Mutex::new(Meta { tables, rc }),
         })
+    }
+
+    /// Caps each transfer of newly allocated clusters at `bytes` (rounded
+    /// up to a cluster; 0: a whole run at once), so that other requests
+    /// to the image's disk wait for at most one such transfer.
+    pub fn set_write_chunk(&self, bytes: u64) {
+        self.write_chunk.store(bytes, Ordering::Relaxed);
     }
 
     /// The geometry.
@@ -358,6 +368,10 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             .zip(hosts)
             .filter_map(|(item, &h)| item.2.map(|k| (k, h)))
             .collect();
+        let chunk = match self.write_chunk.load(Ordering::Relaxed) {
+            0 => usize::MAX,
+            n => (n as usize).next_multiple_of(cs),
+        };
         let depth = self.file.info().max_depth.clamp(1, WRITE_DEPTH);
         let mut k = 0;
         while k < runs.len() {
@@ -368,10 +382,12 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             {
                 end += 1;
             }
-            let buf = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
-            let sector = runs[k].1 / SECTOR_SIZE as u64;
-            self.file
-                .transfer(&mut [Op::Write { sector, buf }], depth)?;
+            let run = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
+            for (n, buf) in run.chunks(chunk).enumerate() {
+                let sector = (runs[k].1 + (n * chunk) as u64) / SECTOR_SIZE as u64;
+                self.file
+                    .transfer(&mut [Op::Write { sector, buf }], depth)?;
+            }
             k = end;
         }
         Ok(())

@@ -217,41 +217,65 @@ proptest! {
     }
 
     #[test]
-    fn a_crash_at_any_write_leaves_a_sound_image(depth in 1usize..=3, acts in prop::collection::vec(act(), 1..16), cut in 0usize..400) {
+    fn a_crash_at_any_write_leaves_a_sound_image(depth in 1usize..=3, acts in prop::collection::vec(act(), 1..16)) {
         let (top, layers, model0) = chain_of(depth, 9, 11);
-        let mem = image_disk("top", &top, 2 << 20);
-        let q = open_chain(CrashDisk::new(mem.clone(), cut), &layers);
-        // Run until the writes stop landing. A sector may read what it
-        // held at the last completed flush or after any act since (writes
-        // not flushed may be lost, as on any disk with a cache); clusters
-        // written since that flush bound what may leak.
-        let mut model = model0.clone();
-        let mut allowed = vec![model0];
-        let mut unflushed = 0;
-        for a in &acts {
-            apply(&q, &mut model, a).unwrap();
-            allowed.push(model.clone());
-            if q.file().writes.load(Ordering::SeqCst) > cut {
-                unflushed += touched(a, 9);
-                break;
-            }
-            if matches!(a, Act::Flush) {
-                allowed = vec![model.clone()];
-                unflushed = 0;
-            }
-            unflushed += touched(a, 9);
-        }
-        drop(q);
-        let r = assert_sound(&*mem);
-        // Besides the data clusters: an L2 table, or a refcount block.
-        prop_assert!(r.leaks <= unflushed + 2, "a crash leaked {} clusters, {unflushed} written since the last flush", r.leaks);
-        let q = open_chain(mem.clone(), &layers);
-        let now = read_all(&q);
-        for (s, got) in now.chunks(512).enumerate() {
-            let r = s * 512..(s + 1) * 512;
-            prop_assert!(allowed.iter().any(|m| got == &m[r.clone()]), "sector {s}");
+        let writes = crash_after(&top, &layers, &model0, &acts, usize::MAX);
+        for cut in 0..writes {
+            crash_after(&top, &layers, &model0, &acts, cut);
         }
     }
+}
+
+/// Runs `acts` on the image `top` over `layers` (reading `model0`) on a
+/// disk that drops every write after the first `cut`, then checks the
+/// image as the crash left it; returns the writes the acts made.
+fn crash_after(
+    top: &[u8],
+    layers: &[Arc<MemDisk>],
+    model0: &[u8],
+    acts: &[Act],
+    cut: usize,
+) -> usize {
+    let mem = image_disk("top", top, 2 << 20);
+    let q = open_chain(CrashDisk::new(mem.clone(), cut), layers);
+    // Run until the writes stop landing. A sector may read what it held
+    // at the last completed flush or after any act since (writes not
+    // flushed may be lost, as on any disk with a cache); clusters written
+    // since that flush bound what may leak.
+    let mut model = model0.to_vec();
+    let mut allowed = vec![model.clone()];
+    let mut unflushed = 0;
+    for a in acts {
+        apply(&q, &mut model, a).unwrap();
+        allowed.push(model.clone());
+        unflushed += touched(a, 9);
+        if q.file().writes.load(Ordering::SeqCst) > cut {
+            break;
+        }
+        if matches!(a, Act::Flush) {
+            allowed = vec![model.clone()];
+            unflushed = 0;
+        }
+    }
+    let writes = q.file().writes.load(Ordering::SeqCst);
+    drop(q);
+    let r = assert_sound(&*mem);
+    // Besides the data clusters: an L2 table, or a refcount block.
+    assert!(
+        r.leaks <= unflushed + 2,
+        "cut {cut}: a crash leaked {} clusters, {unflushed} written since the last flush",
+        r.leaks
+    );
+    let q = open_chain(mem.clone(), layers);
+    let now = read_all(&q);
+    for (s, got) in now.chunks(512).enumerate() {
+        let r = s * 512..(s + 1) * 512;
+        assert!(
+            allowed.iter().any(|m| got == &m[r.clone()]),
+            "cut {cut}: sector {s} reads a value it never held since the last flush"
+        );
+    }
+    writes
 }
 
 #[test]
