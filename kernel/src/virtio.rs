@@ -468,7 +468,9 @@ impl VirtioBlk {
 }
 
 /// Traces every used disk's sums since boot (`blk.disk`,
-/// `blk.disk_time`); the host tool's block-layer report reads them. Called
+/// `blk.disk_time`, which the host tool's block-layer report reads, and
+/// `blk.disk_kinds`, `blk.disk_flush`: batches, bytes and time holding
+/// the disk by kind, flushes, time waiting for the disk's lock). Called
 /// once, as the run ends.
 pub fn trace_totals() {
     for disk in disks() {

@@ -5,16 +5,17 @@
 //! file, holes read the backing device (zeros without one), zero clusters
 //! are zeros. A write to a data cluster goes in place; a write to a hole
 //! or zero cluster allocates ([`Qcow2Disk::materialize`]): the rest of the
-//! cluster is filled from what it read as before, and then, in order, the
-//! L2 table exists, the new cluster's refcount and its data are written
-//! and made durable (one flush), and only then does the L2 entry point at
-//! it. (Neither needs to be durable before the other: a refcount without
-//! its data is a leak, data without its refcount sits in a free cluster
-//! nothing points at.)
+//! cluster is filled from what it read as before, then the L2 table
+//! exists, the new cluster is counted in the cached refcount block, its
+//! data are written, and the entry is published in the cached L2 table.
+//! The metadata reach the disk lazily, as with QEMU's caches
+//! ([`Qcow2Disk::write_back`]): refcounts written, one flush (they and the
+//! data are durable), then the dirty L2 sectors; so no entry on disk ever
+//! points at a cluster whose refcount or data is not durable.
 //!
-//! A crash therefore leaks at most the clusters of the allocation in
-//! progress (a data cluster, an L2 table; see [`super::refcount`] for
-//! refcount-table growth) and never corrupts.
+//! A crash therefore loses at most the writes since the last flush, leaks
+//! at most the clusters allocated since the last write-back (see
+//! [`super::refcount`] for refcount-table growth) and never corrupts.
 //!
 //! Locking: one lock over the tables and refcounts, held for lookups and
 //! metadata updates, not while data moves. Two writers racing for the same

@@ -12,12 +12,14 @@
 //!   type is): it claims the cluster, writes (a partial write fills the
 //!   rest from the chain first) and finishes: the split never overwrites
 //!   newer data;
-//! - the background split ([`Split::step`]): it claims up to `batch` holes
-//!   of one L2 table, reads their data from the chain, and gives each a new
-//!   cluster holding it, or a zero entry where the chain reads as zeros
-//!   (known from its block status without reading); the batch's refcounts
-//!   and data are made durable by one flush, then the L2 entries are
-//!   written ([`Qcow2Disk::materialize`]).
+//! - the background split ([`Split::step`], or [`Split::prepare`] and
+//!   [`Split::commit`] on two threads): it claims up to `batch` holes of
+//!   one L2 table and reads their data from the chain, then gives each a
+//!   new cluster holding it, or a zero entry where the chain reads as
+//!   zeros (known from its block status without reading), and publishes
+//!   the entries in the cached tables ([`Qcow2Disk::materialize`]); every
+//!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
+//!   then the L2 entries: [`Qcow2Disk::write_back`]).
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
@@ -25,9 +27,9 @@
 //! is copied, [`Split::finish`] flushes, clears the backing file name and
 //! backing format in the header, and flushes again.
 //!
-//! A crash leaks at most one batch of clusters (counted, data maybe
-//! written, never published) and corrupts nothing; the clone reads the
-//! same before and after. This module must never write to a cluster that
+//! A crash leaks at most what was copied since the last write-back and
+//! one batch (counted, data maybe written, entries not yet on disk), and
+//! corrupts nothing; the clone reads the same before and after. This module must never write to a cluster that
 //! is not a hole without holding its claim, nor copy a unit it has not won.
 
 use core::sync::atomic::{AtomicU64, Ordering};
