@@ -243,10 +243,12 @@ fn write_table1(
 }
 
 /// Steps 4 and 5 overlapped: the header and table 1 go to the medium,
-/// then window after window of the copy area is filled from the source
-/// (step 4) while the window before it streams from the copy area to the
-/// medium, extent by extent as table 3 places it (step 5); then the
-/// trailer and a flush.
+/// then each window of data clusters is read from the source into memory,
+/// laid out as its extents go on the medium, and written to the copy area
+/// (step 4) while the window before it goes from memory to the medium,
+/// each extent where table 3 places it (step 5); then the trailer and a
+/// flush. Two window buffers: the one being filled and the one being
+/// streamed; the copy area is written, never read back.
 fn pump(
     plan: &Plan,
     source: &dyn BlockDevice,
@@ -256,7 +258,6 @@ fn pump(
     progress: Progress<'_>,
 ) -> Result<(), Error> {
     let layout = &plan.layout;
-    let cs = layout.cluster_size();
     let header = Header {
         version: tape::VERSION,
         layout: *layout,
@@ -269,16 +270,13 @@ fn pump(
     }
     .encode();
     write_deep(tape, 0, &header)?;
-    let per_extent = layout.extent_clusters() * cs;
-    let ([mut out, mut copy_buf], per) =
-        windows([BLOCK + per_extent, per_extent], layout.extents())?;
+    let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
+    let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
     let mut stream = Streamer {
         layout,
-        scratch,
         tape,
-        written: write_table1(plan, source, tape, &mut out)?,
+        written: write_table1(plan, source, tape, &mut filling)?,
         digest: Digest::default(),
-        buf: out,
     };
     debug_assert_eq!(stream.written, layout.data_offset());
     let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;
@@ -289,12 +287,12 @@ fn pump(
         overlap.both(
             &mut || {
                 if w < windows {
-                    copied = copy_window(&mut copier, scratch, &mut copy_buf, layout, w * per, per);
+                    copied = copy_window(&mut copier, scratch, &mut filling, layout, w * per, per);
                 }
             },
             &mut || {
                 if w > 0 {
-                    streamed = stream.window((w - 1) * per, per);
+                    streamed = stream.window(&mut streaming, (w - 1) * per, per);
                 }
             },
         );
@@ -305,6 +303,7 @@ fn pump(
         if w > 0 {
             progress(Stage::Stream, streamed, total);
         }
+        core::mem::swap(&mut filling, &mut streaming);
     }
     debug_assert_eq!(stream.written, layout.trailer_offset());
     let trailer = Trailer {
@@ -323,9 +322,33 @@ fn pump(
     Ok(())
 }
 
+/// The data of the `n` extents from extent `k` (fewer at the end) in
+/// `buf`, laid out as on the medium (a header block before each), with
+/// each extent's index and first copy cluster.
+fn extents_in<'b>(
+    layout: &Layout,
+    buf: &'b mut [u8],
+    k: u64,
+    n: u64,
+) -> Vec<(u64, u64, &'b mut [u8], &'b mut [u8])> {
+    let cs = layout.cluster_size();
+    let n = n.min(layout.extents() - k);
+    let mut pieces = Vec::with_capacity(n as usize);
+    let mut rest = buf;
+    for i in k..k + n {
+        let (first, len, _) = layout.extent(i);
+        let (head, tail) = rest.split_at_mut(BLOCK as usize);
+        let (data, tail) = tail.split_at_mut((len * cs) as usize);
+        rest = tail;
+        pieces.push((i, first, head, data));
+    }
+    pieces
+}
+
 /// Step 4 for the `n` extents from extent `k` (fewer at the end): their
-/// clusters from the source into `buf`, then into the copy area; returns
-/// the copy area's bytes filled so far.
+/// clusters from the source into `buf`, laid out as on the medium, and
+/// from there into the copy area; returns the copy area's bytes filled
+/// so far.
 fn copy_window(
     copier: &mut Copier<'_>,
     scratch: &dyn BlockDevice,
@@ -335,69 +358,56 @@ fn copy_window(
     n: u64,
 ) -> Result<u64, Error> {
     let cs = layout.cluster_size();
-    let first = k * layout.extent_clusters();
-    let clusters = (n * layout.extent_clusters()).min(layout.data_clusters - first);
-    let window = &mut buf[..(clusters * cs) as usize];
-    copier.fill(window)?;
-    write_deep(scratch, first * cs / 512, window)?;
-    Ok((first + clusters) * cs)
+    let mut data: Vec<&mut [u8]> = extents_in(layout, buf, k, n)
+        .into_iter()
+        .map(|(_, _, _, data)| data)
+        .collect();
+    copier.fill(&mut data)?;
+    let first = layout.extent(k).0;
+    let mut at = first * cs / 512;
+    let mut ops: Vec<Op<'_>> = Vec::with_capacity(data.len());
+    for d in &data {
+        ops.push(Op::Write { sector: at, buf: d });
+        at += d.len() as u64 / 512;
+    }
+    scratch.transfer(&mut ops, depth(scratch))?;
+    Ok(at * 512)
 }
 
-/// Step 5's state: the medium written up to `written`, the extents'
-/// checksums so far, and its window.
+/// Step 5's state: the medium written up to `written` and the extents'
+/// checksums so far.
 struct Streamer<'a> {
     layout: &'a Layout,
-    scratch: &'a dyn BlockDevice,
     tape: &'a dyn BlockDevice,
     written: u64,
     digest: Digest,
-    buf: Vec<u8>,
 }
 
 impl Streamer<'_> {
-    /// Streams the `n` extents from extent `k` (fewer at the end) from the
-    /// copy area to the medium; returns the copy area's bytes streamed so
-    /// far.
-    fn window(&mut self, k: u64, n: u64) -> Result<u64, Error> {
-        let layout = self.layout;
-        let cs = layout.cluster_size();
-        let n = n.min(layout.extents() - k);
-        // Lay the window out as it goes on the medium: header, data, ...
-        let mut pieces = Vec::with_capacity(n as usize);
-        let mut rest: &mut [u8] = &mut self.buf;
-        for i in k..k + n {
-            let (first, len, _) = layout.extent(i);
-            let (head, tail) = rest.split_at_mut(BLOCK as usize);
-            let (data, tail) = tail.split_at_mut((len * cs) as usize);
-            rest = tail;
-            pieces.push((i, first, head, data));
-        }
-        let mut ops: Vec<Op<'_>> = pieces
-            .iter_mut()
-            .map(|(_, first, _, data)| Op::Read {
-                sector: *first * cs / 512,
-                buf: data,
-            })
-            .collect();
-        self.scratch.transfer(&mut ops, depth(self.scratch))?;
-        drop(ops);
+    /// Streams the `n` extents from extent `k` (fewer at the end), which
+    /// [`copy_window`] left in `buf`, to the medium; returns the copy
+    /// area's bytes streamed so far.
+    fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
+        let cs = self.layout.cluster_size();
         let mut len = 0;
-        for (i, first, head, data) in pieces.iter_mut() {
+        let mut end = 0;
+        for (i, first, head, data) in extents_in(self.layout, buf, k, n) {
             let sum = checksum(data);
             self.digest.add(sum);
+            let clusters = data.len() as u64 / cs;
             ExtentHeader {
-                index: *i,
-                first: *first,
-                clusters: data.len() as u64 / cs,
+                index: i,
+                first,
+                clusters,
                 data_at: self.written + len + BLOCK,
                 data_checksum: sum,
             }
             .encode_into(head);
             len += BLOCK + data.len() as u64;
+            end = (first + clusters) * cs;
         }
-        write_deep(self.tape, self.written / 512, &self.buf[..len as usize])?;
+        write_deep(self.tape, self.written / 512, &buf[..len as usize])?;
         self.written += len;
-        let (first, clusters, _) = layout.extent(k + n - 1);
-        Ok((first + clusters) * cs)
+        Ok(end)
     }
 }
