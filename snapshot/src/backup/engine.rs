@@ -13,7 +13,7 @@ use super::table::{self, Encoder};
 use super::tape::{
     self, checksum, Digest, ExtentHeader, Header, Layout, Trailer, BLOCK, HEADER_BYTES,
 };
-use crate::devices::block::{BlockDevice, Op};
+use crate::devices::block::{BlockDevice, BlockError, Op};
 
 pub use super::io::WINDOW;
 
@@ -274,7 +274,9 @@ fn pump(
     let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
     let mut stream = Streamer {
         layout,
+        scratch,
         tape,
+        overlap,
         written: write_table1(plan, source, tape, &mut filling)?,
         digest: Digest::default(),
     };
@@ -287,7 +289,7 @@ fn pump(
         overlap.both(
             &mut || {
                 if w < windows {
-                    copied = copy_window(&mut copier, scratch, &mut filling, layout, w * per, per);
+                    copied = fill_window(&mut copier, &mut filling, layout, w * per, per);
                 }
             },
             &mut || {
@@ -345,69 +347,97 @@ fn extents_in<'b>(
     pieces
 }
 
-/// Step 4 for the `n` extents from extent `k` (fewer at the end): their
-/// clusters from the source into `buf`, laid out as on the medium, and
-/// from there into the copy area; returns the copy area's bytes filled
-/// so far.
-fn copy_window(
+/// The source's half of step 4 for the `n` extents from extent `k`
+/// (fewer at the end): their clusters from the source into `buf`, laid
+/// out as on the medium; returns the copy area's bytes filled so far.
+fn fill_window(
     copier: &mut Copier<'_>,
-    scratch: &dyn BlockDevice,
     buf: &mut [u8],
     layout: &Layout,
     k: u64,
     n: u64,
 ) -> Result<u64, Error> {
-    let cs = layout.cluster_size();
     let mut data: Vec<&mut [u8]> = extents_in(layout, buf, k, n)
         .into_iter()
         .map(|(_, _, _, data)| data)
         .collect();
     copier.fill(&mut data)?;
-    let first = layout.extent(k).0;
-    let mut at = first * cs / 512;
-    let mut ops: Vec<Op<'_>> = Vec::with_capacity(data.len());
-    for d in &data {
-        ops.push(Op::Write { sector: at, buf: d });
-        at += d.len() as u64 / 512;
-    }
-    scratch.transfer(&mut ops, depth(scratch))?;
-    Ok(at * 512)
+    let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
+    Ok((first + clusters) * layout.cluster_size())
 }
 
 /// Step 5's state: the medium written up to `written` and the extents'
-/// checksums so far.
+/// checksums so far, the copy area, and how to write both at once.
 struct Streamer<'a> {
     layout: &'a Layout,
+    scratch: &'a dyn BlockDevice,
     tape: &'a dyn BlockDevice,
+    overlap: &'a dyn Overlap,
     written: u64,
     digest: Digest,
 }
 
 impl Streamer<'_> {
-    /// Streams the `n` extents from extent `k` (fewer at the end), which
-    /// [`copy_window`] left in `buf`, to the medium; returns the copy
-    /// area's bytes streamed so far.
+    /// The rest of step 4, and step 5, for the `n` extents from extent
+    /// `k` (fewer at the end), which [`fill_window`] left in `buf`: their
+    /// data to the copy area, at the same time as to the medium (each
+    /// after its header); returns the copy area's bytes streamed so far.
     fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
-        let cs = self.layout.cluster_size();
-        let mut len = 0;
-        let mut end = 0;
-        for (i, first, head, data) in extents_in(self.layout, buf, k, n) {
-            let sum = checksum(data);
-            self.digest.add(sum);
-            let clusters = data.len() as u64 / cs;
-            ExtentHeader {
-                index: i,
-                first,
-                clusters,
-                data_at: self.written + len + BLOCK,
-                data_checksum: sum,
-            }
-            .encode_into(head);
-            len += BLOCK + data.len() as u64;
-            end = (first + clusters) * cs;
+        let layout = self.layout;
+        let cs = layout.cluster_size();
+        let (mut heads, mut data) = (Vec::new(), Vec::new());
+        for (i, first, head, d) in extents_in(layout, buf, k, n) {
+            heads.push((i, first, head));
+            data.push(&*d);
         }
-        write_deep(self.tape, self.written / 512, &buf[..len as usize])?;
-        self.written += len;
-        Ok(end)
+        let copy_at = heads[0].1 * cs / 512;
+        let (mut copied, mut streamed) = (Ok(()), Ok(0));
+        let (scratch, tape, written) = (self.scratch, self.tape, self.written);
+        let digest = &mut self.digest;
+        self.overlap.both(
+            &mut || copied = write_runs(scratch, copy_at, data.iter().copied()),
+            &mut || {
+                let mut len = 0;
+                for ((i, first, head), d) in heads.iter_mut().zip(&data) {
+                    let sum = checksum(d);
+                    digest.add(sum);
+                    ExtentHeader {
+                        index: *i,
+                        first: *first,
+                        clusters: d.len() as u64 / cs,
+                        data_at: written + len + BLOCK,
+                        data_checksum: sum,
+                    }
+                    .encode_into(head);
+                    len += BLOCK + d.len() as u64;
+                }
+                let pieces = heads
+                    .iter()
+                    .zip(&data)
+                    .flat_map(|((_, _, h), d)| [&**h, *d]);
+                streamed = write_runs(tape, written / 512, pieces).map(|()| len);
+            },
+        );
+        copied?;
+        self.written += streamed?;
+        let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
+        Ok((first + clusters) * cs)
     }
+}
+
+/// Writes `pieces` one after the other on `d` from `sector` on, in one
+/// batch (the device gathers pieces that continue each other into one
+/// request).
+fn write_runs<'b>(
+    d: &dyn BlockDevice,
+    sector: u64,
+    pieces: impl Iterator<Item = &'b [u8]>,
+) -> Result<(), BlockError> {
+    let mut at = sector;
+    let mut ops: Vec<Op<'_>> = Vec::new();
+    for buf in pieces {
+        ops.push(Op::Write { sector: at, buf });
+        at += buf.len() as u64 / 512;
+    }
+    d.transfer(&mut ops, depth(d))
 }
