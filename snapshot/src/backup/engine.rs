@@ -65,6 +65,7 @@ impl Plan {
         let mut enc = Encoder::default();
         let image =
             source::open(source, &mut |r| enc.push(r, &mut |_| {})).map_err(Error::Source)?;
+        enc.finish(&mut |_| {});
         if let Some(name) = &image.header.backing_file {
             return Err(Error::Backing(name.clone()));
         }
@@ -216,22 +217,27 @@ fn write_table1(
     let mut walk = plan.image.walk(source).map_err(Error::Source)?;
     let mut enc = Encoder::default();
     let (mut written, mut fill) = (HEADER_BYTES, 0usize);
-    let mut rec = [0u8; table::MAX_RECORD];
-    while let Some(r) = walk.next_run().map_err(Error::Source)? {
-        let mut n = 0;
-        enc.push(&r, &mut |b| {
-            rec[..b.len()].copy_from_slice(b);
-            n = b.len();
-        });
-        let fits = n.min(buf.len() - fill);
+    let mut failed = None;
+    // Each record into `buf`, a full `buf` to the tape.
+    let mut put = |rec: &[u8]| {
+        let fits = rec.len().min(buf.len() - fill);
         buf[fill..fill + fits].copy_from_slice(&rec[..fits]);
         fill += fits;
         if fill == buf.len() {
-            write_deep(tape, written / 512, buf)?;
+            if let Err(e) = write_deep(tape, written / 512, buf) {
+                failed.get_or_insert(e);
+            }
             written += buf.len() as u64;
-            buf[..n - fits].copy_from_slice(&rec[fits..n]);
-            fill = n - fits;
+            buf[..rec.len() - fits].copy_from_slice(&rec[fits..]);
+            fill = rec.len() - fits;
         }
+    };
+    while let Some(r) = walk.next_run().map_err(Error::Source)? {
+        enc.push(&r, &mut put);
+    }
+    enc.finish(&mut put);
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     if enc.bytes != plan.layout.table1_bytes || enc.checksum() != plan.table1_checksum {
         return Err(changed());
