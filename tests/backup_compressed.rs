@@ -29,6 +29,22 @@ fn raw_with_text(path: &Path, size: u64, regions: &[(u64, u64)]) {
     std::fs::write(path, raw).unwrap();
 }
 
+/// `qemu-img convert -c -O qcow2 -o OPTIONS FROM TO`: every cluster of
+/// `from` that holds data, compressed.
+fn compress(from: &Path, to: &Path, options: &str) {
+    let args = [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        options,
+        s(from),
+        s(to),
+    ];
+    tool("qemu-img", &args);
+}
+
 /// `qemu-img convert -c` of text and zeros, with deflate and with zstd,
 /// then written over with `qemu-io` (new data, zeros, a compressed cluster
 /// rewritten in part): restores are identical under `qemu-img compare`,
@@ -48,19 +64,7 @@ fn compressed_images_deflate_and_zstd() {
         );
         let src = dir.join("src.qcow2");
         let options = format!("compression_type={kind}");
-        tool(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "-o",
-                &options,
-                s(&raw),
-                s(&src),
-            ],
-        );
+        compress(&raw, &src, &options);
         std::fs::remove_file(&raw).unwrap();
         tool(
             "qemu-io",
@@ -104,19 +108,7 @@ fn subclusters_written_in_part() {
     );
     round_trip(&dir, &src);
     let compressed = dir.join("compressed.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            s(&src),
-            s(&compressed),
-        ],
-    );
+    compress(&src, &compressed, "extended_l2=on");
     tool(
         "qemu-io",
         &[
