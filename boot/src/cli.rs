@@ -13,6 +13,7 @@ use std::time::Duration;
 use snapshot::backup::Format;
 use snapshot::interface::scenario::{Scenario, ALL};
 use snapshot::interface::units::parse_size;
+use snapshot::policy::sched::MAX_CPUS;
 
 use crate::qemu::Disk;
 
@@ -21,6 +22,10 @@ use crate::qemu::Disk;
 pub const OPTIONS: &[(&str, &str)] = &[
     ("--mem SIZE", "guest RAM, e.g. 128M, 2G (default 128M, or the scenario's)"),
     ("--timeout SECS", "kill QEMU after this long (default 600)"),
+    (
+        "--cpus N",
+        "CPUs QEMU gives the guest (-smp N; default 2 for the demo and the benchmarks, 1 otherwise)",
+    ),
     ("--quiet", "do not echo the serial console"),
     ("--json FILE", "write a benchmark's JSON result there"),
     (
@@ -122,6 +127,8 @@ pub struct Args {
     pub mem: u64,
     /// When QEMU is killed.
     pub timeout: Duration,
+    /// CPUs for the guest (`--cpus`), or the scenario's default.
+    pub cpus: usize,
     /// Whether to keep the serial console off stdout.
     pub quiet: bool,
     /// Where a benchmark's JSON goes.
@@ -192,6 +199,14 @@ fn option(
                 .map_err(|_| format!("--timeout {text}: not a number of seconds"))?;
             args.timeout = Duration::from_secs_f64(secs);
         }
+        "--cpus" => {
+            let text = value()?;
+            args.cpus = text
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_CPUS).contains(n))
+                .ok_or(format!("--cpus {text}: want 1 to {MAX_CPUS}"))?;
+        }
         "--quiet" => args.quiet = true,
         "--json" => args.json = path(value())?,
         "--svg" => args.svg = path(value())?,
@@ -261,6 +276,16 @@ fn check_options(scenario: Scenario, given: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// CPUs a scenario gets without `--cpus`: two for the demo and the
+/// benchmarks (the machines they stand for have several), one otherwise.
+pub fn default_cpus(scenario: Scenario) -> usize {
+    if scenario == Scenario::DEFAULT || scenario.describe().benchmark {
+        2
+    } else {
+        1
+    }
+}
+
 /// Parses the words after the program name. `Err("")` asks for the usage
 /// text; any other error says what is wrong.
 pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -269,6 +294,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         cmdline: Vec::new(),
         mem: 0,
         timeout: Duration::from_secs(600),
+        cpus: 0,
         quiet: false,
         json: None,
         svg: None,
@@ -322,6 +348,9 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     if !given.iter().any(|g| g == "--mem") {
         args.mem = d.mem_mib << 20;
     }
+    if args.cpus == 0 {
+        args.cpus = default_cpus(args.scenario);
+    }
     // `scenario=` first and the argument last, as the kernel reads the
     // last of repeated keys.
     let mut scenario_words = args
@@ -362,6 +391,17 @@ mod tests {
         );
         let args = parse(&["restore", "--tape", "t", "--out", "o"]).unwrap();
         assert_eq!(args.mem, 512 << 20);
+    }
+
+    #[test]
+    fn cpus_default_by_scenario_and_are_checked() {
+        assert_eq!(parse(&[]).unwrap().cpus, 2, "the demo");
+        assert_eq!(parse(&["bench-memsnap"]).unwrap().cpus, 2, "a benchmark");
+        assert_eq!(parse(&["test", "x::y"]).unwrap().cpus, 1);
+        assert_eq!(parse(&["crash", "--cpus", "4"]).unwrap().cpus, 4);
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert!(err(&["--cpus", "0"]).contains("want 1 to 16"));
+        assert!(err(&["--cpus", "many"]).contains("--cpus many"));
     }
 
     #[test]

@@ -54,10 +54,12 @@ fn main() -> ExitCode {
         cmdline: run.cmdline.join(" "),
         timeout: args.timeout,
         disks: run.disks.clone(),
+        cpus: args.cpus,
     };
     eprintln!(
-        "booting: {} MiB, cmdline {:?}",
+        "booting: {} MiB, {} CPU(s), cmdline {:?}",
         config.mem_bytes >> 20,
+        config.cpus,
         config.cmdline
     );
     let outcome = match qemu::run(&config, |line| show_line(line, args.quiet)) {
@@ -342,6 +344,8 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             return;
         }
     };
+    // What the figures ran on: the CPUs QEMU gave the guest.
+    json.push("cpus", config.cpus as u64);
     if args.scenario == Scenario::BenchBlk {
         // The reference: the host reading the same file, now in its cache
         // as QEMU left it, in the same run.

@@ -34,6 +34,8 @@ pub struct Config {
     pub timeout: Duration,
     /// virtio-blk disks, in PCI order.
     pub disks: Vec<Disk>,
+    /// CPUs (`-smp`), under multi-threaded TCG when more than one.
+    pub cpus: usize,
 }
 
 /// A raw image file attached as a virtio-blk disk (modern transport only,
@@ -84,7 +86,7 @@ fn escape(value: &str) -> String {
 }
 
 impl Config {
-    /// 128 MiB, 60 s, the given command line.
+    /// 128 MiB, one CPU, 60 s, the given command line.
     pub fn new(kernel: &Path, cmdline: &str) -> Self {
         Config {
             kernel: kernel.to_path_buf(),
@@ -92,6 +94,7 @@ impl Config {
             cmdline: cmdline.to_string(),
             timeout: Duration::from_secs(60),
             disks: Vec::new(),
+            cpus: 1,
         }
     }
 }
@@ -202,15 +205,22 @@ pub fn check_qemu() -> Result<(), SetupError> {
 /// The QEMU command line for `config`.
 pub fn command(config: &Config) -> Command {
     let mut cmd = Command::new(QEMU);
+    let accel = if config.cpus > 1 {
+        "tcg,thread=multi"
+    } else {
+        "tcg"
+    };
     cmd.args([
         "-machine",
         "q35",
         "-accel",
-        "tcg",
+        accel,
         "-cpu",
         "max",
         "-nodefaults",
     ])
+    .arg("-smp")
+    .arg(config.cpus.max(1).to_string())
     .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .arg("-m")
