@@ -56,6 +56,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "--to-disk",
         "bench-memsnap: also snapshot to a disk, against a sequential-write baseline on the same disk",
     ),
+    (
+        "--spread",
+        "bench-backup: also back up a 1 TiB image holding 2,048 clusters 512 MiB apart, reporting its medium against its data",
+    ),
     ("-h, --help", "this text"),
 ];
 
@@ -143,6 +147,8 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// bench-memsnap: also to a disk.
     pub to_disk: bool,
+    /// bench-backup: also the 1 TiB spread image.
+    pub spread: bool,
     /// backup's source image.
     pub source: Option<PathBuf>,
     /// backup's or restore's medium.
@@ -210,6 +216,7 @@ fn option(
         "--image" => args.image = path(value())?,
         "--out" => args.out = path(value())?,
         "--to-disk" => args.to_disk = true,
+        "--spread" => args.spread = true,
         "--base" => args.base = path(value())?,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
@@ -297,6 +304,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         image_size: 1 << 30,
         out: None,
         to_disk: false,
+        spread: false,
         source: None,
         tape: None,
         format: None,
@@ -435,6 +443,11 @@ mod tests {
             Some(std::path::Path::new("/tmp/x.core"))
         );
         assert!(parse(&["bench-memsnap", "--to-disk"]).unwrap().to_disk);
+        assert!(parse(&["bench-backup", "--spread"]).unwrap().spread);
+        assert_eq!(
+            parse(&["bench-memsnap", "--spread"]).unwrap_err(),
+            "--spread is for bench-backup"
+        );
     }
 
     #[test]
