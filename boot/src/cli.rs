@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use snapshot::backup::Format;
+use snapshot::interface::cmdline::parse_u64;
 use snapshot::interface::scenario::{Scenario, ALL};
 use snapshot::interface::units::parse_size;
 
@@ -21,6 +22,7 @@ use crate::qemu::Disk;
 pub const OPTIONS: &[(&str, &str)] = &[
     ("--mem SIZE", "guest RAM, e.g. 128M, 2G (default 128M, or the scenario's)"),
     ("--timeout SECS", "kill QEMU after this long (default 600)"),
+    ("--cpus N", "CPUs the machine has (QEMU's -smp; default 1)"),
     ("--quiet", "do not echo the serial console"),
     ("--json FILE", "write a benchmark's JSON result there"),
     (
@@ -50,6 +52,12 @@ pub const OPTIONS: &[(&str, &str)] = &[
     (
         "--to-disk",
         "bench-memsnap: also snapshot to a disk, against a sequential-write baseline on the same disk",
+    ),
+    ("--runs N", "soak-memsnap: how many runs (default 20)"),
+    ("--seed S", "soak-memsnap: the first run's seed, decimal or 0x hex (default 1)"),
+    (
+        "--run-timeout SECS",
+        "soak-memsnap: a run still going after this long is a hang; the machine is rebooted (default 120)",
     ),
     ("-h, --help", "this text"),
 ];
@@ -144,6 +152,14 @@ pub struct Args {
     pub format: Option<Format>,
     /// clone's base image.
     pub base: Option<PathBuf>,
+    /// CPUs the machine has.
+    pub cpus: u32,
+    /// soak-memsnap: runs, the first run's seed, the per-run watchdog.
+    pub runs: Option<u64>,
+    /// See `runs`.
+    pub seed: Option<u64>,
+    /// See `runs`.
+    pub run_timeout: Option<Duration>,
     /// mirror's primary and secondary images.
     pub primary: Option<PathBuf>,
     /// See `primary`.
@@ -164,6 +180,14 @@ fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
     }
 }
 
+/// A positive number of seconds, for option `flag`.
+fn seconds(flag: &str, text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("{flag} {text}: not a number of seconds")),
+    }
+}
+
 /// Parses one option (with its value, unless it is a switch) into `args`.
 fn option(
     args: &mut Args,
@@ -179,12 +203,23 @@ fn option(
                 return Err(format!("--mem {text}: the kernel needs at least 32M"));
             }
         }
-        "--timeout" => {
+        "--timeout" => args.timeout = seconds(word, &value()?)?,
+        "--run-timeout" => args.run_timeout = Some(seconds(word, &value()?)?),
+        "--cpus" => {
             let text = value()?;
-            let secs: f64 = text
-                .parse()
-                .map_err(|_| format!("--timeout {text}: not a number of seconds"))?;
-            args.timeout = Duration::from_secs_f64(secs);
+            args.cpus = match text.parse() {
+                Ok(n @ 1..=64) => n,
+                _ => return Err(format!("--cpus {text}: want 1 to 64")),
+            };
+        }
+        "--runs" => {
+            let text = value()?;
+            let runs = parse_u64(&text).filter(|&n| n > 0);
+            args.runs = Some(runs.ok_or(format!("--runs {text}: want a count above 0"))?);
+        }
+        "--seed" => {
+            let text = value()?;
+            args.seed = Some(parse_u64(&text).ok_or(format!("--seed {text}: not a number"))?);
         }
         "--quiet" => args.quiet = true,
         "--json" => args.json = path(value())?,
@@ -275,6 +310,10 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         tape: None,
         format: None,
         base: None,
+        cpus: 1,
+        runs: None,
+        seed: None,
+        run_timeout: None,
         primary: None,
         secondary: None,
     };
@@ -395,6 +434,28 @@ mod tests {
             Some(std::path::Path::new("/tmp/x.core"))
         );
         assert!(parse(&["bench-memsnap", "--to-disk"]).unwrap().to_disk);
+    }
+
+    #[test]
+    fn the_soak_takes_runs_seed_and_cpus() {
+        let args = parse(&[
+            "soak-memsnap",
+            "--runs",
+            "5",
+            "--seed",
+            "0x2a",
+            "--cpus",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!((args.runs, args.seed, args.cpus), (Some(5), Some(42), 2));
+        assert_eq!(args.mem, 64 << 20);
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert_eq!(err(&["demo", "--runs", "5"]), "--runs is for soak-memsnap");
+        assert!(err(&["soak-memsnap", "--runs", "0"]).contains("above 0"));
+        assert!(err(&["soak-memsnap", "--seed", "x"]).contains("not a number"));
+        assert!(err(&["--cpus", "0"]).contains("1 to 64"));
+        assert_eq!(parse(&["--cpus", "4"]).unwrap().cpus, 4);
     }
 
     #[test]
