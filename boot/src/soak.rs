@@ -128,14 +128,7 @@ impl Summary {
         let mut next = first;
         for r in &tracker.done {
             self.runs += 1;
-            let t = &mut self.totals;
-            t.pages += r.pages;
-            t.mismatched += r.mismatched;
-            t.copied_twice += r.copied_twice;
-            t.never_copied += r.never_copied;
-            t.count_disagreement += r.count_disagreement;
-            t.leaked_frames += r.leaked_frames;
-            t.restore_errors += r.restore_errors;
+            self.totals.add(r);
             let what = match (r.ok(), &tracker.reason) {
                 (true, _) => None,
                 (false, Some(reason)) => Some(reason.clone()),

@@ -256,6 +256,19 @@ impl RunResult {
             + self.restore_errors
     }
 
+    /// Adds `other`'s counts and time to these (for totals; `run` and
+    /// `seed` stay).
+    pub fn add(&mut self, other: &RunResult) {
+        self.pages += other.pages;
+        self.mismatched += other.mismatched;
+        self.copied_twice += other.copied_twice;
+        self.never_copied += other.never_copied;
+        self.count_disagreement += other.count_disagreement;
+        self.leaked_frames += other.leaked_frames;
+        self.restore_errors += other.restore_errors;
+        self.us += other.us;
+    }
+
     /// The record's fields.
     pub fn fields(&self) -> [(&'static str, Value<'static>); 10] {
         [
@@ -365,6 +378,11 @@ mod tests {
         assert_eq!(RunResult::from_record(&record), Some(result));
         assert!(!result.ok());
         assert!(RunResult::default().ok());
+        let mut total = RunResult::default();
+        total.add(&result);
+        total.add(&result);
+        assert_eq!((total.pages, total.leaked_frames, total.us), (18000, 4, 24));
+        assert_eq!(total.problems(), 4);
         let other = parse_line("TRACE 1 soak.begin run=3").unwrap().unwrap();
         assert_eq!(RunResult::from_record(&other), None);
     }
