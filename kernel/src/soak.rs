@@ -234,13 +234,12 @@ fn check_complete(report: &Report, result: &mut RunResult) -> Result<(), String>
     result.copied_twice = copies.twice;
     result.never_copied = copies.never;
     // The engine's counters against the copies counted page by page, and
-    // for a disk store against what its writer wrote.
+    // for a disk store what its writer wrote against the same.
     result.count_disagreement = report.stats.copied().abs_diff(copies.total)
-        + report.pages.abs_diff(copies.total)
         + report
             .disk
             .as_ref()
-            .map_or(0, |d| (d.writer.bytes / 4096).abs_diff(report.pages));
+            .map_or(0, |d| (d.writer.bytes / 4096).abs_diff(copies.total));
     Ok(())
 }
 

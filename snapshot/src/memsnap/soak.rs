@@ -229,8 +229,8 @@ pub struct RunResult {
     pub copied_twice: u64,
     /// Pages never copied, in a completed snapshot.
     pub never_copied: u64,
-    /// Copies the engine's counters claim minus those the copy paths
-    /// counted page by page (0 when they agree).
+    /// How far the engine's counters, and a disk store's writer, are from
+    /// the copies counted page by page (0 when they agree).
     pub count_disagreement: u64,
     /// Frames free before the run minus after it, all released.
     pub leaked_frames: u64,
@@ -310,8 +310,8 @@ impl fmt::Display for RunResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} mismatched pages, {} copied twice, {} never copied, {} copies the engine counted \
-             but the pages did not, {} leaked frames, {} restore errors",
+            "{} mismatched pages, {} copied twice, {} never copied, {} copy-count disagreements \
+             (engine or disk writer against the pages), {} leaked frames, {} restore errors",
             self.mismatched,
             self.copied_twice,
             self.never_copied,
