@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if args.scenario == Scenario::SoakMemsnap {
-        return soak(&args, &kernel);
+        return boot::soak::main(&args, &kernel, |line| show_line(line, args.quiet));
     }
     let run = match prepare(&args) {
         Ok(run) => run,
@@ -102,57 +102,6 @@ fn main() -> ExitCode {
         Verdict::Passed => ExitCode::SUCCESS,
         Verdict::Failed => ExitCode::from(1),
         Verdict::UnexpectedExit(_) | Verdict::TimedOut(_) => ExitCode::from(3),
-    }
-}
-
-/// `soak-memsnap`: as many boots as the runs need; one line per failed
-/// run, then the summary. Exit status 0 only if every run passed.
-fn soak(args: &Args, kernel: &Path) -> ExitCode {
-    let plan = boot::soak::Plan {
-        runs: args.runs.unwrap_or(20),
-        seed: args.seed.unwrap_or(1),
-        run_timeout: args
-            .run_timeout
-            .unwrap_or(std::time::Duration::from_secs(120)),
-        // The scenario's own word is added by the soak, with its range.
-        cmdline: args.cmdline[1..].to_vec(),
-        mem_bytes: args.mem,
-        cpus: args.cpus,
-    };
-    eprintln!(
-        "soak-memsnap: {} runs from seed {:#x}, {} MiB, {} CPU(s)",
-        plan.runs,
-        plan.seed,
-        plan.mem_bytes >> 20,
-        plan.cpus
-    );
-    let work = boot::workspace_root().join("target/soak-memsnap");
-    let result = boot::soak::run(
-        kernel,
-        &plan,
-        &work,
-        // The runs' own lines and the kernel's log, not every trace record.
-        |line| {
-            let record = snapshot::interface::trace::parse_line(line);
-            if !matches!(record, Ok(Some(r)) if !r.event.starts_with("soak.")) {
-                show_line(line, args.quiet);
-            }
-        },
-        |failure| eprintln!("{}", boot::soak::failure_line(failure, plan.cpus)),
-    );
-    match result {
-        Ok(summary) => {
-            eprintln!("{summary}");
-            if summary.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
     }
 }
 

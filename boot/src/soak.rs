@@ -11,12 +11,14 @@
 
 use std::fmt;
 use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use snapshot::interface::scenario::JobFailure;
 use snapshot::interface::trace::parse_line;
 use snapshot::memsnap::soak::{self, RunResult};
 
+use crate::cli::Args;
 use crate::qemu::{self, Config, Disk};
 
 /// What to run.
@@ -236,7 +238,9 @@ pub fn run(
             cpus: plan.cpus,
             disks: disks.clone(),
             // The watchdog stops a hung run; this only bounds a boot.
-            timeout: plan.run_timeout * (plan.runs - next + 1) as u32,
+            timeout: plan
+                .run_timeout
+                .saturating_mul(u32::try_from(plan.runs - next + 1).unwrap_or(u32::MAX)),
             ..Config::new(kernel, &cmdline.join(" "))
         };
         let mut tracker = Tracker::new(plan.run_timeout);
@@ -249,6 +253,46 @@ pub fn run(
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// The host tool's `soak-memsnap`: as many boots as the runs need; one
+/// line per failed run, then the summary; `show` echoes the kernel's log
+/// and the runs' records (not every trace record). Exit status 0 only if
+/// every run passed.
+pub fn main(args: &Args, kernel: &Path, show: impl Fn(&str)) -> ExitCode {
+    let plan = Plan {
+        runs: args.runs.unwrap_or(20),
+        seed: args.seed.unwrap_or(1),
+        run_timeout: args.run_timeout.unwrap_or(Duration::from_secs(120)),
+        // The scenario's own word is added by the soak, with its range.
+        cmdline: args.cmdline[1..].to_vec(),
+        mem_bytes: args.mem,
+        cpus: args.cpus,
+    };
+    eprintln!(
+        "soak-memsnap: {} runs from seed {:#x}, {} MiB, {} CPU(s)",
+        plan.runs,
+        plan.seed,
+        plan.mem_bytes >> 20,
+        plan.cpus
+    );
+    let work = crate::workspace_root().join("target/soak-memsnap");
+    let echo = |line: &str| {
+        if !matches!(parse_line(line), Ok(Some(r)) if !r.event.starts_with("soak.")) {
+            show(line);
+        }
+    };
+    let failed = |failure: &Failure| eprintln!("{}", failure_line(failure, plan.cpus));
+    match run(kernel, &plan, &work, echo, failed) {
+        Ok(summary) => {
+            eprintln!("{summary}");
+            ExitCode::from(u8::from(!summary.failures.is_empty()))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]
