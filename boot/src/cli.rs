@@ -153,7 +153,7 @@ pub struct Args {
     /// clone's base image.
     pub base: Option<PathBuf>,
     /// CPUs the machine has.
-    pub cpus: u32,
+    pub cpus: usize,
     /// soak-memsnap: runs, the first run's seed, the per-run watchdog.
     pub runs: Option<u64>,
     /// See `runs`.

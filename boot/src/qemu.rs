@@ -35,7 +35,7 @@ pub struct Config {
     /// virtio-blk disks, in PCI order.
     pub disks: Vec<Disk>,
     /// CPUs the machine has (`-smp`).
-    pub cpus: u32,
+    pub cpus: usize,
 }
 
 /// A raw image file attached as a virtio-blk disk (modern transport only,

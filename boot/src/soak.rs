@@ -35,7 +35,7 @@ pub struct Plan {
     /// Guest RAM and CPUs.
     pub mem_bytes: u64,
     /// See `mem_bytes`.
-    pub cpus: u32,
+    pub cpus: usize,
 }
 
 /// A run that did not pass.
@@ -191,7 +191,7 @@ impl fmt::Display for Summary {
 
 /// The line printed for a failed run: what happened and how to run it
 /// again alone.
-pub fn failure_line(f: &Failure, cpus: u32) -> String {
+pub fn failure_line(f: &Failure, cpus: usize) -> String {
     let cpus = if cpus > 1 {
         format!(" --cpus {cpus}")
     } else {
