@@ -25,6 +25,23 @@ fn a_panicking_kernel_test_fails_and_is_named() {
 }
 
 #[test]
+fn a_panic_on_another_cpu_names_that_cpu_and_stops_the_machine() {
+    let err =
+        kernel_tests::run_kernel_test_on_cpus("deliberate::panics_on_another_cpu", &[], 2, TIMEOUT)
+            .expect_err("a test panicking on CPU 1 passed");
+    // The test says where it ran (its own reading) and the panic report
+    // says where it panicked: both must be CPU 1.
+    assert!(
+        err.starts_with(
+            "KTEST-FAIL deliberate::panics_on_another_cpu: panicked on CPU 1: \
+             deliberate failure on CPU 1"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("!!! PANIC on CPU 1"), "{err}");
+}
+
+#[test]
 fn the_host_tool_ends_a_failed_test_with_its_reason() {
     let run = host_tool(&["test", "deliberate::panics", "--quiet"]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
@@ -72,7 +89,7 @@ fn crash(kind: &str) -> String {
 fn an_unexpected_page_fault_prints_vector_error_code_rip_and_cr2() {
     let log = crash("pf");
     assert!(
-        log.contains("CPU EXCEPTION #PF page fault: vector=14 error_code=0x0"),
+        log.contains("CPU EXCEPTION #PF page fault on CPU 0: vector=14 error_code=0x0"),
         "{log}"
     );
     assert!(
@@ -85,10 +102,10 @@ fn an_unexpected_page_fault_prints_vector_error_code_rip_and_cr2() {
 #[test]
 fn every_exception_kind_is_reported_and_fails_the_run() {
     for (kind, expected) in [
-        ("ud", "#UD invalid opcode: vector=6"),
-        ("de", "#DE divide error: vector=0"),
-        ("gp", "#GP general protection fault: vector=13"),
-        ("bp", "#BP breakpoint: vector=3"),
+        ("ud", "#UD invalid opcode on CPU 0: vector=6"),
+        ("de", "#DE divide error on CPU 0: vector=0"),
+        ("gp", "#GP general protection fault on CPU 0: vector=13"),
+        ("bp", "#BP breakpoint on CPU 0: vector=3"),
     ] {
         let log = crash(kind);
         assert!(log.contains(expected), "crash {kind}: {log}");

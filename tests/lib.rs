@@ -52,10 +52,22 @@ pub fn boot_with_disks(
     timeout: Duration,
     disks: Vec<Disk>,
 ) -> Outcome {
+    boot_on_cpus(cmdline, mem_bytes, timeout, disks, 1)
+}
+
+/// Boots with `cmdline` and `disks` attached on `cpus` CPUs.
+pub fn boot_on_cpus(
+    cmdline: &str,
+    mem_bytes: u64,
+    timeout: Duration,
+    disks: Vec<Disk>,
+    cpus: usize,
+) -> Outcome {
     let config = Config {
         mem_bytes,
         timeout,
         disks,
+        cpus,
         ..Config::new(&kernel(), cmdline)
     };
     qemu::run(&config, |_| {}).unwrap_or_else(|e| panic!("{e}"))
@@ -195,10 +207,24 @@ pub fn run_kernel_test_with_disks(
     disks: &[DiskSpec],
     timeout: Duration,
 ) -> Result<Outcome, String> {
+    run_kernel_test_on_cpus(name, disks, 1, timeout)
+}
+
+/// [`run_kernel_test_with_disks`] on `cpus` CPUs; the kernel is told how
+/// many to expect (`expect_cpus=`). Images go to a folder per CPU count, so
+/// the same test at two counts may run at once.
+pub fn run_kernel_test_on_cpus(
+    name: &str,
+    disks: &[DiskSpec],
+    cpus: usize,
+    timeout: Duration,
+) -> Result<Outcome, String> {
     let images = if disks.is_empty() {
         Vec::new()
-    } else {
+    } else if cpus == 1 {
         make_images(&image_dir(name), disks)
+    } else {
+        make_images(&image_dir(&format!("{name}@{cpus}cpus")), disks)
     };
     // Disk tests move megabytes through the heap (a sixteenth of RAM).
     let mem = if disks.is_empty() {
@@ -206,7 +232,8 @@ pub fn run_kernel_test_with_disks(
     } else {
         256 << 20
     };
-    let outcome = boot_with_disks(&format!("scenario=test test={name}"), mem, timeout, images);
+    let cmdline = format!("scenario=test expect_cpus={cpus} test={name}");
+    let outcome = boot_on_cpus(&cmdline, mem, timeout, images, cpus);
     let passed_line = ktest::lines(&outcome.serial).any(|l| l == ktest::Line::Pass(name));
     if outcome.verdict == Verdict::Passed && passed_line {
         return Ok(outcome);
@@ -230,6 +257,24 @@ pub fn run_kernel_test_with_disks(
 /// other people's tests, a blk test of seconds passed 60 s), and a timeout
 /// only has to tell a hang; no test judges how long a boot took.
 pub const HANG: Duration = Duration::from_secs(300);
+
+/// The CPU counts the in-kernel suite runs at: `KERNEL_TEST_CPUS`, a
+/// comma-separated list (default `1,2`: every test on one CPU and on two).
+pub fn kernel_test_cpus() -> Vec<usize> {
+    let text = std::env::var("KERNEL_TEST_CPUS").unwrap_or_else(|_| "1,2".into());
+    let counts: Vec<usize> = text
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .ok()
+                .filter(|&n| n >= 1)
+                .unwrap_or_else(|| panic!("KERNEL_TEST_CPUS={text}: want counts like 1,2"))
+        })
+        .collect();
+    assert!(!counts.is_empty(), "KERNEL_TEST_CPUS is empty");
+    counts
+}
 
 /// Per-test timeout: `KERNEL_TEST_TIMEOUT` seconds, default [`HANG`].
 pub fn test_timeout() -> Duration {

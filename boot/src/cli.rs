@@ -14,6 +14,7 @@ use snapshot::backup::Format;
 use snapshot::interface::cmdline::parse_u64;
 use snapshot::interface::scenario::{Scenario, ALL};
 use snapshot::interface::units::parse_size;
+use snapshot::policy::sched::MAX_CPUS;
 
 use crate::qemu::Disk;
 
@@ -22,7 +23,10 @@ use crate::qemu::Disk;
 pub const OPTIONS: &[(&str, &str)] = &[
     ("--mem SIZE", "guest RAM, e.g. 128M, 2G (default 128M, or the scenario's)"),
     ("--timeout SECS", "kill QEMU after this long (default 600)"),
-    ("--cpus N", "CPUs the machine has (QEMU's -smp; default 1)"),
+    (
+        "--cpus N",
+        "CPUs QEMU gives the guest (-smp N; default 2 for the demo and the benchmarks, 1 otherwise)",
+    ),
     ("--quiet", "do not echo the serial console"),
     ("--json FILE", "write a benchmark's JSON result there"),
     (
@@ -126,6 +130,8 @@ pub struct Args {
     pub mem: u64,
     /// When QEMU is killed.
     pub timeout: Duration,
+    /// CPUs for the guest (`--cpus`), or the scenario's default.
+    pub cpus: usize,
     /// Whether to keep the serial console off stdout.
     pub quiet: bool,
     /// Where a benchmark's JSON goes.
@@ -152,8 +158,6 @@ pub struct Args {
     pub format: Option<Format>,
     /// clone's base image.
     pub base: Option<PathBuf>,
-    /// CPUs the machine has.
-    pub cpus: usize,
     /// soak-memsnap: runs, the first run's seed, the per-run watchdog.
     pub runs: Option<u64>,
     /// See `runs`.
@@ -205,13 +209,6 @@ fn option(
         }
         "--timeout" => args.timeout = seconds(word, &value()?)?,
         "--run-timeout" => args.run_timeout = Some(seconds(word, &value()?)?),
-        "--cpus" => {
-            let text = value()?;
-            args.cpus = match text.parse() {
-                Ok(n @ 1..=64) => n,
-                _ => return Err(format!("--cpus {text}: want 1 to 64")),
-            };
-        }
         "--runs" => {
             let text = value()?;
             let runs = parse_u64(&text).filter(|&n| n > 0);
@@ -220,6 +217,14 @@ fn option(
         "--seed" => {
             let text = value()?;
             args.seed = Some(parse_u64(&text).ok_or(format!("--seed {text}: not a number"))?);
+        }
+        "--cpus" => {
+            let text = value()?;
+            args.cpus = text
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_CPUS).contains(n))
+                .ok_or(format!("--cpus {text}: want 1 to {MAX_CPUS}"))?;
         }
         "--quiet" => args.quiet = true,
         "--json" => args.json = path(value())?,
@@ -289,6 +294,16 @@ fn check_options(scenario: Scenario, given: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// CPUs a scenario gets without `--cpus`: two for the demo and the
+/// benchmarks (the machines they stand for have several), one otherwise.
+pub fn default_cpus(scenario: Scenario) -> usize {
+    if scenario == Scenario::DEFAULT || scenario.describe().benchmark {
+        2
+    } else {
+        1
+    }
+}
+
 /// Parses the words after the program name. `Err("")` asks for the usage
 /// text; any other error says what is wrong.
 pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -297,6 +312,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         cmdline: Vec::new(),
         mem: 0,
         timeout: Duration::from_secs(600),
+        cpus: 0,
         quiet: false,
         json: None,
         svg: None,
@@ -310,7 +326,6 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         tape: None,
         format: None,
         base: None,
-        cpus: 1,
         runs: None,
         seed: None,
         run_timeout: None,
@@ -353,6 +368,9 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     if !given.iter().any(|g| g == "--mem") {
         args.mem = d.mem_mib << 20;
     }
+    if args.cpus == 0 {
+        args.cpus = default_cpus(args.scenario);
+    }
     // `scenario=` first and the argument last, as the kernel reads the
     // last of repeated keys.
     let mut scenario_words = args
@@ -393,6 +411,17 @@ mod tests {
         );
         let args = parse(&["restore", "--tape", "t", "--out", "o"]).unwrap();
         assert_eq!(args.mem, 512 << 20);
+    }
+
+    #[test]
+    fn cpus_default_by_scenario_and_are_checked() {
+        assert_eq!(parse(&[]).unwrap().cpus, 2, "the demo");
+        assert_eq!(parse(&["bench-memsnap"]).unwrap().cpus, 2, "a benchmark");
+        assert_eq!(parse(&["test", "x::y"]).unwrap().cpus, 1);
+        assert_eq!(parse(&["crash", "--cpus", "4"]).unwrap().cpus, 4);
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert!(err(&["--cpus", "0"]).contains("want 1 to 16"));
+        assert!(err(&["--cpus", "many"]).contains("--cpus many"));
     }
 
     #[test]
@@ -454,8 +483,6 @@ mod tests {
         assert_eq!(err(&["demo", "--runs", "5"]), "--runs is for soak-memsnap");
         assert!(err(&["soak-memsnap", "--runs", "0"]).contains("above 0"));
         assert!(err(&["soak-memsnap", "--seed", "x"]).contains("not a number"));
-        assert!(err(&["--cpus", "0"]).contains("1 to 64"));
-        assert_eq!(parse(&["--cpus", "4"]).unwrap().cpus, 4);
     }
 
     #[test]

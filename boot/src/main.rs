@@ -60,8 +60,9 @@ fn main() -> ExitCode {
         cpus: args.cpus,
     };
     eprintln!(
-        "booting: {} MiB, cmdline {:?}",
+        "booting: {} MiB, {} CPU(s), cmdline {:?}",
         config.mem_bytes >> 20,
+        config.cpus,
         config.cmdline
     );
     let outcome = match qemu::run(&config, |line| show_line(line, args.quiet)) {
@@ -340,6 +341,8 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
             return;
         }
     };
+    // What the figures ran on: the CPUs QEMU gave the guest.
+    json.push("cpus", config.cpus as u64);
     if args.scenario == Scenario::BenchBlk {
         // The reference: the host reading the same file, now in its cache
         // as QEMU left it, in the same run.

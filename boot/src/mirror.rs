@@ -127,7 +127,7 @@ pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u
 /// `bench-mirror`'s pair, scaled to run in minutes under TCG.
 pub const BENCH_VOLUME: u64 = 256 << 20;
 /// The two pairs whose split acknowledgement is timed.
-pub const BENCH_ACK_VOLUMES: [(&str, u64); 2] = [("small-", 1 << 30), ("big-", 16 << 30)];
+pub const BENCH_ACK_VOLUMES: [(&str, u64); 2] = [("small-", 1 << 30), ("big-", 64 << 30)];
 
 /// Makes `bench-mirror`'s blank sparse images in `dir` (the volumes start
 /// equal: all zeros) and returns its disks.

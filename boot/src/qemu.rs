@@ -34,7 +34,7 @@ pub struct Config {
     pub timeout: Duration,
     /// virtio-blk disks, in PCI order.
     pub disks: Vec<Disk>,
-    /// CPUs the machine has (`-smp`).
+    /// CPUs (`-smp`), under multi-threaded TCG when more than one.
     pub cpus: usize,
 }
 
@@ -86,7 +86,7 @@ fn escape(value: &str) -> String {
 }
 
 impl Config {
-    /// 128 MiB, 60 s, the given command line.
+    /// 128 MiB, one CPU, 60 s, the given command line.
     pub fn new(kernel: &Path, cmdline: &str) -> Self {
         Config {
             kernel: kernel.to_path_buf(),
@@ -205,21 +205,26 @@ pub fn check_qemu() -> Result<(), SetupError> {
 /// The QEMU command line for `config`.
 pub fn command(config: &Config) -> Command {
     let mut cmd = Command::new(QEMU);
+    let accel = if config.cpus > 1 {
+        "tcg,thread=multi"
+    } else {
+        "tcg"
+    };
     cmd.args([
         "-machine",
         "q35",
         "-accel",
-        "tcg",
+        accel,
         "-cpu",
         "max",
         "-nodefaults",
     ])
+    .arg("-smp")
+    .arg(config.cpus.max(1).to_string())
     .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .arg("-m")
     .arg(format!("{}M", config.mem_bytes.div_ceil(1 << 20)))
-    .arg("-smp")
-    .arg(config.cpus.max(1).to_string())
     .arg("-kernel")
     .arg(&config.kernel)
     .arg("-append")

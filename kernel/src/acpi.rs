@@ -54,6 +54,9 @@ pub struct IsaRoute {
 pub struct Madt {
     /// The IOAPICs.
     pub ioapics: Vec<IoApicInfo>,
+    /// Local APIC ids of the CPUs the firmware lists as enabled, boot CPU
+    /// included, in table order (entry type 0, ACPI 6.5, 5.2.12.2).
+    pub cpus: Vec<u32>,
     overrides: Vec<(u8, IsaRoute)>,
 }
 
@@ -177,6 +180,12 @@ fn parse_madt(table: &[u8]) -> Result<Madt, AcpiError> {
         let entry = table.get(at..at + len).filter(|_| len >= 2);
         let entry = entry.ok_or(AcpiError::BadTable("MADT entry"))?;
         match kind {
+            0 if len >= 8 => {
+                let flags = u32_at(entry, 4).ok_or(AcpiError::BadTable("MADT local APIC"))?;
+                if flags & 1 != 0 {
+                    madt.cpus.push(u32::from(entry[3]));
+                }
+            }
             1 if len >= 12 => madt.ioapics.push(IoApicInfo {
                 address: u32_at(entry, 4).ok_or(AcpiError::BadTable("MADT IOAPIC"))?,
                 gsi_base: u32_at(entry, 8).ok_or(AcpiError::BadTable("MADT IOAPIC"))?,

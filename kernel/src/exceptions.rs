@@ -1,7 +1,8 @@
 //! CPU exceptions: the page fault decides through
 //! [`snapshot::policy::fault::classify`]; every other exception, and every page fault
-//! nothing explains, prints a diagnostic on serial and exits QEMU with the
-//! failure code. Never a silent hang, never a triple-fault reboot.
+//! nothing explains, prints a diagnostic on serial naming the CPU, stops the
+//! other CPUs and exits QEMU with the failure code. Never a silent hang,
+//! never a triple-fault reboot.
 
 use core::fmt::Write;
 
@@ -64,9 +65,10 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
             Verdict::SnapshotWrite { offset } => {
                 use crate::memsnap::{on_write_fault, WriteFault};
                 let since = cpu::rdtsc();
+                let seq = crate::thread::wake_seq();
                 let mut outcome = on_write_fault(offset, true);
                 if let WriteFault::Wait(key) = outcome {
-                    if let Some((slot, next)) = crate::thread::block_faulting(frame, key) {
+                    if let Some((slot, next)) = crate::thread::block_faulting(frame, key, seq) {
                         crate::memsnap::note_fault_wait(slot, since);
                         return next;
                     }
@@ -96,11 +98,15 @@ fn fatal(
     note: Option<core::fmt::Arguments<'_>>,
 ) -> ! {
     let (mnemonic, name) = name(frame.vector);
+    if !crate::arch::ipi::stop_all_fatal() {
+        cpu::halt_forever(); // another CPU failed first and reports
+    }
     let mut out = serial::emergency_writer();
     let f = frame;
+    let on = crate::arch::percpu::index();
     let _ = writeln!(
         out,
-        "\n!!! CPU EXCEPTION {mnemonic} {name}: vector={} error_code={:#x}",
+        "\n!!! CPU EXCEPTION {mnemonic} {name} on CPU {on}: vector={} error_code={:#x}",
         f.vector, f.error_code
     );
     let _ = writeln!(
@@ -149,7 +155,7 @@ fn fatal(
     }
     crate::ktest::report_fatal(
         &mut out,
-        format_args!("{mnemonic} {name} at rip={:#x}", f.rip),
+        format_args!("{mnemonic} {name} on CPU {on} at rip={:#x}", f.rip),
     );
     crate::arch::qemu::exit(crate::arch::qemu::ExitCode::Failure)
 }

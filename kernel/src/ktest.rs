@@ -81,6 +81,18 @@ pub fn run(tests: &'static [Test], name: &str) -> ExitCode {
 }
 
 static REGISTRY: spin::Once<&'static [Test]> = spin::Once::new();
+/// `expect_cpus=` of the command line: the CPUs the runner gave QEMU.
+static EXPECTED_CPUS: AtomicUsize = AtomicUsize::new(0);
+
+/// Records the CPU count the runner asked QEMU for (`expect_cpus=`).
+pub fn set_expected_cpus(cpus: Option<u64>) {
+    EXPECTED_CPUS.store(cpus.map_or(0, |n| n as usize), Ordering::Relaxed);
+}
+
+/// The CPU count the runner gave QEMU, if it said.
+pub fn expected_cpus() -> Option<usize> {
+    Some(EXPECTED_CPUS.load(Ordering::Relaxed)).filter(|&n| n > 0)
+}
 
 /// Called on the fatal paths (panic, exception): names the failing test.
 pub fn report_fatal(out: &mut dyn Write, what: core::fmt::Arguments<'_>) {

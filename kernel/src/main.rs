@@ -8,12 +8,15 @@
 //! snapshot's shadow map (`memsnap::shadow`), and the entry symbol below.
 //!
 //! Layers, each importing only those under it:
-//! 1. `sync` (spinning locks), then `arch` (CPU, legacy devices, the trap
-//!    path), `clock`, `log`, `trace`;
+//! 1. `arch::percpu` (which CPU am I), `sync` (spinning locks), then the
+//!    rest of `arch` (CPU, legacy devices, the trap path), `clock`, `log`,
+//!    `trace`;
 //! 2. `memory`, with `boot_info` and `acpi` reading firmware tables through
 //!    it, and the local and IO APICs, which need its MMIO mappings;
 //! 3. `thread` (the scheduler), `scoped` and `sleep_mutex`; then `virtio`, `memsnap`,
-//!    `backup`, `exceptions`; then tests, benchmarks and `scenario`.
+//!    `backup`, `exceptions`; then tests, benchmarks, `scenario` and
+//!    `cpus` (bringing up the other CPUs, which joins `arch`, `memory` and
+//!    `thread`).
 //!
 //! Where a lower layer must reach an upper one, this file connects them at
 //! boot: the trap path calls the handlers given to `arch::trap::init`, and
@@ -36,6 +39,7 @@ mod bench;
 mod boot_info;
 mod clock;
 mod clone;
+mod cpus;
 mod exceptions;
 mod ktest;
 mod log;
@@ -77,6 +81,7 @@ const DEFAULT_QUANTUM_MS: u64 = 4;
 // the C calling convention this declares.
 #[unsafe(no_mangle)]
 extern "C" fn kernel_main(start_info: u64) -> ! {
+    arch::percpu::init_this(0, 0);
     install_layers();
     arch::serial::init();
     arch::cpu::enable_sse();
@@ -98,7 +103,10 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     trace::init(cmd.get("trace") != Some("off"));
     arch::pic::disable();
     arch::apic::init();
-    if let Some(first) = acpi::init(boot.rsdp).ioapics.first() {
+    arch::percpu::init_this(0, arch::apic::id());
+    arch::percpu::report_in();
+    let madt = acpi::init(boot.rsdp);
+    if let Some(first) = madt.ioapics.first() {
         arch::ioapic::init(first);
     }
     let (quantum_ms, hz) = match (cmd.u64("quantum_ms"), cmd.u64("timer_hz")) {
@@ -114,7 +122,24 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     thread::init((quantum_ms * hz / 1000).max(1));
     let timer_hz = arch::apic::start_timer(hz as u32, || clock::spin_for(10_000_000));
     x86_64::instructions::interrupts::enable();
-    trace!("boot.done", tsc_hz = tsc_hz, apic_timer_hz = timer_hz);
+    let cpu_limit = match cmd.u64("cpus") {
+        Ok(limit) => limit.map_or(usize::MAX, |n| n as usize),
+        Err(e) => {
+            log!("{e}");
+            exit(ExitCode::Failure)
+        }
+    };
+    let cpus = cpus::start_others(&madt.cpus, cpu_limit);
+    memsnap::run_on_all_cpus(cmd.get("memsnap_cpus") == Some("all"));
+    if cpus > 1 {
+        log!("{cpus} CPUs online");
+    }
+    trace!(
+        "boot.done",
+        tsc_hz = tsc_hz,
+        apic_timer_hz = timer_hz,
+        cpus = cpus as u64
+    );
     virtio::init(&cmd);
 
     let code = scenario::run(&cmd);
@@ -142,10 +167,17 @@ pub fn finish(code: ExitCode) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     x86_64::instructions::interrupts::disable();
+    if !arch::ipi::stop_all_fatal() {
+        arch::cpu::halt_forever(); // another CPU failed first and reports
+    }
+    let on = arch::percpu::index();
     let mut out = arch::serial::emergency_writer();
-    let _ = write!(out, "\n!!! PANIC in thread ");
+    let _ = write!(out, "\n!!! PANIC on CPU {on} in thread ");
     let _ = thread::write_current(&mut out);
     let _ = writeln!(out, ": {info}");
-    ktest::report_fatal(&mut out, format_args!("panicked: {}", info.message()));
+    ktest::report_fatal(
+        &mut out,
+        format_args!("panicked on CPU {on}: {}", info.message()),
+    );
     exit(ExitCode::Failure)
 }

@@ -105,14 +105,14 @@ pub fn workload(
     Ok(lat)
 }
 
-/// Runs the copier until the instant is wholly on the secondary or
-/// `stop`, reporting `stage=copy` progress (blocks of the instant on the
+/// Runs the copier, `batch` blocks a step, until the instant is wholly
+/// on the secondary or `stop`, reporting `stage=copy` progress (blocks of the instant on the
 /// secondary, whoever copied them); returns the blocks it copied.
-pub fn copier(m: &Mirror, stop: &AtomicBool) -> Result<u64, Error> {
+pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
     let mut copied = 0;
     let mut progress = progress();
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
-        let n = m.copy(BATCH)?;
+        let n = m.copy(batch)?;
         copied += n;
         let status = m.status();
         progress.report("copy", status.copied, status.pending);
@@ -243,7 +243,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         log!("mirror: resuming a pending split; no reference of its instant (verify skipped)");
     }
     let (m2, stop2) = (m.clone(), stop.clone());
-    let copier_thread = thread::spawn("mirror-copier", move || copier(&m2, &stop2));
+    let copier_thread = thread::spawn("mirror-copier", move || copier(&m2, &stop2, BATCH));
     let t0 = clock::now_ns();
     let summary = backup(&m, &*tape, via, &mut progress);
     let backup_ns = clock::now_ns() - t0;

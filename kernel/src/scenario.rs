@@ -36,7 +36,10 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::Demo => demo(),
         Scenario::Test => match cmd.get("test") {
             Some("list") => crate::ktest::list(crate::tests::all()),
-            Some(name) => crate::ktest::run(crate::tests::all(), name),
+            Some(name) => {
+                crate::ktest::set_expected_cpus(cmd.u64("expect_cpus").ok().flatten());
+                crate::ktest::run(crate::tests::all(), name)
+            }
             None => {
                 crate::log!("scenario=test needs test=<name> or test=list");
                 ExitCode::Failure

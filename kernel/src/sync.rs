@@ -2,10 +2,15 @@
 //! interrupts off while held, [`IrqOff`], and [`Published`], one value
 //! handed to interrupt and fault handlers without a lock.
 //!
-//! On this single CPU that makes every lock safe to take from interrupt
-//! handlers: no handler can interrupt a holder, so no handler can spin on a
-//! lock its own CPU holds. Exception handlers (page faults) can still arrive
-//! while a lock is held; they must not take locks the faulting code may hold.
+//! Keeping interrupts off while held makes every lock safe to take from
+//! interrupt handlers: no handler can interrupt a holder on its own CPU, so
+//! no handler spins on a lock its own CPU holds; a holder on another CPU
+//! runs on and releases it. The spin itself (`spin::Mutex`) is an atomic
+//! compare-and-swap with acquire/release order, correct across CPUs.
+//! Exception handlers (page faults) can still arrive while a lock is held;
+//! they must not take locks the faulting code may hold. A CPU that waits
+//! for other CPUs (a TLB shootdown, the stop-all rendezvous: `arch::ipi`)
+//! reaches them by NMI or only where they hold no such lock.
 //!
 //! Nothing here may block or name the scheduler: `arch` and `memory` build
 //! on these locks, below the scheduler. The lock whose waiters sleep is
@@ -100,14 +105,18 @@ impl<T> DerefMut for IrqGuard<'_, T> {
 /// lock: a page-fault handler cannot take a lock the code it interrupted may
 /// hold, but it can follow a pointer.
 ///
-/// Readers use [`Published::with`], which keeps interrupts off while the
-/// value is borrowed, so on this single CPU no thread can withdraw the value
-/// under a reader; a withdrawal from inside a reader is caught by the reader
-/// count and panics instead of freeing memory in use.
+/// Readers use [`Published::with`]: each first counts itself in, then loads
+/// the pointer; [`Published::take`] first swaps the pointer out, then waits
+/// until no reader is counted in. Both use sequentially consistent order,
+/// so either the reader sees the pointer gone or the taker sees the reader
+/// (on any CPU), and the value is freed only after its last reader left. A
+/// withdrawal from inside a reader on the same CPU would wait for itself:
+/// it is caught by the per-CPU reader depth and panics instead.
 #[derive(Debug)]
 pub struct Published<T> {
     value: core::sync::atomic::AtomicPtr<T>,
     readers: core::sync::atomic::AtomicUsize,
+    depth: [core::sync::atomic::AtomicU32; crate::arch::percpu::MAX_CPUS],
 }
 
 impl<T> Published<T> {
@@ -116,6 +125,7 @@ impl<T> Published<T> {
         Published {
             value: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
             readers: core::sync::atomic::AtomicUsize::new(0),
+            depth: [const { core::sync::atomic::AtomicU32::new(0) }; crate::arch::percpu::MAX_CPUS],
         }
     }
 
@@ -138,34 +148,43 @@ impl<T> Published<T> {
 
     /// Runs `f` on the published value, with interrupts off.
     pub fn with<R>(&self, f: impl FnOnce(&T) -> R) -> Option<R> {
-        use core::sync::atomic::Ordering;
+        use core::sync::atomic::Ordering::SeqCst;
         let _irq = IrqOff::new();
-        let raw = self.value.load(Ordering::Acquire);
-        if raw.is_null() {
-            return None;
-        }
-        self.readers.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: 1. `raw` came from `Box::into_raw` in `publish`; 2. it
-        // stays valid while interrupts are off, because `take` only runs in
-        // thread context (this single CPU cannot switch threads with
-        // interrupts off) and panics if called from inside a reader.
-        let result = f(unsafe { &*raw });
-        self.readers.fetch_sub(1, Ordering::AcqRel);
-        Some(result)
+        let depth = &self.depth[crate::arch::percpu::index()];
+        self.readers.fetch_add(1, SeqCst);
+        depth.fetch_add(1, SeqCst);
+        let raw = self.value.load(SeqCst);
+        let result = (!raw.is_null()).then(|| {
+            // SAFETY: 1. `raw` came from `Box::into_raw` in `publish`; 2. this
+            // reader was counted in before it loaded `raw`, and `take` frees
+            // only after it swapped the pointer out *and* saw no reader
+            // counted in (both SeqCst), so the value outlives this borrow on
+            // every CPU; 3. interrupts are off, so this CPU cannot run a
+            // `take` meanwhile, except from inside `f`, which panics.
+            f(unsafe { &*raw })
+        });
+        depth.fetch_sub(1, SeqCst);
+        self.readers.fetch_sub(1, SeqCst);
+        result
     }
 
-    /// Withdraws the value. Must not be called from inside [`Self::with`].
+    /// Withdraws the value, once no CPU reads it any more. Must not be
+    /// called from inside [`Self::with`].
     pub fn take(&self) -> Option<alloc::boxed::Box<T>> {
-        use core::sync::atomic::Ordering;
+        use core::sync::atomic::Ordering::SeqCst;
         let _irq = IrqOff::new();
         assert_eq!(
-            self.readers.load(Ordering::Acquire),
+            self.depth[crate::arch::percpu::index()].load(SeqCst),
             0,
             "withdrawing a value in use"
         );
-        let raw = self.value.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        let raw = self.value.swap(core::ptr::null_mut(), SeqCst);
+        while self.readers.load(SeqCst) != 0 {
+            core::hint::spin_loop(); // another CPU's reader is leaving
+        }
         // SAFETY: a non-null `raw` came from `Box::into_raw` in `publish`, and
-        // the swap made this call its only owner; no reader holds it (checked).
+        // the swap made this call its only owner; no reader holds it: every
+        // reader that could have loaded it was counted in, and has left.
         (!raw.is_null()).then(|| unsafe { alloc::boxed::Box::from_raw(raw) })
     }
 }

@@ -359,7 +359,11 @@ impl VirtioBlk {
     }
 }
 
-/// Points MSI-X table entry 0 at a fresh vector on this CPU's APIC.
+/// Disks' completion interrupts go to the CPUs in turn (the waiting
+/// thread reaps its completions on whichever CPU it runs).
+static NEXT_CPU: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Points MSI-X table entry 0 at a fresh vector on the next CPU's APIC.
 fn enable_msix(cfg: &PortConfig, at: Address, msix: &pci::Msix) -> Result<u8, String> {
     let Bar::Memory { base, .. } = pci::bar(cfg, at, msix.table_bar) else {
         return Err(format!("MSI-X table BAR {} is not memory", msix.table_bar));
@@ -371,7 +375,10 @@ fn enable_msix(cfg: &PortConfig, at: Address, msix: &pci::Msix) -> Result<u8, St
     .map_err(|e| format!("cannot map the MSI-X table: {e:?}"))?;
     let vector = crate::arch::trap::alloc_vector(on_interrupt)
         .ok_or_else(|| String::from("no free interrupt vector"))?;
-    let (addr, data) = pci::msi_message(crate::arch::apic::id() as u8, vector);
+    let cpu = NEXT_CPU.fetch_add(1, Ordering::Relaxed) % crate::thread::cpus();
+    let apic_id = crate::arch::percpu::apic_id(cpu);
+    crate::trace!("blk.msix", vector = u64::from(vector), cpu = cpu as u64);
+    let (addr, data) = pci::msi_message(apic_id as u8, vector);
     table.write32(0, addr as u32);
     table.write32(4, (addr >> 32) as u32);
     table.write32(8, data);

@@ -84,12 +84,23 @@ pvh_start32:
     movl $boot_pdpt_ident + 3, boot_pml4
     movl $boot_pdpt_phys + 3, boot_pml4 + 256 * 8
 
+    movl $boot_pml4, %eax
+    movl $5f, %ebp
+    jmp enable_long_mode32
+5:  lgdt boot_gdt_ptr
+    ljmp $0x08, $pvh_start64
+
+/* Paging on, in long mode (compatibility until a far jump to 64-bit code),
+   from 32-bit protected mode with paging off; shared by the boot CPU here
+   and the other CPUs' trampoline (arch::trampoline). No stack needed:
+   in: eax = PML4 (below 4 GiB), ebp = where to go on; clobbers eax, ebx,
+   ecx, edx, edi. The code at ebp must be mapped by that PML4. */
+    .global enable_long_mode32
+enable_long_mode32:
+    movl %eax, %cr3
     movl %cr4, %eax
     orl $(1 << 5), %eax                 /* PAE */
     movl %eax, %cr4
-    movl $boot_pml4, %eax
-    movl %eax, %cr3
-
     /* EFER: long mode, and no-execute if the CPU has it. */
     movl $0x80000001, %eax
     cpuid
@@ -98,16 +109,13 @@ pvh_start32:
     rdmsr
     orl $(1 << 8), %eax                 /* LME */
     btl $20, %edi
-    jnc 5f
+    jnc 6f
     orl $(1 << 11), %eax                /* NXE */
-5:  wrmsr
-
+6:  wrmsr
     movl %cr0, %eax
     orl $((1 << 31) | (1 << 16) | 1), %eax  /* PG | WP | PE */
     movl %eax, %cr0
-
-    lgdt boot_gdt_ptr
-    ljmp $0x08, $pvh_start64
+    jmpl *%ebp
 
     .code64
 pvh_start64:

@@ -1,5 +1,7 @@
 //! The GDT and TSS: kernel code and data segments, and the interrupt stacks
-//! (IST) on which faults that must not trust the current stack run.
+//! (IST) on which faults that must not trust the current stack run. Each
+//! CPU has its own pair (a TSS names one CPU's interrupt stacks), kept in
+//! static arrays indexed by CPU number.
 
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
@@ -9,6 +11,7 @@ use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
 use super::boot::ist_stack_top;
+use super::percpu::MAX_CPUS;
 
 /// IST slot (1-based in the IDT, 0-based here) of the double-fault handler.
 pub const IST_DOUBLE_FAULT: u16 = 0;
@@ -25,19 +28,30 @@ pub const KERNEL_CS: u16 = 0x08;
 /// Data/stack segment selector loaded at init.
 pub const KERNEL_DS: u16 = 0x10;
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, [SegmentSelector; 3])> = Once::new();
+static TSS: [Once<TaskStateSegment>; MAX_CPUS] = [const { Once::new() }; MAX_CPUS];
+static GDT: [Once<(GlobalDescriptorTable, [SegmentSelector; 3])>; MAX_CPUS] =
+    [const { Once::new() }; MAX_CPUS];
 
-/// Loads the GDT and TSS. Call once, early, with interrupts off.
+/// Interrupt stacks per CPU.
+pub const IST_STACKS: usize = 4;
+
+/// Loads the boot CPU's GDT and TSS, with the interrupt stacks in the
+/// kernel image. Call once, early, with interrupts off.
 pub fn init() {
-    let tss = TSS.call_once(|| {
+    init_cpu(0, core::array::from_fn(ist_stack_top));
+}
+
+/// Loads CPU `cpu`'s GDT and TSS, whose interrupt stacks have the tops
+/// `ist_tops`. Call once per CPU, on that CPU, with interrupts off.
+pub fn init_cpu(cpu: usize, ist_tops: [u64; IST_STACKS]) {
+    let tss = TSS[cpu].call_once(|| {
         let mut tss = TaskStateSegment::new();
-        for index in 0..4 {
-            tss.interrupt_stack_table[index] = VirtAddr::new(ist_stack_top(index));
+        for (index, top) in ist_tops.into_iter().enumerate() {
+            tss.interrupt_stack_table[index] = VirtAddr::new(top);
         }
         tss
     });
-    let (gdt, [code, data, tss_sel]) = GDT.call_once(|| {
+    let (gdt, [code, data, tss_sel]) = GDT[cpu].call_once(|| {
         let mut gdt = GlobalDescriptorTable::new();
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
@@ -52,7 +66,9 @@ pub fn init() {
     gdt.load();
     // SAFETY: 1. the selectors index the GDT just loaded, which lives in a
     // static for the rest of the kernel's life; 2. they describe flat 64-bit
-    // kernel code and data, which is what the running code already uses.
+    // kernel code and data, which is what the running code already uses;
+    // 3. the TSS is this CPU's own, never loaded by another (a TSS selector
+    // is loaded once: `ltr` marks it busy).
     unsafe {
         CS::set_reg(*code);
         SS::set_reg(*data);

@@ -8,19 +8,25 @@
 //! Nothing here may call up into the scheduler, the exception handler or
 //! the snapshot engine: the trap path reaches them through the handlers the
 //! kernel installs at boot ([`trap::Handlers`]). Most files sit below
-//! `memory`; the local APIC and IOAPIC drivers sit above it, because their
-//! registers are reached through `memory::mmio` mappings.
+//! `memory`; the local APIC and IOAPIC drivers, and the IPIs and AP start-up
+//! built on the local APIC (`ipi`, `smp`, `trampoline`), sit above it,
+//! because they reach registers and low memory through `memory`. `percpu`
+//! sits lowest of all: `sync` asks it which CPU it runs on.
 
 pub mod apic;
 pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod ioapic;
+pub mod ipi;
 pub mod pci;
+pub mod percpu;
 pub mod pic;
 pub mod pit;
 pub mod qemu;
 pub mod rtc;
 pub mod serial;
+pub mod smp;
+pub mod trampoline;
 pub mod trap;
 pub mod vectors;

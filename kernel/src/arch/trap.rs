@@ -28,8 +28,8 @@ use x86_64::VirtAddr;
 
 use super::gdt::{IST_DOUBLE_FAULT, IST_MACHINE_CHECK, IST_NMI, IST_PAGE_FAULT, KERNEL_CS};
 use super::vectors::{
-    END_DEVICE_VECTOR, FIRST_DEVICE_VECTOR, PIC_BASE_VECTOR, SPURIOUS_VECTOR, TIMER_VECTOR,
-    YIELD_VECTOR,
+    END_DEVICE_VECTOR, FIRST_DEVICE_VECTOR, PARK_VECTOR, PIC_BASE_VECTOR, RESCHED_VECTOR,
+    SPURIOUS_VECTOR, TIMER_VECTOR, YIELD_VECTOR,
 };
 
 /// The registers of an interrupted context, as the entry stub leaves them
@@ -121,6 +121,15 @@ trap_common:
     movq %rsp, %rdi
     call trap_dispatch
     movq %rax, %rsp             /* the frame to resume: maybe another thread's */
+    /* Off the old stack now: if the scheduler left a "stack in use" flag
+       for the thread it switched away from, clear it, so another CPU may
+       resume that thread (percpu::release_after_switch). */
+    movq %gs:{release}, %rdx
+    testq %rdx, %rdx
+    jz 1f
+    movq $0, %gs:{release}
+    movb $0, (%rdx)
+1:
     popq %r15
     popq %r14
     popq %r13
@@ -139,6 +148,7 @@ trap_common:
     addq $16, %rsp              /* vector and error code */
     iretq
     "#,
+    release = const super::percpu::SWITCH_RELEASE_OFFSET,
     options(att_syntax)
 );
 
@@ -221,6 +231,16 @@ pub fn init(handlers: Handlers) {
         }
         Idt(gates)
     });
+    load(idt);
+}
+
+/// Loads the IDT [`init`] built on the calling CPU (an application
+/// processor: every CPU shares the one table).
+pub fn load_on_this_cpu() {
+    load(IDT.get().expect("trap::init runs on the boot CPU first"));
+}
+
+fn load(idt: &'static Idt) {
     let pointer = DescriptorTablePointer {
         limit: (size_of::<Idt>() - 1) as u16,
         base: VirtAddr::new(idt as *const Idt as u64),
@@ -271,12 +291,22 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) -> *mut TrapFrame {
     // No gate reaches here before `init` has installed the handlers.
     let on = ENTRIES.get().expect("trap before trap::init");
     match vector {
+        2 if super::ipi::on_nmi() => frame,
         0..=31 => (on.exception)(frame),
         TIMER_VECTOR => {
             super::apic::end_of_interrupt();
             (on.timer)(frame)
         }
         YIELD_VECTOR => (on.yielded)(frame),
+        PARK_VECTOR => {
+            super::apic::end_of_interrupt();
+            super::ipi::on_park();
+            frame
+        }
+        RESCHED_VECTOR => {
+            super::apic::end_of_interrupt();
+            (on.after_device)(frame)
+        }
         SPURIOUS_VECTOR => frame,
         v if v >= PIC_BASE_VECTOR => frame, // masked legacy PIC: spurious only
         _ => {
@@ -304,16 +334,19 @@ pub mod yield_kind {
 }
 
 /// Enters the scheduler through the software yield interrupt; returns when
-/// this thread is resumed, with the interrupt flag as it was.
+/// this thread is resumed, with the interrupt flag as it was. `seq` (in
+/// `rdx`) is the scheduler's wake-up count the caller read before testing
+/// its condition: a block is refused if a wake-up came since.
 ///
 /// `int` is not masked by the interrupt flag, so a caller may test a
-/// condition with interrupts off and block here without losing a wake-up.
-pub fn raise_yield(kind: u64, arg: u64) {
+/// condition with interrupts off and block here; with `seq`, no wake-up
+/// from another CPU is lost either.
+pub fn raise_yield(kind: u64, arg: u64, seq: u64) {
     // SAFETY: 1. vector 0x21 is an interrupt gate to the common trap path,
     // which saves and restores every general register and RFLAGS, so the
     // asm clobbers nothing but memory (declared by omitting `nomem`);
     // 2. the trap path runs on the current stack, which is valid.
     unsafe {
-        core::arch::asm!("int 0x21", in("rdi") kind, in("rsi") arg);
+        core::arch::asm!("int 0x21", in("rdi") kind, in("rsi") arg, in("rdx") seq);
     }
 }

@@ -16,3 +16,8 @@ pub const END_DEVICE_VECTOR: u8 = 0xe0;
 pub const PIC_BASE_VECTOR: u8 = 0xe0;
 /// The local APIC's spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Inter-processor: park until the stop-all rendezvous releases this CPU
+/// (see `arch::ipi`).
+pub const PARK_VECTOR: u8 = 0xf0;
+/// Inter-processor: a thread became ready; an idle CPU should look for it.
+pub const RESCHED_VECTOR: u8 = 0xf1;

@@ -1,11 +1,13 @@
 //! `bench-mirror`: the quick-split mirror measured. A pair with a set
 //! amount of differential data at the split, a seeded write workload
-//! writing during the copy; three rounds on the same data: the backup
-//! during the copy `via=secondary`, the same `via=memory`, and the slow
-//! way (wait for the copy, then back up). Beside them, in the same boot:
-//! sequential reads of the primary and writes of the secondary (the
-//! copy's baseline), the workload before the split, and the split's
-//! acknowledgement on two more pairs of different sizes.
+//! writing during the copy; an untimed round first (so that the host's
+//! sparse files are allocated where the rounds write), then three rounds
+//! on the same data: the backup during the copy `via=secondary`, the
+//! same `via=memory`, and the slow way (wait for the copy, then back
+//! up). Beside them, in the same boot: sequential writes of the
+//! secondary and reads of what they wrote (the copy's baseline), the workload before the split, and the split's
+//! acknowledgement on two more pairs of different sizes, taking turns.
+//! Kernel word: `batch=` blocks per copier step (default the mirror's).
 //!
 //! This module only measures: it drives the mirror through its public
 //! operations and never changes how they work.
@@ -32,11 +34,15 @@ const SPREAD: u64 = 4;
 /// Workload writes timed before the split.
 const BEFORE_OPS: u64 = 1000;
 /// Splits timed on each acknowledgement pair (the median is reported).
-const ACK_SPLITS: usize = 5;
+const ACK_SPLITS: usize = 9;
 
 /// `bench-mirror`: see the module docs.
-pub fn mirror(_cmd: &CmdLine<'_>) -> ExitCode {
-    match run() {
+pub fn mirror(cmd: &CmdLine<'_>) -> ExitCode {
+    let batch = cmd
+        .get("batch")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BATCH);
+    match run(batch) {
         Ok(fields) => {
             print_json(&fields);
             ExitCode::Success
@@ -61,35 +67,52 @@ fn disks(prefix: &str) -> Result<Disks, Error> {
     })
 }
 
-/// The median time of a split on a new pair (every block pending), the
-/// controller disk flushed before each: the acknowledgement must not
-/// grow with the volume.
-fn split_ack_ns(prefix: &str) -> Result<(u64, u64), Error> {
-    let (m, _) = Mirror::open(disks(prefix)?, Options::default(), thread::yield_now)?;
-    let mut times = Vec::new();
-    for _ in 0..ACK_SPLITS {
-        // The resync's bitmap sectors go out lazily (unflushed); the
-        // split's one flush would otherwise pay for writing them back.
-        m.disks().control.flush().map_err(Error::Io)?;
-        let t = now_ns();
-        m.split()?;
-        times.push(now_ns() - t);
-        m.resync()?;
+/// The median time of a split on each of the pairs named by `prefixes`
+/// (new pairs, every block pending), the controller disk flushed before
+/// each: the acknowledgement must not grow with the volume. The pairs
+/// take turns, split by split, so that a shared machine's changing load
+/// falls on each alike. Returns `(median ns, volume bytes)` per pair.
+fn split_ack_ns<const N: usize>(prefixes: [&str; N]) -> Result<[(u64, u64); N], Error> {
+    let mut pairs = Vec::new();
+    for prefix in prefixes {
+        let (m, _) = Mirror::open(disks(prefix)?, Options::default(), thread::yield_now)?;
+        pairs.push((m, Vec::new()));
     }
-    times.sort_unstable();
-    Ok((percentile(&times, 50), m.geometry().volume_bytes))
+    for _ in 0..ACK_SPLITS {
+        for (m, times) in &mut pairs {
+            // The resync's bitmap sectors go out lazily (unflushed); the
+            // split's one flush would otherwise pay for writing them back.
+            m.disks().control.flush().map_err(Error::Io)?;
+            let t = now_ns();
+            m.split()?;
+            times.push(now_ns() - t);
+            m.resync()?;
+        }
+    }
+    let mut out = [(0, 0); N];
+    for ((m, times), slot) in pairs.iter_mut().zip(&mut out) {
+        times.sort_unstable();
+        *slot = (percentile(times, 50), m.geometry().volume_bytes);
+    }
+    Ok(out)
 }
 
 /// Sequential writes of the secondary (zeros, which it holds already)
-/// and reads of the primary over `span` bytes: MiB/s of each.
-fn baseline(p: &dyn BlockDevice, s: &dyn BlockDevice, span: u64) -> Result<(u64, u64), Error> {
+/// over `span` bytes, then reads of what they wrote: MiB/s of each. The
+/// span is written once untimed first, so that the timed passes, like
+/// the copy they are the baseline of, find the host's sparse file
+/// allocated (a first write there pays for the allocation, and a read of
+/// a hole reads nothing).
+fn baseline(s: &dyn BlockDevice, span: u64) -> Result<(u64, u64), Error> {
     let mut buf = alloc::vec![0u8; (BATCH << 16) as usize];
+    sequential(s, &mut buf, (0, span), true).map_err(Error::Io)?;
+    s.flush().map_err(Error::Io)?;
     let t = now_ns();
     sequential(s, &mut buf, (0, span), true).map_err(Error::Io)?;
     s.flush().map_err(Error::Io)?;
     let write_ns = now_ns() - t;
     let t = now_ns();
-    sequential(p, &mut buf, (0, span), false).map_err(Error::Io)?;
+    sequential(s, &mut buf, (0, span), false).map_err(Error::Io)?;
     let read_ns = now_ns() - t;
     Ok((
         per_second(span, write_ns) >> 20,
@@ -160,6 +183,7 @@ fn round(
     via: Via,
     slow: bool,
     seed: u64,
+    batch: u64,
 ) -> Result<Round, Error> {
     differential(m)?;
     let mut hashes = Ok(Vec::new());
@@ -174,14 +198,14 @@ fn round(
     let never = AtomicBool::new(false);
     let mut progress = progress();
     let (summary, copy_ns) = if slow {
-        copier(m, &never)?;
+        copier(m, &never, batch)?;
         let copy_ns = now_ns() - t0;
         (backup(m, tape, Via::Secondary, &mut progress)?, copy_ns)
     } else {
         let m2 = m.clone();
         let copying = thread::spawn("bench-mirror-copier", move || {
             let never = AtomicBool::new(false);
-            copier(&m2, &never).map(|_| now_ns() - t0)
+            copier(&m2, &never, batch).map(|_| now_ns() - t0)
         });
         let summary = backup(m, tape, via, &mut progress);
         let copy_ns = copying.join()?;
@@ -205,14 +229,13 @@ fn round(
     })
 }
 
-fn run() -> Result<Vec<(&'static str, String)>, Error> {
-    let (ack_small, small_bytes) = split_ack_ns("small-")?;
-    let (ack_big, big_bytes) = split_ack_ns("big-")?;
+fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
+    let [(ack_small, small_bytes), (ack_big, big_bytes)] = split_ack_ns(["small-", "big-"])?;
     let d = disks("")?;
-    let (p, s) = (d.primary.clone(), d.secondary.clone());
+    let s = d.secondary.clone();
     let tape = disk("tape")?;
     let span = d.primary.info().bytes() / SPREAD;
-    let (seq_write, seq_read) = baseline(&*p, &*s, span)?;
+    let (seq_write, seq_read) = baseline(&*s, span)?;
     let opts = Options {
         assume_clean: true,
         ..Options::default()
@@ -224,9 +247,14 @@ fn run() -> Result<Vec<(&'static str, String)>, Error> {
     let lat = workload(&m, 7, Some(BEFORE_OPS), &never, true)?;
     let before = Load::new(&m, 7, lat, now_ns() - t);
     pump_all(&m, &mut progress())?;
-    let quick = round(&m, &*tape, Via::Secondary, false, 11)?;
-    let memory = round(&m, &*tape, Via::Memory, false, 11)?;
-    let slow = round(&m, &*tape, Via::Secondary, true, 11)?;
+    // An untimed round first: it allocates what the measured rounds
+    // write (the tape, the differential blocks on both volumes, the
+    // workload's places) in the host's sparse files, so that every
+    // measured round finds the disks in the same state.
+    round(&m, &*tape, Via::Memory, false, 11, batch)?;
+    let quick = round(&m, &*tape, Via::Secondary, false, 11, batch)?;
+    let memory = round(&m, &*tape, Via::Memory, false, 11, batch)?;
+    let slow = round(&m, &*tape, Via::Secondary, true, 11, batch)?;
     log!(
         "bench-mirror: backup via secondary {} ms, via memory {} ms, copy then backup {} ms",
         quick.backup_ns / 1_000_000,

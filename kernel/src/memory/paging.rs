@@ -1,7 +1,9 @@
 //! Page-table edits through the `x86_64` crate's `OffsetPageTable`.
 //!
 //! Every change returns or consumes the crate's `#[must_use]` flush token, so
-//! a TLB flush cannot be forgotten.
+//! a TLB flush cannot be forgotten; a change that removes a mapping or a
+//! permission returns an [`ipi::Shootdown`] too, so the other CPUs' flush
+//! cannot be forgotten either.
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::frames::KernelFrames;
 use super::{phys_to_virt, PHYS_OFFSET};
+use crate::arch::ipi;
 use crate::sync::IrqMutex;
 
 static MAPPER: IrqMutex<Option<OffsetPageTable<'static>>> = IrqMutex::new(None);
@@ -104,16 +107,18 @@ pub fn map_page(virt: u64, phys: u64, flags: PageTableFlags) -> Result<(), MapEr
     }
 }
 
-/// Unmaps one 4 KiB page and returns the frame it mapped.
-pub fn unmap_page(virt: u64) -> Result<PhysFrame, UnmapError> {
+/// Unmaps one 4 KiB page and returns the frame it mapped. The frame may be
+/// reused only after the shootdown.
+pub fn unmap_page(virt: u64) -> Result<(PhysFrame, ipi::Shootdown), UnmapError> {
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
     let (frame, flush) = with_mapper(|m| m.unmap(page))?;
     flush.flush();
-    Ok(frame)
+    Ok((frame, ipi::Shootdown::new()))
 }
 
-/// Changes the flags of one mapped 4 KiB page.
-pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
+/// Changes the flags of one mapped 4 KiB page; other CPUs see fewer
+/// permissions only after the shootdown.
+pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<ipi::Shootdown, MapError> {
     let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt));
     // SAFETY: the caller owns the page (see `map_page`); changing its
     // permissions cannot break memory safety of other owners, and a write to
@@ -122,7 +127,7 @@ pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<(), MapError> {
     match result {
         Ok(flush) => {
             flush.flush();
-            Ok(())
+            Ok(ipi::Shootdown::new())
         }
         Err(_) => Err(MapError::AlreadyMapped(virt)),
     }

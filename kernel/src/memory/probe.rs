@@ -157,9 +157,10 @@ impl ScratchPage {
         self.virt
     }
 
-    /// Makes the page writable or read-only (the TLB entry is flushed).
+    /// Makes the page writable or read-only (the TLB entry is flushed on
+    /// every CPU).
     pub fn set_writable(&self, writable: bool) -> Result<(), MapError> {
-        set_flags(self.virt, Self::flags(writable))
+        set_flags(self.virt, Self::flags(writable)).map(|flush| flush.flush_everywhere())
     }
 
     /// Writes `value` at `offset` (8-byte aligned, inside the page), or
@@ -176,7 +177,8 @@ impl ScratchPage {
 impl Drop for ScratchPage {
     fn drop(&mut self) {
         match unmap_page(self.virt) {
-            Ok(frame) => {
+            Ok((frame, flush)) => {
+                flush.flush_everywhere();
                 if let Err(e) = frames::free(frame) {
                     crate::log!("scratch page {:#x}: {e}", self.virt);
                 }

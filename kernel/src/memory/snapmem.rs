@@ -90,7 +90,8 @@ global_asm!(
 /* copy_page_sse(dst, src): 4 KiB, both 16-byte aligned, 128 bytes a round
    through xmm0-xmm7. The kernel is built without SSE, so no Rust code holds
    values in these registers; callers keep interrupts off so no other copy
-   can run in between and find them changed. */
+   on the same CPU can run in between and find them changed (each CPU has
+   its own registers). */
 copy_page_sse:
     movl $32, %ecx
 1:  movdqa 0(%rsi), %xmm0
@@ -196,8 +197,12 @@ impl FrameSet {
     /// Copies physical frame `frame` into this set's `i`th frame.
     ///
     /// Panics unless interrupts are off: the copy uses xmm registers that
-    /// no context switch saves. This single-CPU kernel runs nothing else
-    /// meanwhile, so no one else writes the frame during the copy.
+    /// no context switch saves (each CPU has its own). No one else writes
+    /// the destination meanwhile, on any CPU: the snapshot's copy paths
+    /// write slot `i` only while holding its copy-once claim, which one
+    /// caller at a time holds; the source stays write-protected until that
+    /// claim is finished (every CPU flushed its TLB to the protection when
+    /// the pause released it).
     pub fn copy_in(&self, i: u64, frame: u64) {
         assert!(!x86_64::instructions::interrupts::are_enabled());
         // SAFETY: 1. the destination is a frame this set owns (`get`

@@ -110,17 +110,40 @@ impl KernelStack {
     }
 }
 
+/// Pages unmapped per TLB shootdown when a stack is freed.
+const UNMAP_BATCH: usize = 32;
+
 impl Drop for KernelStack {
     fn drop(&mut self) {
-        for page in 0..self.pages {
-            let virt = self.top() - (page + 1) * PAGE_SIZE;
-            match unmap_page(virt) {
-                Ok(frame) => {
-                    if let Err(e) = frames::free(frame) {
-                        crate::log!("stack slot {}: {e}", self.slot);
+        // Unmap a batch, shoot it down on every CPU, only then free its
+        // frames: another CPU's stale entry must not reach a reused frame.
+        let mut page = 0;
+        while page < self.pages {
+            let mut batch = [None; UNMAP_BATCH];
+            let mut shootdown = None;
+            for slot in batch.iter_mut() {
+                if page == self.pages {
+                    break;
+                }
+                let virt = self.top() - (page + 1) * PAGE_SIZE;
+                page += 1;
+                match unmap_page(virt) {
+                    Ok((frame, flush)) => {
+                        *slot = Some(frame);
+                        shootdown = Some(flush);
+                    }
+                    Err(e) => {
+                        crate::log!("stack slot {}: cannot unmap {virt:#x}: {e:?}", self.slot)
                     }
                 }
-                Err(e) => crate::log!("stack slot {}: cannot unmap {virt:#x}: {e:?}", self.slot),
+            }
+            if let Some(flush) = shootdown {
+                flush.flush_everywhere();
+            }
+            for frame in batch.into_iter().flatten() {
+                if let Err(e) = frames::free(frame) {
+                    crate::log!("stack slot {}: {e}", self.slot);
+                }
             }
         }
         USED.fetch_and(!(1 << self.slot), Ordering::AcqRel);

@@ -49,6 +49,7 @@ pub use reserve::reserve_ram_copy;
 use session::{LIVE, SESSION};
 use store::disk;
 
+use crate::arch::ipi::Shootdown;
 use crate::memory::{PAGE_SIZE, PHYS_OFFSET};
 use crate::sync::IrqMutex;
 use crate::thread::{self, JoinHandle};
@@ -146,6 +147,21 @@ static ABORT: AtomicBool = AtomicBool::new(false);
 static COPIER: IrqMutex<Option<JoinHandle<()>>> = IrqMutex::new(None);
 /// The last snapshot's figures.
 static REPORT: IrqMutex<Option<Report>> = IrqMutex::new(None);
+/// The other CPUs, held idle while a session lives (see [`start`]).
+static HELD: IrqMutex<Option<thread::OthersHeld>> = IrqMutex::new(None);
+/// Sessions let threads run on every CPU (see [`run_on_all_cpus`]).
+static ON_ALL_CPUS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the next sessions let threads run on every CPU (`true`) or hold
+/// all but the boot CPU idle (`false`, the default). Either way the pause
+/// stops every CPU. On all CPUs, the copy paths race each other for real:
+/// the copy-once engine is built for it (a CPU that meets a copy in
+/// progress spins until it is done), but until the soak proves it over
+/// many seeded runs this is for the tests and the soak that do
+/// (`memsnap_cpus=all` on the command line).
+pub fn run_on_all_cpus(on: bool) {
+    ON_ALL_CPUS.store(on, Ordering::Release);
+}
 
 /// Refuses a start while a snapshot is active, complete or failed.
 fn check_idle() -> Result<(), StartError> {
@@ -163,12 +179,17 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
             request: Request::Start,
         }));
     }
+    // Not yet proven on several CPUs: unless asked otherwise, the copy
+    // paths run on the boot CPU alone, the others idle, from here until the
+    // session ends.
+    let held = (!ON_ALL_CPUS.load(Ordering::Acquire)).then(thread::hold_others);
     let result = check_idle().and_then(|()| {
         ABORT.store(false, Ordering::Relaxed);
         pause::prepare_and_pause(opts)
     });
     STARTING.store(false, Ordering::Release);
     let (times, disk) = result?;
+    *HELD.lock() = held;
     // The world runs again.
     *PHASE.lock() = Phase::Active;
     let stats = LIVE.stats();
@@ -240,6 +261,9 @@ fn teardown(check: bool) {
     // the fault path stops claiming writes, then the session is freed: its
     // heap memory is writable again by then.
     SESSION.with(|s| s.shadow.deactivate());
+    // No CPU may keep a read-only entry of the shadow (it would fault with
+    // no session to explain it) nor walk its tables once they are freed.
+    Shootdown::new().flush_everywhere();
     LIVE.protecting.store(false, Ordering::Release);
     if check {
         let partial = verify::check_partial();
@@ -248,6 +272,8 @@ fn teardown(check: bool) {
         }
     }
     drop(SESSION.take());
+    let held = HELD.lock().take();
+    drop(held);
     *PHASE.lock() = Phase::Idle;
     thread::wake_all(&PHASE as *const _ as usize);
 }

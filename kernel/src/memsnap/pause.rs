@@ -101,8 +101,11 @@ pub(super) fn prepare_and_pause(
 }
 
 /// The pause, on `stack` (the caller's own stack is a page of the range),
-/// with DMA registration held off so no registration slips past it.
+/// with DMA registration held off so no registration slips past it, and
+/// every other CPU parked with interrupts off: the instant is the same for
+/// all, and each flushes its TLB (the shadow map) before it resumes.
 fn pause(stack: &mut EngineStack, eager_map: &[u64]) -> PauseTimes {
+    let _stopped = crate::arch::ipi::stop_others();
     with_dma_targets(|dma| {
         let mut times = PauseTimes::default();
         stack.run(|| {

@@ -12,6 +12,7 @@ mod memory;
 mod memsnap;
 mod memsnap_disk;
 mod sched;
+mod smp;
 mod trace;
 
 use crate::ktest::Test;
@@ -37,6 +38,11 @@ const PASSING: &[Test] = tests![
     sched::workload_and_background_interleave,
     sched::sleep_block_wake_and_join,
     sched::threads_are_reaped_and_slots_reused,
+    smp::every_cpu_reports_in,
+    smp::sleep_block_and_join_across_cpus,
+    smp::lock_hammered_from_all_cpus,
+    smp::permission_removal_reaches_every_cpu,
+    smp::snapshot_with_writers_on_every_cpu,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,
     interrupts::ioapic_routes_the_rtc_interrupt,
@@ -72,6 +78,12 @@ const FAILING: &[Test] = &[
     Test {
         name: "deliberate::hangs",
         run: deliberate::hangs,
+        deliberately_fails: true,
+        disks: &[],
+    },
+    Test {
+        name: "deliberate::panics_on_another_cpu",
+        run: deliberate::panics_on_another_cpu,
         deliberately_fails: true,
         disks: &[],
     },

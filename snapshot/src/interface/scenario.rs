@@ -250,7 +250,7 @@ pub const ALL: &[Description] = &[
         name: "bench-mirror",
         argument: None,
         options: &[],
-        params: &[],
+        params: &["batch=64"],
         help: "quick split of a 256 MiB pair, 64 MiB differential: backup during the copy vs copy-then-backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,

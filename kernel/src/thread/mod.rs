@@ -1,22 +1,37 @@
-//! Kernel threads: spawn, yield, sleep, block/wake, join. Preemptive, on one
-//! CPU, round robin with a time slice of a few timer ticks.
+//! Kernel threads: spawn, yield, sleep, block/wake, join, affinity.
+//! Preemptive, on every CPU, round robin over one shared ready queue with a
+//! time slice of a few timer ticks.
 //!
 //! The policy is [`snapshot::policy::sched::RunQueue`]; this module supplies
-//! contexts (saved [`TrapFrame`] addresses), stacks, and the two entry
-//! points the trap path calls: [`on_timer`] (preemption) and [`on_yield`]
-//! (a thread giving up the CPU through `int 0x21`). Both run with
-//! interrupts off and never allocate or block.
+//! contexts (saved [`TrapFrame`] addresses), stacks, and the entry points
+//! the trap path calls: [`on_timer`] (preemption) and [`on_yield`] (a thread
+//! giving up the CPU through `int 0x21`). Both run with interrupts off and
+//! never allocate or block.
+//!
+//! Three rules make the one queue safe on several CPUs:
+//! - a thread's stack is in use from the moment a CPU picks it until that
+//!   CPU's trap path has left it ([`ON_CPU`]); another CPU resumes it, or
+//!   frees it, only after;
+//! - a block is refused if any wake-up happened since the blocking thread
+//!   read the wake-up count ([`WAKES`]), so a wake-up from another CPU
+//!   between the test of a condition and the block is never lost;
+//! - a joiner waits for the scheduler's own `Exited` state, set by the exit
+//!   switch, not for a flag the exiting thread sets before it.
 
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::policy::sched::{RunQueue, Why, BOOT_SLOT, IDLE_SLOT, MAX_THREADS};
+use snapshot::policy::sched::{RunQueue, State, Why, BOOT_SLOT, IDLE_SLOT, MAX_CPUS, MAX_THREADS};
 
+use crate::arch::percpu;
 use crate::arch::trap::{raise_yield, yield_kind, TrapFrame};
+
+mod cpus;
 use crate::memory::stacks::{KernelStack, StackError};
 use crate::sync::{IrqMutex, IrqOff};
+pub use cpus::{cpus, current_cpu, hold_others, set_affinity, take_own_cpu, OthersHeld};
 
 /// Default stack size for new threads.
 pub const DEFAULT_STACK: u64 = 64 * 1024;
@@ -35,13 +50,26 @@ struct Scheduler {
     queue: RunQueue<u64>,
     threads: [Option<ThreadInfo>; MAX_THREADS],
     quantum_ticks: u64,
-    ticks_in_slice: u64,
-    /// A device interrupt woke a thread that should run at once.
-    wake_preempt: bool,
+    ticks_in_slice: [u64; MAX_CPUS],
+    /// A device interrupt on that CPU woke a thread that should run at once.
+    wake_preempt: [bool; MAX_CPUS],
+    /// Live [`OthersHeld`] guards.
+    holds: usize,
 }
 
 static SCHED: IrqMutex<Option<Scheduler>> = IrqMutex::new(None);
 static TICKS: AtomicU64 = AtomicU64::new(0);
+/// Per thread slot: a CPU runs on the thread's stack (from the switch that
+/// picks the thread until the trap path has left the stack again).
+static ON_CPU: [AtomicBool; MAX_THREADS] = [const { AtomicBool::new(false) }; MAX_THREADS];
+/// Wake-up calls so far; see the module doc.
+static WAKES: AtomicU64 = AtomicU64::new(0);
+/// One byte per slot whose address is the key joiners of that slot wait on.
+static EXIT_KEYS: [u8; MAX_THREADS] = [0; MAX_THREADS];
+
+fn exit_key(slot: usize) -> usize {
+    (&raw const EXIT_KEYS[slot]) as usize
+}
 
 fn with<R>(f: impl FnOnce(&mut Scheduler) -> R) -> R {
     f(SCHED
@@ -71,13 +99,49 @@ pub fn init(quantum_ticks: u64) {
         detached: true,
         fault_waits: false,
     });
+    ON_CPU[BOOT_SLOT].store(true, Ordering::Release);
     *SCHED.lock() = Some(Scheduler {
         queue: RunQueue::new(idle_ctx),
         threads,
         quantum_ticks: quantum_ticks.max(1),
-        ticks_in_slice: 0,
-        wake_preempt: false,
+        ticks_in_slice: [0; MAX_CPUS],
+        wake_preempt: [false; MAX_CPUS],
+        holds: 0,
     });
+}
+
+/// Adds the next CPU to the scheduler, its idle thread running on `stack`
+/// (the code that starts the CPU runs on it and becomes that thread).
+/// Returns the CPU's number, or `None` when the scheduler has no room.
+pub fn add_cpu(stack: KernelStack) -> Option<usize> {
+    with(|s| {
+        let (cpu, slot) = s.queue.add_cpu()?;
+        s.threads[slot] = Some(ThreadInfo {
+            name: alloc::format!("idle{cpu}"),
+            _stack: Some(stack),
+            entry: None,
+            detached: true,
+            fault_waits: false,
+        });
+        ON_CPU[slot].store(true, Ordering::Release);
+        Some(cpu)
+    })
+}
+
+/// Switches `cpu` from the thread whose context `frame` is to the one the
+/// policy picks; returns the frame to resume.
+fn switch(s: &mut Scheduler, cpu: usize, frame: u64, why: Why, now: u64) -> *mut TrapFrame {
+    let prev = s.queue.current(cpu);
+    let next_ctx = s.queue.switch(cpu, frame, why, now);
+    let next = s.queue.current(cpu);
+    if next != prev {
+        // The CPU that last ran `next` may still be leaving its stack.
+        while ON_CPU[next].swap(true, Ordering::AcqRel) {
+            core::hint::spin_loop();
+        }
+        percpu::release_after_switch(&ON_CPU[prev]);
+    }
+    next_ctx as *mut TrapFrame
 }
 
 extern "C" fn idle_entry(_: u64) -> ! {
@@ -93,58 +157,72 @@ extern "C" fn thread_entry(slot: u64) -> ! {
             .and_then(|t| t.entry.take())
     });
     entry.expect("thread started without an entry")();
-    // The entry's wrapper left interrupts off, so nothing runs between its
-    // wake-up of the joiner and this exit.
-    raise_yield(yield_kind::EXIT, 0);
+    // The exit switch wakes the joiner (see `on_yield`).
+    raise_yield(yield_kind::EXIT, 0, 0);
     unreachable!("an exited thread was resumed");
 }
 
-/// Timer ticks since the timer started.
+/// The boot CPU's timer ticks since its timer started.
 pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
 }
 
 /// The timer interrupt: wake sleepers, end the slice if it is used up.
 pub fn on_timer(frame: &mut TrapFrame) -> *mut TrapFrame {
-    TICKS.fetch_add(1, Ordering::Relaxed);
+    let cpu = percpu::index();
+    if cpu == 0 {
+        TICKS.fetch_add(1, Ordering::Relaxed);
+    }
     let mut guard = SCHED.lock();
     let Some(s) = guard.as_mut() else {
         return frame;
     };
     let now = crate::clock::now_ns();
-    s.queue.wake_sleepers(now);
-    s.ticks_in_slice += 1;
-    let slice_over = s.ticks_in_slice >= s.quantum_ticks;
-    preempt_if(s, frame, slice_over, now)
+    if s.queue.wake_sleepers(now) > 0 {
+        kick_idle_cpus(s, cpu);
+    }
+    s.ticks_in_slice[cpu] += 1;
+    let slice_over = s.ticks_in_slice[cpu] >= s.quantum_ticks;
+    preempt_if(s, cpu, frame, slice_over, now)
+}
+
+/// Sends the reschedule interrupt to every other online CPU that idles
+/// while a thread waits that it may run.
+fn kick_idle_cpus(s: &Scheduler, me: usize) {
+    for cpu in 0..s.queue.cpus() {
+        if cpu != me && percpu::is_online(cpu) && s.queue.is_idle(cpu) && s.queue.has_ready(cpu) {
+            crate::arch::apic::send_ipi(percpu::apic_id(cpu), crate::arch::vectors::RESCHED_VECTOR);
+        }
+    }
 }
 
 /// After a device interrupt: if the handler woke a thread with
 /// [`wake_all_now`] (or the CPU was idle and it woke any), run it now
 /// rather than after the running thread's time slice.
 pub fn after_device_interrupt(frame: &mut TrapFrame) -> *mut TrapFrame {
+    let cpu = percpu::index();
     let mut guard = SCHED.lock();
     let Some(s) = guard.as_mut() else {
         return frame;
     };
-    let urgent = core::mem::take(&mut s.wake_preempt);
-    preempt_if(s, frame, urgent, crate::clock::now_ns())
+    let urgent = core::mem::take(&mut s.wake_preempt[cpu]);
+    preempt_if(s, cpu, frame, urgent, crate::clock::now_ns())
 }
 
-/// Switches to a ready thread if the CPU idles or `slice_over`; returns
-/// the frame to resume.
+/// Switches to a ready thread if the CPU idles or `slice_over`, or to the
+/// idle thread if the CPU is held; returns the frame to resume.
 fn preempt_if(
     s: &mut Scheduler,
+    cpu: usize,
     frame: &mut TrapFrame,
     slice_over: bool,
     now: u64,
 ) -> *mut TrapFrame {
-    let idle = s.queue.current() == IDLE_SLOT;
-    if s.queue.has_ready() && (slice_over || idle) {
-        s.ticks_in_slice = 0;
-        return s
-            .queue
-            .switch(frame as *mut TrapFrame as u64, Why::Preempt, now)
-            as *mut TrapFrame;
+    let idle = s.queue.is_idle(cpu);
+    let held = s.queue.held() & (1 << cpu) != 0;
+    if (s.queue.has_ready(cpu) && (slice_over || idle)) || (held && !idle) {
+        s.ticks_in_slice[cpu] = 0;
+        return switch(s, cpu, frame as *mut TrapFrame as u64, Why::Preempt, now);
     }
     frame
 }
@@ -158,11 +236,29 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
         yield_kind::YIELD => Why::Yield,
         other => panic!("unknown yield kind {other}"),
     };
+    let cpu = percpu::index();
     let mut guard = SCHED.lock();
     let s = guard.as_mut().expect("yield before thread::init");
-    s.ticks_in_slice = 0;
-    s.queue
-        .switch(frame as *mut TrapFrame as u64, why, crate::clock::now_ns()) as *mut TrapFrame
+    if matches!(why, Why::Block(_)) && WAKES.load(Ordering::Acquire) != frame.rdx {
+        // A wake-up came since the caller tested its condition: let it
+        // test again instead of sleeping through it.
+        return frame;
+    }
+    let prev = s.queue.current(cpu);
+    s.ticks_in_slice[cpu] = 0;
+    let next = switch(
+        s,
+        cpu,
+        frame as *mut TrapFrame as u64,
+        why,
+        crate::clock::now_ns(),
+    );
+    if why == Why::Exit {
+        WAKES.fetch_add(1, Ordering::AcqRel);
+        s.queue.wake(exit_key(prev));
+        kick_idle_cpus(s, cpu);
+    }
+    next
 }
 
 /// Blocks the thread a write fault interrupted until [`wake_all`] with
@@ -178,36 +274,45 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
 ///
 /// The caller checks the condition it waits for and calls this with
 /// interrupts still off, so no wake-up is lost.
-pub fn block_faulting(frame: &TrapFrame, key: usize) -> Option<(usize, *mut TrapFrame)> {
+pub fn block_faulting(frame: &TrapFrame, key: usize, seq: u64) -> Option<(usize, *mut TrapFrame)> {
     const IF: u64 = 1 << 9;
     if frame.rflags & IF == 0 {
         return None;
     }
+    let cpu = percpu::index();
     let mut guard = SCHED.try_lock()?;
     let s = guard.as_mut()?;
-    let current = s.queue.current();
+    if WAKES.load(Ordering::Acquire) != seq {
+        return None; // woken since: the caller retries without waiting
+    }
+    let current = s.queue.current(cpu);
     if !s.threads[current].as_ref().is_some_and(|t| t.fault_waits) {
         return None;
     }
     let moved = crate::memory::stacks::move_below_rsp(frame)?;
-    s.ticks_in_slice = 0;
-    let next = s
-        .queue
-        .switch(moved, Why::Block(key), crate::clock::now_ns());
-    Some((current, next as *mut TrapFrame))
+    s.ticks_in_slice[cpu] = 0;
+    let next = switch(s, cpu, moved, Why::Block(key), crate::clock::now_ns());
+    Some((current, next))
+}
+
+/// The wake-up count, to read before testing a condition that a wake-up
+/// announces (see [`block_faulting`]).
+pub fn wake_seq() -> u64 {
+    WAKES.load(Ordering::Acquire)
 }
 
 /// The running thread's slot, or `None` if the scheduler is busy (safe to
 /// call from a fault handler: it never waits for the lock).
 pub fn current_slot() -> Option<usize> {
-    SCHED.try_lock()?.as_ref().map(|s| s.queue.current())
+    let guard = SCHED.try_lock()?;
+    guard.as_ref().map(|s| s.queue.current(percpu::index()))
 }
 
 /// Makes write faults in the calling thread never wait (they take the
 /// snapshot's staging reserve): for the thread that frees staging.
 pub fn forbid_fault_waits() {
     with(|s| {
-        let current = s.queue.current();
+        let current = s.queue.current(percpu::index());
         if let Some(t) = s.threads[current].as_mut() {
             t.fault_waits = false;
         }
@@ -216,29 +321,38 @@ pub fn forbid_fault_waits() {
 
 /// Lets other ready threads run.
 pub fn yield_now() {
-    raise_yield(yield_kind::YIELD, 0);
+    raise_yield(yield_kind::YIELD, 0, 0);
 }
 
 /// Sleeps for at least `ns` nanoseconds (timer-tick granularity).
 pub fn sleep_ns(ns: u64) {
-    raise_yield(yield_kind::SLEEP, crate::clock::now_ns() + ns);
+    raise_yield(yield_kind::SLEEP, crate::clock::now_ns() + ns, 0);
 }
 
 /// Blocks until `ready()` holds. `ready` is checked with interrupts off, and
-/// whoever makes it true must then call [`wake_all`] with the same `key`.
+/// whoever makes it true must then call [`wake_all`] with the same `key`
+/// (from any CPU).
 pub fn block_until(key: usize, mut ready: impl FnMut() -> bool) {
     loop {
         let _irq = IrqOff::new();
+        let seq = WAKES.load(Ordering::Acquire);
         if ready() {
             return;
         }
-        raise_yield(yield_kind::BLOCK, key as u64);
+        raise_yield(yield_kind::BLOCK, key as u64, seq);
     }
 }
 
 /// Wakes every thread blocked on `key`; returns how many.
 pub fn wake_all(key: usize) -> usize {
-    with(|s| s.queue.wake(key))
+    with(|s| {
+        WAKES.fetch_add(1, Ordering::AcqRel);
+        let woken = s.queue.wake(key);
+        if woken > 0 {
+            kick_idle_cpus(s, percpu::index());
+        }
+        woken
+    })
 }
 
 /// For device interrupt handlers: wakes every thread blocked on `key` and
@@ -246,8 +360,26 @@ pub fn wake_all(key: usize) -> usize {
 /// I/O completion should not wait out CPU-bound threads' time slices).
 pub fn wake_all_now(key: usize) -> usize {
     with(|s| {
+        WAKES.fetch_add(1, Ordering::AcqRel);
         let woken = s.queue.wake_first(key);
-        s.wake_preempt |= woken > 0;
+        if woken == 0 {
+            return 0;
+        }
+        let here = percpu::index();
+        // Run it where the interrupt came in if it may run there, else on
+        // the first CPU that may, told by a reschedule interrupt.
+        let cpu = (0..s.queue.cpus())
+            .map(|i| (here + i) % s.queue.cpus())
+            .find(|&c| (c == here || percpu::is_online(c)) && s.queue.has_ready(c));
+        if let Some(cpu) = cpu {
+            s.wake_preempt[cpu] = true;
+            if cpu != here {
+                crate::arch::apic::send_ipi(
+                    percpu::apic_id(cpu),
+                    crate::arch::vectors::RESCHED_VECTOR,
+                );
+            }
+        }
         woken
     })
 }
@@ -307,10 +439,7 @@ where
     let entry: Box<dyn FnOnce() + Send> = Box::new(move || {
         let value = f();
         *theirs.value.lock() = Some(value);
-        // Stays off until the exit switch (see thread_entry).
-        x86_64::instructions::interrupts::disable();
         theirs.done.store(true, Ordering::Release);
-        wake_all(Arc::as_ptr(&theirs) as usize);
     });
     let name = String::from(name);
     let slot = with(|s| {
@@ -349,8 +478,10 @@ where
 impl<T> JoinHandle<T> {
     /// Waits for the thread to finish and returns its result.
     pub fn join(mut self) -> T {
-        let key = Arc::as_ptr(&self.packet) as usize;
-        block_until(key, || self.packet.done.load(Ordering::Acquire));
+        let slot = self.slot;
+        block_until(exit_key(slot), || {
+            with(|s| s.queue.state(slot) == State::Exited)
+        });
         self.joined = true;
         release(self.slot);
         self.packet
@@ -373,7 +504,7 @@ impl<T> Drop for JoinHandle<T> {
                 if let Some(t) = s.threads[self.slot].as_mut() {
                     t.detached = true;
                 }
-                s.queue.state(self.slot) == snapshot::policy::sched::State::Exited
+                s.queue.state(self.slot) == State::Exited
             });
             if exited {
                 release(self.slot);
@@ -382,8 +513,12 @@ impl<T> Drop for JoinHandle<T> {
     }
 }
 
-/// Frees an exited thread's slot; its stack is unmapped outside the lock.
+/// Frees an exited thread's slot; its stack is unmapped outside the lock,
+/// once no CPU runs on it any more.
 fn release(slot: usize) {
+    while ON_CPU[slot].load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
     let info = with(|s| {
         s.queue
             .reap(slot)
@@ -396,8 +531,7 @@ fn release(slot: usize) {
 fn reap_detached() {
     while let Some(slot) = with(|s| {
         (0..MAX_THREADS).find(|&i| {
-            s.queue.state(i) == snapshot::policy::sched::State::Exited
-                && s.threads[i].as_ref().is_some_and(|t| t.detached)
+            s.queue.state(i) == State::Exited && s.threads[i].as_ref().is_some_and(|t| t.detached)
         })
     }) {
         release(slot);
@@ -418,7 +552,7 @@ pub fn write_current(out: &mut dyn core::fmt::Write) -> core::fmt::Result {
     };
     match guard.as_ref() {
         Some(s) => {
-            let slot = s.queue.current();
+            let slot = s.queue.current(percpu::index());
             let name = s.threads[slot]
                 .as_ref()
                 .map_or("<unnamed>", |t| t.name.as_str());

@@ -1,0 +1,226 @@
+//! Several CPUs: every CPU reports in, threads sleep, block and join across
+//! CPUs, and a lock hammered from every CPU loses no update. Each test also
+//! passes on one CPU (it then checks what one CPU can show).
+//!
+//! The reference for "which CPU ran this" is the hardware: the local APIC
+//! id register read on the CPU itself, not the kernel's per-CPU records.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sync::IrqMutex;
+use crate::thread;
+
+/// Spawns one thread pinned to each online CPU; each returns `f()` and the
+/// APIC id the hardware reports where `f` ran.
+fn on_each_cpu<T: Send + 'static>(f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<(T, u32)> {
+    let f = Arc::new(f);
+    let cpus: Vec<usize> = (0..crate::arch::percpu::MAX_CPUS)
+        .filter(|&c| crate::arch::percpu::is_online(c))
+        .collect();
+    let handles: Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let f = f.clone();
+            thread::spawn("on-cpu", move || {
+                assert!(thread::set_affinity(1 << cpu, false), "pin to CPU {cpu}");
+                let value = f(cpu);
+                // Read with interrupts off: the value belongs to this CPU.
+                let _irq = crate::sync::IrqOff::new();
+                assert!(thread::current_cpu() == cpu, "ran off CPU {cpu}");
+                (value, crate::arch::apic::id())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join()).collect()
+}
+
+/// Every CPU QEMU gives reports in (as many as the runner asked for, when it
+/// says), and each runs a thread: the hardware shows as many distinct APIC
+/// ids as CPUs are online.
+pub fn every_cpu_reports_in() {
+    let online = thread::cpus();
+    if let Some(expected) = crate::ktest::expected_cpus() {
+        assert_eq!(online, expected, "CPUs online vs. -smp");
+    }
+    let mut ids: Vec<u32> = on_each_cpu(|_| ()).into_iter().map(|(_, id)| id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), online, "distinct APIC ids seen {ids:?}");
+}
+
+/// A thread on the last CPU sleeps, then blocks until the boot CPU wakes it;
+/// the boot CPU joins it; a thread on the last CPU joins one on CPU 0.
+pub fn sleep_block_and_join_across_cpus() {
+    let last = (0..crate::arch::percpu::MAX_CPUS)
+        .rev()
+        .find(|&c| crate::arch::percpu::is_online(c))
+        .unwrap_or(0);
+    let flag = Arc::new(AtomicU64::new(0));
+    let key = Arc::as_ptr(&flag) as usize;
+    let sleeper = {
+        let flag = flag.clone();
+        thread::spawn("sleeper", move || {
+            assert!(thread::set_affinity(1 << last, false));
+            thread::sleep_ns(2_000_000);
+            thread::block_until(key, || flag.load(Ordering::Acquire) != 0);
+            (flag.load(Ordering::Acquire), thread::current_cpu())
+        })
+    };
+    for _ in 0..10 {
+        thread::sleep_ns(1_000_000);
+    }
+    flag.store(7, Ordering::Release);
+    thread::wake_all(key);
+    let (seen, cpu) = sleeper.join();
+    assert_eq!((seen, cpu), (7, last), "woken value and CPU");
+    let on_zero = thread::spawn("cpu0", || {
+        assert!(thread::set_affinity(1, false));
+        thread::sleep_ns(1_000_000);
+        41 + 1
+    });
+    let joiner = thread::spawn("joiner", move || {
+        assert!(thread::set_affinity(1 << last, false));
+        on_zero.join()
+    });
+    assert_eq!(joiner.join(), 42);
+}
+
+/// Per thread: increments of the locked counter.
+const ROUNDS: u64 = 20_000;
+
+/// One thread per CPU plus as many again (oversubscribed) increment a plain
+/// counter under an `IrqMutex`, read-pause-write so a broken lock loses
+/// updates; an atomic counts the same increments independently.
+pub fn lock_hammered_from_all_cpus() {
+    let counter = Arc::new(IrqMutex::new(0u64));
+    let independent = Arc::new(AtomicU64::new(0));
+    let threads = 2 * thread::cpus();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (counter, independent) = (counter.clone(), independent.clone());
+            thread::spawn("hammer", move || {
+                for _ in 0..ROUNDS {
+                    let mut held = counter.lock();
+                    let seen = *held;
+                    core::hint::black_box(&seen);
+                    for _ in 0..8 {
+                        core::hint::spin_loop();
+                    }
+                    *held = seen + 1;
+                    independent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join();
+    }
+    let total = *counter.lock();
+    assert_eq!(total, independent.load(Ordering::Relaxed));
+    assert_eq!(total, threads as u64 * ROUNDS);
+}
+
+/// A live snapshot while threads write on every CPU at once (twice as many
+/// as CPUs), sessions on all CPUs (not held): it equals the stop-the-world
+/// reference hashed at the instant, and every page is copied exactly once;
+/// then an abort mid-way restores every permission on every CPU (the
+/// writers go on without a fatal fault). The copier reserves the last CPU,
+/// so with two CPUs every write fault races the copier on the other CPU,
+/// and with more the writers also race each other. The race itself, not a
+/// proof: the soak repeats it over many seeds.
+pub fn snapshot_with_writers_on_every_cpu() {
+    use crate::memsnap;
+    use crate::workload::Workload;
+    memsnap::run_on_all_cpus(true);
+    let threads = 2 * thread::cpus();
+    for seed in [11u64, 12] {
+        let workload = Workload::start(threads, 4 << 20, seed).expect("workload memory");
+        thread::sleep_ns(5_000_000);
+        let opts = memsnap::Options {
+            verify: true,
+            copier_share_pct: 50,
+            ..memsnap::Options::default()
+        };
+        memsnap::start(&opts).expect("start");
+        let report = memsnap::wait().expect("report");
+        workload.stop();
+        assert_eq!(
+            report.mismatched,
+            Some(0),
+            "snapshot differs from the instant"
+        );
+        assert_eq!(
+            report.not_copied_once,
+            Some(0),
+            "a page copied twice or never"
+        );
+        assert_eq!(report.stats.copied(), report.pages, "counts by cause");
+        assert!(report.stats.fault > 0, "seed {seed}: no write faulted");
+        memsnap::release().expect("release");
+    }
+    let workload = Workload::start(threads, 4 << 20, 13).expect("workload memory");
+    memsnap::start(&memsnap::Options {
+        copier_share_pct: 1,
+        ..memsnap::Options::default()
+    })
+    .expect("start");
+    thread::sleep_ns(20_000_000);
+    memsnap::abort().expect("abort");
+    thread::sleep_ns(20_000_000);
+    let ops = workload.ops();
+    workload.stop();
+    assert!(ops > 0, "the writers made no progress");
+    memsnap::run_on_all_cpus(false);
+}
+
+/// A page made read-only on CPU 0 refuses a write on every other CPU,
+/// although each had just written it (so its TLB held the writable entry):
+/// the permission removal's shootdown reached them. Without it, a CPU keeps
+/// writing through its stale entry.
+pub fn permission_removal_reaches_every_cpu() {
+    use crate::memory::probe::ScratchPage;
+    assert!(thread::set_affinity(1, false), "main on CPU 0");
+    let others: Vec<usize> = (1..crate::arch::percpu::MAX_CPUS)
+        .filter(|&c| crate::arch::percpu::is_online(c))
+        .collect();
+    for cpu in others {
+        let page = Arc::new(ScratchPage::new().expect("scratch page"));
+        let step = Arc::new(AtomicU64::new(0));
+        let probe = {
+            let (page, step) = (page.clone(), step.clone());
+            thread::spawn("prober", move || {
+                assert!(thread::set_affinity(1 << cpu, false));
+                let before = page.probe_write(0, 1);
+                step.store(1, Ordering::Release);
+                while step.load(Ordering::Acquire) != 2 {
+                    core::hint::spin_loop();
+                }
+                (before, page.probe_write(0, 2), thread::current_cpu())
+            })
+        };
+        while step.load(Ordering::Acquire) != 1 {
+            thread::yield_now();
+        }
+        page.set_writable(false).expect("protect");
+        step.store(2, Ordering::Release);
+        let (before, after, ran_on) = probe.join();
+        assert_eq!(ran_on, cpu);
+        assert_eq!(
+            before,
+            Ok(()),
+            "CPU {cpu}: the writable page refused a write"
+        );
+        assert!(
+            after.is_err(),
+            "CPU {cpu} wrote a page made read-only elsewhere"
+        );
+        assert_eq!(
+            crate::memory::probe::read_u64(page.addr()),
+            Ok(1),
+            "CPU {cpu}"
+        );
+    }
+    assert!(thread::set_affinity(u64::MAX, false));
+}
