@@ -10,14 +10,14 @@ use boot::soak::{self, Plan, Summary};
 use snapshot::interface::scenario::Scenario;
 use snapshot::memsnap::soak::run_seed;
 
-fn plan(runs: u64, seed: u64, cmdline: &[&str]) -> Plan {
+fn plan(runs: u64, seed: u64, cpus: usize, cmdline: &[&str]) -> Plan {
     Plan {
         runs,
         seed,
         run_timeout: Duration::from_secs(120),
         cmdline: cmdline.iter().map(|w| w.to_string()).collect(),
         mem_bytes: Scenario::SoakMemsnap.describe().mem_mib << 20,
-        cpus: 1,
+        cpus,
     }
 }
 
@@ -31,14 +31,16 @@ fn soak(name: &str, plan: &Plan) -> Summary {
 }
 
 /// Twenty runs (RAM and disk stores, copy map inside and outside, aborts
-/// and restores, DMA) find no mismatched page, no page copied twice or
-/// never, no disagreement between the engine's counts and the pages', no
-/// leaked frame, no restore error and no hang.
+/// and restores, DMA) on two CPUs, with threads, faults and the copier on
+/// both during the snapshot (`memsnap_cpus=all`), find no mismatched
+/// page, no page copied twice or never, no disagreement between the
+/// engine's counts and the pages', no leaked frame, no restore error and
+/// no hang.
 #[test]
-fn twenty_runs_find_nothing_wrong() {
-    let summary = soak("soak-twenty", &plan(20, 0x50a4, &[]));
+fn twenty_runs_on_two_cpus_find_nothing_wrong() {
+    let summary = soak("soak-twenty", &plan(20, 0x50a4, 2, &["memsnap_cpus=all"]));
     for f in &summary.failures {
-        eprintln!("{}", soak::failure_line(f, 1));
+        eprintln!("{}", soak::failure_line(f, 2));
     }
     assert!(summary.failures.is_empty(), "{summary}");
     assert_eq!((summary.runs, summary.passed, summary.boots), (20, 20, 1));
@@ -52,7 +54,7 @@ fn twenty_runs_find_nothing_wrong() {
 fn injected_failures_are_reported_with_their_seed_and_the_soak_goes_on() {
     for (inject, leaked, mismatched) in [("leak", 1, 0), ("mismatch", 0, 1)] {
         let word = format!("soak_inject={inject}");
-        let summary = soak(&format!("soak-{inject}"), &plan(2, 77, &[&word]));
+        let summary = soak(&format!("soak-{inject}"), &plan(2, 77, 1, &[&word]));
         assert_eq!(
             (summary.runs, summary.passed, summary.boots),
             (2, 1, 2),
