@@ -57,6 +57,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "--to-disk",
         "bench-memsnap: also snapshot to a disk, against a sequential-write baseline on the same disk",
     ),
+    (
+        "--spread",
+        "bench-backup: also back up a 1 TiB image holding 2,048 clusters 512 MiB apart, reporting its medium against its data",
+    ),
     ("--runs N", "soak-memsnap: how many runs (default 20)"),
     ("--seed S", "soak-memsnap: the first run's seed, decimal or 0x hex (default 1)"),
     (
@@ -150,6 +154,8 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// bench-memsnap: also to a disk.
     pub to_disk: bool,
+    /// bench-backup: also the 1 TiB spread image.
+    pub spread: bool,
     /// backup's source image.
     pub source: Option<PathBuf>,
     /// backup's or restore's medium.
@@ -235,6 +241,7 @@ fn option(
         "--image" => args.image = path(value())?,
         "--out" => args.out = path(value())?,
         "--to-disk" => args.to_disk = true,
+        "--spread" => args.spread = true,
         "--base" => args.base = path(value())?,
         "--source" => args.source = path(value())?,
         "--tape" => args.tape = path(value())?,
@@ -322,6 +329,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         image_size: 1 << 30,
         out: None,
         to_disk: false,
+        spread: false,
         source: None,
         tape: None,
         format: None,
@@ -463,6 +471,11 @@ mod tests {
             Some(std::path::Path::new("/tmp/x.core"))
         );
         assert!(parse(&["bench-memsnap", "--to-disk"]).unwrap().to_disk);
+        assert!(parse(&["bench-backup", "--spread"]).unwrap().spread);
+        assert_eq!(
+            parse(&["bench-memsnap", "--spread"]).unwrap_err(),
+            "--spread is for bench-backup"
+        );
     }
 
     #[test]

@@ -250,9 +250,15 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.disks.extend(disks);
         }
         (Scenario::BenchBackup, ..) => {
-            let disks = bench::prepare_backup_bench(&work.join("bench-backup"))
-                .map_err(|e| (1, format!("error: {e}")))?;
+            let dir = work.join("bench-backup");
+            let disks =
+                bench::prepare_backup_bench(&dir).map_err(|e| (1, format!("error: {e}")))?;
             run.disks.extend(disks);
+            if args.spread {
+                let disk = bench::prepare_spread(&dir).map_err(|e| (1, format!("error: {e}")))?;
+                run.disks.push(disk);
+                run.cmdline.push("spread=spread".into());
+            }
         }
         (Scenario::Clone, ..) => {
             let (Some(base), Some(out)) = (&args.base, &args.out) else {

@@ -206,6 +206,23 @@ struct Totals {
     waits: AtomicU64,
     failed: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Batches by kind (holding a flush; else writing; else reading):
+    /// how many, their bytes, and the ns each held the disk.
+    kinds: [[AtomicU64; 3]; 3],
+    /// ns callers slept waiting for the disk's lock.
+    lock_wait_ns: AtomicU64,
+}
+
+/// The kind of a batch, for [`Totals::kinds`]: 0 reads only, 1 writes
+/// (no flush), 2 holds a flush.
+fn kind_of(ops: &[Op<'_>]) -> usize {
+    if ops.iter().any(|o| matches!(o, Op::Flush)) {
+        2
+    } else if ops.iter().any(|o| matches!(o, Op::Write { .. })) {
+        1
+    } else {
+        0
+    }
 }
 
 impl Totals {
@@ -395,7 +412,9 @@ impl BlockDevice for VirtioBlk {
 
     fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
         let start = now_ns();
+        let kind = kind_of(ops);
         let mut driver = self.driver.lock();
+        let locked = now_ns();
         let wait = TimedWait::new(self.how);
         let result = driver.transfer(ops, depth, &wait);
         let stats = driver.take_stats();
@@ -403,7 +422,15 @@ impl BlockDevice for VirtioBlk {
             self.account_single(start, &wait);
         }
         drop(driver);
-        let total_ns = now_ns() - start;
+        let end = now_ns();
+        let total_ns = end - start;
+        let k = &self.totals.kinds[kind];
+        for (c, v) in k.iter().zip([1, stats.bytes, end - locked]) {
+            c.fetch_add(v, Ordering::Relaxed);
+        }
+        self.totals
+            .lock_wait_ns
+            .fetch_add(locked - start, Ordering::Relaxed);
         let waited = wait.waited_ns.load(Ordering::Relaxed);
         // A record printed on the serial console costs about 100 µs, five
         // times the rest of a 4 KiB read, so only batches large enough for
@@ -448,7 +475,9 @@ impl VirtioBlk {
 }
 
 /// Traces every used disk's sums since boot (`blk.disk`,
-/// `blk.disk_time`); the host tool's block-layer report reads them. Called
+/// `blk.disk_time`, which the host tool's block-layer report reads, and
+/// `blk.disk_kinds`, `blk.disk_flush`: batches, bytes and time holding
+/// the disk by kind, flushes, time waiting for the disk's lock). Called
 /// once, as the run ends.
 pub fn trace_totals() {
     for disk in disks() {
@@ -473,6 +502,24 @@ pub fn trace_totals() {
             wait_ns = load(&t.wait_ns),
             notifies = load(&t.notifies),
             waits = load(&t.waits),
+        );
+        let [r, w, f] = &t.kinds;
+        crate::trace!(
+            "blk.disk_kinds",
+            disk = Word(disk.name),
+            reads = load(&r[0]),
+            read_bytes = load(&r[1]),
+            read_ns = load(&r[2]),
+            writes = load(&w[0]),
+            write_bytes = load(&w[1]),
+        );
+        crate::trace!(
+            "blk.disk_flush",
+            disk = Word(disk.name),
+            write_ns = load(&w[2]),
+            flushes = load(&f[0]),
+            flush_ns = load(&f[2]),
+            lock_wait_ns = load(&t.lock_wait_ns),
         );
     }
 }

@@ -8,6 +8,7 @@
 use alloc::string::String;
 
 use snapshot::interface::cmdline::CmdLine;
+use snapshot::qcow2::split::WRITE_BACK_BYTES;
 use snapshot::qcow2::workload;
 
 use super::backup::medium_baseline;
@@ -43,6 +44,8 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         workload: Some((workload::SEED, 1_000_000)),
         before_ns: 2_000 * MS,
         batch: num("batch", crate::clone::BATCH),
+        write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
+        write_chunk: num("chunk_kib", crate::clone::WRITE_CHUNK >> 10) << 10,
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,

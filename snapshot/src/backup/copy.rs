@@ -99,38 +99,52 @@ impl<'a> Copier<'a> {
         Ok(pieces)
     }
 
-    /// Fills `window` (whole clusters) with the next data clusters.
-    pub fn fill(&mut self, window: &mut [u8]) -> Result<(), Error> {
+    /// Fills `window`, pieces of whole clusters taken in order (an
+    /// extent's data each, laid out as on the medium), with the next data
+    /// clusters. A run that crosses from one piece to the next is read
+    /// into both with one batch: the device gathers requests that continue
+    /// each other on disk.
+    pub fn fill(&mut self, window: &mut [&mut [u8]]) -> Result<(), Error> {
         let cs = self.header.cluster_size();
         let bits = self.header.cluster_bits;
-        let pieces = self.pieces(window.len() as u64 / cs)?;
+        let clusters = window.iter().map(|w| w.len() as u64 / cs).sum();
+        let pieces = self.pieces(clusters)?;
         // Plain reads first, all in flight together.
-        let mut ops = Vec::with_capacity(pieces.len());
-        let mut left: &mut [u8] = window;
+        let mut ops = Vec::with_capacity(pieces.len() + window.len());
+        let mut parts = window.iter_mut().map(|w| &mut **w);
+        let mut left: &mut [u8] = &mut [];
         for (p, _) in &pieces {
-            let (host, k) = match *p {
+            let (mut host, mut k) = match *p {
                 Piece::Run(r) => (r.to << bits, r.len),
                 Piece::Subclusters { host, .. } => (host, 1),
                 Piece::Compressed { .. } => (0, 1),
             };
-            let (piece, tail) = core::mem::take(&mut left).split_at_mut((k * cs) as usize);
-            left = tail;
-            if host == 0 {
-                continue;
+            while k > 0 {
+                if left.is_empty() {
+                    left = parts.next().ok_or_else(changed)?;
+                }
+                let take = k.min(left.len() as u64 / cs);
+                let (piece, tail) = core::mem::take(&mut left).split_at_mut((take * cs) as usize);
+                left = tail;
+                k -= take;
+                if host == 0 {
+                    continue;
+                }
+                // A last cluster that the file ends inside reads as zeros
+                // past the end.
+                let len = (take * cs).min(self.file_len - host) as usize;
+                piece[len..].fill(0);
+                ops.push(Op::Read {
+                    sector: host / 512,
+                    buf: &mut piece[..len],
+                });
+                host += take * cs;
             }
-            // A last cluster that the file ends inside reads as zeros
-            // past the end.
-            let len = (k * cs).min(self.file_len - host) as usize;
-            piece[len..].fill(0);
-            ops.push(Op::Read {
-                sector: host / 512,
-                buf: &mut piece[..len],
-            });
         }
         self.source.transfer(&mut ops, depth(self.source))?;
         drop(ops);
         for (p, slot) in pieces {
-            let cluster = &mut window[(slot * cs) as usize..((slot + 1) * cs) as usize];
+            let cluster = cluster_mut(window, slot, cs).ok_or_else(changed)?;
             match p {
                 Piece::Run(_) => {}
                 Piece::Subclusters { data, .. } => clear_holes(cluster, data),
@@ -157,6 +171,18 @@ impl<'a> Copier<'a> {
             .decode(&buf[skip..skip + data.bytes as usize], out, at)
             .map_err(Error::Source)
     }
+}
+
+/// Cluster `slot` of `window` (pieces of whole clusters of `cs` bytes).
+fn cluster_mut<'w>(window: &'w mut [&mut [u8]], mut slot: u64, cs: u64) -> Option<&'w mut [u8]> {
+    for piece in window.iter_mut() {
+        let n = piece.len() as u64 / cs;
+        if slot < n {
+            return Some(&mut piece[(slot * cs) as usize..((slot + 1) * cs) as usize]);
+        }
+        slot -= n;
+    }
+    None
 }
 
 /// Clears the subclusters of `cluster` whose bit in `data` is clear:

@@ -13,7 +13,7 @@ use super::table::{self, Encoder};
 use super::tape::{
     self, checksum, Digest, ExtentHeader, Header, Layout, Trailer, BLOCK, HEADER_BYTES,
 };
-use crate::devices::block::{BlockDevice, Op};
+use crate::devices::block::{BlockDevice, BlockError, Op};
 
 pub use super::io::WINDOW;
 
@@ -65,6 +65,7 @@ impl Plan {
         let mut enc = Encoder::default();
         let image =
             source::open(source, &mut |r| enc.push(r, &mut |_| {})).map_err(Error::Source)?;
+        enc.finish(&mut |_| {});
         if let Some(name) = &image.header.backing_file {
             return Err(Error::Backing(name.clone()));
         }
@@ -216,22 +217,27 @@ fn write_table1(
     let mut walk = plan.image.walk(source).map_err(Error::Source)?;
     let mut enc = Encoder::default();
     let (mut written, mut fill) = (HEADER_BYTES, 0usize);
-    let mut rec = [0u8; table::MAX_RECORD];
-    while let Some(r) = walk.next_run().map_err(Error::Source)? {
-        let mut n = 0;
-        enc.push(&r, &mut |b| {
-            rec[..b.len()].copy_from_slice(b);
-            n = b.len();
-        });
-        let fits = n.min(buf.len() - fill);
+    let mut failed = None;
+    // Each record into `buf`, a full `buf` to the tape.
+    let mut put = |rec: &[u8]| {
+        let fits = rec.len().min(buf.len() - fill);
         buf[fill..fill + fits].copy_from_slice(&rec[..fits]);
         fill += fits;
         if fill == buf.len() {
-            write_deep(tape, written / 512, buf)?;
+            if let Err(e) = write_deep(tape, written / 512, buf) {
+                failed.get_or_insert(e);
+            }
             written += buf.len() as u64;
-            buf[..n - fits].copy_from_slice(&rec[fits..n]);
-            fill = n - fits;
+            buf[..rec.len() - fits].copy_from_slice(&rec[fits..]);
+            fill = rec.len() - fits;
         }
+    };
+    while let Some(r) = walk.next_run().map_err(Error::Source)? {
+        enc.push(&r, &mut put);
+    }
+    enc.finish(&mut put);
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     if enc.bytes != plan.layout.table1_bytes || enc.checksum() != plan.table1_checksum {
         return Err(changed());
@@ -243,10 +249,12 @@ fn write_table1(
 }
 
 /// Steps 4 and 5 overlapped: the header and table 1 go to the medium,
-/// then window after window of the copy area is filled from the source
-/// (step 4) while the window before it streams from the copy area to the
-/// medium, extent by extent as table 3 places it (step 5); then the
-/// trailer and a flush.
+/// then each window of data clusters is read from the source into memory,
+/// laid out as its extents go on the medium, and written to the copy area
+/// (step 4) while the window before it goes from memory to the medium,
+/// each extent where table 3 places it (step 5); then the trailer and a
+/// flush. Two window buffers: the one being filled and the one being
+/// streamed; the copy area is written, never read back.
 fn pump(
     plan: &Plan,
     source: &dyn BlockDevice,
@@ -256,7 +264,6 @@ fn pump(
     progress: Progress<'_>,
 ) -> Result<(), Error> {
     let layout = &plan.layout;
-    let cs = layout.cluster_size();
     let header = Header {
         version: tape::VERSION,
         layout: *layout,
@@ -269,16 +276,15 @@ fn pump(
     }
     .encode();
     write_deep(tape, 0, &header)?;
-    let per_extent = layout.extent_clusters() * cs;
-    let ([mut out, mut copy_buf], per) =
-        windows([BLOCK + per_extent, per_extent], layout.extents())?;
+    let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
+    let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
     let mut stream = Streamer {
         layout,
         scratch,
         tape,
-        written: write_table1(plan, source, tape, &mut out)?,
+        overlap,
+        written: write_table1(plan, source, tape, &mut filling)?,
         digest: Digest::default(),
-        buf: out,
     };
     debug_assert_eq!(stream.written, layout.data_offset());
     let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;
@@ -289,12 +295,12 @@ fn pump(
         overlap.both(
             &mut || {
                 if w < windows {
-                    copied = copy_window(&mut copier, scratch, &mut copy_buf, layout, w * per, per);
+                    copied = fill_window(&mut copier, &mut filling, layout, w * per, per);
                 }
             },
             &mut || {
                 if w > 0 {
-                    streamed = stream.window((w - 1) * per, per);
+                    streamed = stream.window(&mut streaming, (w - 1) * per, per);
                 }
             },
         );
@@ -305,6 +311,7 @@ fn pump(
         if w > 0 {
             progress(Stage::Stream, streamed, total);
         }
+        core::mem::swap(&mut filling, &mut streaming);
     }
     debug_assert_eq!(stream.written, layout.trailer_offset());
     let trailer = Trailer {
@@ -323,81 +330,120 @@ fn pump(
     Ok(())
 }
 
-/// Step 4 for the `n` extents from extent `k` (fewer at the end): their
-/// clusters from the source into `buf`, then into the copy area; returns
-/// the copy area's bytes filled so far.
-fn copy_window(
+/// The data of the `n` extents from extent `k` (fewer at the end) in
+/// `buf`, laid out as on the medium (a header block before each), with
+/// each extent's index and first copy cluster.
+fn extents_in<'b>(
+    layout: &Layout,
+    buf: &'b mut [u8],
+    k: u64,
+    n: u64,
+) -> Vec<(u64, u64, &'b mut [u8], &'b mut [u8])> {
+    let cs = layout.cluster_size();
+    let n = n.min(layout.extents() - k);
+    let mut pieces = Vec::with_capacity(n as usize);
+    let mut rest = buf;
+    for i in k..k + n {
+        let (first, len, _) = layout.extent(i);
+        let (head, tail) = rest.split_at_mut(BLOCK as usize);
+        let (data, tail) = tail.split_at_mut((len * cs) as usize);
+        rest = tail;
+        pieces.push((i, first, head, data));
+    }
+    pieces
+}
+
+/// The source's half of step 4 for the `n` extents from extent `k`
+/// (fewer at the end): their clusters from the source into `buf`, laid
+/// out as on the medium; returns the copy area's bytes filled so far.
+fn fill_window(
     copier: &mut Copier<'_>,
-    scratch: &dyn BlockDevice,
     buf: &mut [u8],
     layout: &Layout,
     k: u64,
     n: u64,
 ) -> Result<u64, Error> {
-    let cs = layout.cluster_size();
-    let first = k * layout.extent_clusters();
-    let clusters = (n * layout.extent_clusters()).min(layout.data_clusters - first);
-    let window = &mut buf[..(clusters * cs) as usize];
-    copier.fill(window)?;
-    write_deep(scratch, first * cs / 512, window)?;
-    Ok((first + clusters) * cs)
+    let mut data: Vec<&mut [u8]> = extents_in(layout, buf, k, n)
+        .into_iter()
+        .map(|(_, _, _, data)| data)
+        .collect();
+    copier.fill(&mut data)?;
+    let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
+    Ok((first + clusters) * layout.cluster_size())
 }
 
-/// Step 5's state: the medium written up to `written`, the extents'
-/// checksums so far, and its window.
+/// Step 5's state: the medium written up to `written` and the extents'
+/// checksums so far, the copy area, and how to write both at once.
 struct Streamer<'a> {
     layout: &'a Layout,
     scratch: &'a dyn BlockDevice,
     tape: &'a dyn BlockDevice,
+    overlap: &'a dyn Overlap,
     written: u64,
     digest: Digest,
-    buf: Vec<u8>,
 }
 
 impl Streamer<'_> {
-    /// Streams the `n` extents from extent `k` (fewer at the end) from the
-    /// copy area to the medium; returns the copy area's bytes streamed so
-    /// far.
-    fn window(&mut self, k: u64, n: u64) -> Result<u64, Error> {
+    /// The rest of step 4, and step 5, for the `n` extents from extent
+    /// `k` (fewer at the end), which [`fill_window`] left in `buf`: their
+    /// data to the copy area, at the same time as to the medium (each
+    /// after its header); returns the copy area's bytes streamed so far.
+    fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
         let layout = self.layout;
         let cs = layout.cluster_size();
-        let n = n.min(layout.extents() - k);
-        // Lay the window out as it goes on the medium: header, data, ...
-        let mut pieces = Vec::with_capacity(n as usize);
-        let mut rest: &mut [u8] = &mut self.buf;
-        for i in k..k + n {
-            let (first, len, _) = layout.extent(i);
-            let (head, tail) = rest.split_at_mut(BLOCK as usize);
-            let (data, tail) = tail.split_at_mut((len * cs) as usize);
-            rest = tail;
-            pieces.push((i, first, head, data));
+        let (mut heads, mut data) = (Vec::new(), Vec::new());
+        for (i, first, head, d) in extents_in(layout, buf, k, n) {
+            heads.push((i, first, head));
+            data.push(&*d);
         }
-        let mut ops: Vec<Op<'_>> = pieces
-            .iter_mut()
-            .map(|(_, first, _, data)| Op::Read {
-                sector: *first * cs / 512,
-                buf: data,
-            })
-            .collect();
-        self.scratch.transfer(&mut ops, depth(self.scratch))?;
-        drop(ops);
-        let mut len = 0;
-        for (i, first, head, data) in pieces.iter_mut() {
-            let sum = checksum(data);
-            self.digest.add(sum);
-            ExtentHeader {
-                index: *i,
-                first: *first,
-                clusters: data.len() as u64 / cs,
-                data_at: self.written + len + BLOCK,
-                data_checksum: sum,
-            }
-            .encode_into(head);
-            len += BLOCK + data.len() as u64;
-        }
-        write_deep(self.tape, self.written / 512, &self.buf[..len as usize])?;
-        self.written += len;
-        let (first, clusters, _) = layout.extent(k + n - 1);
+        let copy_at = heads[0].1 * cs / 512;
+        let (mut copied, mut streamed) = (Ok(()), Ok(0));
+        let (scratch, tape, written) = (self.scratch, self.tape, self.written);
+        let digest = &mut self.digest;
+        self.overlap.both(
+            &mut || copied = write_runs(scratch, copy_at, data.iter().copied()),
+            &mut || {
+                let mut len = 0;
+                for ((i, first, head), d) in heads.iter_mut().zip(&data) {
+                    let sum = checksum(d);
+                    digest.add(sum);
+                    ExtentHeader {
+                        index: *i,
+                        first: *first,
+                        clusters: d.len() as u64 / cs,
+                        data_at: written + len + BLOCK,
+                        data_checksum: sum,
+                    }
+                    .encode_into(head);
+                    len += BLOCK + d.len() as u64;
+                }
+                let pieces = heads
+                    .iter()
+                    .zip(&data)
+                    .flat_map(|((_, _, h), d)| [&**h, *d]);
+                streamed = write_runs(tape, written / 512, pieces).map(|()| len);
+            },
+        );
+        copied?;
+        self.written += streamed?;
+        let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
         Ok((first + clusters) * cs)
     }
+}
+
+/// Writes `pieces` one after the other on `d` from `sector` on, in one
+/// batch (the device gathers pieces that continue each other into one
+/// request).
+fn write_runs<'b>(
+    d: &dyn BlockDevice,
+    sector: u64,
+    pieces: impl Iterator<Item = &'b [u8]>,
+) -> Result<(), BlockError> {
+    let mut at = sector;
+    let mut ops: Vec<Op<'_>> = Vec::new();
+    for buf in pieces {
+        ops.push(Op::Write { sector: at, buf });
+        at += buf.len() as u64 / 512;
+    }
+    d.transfer(&mut ops, depth(d))
 }

@@ -11,10 +11,12 @@
 //! 3. **Table 3** maps each copy cluster to the block of the medium that
 //!    will hold it ([`tape::Layout::extent`]).
 //! 4. **Copy**: each data cluster is read from the source (where table 1
-//!    says) and written to the copy area (where table 2 says).
+//!    says) into a window in memory and written to the copy area (where
+//!    table 2 says).
 //! 5. **Stream**: header, table 1 (its data runs only), then the copy
-//!    area extent by extent (where table 3 says) and a trailer go to the
-//!    medium in one sequential pass, followed by a flush.
+//!    area's contents extent by extent (where table 3 says), taken from
+//!    the same window in memory as step 4 writes it, and a trailer go to
+//!    the medium in one sequential pass, followed by a flush.
 //!
 //! [`restore`](fn@restore) reads the medium front to back, checks every checksum and
 //! table, and writes a raw image or a fresh qcow2 image.

@@ -2,12 +2,19 @@
 //! here holds a table whole. A section of the medium is read through one
 //! window of [`WINDOW`] bytes; runs are encoded one at a time.
 //!
-//! Version 2 stores table 1 sparsely: one record per run of data
-//! clusters consecutive in both the virtual disk and the source file,
-//! three LEB128 numbers each (the gap in virtual clusters since the end
-//! of the previous run, the run's length less one, and the zigzag-encoded
-//! distance in host clusters from the end of the previous run). Table 2
-//! is not stored: it numbers table 1's data clusters in order
+//! Version 3 stores table 1 as the runs of data clusters consecutive in
+//! the virtual disk, two LEB128 numbers each (the gap in virtual clusters
+//! since the end of the previous run, the run's length less one): at
+//! most four bytes for a lone cluster with fewer than 2^21 clusters
+//! before it, so under 1 % of the data even at 512-byte clusters. Where
+//! each run lies in the source file is not recorded: a restore never
+//! needs it, and recording it costs up to three bytes more a cluster
+//! when the file's order is not the disk's.
+//!
+//! Version 2 (read only) recorded a run per stretch consecutive in both
+//! the disk and the file, with a third number, the zigzag-encoded
+//! distance in host clusters from the end of the previous run. Neither
+//! stores table 2: it numbers table 1's data clusters in order
 //! ([`super::run::CopyRuns`]).
 //!
 //! Version 1 (read only) stored the source's whole L1 and L2 tables as
@@ -30,8 +37,8 @@ use crate::devices::block::{read_bytes, BlockDevice};
 
 /// Bytes of a table section read at a time.
 pub const WINDOW: u64 = 64 << 10;
-/// Most bytes one version 2 record takes.
-pub const MAX_RECORD: usize = 30;
+/// Most bytes one record takes (version 3: two numbers of ten bytes).
+pub const MAX_RECORD: usize = 20;
 
 fn bad(table: &str, what: &str) -> Error {
     MediumError::Inconsistent(format!("table {table}: {what}")).into()
@@ -50,13 +57,15 @@ fn put_leb(out: &mut [u8; MAX_RECORD], at: &mut usize, mut v: u64) {
     }
 }
 
-/// Version 2's table 1 encoder: feeds each record's bytes to a sink, and
-/// counts and checksums them, so a writer can size the section in one
-/// pass and write it in another.
+/// Version 3's table 1 encoder: joins the runs it is given where they
+/// continue each other in the virtual disk, feeds each record's bytes to
+/// a sink, and counts and checksums them, so a writer can size the
+/// section in one pass and write it in another. The last record comes
+/// out of [`Encoder::finish`].
 #[derive(Debug, Default)]
 pub struct Encoder {
     vc_end: u64,
-    host_end: u64,
+    open: Option<Run>,
     /// Runs encoded.
     pub runs: u64,
     /// Bytes encoded.
@@ -65,16 +74,34 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Encodes `r` (a run of table 1: `to` is the host cluster) and hands
-    /// its bytes to `sink`.
+    /// Adds `r` (data clusters `r.from ..` of the virtual disk; where
+    /// they lie in the source is not recorded) and hands `sink` the
+    /// record of the run before, if `r` does not continue it.
     pub fn push(&mut self, r: &Run, sink: &mut dyn FnMut(&[u8])) {
+        match &mut self.open {
+            Some(p) if p.end() == r.from => p.len += r.len,
+            open => {
+                if let Some(done) = open.replace(Run { to: 0, ..*r }) {
+                    self.emit(&done, sink);
+                }
+            }
+        }
+    }
+
+    /// Hands `sink` the record of the last run; the counts and the
+    /// checksum are final after this.
+    pub fn finish(&mut self, sink: &mut dyn FnMut(&[u8])) {
+        if let Some(done) = self.open.take() {
+            self.emit(&done, sink);
+        }
+    }
+
+    fn emit(&mut self, r: &Run, sink: &mut dyn FnMut(&[u8])) {
         let mut rec = [0u8; MAX_RECORD];
         let mut n = 0;
         put_leb(&mut rec, &mut n, r.from - self.vc_end);
         put_leb(&mut rec, &mut n, r.len - 1);
-        let delta = r.to.wrapping_sub(self.host_end) as i64;
-        put_leb(&mut rec, &mut n, ((delta << 1) ^ (delta >> 63)) as u64);
-        (self.vc_end, self.host_end) = (r.end(), r.to + r.len);
+        self.vc_end = r.end();
         self.runs += 1;
         self.bytes += n as u64;
         self.hash.write(&rec[..n]);
@@ -171,8 +198,9 @@ impl<'t> Section<'t> {
     }
 }
 
-/// Version 2's table 1 read back: runs of `(virtual cluster, host
-/// cluster, length)`, each checked against the header.
+/// Table 1 of versions 2 and 3 read back: runs of `(virtual cluster,
+/// host cluster, length)`, each checked against the header. Version 3
+/// records no host clusters: its runs have host cluster 0.
 pub struct V2Table1<'t> {
     section: Section<'t>,
     vclusters: u64,
@@ -184,6 +212,8 @@ pub struct V2Table1<'t> {
     /// Host cluster 0 is a qcow2 image's header, never data; a raw
     /// volume's cluster 0 is data like any other.
     first_host: u64,
+    /// Records carry host clusters (version 2).
+    hosts: bool,
 }
 
 impl<'t> V2Table1<'t> {
@@ -202,6 +232,7 @@ impl<'t> V2Table1<'t> {
                 SourceKind::Qcow2 => 1,
                 SourceKind::RawVolume => 0,
             },
+            hosts: header.version == 2,
         })
     }
 }
@@ -220,10 +251,14 @@ impl Runs<Error> for V2Table1<'_> {
         let short = || bad("1", "a run is cut short or malformed");
         let gap = self.section.leb()?.ok_or_else(short)?;
         let len = self.section.leb()?.ok_or_else(short)?.wrapping_add(1);
-        let zig = self.section.leb()?.ok_or_else(short)?;
-        let delta = (zig >> 1) as i64 ^ -((zig & 1) as i64);
         let from = self.vc_end.checked_add(gap);
-        let to = self.host_end.checked_add_signed(delta);
+        let to = if self.hosts {
+            let zig = self.section.leb()?.ok_or_else(short)?;
+            let delta = (zig >> 1) as i64 ^ -((zig & 1) as i64);
+            self.host_end.checked_add_signed(delta)
+        } else {
+            Some(0)
+        };
         let r = match (from, to) {
             (Some(from), Some(to)) if len != 0 => Run { from, to, len },
             _ => return Err(bad("1", "a run overflows")),
@@ -232,10 +267,12 @@ impl Runs<Error> for V2Table1<'_> {
             .from
             .checked_add(r.len)
             .is_some_and(|e| e <= self.vclusters);
-        let host_ok =
-            r.to.checked_add(r.len)
-                .is_some_and(|e| e <= self.host_clusters);
-        if !vc_ok || !host_ok || r.to < self.first_host || r.len > self.clusters_left {
+        let host_ok = !self.hosts
+            || r.to
+                .checked_add(r.len)
+                .is_some_and(|e| e <= self.host_clusters)
+                && r.to >= self.first_host;
+        if !vc_ok || !host_ok || r.len > self.clusters_left {
             return Err(bad(
                 "1",
                 &format!("run {r:?} lies outside the disk or the source"),

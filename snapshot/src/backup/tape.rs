@@ -37,7 +37,7 @@ pub const EXTENT_MAGIC: [u8; 8] = *b"SNAPTEXT";
 /// The first eight bytes of the trailer.
 pub const TRAILER_MAGIC: [u8; 8] = *b"SNAPTEND";
 /// The format this build writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format this build still reads.
 pub const OLDEST_VERSION: u32 = 1;
 /// Bytes of the header.

@@ -57,6 +57,7 @@ impl<'t> VolumeStream<'t> {
             };
             enc.push(&run, &mut |b| table.extend_from_slice(b));
         }
+        enc.finish(&mut |b| table.extend_from_slice(b));
         let layout = Layout {
             cluster_bits,
             data_clusters: clusters,

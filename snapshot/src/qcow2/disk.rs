@@ -5,16 +5,17 @@
 //! file, holes read the backing device (zeros without one), zero clusters
 //! are zeros. A write to a data cluster goes in place; a write to a hole
 //! or zero cluster allocates ([`Qcow2Disk::materialize`]): the rest of the
-//! cluster is filled from what it read as before, and then, in order, the
-//! L2 table exists, the new cluster's refcount and its data are written
-//! and made durable (one flush), and only then does the L2 entry point at
-//! it. (Neither needs to be durable before the other: a refcount without
-//! its data is a leak, data without its refcount sits in a free cluster
-//! nothing points at.)
+//! cluster is filled from what it read as before, then the L2 table
+//! exists, the new cluster is counted in the cached refcount block, its
+//! data are written, and the entry is published in the cached L2 table.
+//! The metadata reach the disk lazily, as with QEMU's caches
+//! ([`Qcow2Disk::write_back`]): refcounts written, one flush (they and the
+//! data are durable), then the dirty L2 sectors; so no entry on disk ever
+//! points at a cluster whose refcount or data is not durable.
 //!
-//! A crash therefore leaks at most the clusters of the allocation in
-//! progress (a data cluster, an L2 table; see [`super::refcount`] for
-//! refcount-table growth) and never corrupts.
+//! A crash therefore loses at most the writes since the last flush, leaks
+//! at most the clusters allocated since the last write-back (see
+//! [`super::refcount`] for refcount-table growth) and never corrupts.
 //!
 //! Locking: one lock over the tables and refcounts, held for lookups and
 //! metadata updates, not while data moves. Two writers racing for the same
@@ -28,7 +29,7 @@ use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::refcount::Refcounts;
 use super::tables::{Entry, Tables};
@@ -38,6 +39,9 @@ use crate::backup::source;
 use crate::devices::block::{
     read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
+
+/// Requests in flight when the split's batch data goes out.
+const WRITE_DEPTH: usize = 8;
 
 /// Incompatible feature bit of extended L2 entries (subclusters).
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -54,6 +58,8 @@ pub struct Qcow2Disk<D> {
     file: D,
     backing: Option<Box<dyn BlockDevice>>,
     detached: AtomicBool,
+    /// Largest transfer of newly allocated clusters (0: a whole run).
+    write_chunk: AtomicU64,
     geo: Geometry,
     header: Header,
     meta: spin::Mutex<Meta>,
@@ -107,10 +113,18 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             file,
             backing,
             detached: AtomicBool::new(false),
+            write_chunk: AtomicU64::new(0),
             geo,
             header,
             meta: spin::Mutex::new(Meta { tables, rc }),
         })
+    }
+
+    /// Caps each transfer of newly allocated clusters at `bytes` (rounded
+    /// up to a cluster; 0: a whole run at once), so that other requests
+    /// to the image's disk wait for at most one such transfer.
+    pub fn set_write_chunk(&self, bytes: u64) {
+        self.write_chunk.store(bytes, Ordering::Relaxed);
     }
 
     /// The geometry.
@@ -243,7 +257,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                 self.read_below(vc * g.cs, &mut buf[..len])?;
             }
             buf[within..within + data.len()].copy_from_slice(data);
-            if self.materialize(&[(vc, entry, Some(&buf))])? {
+            if self.materialize(&[(vc, entry, Some(0))], &buf)? {
                 return Ok(());
             }
         }
@@ -271,6 +285,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                     let rc = rc.as_mut().ok_or_else(read_only)?;
                     tables.ensure(&self.file, g, rc, vc / g.l2_entries)?;
                     tables.publish(&self.file, g, &[(vc, zero)])?;
+                    self.bound_dirty(&mut m)?;
                 }
             } else {
                 let zeros = buffer(n, "zero buffer")?;
@@ -282,13 +297,15 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     }
 
     /// Gives virtual clusters of one L2 table, each last seen as `was` (a
-    /// hole or zero), their content: `Some(bytes)` a cluster holding those
-    /// bytes (a whole cluster), `None` a zero entry. In order: the L2
-    /// table exists, the new clusters' refcounts and data are written and
-    /// flushed, then the entries are published. Returns false, with
-    /// nothing published, if any entry changed meanwhile (a racing write):
-    /// the caller looks again.
-    pub fn materialize(&self, items: &[(u64, Entry, Option<&[u8]>)]) -> Result<bool> {
+    /// hole or zero), their content: `Some(k)` a cluster holding chunk `k`
+    /// of `data` (chunks of a whole cluster each), `None` a zero entry. In
+    /// order: the L2 table exists, the new clusters are counted (in the
+    /// cache) and their data written, then the entries are published in
+    /// the cached table, to be written after the next flush
+    /// ([`Self::write_back`]). Returns false, with nothing published, if
+    /// any entry changed meanwhile (a racing write): the caller looks
+    /// again.
+    pub fn materialize(&self, items: &[(u64, Entry, Option<usize>)], data: &[u8]) -> Result<bool> {
         let g = &self.geo;
         let Some(&(first, _, _)) = items.first() else {
             return Ok(true);
@@ -302,22 +319,17 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             let Meta { tables, rc } = &mut *m;
             let rc = rc.as_mut().ok_or_else(read_only)?;
             tables.ensure(&self.file, g, rc, first / g.l2_entries)?;
-            for &(_, was, data) in items {
-                hosts.push(match (was, data) {
+            for &(_, was, chunk) in items {
+                hosts.push(match (was, chunk) {
                     (_, None) => 0,
                     (Entry::ZeroAlloc(h), Some(_)) => h,
                     (_, Some(_)) => rc.alloc(&self.file, g)? * g.cs,
                 });
             }
-            rc.sync(&self.file)?;
         }
-        // The refcounts and the data need only be durable before the
-        // entries point at them: one flush for both. (Zero entries alone
-        // point at nothing new.)
-        if hosts.iter().any(|&h| h != 0) {
-            self.write_data(items, &hosts)?;
-            self.file.flush()?;
-        }
+        // The data need only be durable before the entries are written,
+        // which waits for the next write-back's flush.
+        self.write_data(items, &hosts, data)?;
         let mut m = self.meta.lock();
         let Meta { tables, rc } = &mut *m;
         let mut entries = Vec::new();
@@ -332,53 +344,99 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                         rc.set_refcount(&self.file, g, h / g.cs, 0)?;
                     }
                 }
-                rc.sync(&self.file)?;
                 return Ok(false);
             }
             entries.push((vc, if h == 0 { Entry::Zero } else { Entry::Data(h) }));
         }
         tables.publish(&self.file, g, &entries)?;
+        self.bound_dirty(&mut m)?;
         Ok(true)
     }
 
-    /// Writes the data of `items` to `hosts`, joining clusters whose hosts
-    /// follow each other into one request (zero entries between them do
-    /// not break a run: they have no host).
-    fn write_data(&self, items: &[(u64, Entry, Option<&[u8]>)], hosts: &[u64]) -> Result<()> {
+    /// Writes the chunks of `data` that `items` name to `hosts`, joining
+    /// clusters whose chunks and hosts both follow each other into one
+    /// transfer with several requests in flight (zero entries between
+    /// them do not break a run: they have no host).
+    fn write_data(
+        &self,
+        items: &[(u64, Entry, Option<usize>)],
+        hosts: &[u64],
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.geo.cs as usize;
-        let data: Vec<(&[u8], u64)> = items
+        let runs: Vec<(usize, u64)> = items
             .iter()
             .zip(hosts)
-            .filter_map(|(item, &h)| item.2.map(|d| (&d[..cs], h)))
+            .filter_map(|(item, &h)| item.2.map(|k| (k, h)))
             .collect();
+        let chunk = match self.write_chunk.load(Ordering::Relaxed) {
+            0 => usize::MAX,
+            n => (n as usize).next_multiple_of(cs),
+        };
+        let depth = self.file.info().max_depth.clamp(1, WRITE_DEPTH);
         let mut k = 0;
-        while k < data.len() {
+        while k < runs.len() {
             let mut end = k + 1;
-            while end < data.len()
-                && data[end].1 == data[k].1 + ((end - k) * cs) as u64
-                && end - k < 64
+            while end < runs.len()
+                && runs[end].0 == runs[k].0 + (end - k)
+                && runs[end].1 == runs[k].1 + ((end - k) * cs) as u64
             {
                 end += 1;
             }
-            if end == k + 1 {
-                write_bytes(&self.file, data[k].1, data[k].0)?;
-            } else {
-                let mut joined = buffer(((end - k) * cs) as u64, "write batch")?;
-                for (n, (d, _)) in data[k..end].iter().enumerate() {
-                    joined[n * cs..(n + 1) * cs].copy_from_slice(d);
-                }
-                write_bytes(&self.file, data[k].1, &joined)?;
+            let run = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
+            for (n, buf) in run.chunks(chunk).enumerate() {
+                let sector = (runs[k].1 + (n * chunk) as u64) / SECTOR_SIZE as u64;
+                self.file
+                    .transfer(&mut [Op::Write { sector, buf }], depth)?;
             }
             k = end;
         }
         Ok(())
     }
 
+    /// Keeps at least one cached L2 table clean (a lookup evicts a clean
+    /// one), writing the dirty ones back when only one is left.
+    fn bound_dirty(&self, m: &mut Meta) -> Result<()> {
+        if m.tables.dirty() >= super::tables::CACHED_L2 - 1 {
+            self.write_back_locked(m)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the cached refcounts, flushes (they and the data the new
+    /// entries point at are durable), then writes the dirty L2 entries
+    /// (durable with the next flush). A crash before this point leaks the
+    /// clusters allocated since the last one and corrupts nothing.
+    pub fn write_back(&self) -> Result<()> {
+        self.write_back_locked(&mut self.meta.lock())
+    }
+
+    /// [`Self::write_back`] with the lock held: no entry is published
+    /// between the flush and the write of the tables.
+    fn write_back_locked(&self, m: &mut Meta) -> Result<()> {
+        if let Some(rc) = m.rc.as_mut() {
+            rc.sync(&self.file)?;
+        }
+        if m.tables.dirty() > 0 {
+            self.file.flush()?;
+            m.tables.write_back(&self.file)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable, metadata included: write-back,
+    /// then flush.
+    pub fn flush(&self) -> Result<()> {
+        let mut m = self.meta.lock();
+        self.write_back_locked(&mut m)?;
+        Ok(self.file.flush()?)
+    }
+
     /// Ends the association with the backing file: flush, rewrite the
     /// header without the backing name and backing format, flush. From
     /// then on holes read as zeros.
     pub fn release_backing(&self) -> Result<()> {
-        self.file.flush()?;
+        self.flush()?;
         let len = self.geo.cs.min(self.geo.file_len);
         let mut first = buffer(len, "header cluster")?;
         read_bytes(&self.file, 0, &mut first)?;
@@ -499,7 +557,7 @@ impl<D: BlockDevice> super::Serve for Qcow2Disk<D> {
         Qcow2Disk::write_at(self, offset, data)
     }
     fn flush(&self) -> Result<()> {
-        Ok(self.file.flush()?)
+        Qcow2Disk::flush(self)
     }
 }
 

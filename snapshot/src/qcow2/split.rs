@@ -12,12 +12,14 @@
 //!   type is): it claims the cluster, writes (a partial write fills the
 //!   rest from the chain first) and finishes: the split never overwrites
 //!   newer data;
-//! - the background split ([`Split::step`]): it claims up to `batch` holes
-//!   of one L2 table, reads their data from the chain, and gives each a new
-//!   cluster holding it, or a zero entry where the chain reads as zeros
-//!   (known from its block status without reading); the batch's refcounts
-//!   and data are made durable by one flush, then the L2 entries are
-//!   written ([`Qcow2Disk::materialize`]).
+//! - the background split ([`Split::step`], or [`Split::prepare`] and
+//!   [`Split::commit`] on two threads): it claims up to `batch` holes of
+//!   one L2 table and reads their data from the chain, then gives each a
+//!   new cluster holding it, or a zero entry where the chain reads as
+//!   zeros (known from its block status without reading), and publishes
+//!   the entries in the cached tables ([`Qcow2Disk::materialize`]); every
+//!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
+//!   then the L2 entries: [`Qcow2Disk::write_back`]).
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
@@ -25,9 +27,9 @@
 //! is copied, [`Split::finish`] flushes, clears the backing file name and
 //! backing format in the header, and flushes again.
 //!
-//! A crash leaks at most one batch of clusters (counted, data maybe
-//! written, never published) and corrupts nothing; the clone reads the
-//! same before and after. This module must never write to a cluster that
+//! A crash leaks at most what was copied since the last write-back and
+//! one batch (counted, data maybe written, entries not yet on disk), and
+//! corrupts nothing; the clone reads the same before and after. This module must never write to a cluster that
 //! is not a hole without holding its claim, nor copy a unit it has not won.
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +44,18 @@ use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
 /// Most clusters one batch claims, as a multiple of its data clusters:
 /// holes over zeros cost an entry each, not a read or a write.
 pub const UNITS_PER_BATCH: u64 = 16;
+
+/// Bytes the split copies between two write-backs of the metadata
+/// (one flush each) unless told otherwise: what a crash can leak.
+pub const WRITE_BACK_BYTES: u64 = 64 << 20;
+
+/// A batch of claimed holes and their data read from the chain, between
+/// [`Split::prepare`] and [`Split::commit`].
+#[derive(Debug)]
+pub struct Batch {
+    claimed: Vec<(Token, bool)>,
+    data: Vec<u8>,
+}
 
 /// Where a split stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,6 +93,9 @@ pub struct Split<'a, D, W, C> {
     zeroed: AtomicU64,
     copied_bytes: AtomicU64,
     workload_ops: AtomicU64,
+    /// Clusters copied since the last write-back, and how many trigger one.
+    unwritten: AtomicU64,
+    write_back_every: u64,
     relax: fn(),
 }
 
@@ -117,8 +134,18 @@ where
             zeroed: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
             workload_ops: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
+            write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
             relax,
         })
+    }
+
+    /// The same split, writing its metadata back (one flush) after every
+    /// `bytes` copied (at least one cluster): a crash leaks at most that
+    /// and one batch of the split's clusters.
+    pub fn with_write_back(mut self, bytes: u64) -> Self {
+        self.write_back_every = (bytes / self.disk.geometry().cs).max(1);
+        self
     }
 
     /// The clone.
@@ -250,32 +277,69 @@ where
     /// One background batch; returns the clusters it settled (0: nothing
     /// left to claim).
     pub fn step(&self) -> Result<u64> {
+        match self.prepare()? {
+            Some(batch) => self.commit(batch),
+            None => Ok(0),
+        }
+    }
+
+    /// The first half of a batch: claims holes and reads their data from
+    /// the chain (runs of consecutive clusters in one read); `None` when
+    /// nothing is left to claim. Another thread may prepare the next batch
+    /// while this one is committed: the chain and the clone are different
+    /// disks. Hand the batch to [`Self::commit`] or [`Self::abandon`].
+    pub fn prepare(&self) -> Result<Option<Batch>> {
         let claimed = self.claim_batch()?;
         if claimed.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
-        match self.fill(&claimed) {
-            Ok(zeroed) => {
-                let n = claimed.len() as u64;
-                self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
-                for (t, _) in claimed {
-                    self.engine.finish(t, Cause::Background);
-                }
-                Ok(n)
-            }
+        match self.read_batch(&claimed) {
+            Ok(data) => Ok(Some(Batch { claimed, data })),
             Err(e) => {
-                for (t, _) in claimed {
-                    self.engine.abandon(t);
-                }
+                self.abandon(Batch {
+                    claimed,
+                    data: Vec::new(),
+                });
                 Err(e)
             }
         }
     }
 
-    /// Copies the claimed holes with data below from the chain (runs of
-    /// consecutive clusters in one read) and gives the others zero
-    /// entries; returns how many got zero entries.
-    fn fill(&self, claimed: &[(Token, bool)]) -> Result<u64> {
+    /// Gives up a prepared batch: its holes go back to the split.
+    pub fn abandon(&self, batch: Batch) {
+        for (t, _) in batch.claimed {
+            self.engine.abandon(t);
+        }
+    }
+
+    /// The second half of a batch: gives each hole with data a new cluster
+    /// holding it and the others zero entries, then finishes the claims;
+    /// writes the metadata back when enough was copied since the last
+    /// time. Returns the clusters settled.
+    pub fn commit(&self, batch: Batch) -> Result<u64> {
+        match self.fill(&batch.claimed, &batch.data) {
+            Ok(zeroed) => {
+                let n = batch.claimed.len() as u64;
+                self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
+                for (t, _) in batch.claimed {
+                    self.engine.finish(t, Cause::Background);
+                }
+                if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
+                    self.unwritten.store(0, Ordering::Relaxed);
+                    self.disk.write_back()?;
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                self.abandon(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the claimed holes with data below from the chain, one cluster
+    /// after another in the buffer.
+    fn read_batch(&self, claimed: &[(Token, bool)]) -> Result<Vec<u8>> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().filter(|c| c.1).map(|c| c.0.unit()).collect();
@@ -292,22 +356,33 @@ where
                 .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
             k = end;
         }
-        let mut chunks = data.chunks(cs);
+        Ok(data)
+    }
+
+    /// Publishes the batch read into `data`: a new cluster for each hole
+    /// whose data is not all zeros, a zero entry for the others; returns
+    /// how many got zero entries.
+    fn fill(&self, claimed: &[(Token, bool)], data: &[u8]) -> Result<u64> {
+        let g = self.disk.geometry();
+        let cs = g.cs as usize;
+        let mut chunks = data.chunks(cs).enumerate();
         let mut items = Vec::new();
         let mut zeroed = 0;
         for (t, below) in claimed {
             let chunk = if *below { chunks.next() } else { None };
-            let content = chunk.filter(|c| c.iter().any(|&b| b != 0));
+            let content = chunk.filter(|(_, c)| c.iter().any(|&b| b != 0));
             zeroed += u64::from(content.is_none());
-            items.push((t.unit(), Entry::Hole, content));
+            items.push((t.unit(), Entry::Hole, content.map(|(k, _)| k)));
         }
-        if !self.disk.materialize(&items)? {
+        if !self.disk.materialize(&items, data)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
         }
-        let copied = (claimed.len() as u64 - zeroed) * g.cs;
-        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        let copied = claimed.len() as u64 - zeroed;
+        self.copied_bytes
+            .fetch_add(copied * g.cs, Ordering::Relaxed);
+        self.unwritten.fetch_add(copied, Ordering::Relaxed);
         Ok(zeroed)
     }
 
@@ -337,15 +412,32 @@ where
         rest: &mut dyn FnMut(u64),
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress> {
+        let mut next = || self.prepare();
+        self.run_from(&mut next, pacer, busy_ops, now, rest, report)
+    }
+
+    /// [`Self::run`] committing the batches `next` prepares (on another
+    /// thread, say, reading ahead while this one writes); `next` gives
+    /// `None` once nothing is left to claim.
+    pub fn run_from(
+        &self,
+        next: &mut dyn FnMut() -> Result<Option<Batch>>,
+        pacer: &mut Pacer,
+        busy_ops: u64,
+        now: &mut dyn FnMut() -> u64,
+        rest: &mut dyn FnMut(u64),
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Progress> {
         loop {
             pacer.start_burst(now());
             let seen = self.workload_ops();
             let mut idle = false;
             while pacer.keep_working(now()) {
-                if self.step()? == 0 {
+                let Some(batch) = next()? else {
                     idle = true;
                     break;
-                }
+                };
+                self.commit(batch)?;
                 if self.workload_ops() - seen > busy_ops {
                     pacer.foreground();
                 }
@@ -394,7 +486,7 @@ where
         Split::write_at(self, offset, data)
     }
     fn flush(&self) -> Result<()> {
-        Ok(self.disk.file().flush()?)
+        self.disk.flush()
     }
 }
 

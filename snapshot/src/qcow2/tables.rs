@@ -3,12 +3,20 @@
 //!
 //! The L1 table is held whole (at most 32 MiB, QEMU's bound, checked by
 //! the header parser; allocated fallibly); L2 tables are cached
-//! [`CACHED_L2`] at a time and written through, a sector at a time. A new
-//! L2 table is counted and written zeroed, both made durable by one flush,
-//! before the L1 entry names it.
+//! [`CACHED_L2`] at a time. A new L2 table is counted and written zeroed,
+//! both made durable by one flush, before the L1 entry names it.
 //!
-//! This module must never publish an entry pointing at a cluster whose
-//! refcount and data are not yet durable: its callers order that.
+//! Published entries are written back lazily, as QEMU's L2 cache does: a
+//! publish changes the cached table and marks the sectors it touched
+//! dirty; [`Tables::write_back`] writes every dirty range later, in one
+//! go, after the caller has made the refcounts and the data those entries
+//! point at durable (one flush for a whole batch of entries). Only clean
+//! tables are evicted, so the caller keeps fewer than [`CACHED_L2`] dirty
+//! ([`Tables::dirty`]).
+//!
+//! This module must never write an entry pointing at a cluster whose
+//! refcount and data are not yet durable: its callers order that, by
+//! flushing before [`Tables::write_back`].
 
 use alloc::format;
 use alloc::vec::Vec;
@@ -20,8 +28,9 @@ use crate::backup::qcow2::{
 };
 use crate::devices::block::{read_bytes, write_bytes, BlockDevice, SECTOR_SIZE};
 
-/// L2 tables kept in memory.
-pub const CACHED_L2: usize = 4;
+/// L2 tables kept in memory (1 MiB of 64 KiB clusters: QEMU's default
+/// L2 cache, which maps 8 GiB).
+pub const CACHED_L2: usize = 16;
 
 const COMPRESSED: u64 = 1 << 62;
 
@@ -73,11 +82,21 @@ impl Entry {
     }
 }
 
+/// A cached L2 table.
+#[derive(Debug)]
+struct Slot {
+    /// Which table (`u64::MAX` while loading).
+    table: u64,
+    bytes: Vec<u8>,
+    /// Byte range changed in memory and not yet written.
+    dirty: Option<(usize, usize)>,
+}
+
 /// The L1 table and the L2 cache.
 #[derive(Debug)]
 pub(super) struct Tables {
     l1: Vec<u64>,
-    cache: Vec<(u64, Vec<u8>)>,
+    cache: Vec<Slot>,
     victim: usize,
 }
 
@@ -128,19 +147,30 @@ impl Tables {
         if at == 0 {
             return Ok(None);
         }
-        if let Some(s) = self.cache.iter().position(|(t, _)| *t == i) {
+        if let Some(s) = self.cache.iter().position(|c| c.table == i) {
             return Ok(Some(s));
         }
         let s = if self.cache.len() < CACHED_L2 {
-            self.cache.push((i, buffer(g.cs, "L2 table")?));
+            self.cache.push(Slot {
+                table: i,
+                bytes: buffer(g.cs, "L2 table")?,
+                dirty: None,
+            });
             self.cache.len() - 1
         } else {
-            self.victim = (self.victim + 1) % CACHED_L2;
-            self.victim
+            // Round robin over the clean slots: a dirty one waits for its
+            // write-back.
+            let n = self.cache.len();
+            let s = (1..=n)
+                .map(|k| (self.victim + k) % n)
+                .find(|&s| self.cache[s].dirty.is_none())
+                .ok_or_else(|| invalid("every cached L2 table awaits its write-back"))?;
+            self.victim = s;
+            s
         };
-        self.cache[s].0 = u64::MAX;
-        read_bytes(dev, at, &mut self.cache[s].1)?;
-        self.cache[s].0 = i;
+        self.cache[s].table = u64::MAX;
+        read_bytes(dev, at, &mut self.cache[s].bytes)?;
+        self.cache[s].table = i;
         Ok(Some(s))
     }
 
@@ -149,7 +179,7 @@ impl Tables {
         let (i, j) = (vc / g.l2_entries, vc % g.l2_entries);
         match self.slot(dev, g, i)? {
             None => Ok(Entry::Hole),
-            Some(s) => Entry::decode(be64(&self.cache[s].1, (j * 8) as usize), vc, g),
+            Some(s) => Entry::decode(be64(&self.cache[s].bytes, (j * 8) as usize), vc, g),
         }
     }
 
@@ -190,7 +220,7 @@ impl Tables {
     }
 
     /// Sets the entries of virtual clusters in one L2 table, which exists,
-    /// and writes the changed sectors (no flush).
+    /// in the cache, marking them dirty: [`Self::write_back`] writes them.
     pub(super) fn publish(
         &mut self,
         dev: &dyn BlockDevice,
@@ -204,19 +234,38 @@ impl Tables {
         let s = self
             .slot(dev, g, i)?
             .ok_or_else(|| invalid(format!("L2 table {i} missing when publishing")))?;
-        let (mut lo, mut hi) = (usize::MAX, 0);
+        let slot = &mut self.cache[s];
+        let (mut lo, mut hi) = slot.dirty.unwrap_or((usize::MAX, 0));
         for &(vc, e) in entries {
             debug_assert_eq!(vc / g.l2_entries, i, "one table per publish");
             let at = ((vc % g.l2_entries) * 8) as usize;
-            self.cache[s].1[at..at + 8].copy_from_slice(&e.encode().to_be_bytes());
+            slot.bytes[at..at + 8].copy_from_slice(&e.encode().to_be_bytes());
             (lo, hi) = (lo.min(at), hi.max(at + 8));
         }
-        let (lo, hi) = (
-            lo / SECTOR_SIZE * SECTOR_SIZE,
-            hi.next_multiple_of(SECTOR_SIZE),
-        );
-        let table = host_of(self.l1[i as usize]);
-        write_bytes(dev, table + lo as u64, &self.cache[s].1[lo..hi])?;
+        slot.dirty = Some((lo, hi));
+        Ok(())
+    }
+
+    /// Cached tables with entries not yet written.
+    pub(super) fn dirty(&self) -> usize {
+        self.cache.iter().filter(|c| c.dirty.is_some()).count()
+    }
+
+    /// Writes the changed sectors of every dirty table (no flush). The
+    /// caller has made durable whatever the new entries point at.
+    pub(super) fn write_back(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        for slot in &mut self.cache {
+            let Some((lo, hi)) = slot.dirty else {
+                continue;
+            };
+            let (lo, hi) = (
+                lo / SECTOR_SIZE * SECTOR_SIZE,
+                hi.next_multiple_of(SECTOR_SIZE),
+            );
+            let table = host_of(self.l1[slot.table as usize]);
+            write_bytes(dev, table + lo as u64, &slot.bytes[lo..hi])?;
+            slot.dirty = None;
+        }
         Ok(())
     }
 }
