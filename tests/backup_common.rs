@@ -84,10 +84,6 @@ pub fn round_trip(dir: &Path, src: &Path) -> (u64, u64) {
         "tape length"
     );
     assert!(std::fs::read(src).unwrap() == before, "the source changed");
-    assert!(
-        !dir.join("backup-scratch.img").exists(),
-        "scratch left behind"
-    );
     let records = boot::report::records(&outcome.serial).unwrap();
     let done = records.iter().rfind(|r| r.event == "backup.done").unwrap();
     let data = done.u64("data_bytes").unwrap();
