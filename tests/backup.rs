@@ -83,7 +83,7 @@ fn truncated_and_corrupted_tapes_are_refused() {
         &["write -P 0x42 0 3M", "write -P 0x43 40M 2M"],
     );
     let tape = dir.join("tape");
-    let (outcome, result) = backup(&dir, &src, &tape);
+    let (outcome, result) = backup(&src, &tape);
     assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
     let len = result.unwrap();
     let good = std::fs::read(&tape).unwrap();
@@ -183,10 +183,8 @@ fn unsupported_sources_are_refused_by_name() {
     // the clone tests), no longer refused.
     let (image, says) = (&external, "unsupported qcow2 feature: external data file");
     {
-        let err = plan_backup(image, &tape, &dir, MEM).unwrap_err();
+        let err = plan_backup(image, &tape, MEM).unwrap_err();
         assert!(err.contains(says), "{err}");
-        let scratch = dir.join("scratch.img");
-        std::fs::write(&scratch, vec![0u8; 1 << 20]).unwrap();
         std::fs::write(&tape, vec![0u8; 1 << 20]).unwrap();
         let outcome = boot(
             "scenario=backup",
@@ -195,7 +193,6 @@ fn unsupported_sources_are_refused_by_name() {
                     read_only: true,
                     ..Disk::new(image, "source")
                 },
-                Disk::new(&scratch, "scratch"),
                 Disk::new(&tape, "tape"),
             ],
         );

@@ -144,7 +144,7 @@ fn a_broken_compressed_stream_is_refused() {
     img[offset..offset + 8].fill(0xff);
     std::fs::write(&src, img).unwrap();
     let tape = dir.join("tape");
-    let (outcome, result) = backup(&dir, &src, &tape);
+    let (outcome, result) = backup(&src, &tape);
     assert_eq!(outcome.verdict, Verdict::Failed);
     assert_eq!(
         job_failure(&outcome),

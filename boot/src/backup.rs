@@ -4,8 +4,7 @@
 //! length.
 //!
 //! The kernel does the work; the host only reads the source image (to
-//! refuse a bad one before booting and to size the tape and scratch
-//! disks) and never writes it: QEMU attaches it read-only. A failed
+//! refuse a bad one before booting and to size the tape) and never writes it: QEMU attaches it read-only. A failed
 //! restore leaves no output file behind.
 
 use std::path::{Path, PathBuf};
@@ -34,10 +33,8 @@ fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {
 /// produce.
 #[derive(Debug)]
 pub struct BackupJob {
-    /// Source (read-only), scratch, tape.
+    /// Source (read-only), tape.
     pub disks: Vec<Disk>,
-    /// The scratch image, removed afterwards.
-    pub scratch: PathBuf,
     /// The tape file.
     pub tape: PathBuf,
     /// The stream's length: the tape's length afterwards.
@@ -66,10 +63,10 @@ fn enough_memory(job: &'static str, need: u64, mem: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads and checks `source`, then creates the scratch image (under
-/// `work`) and the tape, each of the size the kernel will need. A job
-/// the kernel of a guest of `mem` bytes could not hold is refused.
-pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<BackupJob, String> {
+/// Reads and checks `source`, then creates the tape at the size the
+/// kernel will need. A job the kernel of a guest of `mem` bytes could not
+/// hold is refused.
+pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, String> {
     if same_file(source, tape) {
         return Err("--tape names the source image; it would be overwritten".into());
     }
@@ -84,8 +81,6 @@ pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<
     .map_err(|e| format!("{}: {e}", source.display()))?;
     enough_memory("backup", plan.memory_bytes(), mem)
         .map_err(|e| format!("{}: {e}", source.display()))?;
-    let scratch = work.join("backup-scratch.img");
-    fresh_file(&scratch, plan.copy_bytes().max(SECTOR_SIZE as u64))?;
     fresh_file(tape, plan.layout.stream_bytes())?;
     Ok(BackupJob {
         disks: vec![
@@ -93,13 +88,11 @@ pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<
                 read_only: true,
                 ..Disk::new(source, "source")
             },
-            Disk::new(&scratch, "scratch"),
             Disk::new(tape, "tape"),
         ]
         .into_iter()
         .chain(flat.into_iter().flat_map(|(_, backing)| backing))
         .collect(),
-        scratch,
         tape: tape.to_path_buf(),
         medium_bytes: plan.layout.stream_bytes(),
         data_bytes: plan.copy_bytes(),
@@ -107,11 +100,10 @@ pub fn plan_backup(source: &Path, tape: &Path, work: &Path, mem: u64) -> Result<
     })
 }
 
-/// After the kernel ran: checks it reported the stream the host expected,
-/// cuts the tape to it and removes the scratch image. On failure the tape
-/// is removed too: it holds no complete stream.
+/// After the kernel ran: checks it reported the stream the host expected
+/// and cuts the tape to it. On failure the tape is removed: it holds no
+/// complete stream.
 pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
-    let _ = std::fs::remove_file(&job.scratch);
     let done = records.iter().rfind(|r| r.event == "backup.done");
     let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
         (true, Some(n)) if n == job.medium_bytes => std::fs::OpenOptions::new()
@@ -211,7 +203,7 @@ pub fn progress_line(record: &Record<'_>) -> Option<String> {
     let (done, total) = (record.u64("done")?, record.u64("total")?);
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let what = match format!("{stage}").as_str() {
-        s if s == Stage::Copy.name() => "copying data to the scratch disk",
+        s if s == Stage::Copy.name() => "reading data from the source",
         s if s == Stage::Stream.name() => "streaming to the tape",
         _ => "restoring",
     };

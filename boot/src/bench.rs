@@ -283,7 +283,7 @@ pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
 /// Makes the `bench-backup` images in `dir`: `src.qcow2` with
 /// [`BENCH_CLUSTERS`] clusters of data at pseudo-random places (each a
 /// different pattern), `full.qcow2` with every cluster allocated
-/// (`preallocation=falloc`), and blank scratch, tape and output images.
+/// (`preallocation=falloc`), and blank tape and output images.
 pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Disk>, String> {
     use crate::qemu::Disk;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -331,9 +331,7 @@ pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Di
             .arg(&virtual_size),
     )?;
     let room = BENCH_VIRTUAL + (64 << 20);
-    for name in ["scratch.img", "tape.img"] {
-        make_blank_image(&path(name), room).map_err(|e| format!("{name}: {e}"))?;
-    }
+    make_blank_image(&path("tape.img"), room).map_err(|e| format!("tape.img: {e}"))?;
     make_blank_image(&path("out.img"), BENCH_VIRTUAL).map_err(|e| format!("out.img: {e}"))?;
     Ok(vec![
         Disk {
@@ -344,7 +342,6 @@ pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Di
             read_only: true,
             ..Disk::new(path("full.qcow2"), "full")
         },
-        Disk::new(path("scratch.img"), "scratch"),
         Disk::new(path("tape.img"), "tape"),
         Disk::new(path("out.img"), "out"),
     ])
@@ -386,8 +383,12 @@ pub fn prepare_spread(dir: &std::path::Path) -> Result<crate::qemu::Disk, String
 
 /// The host's reference for `bench-backup`: seconds `qemu-img convert -O
 /// qcow2` takes to copy the scattered source (`src.qcow2` in `dir`), run
-/// after the kernel's backup in the same sitting; the copy is removed.
-pub fn qemu_img_convert_s(dir: &std::path::Path) -> Result<f64, String> {
+/// after the kernel's backup in the same sitting, and then seconds an
+/// `fsync` of the copy takes. `qemu-img convert` never syncs its output
+/// (it writes with `cache=unsafe`), where the backup ends with a flush
+/// the host turns into an `fdatasync` of the tape: the sum is the
+/// durable copy. The copy is removed.
+pub fn qemu_img_convert_s(dir: &std::path::Path) -> Result<(f64, f64), String> {
     let out = dir.join("converted.qcow2");
     let start = std::time::Instant::now();
     let result = run_tool(
@@ -397,8 +398,15 @@ pub fn qemu_img_convert_s(dir: &std::path::Path) -> Result<f64, String> {
             .arg(&out),
     );
     let seconds = start.elapsed().as_secs_f64();
+    let synced = result.and_then(|()| {
+        let start = std::time::Instant::now();
+        std::fs::File::open(&out)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        Ok(start.elapsed().as_secs_f64())
+    });
     let _ = std::fs::remove_file(&out);
-    result.map(|()| seconds)
+    synced.map(|sync| (seconds, sync))
 }
 
 /// After `bench-backup`: `qemu-img compare` must find the raw restore
@@ -414,13 +422,7 @@ pub fn check_backup_bench(dir: &std::path::Path) -> Result<(), String> {
     if result.is_ok() {
         eprintln!("qemu-img compare: the raw restore is identical to the source");
     }
-    for name in [
-        "full.qcow2",
-        "scratch.img",
-        "tape.img",
-        "out.img",
-        "spread.qcow2",
-    ] {
+    for name in ["full.qcow2", "tape.img", "out.img", "spread.qcow2"] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     result

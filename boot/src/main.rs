@@ -213,7 +213,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.disks.push(Disk::new(image, "bench"));
         }
         (Scenario::Backup, Some(source), Some(tape), _) => {
-            let job = host_backup::plan_backup(source, tape, &work, args.mem).map_err(refused)?;
+            let job = host_backup::plan_backup(source, tape, args.mem).map_err(refused)?;
             eprintln!(
                 "backup: {} MiB of data in a {} MiB virtual disk; the tape will hold {} bytes",
                 job.data_bytes >> 20,
@@ -365,9 +365,12 @@ fn show_bench(args: &Args, config: &Config, outcome: &Outcome) {
         let source = config.disks.iter().find(|d| d.serial == "src");
         let dir = source.and_then(|d| d.path.parent()).expect("bench source");
         match bench::qemu_img_convert_s(dir) {
-            Ok(seconds) => {
+            Ok((seconds, sync)) => {
                 json.push_seconds("qemu_img_convert_s", seconds);
-                eprintln!("qemu-img convert -O qcow2 of the source: {seconds:.2} s");
+                json.push_seconds("qemu_img_convert_fsync_s", sync);
+                eprintln!(
+                    "qemu-img convert -O qcow2 of the source: {seconds:.2} s, then fsync {sync:.2} s"
+                );
             }
             Err(e) => eprintln!("error: {e}"),
         }

@@ -3,7 +3,7 @@
 //!
 //! | scenario | disks (default names) | what |
 //! |---|---|---|
-//! | `backup` | `source` (read-only), `scratch`, `tape` | qcow2 image on `source` to a medium on `tape`, through a copy area on `scratch`; each window's copy on a second thread while the window before streams (`overlap=off`: in turn) |
+//! | `backup` | `source` (read-only), `tape` | qcow2 image on `source` to a medium on `tape`; each window's read from the source on a second thread while the window before streams (`overlap=off`: in turn) |
 //! | `restore` | `tape` (read-only), `out` | medium to a raw (`format=raw`) or qcow2 (`format=qcow2`) image on `out`, which must read as zeros |
 //!
 //! Progress goes out as `backup.progress stage=copy|stream|restore
@@ -67,11 +67,10 @@ impl backup::Overlap for Threads {
 /// [`backup::backup_overlapped`] with the copy on its own thread.
 pub fn run_backup(
     source: &dyn BlockDevice,
-    scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
     progress: backup::Progress<'_>,
 ) -> Result<backup::BackupSummary, backup::Error> {
-    backup::backup_overlapped(source, scratch, tape, &Threads, progress)
+    backup::backup_overlapped(source, tape, &Threads, progress)
 }
 
 /// Refuses a job that needs more heap than is free, before it starts:
@@ -86,17 +85,13 @@ fn enough_memory(job: &'static str, need: u64) -> Result<(), backup::Error> {
 }
 
 /// `backup`: the qcow2 image on disk `source=` (default `source`) to the
-/// medium on `tape=`, through the copy area on `scratch=`.
+/// medium on `tape=`.
 pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     let name = |key: &'static str| cmd.get(key).unwrap_or(key);
-    let disks = (
-        virtio::disk(name("source")),
-        virtio::disk(name("scratch")),
-        virtio::disk(name("tape")),
-    );
-    let (source, scratch, tape) = match disks {
-        (Ok(s), Ok(c), Ok(t)) => (s, c, t),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    let disks = (virtio::disk(name("source")), virtio::disk(name("tape")));
+    let (source, tape) = match disks {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(e), _) | (_, Err(e)) => {
             return job_failed("backup", true, &e);
         }
     };
@@ -125,7 +120,7 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         Some("off") => &backup::InTurn,
         _ => &Threads,
     };
-    let result = backup::backup_overlapped(source, &*scratch, &*tape, overlap, &mut |s, d, t| {
+    let result = backup::backup_overlapped(source, &*tape, overlap, &mut |s, d, t| {
         progress.report(s, d, t)
     });
     let end = clock::now_ns();

@@ -216,9 +216,8 @@ fn too_small_disks_are_refused_before_anything_is_written() {
     let source = image("scattered.qcow2");
     let src = MemDisk::from_bytes("source", &source).read_only();
     let plan = Plan::new(&src).unwrap();
-    let (_, scratch, _) = backup_disks(&source);
     let tape = MemDisk::new("tape", plan.layout.stream_bytes() / 512 - 1);
-    let err = backup::backup(&src, &scratch, &tape, &mut |_, _, _| {}).unwrap_err();
+    let err = backup::backup(&src, &tape, &mut |_, _, _| {}).unwrap_err();
     assert_eq!(
         format!("{err}"),
         format!(
@@ -227,13 +226,9 @@ fn too_small_disks_are_refused_before_anything_is_written() {
             plan.layout.stream_bytes() - 512
         )
     );
-    assert!(scratch.contents().iter().all(|&b| b == 0));
     assert!(tape.contents().iter().all(|&b| b == 0));
-    let small_scratch = MemDisk::new("scratch", plan.copy_bytes() / 512 - 1);
-    let (_, _, tape) = backup_disks(&source);
-    let err = backup::backup(&src, &small_scratch, &tape, &mut |_, _, _| {}).unwrap_err();
     assert!(
-        matches!(err, Error::TooSmall { ref disk, .. } if disk == "scratch"),
+        matches!(err, Error::TooSmall { ref disk, .. } if disk == "tape"),
         "{err}"
     );
     assert!(err.is_refusal());
@@ -242,9 +237,9 @@ fn too_small_disks_are_refused_before_anything_is_written() {
 #[test]
 fn device_errors_stop_the_job_naming_disk_and_sector() {
     let source = image("scattered.qcow2");
-    let (src, scratch, tape) = backup_disks(&source);
+    let (src, tape) = backup_disks(&source);
     tape.fail_sector(9);
-    let err = backup::backup(&src, &scratch, &tape, &mut |_, _, _| {}).unwrap_err();
+    let err = backup::backup(&src, &tape, &mut |_, _, _| {}).unwrap_err();
     assert!(
         !err.is_refusal(),
         "a disk error is a failure, not a refusal"
@@ -260,9 +255,9 @@ fn device_errors_stop_the_job_naming_disk_and_sector() {
 #[test]
 fn progress_reaches_every_byte_of_each_stage() {
     let source = image("scattered.qcow2");
-    let (src, scratch, tape) = backup_disks(&source);
+    let (src, tape) = backup_disks(&source);
     let mut seen = Vec::new();
-    let s = backup::backup(&src, &scratch, &tape, &mut |stage, done, total| {
+    let s = backup::backup(&src, &tape, &mut |stage, done, total| {
         seen.push((stage, done, total))
     })
     .unwrap();
@@ -496,7 +491,7 @@ proptest! {
 fn the_source_device_is_never_written() {
     // The source disk is read-only: any write would fail the backup.
     let source = image("scattered.qcow2");
-    let (src, scratch, tape) = backup_disks(&source);
+    let (src, tape) = backup_disks(&source);
     assert!(src.info().read_only);
-    backup::backup(&src, &scratch, &tape, &mut |_, _, _| {}).unwrap();
+    backup::backup(&src, &tape, &mut |_, _, _| {}).unwrap();
 }

@@ -312,7 +312,6 @@ fn hostile_subcluster_bitmaps_are_refused_by_name() {
     }
     let err = backup::backup(
         &MemDisk::from_bytes("s", &with(entry, bitmap | 1 << 32)),
-        &MemDisk::new("c", 1024),
         &MemDisk::new("t", 1024),
         &mut |_, _, _| {},
     )

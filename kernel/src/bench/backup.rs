@@ -23,12 +23,12 @@ use crate::log;
 pub fn backup(cmd: &CmdLine<'_>) -> ExitCode {
     use crate::backup::run_backup;
     use snapshot::backup::{restore, Format};
-    let disks = ["src", "full", "scratch", "tape", "out"].map(crate::virtio::disk);
+    let disks = ["src", "full", "tape", "out"].map(crate::virtio::disk);
     if let Some(Err(e)) = disks.iter().find(|d| d.is_err()) {
         log!("bench-backup: {e}");
         return ExitCode::Failure;
     }
-    let [src, full, scratch, tape, out] = disks.map(|d| d.expect("checked above"));
+    let [src, full, tape, out] = disks.map(|d| d.expect("checked above"));
     let mut quiet = |_, _, _| {};
 
     let Some((span, write_ns, read_ns)) = medium_baseline(&*tape) else {
@@ -51,16 +51,14 @@ pub fn backup(cmd: &CmdLine<'_>) -> ExitCode {
     }
     crate::memory::heap::reset_peak();
     let steps = timed("backup", || {
-        let done = run_backup(&*src, &*scratch, &*tape, &mut quiet);
+        let done = run_backup(&*src, &*tape, &mut quiet);
         Ok((done?, crate::memory::heap::peak()))
     })
     .and_then(|backup| {
         let restored = timed("restore", || {
             restore(&*tape, &*out, Format::Raw, &mut quiet)
         })?;
-        let all = timed("all-data backup", || {
-            run_backup(&*full, &*scratch, &*tape, &mut quiet)
-        })?;
+        let all = timed("all-data backup", || run_backup(&*full, &*tape, &mut quiet))?;
         Some((backup, restored.1, all))
     });
     let Some((((sparse, peak_heap), backup_ns), restore_ns, (all, all_ns))) = steps else {
@@ -93,7 +91,7 @@ pub fn backup(cmd: &CmdLine<'_>) -> ExitCode {
     )
     .to_vec();
     if let Some(name) = cmd.get("spread") {
-        let Some(more) = spread(name, &*scratch, &*tape) else {
+        let Some(more) = spread(name, &*tape) else {
             return ExitCode::Failure;
         };
         json.extend(more);
@@ -102,19 +100,15 @@ pub fn backup(cmd: &CmdLine<'_>) -> ExitCode {
     ExitCode::Success
 }
 
-/// Backs up the qcow2 image on disk `name` through `scratch` to `tape`;
+/// Backs up the qcow2 image on disk `name` to `tape`;
 /// its JSON fields (`spread_*`: virtual, data and medium bytes, seconds),
 /// or `None` (logged) if the backup failed.
-fn spread(
-    name: &str,
-    scratch: &dyn BlockDevice,
-    tape: &dyn BlockDevice,
-) -> Option<[(&'static str, String); 4]> {
+fn spread(name: &str, tape: &dyn BlockDevice) -> Option<[(&'static str, String); 4]> {
     let source = crate::virtio::disk(name)
         .map_err(|e| log!("bench-backup: {e}"))
         .ok()?;
     let t = now_ns();
-    let done = crate::backup::run_backup(&*source, scratch, tape, &mut |_, _, _| {});
+    let done = crate::backup::run_backup(&*source, tape, &mut |_, _, _| {});
     let ns = now_ns() - t;
     let s = done.map_err(|e| log!("bench-backup: {name}: {e}")).ok()?;
     log!(

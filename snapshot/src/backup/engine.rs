@@ -20,9 +20,9 @@ pub use super::io::WINDOW;
 /// The stage a progress report belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// Source to copy area.
+    /// Source to memory (the copy, step 4).
     Copy,
-    /// Copy area to medium.
+    /// Memory to medium (step 5).
     Stream,
     /// Medium to output.
     Restore,
@@ -83,7 +83,7 @@ impl Plan {
         })
     }
 
-    /// Bytes of the copy area.
+    /// Bytes of data to copy: the copy area table 2 numbers.
     pub fn copy_bytes(&self) -> u64 {
         self.layout.data_clusters * self.layout.cluster_size()
     }
@@ -170,31 +170,28 @@ impl Overlap for InTurn {
     }
 }
 
-/// Backs `source` up to `tape` through the copy area on `scratch`, the
-/// copy and the stream in turn: [`backup_overlapped`] with [`InTurn`].
+/// Backs `source` up to `tape`, the copy and the stream in turn:
+/// [`backup_overlapped`] with [`InTurn`].
 pub fn backup(
     source: &dyn BlockDevice,
-    scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
     progress: Progress<'_>,
 ) -> Result<BackupSummary, Error> {
-    backup_overlapped(source, scratch, tape, &InTurn, progress)
+    backup_overlapped(source, tape, &InTurn, progress)
 }
 
-/// Backs `source` up to `tape` through the copy area on `scratch`, each
-/// window's copy overlapped by `overlap` with the stream of the window
-/// before. Nothing is written before the sizes of both disks are checked.
+/// Backs `source` up to `tape`, each window's copy from the source
+/// overlapped by `overlap` with the stream of the window before. Nothing
+/// is written before the tape's size is checked.
 pub fn backup_overlapped(
     source: &dyn BlockDevice,
-    scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
     overlap: &dyn Overlap,
     progress: Progress<'_>,
 ) -> Result<BackupSummary, Error> {
     let plan = Plan::new(source)?;
-    need(scratch, plan.copy_bytes())?;
     need(tape, plan.layout.stream_bytes())?;
-    pump(&plan, source, scratch, tape, overlap, progress)?;
+    pump(&plan, source, tape, overlap, progress)?;
     Ok(BackupSummary {
         virtual_bytes: plan.image.header.virtual_size,
         data_bytes: plan.copy_bytes(),
@@ -250,15 +247,14 @@ fn write_table1(
 
 /// Steps 4 and 5 overlapped: the header and table 1 go to the medium,
 /// then each window of data clusters is read from the source into memory,
-/// laid out as its extents go on the medium, and written to the copy area
-/// (step 4) while the window before it goes from memory to the medium,
-/// each extent where table 3 places it (step 5); then the trailer and a
-/// flush. Two window buffers: the one being filled and the one being
-/// streamed; the copy area is written, never read back.
+/// laid out as its extents go on the medium (step 4: the copy area is
+/// that memory, numbered by table 2), while the window before it goes
+/// from memory to the medium, each extent where table 3 places it (step
+/// 5); then the trailer and a flush. Two window buffers: the one being
+/// filled and the one being streamed.
 fn pump(
     plan: &Plan,
     source: &dyn BlockDevice,
-    scratch: &dyn BlockDevice,
     tape: &dyn BlockDevice,
     overlap: &dyn Overlap,
     progress: Progress<'_>,
@@ -280,9 +276,7 @@ fn pump(
     let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
     let mut stream = Streamer {
         layout,
-        scratch,
         tape,
-        overlap,
         written: write_table1(plan, source, tape, &mut filling)?,
         digest: Digest::default(),
     };
@@ -353,9 +347,9 @@ fn extents_in<'b>(
     pieces
 }
 
-/// The source's half of step 4 for the `n` extents from extent `k`
-/// (fewer at the end): their clusters from the source into `buf`, laid
-/// out as on the medium; returns the copy area's bytes filled so far.
+/// Step 4 for the `n` extents from extent `k` (fewer at the end): their
+/// clusters from the source into `buf`, laid out as on the medium;
+/// returns the copy area's bytes filled so far.
 fn fill_window(
     copier: &mut Copier<'_>,
     buf: &mut [u8],
@@ -373,21 +367,19 @@ fn fill_window(
 }
 
 /// Step 5's state: the medium written up to `written` and the extents'
-/// checksums so far, the copy area, and how to write both at once.
+/// checksums so far.
 struct Streamer<'a> {
     layout: &'a Layout,
-    scratch: &'a dyn BlockDevice,
     tape: &'a dyn BlockDevice,
-    overlap: &'a dyn Overlap,
     written: u64,
     digest: Digest,
 }
 
 impl Streamer<'_> {
-    /// The rest of step 4, and step 5, for the `n` extents from extent
-    /// `k` (fewer at the end), which [`fill_window`] left in `buf`: their
-    /// data to the copy area, at the same time as to the medium (each
-    /// after its header); returns the copy area's bytes streamed so far.
+    /// Step 5 for the `n` extents from extent `k` (fewer at the end),
+    /// which [`fill_window`] left in `buf`: each extent's header filled
+    /// in, then headers and data to the medium in one batch; returns the
+    /// copy area's bytes streamed so far.
     fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
         let layout = self.layout;
         let cs = layout.cluster_size();
@@ -396,36 +388,26 @@ impl Streamer<'_> {
             heads.push((i, first, head));
             data.push(&*d);
         }
-        let copy_at = heads[0].1 * cs / 512;
-        let (mut copied, mut streamed) = (Ok(()), Ok(0));
-        let (scratch, tape, written) = (self.scratch, self.tape, self.written);
-        let digest = &mut self.digest;
-        self.overlap.both(
-            &mut || copied = write_runs(scratch, copy_at, data.iter().copied()),
-            &mut || {
-                let mut len = 0;
-                for ((i, first, head), d) in heads.iter_mut().zip(&data) {
-                    let sum = checksum(d);
-                    digest.add(sum);
-                    ExtentHeader {
-                        index: *i,
-                        first: *first,
-                        clusters: d.len() as u64 / cs,
-                        data_at: written + len + BLOCK,
-                        data_checksum: sum,
-                    }
-                    .encode_into(head);
-                    len += BLOCK + d.len() as u64;
-                }
-                let pieces = heads
-                    .iter()
-                    .zip(&data)
-                    .flat_map(|((_, _, h), d)| [&**h, *d]);
-                streamed = write_runs(tape, written / 512, pieces).map(|()| len);
-            },
-        );
-        copied?;
-        self.written += streamed?;
+        let mut len = 0;
+        for ((i, first, head), d) in heads.iter_mut().zip(&data) {
+            let sum = checksum(d);
+            self.digest.add(sum);
+            ExtentHeader {
+                index: *i,
+                first: *first,
+                clusters: d.len() as u64 / cs,
+                data_at: self.written + len + BLOCK,
+                data_checksum: sum,
+            }
+            .encode_into(head);
+            len += BLOCK + d.len() as u64;
+        }
+        let pieces = heads
+            .iter()
+            .zip(&data)
+            .flat_map(|((_, _, h), d)| [&**h, *d]);
+        write_runs(self.tape, self.written / 512, pieces)?;
+        self.written += len;
         let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
         Ok((first + clusters) * cs)
     }

@@ -5,18 +5,19 @@
 //! 1. **Table 1** is the source's own L1/L2 tables, walked from the
 //!    source a window at a time ([`source::Walk`]).
 //! 2. **Table 2** maps each virtual cluster holding data to a cluster of a
-//!    dense *copy area* on a scratch disk, in virtual order, with unused
-//!    entries dropped ([`run::CopyRuns`]). The copy area is sized to the
-//!    data.
+//!    dense *copy area*, in virtual order, with unused entries dropped
+//!    ([`run::CopyRuns`]). The copy area is sized to the data; it is a
+//!    numbering, held a window at a time in memory, never written to a
+//!    disk (until 2026-11-30 it was written to a scratch disk and, before
+//!    that, read back from it: a disk crossing nothing needed).
 //! 3. **Table 3** maps each copy cluster to the block of the medium that
 //!    will hold it ([`tape::Layout::extent`]).
 //! 4. **Copy**: each data cluster is read from the source (where table 1
-//!    says) into a window in memory and written to the copy area (where
-//!    table 2 says).
+//!    says) into a window of the copy area in memory (where table 2 says).
 //! 5. **Stream**: header, table 1 (its data runs only), then the copy
-//!    area's contents extent by extent (where table 3 says), taken from
-//!    the same window in memory as step 4 writes it, and a trailer go to
-//!    the medium in one sequential pass, followed by a flush.
+//!    area's contents extent by extent (where table 3 says), from that
+//!    window in memory, and a trailer go to the medium in one sequential
+//!    pass, followed by a flush.
 //!
 //! [`restore`](fn@restore) reads the medium front to back, checks every checksum and
 //! table, and writes a raw image or a fresh qcow2 image.

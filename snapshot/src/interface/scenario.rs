@@ -196,7 +196,7 @@ pub const ALL: &[Description] = &[
         name: "backup",
         argument: None,
         options: &[opt("--source", "IMG.qcow2", true), opt("--tape", "FILE", true)],
-        params: &["source=source", "scratch=scratch", "tape=tape", "overlap=on"],
+        params: &["source=source", "tape=tape", "overlap=on"],
         help: "compact backup of a qcow2 image: only its data, with the tables to restore it, streamed to FILE",
         mem_mib: BACKUP_MEM,
         benchmark: false,

@@ -70,21 +70,17 @@ pub fn guest_view(name: &str) -> Vec<u8> {
     view
 }
 
-/// Disks for a backup of `source`: the source (read-only), a scratch disk
-/// and a tape, each as large as the job could need (a compressed source
-/// needs more than its own size).
-pub fn backup_disks(source: &[u8]) -> (MemDisk, MemDisk, MemDisk) {
+/// Disks for a backup of `source`: the source (read-only) and a tape as
+/// large as the job could need (a compressed source needs more than its
+/// own size).
+pub fn backup_disks(source: &[u8]) -> (MemDisk, MemDisk) {
     let sectors = (source.len() as u64).div_ceil(512);
     let src = MemDisk::from_bytes("source", source).read_only();
-    let (copy, stream) = match backup::Plan::new(&src) {
-        Ok(p) => (p.copy_bytes() / 512, p.layout.stream_bytes() / 512),
-        Err(_) => (0, 0),
+    let stream = match backup::Plan::new(&src) {
+        Ok(p) => p.layout.stream_bytes() / 512,
+        Err(_) => 0,
     };
-    (
-        src,
-        MemDisk::new("scratch", sectors.max(copy)),
-        MemDisk::new("tape", (2 * sectors + 64).max(stream)),
-    )
+    (src, MemDisk::new("tape", (2 * sectors + 64).max(stream)))
 }
 
 /// Runs the two jobs on two threads, as the kernel does.
@@ -103,8 +99,8 @@ impl backup::Overlap for Threads {
 /// Backs `source` up, each window's copy on a second thread while the
 /// window before streams; returns the tape's stream (cut to its length).
 pub fn backup_to_tape(source: &[u8]) -> Result<Vec<u8>, backup::Error> {
-    let (src, scratch, tape) = backup_disks(source);
-    let summary = backup::backup_overlapped(&src, &scratch, &tape, &Threads, &mut |_, _, _| {})?;
+    let (src, tape) = backup_disks(source);
+    let summary = backup::backup_overlapped(&src, &tape, &Threads, &mut |_, _, _| {})?;
     assert_eq!(
         src.contents()[..source.len()],
         *source,
