@@ -264,3 +264,56 @@ fn workload_copier_and_backup_race_to_the_same_instant() {
         );
     }
 }
+
+/// Runs the two jobs on two threads at once, as the kernel does.
+struct Threads;
+
+impl crate::backup::Overlap for Threads {
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        std::thread::scope(|scope| {
+            scope.spawn(a);
+            b();
+        });
+    }
+}
+
+/// A run reads each extent while the one before goes to the tape, with
+/// the workload and the copier racing it, over several extents and a
+/// volume ending inside a block: the tape is the primary at the instant.
+#[test]
+fn a_run_reading_ahead_of_the_tape_backs_up_the_instant() {
+    let sectors = 8200; // 4 MiB and 8 sectors: five extents of 1 MiB
+    let opts = Options {
+        block_bytes: 64 << 10,
+        assume_clean: false,
+    };
+    for via in [Via::Memory, Via::Secondary] {
+        let (p, s, c) = pair(sectors);
+        let (m, _) = Mirror::open(disks(&p, &s, &c), opts, relax).unwrap();
+        write(&m, 0, sectors, 2).unwrap();
+        pump_all(&m);
+        for at in (0..sectors).step_by(3 * 128) {
+            write(&m, at, 128.min(sectors - at), 3).unwrap();
+        }
+        let instant = versions(&p.contents());
+        m.split().unwrap();
+        let bytes = crate::backup::volume::VolumeStream::medium_bytes(sectors * 512, 16);
+        let tape = MemDisk::new("tape", bytes / 512);
+        let mut reports = 0;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for k in 0..300u64 {
+                    write(&m, (k * 677) % (sectors - 8), 8, 10 + k).unwrap();
+                }
+            });
+            scope.spawn(|| while m.copy(2).unwrap() > 0 {});
+            let job = BackupJob::start(&m, &tape, via).unwrap();
+            job.run(&Threads, &mut |_, _| reports += 1).unwrap();
+        });
+        assert_eq!(reports, 5, "one report per extent");
+        let out = MemDisk::new("out", sectors);
+        crate::backup::restore(&tape, &out, crate::backup::Format::Raw, &mut |_, _, _| {}).unwrap();
+        assert_eq!(versions(&out.contents()), instant, "via {via:?}");
+        assert!(m.copy_complete());
+    }
+}
