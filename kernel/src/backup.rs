@@ -51,10 +51,9 @@ impl Progress {
 
 /// Runs a window's copy on a second thread while the calling thread
 /// streams the window before, so the source, the copy area and the medium
-/// are all busy at once (and the mirror's backup reads an extent while
-/// the one before goes to the tape).
+/// are all busy at once.
 #[derive(Debug)]
-pub struct Threads;
+struct Threads;
 
 /// Stack of the copy thread: the copy, its walk and its decoders.
 const COPY_STACK: u64 = 256 * 1024;

@@ -123,18 +123,18 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
     Ok(copied)
 }
 
-/// Backs the split instant up to `tape`, reading each extent on a second
-/// thread while the one before goes to the tape; returns the summary.
+/// Backs the split instant up to `tape`; returns the summary.
 pub fn backup(
     m: &Mirror,
     tape: &dyn BlockDevice,
     via: Via,
     progress: &mut Progress,
 ) -> Result<snapshot::mirror::BackupSummary, Error> {
-    let job = BackupJob::start(m, tape, via)?;
-    job.run(&crate::backup::Threads, &mut |done, total| {
-        progress.report("backup", done, total)
-    })
+    let mut job = BackupJob::start(m, tape, via)?;
+    while let Some((done, total)) = job.step()? {
+        progress.report("backup", done, total);
+    }
+    job.finish()
 }
 
 /// Per-block hashes of the primary, read directly: the stop-the-world

@@ -15,7 +15,6 @@ use super::layout::Phase;
 use super::{Error, Refusal};
 use crate::backup::tape::BLOCK;
 use crate::backup::volume::VolumeStream;
-use crate::backup::Overlap;
 use crate::copyonce::{Cause, Claim, State, Token};
 use crate::devices::block::{BlockDevice, Op};
 
@@ -63,13 +62,12 @@ pub struct BackupSummary {
 }
 
 /// A backup of the split instant in progress: call [`BackupJob::step`]
-/// until it returns `None`, then [`BackupJob::finish`]; or
-/// [`BackupJob::run`] for all of it, reading the next extent while the
-/// last one goes to the tape.
+/// until it returns `None`, then [`BackupJob::finish`].
 pub struct BackupJob<'m, 't> {
-    reader: Reader<'m>,
+    mirror: &'m Mirror,
     stream: VolumeStream<'t>,
     buf: Vec<u8>,
+    via: Via,
     on_demand: u64,
 }
 
@@ -77,14 +75,10 @@ impl core::fmt::Debug for BackupJob<'_, '_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("BackupJob")
             .field("stream", &self.stream)
-            .field("via", &self.reader.via)
+            .field("via", &self.via)
             .field("on_demand", &self.on_demand)
             .finish()
     }
-}
-
-fn medium(e: impl core::fmt::Display) -> Error {
-    Error::Medium(alloc::format!("{e}"))
 }
 
 impl<'m, 't> BackupJob<'m, 't> {
@@ -110,14 +104,15 @@ impl<'m, 't> BackupJob<'m, 't> {
             .and_then(|s| Ok((s.buffer()?, s)));
         match started {
             Ok((buf, stream)) => Ok(BackupJob {
-                reader: Reader { mirror, via },
+                mirror,
                 stream,
                 buf,
+                via,
                 on_demand: 0,
             }),
             Err(e) => {
                 mirror.inner.lock().backup_busy = false;
-                Err(medium(e))
+                Err(Error::Medium(alloc::format!("{e}")))
             }
         }
     }
@@ -128,97 +123,40 @@ impl<'m, 't> BackupJob<'m, 't> {
         let Some((first, len)) = self.stream.next_extent() else {
             return Ok(None);
         };
-        self.on_demand += self
-            .reader
-            .fill(first, len, &mut self.buf[BLOCK as usize..])?;
-        let done = self.stream.put(&mut self.buf).map_err(medium)?;
-        Ok(Some(self.progress(done)))
-    }
-
-    /// Streams every extent left and finishes, reading each extent (the
-    /// claims, the on-demand copies, the reads) while the one before is
-    /// checksummed and written to the tape, through `overlap`: memory, two
-    /// extent buffers. Reports `(bytes done, bytes in all)` after each.
-    pub fn run(
-        mut self,
-        overlap: &dyn Overlap,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<BackupSummary, Error> {
-        let Some((first, len)) = self.stream.next_extent() else {
-            return self.finish();
+        let tokens = self.claim_window(first, len);
+        let r = match self.via {
+            Via::Secondary => self.via_secondary(first, len, tokens),
+            Via::Memory => self.via_memory(first, len, tokens),
         };
-        let reader = self.reader;
-        self.on_demand += reader.fill(first, len, &mut self.buf[BLOCK as usize..])?;
-        let mut spare = self.stream.buffer().map_err(medium)?;
-        let (layout, mut k) = (*self.stream.layout(), first / self.stream.extent_clusters());
-        while k < layout.extents() {
-            let (ahead, ahead_len, _) = layout.extent(k + 1);
-            let (mut read, mut put) = (Ok(0), Ok(0));
-            let (buf, stream) = (&mut self.buf, &mut self.stream);
-            overlap.both(
-                &mut || {
-                    if ahead_len > 0 {
-                        read = reader.fill(ahead, ahead_len, &mut spare[BLOCK as usize..]);
-                    }
-                },
-                &mut || put = stream.put(buf),
-            );
-            let done = put.map_err(medium)?;
-            self.on_demand += read?;
-            progress(self.progress(done).0, self.reader.mirror.geo.volume_bytes);
-            core::mem::swap(&mut self.buf, &mut spare);
-            k += 1;
-        }
-        self.finish()
-    }
-
-    fn progress(&self, done: u64) -> (u64, u64) {
-        let total = self.reader.mirror.geo.volume_bytes;
-        (done.min(total), total)
+        r?;
+        let done = self
+            .stream
+            .put(&mut self.buf)
+            .map_err(|e| Error::Medium(alloc::format!("{e}")))?;
+        Ok(Some((
+            done.min(self.mirror.geo.volume_bytes),
+            self.mirror.geo.volume_bytes,
+        )))
     }
 
     /// Writes the trailer; the tape then restores to the instant.
     pub fn finish(mut self) -> Result<BackupSummary, Error> {
-        let volume_bytes = self.reader.mirror.geo.volume_bytes;
+        let volume_bytes = self.mirror.geo.volume_bytes;
         let on_demand = self.on_demand;
-        let medium_bytes = self.stream.finish().map_err(medium)?;
+        let medium_bytes = self
+            .stream
+            .finish()
+            .map_err(|e| Error::Medium(alloc::format!("{e}")))?;
         Ok(BackupSummary {
             volume_bytes,
             medium_bytes,
             on_demand,
         })
     }
-}
 
-/// What a backup does for one extent before the tape: claims the blocks
-/// of the instant nobody has copied, copies them [`Via`] its mode, and
-/// reads the extent as at the instant. Shared by both of a run's threads.
-#[derive(Clone, Copy)]
-struct Reader<'m> {
-    mirror: &'m Mirror,
-    via: Via,
-}
-
-impl Reader<'_> {
-    /// Fills `data` (an extent's buffer) with blocks `first..first + len`
-    /// as at the instant, zeros after the volume's end; returns the blocks
-    /// it copied on demand.
-    fn fill(self, first: u64, len: u64, data: &mut [u8]) -> Result<u64, Error> {
-        let tokens = self.claim_window(first, len);
-        let bs = self.mirror.geo.block_bytes as usize;
-        // Only what no read covers needs zeros: the tail of a short last
-        // block and the blocks past the volume's end.
-        data[len as usize * bs..].fill(0);
-        let (_, n) = self.mirror.geo.extent(first + len - 1);
-        data[(len as usize - 1) * bs + n..len as usize * bs].fill(0);
-        match self.via {
-            Via::Secondary => self.via_secondary(first, len, tokens, data),
-            Via::Memory => self.via_memory(first, len, tokens, data),
-        }
-    }
     /// Claims the blocks of `first..first + len` that belong to the
     /// instant and nobody has copied; waits for those another copier holds.
-    fn claim_window(self, first: u64, len: u64) -> Vec<Token> {
+    fn claim_window(&self, first: u64, len: u64) -> Vec<Token> {
         let m = self.mirror;
         let frozen: Vec<u64> = {
             let g = m.inner.lock();
@@ -245,43 +183,32 @@ impl Reader<'_> {
         tokens
     }
 
-    /// Read ops for the blocks of `first..` into `data`, one per block.
-    fn reads<'d>(
-        self,
-        first: u64,
-        data: &'d mut [u8],
-        len: u64,
-    ) -> impl Iterator<Item = (u64, Op<'d>)> + 'd {
-        let geo = self.mirror.geo;
-        data.chunks_mut(geo.block_bytes as usize)
-            .zip(first..first + len)
-            .map(move |(piece, b)| {
-                let (sector, n) = geo.extent(b);
-                let buf = &mut piece[..n];
-                (b, Op::Read { sector, buf })
-            })
-    }
-
     /// Copies the claimed blocks to the secondary, then reads the extent
     /// from the secondary.
-    fn via_secondary(
-        self,
-        first: u64,
-        len: u64,
-        tokens: Vec<Token>,
-        data: &mut [u8],
-    ) -> Result<u64, Error> {
+    fn via_secondary(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
-        let mut on_demand = 0;
         if !tokens.is_empty() {
             let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
             let r = m.copy_blocks(&blocks);
-            on_demand = self.settle(tokens, r)?;
+            self.settle(tokens, r)?;
         }
-        let mut ops: Vec<Op<'_>> = self.reads(first, data, len).map(|(_, op)| op).collect();
+        let bs = m.geo.block_bytes as usize;
+        let data = &mut self.buf[BLOCK as usize..];
+        data.fill(0);
+        let mut ops: Vec<Op<'_>> = data
+            .chunks_mut(bs)
+            .zip(first..first + len)
+            .map(|(piece, b)| {
+                let (sector, n) = m.geo.extent(b);
+                Op::Read {
+                    sector,
+                    buf: &mut piece[..n],
+                }
+            })
+            .collect();
         let depth = m.disks.secondary.info().max_depth.clamp(1, 32);
         match m.disks.secondary.transfer(&mut ops, depth) {
-            Ok(()) => Ok(on_demand),
+            Ok(()) => Ok(()),
             Err(e) => {
                 m.suspend(&e)?;
                 Err(Error::Suspended(alloc::format!("{e}")))
@@ -292,21 +219,25 @@ impl Reader<'_> {
     /// Reads the claimed blocks from the primary and the rest from the
     /// secondary into the extent buffer, then writes the claimed ones to
     /// the secondary.
-    fn via_memory(
-        self,
-        first: u64,
-        len: u64,
-        tokens: Vec<Token>,
-        data: &mut [u8],
-    ) -> Result<u64, Error> {
+    fn via_memory(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
         let bs = m.geo.block_bytes as usize;
         let claimed: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        let (p, s): (Vec<_>, Vec<_>) = self
-            .reads(first, data, len)
-            .partition(|(b, _)| claimed.contains(b));
-        let mut from_p: Vec<Op<'_>> = p.into_iter().map(|(_, op)| op).collect();
-        let mut from_s: Vec<Op<'_>> = s.into_iter().map(|(_, op)| op).collect();
+        let data = &mut self.buf[BLOCK as usize..];
+        data.fill(0);
+        let (mut from_p, mut from_s): (Vec<Op<'_>>, Vec<Op<'_>>) = (Vec::new(), Vec::new());
+        for (piece, b) in data.chunks_mut(bs).zip(first..first + len) {
+            let (sector, n) = m.geo.extent(b);
+            let op = Op::Read {
+                sector,
+                buf: &mut piece[..n],
+            };
+            if claimed.contains(&b) {
+                from_p.push(op);
+            } else {
+                from_s.push(op);
+            }
+        }
         let depth = |d: &dyn BlockDevice| d.info().max_depth.clamp(1, 32);
         let read = m
             .disks
@@ -320,7 +251,7 @@ impl Reader<'_> {
                     .map_err(CopyError::Secondary)
             });
         drop((from_p, from_s));
-        let data = &*data;
+        let data = &self.buf[BLOCK as usize..];
         let r = read.and_then(|()| {
             m.put_pieces(claimed.iter().map(|&b| {
                 let at = ((b - first) as usize) * bs;
@@ -331,13 +262,16 @@ impl Reader<'_> {
     }
 
     /// Finishes or abandons the window's claims as the copy went; a
-    /// secondary failure breaks the split. Returns the blocks copied.
-    fn settle(self, tokens: Vec<Token>, r: Result<(), CopyError>) -> Result<u64, Error> {
+    /// secondary failure breaks the split.
+    fn settle(&mut self, tokens: Vec<Token>, r: Result<(), CopyError>) -> Result<(), Error> {
         let m = self.mirror;
         let n = tokens.len() as u64;
         m.settle(tokens, r.is_ok(), Cause::Access);
         match r {
-            Ok(()) => Ok(n),
+            Ok(()) => {
+                self.on_demand += n;
+                Ok(())
+            }
             Err(e) => Err(m.copy_failed(e)),
         }
     }
@@ -345,6 +279,6 @@ impl Reader<'_> {
 
 impl Drop for BackupJob<'_, '_> {
     fn drop(&mut self) {
-        self.reader.mirror.inner.lock().backup_busy = false;
+        self.mirror.inner.lock().backup_busy = false;
     }
 }
