@@ -22,7 +22,8 @@ use crate::log;
 /// `bench-clone-split`: see the module docs.
 pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
     let num = |key, default| cmd.get(key).and_then(|s| s.parse().ok()).unwrap_or(default);
-    let share = num("share", 50);
+    let share = num("share", crate::clone::SHARE);
+    let floor = num("floor", crate::clone::FLOOR);
     let scratch = match crate::virtio::disk("scratch") {
         Ok(d) => d,
         Err(e) => {
@@ -47,7 +48,8 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
     };
     let opts = Options {
         share,
-        busy_ops: 20,
+        floor,
+        busy_ops: num("busy", crate::clone::BUSY_OPS),
         workload: Some((workload::SEED, 1_000_000)),
         before_ns: 2_000 * MS,
         batch: num("batch", crate::clone::BATCH),
@@ -79,7 +81,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         base.mib_s(base.read_ns)
     );
     let f = |v: u64| alloc::format!("{v}");
-    let fields: [(&str, String); 16] = [
+    let fields: [(&str, String); 17] = [
         ("bench", "\"clone-split\"".into()),
         ("virtual_bytes", f(clone.geometry().virtual_size)),
         ("copied_bytes", f(p.copied_bytes)),
@@ -101,6 +103,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         ("workload_p99_ns_before", f(percentile(&before, 99))),
         ("workload_p99_ns_during", f(percentile(&during, 99))),
         ("share_pct", f(share)),
+        ("floor_pct", f(floor)),
         ("workload_ops", f(load.ops)),
     ];
     crate::trace!(
