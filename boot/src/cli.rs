@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use snapshot::backup::Format;
+use snapshot::interface::cmdline::parse_u64;
 use snapshot::interface::scenario::{Scenario, ALL};
 use snapshot::interface::units::parse_size;
 use snapshot::policy::sched::MAX_CPUS;
@@ -59,6 +60,12 @@ pub const OPTIONS: &[(&str, &str)] = &[
     (
         "--spread",
         "bench-backup: also back up a 1 TiB image holding 2,048 clusters 512 MiB apart, reporting its medium against its data",
+    ),
+    ("--runs N", "soak-memsnap: how many runs (default 20)"),
+    ("--seed S", "soak-memsnap: the first run's seed, decimal or 0x hex (default 1)"),
+    (
+        "--run-timeout SECS",
+        "soak-memsnap: a run still going after this long is a hang; the machine is rebooted (default 120)",
     ),
     ("-h, --help", "this text"),
 ];
@@ -157,6 +164,12 @@ pub struct Args {
     pub format: Option<Format>,
     /// clone's base image.
     pub base: Option<PathBuf>,
+    /// soak-memsnap: runs, the first run's seed, the per-run watchdog.
+    pub runs: Option<u64>,
+    /// See `runs`.
+    pub seed: Option<u64>,
+    /// See `runs`.
+    pub run_timeout: Option<Duration>,
     /// mirror's primary and secondary images.
     pub primary: Option<PathBuf>,
     /// See `primary`.
@@ -177,6 +190,14 @@ fn disk_arg(option: &str, text: &str, read_only: bool) -> Result<Disk, String> {
     }
 }
 
+/// A positive number of seconds, for option `flag`.
+fn seconds(flag: &str, text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("{flag} {text}: not a number of seconds")),
+    }
+}
+
 /// Parses one option (with its value, unless it is a switch) into `args`.
 fn option(
     args: &mut Args,
@@ -192,12 +213,16 @@ fn option(
                 return Err(format!("--mem {text}: the kernel needs at least 32M"));
             }
         }
-        "--timeout" => {
+        "--timeout" => args.timeout = seconds(word, &value()?)?,
+        "--run-timeout" => args.run_timeout = Some(seconds(word, &value()?)?),
+        "--runs" => {
             let text = value()?;
-            let secs: f64 = text
-                .parse()
-                .map_err(|_| format!("--timeout {text}: not a number of seconds"))?;
-            args.timeout = Duration::from_secs_f64(secs);
+            let runs = parse_u64(&text).filter(|&n| n > 0);
+            args.runs = Some(runs.ok_or(format!("--runs {text}: want a count above 0"))?);
+        }
+        "--seed" => {
+            let text = value()?;
+            args.seed = Some(parse_u64(&text).ok_or(format!("--seed {text}: not a number"))?);
         }
         "--cpus" => {
             let text = value()?;
@@ -309,6 +334,9 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         tape: None,
         format: None,
         base: None,
+        runs: None,
+        seed: None,
+        run_timeout: None,
         primary: None,
         secondary: None,
     };
@@ -448,6 +476,26 @@ mod tests {
             parse(&["bench-memsnap", "--spread"]).unwrap_err(),
             "--spread is for bench-backup"
         );
+    }
+
+    #[test]
+    fn the_soak_takes_runs_seed_and_cpus() {
+        let args = parse(&[
+            "soak-memsnap",
+            "--runs",
+            "5",
+            "--seed",
+            "0x2a",
+            "--cpus",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!((args.runs, args.seed, args.cpus), (Some(5), Some(42), 2));
+        assert_eq!(args.mem, 64 << 20);
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert_eq!(err(&["demo", "--runs", "5"]), "--runs is for soak-memsnap");
+        assert!(err(&["soak-memsnap", "--runs", "0"]).contains("above 0"));
+        assert!(err(&["soak-memsnap", "--seed", "x"]).contains("not a number"));
     }
 
     #[test]

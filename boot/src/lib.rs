@@ -21,6 +21,7 @@ pub mod mirror;
 pub mod qemu;
 pub mod report;
 pub mod setup;
+pub mod soak;
 pub mod timeline;
 pub mod tracejson;
 

@@ -36,6 +36,9 @@ fn main() -> ExitCode {
     let Some(kernel) = kernel_image() else {
         return ExitCode::from(2);
     };
+    if args.scenario == Scenario::SoakMemsnap {
+        return boot::soak::main(&args, &kernel, |line| show_line(line, args.quiet));
+    }
     let run = match prepare(&args) {
         Ok(run) => run,
         Err((code, e)) => {

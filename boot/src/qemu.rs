@@ -281,8 +281,20 @@ pub fn run(config: &Config, on_line: impl FnMut(&str)) -> Result<Outcome, String
 /// is then [`Verdict::UnexpectedExit`]`(None)`. For crash tests.
 pub fn run_killing(
     config: &Config,
-    mut on_line: impl FnMut(&str),
+    on_line: impl FnMut(&str),
     mut kill_at: impl FnMut(&str) -> bool,
+) -> Result<Outcome, String> {
+    run_supervised(config, on_line, |line| line.is_some_and(&mut kill_at))
+}
+
+/// As [`run`], but kills QEMU as soon as `kill` says yes: `kill` is asked
+/// with each serial line and, with `None`, at least once a second while
+/// the kernel is silent (a watchdog for a kernel that hangs). The verdict
+/// is then [`Verdict::UnexpectedExit`]`(None)`.
+pub fn run_supervised(
+    config: &Config,
+    mut on_line: impl FnMut(&str),
+    mut kill: impl FnMut(Option<&str>) -> bool,
 ) -> Result<Outcome, String> {
     check_qemu().map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -319,21 +331,27 @@ pub fn run_killing(
     let mut timed_out = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 on_line(&line);
                 serial.push_str(&line);
                 serial.push('\n');
-                if kill_at(&line) {
+                if kill(Some(&line)) {
                     let _ = child.kill();
                     break;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
+            Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
                 timed_out = true;
                 let _ = child.kill();
                 break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if kill(None) {
+                    let _ = child.kill();
+                    break;
+                }
             }
         }
     }

@@ -49,6 +49,7 @@ mod scenario;
 #[allow(unsafe_code)]
 mod scoped;
 mod sleep_mutex;
+mod soak;
 #[allow(unsafe_code)]
 mod sync;
 mod tests;

@@ -57,6 +57,7 @@ pub fn run(cmd: &CmdLine<'_>) -> ExitCode {
         Scenario::Clone => crate::clone::clone_scenario(cmd),
         Scenario::CloneSplit => crate::clone::split_scenario(cmd),
         Scenario::BenchCloneSplit => crate::bench::clone_split(cmd),
+        Scenario::SoakMemsnap => crate::soak::scenario(cmd),
     }
 }
 

@@ -120,15 +120,21 @@ fn shared(fail_unit0: bool) -> Shared {
 
 /// An access to `unit` (retried after a failed copy), a check that the
 /// copy is whole and as at the instant, then the workload's write if
-/// `write`.
-fn access(s: &Shared, unit: u64, write: bool) {
+/// `write`. Returns how the first attempt that did not fail ended.
+fn access(s: &Shared, unit: u64, write: bool) -> Access<()> {
     let (engine, io) = &**s;
-    while let Access::Failed(()) = engine.copy_on_access(io, unit, loom::thread::yield_now) {}
+    let access = loop {
+        match engine.copy_on_access(io, unit, loom::thread::yield_now) {
+            Access::Failed(()) => continue,
+            done => break done,
+        }
+    };
     let value = instant(unit);
     assert_eq!(io.read_copy(unit), [value, value], "a half or stale copy");
     if write {
         io.write_primary(unit);
     }
+    access
 }
 
 /// After the threads: the copier finishes what is left; every unit was
@@ -201,8 +207,12 @@ fn accessors_and_copier_copy_each_unit_once() {
         run(
             shared(false),
             vec![
-                Box::new(|s| access(s, 0, true)),
-                Box::new(|s| access(s, 1, true)),
+                Box::new(|s| {
+                    access(s, 0, true);
+                }),
+                Box::new(|s| {
+                    access(s, 1, true);
+                }),
                 Box::new(|s| {
                     let _ = s.0.copy_background(&s.1, UNITS);
                 }),
@@ -229,4 +239,83 @@ fn a_failed_copy_is_redone_and_never_read() {
             ],
         );
     });
+}
+
+// The claim paths of several CPUs. Each model also checks, across all the
+// interleavings it explored, that the path it is about was taken at least
+// once (a std flag, outside loom's model), so it cannot pass vacuously.
+
+/// Set when some interleaving took the path a model is about.
+static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+fn seen(path: &'static str) {
+    let mut seen = SEEN.lock().unwrap();
+    if !seen.contains(&path) {
+        seen.push(path);
+    }
+}
+
+fn was_seen(path: &'static str) -> bool {
+    SEEN.lock().unwrap().contains(&path)
+}
+
+/// The copier holds unit 0 (claimed, copying in two halves) while two
+/// CPUs fault on it, one to write and one to read: whichever finds it
+/// `Copying` waits for the copy to finish, then retries its claim, finds
+/// it copied and goes on; neither copies it again nor sees a half copy,
+/// and the write lands only after the copier read the unit.
+#[test]
+fn two_cpus_faulting_on_a_unit_the_copier_holds_wait_then_retry() {
+    model(2, || {
+        let s = shared(false);
+        let copier = {
+            let s = s.clone();
+            loom::thread::spawn(move || s.0.copy_background(&s.1, 1))
+        };
+        let reader = {
+            let s = s.clone();
+            loom::thread::spawn(move || access(&s, 0, false))
+        };
+        let writer = access(&s, 0, true);
+        let reader = reader.join().unwrap();
+        assert_eq!(copier.join().unwrap(), Ok(1), "the copier copies a unit");
+        if matches!(writer, Access::WaitedForOther) && matches!(reader, Access::WaitedForOther) {
+            seen("both faults waited for the copier");
+        }
+        check_end(&s);
+    });
+    assert!(was_seen("both faults waited for the copier"));
+}
+
+/// One CPU's copy of unit 0 fails halfway and is abandoned (that CPU gives
+/// up, as a fault whose store failed does); another CPU faulting on the
+/// same unit, waiting or not, claims it again and copies it whole. Nobody
+/// reads the half copy, and the unit ends copied exactly once.
+#[test]
+fn a_copy_abandoned_by_one_cpu_is_redone_by_another() {
+    model(3, || {
+        let s = shared(true);
+        let giver_up = {
+            let s = s.clone();
+            loom::thread::spawn(move || {
+                let (engine, io) = &*s;
+                engine.copy_on_access(io, 0, loom::thread::yield_now)
+            })
+        };
+        let other = access(&s, 0, true);
+        let first = giver_up.join().unwrap();
+        if matches!(first, Access::Failed(())) && matches!(other, Access::Copied) {
+            seen("redone by another CPU");
+        }
+        if matches!(first, Access::Failed(())) {
+            let (engine, io) = &*s;
+            assert!(
+                engine.is_copied(0),
+                "the other CPU's access left it uncopied"
+            );
+            assert_eq!(io.read_copy(0), [instant(0); 2]);
+        }
+        check_end(&s);
+    });
+    assert!(was_seen("redone by another CPU"));
 }

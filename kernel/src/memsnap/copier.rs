@@ -155,14 +155,15 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
         }
     }
     let mismatched = verify::count_mismatches(disk);
-    let not_copied_once = verify::not_copied_once();
+    let copies = verify::copy_counts();
     let mut report = REPORT.lock();
     if let Some(r) = report.as_mut() {
         r.stats = LIVE.stats();
         r.total_ns = end - r.instant_ns;
         r.copier_busy_ns = copier_busy_ns;
         r.mismatched = mismatched;
-        r.not_copied_once = not_copied_once;
+        r.not_copied_once = copies.map(|c| c.not_once());
+        r.copies = copies;
         r.disk = disk_report;
         r.fault_waits = LIVE.fault_waits.load(Ordering::Relaxed);
         r.copier_waits = LIVE.copier_waits.load(Ordering::Relaxed);

@@ -237,18 +237,21 @@ pub fn wait() -> Option<Report> {
 /// stops, every permission is restored, all storage is freed.
 pub fn abort() -> Result<(), LifecycleError> {
     transition(*PHASE.lock(), Request::Abort)?;
-    teardown();
+    teardown(true);
     Ok(())
 }
 
 /// Drops a completed snapshot and frees its storage.
 pub fn release() -> Result<(), LifecycleError> {
     transition(*PHASE.lock(), Request::Release)?;
-    teardown();
+    teardown(false);
     Ok(())
 }
 
-fn teardown() {
+/// Stops the copier, lifts the protection and frees the session; an
+/// abort first checks the copies made so far (when verifying) into the
+/// report.
+fn teardown(check: bool) {
     ABORT.store(true, Ordering::Release);
     let copier = COPIER.lock().take();
     if let Some(copier) = copier {
@@ -262,6 +265,12 @@ fn teardown() {
     // no session to explain it) nor walk its tables once they are freed.
     Shootdown::new().flush_everywhere();
     LIVE.protecting.store(false, Ordering::Release);
+    if check {
+        let partial = verify::check_partial();
+        if let Some(r) = REPORT.lock().as_mut() {
+            r.partial = partial;
+        }
+    }
     drop(SESSION.take());
     let held = HELD.lock().take();
     drop(held);

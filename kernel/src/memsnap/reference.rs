@@ -36,11 +36,34 @@ impl Verification {
         self.reference.atomics()[slot as usize].load(Ordering::Relaxed)
     }
 
-    /// Slots among the first `len` not copied exactly once.
-    pub fn not_copied_once(&self, len: u64) -> u64 {
-        self.copies.bytes()[..len as usize]
-            .iter()
-            .filter(|c| c.load(Ordering::Relaxed) != 1)
-            .count() as u64
+    /// The copy counts of the first `len` slots, summed up.
+    pub fn copy_counts(&self, len: u64) -> CopyCounts {
+        let mut counts = CopyCounts::default();
+        for c in &self.copies.bytes()[..len as usize] {
+            let n = u64::from(c.load(Ordering::Relaxed));
+            counts.total += n;
+            counts.never += u64::from(n == 0);
+            counts.twice += u64::from(n > 1);
+        }
+        counts
+    }
+}
+
+/// Copies counted page by page on the copy paths (by the store's side of
+/// each copy, not by the engine's counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyCounts {
+    /// Pages copied more than once.
+    pub twice: u64,
+    /// Pages not copied.
+    pub never: u64,
+    /// Copies in all.
+    pub total: u64,
+}
+
+impl CopyCounts {
+    /// Pages not copied exactly once.
+    pub fn not_once(&self) -> u64 {
+        self.twice + self.never
     }
 }

@@ -9,8 +9,10 @@ use core::sync::atomic::Ordering;
 use snapshot::memsnap::reserve::{LATENCY_CAPACITY, SAMPLE_CAPACITY, SAMPLE_WORDS};
 use snapshot::memsnap::Stats;
 
+use super::reference::CopyCounts;
 use super::session::{LIVE, SESSION};
 use super::store::disk;
+use super::verify::Partial;
 
 /// What a snapshot did, for reports and benchmarks.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +39,10 @@ pub struct Report {
     pub mismatched: Option<u64>,
     /// Range pages not copied exactly once (verify only).
     pub not_copied_once: Option<u64>,
+    /// The copy counts page by page (verify only).
+    pub copies: Option<CopyCounts>,
+    /// What the check of an aborted snapshot found (verify only).
+    pub partial: Option<Partial>,
     /// The instant, in ns since boot.
     pub instant_ns: u64,
     /// Why the snapshot failed ([`snapshot::memsnap::Phase::Failed`]).

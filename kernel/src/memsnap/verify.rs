@@ -10,6 +10,7 @@
 
 use alloc::sync::Arc;
 
+use super::reference::CopyCounts;
 use super::session::{Session, SESSION};
 use super::store::disk::Shared;
 use crate::clock::now_ns;
@@ -54,15 +55,48 @@ pub(super) fn reference_rest(s: &Session) {
     }
 }
 
-/// Range pages not copied exactly once, or `None` without verification.
-pub(super) fn not_copied_once() -> Option<u64> {
+/// The range's copy counts page by page, or `None` without verification.
+pub(super) fn copy_counts() -> Option<CopyCounts> {
     SESSION
         .with(|s| {
             s.verify
                 .as_ref()
-                .map(|v| v.not_copied_once(s.snap.index().len()))
+                .map(|v| v.copy_counts(s.snap.index().len()))
         })
         .flatten()
+}
+
+/// Before an abort drops the session (no copy runs any more): compares
+/// the copies made so far that are in memory with the reference.
+pub(super) fn check_partial() -> Option<Partial> {
+    let len = SESSION.with(|s| s.verify.is_some().then(|| s.snap.index().len()))??;
+    let mut partial = Partial {
+        copies: copy_counts()?,
+        ..Partial::default()
+    };
+    for slot in 0..len {
+        let found = SESSION.with(|s| {
+            let v = s.verify.as_ref()?;
+            let hash = s.snap.is_copied(slot).then(|| s.store.slot_hash(slot))??;
+            Some(hash == v.expected(slot))
+        });
+        if let Some(Some(equal)) = found {
+            partial.checked += 1;
+            partial.mismatched += u64::from(!equal);
+        }
+    }
+    Some(partial)
+}
+
+/// What an aborted snapshot's check found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Partial {
+    /// Copies in memory compared with the reference.
+    pub checked: u64,
+    /// Of those, copies that differ.
+    pub mismatched: u64,
+    /// The copy counts page by page at the abort.
+    pub copies: CopyCounts,
 }
 
 /// Compares every slot's copy with the reference taken at the instant

@@ -51,6 +51,8 @@ pub enum Scenario {
     CloneSplit,
     /// The clone split benchmark.
     BenchCloneSplit,
+    /// Many live snapshots, each configured from a seed, each verified.
+    SoakMemsnap,
 }
 
 /// The word after a scenario's name on the host command line, passed to
@@ -112,6 +114,8 @@ const fn opt(flag: &'static str, value: &'static str, required: bool) -> HostOpt
 const MEM: u64 = 128;
 /// Backup and restore keep the tables of large images in the kernel heap.
 const BACKUP_MEM: u64 = 512;
+/// The soak's runs are shorter on a smaller machine.
+const SOAK_MEM: u64 = 64;
 
 /// Every scenario, in [`Scenario`] order: the usage text lists them so.
 pub const ALL: &[Description] = &[
@@ -287,6 +291,18 @@ pub const ALL: &[Description] = &[
         mem_mib: BACKUP_MEM,
         benchmark: true,
         emits: &["clone.progress", "clone.split", "blk.batch"],
+        ends_with: None,
+    },
+    Description {
+        scenario: Scenario::SoakMemsnap,
+        name: "soak-memsnap",
+        argument: None,
+        options: &[opt("--runs", "N", false), opt("--seed", "S", false), opt("--run-timeout", "SECS", false)],
+        params: &["seed=1", "first=0", "runs=1", "disk=snap", "dma=dma", "soak_inject=off"],
+        help: "live snapshots configured from a seed, each verified; a line per failure with its seed, a summary",
+        mem_mib: SOAK_MEM,
+        benchmark: false,
+        emits: &[crate::memsnap::soak::BEGIN, crate::memsnap::soak::RUN, "memsnap.start", "memsnap.burst"],
         ends_with: None,
     },
 ];

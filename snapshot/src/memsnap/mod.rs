@@ -27,12 +27,14 @@
 //! The parts: [`range`] (frames to slots), [`lifecycle`] (the phases),
 //! [`reserve`] (what a snapshot sets aside, and whether it fits),
 //! [`staging`] (the bounded area that decouples the fault path from a
-//! disk) and [`elfcore`] (the core-file layout a disk copy takes).
+//! disk), [`elfcore`] (the core-file layout a disk copy takes) and
+//! [`soak`] (the randomised soak's runs and results).
 
 pub mod elfcore;
 pub mod lifecycle;
 pub mod range;
 pub mod reserve;
+pub mod soak;
 pub mod staging;
 
 pub use crate::copyonce::{words_for, Counters};
