@@ -3,8 +3,9 @@
 //! writes the clone; baselines in the same boot: sequential writes and
 //! reads of a scratch disk on the same host disk (flushed; the split's
 //! figure is against writes onto fresh space, as the split's are), and
-//! the workload alone before the split. The host adds the base's data bytes and the time
-//! `qemu-img rebase -b ''` takes on a copy of the same clone.
+//! the workload alone before the split. The host adds the base's data
+//! bytes and the time `qemu-img rebase -b ''` takes on a copy of the same
+//! clone.
 
 use alloc::string::String;
 
