@@ -11,6 +11,7 @@ use snapshot::policy::fault::{classify, Layout, PageFault, Verdict};
 use crate::arch::trap::TrapFrame;
 use crate::arch::{cpu, serial};
 use crate::memory::{probe, stacks};
+use crate::memsnap::WriteFault;
 
 /// Mnemonic and name of each exception vector.
 pub fn name(vector: u64) -> (&'static str, &'static str) {
@@ -63,18 +64,11 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
                 Some(format_args!("kernel stack overflow in stack slot {slot}")),
             ),
             Verdict::SnapshotWrite { offset } => {
-                use crate::memsnap::{on_write_fault, WriteFault};
                 let since = cpu::rdtsc();
-                let seq = crate::thread::wake_seq();
-                let mut outcome = on_write_fault(offset, true);
-                if let WriteFault::Wait(key) = outcome {
-                    if let Some((slot, next)) = crate::thread::block_faulting(frame, key, seq) {
-                        crate::memsnap::note_fault_wait(slot, since);
-                        return next;
-                    }
-                    outcome = on_write_fault(offset, false);
+                if let Some(next) = snapshot_write(frame, offset, since) {
+                    return next;
                 }
-                if outcome == WriteFault::Handled {
+                if crate::memsnap::on_write_fault(offset, false) == WriteFault::Handled {
                     return frame;
                 }
                 fatal(
@@ -89,6 +83,33 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
         }
     }
     fatal(frame, None, None)
+}
+
+/// A write fault in the snapshot window: copies the frame, or parks the
+/// thread while staging is full. Returns the frame to resume; `None` when
+/// the thread cannot wait, and the caller copies without waiting (from the
+/// staging reserve). While another CPU holds the scheduler or wakes
+/// someone, it checks again rather than take the reserve: on several CPUs
+/// that happens all the time, and the reserve is for faults that truly
+/// cannot wait.
+fn snapshot_write(frame: &mut TrapFrame, offset: u64, since: u64) -> Option<*mut TrapFrame> {
+    use crate::thread::NotBlocked;
+    loop {
+        let seq = crate::thread::wake_seq();
+        let key = match crate::memsnap::on_write_fault(offset, true) {
+            WriteFault::Wait(key) => key,
+            WriteFault::Handled => return Some(frame),
+            WriteFault::NotOurs => return None,
+        };
+        match crate::thread::block_faulting(frame, key, seq) {
+            Ok((slot, next)) => {
+                crate::memsnap::note_fault_wait(slot, since);
+                return Some(next);
+            }
+            Err(NotBlocked::Retry) => core::hint::spin_loop(),
+            Err(NotBlocked::CannotWait) => return None,
+        }
+    }
 }
 
 /// Prints the diagnostic and exits QEMU with the failure code.

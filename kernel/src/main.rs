@@ -130,7 +130,7 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         }
     };
     let cpus = cpus::start_others(&madt.cpus, cpu_limit);
-    memsnap::run_on_all_cpus(cmd.get("memsnap_cpus") == Some("all"));
+    memsnap::run_on_all_cpus(cmd.get("memsnap_cpus") != Some("boot"));
     if cpus > 1 {
         log!("{cpus} CPUs online");
     }

@@ -39,7 +39,9 @@ struct Figures {
     stop_pages: u64,
     stop_copy_ns: u64,
     small: Report,
+    cpus: usize,
     ops_before: u64,
+    ops_1cpu: u64,
     timed: Report,
     latencies: Vec<u64>,
     ops_during: u64,
@@ -104,6 +106,12 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     // Measured here, in the state the live snapshot will meet: the emulator
     // has settled after the baselines (its TLB is sized at full flushes).
     let ops_before = steady_rate(&workload);
+    // The same workload on the boot CPU alone (the others held idle): how
+    // the workload itself scales with CPUs.
+    let ops_1cpu = {
+        let _held = thread::hold_others();
+        steady_rate(&workload)
+    };
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
     let ops_after = steady_rate(&workload);
     // The verified snapshot, same workload, same boot: its result is
@@ -136,7 +144,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         stop_pages,
         stop_copy_ns,
         small,
+        cpus: thread::cpus(),
         ops_before,
+        ops_1cpu,
         timed,
         latencies,
         ops_during,
@@ -229,8 +239,10 @@ impl Figures {
             self.cold_copy.p99
         );
         log!(
-            "workload {} ops/s before, {} during, {} after",
+            "workload on {} CPUs: {} ops/s before ({} on one CPU), {} during, {} after",
+            self.cpus,
             self.ops_before,
+            self.ops_1cpu,
             self.ops_during,
             self.ops_after
         );
@@ -254,6 +266,7 @@ impl Figures {
         let (r, s, lat) = (&self.timed, self.timed.stats, &self.latencies);
         let verified = self.verified.as_ref();
         let numbers = [
+            ("cpus", self.cpus as u64),
             ("mem_bytes", self.mem_bytes),
             ("ram_pages", self.ram_pages),
             ("pages", r.pages),
@@ -284,6 +297,7 @@ impl Figures {
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
+            ("workload_ops_per_s_1cpu", self.ops_1cpu),
             ("workload_ops_per_s_during", self.ops_during),
             ("workload_ops_per_s_after", self.ops_after),
             ("copier_share_pct", self.share),

@@ -369,6 +369,24 @@ pub unsafe fn write_entry(table_phys: u64, index: u64, value: u64) {
     unsafe { entry.write_volatile(value) };
 }
 
+/// Sets `bits` in one page-table entry through the engine window, in one
+/// locked read-modify-write: a CPU may set the entry's accessed or dirty
+/// bit at the same moment (on another CPU, through a stale TLB entry), and
+/// a plain read-then-write would drop it.
+///
+/// # Safety
+///
+/// As for [`write_entry`]: the entry is in a table the caller owns, and
+/// the bits added keep every mapping the kernel relies on.
+pub unsafe fn set_entry_bits(table_phys: u64, index: u64, bits: u64) {
+    let entry = engine_virt(table_phys + index * 8) as *const AtomicU64;
+    // SAFETY: 1. the entry lies in a page table inside the engine window,
+    // 8-byte aligned, and an `AtomicU64` has the layout of a `u64`; 2. the
+    // MMU updates entries with locked operations too, so this atomic never
+    // races a plain access; 3. the caller guarantees the new bits are sound.
+    unsafe { (*entry).fetch_or(bits, core::sync::atomic::Ordering::AcqRel) };
+}
+
 /// The physical map's PDPT (PML4 entry 256).
 pub fn physmap_pdpt() -> u64 {
     let pml4 = crate::arch::cpu::cr3();

@@ -30,9 +30,11 @@ const COPIER_BURST_NS: u64 = 2_000_000;
 
 /// The copier thread, at `share_pct` percent of the CPU.
 pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
-    // A CPU of its own when there are several (it takes effect once the
-    // session no longer holds the other CPUs idle).
-    let own_cpu = crate::thread::take_own_cpu();
+    // A CPU of its own when there are several (not while the session holds
+    // the other CPUs idle). With two, the workload may use the copier's CPU
+    // while it sleeps between bursts, so the workload keeps every CPU;
+    // with more, the copier reserves it.
+    let own_cpu = crate::thread::take_own_cpu(2);
     crate::trace!("memsnap.copier_cpu", cpu = own_cpu.map_or(0, |c| c as u64));
     let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
     let mut busy_ns = 0;

@@ -147,20 +147,42 @@ static ABORT: AtomicBool = AtomicBool::new(false);
 static COPIER: IrqMutex<Option<JoinHandle<()>>> = IrqMutex::new(None);
 /// The last snapshot's figures.
 static REPORT: IrqMutex<Option<Report>> = IrqMutex::new(None);
-/// The other CPUs, held idle while a session lives (see [`start`]).
+/// The other CPUs, held idle while a session lives, if asked (see
+/// [`run_on_all_cpus`]).
 static HELD: IrqMutex<Option<thread::OthersHeld>> = IrqMutex::new(None);
 /// Sessions let threads run on every CPU (see [`run_on_all_cpus`]).
-static ON_ALL_CPUS: AtomicBool = AtomicBool::new(false);
+static ON_ALL_CPUS: AtomicBool = AtomicBool::new(true);
 
-/// Whether the next sessions let threads run on every CPU (`true`) or hold
-/// all but the boot CPU idle (`false`, the default). Either way the pause
-/// stops every CPU. On all CPUs, the copy paths race each other for real:
-/// the copy-once engine is built for it (a CPU that meets a copy in
-/// progress spins until it is done), but until the soak proves it over
-/// many seeded runs this is for the tests and the soak that do
-/// (`memsnap_cpus=all` on the command line).
+/// Whether the next sessions let threads run on every CPU (`true`, the
+/// default) or hold all but the boot CPU idle (`false`; `memsnap_cpus=boot`
+/// on the command line), for comparison. Either way the pause stops every
+/// CPU. On all CPUs the copy paths race each other for real: the copy-once
+/// engine claims each frame for one copier, and a CPU that meets a copy in
+/// progress spins until it is done, then retries its write.
 pub fn run_on_all_cpus(on: bool) {
     ON_ALL_CPUS.store(on, Ordering::Release);
+}
+
+/// Test hook: whoever copies a frame of physical `range` holds its claim
+/// for `ns` first, so that a test can write the frame from another CPU
+/// meanwhile. `0..0` turns it off.
+pub fn slow_copies(range: core::ops::Range<u64>, ns: u64) {
+    session::SLOW_NS.store(ns, Ordering::Relaxed);
+    session::SLOW_FIRST.store(range.start / PAGE_SIZE, Ordering::Relaxed);
+    session::SLOW_END.store(range.end.div_ceil(PAGE_SIZE), Ordering::Relaxed);
+}
+
+/// Whether the frame at physical `phys` is being copied right now (its
+/// claim is held): what a test waits for before it writes the frame.
+pub fn is_being_copied(phys: u64) -> bool {
+    SESSION
+        .with(|s| {
+            s.snap
+                .index()
+                .slot(phys / PAGE_SIZE)
+                .is_some_and(|slot| s.snap.is_copying(slot))
+        })
+        .unwrap_or(false)
 }
 
 /// Refuses a start while a snapshot is active, complete or failed.
@@ -179,9 +201,8 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
             request: Request::Start,
         }));
     }
-    // Not yet proven on several CPUs: unless asked otherwise, the copy
-    // paths run on the boot CPU alone, the others idle, from here until the
-    // session ends.
+    // If asked (for comparison), the session runs on the boot CPU alone,
+    // the others idle, from here until it ends.
     let held = (!ON_ALL_CPUS.load(Ordering::Acquire)).then(thread::hold_others);
     let result = check_idle().and_then(|()| {
         ABORT.store(false, Ordering::Relaxed);
@@ -314,6 +335,11 @@ pub fn restore(virt: u64, len: u64) -> Result<u64, RestoreError> {
         });
         restored += u64::from(copied == Some(true));
     }
+    // Clearing a dirty bit removes nothing from the entry, but a CPU that
+    // wrote the page before keeps a cached entry marked dirty and writes
+    // through it without marking the entry again: the next restore would
+    // miss those writes. Once per restore, not per page.
+    Shootdown::new().flush_everywhere();
     crate::trace!("memsnap.restore", pages = end - first, restored = restored);
     Ok(restored)
 }

@@ -108,9 +108,29 @@ pub(super) struct Session {
     pub registers: Registers,
 }
 
+/// Test hook: frames in `[SLOW_FIRST, SLOW_END)` are held this long (ns)
+/// by whoever copies them, claim held, before the copy: long enough for
+/// another CPU to write the frame meanwhile. Empty outside tests.
+pub(super) static SLOW_FIRST: AtomicU64 = AtomicU64::new(0);
+/// See [`SLOW_FIRST`].
+pub(super) static SLOW_END: AtomicU64 = AtomicU64::new(0);
+/// See [`SLOW_FIRST`].
+pub(super) static SLOW_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Holds a frame the [`SLOW_FIRST`] test hook names.
+fn slow_copy(frame: u64) {
+    if (SLOW_FIRST.load(Ordering::Relaxed)..SLOW_END.load(Ordering::Relaxed)).contains(&frame) {
+        let until = now_ns() + SLOW_NS.load(Ordering::Relaxed);
+        while now_ns() < until {
+            core::hint::spin_loop();
+        }
+    }
+}
+
 impl PageIo for Session {
     fn copy_out(&self, frame: u64, slot: u64) {
         debug_assert!(!x86_64::instructions::interrupts::are_enabled());
+        slow_copy(frame);
         self.store.save(frame, slot);
         if let Some(v) = &self.verify {
             v.note_copy(slot);

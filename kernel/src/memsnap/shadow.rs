@@ -23,8 +23,8 @@ use snapshot::memsnap::RangeIndex;
 use x86_64::VirtAddr;
 
 use crate::memory::snapmem::{
-    copy_frame, physmap_pdpt, read_entry, write_entry, Buffer, FrameSet, ACCESSED, ADDR_MASK,
-    DIRTY, HUGE, PRESENT, WRITABLE,
+    copy_frame, physmap_pdpt, read_entry, set_entry_bits, write_entry, Buffer, FrameSet, ACCESSED,
+    ADDR_MASK, DIRTY, HUGE, PRESENT, WRITABLE,
 };
 use crate::memory::{paging, PAGE_SIZE, PHYS_OFFSET};
 
@@ -148,9 +148,12 @@ impl ShadowPhysmap {
     /// than the copy under emulation.
     pub fn set_writable(&self, frame: u64) {
         if let Some((pt, i)) = self.pte(frame) {
-            let entry = read_entry(pt, i);
+            // Atomic: another CPU may be setting this entry's dirty bit
+            // right now (it made the page writable a moment ago and writes
+            // it, while this CPU answers a spurious fault through a stale
+            // read-only entry); restore relies on that bit.
             // SAFETY: a shadow PTE; adding write permission keeps its frame.
-            unsafe { write_entry(pt, i, entry | WRITABLE) };
+            unsafe { set_entry_bits(pt, i, WRITABLE) };
         }
     }
 

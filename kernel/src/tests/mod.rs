@@ -11,6 +11,7 @@ mod interrupts;
 mod memory;
 mod memsnap;
 mod memsnap_disk;
+mod memsnap_smp;
 mod sched;
 mod smp;
 mod trace;
@@ -43,6 +44,10 @@ const PASSING: &[Test] = tests![
     smp::lock_hammered_from_all_cpus,
     smp::permission_removal_reaches_every_cpu,
     smp::snapshot_with_writers_on_every_cpu,
+    memsnap_smp::same_pages_written_on_every_cpu_across_the_pause,
+    memsnap_smp::write_waits_for_the_copier_on_another_cpu,
+    memsnap_smp::abort_under_writers_on_every_cpu_leaves_every_page_writable,
+    memsnap_smp::restore_sees_writes_from_every_cpu,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,
     interrupts::ioapic_routes_the_rtc_interrupt,

@@ -123,7 +123,7 @@ pub fn lock_hammered_from_all_cpus() {
 }
 
 /// A live snapshot while threads write on every CPU at once (twice as many
-/// as CPUs), sessions on all CPUs (not held): it equals the stop-the-world
+/// as CPUs), sessions on all CPUs (the default): it equals the stop-the-world
 /// reference hashed at the instant, and every page is copied exactly once;
 /// then an abort mid-way restores every permission on every CPU (the
 /// writers go on without a fatal fault). The copier reserves the last CPU,
@@ -133,7 +133,6 @@ pub fn lock_hammered_from_all_cpus() {
 pub fn snapshot_with_writers_on_every_cpu() {
     use crate::memsnap;
     use crate::workload::Workload;
-    memsnap::run_on_all_cpus(true);
     let threads = 2 * thread::cpus();
     for seed in [11u64, 12] {
         let workload = Workload::start(threads, 4 << 20, seed).expect("workload memory");
@@ -172,7 +171,6 @@ pub fn snapshot_with_writers_on_every_cpu() {
     let ops = workload.ops();
     workload.stop();
     assert!(ops > 0, "the writers made no progress");
-    memsnap::run_on_all_cpus(false);
 }
 
 /// A page made read-only on CPU 0 refuses a write on every other CPU,

@@ -47,11 +47,14 @@ pub fn set_affinity(mask: u64, reserve: bool) -> bool {
 }
 
 /// Gives the calling thread a CPU of its own, the highest online one, when
-/// there is more than one CPU; returns that CPU.
-pub fn take_own_cpu() -> Option<usize> {
+/// there is more than one CPU; returns that CPU. With `share_below` CPUs
+/// or fewer, the thread is only pinned there and other threads may use the
+/// CPU when it sleeps (a thread that runs a share of the time would leave
+/// most of the CPU idle on a small machine); with more, the CPU is reserved.
+pub fn take_own_cpu(share_below: usize) -> Option<usize> {
     let cpus = cpus();
     let cpu = (1..MAX_CPUS).rev().find(|&c| percpu::is_online(c))?;
-    (cpus > 1 && set_affinity(1 << cpu, true)).then_some(cpu)
+    (cpus > 1 && set_affinity(1 << cpu, cpus > share_below)).then_some(cpu)
 }
 
 /// Every CPU but the boot CPU held in its idle thread (see [`hold_others`]).

@@ -261,38 +261,55 @@ pub fn on_yield(frame: &mut TrapFrame) -> *mut TrapFrame {
     next
 }
 
+/// Why [`block_faulting`] did not block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotBlocked {
+    /// Another CPU holds the scheduler, or a wake-up came since the
+    /// caller's check: check again (and block then, if still needed). With
+    /// interrupts on at the fault, the scheduler's holder is another CPU,
+    /// which releases it soon; on one CPU neither happens.
+    Retry,
+    /// The thread cannot wait: the caller must go on without waiting.
+    CannotWait,
+}
+
 /// Blocks the thread a write fault interrupted until [`wake_all`] with
 /// `key`, and returns its slot and the frame to resume instead (another
 /// thread's). When the thread runs again it re-executes the faulting write.
 ///
 /// The fault's frame sits on the page-fault handler's own stack, which the
 /// next fault reuses, so it is first moved onto the thread's stack
-/// ([`crate::memory::stacks::move_below_rsp`]). Returns `None`, and the caller
-/// must not wait, if the interrupted code had interrupts off (it may hold a
-/// lock, or be an interrupt handler), is the idle thread or a thread that
-/// called [`forbid_fault_waits`], or if its stack has no room.
+/// ([`crate::memory::stacks::move_below_rsp`]). The caller must not wait
+/// ([`NotBlocked::CannotWait`]) if the interrupted code had interrupts off
+/// (it may hold a lock, or be an interrupt handler), is the idle thread or
+/// a thread that called [`forbid_fault_waits`], or if its stack has no
+/// room.
 ///
 /// The caller checks the condition it waits for and calls this with
 /// interrupts still off, so no wake-up is lost.
-pub fn block_faulting(frame: &TrapFrame, key: usize, seq: u64) -> Option<(usize, *mut TrapFrame)> {
+pub fn block_faulting(
+    frame: &TrapFrame,
+    key: usize,
+    seq: u64,
+) -> Result<(usize, *mut TrapFrame), NotBlocked> {
     const IF: u64 = 1 << 9;
     if frame.rflags & IF == 0 {
-        return None;
+        return Err(NotBlocked::CannotWait);
     }
     let cpu = percpu::index();
-    let mut guard = SCHED.try_lock()?;
-    let s = guard.as_mut()?;
+    let mut guard = SCHED.try_lock().ok_or(NotBlocked::Retry)?;
+    let s = guard.as_mut().ok_or(NotBlocked::CannotWait)?;
     if WAKES.load(Ordering::Acquire) != seq {
-        return None; // woken since: the caller retries without waiting
+        return Err(NotBlocked::Retry);
     }
     let current = s.queue.current(cpu);
     if !s.threads[current].as_ref().is_some_and(|t| t.fault_waits) {
-        return None;
+        return Err(NotBlocked::CannotWait);
     }
-    let moved = crate::memory::stacks::move_below_rsp(frame)?;
+    let moved = crate::memory::stacks::move_below_rsp(frame).ok_or(NotBlocked::CannotWait)?;
     s.ticks_in_slice[cpu] = 0;
     let next = switch(s, cpu, moved, Why::Block(key), crate::clock::now_ns());
-    Some((current, next))
+    Ok((current, next))
 }
 
 /// The wake-up count, to read before testing a condition that a wake-up

@@ -178,6 +178,11 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         self.engine.is_copied(slot)
     }
 
+    /// Whether someone holds the claim on `slot` and is copying it now.
+    pub fn is_copying(&self, slot: u64) -> bool {
+        self.engine.state(slot) == crate::copyonce::State::Copying
+    }
+
     /// Slots copied, counted in the copy map.
     pub fn copied_count(&self) -> u64 {
         self.engine.count()
