@@ -125,6 +125,7 @@ pub fn host_figures(dir: &Path, json: &mut BenchJson) -> Result<(), String> {
 /// The goals of `bench-clone-split`.
 pub fn goals(json: &BenchJson) -> Vec<Goal> {
     let f = |k| json.f64(k).unwrap_or(0.0);
+    // Writes onto fresh space, flushed: what the split's writes are.
     let slower = f("seq_write_mib_s").min(f("seq_read_mib_s"));
     vec![
         Goal::at_least(
@@ -149,6 +150,11 @@ pub fn goals(json: &BenchJson) -> Vec<Goal> {
             "copied bytes / backing data bytes (x)",
             ratio(f("copied_bytes"), f("backing_data_bytes")),
             1.0,
+        ),
+        Goal::info(
+            "split MiB/s / sequential writes onto allocated space (x)",
+            ratio(f("split_mib_s"), f("seq_write_allocated_mib_s")),
+            0.0,
         ),
         Goal::info(
             "workload p99 during / before (x)",

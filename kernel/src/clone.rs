@@ -47,6 +47,18 @@ pub type KernelSplit = Split<'static, Arc<VirtioBlk>, Vec<AtomicU64>, Box<Counte
 /// per run of data, one transfer per run of new clusters).
 pub const BATCH: u64 = 64;
 
+/// The split's nominal burst: one batch usually takes longer, and the
+/// rest follows what it took.
+pub const BURST_NS: u64 = 10_000_000;
+
+/// The split's share of the time while the workload is quiet, and while
+/// it is busy, in percent (docs/results/clone-split.md: the trade-off).
+pub const SHARE: u64 = 100;
+/// See [`SHARE`].
+pub const FLOOR: u64 = 50;
+/// Workload requests in one burst above which the split steps aside: any.
+pub const BUSY_OPS: u64 = 0;
+
 /// Largest write of the split's data: a workload request waits for at
 /// most one. In one session (docs/results/clone-split.md) the workload
 /// kept 0.20 of its rate with whole 4 MiB runs, 0.36 with 1 MiB and 0.55
@@ -121,9 +133,12 @@ pub fn clone_scenario(cmd: &CmdLine<'_>) -> ExitCode {
 /// How a split runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// The background split's share of the time, in percent.
+    /// The background split's share of the time while the workload is
+    /// quiet, in percent.
     pub share: u64,
-    /// Workload requests in one 10 ms burst above which it steps aside.
+    /// The share it backs off to, no lower, while the workload is busy.
+    pub floor: u64,
+    /// Workload requests in one burst above which it steps aside (0: any).
     pub busy_ops: u64,
     /// The seeded workload and its pause between requests, if any.
     pub workload: Option<(u64, u64)>,
@@ -307,7 +322,7 @@ pub fn run_split(
     let before_ns = clock::now_ns() - t0;
     PHASE.store(1, Ordering::Relaxed);
     let start = clock::now_ns();
-    let mut pacer = Pacer::new(opts.share, 10_000_000);
+    let mut pacer = Pacer::new(opts.share, BURST_NS).with_floor(opts.floor);
     let mut rest = |ns: u64| {
         if ns > 0 {
             thread::sleep_ns(ns)
@@ -374,8 +389,9 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         Err((refused, why)) => return job_failed("clone-split", refused, &why),
     };
     let opts = Options {
-        share: num("share", 50),
-        busy_ops: num("busy", 20),
+        share: num("share", SHARE),
+        floor: num("floor", FLOOR),
+        busy_ops: num("busy", BUSY_OPS),
         workload: (cmd.get("workload") == Some("on"))
             .then(|| (num("seed", workload::SEED), num("pause_us", 200) * 1000)),
         before_ns: num("before_ms", 200) * 1_000_000,

@@ -22,7 +22,7 @@ use snapshot::interface::cmdline::CmdLine;
 use snapshot::mirror::{Disks, Error, Mirror, Options, Via};
 use snapshot::support::rng::Rng;
 
-use super::blk::sequential;
+use super::blk::flushed_baseline;
 use super::{per_second, percentile, print_json, seconds};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
@@ -98,26 +98,15 @@ fn split_ack_ns<const N: usize>(prefixes: [&str; N]) -> Result<[(u64, u64); N], 
 }
 
 /// Sequential writes of the secondary (zeros, which it holds already)
-/// over `span` bytes, then reads of what they wrote: MiB/s of each. The
-/// span is written once untimed first, so that the timed passes, like
-/// the copy they are the baseline of, find the host's sparse file
-/// allocated (a first write there pays for the allocation, and a read of
-/// a hole reads nothing).
+/// over `span` bytes, each pass flushed, then reads of what they wrote:
+/// MiB/s of each. The figure is the second write pass, so that, like the
+/// copy it is the baseline of, it finds the host's sparse file allocated
+/// (a first write there pays for the allocation, and a read of a hole
+/// reads nothing).
 fn baseline(s: &dyn BlockDevice, span: u64) -> Result<(u64, u64), Error> {
     let mut buf = alloc::vec![0u8; (BATCH << 16) as usize];
-    sequential(s, &mut buf, (0, span), true).map_err(Error::Io)?;
-    s.flush().map_err(Error::Io)?;
-    let t = now_ns();
-    sequential(s, &mut buf, (0, span), true).map_err(Error::Io)?;
-    s.flush().map_err(Error::Io)?;
-    let write_ns = now_ns() - t;
-    let t = now_ns();
-    sequential(s, &mut buf, (0, span), false).map_err(Error::Io)?;
-    let read_ns = now_ns() - t;
-    Ok((
-        per_second(span, write_ns) >> 20,
-        per_second(span, read_ns) >> 20,
-    ))
+    let b = flushed_baseline(s, &mut buf, span).map_err(Error::Io)?;
+    Ok((b.mib_s(b.write_ns), b.mib_s(b.read_ns)))
 }
 
 /// Writes the differential data: every [`SPREAD`]th block, whole.

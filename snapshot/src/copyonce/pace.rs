@@ -6,7 +6,11 @@
 //! or blocks.
 //!
 //! Without foreground reports it behaves like a fixed duty cycle: bursts of
-//! `burst_ns`, each followed by a rest of `burst_ns * (100 - share) / share`.
+//! `burst_ns`, each followed by a rest of `burst_ns * (100 - share) / share`
+//! ([`Pacer::end_burst`]), or of the burst's measured length in place of
+//! `burst_ns` ([`Pacer::end_burst_at`]), for a copier whose unit of work
+//! may outlast the nominal burst: the share then holds whatever a unit
+//! costs.
 //! When the caller reports foreground activity ([`Pacer::foreground`]) the
 //! current burst ends at the next check and the share halves, down to a
 //! floor; each burst without such a report doubles it back up to the share
@@ -96,7 +100,23 @@ impl Pacer {
 
     /// The rest after a burst at the share in effect now.
     pub fn rest_ns(&self) -> u64 {
-        self.burst_ns * (100 - self.current_pct) / self.current_pct
+        self.rest_after(self.burst_ns)
+    }
+
+    /// Like [`Self::end_burst`], but the rest follows the burst's measured
+    /// length (from [`Self::start_burst`] to `now_ns`) rather than the
+    /// nominal one: a burst that overran its time still gets the share's
+    /// rest.
+    pub fn end_burst_at(&mut self, now_ns: u64) -> u64 {
+        let worked = now_ns.saturating_sub(self.burst_start);
+        self.end_burst();
+        self.rest_after(worked)
+    }
+
+    fn rest_after(&self, worked_ns: u64) -> u64 {
+        let rest = u128::from(worked_ns) * u128::from(100 - self.current_pct)
+            / u128::from(self.current_pct);
+        u64::try_from(rest).unwrap_or(u64::MAX)
     }
 }
 
@@ -152,5 +172,23 @@ mod tests {
         low.end_burst();
         assert_eq!(low.share_pct(), 20);
         assert_eq!(Pacer::new(5, MS).with_floor(0).with_floor(9).floor_pct, 5);
+    }
+
+    #[test]
+    fn the_rest_follows_the_measured_burst() {
+        // A 10 ms burst whose one unit of work took 40 ms: at 50 % the rest
+        // is 40 ms, not 10 (which would give the copier 80 %).
+        let mut p = Pacer::new(50, 10 * MS);
+        p.start_burst(100 * MS);
+        assert!(!p.keep_working(140 * MS));
+        assert_eq!(p.end_burst_at(140 * MS), 40 * MS);
+        // Busy: the share halves and the rest grows with it.
+        p.start_burst(0);
+        p.foreground();
+        assert_eq!(p.end_burst_at(8 * MS), 8 * MS * 75 / 25);
+        // Time the clock stepped back counts as no work, no rest.
+        p.start_burst(50 * MS);
+        assert_eq!(p.end_burst_at(10 * MS), 0);
+        assert_eq!(Pacer::new(1, 1).end_burst_at(u64::MAX), u64::MAX);
     }
 }

@@ -400,8 +400,9 @@ where
     }
 
     /// Runs the split to the end, paced: bursts while `pacer` allows, rests
-    /// of `pacer`'s choosing through `rest(ns)`, stepping aside when the
-    /// workload was busy during a burst (more than `busy_ops` requests).
+    /// in proportion to each burst's measured length through `rest(ns)`,
+    /// stepping aside when the workload was busy during a burst (more than
+    /// `busy_ops` requests: 0 counts any request).
     /// `now()` reads a monotonic clock in ns; `report` sees the progress
     /// after each burst.
     pub fn run(
@@ -449,7 +450,9 @@ where
                 report(&p);
                 return Ok(p);
             }
-            let ns = pacer.end_burst();
+            // The rest follows the burst as it was: one batch may take
+            // longer than the pacer's nominal burst.
+            let ns = pacer.end_burst_at(now());
             rest(ns);
         }
     }
