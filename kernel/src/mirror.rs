@@ -77,9 +77,9 @@ pub fn pump_all(m: &Mirror, progress: &mut Progress) -> Result<u64, Error> {
     }
 }
 
-/// A seeded workload writing `ops` 4 KiB writes (forever if `None`, until
-/// `stop`) at random places of the primary; returns write latencies in
-/// ns if `record`.
+/// A seeded workload writing `ops` 4 KiB writes (the whole volume if it
+/// is smaller; forever if `None`, until `stop`) at random places of the
+/// primary; returns write latencies in ns if `record`.
 pub fn workload(
     m: &Mirror,
     seed: u64,
@@ -88,8 +88,9 @@ pub fn workload(
     record: bool,
 ) -> Result<Vec<u64>, Error> {
     let mut rng = Rng::new(seed);
-    let sectors = m.geometry().volume_bytes / 512;
-    let mut buf = alloc::vec![0u8; 4096];
+    let volume_bytes = m.geometry().volume_bytes;
+    let sectors = volume_bytes / 512;
+    let mut buf = alloc::vec![0u8; 4096.min(volume_bytes) as usize];
     let mut lat = Vec::new();
     let mut i = 0;
     while ops.is_none_or(|n| i < n) && !stop.load(Ordering::Relaxed) {
