@@ -110,10 +110,16 @@ pub(super) struct Inner {
     pub(super) inflight: Vec<u64>,
     /// A pump batch runs: its blocks, still marked on disk.
     pub(super) pinned: Vec<u64>,
-    /// A pump batch, copier batch or backup window runs.
+    /// A pump batch or backup window runs.
     pub(super) pump_busy: bool,
-    pub(super) copier_busy: bool,
     pub(super) backup_busy: bool,
+    /// Copier batches between their claim and their settling (at most
+    /// [`super::copier::MAX_BATCHES`]).
+    pub(super) copiers: u32,
+    /// Split: sectors of the frozen area holding blocks the copier has
+    /// copied whose disk bits are not cleared yet, and how many blocks.
+    pub(super) clears: Vec<u64>,
+    pub(super) unclear: u64,
     /// A superblock is being written.
     pub(super) super_busy: bool,
     /// Split: blocks of the frozen bitmap to copy.
@@ -452,6 +458,13 @@ impl Mirror {
     /// Copies `blocks` from primary to secondary through one buffer, then
     /// flushes the secondary.
     pub(super) fn copy_blocks(&self, blocks: &[u64]) -> Result<(), CopyError> {
+        let buf = self.read_blocks(blocks)?;
+        self.put_secondary(blocks, &buf)
+    }
+
+    /// Reads `blocks` from the primary into one buffer, whole-block pieces
+    /// in order.
+    pub(super) fn read_blocks(&self, blocks: &[u64]) -> Result<Vec<u8>, CopyError> {
         let bs = self.geo.block_bytes as usize;
         let mut buf = alloc::vec![0u8; bs * blocks.len()];
         let mut ops: Vec<Op<'_>> = Vec::with_capacity(blocks.len());
@@ -467,7 +480,8 @@ impl Mirror {
             .primary
             .transfer(&mut ops, depth)
             .map_err(CopyError::Primary)?;
-        self.put_secondary(blocks, &buf)
+        drop(ops);
+        Ok(buf)
     }
 
     /// Writes `blocks` (whole-block pieces of `buf`, in order) to the
