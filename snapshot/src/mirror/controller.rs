@@ -120,6 +120,9 @@ pub(super) struct Inner {
     /// copied whose disk bits are not cleared yet, and how many blocks.
     pub(super) clears: Vec<u64>,
     pub(super) unclear: u64,
+    /// Buffers of settled copier batches, for the next ones (at most
+    /// [`super::copier::MAX_BATCHES`]; dropped when the copier runs out).
+    pub(super) spare: Vec<Vec<u8>>,
     /// A superblock is being written.
     pub(super) super_busy: bool,
     /// Split: blocks of the frozen bitmap to copy.
@@ -448,15 +451,20 @@ impl Mirror {
     /// Copies `blocks` from primary to secondary through one buffer, then
     /// flushes the secondary.
     pub(super) fn copy_blocks(&self, blocks: &[u64]) -> Result<(), CopyError> {
-        let buf = self.read_blocks(blocks)?;
+        let buf = self.read_blocks(blocks, Vec::new())?;
         self.put_secondary(blocks, &buf)
     }
 
     /// Reads `blocks` from the primary into one buffer, whole-block pieces
-    /// in order.
-    pub(super) fn read_blocks(&self, blocks: &[u64]) -> Result<Vec<u8>, CopyError> {
+    /// in order: `buf`, resized (a buffer used before is not zeroed again:
+    /// the reads overwrite every byte that is written on).
+    pub(super) fn read_blocks(
+        &self,
+        blocks: &[u64],
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, CopyError> {
         let bs = self.geo.block_bytes as usize;
-        let mut buf = alloc::vec![0u8; bs * blocks.len()];
+        buf.resize(bs * blocks.len(), 0);
         let mut ops: Vec<Op<'_>> = Vec::with_capacity(blocks.len());
         for (piece, &b) in buf.chunks_mut(bs).zip(blocks) {
             let (sector, len) = self.geo.extent(b);

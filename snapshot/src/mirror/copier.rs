@@ -17,6 +17,10 @@
 //! superset of what is still to copy, which is all that safety needs), and
 //! no controller-disk write sits between one batch and the next.
 //!
+//! A settled batch's buffer is kept for the next one (at most
+//! [`MAX_BATCHES`] of them, dropped when the copier runs out): allocating
+//! and zeroing megabytes per batch is not free under emulation.
+//!
 //! This module must never count a block copied before the secondary has
 //! flushed its copy, and never hold more than [`MAX_BATCHES`] batches.
 
@@ -67,7 +71,7 @@ impl Mirror {
     /// and reads them from the primary. `None` when none is left for it,
     /// when not split, or while [`MAX_BATCHES`] batches are out.
     pub fn copy_read(&self, max: u64) -> Result<Option<CopyBatch>, Error> {
-        let tokens = {
+        let (tokens, spare) = {
             let mut g = self.inner.lock();
             if g.sb.phase != Phase::Split || g.gate || g.copiers >= MAX_BATCHES {
                 return Ok(None);
@@ -76,24 +80,43 @@ impl Mirror {
                 return Err(Error::Suspended(why.clone()));
             }
             let tokens = self.claim_next(&mut g, max);
-            if !tokens.is_empty() {
+            if tokens.is_empty() {
+                g.spare.clear();
+            } else {
                 g.copiers += 1;
             }
-            tokens
+            let spare = g.spare.pop().unwrap_or_default();
+            (tokens, spare)
         };
         if tokens.is_empty() {
             self.clear_due(true)?;
             return Ok(None);
         }
         let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        match self.read_blocks(&blocks) {
+        let r = match self.buffer(spare, blocks.len()) {
+            Ok(buf) => self
+                .read_blocks(&blocks, buf)
+                .map_err(|e| self.copy_failed(e)),
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(buf) => Ok(Some(CopyBatch { tokens, buf })),
             Err(e) => {
                 self.settle(tokens, false, Cause::Background);
                 self.inner.lock().copiers -= 1;
-                Err(self.copy_failed(e))
+                Err(e)
             }
         }
+    }
+
+    /// `spare` with room for `blocks` blocks, or the refusal to allocate
+    /// it: a batch size too large for the heap is an error, not an abort.
+    fn buffer(&self, mut spare: Vec<u8>, blocks: usize) -> Result<Vec<u8>, Error> {
+        let bytes = self.geo.block_bytes as usize * blocks;
+        spare
+            .try_reserve_exact(bytes.saturating_sub(spare.len()))
+            .map_err(|_| Error::NoMemory(bytes as u64))?;
+        Ok(spare)
     }
 
     /// Writes a batch from [`Self::copy_read`] to the secondary, flushes
@@ -108,6 +131,9 @@ impl Mirror {
             g.copiers -= 1;
             if r.is_ok() {
                 note_clears(&mut g, &blocks);
+            }
+            if g.spare.len() < MAX_BATCHES as usize {
+                g.spare.push(buf);
             }
         }
         match r {

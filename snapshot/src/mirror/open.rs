@@ -94,6 +94,7 @@ impl Mirror {
                 copiers: 0,
                 clears: Vec::new(),
                 unclear: 0,
+                spare: Vec::new(),
                 super_busy: false,
                 pending: 0,
                 cursor: 0,
