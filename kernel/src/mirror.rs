@@ -107,20 +107,28 @@ pub fn workload(
     Ok(lat)
 }
 
+/// Whether the copier reads its next batch while it writes the current
+/// one; off by default: under TCG on a loaded 2-core host it measured no
+/// faster (the overlapped reads slowed the secondary's writes as much as
+/// they saved; docs/results/mirror.md). `bench-mirror pipeline=on` turns
+/// it on, to measure again.
+pub static PIPELINED: AtomicBool = AtomicBool::new(false);
+
 /// Stack of the thread that reads the copier's next batch.
 const READ_STACK: u64 = 64 * 1024;
 
 /// Runs the copier, `batch` blocks a step, until the instant is wholly
 /// on the secondary or `stop`, reporting `stage=copy` progress (blocks of
 /// the instant on the secondary, whoever copied them); returns the blocks
-/// it copied. Each batch goes to the secondary while a second thread
-/// reads the next one from the primary, so that both disks work at once.
+/// it copied. With [`PIPELINED`], each batch goes to the secondary while
+/// a second thread reads the next one from the primary.
 pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
     let mut copied = 0;
     let mut progress = progress();
     let mut ahead: Option<CopyBatch> = None;
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
         let n = match ahead.take() {
+            Some(current) if !PIPELINED.load(Ordering::Relaxed) => m.copy_write(current)?,
             Some(current) => {
                 let (next, wrote) = write_reading_next(m, current, batch);
                 ahead = next?;

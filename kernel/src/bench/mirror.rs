@@ -7,7 +7,9 @@
 //! up). Beside them, in the same boot: sequential writes of the
 //! secondary and reads of what they wrote (the copy's baseline), the workload before the split, and the split's
 //! acknowledgement on two more pairs of different sizes, taking turns.
-//! Kernel word: `batch=` blocks per copier step (default the mirror's).
+//! Kernel words: `batch=` blocks per copier step (default the mirror's);
+//! `pipeline=on` makes the copier read its next batch while it writes
+//! the current one (to compare; off by default).
 //!
 //! This module only measures: it drives the mirror through its public
 //! operations and never changes how they work.
@@ -42,6 +44,7 @@ pub fn mirror(cmd: &CmdLine<'_>) -> ExitCode {
         .get("batch")
         .and_then(|v| v.parse().ok())
         .unwrap_or(BATCH);
+    crate::mirror::PIPELINED.store(cmd.get("pipeline") == Some("on"), Ordering::Relaxed);
     match run(batch) {
         Ok(fields) => {
             print_json(&fields);
