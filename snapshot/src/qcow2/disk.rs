@@ -40,8 +40,8 @@ use crate::devices::block::{
     read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
 
-/// Requests in flight when the split's batch data goes out.
-const WRITE_DEPTH: usize = 8;
+/// Most requests in flight when the split's batch data goes out.
+pub const WRITE_DEPTH: usize = 8;
 
 /// Incompatible feature bit of extended L2 entries (subclusters).
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -58,8 +58,10 @@ pub struct Qcow2Disk<D> {
     file: D,
     backing: Option<Box<dyn BlockDevice>>,
     detached: AtomicBool,
-    /// Largest transfer of newly allocated clusters (0: a whole run).
+    /// Largest request of newly allocated clusters (0: a whole run).
     write_chunk: AtomicU64,
+    /// Such requests sent together, in flight at once.
+    write_depth: AtomicU64,
     geo: Geometry,
     header: Header,
     meta: spin::Mutex<Meta>,
@@ -114,6 +116,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             backing,
             detached: AtomicBool::new(false),
             write_chunk: AtomicU64::new(0),
+            write_depth: AtomicU64::new(1),
             geo,
             header,
             meta: spin::Mutex::new(Meta { tables, rc }),
@@ -125,6 +128,14 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     /// to the image's disk wait for at most one such transfer.
     pub fn set_write_chunk(&self, bytes: u64) {
         self.write_chunk.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sends up to `requests` such chunks together, all in flight at once
+    /// (1, the default, to [`WRITE_DEPTH`]): other requests to the image's
+    /// disk then wait for at most that many chunks, written side by side.
+    pub fn set_write_depth(&self, requests: usize) {
+        let n = requests.clamp(1, WRITE_DEPTH);
+        self.write_depth.store(n as u64, Ordering::Relaxed);
     }
 
     /// The geometry.
@@ -354,9 +365,10 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     }
 
     /// Writes the chunks of `data` that `items` name to `hosts`, joining
-    /// clusters whose chunks and hosts both follow each other into one
-    /// transfer with several requests in flight (zero entries between
-    /// them do not break a run: they have no host).
+    /// clusters whose chunks and hosts both follow each other into runs
+    /// (zero entries between them do not break a run: they have no host),
+    /// each written in requests of the write chunk, sent the write depth
+    /// at a time ([`Self::set_write_depth`]).
     fn write_data(
         &self,
         items: &[(u64, Entry, Option<usize>)],
@@ -373,6 +385,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             0 => usize::MAX,
             n => (n as usize).next_multiple_of(cs),
         };
+        let group = self.write_depth.load(Ordering::Relaxed).max(1) as usize;
         let depth = self.file.info().max_depth.clamp(1, WRITE_DEPTH);
         let mut k = 0;
         while k < runs.len() {
@@ -384,10 +397,22 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                 end += 1;
             }
             let run = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
-            for (n, buf) in run.chunks(chunk).enumerate() {
-                let sector = (runs[k].1 + (n * chunk) as u64) / SECTOR_SIZE as u64;
-                self.file
-                    .transfer(&mut [Op::Write { sector, buf }], depth)?;
+            let first = runs[k].1 / SECTOR_SIZE as u64;
+            let pieces: Vec<(u64, &[u8])> = run
+                .chunks(chunk)
+                .enumerate()
+                .map(|(n, buf)| (first + (n * chunk / SECTOR_SIZE) as u64, buf))
+                .collect();
+            for group in pieces.chunks(group) {
+                // Last piece first: the driver joins an op to the one
+                // before it when it starts where that one ends, which
+                // would make one request of the group again.
+                let mut ops: Vec<Op<'_>> = group
+                    .iter()
+                    .rev()
+                    .map(|&(sector, buf)| Op::Write { sector, buf })
+                    .collect();
+                self.file.transfer(&mut ops, depth)?;
             }
             k = end;
         }

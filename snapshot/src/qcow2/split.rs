@@ -401,8 +401,10 @@ where
 
     /// Runs the split to the end, paced: bursts while `pacer` allows, rests
     /// in proportion to each burst's measured length through `rest(ns)`,
-    /// stepping aside when the workload was busy during a burst (more than
-    /// `busy_ops` requests: 0 counts any request).
+    /// stepping aside when the workload was busy during a burst: more than
+    /// `busy_ops` requests per nominal burst of the pacer's, over the time
+    /// the burst has run (at least one nominal burst); 0 counts any
+    /// request.
     /// `now()` reads a monotonic clock in ns; `report` sees the progress
     /// after each burst.
     pub fn run(
@@ -429,8 +431,10 @@ where
         rest: &mut dyn FnMut(u64),
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress> {
+        let nominal = pacer.burst_ns();
         loop {
-            pacer.start_burst(now());
+            let start = now();
+            pacer.start_burst(start);
             let seen = self.workload_ops();
             let mut idle = false;
             while pacer.keep_working(now()) {
@@ -439,7 +443,9 @@ where
                     break;
                 };
                 self.commit(batch)?;
-                if self.workload_ops() - seen > busy_ops {
+                let ran = now().saturating_sub(start).max(nominal);
+                let ops = u128::from(self.workload_ops() - seen);
+                if ops * u128::from(nominal) > u128::from(busy_ops) * u128::from(ran) {
                     pacer.foreground();
                 }
             }

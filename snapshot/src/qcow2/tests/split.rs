@@ -1,0 +1,273 @@
+//! Host tests of the online split: holes filled, crashes at every write
+//! resumed, workload writes racing the split, and the pacing.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::super::create::clone_image;
+use super::super::split::Split;
+use super::super::{Entry, Qcow2Disk};
+use super::{
+    assert_sound, first_difference, image_disk, open_chain, pattern, read_all, CrashDisk, SIZE,
+};
+use crate::copyonce::{words_for, Counters, Pacer};
+use crate::devices::block::{BlockDevice, MemDisk};
+use alloc::sync::Arc;
+
+type TestSplit<'a, D> = Split<'a, D, Vec<AtomicU64>, Box<Counters>>;
+
+fn split_of<D: BlockDevice>(q: &Qcow2Disk<D>, batch: u64) -> TestSplit<'_, D> {
+    let words = (0..words_for(q.geometry().vclusters))
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    Split::new(
+        q,
+        words,
+        Box::new(Counters::new()),
+        batch,
+        core::hint::spin_loop,
+    )
+    .unwrap()
+}
+
+/// A base with data in some clusters and zeros in others.
+fn sparse_base(bits: u32) -> Vec<u8> {
+    let cs = 1usize << bits;
+    let mut base = vec![0u8; SIZE as usize];
+    for (k, c) in base.chunks_mut(cs).enumerate() {
+        if k % 3 != 0 {
+            crate::devices::block::fill_pattern(k as u64, 0, c);
+        }
+    }
+    base
+}
+
+#[test]
+fn split_fills_holes_then_releases_the_backing() {
+    let bits = 12;
+    let mut model = sparse_base(bits);
+    let base = Arc::new(MemDisk::from_bytes("base", &model).read_only());
+    let file = image_disk(
+        "top",
+        &clone_image(SIZE, bits, Some(("base", "raw"))).unwrap(),
+        1 << 20,
+    );
+    let q = open_chain(file.clone(), core::slice::from_ref(&base));
+    let s = split_of(&q, 5);
+    // Workload first: a partial write to a hole, a whole-cluster write.
+    let part = pattern(99, 1024);
+    s.write_at(4096 + 512, &part).unwrap();
+    model[4096 + 512..4096 + 1536].copy_from_slice(&part);
+    let whole = pattern(98, 4096);
+    s.write_at(8 * 4096, &whole).unwrap();
+    model[8 * 4096..9 * 4096].copy_from_slice(&whole);
+    let mut pacer = Pacer::new(100, u64::MAX);
+    let mut clock = 0u64;
+    let p = s
+        .run(
+            &mut pacer,
+            0,
+            &mut || {
+                clock += 1;
+                clock
+            },
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(p.released);
+    assert_eq!(p.by_workload, 2);
+    let holes = SIZE / 4096 - 2;
+    assert_eq!(p.copied + p.zeroed, holes);
+    let zero_holes = (0..SIZE / 4096)
+        .filter(|k| k % 3 == 0 && *k != 1 && *k != 8)
+        .count() as u64;
+    assert_eq!(p.zeroed, zero_holes);
+    assert_eq!(p.copied_bytes, (holes - zero_holes) * 4096);
+    drop(s);
+    assert_eq!(first_difference(&read_all(&q), &model), None);
+    drop(q);
+    assert_sound(&*file);
+    // Without the base: the header names none, and the content stays.
+    let alone = Qcow2Disk::open(file.clone(), None).unwrap();
+    assert!(alone.header().backing_file.is_none() && alone.header().backing_format.is_none());
+    assert_eq!(first_difference(&read_all(&alone), &model), None);
+    assert!((0..SIZE / 4096).all(|vc| alone.entry(vc).unwrap() != Entry::Hole));
+}
+
+/// The split's data in requests of one cluster, three sent together (a
+/// batch's run of four: a group of three, last first, then one): a crash
+/// may keep any subset of a group's writes.
+fn grouped<D: BlockDevice>(q: &Qcow2Disk<D>) {
+    q.set_write_chunk(1);
+    q.set_write_depth(3);
+}
+
+#[test]
+fn a_split_crashed_at_any_write_resumes_without_recopying() {
+    let bits = 12;
+    let model = sparse_base(bits);
+    let base = Arc::new(MemDisk::from_bytes("base", &model).read_only());
+    let img = clone_image(SIZE, bits, Some(("base", "raw"))).unwrap();
+    let full = {
+        let file = image_disk("top", &img, 1 << 20);
+        let q = open_chain(
+            CrashDisk::new(file, usize::MAX),
+            core::slice::from_ref(&base),
+        );
+        grouped(&q);
+        let s = split_of(&q, 4).with_write_back(8 * 4096);
+        while s.step().unwrap() > 0 {}
+        s.finish().unwrap();
+        drop(s);
+        q.file().writes.load(Ordering::SeqCst)
+    };
+    for cut in 0..full {
+        let file = image_disk("top", &img, 1 << 20);
+        let q = open_chain(
+            CrashDisk::new(file.clone(), cut),
+            core::slice::from_ref(&base),
+        );
+        grouped(&q);
+        let s = split_of(&q, 4).with_write_back(8 * 4096);
+        while s.step().unwrap() > 0 {}
+        s.finish().unwrap();
+        drop(s);
+        drop(q);
+        let r = assert_sound(&*file);
+        // What was copied since the last write-back (at most 8 clusters
+        // and one batch of 4), or a new L2 table.
+        assert!(
+            r.leaks <= 8 + 4 + 1,
+            "cut {cut}: {} leaks, more than a write-back's worth",
+            r.leaks
+        );
+        // Resume on the crashed image: the chain reads the same, the split
+        // copies only what is still a hole.
+        let q = if crate::backup::source::read_header(&*file)
+            .unwrap()
+            .backing_file
+            .is_some()
+        {
+            open_chain(file.clone(), core::slice::from_ref(&base))
+        } else {
+            Qcow2Disk::open(file.clone(), None).unwrap()
+        };
+        assert_eq!(first_difference(&read_all(&q), &model), None, "cut {cut}");
+        let holes = (0..SIZE / 4096)
+            .filter(|&vc| q.entry(vc).unwrap() == Entry::Hole)
+            .count() as u64;
+        let s = split_of(&q, 4);
+        while s.step().unwrap() > 0 {}
+        assert!(s.finish().unwrap());
+        assert_eq!(
+            s.progress().copied + s.progress().zeroed,
+            holes,
+            "cut {cut}"
+        );
+        drop(s);
+        assert_eq!(first_difference(&read_all(&q), &model), None);
+        drop(q);
+        assert_sound(&*file);
+    }
+}
+
+#[test]
+fn workload_writes_race_the_split_on_threads() {
+    extern crate std;
+    let bits = 12;
+    let base_bytes = sparse_base(bits);
+    let base = Arc::new(MemDisk::from_bytes("base", &base_bytes).read_only());
+    let file = image_disk(
+        "top",
+        &clone_image(SIZE, bits, Some(("base", "raw"))).unwrap(),
+        1 << 20,
+    );
+    let q = open_chain(file.clone(), core::slice::from_ref(&base));
+    let s = split_of(&q, 3);
+    let mut model = base_bytes.clone();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut rng = crate::support::rng::Rng::new(4);
+            let mut writes = Vec::new();
+            for _ in 0..200 {
+                let at = rng.below(SIZE / 512 - 4) * 512;
+                let len = (1 + rng.below(4)) * 512;
+                let data = pattern(rng.next_u64(), len as usize);
+                s.write_at(at, &data).unwrap();
+                writes.push((at, data));
+            }
+            writes
+        });
+        while s.step().unwrap() > 0 {}
+        for (at, data) in writer.join().unwrap() {
+            model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        }
+    });
+    while s.step().unwrap() > 0 {}
+    assert!(s.finish().unwrap());
+    drop(s);
+    assert_eq!(first_difference(&read_all(&q), &model), None);
+    drop(q);
+    let r = assert_sound(&*file);
+    assert_eq!(r.leaks, 0);
+}
+
+/// Runs a split of a fresh clone, batch by batch, with `ops` workload
+/// reads during each batch of `ms` (a fake clock; the pacer's nominal
+/// burst is 10 ms); returns the rests the pacer asked for.
+fn rests_with_workload(ops: u64, ms: u64, busy_ops: u64) -> Vec<u64> {
+    let bits = 12;
+    let base = Arc::new(MemDisk::from_bytes("base", &sparse_base(bits)).read_only());
+    let file = image_disk(
+        "top",
+        &clone_image(SIZE, bits, Some(("base", "raw"))).unwrap(),
+        1 << 20,
+    );
+    let q = open_chain(file, core::slice::from_ref(&base));
+    let s = split_of(&q, 2);
+    let clock = core::cell::Cell::new(0u64);
+    let mut rests = Vec::new();
+    let mut pacer = Pacer::new(100, 10_000_000).with_floor(50);
+    let mut buf = vec![0u8; 512];
+    s.run_from(
+        &mut || {
+            for _ in 0..ops {
+                s.read_at(0, &mut buf).unwrap();
+            }
+            clock.set(clock.get() + ms * 1_000_000);
+            s.prepare()
+        },
+        &mut pacer,
+        busy_ops,
+        &mut || clock.get(),
+        &mut |ns| {
+            rests.push(ns);
+            clock.set(clock.get() + ns);
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    rests
+}
+
+#[test]
+fn the_split_steps_aside_only_for_a_workload_above_the_busy_rate() {
+    // 5 requests per 10 ms against a bound of 10: reduced activity, the
+    // split never rests; nor with 20 in a batch of 40 ms (the same rate).
+    for (ops, ms) in [(5, 10), (20, 40)] {
+        let quiet = rests_with_workload(ops, ms, 10);
+        assert!(
+            !quiet.is_empty() && quiet.iter().all(|&ns| ns == 0),
+            "{quiet:?}"
+        );
+    }
+    // 20 per 10 ms: busy, the split rests as long as it worked (floor 50).
+    let busy = rests_with_workload(20, 10, 10);
+    assert!(busy.iter().all(|&ns| ns >= 10_000_000), "{busy:?}");
+    // A bound of 0 counts any request.
+    let any = rests_with_workload(1, 10, 0);
+    assert!(any.iter().all(|&ns| ns >= 10_000_000), "{any:?}");
+}
