@@ -70,8 +70,10 @@ pub const BUSY_OPS: u64 = 10;
 pub const WRITE_CHUNK: u64 = 256 << 10;
 
 /// [`WRITE_CHUNK`]s the split sends together, in flight at once: a
-/// workload request waits for at most these.
-pub const WRITE_DEPTH: usize = 4;
+/// workload request waits for at most these. One: in one loaded session
+/// (docs/results/clone-split.md) four in flight wrote no faster and the
+/// workload kept 0.30 of its rate.
+pub const WRITE_DEPTH: usize = 1;
 
 /// Refuses an image whose tables would not fit the free heap.
 fn fits(what: &str, need: u64) -> Result<(), Qcow2Error> {
