@@ -148,7 +148,8 @@ pub struct Options {
     pub share: u64,
     /// The share it backs off to, no lower, while the workload is busy.
     pub floor: u64,
-    /// Workload requests in one burst above which it steps aside (0: any).
+    /// Workload requests per [`BURST_NS`] above which it steps aside (0:
+    /// any request).
     pub busy_ops: u64,
     /// The seeded workload and its pause between requests, if any.
     pub workload: Option<(u64, u64)>,

@@ -19,11 +19,12 @@
 //!   zeros (known from its block status without reading), and publishes
 //!   the entries in the cached tables ([`Qcow2Disk::materialize`]); every
 //!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
-//!   then the L2 entries: [`Qcow2Disk::write_back`]).
+//!   then the L2 entries: [`Qcow2Disk::write_back`], whose flush runs
+//!   without the tables' lock).
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
-//! aside when the workload was active during a burst. When every cluster
+//! aside when the workload was busy during a burst (above a request rate). When every cluster
 //! is copied, [`Split::finish`] flushes, clears the backing file name and
 //! backing format in the header, and flushes again.
 //!
