@@ -311,17 +311,9 @@ impl Tables {
     /// Writes the changed sectors of every dirty table (no flush). The
     /// caller has made durable whatever the new entries point at.
     pub(super) fn write_back(&mut self, dev: &dyn BlockDevice) -> Result<()> {
-        for slot in &mut self.cache {
-            let Some((lo, hi)) = slot.dirty else {
-                continue;
-            };
-            let (lo, hi) = (
-                lo / SECTOR_SIZE * SECTOR_SIZE,
-                hi.next_multiple_of(SECTOR_SIZE),
-            );
-            let table = host_of(self.l1[slot.table as usize]);
-            write_bytes(dev, table + lo as u64, &slot.bytes[lo..hi])?;
-            slot.dirty = None;
+        // Generation 0 pins nothing.
+        for (at, bytes) in self.take_dirty(0)? {
+            write_bytes(dev, at, &bytes)?;
         }
         Ok(())
     }
