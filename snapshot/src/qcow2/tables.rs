@@ -303,7 +303,7 @@ impl Tables {
             copy.extend_from_slice(&slot.bytes[lo..hi]);
             pending.push((host_of(self.l1[slot.table as usize]) + lo as u64, copy));
             slot.dirty = None;
-            slot.pin = generation;
+            slot.pin = slot.pin.max(generation);
         }
         Ok(pending)
     }

@@ -127,7 +127,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
 
     /// A write-back with the lock held throughout: no entry is published
     /// between the flush and the write of the tables.
-    pub(super) fn write_back_locked(&self, m: &mut Meta) -> Result<()> {
+    fn write_back_locked(&self, m: &mut Meta) -> Result<()> {
         self.check_failed()?;
         if let Some(rc) = m.rc.as_mut() {
             rc.sync(&self.file)?;
