@@ -56,14 +56,24 @@ pub const BURST_NS: u64 = 10_000_000;
 pub const SHARE: u64 = 100;
 /// See [`SHARE`].
 pub const FLOOR: u64 = 50;
-/// Workload requests in one burst above which the split steps aside: any.
-pub const BUSY_OPS: u64 = 0;
+/// Workload requests per [`BURST_NS`] above which the split steps aside
+/// to [`FLOOR`]: 10, that is 1,000 requests a second. A workload below
+/// that (the benchmark's, one request a millisecond at most) counts as the
+/// seed's "reduced activity" and gets the split at [`SHARE`]: each of its
+/// requests waits for at most one of the split's transfers. 0: any request.
+pub const BUSY_OPS: u64 = 10;
 
 /// Largest write of the split's data: a workload request waits for at
 /// most one. In one session (docs/results/clone-split.md) the workload
 /// kept 0.20 of its rate with whole 4 MiB runs, 0.36 with 1 MiB and 0.55
 /// with 256 KiB, for a split 8 % slower than with whole runs.
 pub const WRITE_CHUNK: u64 = 256 << 10;
+
+/// [`WRITE_CHUNK`]s the split sends together, in flight at once: a
+/// workload request waits for at most these. One: in one loaded session
+/// (docs/results/clone-split.md) four in flight wrote no faster and the
+/// workload kept 0.30 of its rate.
+pub const WRITE_DEPTH: usize = 1;
 
 /// Refuses an image whose tables would not fit the free heap.
 fn fits(what: &str, need: u64) -> Result<(), Qcow2Error> {
@@ -138,7 +148,8 @@ pub struct Options {
     pub share: u64,
     /// The share it backs off to, no lower, while the workload is busy.
     pub floor: u64,
-    /// Workload requests in one burst above which it steps aside (0: any).
+    /// Workload requests per [`BURST_NS`] above which it steps aside (0:
+    /// any request).
     pub busy_ops: u64,
     /// The seeded workload and its pause between requests, if any.
     pub workload: Option<(u64, u64)>,
@@ -150,6 +161,8 @@ pub struct Options {
     pub write_back_bytes: u64,
     /// Largest write of the split's data (0: a batch's run at once).
     pub write_chunk: u64,
+    /// Such writes sent together, in flight at once.
+    pub write_depth: usize,
 }
 
 /// What a workload did, by phase (0 before the split, 1 during).
@@ -174,6 +187,20 @@ pub struct SplitRun {
     pub before_ns: u64,
     /// The workload's account.
     pub load: Option<LoadResult>,
+    /// Where the split's time went.
+    pub times: SplitTimes,
+}
+
+/// Where a split's time went, in ns: resting for the pacer, waiting for
+/// the reader's next batch, committing batches (writes and write-backs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SplitTimes {
+    /// Rests the pacer asked for.
+    pub rest_ns: u64,
+    /// Waiting for the read-ahead's next batch.
+    pub wait_read_ns: u64,
+    /// Everything else inside bursts: committing batches.
+    pub commit_ns: u64,
 }
 
 static PHASE: AtomicU64 = AtomicU64::new(0);
@@ -307,6 +334,7 @@ pub fn run_split(
         .with_write_back(opts.write_back_bytes),
     ));
     clone.set_write_chunk(opts.write_chunk);
+    clone.set_write_depth(opts.write_depth);
     PHASE.store(0, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let load = opts.workload.map(|(seed, pause)| {
@@ -323,18 +351,26 @@ pub fn run_split(
     PHASE.store(1, Ordering::Relaxed);
     let start = clock::now_ns();
     let mut pacer = Pacer::new(opts.share, BURST_NS).with_floor(opts.floor);
+    let (mut rest_ns, mut wait_read_ns) = (0u64, 0u64);
     let mut rest = |ns: u64| {
+        let t = clock::now_ns();
         if ns > 0 {
             thread::sleep_ns(ns)
         } else {
             thread::yield_now()
         }
+        rest_ns += clock::now_ns() - t;
     };
     let ahead: &'static ReadAhead = Box::leak(Box::default());
     let reader = thread::spawn("clone-read", move || ahead.serve(split));
     let mut asked = false;
     let result = split.run_from(
-        &mut || ahead.next(&mut asked),
+        &mut || {
+            let t = clock::now_ns();
+            let batch = ahead.next(&mut asked);
+            wait_read_ns += clock::now_ns() - t;
+            batch
+        },
         &mut pacer,
         opts.busy_ops,
         &mut clock::now_ns,
@@ -342,6 +378,11 @@ pub fn run_split(
         report,
     );
     let split_ns = clock::now_ns() - start;
+    let times = SplitTimes {
+        rest_ns,
+        wait_read_ns,
+        commit_ns: split_ns.saturating_sub(rest_ns + wait_read_ns),
+    };
     ahead.stop();
     reader.join();
     ahead.leftover(split);
@@ -358,6 +399,7 @@ pub fn run_split(
         split_ns,
         before_ns,
         load,
+        times,
     })
 }
 
@@ -398,6 +440,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         batch: num("batch", BATCH),
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", WRITE_CHUNK >> 10) << 10,
+        write_depth: num("depth", WRITE_DEPTH as u64) as usize,
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,

@@ -56,6 +56,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         batch: num("batch", crate::clone::BATCH),
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", crate::clone::WRITE_CHUNK >> 10) << 10,
+        write_depth: num("depth", crate::clone::WRITE_DEPTH as u64) as usize,
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,
@@ -80,6 +81,13 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         base.mib_s(base.fresh_write_ns),
         base.mib_s(base.write_ns),
         base.mib_s(base.read_ns)
+    );
+    let t = run.times;
+    log!(
+        "split time: {} ms resting, {} ms waiting for the chain's reads, {} ms committing",
+        t.rest_ns / MS,
+        t.wait_read_ns / MS,
+        t.commit_ns / MS
     );
     let f = |v: u64| alloc::format!("{v}");
     let fields: [(&str, String); 17] = [

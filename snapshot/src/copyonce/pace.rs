@@ -63,6 +63,11 @@ impl Pacer {
         self
     }
 
+    /// The nominal burst, in ns.
+    pub fn burst_ns(&self) -> u64 {
+        self.burst_ns
+    }
+
     /// The share in effect now, in percent.
     pub fn share_pct(&self) -> u64 {
         self.current_pct

@@ -9,9 +9,13 @@
 //! exists, the new cluster is counted in the cached refcount block, its
 //! data are written, and the entry is published in the cached L2 table.
 //! The metadata reach the disk lazily, as with QEMU's caches
-//! ([`Qcow2Disk::write_back`]): refcounts written, one flush (they and the
-//! data are durable), then the dirty L2 sectors; so no entry on disk ever
-//! points at a cluster whose refcount or data is not durable.
+//! ([`Qcow2Disk::write_back`]): refcounts written and the dirty L2 sectors
+//! copied out, one flush (the refcounts and the data those entries point
+//! at are durable), then the copies written; so no entry on disk ever
+//! points at a cluster whose refcount or data is not durable. The flush
+//! and the writes of the copies run without the tables' lock, so lookups
+//! (reads of holes and zeros, which need no other disk) go on meanwhile;
+//! entries published meanwhile wait for the next write-back.
 //!
 //! A crash therefore loses at most the writes since the last flush, leaks
 //! at most the clusters allocated since the last write-back (see
@@ -28,6 +32,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::ToString;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -40,8 +45,10 @@ use crate::devices::block::{
     read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
 
-/// Requests in flight when the split's batch data goes out.
-const WRITE_DEPTH: usize = 8;
+mod writeback;
+
+/// Most requests in flight when the split's batch data goes out.
+pub const WRITE_DEPTH: usize = 8;
 
 /// Incompatible feature bit of extended L2 entries (subclusters).
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -50,6 +57,8 @@ const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 struct Meta {
     tables: Tables,
     rc: Option<Refcounts>,
+    /// Write-backs started (copies taken).
+    generation: u64,
 }
 
 /// A qcow2 image on the device `D`, served as a disk; see the module docs.
@@ -58,11 +67,20 @@ pub struct Qcow2Disk<D> {
     file: D,
     backing: Option<Box<dyn BlockDevice>>,
     detached: AtomicBool,
-    /// Largest transfer of newly allocated clusters (0: a whole run).
+    /// Largest request of newly allocated clusters (0: a whole run).
     write_chunk: AtomicU64,
+    /// Such requests sent together, in flight at once.
+    write_depth: AtomicU64,
     geo: Geometry,
     header: Header,
     meta: spin::Mutex<Meta>,
+    /// Held by the write-back in progress: one at a time, in order.
+    write_back: spin::Mutex<()>,
+    /// Write-backs whose copies are on disk (shared with the tables).
+    written: Arc<AtomicU64>,
+    /// A write-back failed: what it held may not be on disk, so no later
+    /// one may claim the image is up to date.
+    failed: AtomicBool,
 }
 
 impl<D: BlockDevice> Qcow2Disk<D> {
@@ -100,6 +118,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         } else {
             None
         };
+        let written = tables.written();
         let info = DiskInfo {
             name: file.info().name.clone(),
             sectors: header.virtual_size / SECTOR_SIZE as u64,
@@ -114,9 +133,17 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             backing,
             detached: AtomicBool::new(false),
             write_chunk: AtomicU64::new(0),
+            write_depth: AtomicU64::new(1),
             geo,
             header,
-            meta: spin::Mutex::new(Meta { tables, rc }),
+            meta: spin::Mutex::new(Meta {
+                tables,
+                rc,
+                generation: 0,
+            }),
+            write_back: spin::Mutex::new(()),
+            written,
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -125,6 +152,14 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     /// to the image's disk wait for at most one such transfer.
     pub fn set_write_chunk(&self, bytes: u64) {
         self.write_chunk.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sends up to `requests` such chunks together, all in flight at once
+    /// (1, the default, to [`WRITE_DEPTH`]): other requests to the image's
+    /// disk then wait for at most that many chunks, written side by side.
+    pub fn set_write_depth(&self, requests: usize) {
+        let n = requests.clamp(1, WRITE_DEPTH);
+        self.write_depth.store(n as u64, Ordering::Relaxed);
     }
 
     /// The geometry.
@@ -281,7 +316,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                 };
                 if let Some(zero) = zero {
                     let mut m = self.meta.lock();
-                    let Meta { tables, rc } = &mut *m;
+                    let Meta { tables, rc, .. } = &mut *m;
                     let rc = rc.as_mut().ok_or_else(read_only)?;
                     tables.ensure(&self.file, g, rc, vc / g.l2_entries)?;
                     tables.publish(&self.file, g, &[(vc, zero)])?;
@@ -316,7 +351,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             .map_err(|_| Qcow2Error::TooLarge("cluster batch".to_string()))?;
         {
             let mut m = self.meta.lock();
-            let Meta { tables, rc } = &mut *m;
+            let Meta { tables, rc, .. } = &mut *m;
             let rc = rc.as_mut().ok_or_else(read_only)?;
             tables.ensure(&self.file, g, rc, first / g.l2_entries)?;
             for &(_, was, chunk) in items {
@@ -331,7 +366,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         // which waits for the next write-back's flush.
         self.write_data(items, &hosts, data)?;
         let mut m = self.meta.lock();
-        let Meta { tables, rc } = &mut *m;
+        let Meta { tables, rc, .. } = &mut *m;
         let mut entries = Vec::new();
         entries
             .try_reserve_exact(items.len())
@@ -353,82 +388,10 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         Ok(true)
     }
 
-    /// Writes the chunks of `data` that `items` name to `hosts`, joining
-    /// clusters whose chunks and hosts both follow each other into one
-    /// transfer with several requests in flight (zero entries between
-    /// them do not break a run: they have no host).
-    fn write_data(
-        &self,
-        items: &[(u64, Entry, Option<usize>)],
-        hosts: &[u64],
-        data: &[u8],
-    ) -> Result<()> {
-        let cs = self.geo.cs as usize;
-        let runs: Vec<(usize, u64)> = items
-            .iter()
-            .zip(hosts)
-            .filter_map(|(item, &h)| item.2.map(|k| (k, h)))
-            .collect();
-        let chunk = match self.write_chunk.load(Ordering::Relaxed) {
-            0 => usize::MAX,
-            n => (n as usize).next_multiple_of(cs),
-        };
-        let depth = self.file.info().max_depth.clamp(1, WRITE_DEPTH);
-        let mut k = 0;
-        while k < runs.len() {
-            let mut end = k + 1;
-            while end < runs.len()
-                && runs[end].0 == runs[k].0 + (end - k)
-                && runs[end].1 == runs[k].1 + ((end - k) * cs) as u64
-            {
-                end += 1;
-            }
-            let run = &data[runs[k].0 * cs..(runs[k].0 + end - k) * cs];
-            for (n, buf) in run.chunks(chunk).enumerate() {
-                let sector = (runs[k].1 + (n * chunk) as u64) / SECTOR_SIZE as u64;
-                self.file
-                    .transfer(&mut [Op::Write { sector, buf }], depth)?;
-            }
-            k = end;
-        }
-        Ok(())
-    }
-
-    /// Keeps at least one cached L2 table clean (a lookup evicts a clean
-    /// one), writing the dirty ones back when only one is left.
-    fn bound_dirty(&self, m: &mut Meta) -> Result<()> {
-        if m.tables.dirty() >= super::tables::CACHED_L2 - 1 {
-            self.write_back_locked(m)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the cached refcounts, flushes (they and the data the new
-    /// entries point at are durable), then writes the dirty L2 entries
-    /// (durable with the next flush). A crash before this point leaks the
-    /// clusters allocated since the last one and corrupts nothing.
-    pub fn write_back(&self) -> Result<()> {
-        self.write_back_locked(&mut self.meta.lock())
-    }
-
-    /// [`Self::write_back`] with the lock held: no entry is published
-    /// between the flush and the write of the tables.
-    fn write_back_locked(&self, m: &mut Meta) -> Result<()> {
-        if let Some(rc) = m.rc.as_mut() {
-            rc.sync(&self.file)?;
-        }
-        if m.tables.dirty() > 0 {
-            self.file.flush()?;
-            m.tables.write_back(&self.file)?;
-        }
-        Ok(())
-    }
-
     /// Makes every completed write durable, metadata included: write-back,
     /// then flush.
     pub fn flush(&self) -> Result<()> {
-        let mut m = self.meta.lock();
-        self.write_back_locked(&mut m)?;
+        self.write_back()?;
         Ok(self.file.flush()?)
     }
 

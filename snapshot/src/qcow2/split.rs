@@ -19,11 +19,12 @@
 //!   zeros (known from its block status without reading), and publishes
 //!   the entries in the cached tables ([`Qcow2Disk::materialize`]); every
 //!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
-//!   then the L2 entries: [`Qcow2Disk::write_back`]).
+//!   then the L2 entries: [`Qcow2Disk::write_back`], whose flush runs
+//!   without the tables' lock).
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
-//! aside when the workload was active during a burst. When every cluster
+//! aside when the workload was busy during a burst (above a request rate). When every cluster
 //! is copied, [`Split::finish`] flushes, clears the backing file name and
 //! backing format in the header, and flushes again.
 //!
@@ -401,8 +402,10 @@ where
 
     /// Runs the split to the end, paced: bursts while `pacer` allows, rests
     /// in proportion to each burst's measured length through `rest(ns)`,
-    /// stepping aside when the workload was busy during a burst (more than
-    /// `busy_ops` requests: 0 counts any request).
+    /// stepping aside when the workload was busy during a burst: more than
+    /// `busy_ops` requests per nominal burst of the pacer's, over the time
+    /// the burst has run (at least one nominal burst); 0 counts any
+    /// request.
     /// `now()` reads a monotonic clock in ns; `report` sees the progress
     /// after each burst.
     pub fn run(
@@ -429,8 +432,10 @@ where
         rest: &mut dyn FnMut(u64),
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress> {
+        let nominal = pacer.burst_ns();
         loop {
-            pacer.start_burst(now());
+            let start = now();
+            pacer.start_burst(start);
             let seen = self.workload_ops();
             let mut idle = false;
             while pacer.keep_working(now()) {
@@ -439,7 +444,9 @@ where
                     break;
                 };
                 self.commit(batch)?;
-                if self.workload_ops() - seen > busy_ops {
+                let ran = now().saturating_sub(start).max(nominal);
+                let ops = u128::from(self.workload_ops() - seen);
+                if ops * u128::from(nominal) > u128::from(busy_ops) * u128::from(ran) {
                     pacer.foreground();
                 }
             }

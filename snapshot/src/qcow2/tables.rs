@@ -14,12 +14,19 @@
 //! tables are evicted, so the caller keeps fewer than [`CACHED_L2`] dirty
 //! ([`Tables::dirty`]).
 //!
+//! A write-back may also run without the caller's lock over the flush
+//! ([`Tables::take_dirty`]): the dirty ranges are copied out and their
+//! tables pinned until the copies are on disk (a pinned table is never
+//! evicted, or reloading it would lose entries not yet written).
+//!
 //! This module must never write an entry pointing at a cluster whose
 //! refcount and data are not yet durable: its callers order that, by
 //! flushing before [`Tables::write_back`].
 
 use alloc::format;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::refcount::Refcounts;
 use super::{Geometry, Result};
@@ -90,7 +97,14 @@ struct Slot {
     bytes: Vec<u8>,
     /// Byte range changed in memory and not yet written.
     dirty: Option<(usize, usize)>,
+    /// The write-back whose copy of this table's changes may not be on
+    /// disk yet (pinned while the write-backs done are fewer).
+    pin: u64,
 }
+
+/// Changed sectors of one L2 table copied out for a write-back: the
+/// table's host offset plus the range's start, and the bytes.
+pub(super) type Pending = Vec<(u64, Vec<u8>)>;
 
 /// The L1 table and the L2 cache.
 #[derive(Debug)]
@@ -98,6 +112,8 @@ pub(super) struct Tables {
     l1: Vec<u64>,
     cache: Vec<Slot>,
     victim: usize,
+    /// Write-backs whose copies are on disk (see [`Self::take_dirty`]).
+    written: Arc<AtomicU64>,
 }
 
 impl Tables {
@@ -121,6 +137,7 @@ impl Tables {
             l1,
             cache: Vec::new(),
             victim: 0,
+            written: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -155,15 +172,16 @@ impl Tables {
                 table: i,
                 bytes: buffer(g.cs, "L2 table")?,
                 dirty: None,
+                pin: 0,
             });
             self.cache.len() - 1
         } else {
-            // Round robin over the clean slots: a dirty one waits for its
-            // write-back.
+            // Round robin over the clean slots: a dirty or pinned one
+            // waits for its write-back.
             let n = self.cache.len();
             let s = (1..=n)
                 .map(|k| (self.victim + k) % n)
-                .find(|&s| self.cache[s].dirty.is_none())
+                .find(|&s| self.evictable(s))
                 .ok_or_else(|| invalid("every cached L2 table awaits its write-back"))?;
             self.victim = s;
             s
@@ -246,14 +264,31 @@ impl Tables {
         Ok(())
     }
 
-    /// Cached tables with entries not yet written.
-    pub(super) fn dirty(&self) -> usize {
-        self.cache.iter().filter(|c| c.dirty.is_some()).count()
+    fn evictable(&self, s: usize) -> bool {
+        let c = &self.cache[s];
+        c.dirty.is_none() && c.pin <= self.written.load(Ordering::Acquire)
     }
 
-    /// Writes the changed sectors of every dirty table (no flush). The
-    /// caller has made durable whatever the new entries point at.
-    pub(super) fn write_back(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+    /// Cached tables that cannot be evicted: entries not yet written, or
+    /// a write-back's copy not yet on disk.
+    pub(super) fn dirty(&self) -> usize {
+        (0..self.cache.len())
+            .filter(|&s| !self.evictable(s))
+            .count()
+    }
+
+    /// The count of write-backs done, which the one that took copies
+    /// with [`Self::take_dirty`] raises once they are on disk (without
+    /// the caller's lock over the tables).
+    pub(super) fn written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
+    /// Copies out the changed sectors of every dirty table for write-back
+    /// number `generation` (one more than [`Self::written`] holds), marks
+    /// them clean and pins them until that count reaches `generation`.
+    pub(super) fn take_dirty(&mut self, generation: u64) -> Result<Pending> {
+        let mut pending = Vec::new();
         for slot in &mut self.cache {
             let Some((lo, hi)) = slot.dirty else {
                 continue;
@@ -262,9 +297,23 @@ impl Tables {
                 lo / SECTOR_SIZE * SECTOR_SIZE,
                 hi.next_multiple_of(SECTOR_SIZE),
             );
-            let table = host_of(self.l1[slot.table as usize]);
-            write_bytes(dev, table + lo as u64, &slot.bytes[lo..hi])?;
+            let mut copy = Vec::new();
+            copy.try_reserve_exact(hi - lo)
+                .map_err(|_| Qcow2Error::TooLarge("L2 write-back copy".into()))?;
+            copy.extend_from_slice(&slot.bytes[lo..hi]);
+            pending.push((host_of(self.l1[slot.table as usize]) + lo as u64, copy));
             slot.dirty = None;
+            slot.pin = slot.pin.max(generation);
+        }
+        Ok(pending)
+    }
+
+    /// Writes the changed sectors of every dirty table (no flush). The
+    /// caller has made durable whatever the new entries point at.
+    pub(super) fn write_back(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        // Generation 0 pins nothing.
+        for (at, bytes) in self.take_dirty(0)? {
+            write_bytes(dev, at, &bytes)?;
         }
         Ok(())
     }

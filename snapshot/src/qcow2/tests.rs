@@ -1,6 +1,5 @@
 //! Host tests of the read-write path and the split against an in-memory
-//! model: a flat array of what the guest must read. The split's own
-//! tests are in `split`.
+//! model: a flat array of what the guest must read.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -8,15 +7,15 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use proptest::prelude::*;
+
+mod split;
 
 use super::chain::{self, Layer};
 use super::check::check;
 use super::create::clone_image;
-use super::split::Split;
-use super::{Entry, Qcow2Disk};
-use crate::copyonce::{words_for, Counters, Pacer};
+use super::Qcow2Disk;
 use crate::devices::block::{
     check as check_op, BlockDevice, BlockError, DiskInfo, MemDisk, Op, SECTOR_SIZE,
 };
@@ -370,4 +369,45 @@ fn refusals_name_what_is_wrong() {
     assert_eq!(file.contents(), before, "nothing written on a refusal");
 }
 
-mod split;
+#[test]
+fn a_backup_through_a_chain_restores_the_flattened_image() {
+    use crate::backup::{backup, restore, Format, Plan};
+    let (top, layers, model) = chain_of(3, 12, 21);
+    let q = open_chain(image_disk("top", &top, 1 << 20), &layers);
+    let view = super::flat::FlatView::new(&q, 12).unwrap();
+    // Raw at the bottom: every cluster is data.
+    assert_eq!(view.data_bytes(), SIZE);
+    let plan = Plan::new(&view).unwrap();
+    let tape = MemDisk::new("tape", plan.layout.stream_bytes().div_ceil(512));
+    backup(&view, &tape, &mut |_, _, _| {}).unwrap();
+    let out = MemDisk::new("out", SIZE / 512);
+    restore(&tape, &out, Format::Raw, &mut |_, _, _| {}).unwrap();
+    assert_eq!(first_difference(&out.contents(), &model), None);
+}
+
+#[test]
+fn a_flat_view_holds_only_the_clusters_with_data() {
+    let bits = 12;
+    // A qcow2 base with data in two clusters, a clone writing a third and
+    // zeroing one of the base's.
+    let base_img = image_disk("base", &clone_image(SIZE, bits, None).unwrap(), 1 << 20);
+    {
+        let b = Qcow2Disk::open(base_img.clone(), None).unwrap();
+        b.write_at(0, &pattern(1, 4096)).unwrap();
+        b.write_at(8192, &pattern(2, 4096)).unwrap();
+        b.flush().unwrap();
+    }
+    let base = Arc::new(MemDisk::from_bytes("base", &base_img.contents()).read_only());
+    let file = image_disk(
+        "top",
+        &clone_image(SIZE, bits, Some(("base", "qcow2"))).unwrap(),
+        1 << 20,
+    );
+    let q = open_chain(file, core::slice::from_ref(&base));
+    q.write_at(4 * 4096, &pattern(3, 512)).unwrap();
+    q.write_zeroes(8192, 4096).unwrap();
+    let view = super::flat::FlatView::new(&q, bits).unwrap();
+    assert_eq!(view.data_bytes(), 2 * 4096, "clusters 0 and 4");
+    let parsed = crate::backup::source::open(&view, &mut |_| {}).unwrap();
+    assert_eq!(parsed.data_clusters, 2);
+}

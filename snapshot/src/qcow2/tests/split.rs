@@ -1,9 +1,20 @@
-//! Host tests of the clone split against the same in-memory model: holes
-//! filled from the chain and the backing released, a crash at any write
-//! resumed without recopying, workload writes racing the split on
-//! threads, and the backup and flat view through a chain.
+//! Host tests of the online split: holes filled, crashes at every write
+//! resumed, workload writes racing the split, and the pacing.
 
-use super::*;
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::super::create::clone_image;
+use super::super::split::Split;
+use super::super::{Entry, Qcow2Disk};
+use super::{
+    assert_sound, first_difference, image_disk, open_chain, pattern, read_all, CrashDisk, SIZE,
+};
+use crate::copyonce::{words_for, Counters, Pacer};
+use crate::devices::block::{BlockDevice, MemDisk};
+use alloc::sync::Arc;
 
 type TestSplit<'a, D> = Split<'a, D, Vec<AtomicU64>, Box<Counters>>;
 
@@ -86,6 +97,14 @@ fn split_fills_holes_then_releases_the_backing() {
     assert!((0..SIZE / 4096).all(|vc| alone.entry(vc).unwrap() != Entry::Hole));
 }
 
+/// The split's data in requests of one cluster, three sent together (a
+/// batch's run of four: a group of three, last first, then one): a crash
+/// may keep any subset of a group's writes.
+fn grouped<D: BlockDevice>(q: &Qcow2Disk<D>) {
+    q.set_write_chunk(1);
+    q.set_write_depth(3);
+}
+
 #[test]
 fn a_split_crashed_at_any_write_resumes_without_recopying() {
     let bits = 12;
@@ -98,6 +117,7 @@ fn a_split_crashed_at_any_write_resumes_without_recopying() {
             CrashDisk::new(file, usize::MAX),
             core::slice::from_ref(&base),
         );
+        grouped(&q);
         let s = split_of(&q, 4).with_write_back(8 * 4096);
         while s.step().unwrap() > 0 {}
         s.finish().unwrap();
@@ -110,6 +130,7 @@ fn a_split_crashed_at_any_write_resumes_without_recopying() {
             CrashDisk::new(file.clone(), cut),
             core::slice::from_ref(&base),
         );
+        grouped(&q);
         let s = split_of(&q, 4).with_write_back(8 * 4096);
         while s.step().unwrap() > 0 {}
         s.finish().unwrap();
@@ -194,45 +215,261 @@ fn workload_writes_race_the_split_on_threads() {
     assert_eq!(r.leaks, 0);
 }
 
-#[test]
-fn a_backup_through_a_chain_restores_the_flattened_image() {
-    use crate::backup::{backup, restore, Format, Plan};
-    let (top, layers, model) = chain_of(3, 12, 21);
-    let q = open_chain(image_disk("top", &top, 1 << 20), &layers);
-    let view = crate::qcow2::flat::FlatView::new(&q, 12).unwrap();
-    // Raw at the bottom: every cluster is data.
-    assert_eq!(view.data_bytes(), SIZE);
-    let plan = Plan::new(&view).unwrap();
-    let tape = MemDisk::new("tape", plan.layout.stream_bytes().div_ceil(512));
-    backup(&view, &tape, &mut |_, _, _| {}).unwrap();
-    let out = MemDisk::new("out", SIZE / 512);
-    restore(&tape, &out, Format::Raw, &mut |_, _, _| {}).unwrap();
-    assert_eq!(first_difference(&out.contents(), &model), None);
-}
-
-#[test]
-fn a_flat_view_holds_only_the_clusters_with_data() {
+/// Runs a split of a fresh clone, batch by batch, with `ops` workload
+/// reads during each batch of `ms` (a fake clock; the pacer's nominal
+/// burst is 10 ms); returns the rests the pacer asked for.
+fn rests_with_workload(ops: u64, ms: u64, busy_ops: u64) -> Vec<u64> {
     let bits = 12;
-    // A qcow2 base with data in two clusters, a clone writing a third and
-    // zeroing one of the base's.
-    let base_img = image_disk("base", &clone_image(SIZE, bits, None).unwrap(), 1 << 20);
-    {
-        let b = Qcow2Disk::open(base_img.clone(), None).unwrap();
-        b.write_at(0, &pattern(1, 4096)).unwrap();
-        b.write_at(8192, &pattern(2, 4096)).unwrap();
-        b.flush().unwrap();
-    }
-    let base = Arc::new(MemDisk::from_bytes("base", &base_img.contents()).read_only());
+    let base = Arc::new(MemDisk::from_bytes("base", &sparse_base(bits)).read_only());
     let file = image_disk(
         "top",
-        &clone_image(SIZE, bits, Some(("base", "qcow2"))).unwrap(),
+        &clone_image(SIZE, bits, Some(("base", "raw"))).unwrap(),
         1 << 20,
     );
     let q = open_chain(file, core::slice::from_ref(&base));
-    q.write_at(4 * 4096, &pattern(3, 512)).unwrap();
-    q.write_zeroes(8192, 4096).unwrap();
-    let view = crate::qcow2::flat::FlatView::new(&q, bits).unwrap();
-    assert_eq!(view.data_bytes(), 2 * 4096, "clusters 0 and 4");
-    let parsed = crate::backup::source::open(&view, &mut |_| {}).unwrap();
-    assert_eq!(parsed.data_clusters, 2);
+    let s = split_of(&q, 2);
+    let clock = core::cell::Cell::new(0u64);
+    let mut rests = Vec::new();
+    let mut pacer = Pacer::new(100, 10_000_000).with_floor(50);
+    let mut buf = vec![0u8; 512];
+    s.run_from(
+        &mut || {
+            for _ in 0..ops {
+                s.read_at(0, &mut buf).unwrap();
+            }
+            clock.set(clock.get() + ms * 1_000_000);
+            s.prepare()
+        },
+        &mut pacer,
+        busy_ops,
+        &mut || clock.get(),
+        &mut |ns| {
+            rests.push(ns);
+            clock.set(clock.get() + ns);
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    rests
+}
+
+#[test]
+fn the_split_steps_aside_only_for_a_workload_above_the_busy_rate() {
+    // 5 requests per 10 ms against a bound of 10: reduced activity, the
+    // split never rests; nor with 20 in a batch of 40 ms (the same rate).
+    for (ops, ms) in [(5, 10), (20, 40)] {
+        let quiet = rests_with_workload(ops, ms, 10);
+        assert!(
+            !quiet.is_empty() && quiet.iter().all(|&ns| ns == 0),
+            "{quiet:?}"
+        );
+    }
+    // 20 per 10 ms: busy, the split rests as long as it worked (floor 50).
+    let busy = rests_with_workload(20, 10, 10);
+    assert!(busy.iter().all(|&ns| ns >= 10_000_000), "{busy:?}");
+    // A bound of 0 counts any request.
+    let any = rests_with_workload(1, 10, 0);
+    assert!(any.iter().all(|&ns| ns >= 10_000_000), "{any:?}");
+}
+
+/// A disk with a volatile write cache: writes reach `live` (what reads
+/// see) at once and `durable` only at a flush. After write `limit` the
+/// device is gone (later writes and flushes are lost), and the crash keeps
+/// a seeded subset of the writes since the last flush, in any order, as a
+/// disk cache may.
+struct CacheDisk {
+    live: Arc<MemDisk>,
+    durable: Arc<MemDisk>,
+    pending: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+    writes: core::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+extern crate std;
+
+impl CacheDisk {
+    fn new(image: &[u8], limit: usize) -> Self {
+        CacheDisk {
+            live: image_disk("top", image, 1 << 20),
+            durable: image_disk("top", image, 1 << 20),
+            pending: std::sync::Mutex::new(Vec::new()),
+            writes: core::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn crashed(&self) -> bool {
+        self.writes.load(Ordering::SeqCst) >= self.limit
+    }
+
+    /// The image the crash leaves: the durable writes and a seeded subset
+    /// of the others.
+    fn after_crash(&self, seed: u64) -> Arc<MemDisk> {
+        let mut rng = crate::support::rng::Rng::new(seed);
+        for (sector, data) in self.pending.lock().unwrap().iter() {
+            if rng.below(2) == 1 {
+                self.durable.write(*sector, data).unwrap();
+            }
+        }
+        self.durable.clone()
+    }
+}
+
+impl BlockDevice for CacheDisk {
+    fn info(&self) -> &crate::devices::block::DiskInfo {
+        self.live.info()
+    }
+    fn transfer(
+        &self,
+        ops: &mut [crate::devices::block::Op<'_>],
+        depth: usize,
+    ) -> Result<(), crate::devices::block::BlockError> {
+        use crate::devices::block::Op;
+        for op in ops.iter_mut() {
+            match op {
+                Op::Write { sector, buf } => {
+                    if self.writes.fetch_add(1, Ordering::SeqCst) >= self.limit {
+                        continue;
+                    }
+                    self.pending.lock().unwrap().push((*sector, buf.to_vec()));
+                }
+                Op::Flush if !self.crashed() => {
+                    for (sector, data) in self.pending.lock().unwrap().drain(..) {
+                        self.durable.write(sector, &data).unwrap();
+                    }
+                }
+                _ => {}
+            }
+            if !(matches!(op, Op::Write { .. }) && self.crashed()) {
+                self.live.transfer(core::slice::from_mut(op), depth)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_crash_keeping_any_unflushed_writes_leaves_a_sound_clone() {
+    let bits = 12;
+    let model = sparse_base(bits);
+    let base = Arc::new(MemDisk::from_bytes("base", &model).read_only());
+    let img = clone_image(SIZE, bits, Some(("base", "raw"))).unwrap();
+    let run = |limit: usize| {
+        let q = open_chain(CacheDisk::new(&img, limit), core::slice::from_ref(&base));
+        grouped(&q);
+        let s = split_of(&q, 4).with_write_back(8 * 4096);
+        // Workload writes between batches: in place, and to holes.
+        let mut k = 0u64;
+        loop {
+            let _ = s.write_at((k * 37 % (SIZE / 512)) * 512, &pattern(k, 512));
+            k += 1;
+            if !s.step().is_ok_and(|n| n > 0) {
+                break;
+            }
+        }
+        let _ = s.finish();
+        drop(s);
+        (q.into_file(), k)
+    };
+    let (full, _) = run(usize::MAX);
+    let full = full.writes.load(Ordering::SeqCst);
+    assert!(full > 20, "{full} writes");
+    for cut in 0..full {
+        let (disk, writes) = run(cut);
+        for seed in 0..2 {
+            let file = disk.after_crash(seed ^ (cut as u64) << 1);
+            let r = assert_sound(&*file);
+            assert!(r.leaks <= 8 + 4 + 2 + 64, "cut {cut}: {} leaks", r.leaks);
+            // What was durable reads as the chain with some of the
+            // workload's writes: every cluster the base's or a written one.
+            let header = crate::backup::source::read_header(&*file).unwrap();
+            let q = if header.backing_file.is_some() {
+                open_chain(file.clone(), core::slice::from_ref(&base))
+            } else {
+                Qcow2Disk::open(file.clone(), None).unwrap()
+            };
+            let got = read_all(&q);
+            for (vc, (a, b)) in got.chunks(4096).zip(model.chunks(4096)).enumerate() {
+                let written =
+                    (0..writes).any(|k| (k * 37 % (SIZE / 512)) * 512 / 4096 == vc as u64);
+                assert!(
+                    written || a == b,
+                    "cut {cut}: cluster {vc} reads what it never held"
+                );
+            }
+        }
+    }
+}
+
+/// A disk whose flushes wait (up to a deadlock guard) until `go` is set,
+/// and record whether it was.
+struct SlowFlush {
+    inner: Arc<MemDisk>,
+    go: core::sync::atomic::AtomicBool,
+    flushing: core::sync::atomic::AtomicBool,
+    saw_go: core::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for SlowFlush {
+    fn info(&self) -> &crate::devices::block::DiskInfo {
+        self.inner.info()
+    }
+    fn transfer(
+        &self,
+        ops: &mut [crate::devices::block::Op<'_>],
+        depth: usize,
+    ) -> Result<(), crate::devices::block::BlockError> {
+        if ops
+            .iter()
+            .any(|op| matches!(op, crate::devices::block::Op::Flush))
+        {
+            self.flushing.store(true, Ordering::SeqCst);
+            let guard = std::time::Instant::now();
+            while !self.go.load(Ordering::SeqCst) && guard.elapsed().as_secs() < 20 {
+                std::thread::yield_now();
+            }
+            self.saw_go
+                .fetch_or(self.go.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+        self.inner.transfer(ops, depth)
+    }
+}
+
+#[test]
+fn reads_of_holes_go_on_during_a_write_back_flush() {
+    let bits = 12;
+    let model = sparse_base(bits);
+    let base = Arc::new(MemDisk::from_bytes("base", &model).read_only());
+    let img = clone_image(SIZE, bits, Some(("base", "raw"))).unwrap();
+    let file = SlowFlush {
+        inner: image_disk("top", &img, 1 << 20),
+        go: false.into(),
+        flushing: false.into(),
+        saw_go: false.into(),
+    };
+    let q = open_chain(file, core::slice::from_ref(&base));
+    // A first write makes the L2 table (its own flush, let through).
+    q.file().go.store(true, Ordering::SeqCst);
+    q.write_at(0, &pattern(1, 4096)).unwrap();
+    q.write_at(8 * 4096, &pattern(2, 4096)).unwrap();
+    q.file().go.store(false, Ordering::SeqCst);
+    q.file().flushing.store(false, Ordering::SeqCst);
+    q.file().saw_go.store(false, Ordering::SeqCst);
+    std::thread::scope(|scope| {
+        let wb = scope.spawn(|| q.write_back().unwrap());
+        while !q.file().flushing.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // The write-back is in its flush: a hole reads from the base.
+        let mut buf = vec![0u8; 4096];
+        q.read_at(4 * 4096, &mut buf).unwrap();
+        assert_eq!(buf, model[4 * 4096..5 * 4096]);
+        q.file().go.store(true, Ordering::SeqCst);
+        wb.join().unwrap();
+    });
+    assert!(
+        q.file().saw_go.load(Ordering::SeqCst),
+        "the read waited for the flush"
+    );
+    drop(q);
 }
