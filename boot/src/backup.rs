@@ -88,7 +88,10 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
                 read_only: true,
                 ..Disk::new(source, "source")
             },
-            Disk::new(tape, "tape"),
+            Disk {
+                direct: true,
+                ..Disk::new(tape, "tape")
+            },
         ]
         .into_iter()
         .chain(flat.into_iter().flat_map(|(_, backing)| backing))
