@@ -71,9 +71,11 @@ pub struct Options {
     pub verify: bool,
     /// Record every write fault's handler time.
     pub latencies: bool,
-    /// Only snapshot RAM below this physical address, plus the eager set
-    /// (so the pause copies the same pages as a full snapshot would): the
-    /// benchmark's same-run baseline for how the pause scales with the range.
+    /// Only snapshot RAM below this physical address: the benchmark's
+    /// same-run baseline for how the pause scales with the range. Eager
+    /// frames above it (page tables, stacks, heap placed high) are left
+    /// out with the rest of that RAM, so the pause copies only the eager
+    /// frames below it, not the whole eager set of a full snapshot.
     pub range_limit: Option<u64>,
     /// Store the snapshot on this virtio-blk disk (by its serial), as an
     /// ELF core file, instead of in RAM.
