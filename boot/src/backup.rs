@@ -74,14 +74,20 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
     .map_err(|e| format!("{}: {e}", source.display()))?;
     enough_memory("backup", plan.memory_bytes(), mem)
         .map_err(|e| format!("{}: {e}", source.display()))?;
-    fresh_file(tape, plan.layout.stream_bytes())?;
+    // A whole number of 64 KiB: QEMU refuses to write a file opened
+    // `O_DIRECT` (`Disk::direct`) unless its length is a multiple of the
+    // host's block size; the tape is cut to the stream afterwards.
+    fresh_file(tape, plan.layout.stream_bytes().next_multiple_of(64 << 10))?;
     Ok(BackupJob {
         disks: vec![
             Disk {
                 read_only: true,
                 ..Disk::new(source, "source")
             },
-            Disk::new(tape, "tape"),
+            Disk {
+                direct: true,
+                ..Disk::new(tape, "tape")
+            },
         ]
         .into_iter()
         .chain(flat.into_iter().flat_map(|(_, backing)| backing))

@@ -343,7 +343,10 @@ pub fn prepare_backup_bench(dir: &std::path::Path) -> Result<Vec<crate::qemu::Di
             read_only: true,
             ..Disk::new(path("full.qcow2"), "full")
         },
-        Disk::new(path("tape.img"), "tape"),
+        Disk {
+            direct: true,
+            ..Disk::new(path("tape.img"), "tape")
+        },
         Disk::new(path("out.img"), "out"),
     ])
 }

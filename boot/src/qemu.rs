@@ -51,6 +51,9 @@ pub struct Disk {
     /// Make every read and write touching this sector fail with EIO, as
     /// the device reports it to the guest (QEMU's blkdebug driver).
     pub fail_sector: Option<u64>,
+    /// Write past the host's page cache (`cache.direct=on`, as QEMU's
+    /// `cache=none`) where the file system allows it; see [`direct_io`].
+    pub direct: bool,
 }
 
 impl Disk {
@@ -61,6 +64,7 @@ impl Disk {
             serial: serial.into(),
             read_only: false,
             fail_sector: None,
+            direct: false,
         }
     }
 }
@@ -153,6 +157,25 @@ impl Outcome {
         let lines: Vec<&str> = self.serial.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
+}
+
+/// Whether a disk asked to be `direct` is attached with `cache.direct=on`:
+/// the host's file system must take `O_DIRECT` (tmpfs does not), and
+/// `QEMU_DIRECT=off` turns it off. A medium written once and then synced
+/// (the backup's tape) gains from it: the host copies nothing into its
+/// page cache, and the closing flush has nothing left to write back
+/// (256 MiB on the development machine's disk: 0.27 to 0.51 s direct,
+/// 0.71 to 2.84 s through the page cache and `fdatasync`).
+pub fn direct_io(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    /// `O_DIRECT` on Linux x86_64.
+    const O_DIRECT: i32 = 0o40000;
+    std::env::var("QEMU_DIRECT").as_deref() != Ok("off")
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_DIRECT)
+            .open(path)
+            .is_ok()
 }
 
 /// How QEMU submits disk I/O to the host: `io_uring` where the host
@@ -260,6 +283,9 @@ pub fn command(config: &Config) -> Command {
             }
             drive.push_str(",aio=");
             drive.push_str(aio_mode());
+            if disk.direct && direct_io(&disk.path) {
+                drive.push_str(",cache.direct=on");
+            }
             cmd.args(["-drive", &drive]);
         }
         cmd.args(["-device", &device]);

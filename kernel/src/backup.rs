@@ -49,18 +49,41 @@ impl Progress {
     }
 }
 
-/// Runs a window's copy on a second thread while the calling thread
-/// streams the window before, so the source, the copy area and the medium
-/// are all busy at once.
-#[derive(Debug)]
-struct Threads;
+/// Runs the copy on a second thread while the calling thread streams
+/// the windows it has filled, so the source and the medium are busy at
+/// once; each side blocks (the CPU free for the other) while it waits.
+#[derive(Debug, Default)]
+struct Threads {
+    /// No second thread could be had: the jobs run in turn and never
+    /// block, or one would wait for the other for ever.
+    in_turn: core::sync::atomic::AtomicBool,
+}
 
 /// Stack of the copy thread: the copy, its walk and its decoders.
 const COPY_STACK: u64 = 256 * 1024;
 
 impl backup::Overlap for Threads {
-    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        crate::scoped::both("backup-copy", COPY_STACK, a, b);
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut dyn FnMut()) {
+        use core::sync::atomic::Ordering;
+        if self.in_turn.load(Ordering::Acquire)
+            || !crate::scoped::both("backup-copy", COPY_STACK, a, b)
+        {
+            self.in_turn.store(true, Ordering::Release);
+            a();
+            b();
+        }
+    }
+
+    fn wait(&self, key: usize, ready: &dyn Fn() -> bool) -> bool {
+        if self.in_turn.load(core::sync::atomic::Ordering::Acquire) {
+            return ready();
+        }
+        crate::thread::block_until(key, ready);
+        true
+    }
+
+    fn wake(&self, key: usize) {
+        crate::thread::wake_all(key);
     }
 }
 
@@ -70,7 +93,7 @@ pub fn run_backup(
     tape: &dyn BlockDevice,
     progress: backup::Progress<'_>,
 ) -> Result<backup::BackupSummary, backup::Error> {
-    backup::backup_overlapped(source, tape, &Threads, progress)
+    backup::backup_overlapped(source, tape, &Threads::default(), progress)
 }
 
 /// Refuses a job that needs more heap than is free, before it starts:
@@ -116,9 +139,10 @@ pub fn backup_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     crate::memory::heap::reset_peak();
     let heap_base = crate::memory::heap::stats().0;
     // `overlap=off`: copy and stream in turn (a baseline for the overlap).
+    let threads = Threads::default();
     let overlap: &dyn backup::Overlap = match cmd.get("overlap") {
         Some("off") => &backup::InTurn,
-        _ => &Threads,
+        _ => &threads,
     };
     let result = backup::backup_overlapped(source, &*tape, overlap, &mut |s, d, t| {
         progress.report(s, d, t)

@@ -495,3 +495,45 @@ fn the_source_device_is_never_written() {
     assert!(src.info().read_only);
     backup::backup(&src, &tape, &mut |_, _, _| {}).unwrap();
 }
+
+/// An image of about 21 MiB of data: more windows than the pipeline's
+/// ring holds, so the copy runs ahead of the stream and waits for it.
+fn many_windows() -> (Vec<u8>, Vec<u8>) {
+    made_image(16, 512, |vc| vc % 3 != 1)
+}
+
+#[test]
+fn many_windows_give_the_same_medium_in_turn_and_on_two_threads() {
+    let (file, model) = many_windows();
+    let (src, tape) = backup_disks(&file);
+    let s = backup::backup(&src, &tape, &mut |_, _, _| {}).unwrap();
+    let windows = s
+        .extents
+        .div_ceil(backup::engine::WINDOW / (BLOCK + tape::EXTENT_DATA_BYTES));
+    assert!(
+        windows > backup::pipe::RING as u64,
+        "{windows} windows: the ring is never full"
+    );
+    let mut in_turn = tape.contents();
+    in_turn.truncate(s.medium_bytes as usize);
+    let threaded = backup_to_tape(&file).unwrap();
+    assert!(in_turn == threaded, "the two media differ");
+    let restored = restore_tape(&threaded, Format::Raw).unwrap();
+    assert!(restored[..model.len()] == model[..], "the restore differs");
+}
+
+#[test]
+fn a_tape_error_deep_in_the_stream_stops_both_threads() {
+    let (file, _) = many_windows();
+    let (src, tape) = backup_disks(&file);
+    let plan = Plan::new(&src).unwrap();
+    // In the middle of the data, windows after the ring's first fill.
+    let (_, _, at) = plan.layout.extent(plan.layout.extents() / 2);
+    tape.fail_sector(at / 512 + 1);
+    let err =
+        backup::backup_overlapped(&src, &tape, &common::Threads, &mut |_, _, _| {}).unwrap_err();
+    match err {
+        Error::Io(e) => assert_eq!((e.disk.as_str(), e.kind), ("tape", ErrorKind::Io)),
+        other => panic!("{other}"),
+    }
+}

@@ -130,14 +130,16 @@ fn spread(name: &str, tape: &dyn BlockDevice) -> Option<[(&'static str, String);
     ])
 }
 
-/// The baseline: raw sequential 1 MiB writes then reads of up to 512 MiB
-/// of the medium's disk. Returns `(bytes, write ns, read ns)`, or `None`
-/// (logged) on an I/O error.
+/// The baseline: raw sequential 1 MiB writes, then a flush, then reads
+/// of up to 512 MiB of the medium's disk. The flush counts in the writes'
+/// time, as the backup's closing flush counts in its own: without it the
+/// writes measured only the host's page cache. Returns `(bytes, write
+/// ns, read ns)`, or `None` (logged) on an I/O error.
 pub(super) fn medium_baseline(tape: &dyn BlockDevice) -> Option<(u64, u64, u64)> {
     let span = (512u64 << 20).min(tape.info().bytes());
     let mut buf = alloc::vec![0u8; WINDOW];
     let t = now_ns();
-    let write = sequential(tape, &mut buf, (0, span), true);
+    let write = sequential(tape, &mut buf, (0, span), true).and_then(|_| tape.flush());
     let write_ns = now_ns() - t;
     let t = now_ns();
     let read = sequential(tape, &mut buf, (0, span), false);

@@ -1,19 +1,17 @@
 //! The backup and restore engine; see the [subsystem docs](super).
 
-use alloc::vec::Vec;
-
 use super::copy::{copy_memory, Copier};
 pub use super::error::Error;
-use super::io::{changed, depth, need, windows, write_deep};
+use super::io::{changed, need, ring, write_deep};
 use super::newimage::NewImage;
+use super::pipe;
+pub use super::pipe::{InTurn, Overlap};
 use super::qcow2;
 use super::run::Runs;
 use super::source::{self, Image};
 use super::table::{self, Encoder};
-use super::tape::{
-    self, checksum, Digest, ExtentHeader, Header, Layout, Trailer, BLOCK, HEADER_BYTES,
-};
-use crate::devices::block::{BlockDevice, BlockError, Op};
+use super::tape::{self, checksum, Digest, Header, Layout, Trailer, BLOCK, HEADER_BYTES};
+use crate::devices::block::BlockDevice;
 
 pub use super::io::WINDOW;
 
@@ -94,11 +92,12 @@ impl Plan {
     }
 
     /// Bytes of memory the backup takes at most, when memory allows its
-    /// transfer windows their full [`WINDOW`] each.
+    /// ring all [`pipe::RING`] transfer windows of [`WINDOW`] each.
     pub fn memory_bytes_at_most(&self) -> u64 {
         let h = &self.image.header;
         let stride = BLOCK + h.cluster_size().max(tape::EXTENT_DATA_BYTES);
-        self.memory_bytes() + 2 * WINDOW.saturating_sub(stride)
+        let ring = pipe::RING as u64 * WINDOW.max(stride);
+        self.memory_bytes() + ring.saturating_sub(2 * stride)
     }
 }
 
@@ -149,25 +148,6 @@ pub struct BackupSummary {
     pub table1_runs: u64,
     /// Extents on the medium.
     pub extents: u64,
-}
-
-/// Runs two jobs and returns when both are done: at the same time where
-/// the platform can (the kernel runs one on a second thread), else one
-/// after the other ([`InTurn`]).
-pub trait Overlap: Sync {
-    /// Runs `a` and `b`.
-    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send));
-}
-
-/// Runs the two jobs one after the other.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct InTurn;
-
-impl Overlap for InTurn {
-    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
-        a();
-        b();
-    }
 }
 
 /// Backs `source` up to `tape`, the copy and the stream in turn:
@@ -250,8 +230,8 @@ fn write_table1(
 /// laid out as its extents go on the medium (step 4: the copy area is
 /// that memory, numbered by table 2), while the window before it goes
 /// from memory to the medium, each extent where table 3 places it (step
-/// 5); then the trailer and a flush. Two window buffers: the one being
-/// filled and the one being streamed.
+/// 5), through [`pipe`]'s ring of window buffers; then the trailer and a
+/// flush.
 fn pump(
     plan: &Plan,
     source: &dyn BlockDevice,
@@ -273,159 +253,30 @@ fn pump(
     .encode();
     write_deep(tape, 0, &header)?;
     let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
-    let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
-    let mut stream = Streamer {
-        layout,
-        tape,
-        written: write_table1(plan, source, tape, &mut filling)?,
-        digest: Digest::default(),
-    };
-    debug_assert_eq!(stream.written, layout.data_offset());
+    let (mut bufs, per) = ring(stride, layout.extents())?;
+    let written = write_table1(plan, source, tape, &mut bufs[0])?;
+    debug_assert_eq!(written, layout.data_offset());
     let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;
-    let windows = layout.extents().div_ceil(per);
-    let total = plan.copy_bytes();
-    for w in 0..=windows {
-        let (mut copied, mut streamed) = (Ok(0), Ok(0));
-        overlap.both(
-            &mut || {
-                if w < windows {
-                    copied = fill_window(&mut copier, &mut filling, layout, w * per, per);
-                }
-            },
-            &mut || {
-                if w > 0 {
-                    streamed = stream.window(&mut streaming, (w - 1) * per, per);
-                }
-            },
-        );
-        let (copied, streamed) = (copied?, streamed?);
-        if w < windows {
-            progress(Stage::Copy, copied, total);
-        }
-        if w > 0 {
-            progress(Stage::Stream, streamed, total);
-        }
-        core::mem::swap(&mut filling, &mut streaming);
-    }
-    debug_assert_eq!(stream.written, layout.trailer_offset());
+    let mut digest = Digest::default();
+    pipe::run(
+        (&mut copier, layout, &mut digest),
+        tape,
+        (bufs, per),
+        overlap,
+        &mut *progress,
+    )?;
     let trailer = Trailer {
         extents: layout.extents(),
         data_clusters: layout.data_clusters,
         stream_bytes: layout.stream_bytes(),
         header_checksum: u64::from_le_bytes(header[4088..].try_into().expect("8 bytes")),
-        digest: stream.digest.value(),
+        digest: digest.value(),
     };
-    tape.write(stream.written / 512, &trailer.encode())?;
+    tape.write(layout.trailer_offset() / 512, &trailer.encode())?;
     tape.flush()?;
-    if total == 0 {
+    if layout.data_clusters == 0 {
         progress(Stage::Copy, 0, 0);
         progress(Stage::Stream, 0, 0);
     }
     Ok(())
-}
-
-/// The data of the `n` extents from extent `k` (fewer at the end) in
-/// `buf`, laid out as on the medium (a header block before each), with
-/// each extent's index and first copy cluster.
-fn extents_in<'b>(
-    layout: &Layout,
-    buf: &'b mut [u8],
-    k: u64,
-    n: u64,
-) -> Vec<(u64, u64, &'b mut [u8], &'b mut [u8])> {
-    let cs = layout.cluster_size();
-    let n = n.min(layout.extents() - k);
-    let mut pieces = Vec::with_capacity(n as usize);
-    let mut rest = buf;
-    for i in k..k + n {
-        let (first, len, _) = layout.extent(i);
-        let (head, tail) = rest.split_at_mut(BLOCK as usize);
-        let (data, tail) = tail.split_at_mut((len * cs) as usize);
-        rest = tail;
-        pieces.push((i, first, head, data));
-    }
-    pieces
-}
-
-/// Step 4 for the `n` extents from extent `k` (fewer at the end): their
-/// clusters from the source into `buf`, laid out as on the medium;
-/// returns the copy area's bytes filled so far.
-fn fill_window(
-    copier: &mut Copier<'_>,
-    buf: &mut [u8],
-    layout: &Layout,
-    k: u64,
-    n: u64,
-) -> Result<u64, Error> {
-    let mut data: Vec<&mut [u8]> = extents_in(layout, buf, k, n)
-        .into_iter()
-        .map(|(_, _, _, data)| data)
-        .collect();
-    copier.fill(&mut data)?;
-    let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
-    Ok((first + clusters) * layout.cluster_size())
-}
-
-/// Step 5's state: the medium written up to `written` and the extents'
-/// checksums so far.
-struct Streamer<'a> {
-    layout: &'a Layout,
-    tape: &'a dyn BlockDevice,
-    written: u64,
-    digest: Digest,
-}
-
-impl Streamer<'_> {
-    /// Step 5 for the `n` extents from extent `k` (fewer at the end),
-    /// which [`fill_window`] left in `buf`: each extent's header filled
-    /// in, then headers and data to the medium in one batch; returns the
-    /// copy area's bytes streamed so far.
-    fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
-        let layout = self.layout;
-        let cs = layout.cluster_size();
-        let (mut heads, mut data) = (Vec::new(), Vec::new());
-        for (i, first, head, d) in extents_in(layout, buf, k, n) {
-            heads.push((i, first, head));
-            data.push(&*d);
-        }
-        let mut len = 0;
-        for ((i, first, head), d) in heads.iter_mut().zip(&data) {
-            let sum = checksum(d);
-            self.digest.add(sum);
-            ExtentHeader {
-                index: *i,
-                first: *first,
-                clusters: d.len() as u64 / cs,
-                data_at: self.written + len + BLOCK,
-                data_checksum: sum,
-            }
-            .encode_into(head);
-            len += BLOCK + d.len() as u64;
-        }
-        let pieces = heads
-            .iter()
-            .zip(&data)
-            .flat_map(|((_, _, h), d)| [&**h, *d]);
-        write_runs(self.tape, self.written / 512, pieces)?;
-        self.written += len;
-        let (first, clusters, _) = layout.extent(k + data.len() as u64 - 1);
-        Ok((first + clusters) * cs)
-    }
-}
-
-/// Writes `pieces` one after the other on `d` from `sector` on, in one
-/// batch (the device gathers pieces that continue each other into one
-/// request).
-fn write_runs<'b>(
-    d: &dyn BlockDevice,
-    sector: u64,
-    pieces: impl Iterator<Item = &'b [u8]>,
-) -> Result<(), BlockError> {
-    let mut at = sector;
-    let mut ops: Vec<Op<'_>> = Vec::new();
-    for buf in pieces {
-        ops.push(Op::Write { sector: at, buf });
-        at += buf.len() as u64 / 512;
-    }
-    d.transfer(&mut ops, depth(d))
 }

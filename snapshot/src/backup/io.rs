@@ -71,6 +71,22 @@ pub(super) fn windows<const N: usize>(
     }
 }
 
+/// The pipeline's ring ([`super::pipe`]): up to [`super::pipe::RING`]
+/// buffers of up to [`WINDOW`] bytes in whole `unit`s, no more than
+/// `wanted` units each, and at least two: fewer buffers when memory is
+/// short, then smaller ones; `(buffers, units each)`.
+pub(super) fn ring(unit: u64, wanted: u64) -> Result<(Vec<Vec<u8>>, u64), Error> {
+    let (first, count) = windows([unit, unit], wanted)?;
+    let mut bufs = Vec::from(first);
+    while bufs.len() < super::pipe::RING && (bufs.len() as u64) * count < wanted {
+        match zeroed(count * unit) {
+            Ok(buf) => bufs.push(buf),
+            Err(_) => break,
+        }
+    }
+    Ok((bufs, count))
+}
+
 /// Writes `buf` at `sector` with the device's pieces of it in flight
 /// together (a plain `write` sends them one at a time).
 pub(super) fn write_deep(d: &dyn BlockDevice, sector: u64, buf: &[u8]) -> Result<(), BlockError> {

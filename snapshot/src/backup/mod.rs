@@ -46,6 +46,7 @@ pub mod engine;
 pub mod error;
 mod io;
 pub mod newimage;
+pub mod pipe;
 pub mod qcow2;
 pub mod restore;
 pub mod run;

@@ -88,11 +88,18 @@ pub fn backup_disks(source: &[u8]) -> (MemDisk, MemDisk) {
 pub struct Threads;
 
 impl backup::Overlap for Threads {
-    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+    fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut dyn FnMut()) {
         std::thread::scope(|s| {
             s.spawn(a);
             b();
         });
+    }
+
+    fn wait(&self, _key: usize, ready: &dyn Fn() -> bool) -> bool {
+        while !ready() {
+            std::thread::yield_now();
+        }
+        true
     }
 }
 

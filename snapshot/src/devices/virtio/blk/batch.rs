@@ -230,6 +230,12 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         let sector = states[index].next_sector;
         piece.clear();
         let mut total = 0usize;
+        // Requests end on multiples of the largest request on the disk, so
+        // a long run is cut at the same places wherever it starts: a host
+        // that must read back a partly written block (QEMU writing past
+        // its page cache) does so at the run's two ends, not per request.
+        let lead = (sector * SECTOR_SIZE as u64 % self.limits.max_bytes as u64) as usize;
+        let max_bytes = self.limits.max_bytes - lead;
         // (op, its cursor after this request, its bytes in it)
         plan.clear();
         let mut j = index;
@@ -238,7 +244,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             let room = Limits {
                 max_segment: self.limits.max_segment,
                 max_segments: self.limits.max_segments - piece.len(),
-                max_bytes: self.limits.max_bytes - total,
+                max_bytes: max_bytes - total,
             };
             let state = &states[j];
             let Some((bytes, after)) = next_piece(&state.segments, state.cursor, &room, part)
@@ -254,7 +260,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             let end = state.next_sector + (bytes / SECTOR_SIZE) as u64;
             let joins = after.0 == state.segments.len()
                 && piece.len() < self.limits.max_segments
-                && total < self.limits.max_bytes
+                && total < max_bytes
                 && ops.get(j + 1).is_some_and(|next| {
                     let same_way = matches!(
                         (next, writes),
