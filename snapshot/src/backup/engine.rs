@@ -275,7 +275,7 @@ fn pump(
     let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
     let ([mut filling, mut streaming], per) = windows([stride, stride], layout.extents())?;
     let mut stream = Streamer {
-        layout,
+        layout: *layout,
         tape,
         written: write_table1(plan, source, tape, &mut filling)?,
         digest: Digest::default(),
@@ -367,12 +367,12 @@ fn fill_window(
 }
 
 /// Step 5's state: the medium written up to `written` and the extents'
-/// checksums so far.
-struct Streamer<'a> {
-    layout: &'a Layout,
-    tape: &'a dyn BlockDevice,
-    written: u64,
-    digest: Digest,
+/// checksums so far (a raw volume's stream writes through it too).
+pub(super) struct Streamer<'a> {
+    pub(super) layout: Layout,
+    pub(super) tape: &'a dyn BlockDevice,
+    pub(super) written: u64,
+    pub(super) digest: Digest,
 }
 
 impl Streamer<'_> {
@@ -380,8 +380,8 @@ impl Streamer<'_> {
     /// which [`fill_window`] left in `buf`: each extent's header filled
     /// in, then headers and data to the medium in one batch; returns the
     /// copy area's bytes streamed so far.
-    fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
-        let layout = self.layout;
+    pub(super) fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
+        let layout = &self.layout;
         let cs = layout.cluster_size();
         let (mut heads, mut data) = (Vec::new(), Vec::new());
         for (i, first, head, d) in extents_in(layout, buf, k, n) {

@@ -114,6 +114,10 @@ pub(super) struct Inner {
     pub(super) pump_busy: bool,
     pub(super) copier_busy: bool,
     pub(super) backup_busy: bool,
+    /// A backup `via=memory` runs: it copies every block of the instant
+    /// its windows hold itself, in its single pass over the volume, so
+    /// the copier steps aside until it ends.
+    pub(super) backup_copies: bool,
     /// A superblock is being written.
     pub(super) super_busy: bool,
     /// Split: blocks of the frozen bitmap to copy.
@@ -482,6 +486,16 @@ impl Mirror {
         &self,
         pieces: impl Iterator<Item = (u64, &'b [u8])>,
     ) -> Result<(), CopyError> {
+        self.write_pieces(pieces)
+            .and_then(|()| self.disks.secondary.flush())
+            .map_err(CopyError::Secondary)
+    }
+
+    /// Writes each `(block, data)` to the secondary, without a flush.
+    pub(super) fn write_pieces<'b>(
+        &self,
+        pieces: impl Iterator<Item = (u64, &'b [u8])>,
+    ) -> Result<(), BlockError> {
         let mut ops: Vec<Op<'_>> = pieces
             .map(|(b, piece)| {
                 let (sector, len) = self.geo.extent(b);
@@ -492,10 +506,7 @@ impl Mirror {
             })
             .collect();
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
-        let s = &self.disks.secondary;
-        s.transfer(&mut ops, depth)
-            .and_then(|()| s.flush())
-            .map_err(CopyError::Secondary)
+        self.disks.secondary.transfer(&mut ops, depth)
     }
 }
 

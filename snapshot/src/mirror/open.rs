@@ -92,6 +92,7 @@ impl Mirror {
                 pump_busy: false,
                 copier_busy: false,
                 backup_busy: false,
+                backup_copies: false,
                 super_busy: false,
                 pending: 0,
                 cursor: 0,

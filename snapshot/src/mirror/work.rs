@@ -130,11 +130,13 @@ impl Mirror {
 
     /// Split: copies up to `max` blocks of the instant nobody has copied
     /// to the secondary, in one batch. Returns how many it copied: 0 once
-    /// none is left for it (or not split).
+    /// none is left for it (or not split), and 0 while a backup
+    /// `via=memory` runs: that backup copies what its pass meets, so the
+    /// two would only contend for the secondary.
     pub fn copy(&self, max: u64) -> Result<u64, Error> {
         let tokens = {
             let mut g = self.inner.lock();
-            if g.sb.phase != Phase::Split || g.gate || g.copier_busy {
+            if g.sb.phase != Phase::Split || g.gate || g.copier_busy || g.backup_copies {
                 return Ok(0);
             }
             if let Some(why) = &g.sb.broken {
