@@ -1,11 +1,12 @@
-//! A raw volume streamed whole to a medium, one extent at a time, in
+//! A raw volume streamed whole to a medium, a window of extents at a time, in
 //! volume order: what a backup of a split mirror writes (source kind
 //! [`SourceKind::RawVolume`] in `docs/backup-medium.md`). The caller
-//! fills each extent's data, from wherever it has it (a disk, memory);
+//! fills each window's data, from wherever it has it (a disk, memory);
 //! this module lays out the header, table 1 (one run), the extent headers
 //! and the trailer, so that [`super::restore`] brings the volume back.
 //!
-//! Memory: the caller owns the one extent buffer ([`VolumeStream::buffer`]).
+//! Memory: the caller owns the one window buffer ([`VolumeStream::buffer`]),
+//! at most [`WINDOW`] bytes plus an extent.
 //! This module must never read the volume itself, and writes the medium
 //! only sequentially, from its start.
 

@@ -1,6 +1,7 @@
 //! The second server's backup of a split secondary to a tape: the volume
 //! as it was at the split instant, streamed in block order through one
-//! extent buffer, while the copy to the secondary may still run. A block
+//! window buffer (a few extents), while the copy to the secondary may still
+//! run. A block
 //! of the instant the copier has not reached is copied on demand, one of
 //! two ways ([`Via`]); either way the secondary receives it, and the
 //! copy-once engine sees to it that no block is copied twice.
@@ -29,7 +30,7 @@ pub enum Via {
     /// secondary like every other block.
     Secondary,
     /// Read it from the primary into the controller's buffer (the other
-    /// blocks of the extent from the secondary), stream it from there and
+    /// blocks of the window from the secondary), stream it from there and
     /// write it to the secondary too.
     Memory,
 }
@@ -128,8 +129,8 @@ impl<'m, 't> BackupJob<'m, 't> {
         }
     }
 
-    /// Streams the next extent; returns `(bytes done, bytes in all)`, or
-    /// `None` when every extent is on the tape.
+    /// Streams the next window of extents; returns `(bytes done, bytes in
+    /// all)`, or `None` when every extent is on the tape.
     pub fn step(&mut self) -> Result<Option<(u64, u64)>, Error> {
         let Some((first, len)) = self.stream.next_window() else {
             self.flush_held()?;
@@ -196,7 +197,7 @@ impl<'m, 't> BackupJob<'m, 't> {
         tokens
     }
 
-    /// Copies the claimed blocks to the secondary, then reads the extent
+    /// Copies the claimed blocks to the secondary, then reads the window
     /// from the secondary.
     fn via_secondary(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
@@ -219,7 +220,7 @@ impl<'m, 't> BackupJob<'m, 't> {
     }
 
     /// Reads the claimed blocks from the primary and the rest from the
-    /// secondary into the extent buffer, then writes the claimed ones to
+    /// secondary into the window buffer, then writes the claimed ones to
     /// the secondary.
     fn via_memory(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
