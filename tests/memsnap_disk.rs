@@ -54,7 +54,9 @@ fn core_file_reads_in_readelf_and_gdb_with_snapshot_time_values() {
             "-batch",
             "-nx",
             "-ex",
-            "print kernel::scenario::SNAPSHOT_MARK.v.value",
+            // The raw 8 bytes: an atomic's inner fields differ between
+            // Rust releases (1.99 wraps the value in `Align8`).
+            "print *(&kernel::scenario::SNAPSHOT_MARK as *const u64)",
             "-ex",
             "bt 3",
             kernel.to_str().unwrap(),

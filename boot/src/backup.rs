@@ -13,16 +13,9 @@ use snapshot::backup::{guest_heap_bytes, restore_memory, Error, Format, Front, P
 use snapshot::devices::block::SECTOR_SIZE;
 use snapshot::interface::trace::Record;
 
+use crate::filedisk::same_file;
 pub use crate::filedisk::FileDisk;
 use crate::qemu::Disk;
-
-/// Whether two paths name the same file (when both exist).
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
 
 /// Creates (or empties) `path` as a sparse file of `bytes`.
 fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {

@@ -84,17 +84,18 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
             ratio(f("copy_bytes_per_s"), f("memcpy_bytes_per_s")),
             0.8,
         ),
+        // Both on the CPUs the copier leaves the workload.
         at_least(
             "workload during / before",
             ratio(
                 f("workload_ops_per_s_during"),
                 f("workload_ops_per_s_before"),
             ),
-            0.5,
+            0.7,
         ),
         at_most(
-            "fault p99 / one 4 KiB copy (x)",
-            ratio(f("fault_ns_p99"), f("page_copy_ns")),
+            "fault p99 / one 4 KiB copy's own p99 (x)",
+            ratio(f("fault_ns_p99"), f("page_copy_ns_p99")),
             2.0,
         ),
         at_most("mismatched pages", f("mismatched_pages"), 0.0),
@@ -104,8 +105,8 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
             2.0,
         ),
         Goal::info(
-            "(info) fault p99 / a bare copy's own p99 (x)",
-            ratio(f("fault_ns_p99"), f("page_copy_ns_p99")),
+            "(info) fault p99 / one 4 KiB copy's p50 (x)",
+            ratio(f("fault_ns_p99"), f("page_copy_ns")),
             2.0,
         ),
         // Storage in RAM takes a frame per range frame: about half.
@@ -432,7 +433,7 @@ pub fn check_backup_bench(dir: &std::path::Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":4,"fault_ns_p99":7000,"page_copy_ns":4000,"mismatched_pages":0}"#;
+    const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":6,"fault_ns_p99":7000,"page_copy_ns":4000,"page_copy_ns_p99":3000,"mismatched_pages":0}"#;
 
     #[test]
     fn judges_each_goal() {
@@ -440,7 +441,8 @@ mod tests {
         let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
         assert_eq!(
             met,
-            [true, true, true, false, true, true, false, false, true]
+            [true, true, true, false, false, true, false, true, true],
+            "0.6 of the workload is under 0.7; 7000 is over 2 x 3000"
         );
         assert!(
             !goals[6].applies && !goals[7].applies,

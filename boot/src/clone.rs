@@ -21,7 +21,7 @@ use snapshot::qcow2::flat::FlatView;
 use snapshot::qcow2::workload;
 use snapshot::qcow2::{Qcow2Disk, Qcow2Error};
 
-use crate::filedisk::FileDisk;
+use crate::filedisk::{check_writable, FileDisk};
 use crate::qemu::Disk;
 
 /// The name of the `n`th backing layer's disk (1 is the clone's base).
@@ -212,6 +212,7 @@ pub fn split_room(virtual_size: u64) -> u64 {
 /// Checks the clone and its chain, and gives the clone file room to grow
 /// into (sparse); the kernel's device is the file's length.
 pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
+    check_writable(image).map_err(|e| format!("{}: {e}; the split writes it", image.display()))?;
     let chain = chain_of(image)?;
     if chain.is_empty() {
         return Err(format!(
@@ -335,5 +336,28 @@ mod tests {
             resolve_name(Path::new("/a/b/clone.qcow2"), "/abs.img"),
             PathBuf::from("/abs.img")
         );
+    }
+
+    #[test]
+    fn a_read_only_clone_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("clone-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base, clone) = (dir.join("base.img"), dir.join("clone.qcow2"));
+        std::fs::write(&base, vec![5u8; 1 << 20]).unwrap();
+        crate::bench::run_tool(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&base)
+                .arg(&clone),
+        )
+        .unwrap();
+        std::fs::set_permissions(&clone, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let before = std::fs::read(&clone).unwrap();
+        let e = plan_split(&clone).unwrap_err();
+        assert!(e.contains("read-only"), "{e}");
+        assert_eq!(std::fs::read(&clone).unwrap(), before, "the clone changed");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

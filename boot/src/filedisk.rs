@@ -1,9 +1,11 @@
 //! An image file on the host as a [`BlockDevice`], so the host tool can
 //! read images and media with the same library the kernel runs (to check
 //! them before booting). Never writes a file it was not opened to write.
+//! Also the checks on the files a job names: whether two name the same
+//! file, whether one may be written.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use snapshot::devices::block::{
@@ -21,8 +23,13 @@ pub struct FileDisk {
 
 impl FileDisk {
     /// Opens `path` for reading (and writing, if `writable`).
+    /// A directory is refused by name (Linux opens one for reading, and
+    /// only the first read would fail).
     pub fn open(path: &Path, writable: bool) -> std::io::Result<FileDisk> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        if file.metadata()?.is_dir() {
+            return Err(is_a_directory());
+        }
         let len = file.metadata()?.len();
         Ok(FileDisk {
             info: DiskInfo {
@@ -51,6 +58,39 @@ impl FileDisk {
     fn io(&self, sector: u64) -> impl Fn(std::io::Error) -> BlockError + '_ {
         move |_| BlockError::new(&self.info.name, Some(sector), ErrorKind::Io)
     }
+}
+
+fn is_a_directory() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::IsADirectory,
+        "a directory, not an image file",
+    )
+}
+
+/// Whether two paths name the same file (when both exist): the same
+/// device and inode, so a symbolic or a hard link to a file is that file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Whether a job may write the existing file at `path`: not a directory,
+/// not read-only by its permission bits (which root, and QEMU run as root,
+/// would otherwise ignore), and open for writing.
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(is_a_directory());
+    }
+    if meta.permissions().readonly() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "read-only by its permission bits",
+        ));
+    }
+    OpenOptions::new().write(true).open(path).map(drop)
 }
 
 impl BlockDevice for FileDisk {
@@ -102,6 +142,54 @@ mod tests {
             disk.write(0, &buf[..512]).unwrap_err().kind,
             ErrorKind::ReadOnly
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("filedisk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_directory_is_refused_by_name_not_as_an_io_error() {
+        let dir = scratch("dir");
+        let e = FileDisk::open(&dir, false).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::IsADirectory, "{e}");
+        assert_eq!(
+            check_writable(&dir).unwrap_err().kind(),
+            std::io::ErrorKind::IsADirectory
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn links_to_a_file_are_the_same_file() {
+        let dir = scratch("links");
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        std::fs::write(&a, [1u8; 512]).unwrap();
+        std::fs::write(&b, [1u8; 512]).unwrap();
+        std::fs::hard_link(&a, dir.join("hard.img")).unwrap();
+        std::os::unix::fs::symlink(&a, dir.join("soft.img")).unwrap();
+        assert!(same_file(&a, &dir.join("hard.img")));
+        assert!(same_file(&dir.join("soft.img"), &a));
+        assert!(same_file(&a, &dir.join(".").join("a.img")));
+        assert!(!same_file(&a, &b), "equal contents are not the same file");
+        assert!(!same_file(&a, &dir.join("missing.img")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_read_only_by_its_bits_is_not_writable_even_for_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("ro");
+        let path = dir.join("ro.img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        check_writable(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = check_writable(&path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

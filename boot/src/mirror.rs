@@ -11,6 +11,7 @@ use snapshot::backup::volume::VolumeStream;
 use snapshot::interface::trace::Record;
 use snapshot::mirror::{Geometry, Options};
 
+use crate::filedisk::{check_writable, same_file};
 use crate::qemu::Disk;
 
 /// A mirror run about to start.
@@ -32,13 +33,6 @@ fn len(path: &Path, what: &str) -> Result<u64, String> {
         .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-fn same(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
 /// The controller disk kept beside `secondary`.
 pub fn control_path(secondary: &Path) -> PathBuf {
     let mut name = secondary.as_os_str().to_owned();
@@ -48,18 +42,22 @@ pub fn control_path(secondary: &Path) -> PathBuf {
 
 /// Checks the pair and prepares the controller disk and the tape.
 pub fn plan(primary: &Path, secondary: &Path, tape: &Path) -> Result<MirrorJob, String> {
-    if same(primary, secondary) {
+    if same_file(primary, secondary) {
         return Err(format!(
             "--primary and --secondary are the same file ({}); a mirror needs two",
             primary.display()
         ));
     }
     for (other, what) in [(primary, "--primary"), (secondary, "--secondary")] {
-        if same(tape, other) {
+        if same_file(tape, other) {
             return Err(format!(
                 "--tape names the {what} image; it would be overwritten"
             ));
         }
+    }
+    for (path, what) in [(primary, "--primary"), (secondary, "--secondary")] {
+        check_writable(path)
+            .map_err(|e| format!("{what} {}: {e}; the mirror writes it", path.display()))?;
     }
     let (p, s) = (len(primary, "--primary")?, len(secondary, "--secondary")?);
     if p % 512 != 0 || p == 0 {
@@ -72,12 +70,6 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path) -> Result<MirrorJob, 
         return Err(format!(
             "the secondary ({s} bytes) is smaller than the primary ({p} bytes)"
         ));
-    }
-    for (path, what) in [(primary, "--primary"), (secondary, "--secondary")] {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| format!("{what} {}: {e}; the mirror writes it", path.display()))?;
     }
     let geo = Geometry {
         block_bytes: Options::default().block_bytes,
@@ -182,4 +174,56 @@ pub fn progress_line(record: &Record<'_>) -> Option<String> {
         (done >> 20, total >> 20)
     };
     Some(format!("{what}: {pct:>3}% ({d} of {t})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mirror-plan-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["p.img", "s.img"] {
+            std::fs::write(dir.join(f), vec![0u8; 1 << 20]).unwrap();
+        }
+        dir
+    }
+
+    /// The refusal leaves nothing behind: no controller disk, no tape.
+    fn refused(dir: &Path, primary: &Path, secondary: &Path) -> String {
+        let e = plan(primary, secondary, &dir.join("t.tape")).unwrap_err();
+        assert!(!control_path(secondary).exists(), "{e}");
+        assert!(!dir.join("t.tape").exists(), "{e}");
+        e
+    }
+
+    #[test]
+    fn a_hard_link_to_the_primary_is_the_same_file() {
+        let dir = scratch("hard");
+        std::fs::hard_link(dir.join("p.img"), dir.join("twin.img")).unwrap();
+        let e = refused(&dir, &dir.join("p.img"), &dir.join("twin.img"));
+        assert!(e.contains("same file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_read_only_primary_is_refused_even_for_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("ro");
+        let p = dir.join("p.img");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = refused(&dir, &p, &dir.join("s.img"));
+        assert!(e.contains("--primary") && e.contains("read-only"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_is_named_as_one() {
+        let dir = scratch("dir");
+        std::fs::create_dir(dir.join("d")).unwrap();
+        let e = refused(&dir, &dir.join("p.img"), &dir.join("d"));
+        assert!(e.contains("--secondary") && e.contains("directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -131,6 +131,14 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     };
     let cpus = cpus::start_others(&madt.cpus, cpu_limit);
     memsnap::run_on_all_cpus(cmd.get("memsnap_cpus") != Some("boot"));
+    match cmd.get("copier_cpu") {
+        None | Some("own") => {}
+        Some("shared") => memsnap::CopierCpu::set_boot_default(memsnap::CopierCpu::Shared),
+        Some(other) => {
+            log!("copier_cpu={other}: expected own or shared");
+            exit(ExitCode::Failure)
+        }
+    }
     if cpus > 1 {
         log!("{cpus} CPUs online");
     }

@@ -29,7 +29,9 @@ use snapshot::backup::tape::{Header, BLOCK, HEADER_BYTES};
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 use snapshot::memsnap::page_hash;
-use snapshot::mirror::{BackupJob, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via};
+use snapshot::mirror::{
+    BackupJob, CopyBatch, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via,
+};
 use snapshot::support::rng::Rng;
 
 use crate::arch::qemu::ExitCode;
@@ -77,9 +79,9 @@ pub fn pump_all(m: &Mirror, progress: &mut Progress) -> Result<u64, Error> {
     }
 }
 
-/// A seeded workload writing `ops` 4 KiB writes (forever if `None`, until
-/// `stop`) at random places of the primary; returns write latencies in
-/// ns if `record`.
+/// A seeded workload writing `ops` 4 KiB writes (the whole volume if it
+/// is smaller; forever if `None`, until `stop`) at random places of the
+/// primary; returns write latencies in ns if `record`.
 pub fn workload(
     m: &Mirror,
     seed: u64,
@@ -88,8 +90,9 @@ pub fn workload(
     record: bool,
 ) -> Result<Vec<u64>, Error> {
     let mut rng = Rng::new(seed);
-    let sectors = m.geometry().volume_bytes / 512;
-    let mut buf = alloc::vec![0u8; 4096];
+    let volume_bytes = m.geometry().volume_bytes;
+    let sectors = volume_bytes / 512;
+    let mut buf = alloc::vec![0u8; 4096.min(volume_bytes) as usize];
     let mut lat = Vec::new();
     let mut i = 0;
     while ops.is_none_or(|n| i < n) && !stop.load(Ordering::Relaxed) {
@@ -105,25 +108,82 @@ pub fn workload(
     Ok(lat)
 }
 
+/// Whether the copier reads its next batch while it writes the current
+/// one; off by default: under TCG on a loaded 2-core host it measured no
+/// faster (the overlapped reads slowed the secondary's writes as much as
+/// they saved; docs/results/mirror.md). `bench-mirror pipeline=on` turns
+/// it on, to measure again.
+pub static PIPELINED: AtomicBool = AtomicBool::new(false);
+
+/// Stack of the thread that reads the copier's next batch.
+const READ_STACK: u64 = 64 * 1024;
+
 /// Runs the copier, `batch` blocks a step, until the instant is wholly
-/// on the secondary or `stop`, reporting `stage=copy` progress (blocks of the instant on the
-/// secondary, whoever copied them); returns the blocks it copied.
+/// on the secondary or `stop`, reporting `stage=copy` progress (blocks of
+/// the instant on the secondary, whoever copied them); returns the blocks
+/// it copied. With [`PIPELINED`], each batch goes to the secondary while
+/// a second thread reads the next one from the primary.
 pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
     let mut copied = 0;
     let mut progress = progress();
+    let mut ahead: Option<CopyBatch> = None;
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
-        let n = m.copy(batch)?;
+        let n = match ahead.take() {
+            Some(current) if !PIPELINED.load(Ordering::Relaxed) => m.copy_write(current)?,
+            Some(current) => {
+                let (next, wrote) = write_reading_next(m, current, batch);
+                ahead = next?;
+                wrote?
+            }
+            None => {
+                ahead = m.copy_read(batch)?;
+                0
+            }
+        };
         copied += n;
         let status = m.status();
         progress.report("copy", status.copied, status.pending);
-        if n == 0 {
+        if n == 0 && ahead.is_none() {
             // Nothing to claim: the rest is held by others, or a backup
             // `via=memory` copies it. Sleep rather than spin, so that the
             // CPU goes to them.
             thread::sleep_ns(1_000_000);
         }
     }
+    if let Some(last) = ahead {
+        copied += m.copy_write(last)?;
+    }
     Ok(copied)
+}
+
+/// Writes `current` to the secondary while another thread reads the next
+/// batch from the primary. A batch read is never dropped unwritten (its
+/// blocks would stay claimed): if the write failed, the next batch is
+/// handed to the mirror (which gives its claims back) and not returned.
+fn write_reading_next(
+    m: &Mirror,
+    current: CopyBatch,
+    batch: u64,
+) -> (Result<Option<CopyBatch>, Error>, Result<u64, Error>) {
+    let (mut next, mut wrote) = (Ok(None), Ok(0));
+    let mut current = Some(current);
+    crate::scoped::both(
+        "mirror-copy-read",
+        READ_STACK,
+        &mut || next = m.copy_read(batch),
+        &mut || {
+            if let Some(c) = current.take() {
+                wrote = m.copy_write(c);
+            }
+        },
+    );
+    if wrote.is_err() {
+        if let Ok(Some(orphan)) = next {
+            let _ = m.copy_write(orphan);
+            next = Ok(None);
+        }
+    }
+    (next, wrote)
 }
 
 /// Backs the split instant up to `tape`; returns the summary.

@@ -12,20 +12,17 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use snapshot::interface::trace::{write_record, Value};
+use snapshot::interface::trace::{write_record, Fields, Value};
 
 use crate::sync::IrqMutex;
 
-/// Most fields in one record.
-pub const MAX_FIELDS: usize = 6;
 const CAPACITY: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
 struct Record {
     ts_ns: u64,
     event: &'static str,
-    count: u8,
-    fields: [(&'static str, Value<'static>); MAX_FIELDS],
+    fields: Fields<'static>,
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -46,18 +43,17 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Records an event now. At most [`MAX_FIELDS`] fields are kept.
-pub fn record(event: &'static str, fields: &[(&'static str, Value<'static>)]) {
+/// Records an event now. A record of more than
+/// [`snapshot::interface::trace::MAX_FIELDS`] fields does not compile.
+pub fn record<const N: usize>(event: &'static str, fields: &[(&'static str, Value<'static>); N]) {
     if !enabled() {
         return;
     }
     let mut record = Record {
         ts_ns: 0,
         event,
-        count: fields.len().min(MAX_FIELDS) as u8,
-        fields: [("", Value::U64(0)); MAX_FIELDS],
+        fields: Fields::new(fields),
     };
-    record.fields[..record.count as usize].copy_from_slice(&fields[..record.count as usize]);
     for _ in 0..2 {
         {
             let mut buffer = BUFFER.lock();
@@ -87,7 +83,7 @@ pub fn flush() -> bool {
     let dropped = DROPPED.swap(0, Ordering::Relaxed);
     crate::arch::serial::with_console(|console| {
         for r in &printing {
-            let _ = write_record(console, r.ts_ns, r.event, &r.fields[..r.count as usize]);
+            let _ = write_record(console, r.ts_ns, r.event, r.fields.as_slice());
         }
         if dropped > 0 {
             let fields = [("records", Value::U64(dropped))];

@@ -290,6 +290,18 @@ impl VirtioBlk {
         }
     }
 
+    /// Batches by kind so far, `[reads, writes, flushes]`, each
+    /// `[batches, bytes, ns holding the disk]`, and the ns callers waited
+    /// for the disk's lock.
+    pub fn kinds(&self) -> ([[u64; 3]; 3], u64) {
+        let t = &self.totals;
+        let k = t
+            .kinds
+            .each_ref()
+            .map(|k| k.each_ref().map(|c| c.load(Ordering::Relaxed)));
+        (k, t.lock_wait_ns.load(Ordering::Relaxed))
+    }
+
     /// Where the time of single-request batches went so far.
     pub fn stages(&self) -> Stages {
         *self.stages.lock()

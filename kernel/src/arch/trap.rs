@@ -261,7 +261,7 @@ static NEXT_DEVICE_VECTOR: AtomicUsize = AtomicUsize::new(FIRST_DEVICE_VECTOR as
 /// Reserves a free device vector and installs `handler` on it.
 pub fn alloc_vector(handler: IrqHandler) -> Option<u8> {
     let vector = NEXT_DEVICE_VECTOR
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        .try_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             (v < END_DEVICE_VECTOR as usize).then_some(v + 1)
         })
         .ok()? as u8;

@@ -67,15 +67,20 @@ fn measure(
         bytes,
         counters,
     };
-    crate::trace!(
+    // Seven fields, more than a buffered record holds; once per phase,
+    // after its timing.
+    let u = snapshot::interface::trace::Value::U64;
+    crate::trace::emit_now(
         "bench.blk",
-        phase = crate::trace::Word(name),
-        ns = ns,
-        ops = ops,
-        requests = counters.requests,
-        wait_ns = counters.wait_ns,
-        driver_pct = phase.driver_pct(),
-        notify_pct = phase.notify_pct(),
+        &[
+            ("phase", snapshot::interface::trace::Value::Word(name)),
+            ("ns", u(ns)),
+            ("ops", u(ops)),
+            ("requests", u(counters.requests)),
+            ("wait_ns", u(counters.wait_ns)),
+            ("driver_pct", u(phase.driver_pct())),
+            ("notify_pct", u(phase.notify_pct())),
+        ],
     );
     log!(
         "{name:>16}: {:>8.3} s, {:>7} ops, {:>6} MiB/s, {:>7} IOPS, {} requests in {} batches; of batch time: driver {}% (in notify writes {}%), waiting {}%",

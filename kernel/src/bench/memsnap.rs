@@ -3,9 +3,18 @@
 //! pages, one page copy, a 128 MiB range's pause and the workload's rate
 //! before; then a verified snapshot, and with `to_disk=NAME` the same to a
 //! disk ([`super::memsnap_disk`]).
+//!
+//! The workload's rates before, during and after the snapshot are taken on
+//! the same CPUs: with the copier's CPU reserved (the default with several
+//! CPUs), a stand-in thread reserves it while the "before" and "after"
+//! rates are measured. The rate on every CPU and on the boot CPU alone are
+//! reported beside them, so the reservation's cost and the workload's own
+//! scaling show.
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use snapshot::interface::cmdline::CmdLine;
 
@@ -14,7 +23,7 @@ use super::memsnap_disk::{snapshot_to_disk, DiskFigures};
 use super::{complete_snapshot, fraction, per_second, percentile, print_json, MS};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
-use crate::memsnap::{self, Options, Report};
+use crate::memsnap::{self, CopierCpu, Options, Report};
 use crate::workload::Workload;
 use crate::{log, thread};
 
@@ -29,6 +38,38 @@ fn steady_rate(workload: &Workload) -> u64 {
     per_second(workload.ops() - ops, now_ns() - t)
 }
 
+/// Runs `f` with the CPU the copier reserves (if it does) reserved by an
+/// idle stand-in, so the workload runs where it will during the snapshot.
+fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
+    if !copier_reserves() {
+        return f();
+    }
+    // 0 starting, 1 on its CPU, 2 to end.
+    let state = Arc::new(AtomicU64::new(0));
+    let stand_in = {
+        let state = state.clone();
+        thread::spawn("cpu-stand-in", move || {
+            let placed = thread::take_own_cpu(true).is_some();
+            state.store(1, Ordering::Release);
+            while placed && state.load(Ordering::Acquire) != 2 {
+                thread::sleep_ns(10 * MS);
+            }
+        })
+    };
+    while state.load(Ordering::Acquire) == 0 {
+        thread::yield_now();
+    }
+    let result = f();
+    state.store(2, Ordering::Release);
+    stand_in.join();
+    result
+}
+
+/// Whether the snapshot's copier will have a CPU to itself.
+fn copier_reserves() -> bool {
+    thread::cpus() > 1 && Options::default().copier_cpu == CopierCpu::Own
+}
+
 /// Everything the benchmark measured.
 struct Figures {
     mem_bytes: u64,
@@ -40,7 +81,9 @@ struct Figures {
     stop_copy_ns: u64,
     small: Report,
     cpus: usize,
+    workload_cpus: usize,
     ops_before: u64,
+    ops_all_cpus: u64,
     ops_1cpu: u64,
     timed: Report,
     latencies: Vec<u64>,
@@ -105,7 +148,8 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let small = complete_snapshot("small-range", &small)?;
     // Measured here, in the state the live snapshot will meet: the emulator
     // has settled after the baselines (its TLB is sized at full flushes).
-    let ops_before = steady_rate(&workload);
+    let ops_all_cpus = steady_rate(&workload);
+    let ops_before = off_the_copier_cpu(|| steady_rate(&workload));
     // The same workload on the boot CPU alone (the others held idle): how
     // the workload itself scales with CPUs.
     let ops_1cpu = {
@@ -113,7 +157,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         steady_rate(&workload)
     };
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
-    let ops_after = steady_rate(&workload);
+    let ops_after = off_the_copier_cpu(|| steady_rate(&workload));
     // The verified snapshot, same workload, same boot: its result is
     // compared page by page with a stop-the-world reference.
     let verify = verifies(cmd);
@@ -145,7 +189,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         stop_copy_ns,
         small,
         cpus: thread::cpus(),
+        workload_cpus: thread::cpus() - usize::from(copier_reserves()),
         ops_before,
+        ops_all_cpus,
         ops_1cpu,
         timed,
         latencies,
@@ -239,9 +285,11 @@ impl Figures {
             self.cold_copy.p99
         );
         log!(
-            "workload on {} CPUs: {} ops/s before ({} on one CPU), {} during, {} after",
+            "workload on {} of {} CPUs: {} ops/s before ({} on all, {} on one), {} during, {} after",
+            self.workload_cpus,
             self.cpus,
             self.ops_before,
+            self.ops_all_cpus,
             self.ops_1cpu,
             self.ops_during,
             self.ops_after
@@ -267,6 +315,7 @@ impl Figures {
         let verified = self.verified.as_ref();
         let numbers = [
             ("cpus", self.cpus as u64),
+            ("workload_cpus", self.workload_cpus as u64),
             ("mem_bytes", self.mem_bytes),
             ("ram_pages", self.ram_pages),
             ("pages", r.pages),
@@ -297,6 +346,7 @@ impl Figures {
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
+            ("workload_ops_per_s_all_cpus", self.ops_all_cpus),
             ("workload_ops_per_s_1cpu", self.ops_1cpu),
             ("workload_ops_per_s_during", self.ops_during),
             ("workload_ops_per_s_after", self.ops_after),

@@ -7,7 +7,9 @@
 //! up). Beside them, in the same boot: sequential writes of the
 //! secondary and reads of what they wrote (the copy's baseline), the workload before the split, and the split's
 //! acknowledgement on two more pairs of different sizes, taking turns.
-//! Kernel word: `batch=` blocks per copier step (default the mirror's).
+//! Kernel words: `batch=` blocks per copier step (default the mirror's);
+//! `pipeline=on` makes the copier read its next batch while it writes
+//! the current one (to compare; off by default).
 //!
 //! This module only measures: it drives the mirror through its public
 //! operations and never changes how they work.
@@ -42,6 +44,7 @@ pub fn mirror(cmd: &CmdLine<'_>) -> ExitCode {
         .get("batch")
         .and_then(|v| v.parse().ok())
         .unwrap_or(BATCH);
+    crate::mirror::PIPELINED.store(cmd.get("pipeline") == Some("on"), Ordering::Relaxed);
     match run(batch) {
         Ok(fields) => {
             print_json(&fields);
@@ -151,6 +154,40 @@ impl Load {
     }
 }
 
+/// Each named disk's counts by kind ([`virtio::VirtioBlk::kinds`]) at
+/// one moment, to log where a stage's time went on each disk.
+struct DiskTimes(Vec<(&'static str, [[u64; 3]; 3], u64)>);
+
+impl DiskTimes {
+    const NAMES: [&'static str; 4] = ["primary", "secondary", "control", "tape"];
+
+    fn now() -> DiskTimes {
+        DiskTimes(
+            Self::NAMES
+                .iter()
+                .filter_map(|&n| {
+                    let (k, lock) = virtio::disk(n).ok()?.kinds();
+                    Some((n, k, lock))
+                })
+                .collect(),
+        )
+    }
+
+    /// Logs what each disk did since `self`, labelled `what`.
+    fn log_since(&self, what: &str) {
+        let now = DiskTimes::now();
+        for ((name, a, la), (_, b, lb)) in self.0.iter().zip(&now.0) {
+            let d = |k: usize, i: usize| b[k][i] - a[k][i];
+            log!(
+                "bench-mirror: {what} {name}: reads {} {} KiB {} us, writes {} {} KiB {} us, flushes {} {} us, lock wait {} us",
+                d(0, 0), d(0, 1) >> 10, d(0, 2) / 1000,
+                d(1, 0), d(1, 1) >> 10, d(1, 2) / 1000,
+                d(2, 0), d(2, 2) / 1000, (lb - la) / 1000
+            );
+        }
+    }
+}
+
 /// One round's figures.
 struct Round {
     backup_ns: u64,
@@ -181,6 +218,7 @@ fn round(
     let stop = Arc::new(AtomicBool::new(false));
     let (m2, stop2) = (m.clone(), stop.clone());
     let t0 = now_ns();
+    let disk_times = DiskTimes::now();
     let writer = thread::spawn("bench-mirror-workload", move || {
         workload(&m2, seed, None, &stop2, true)
     });
@@ -189,6 +227,7 @@ fn round(
     let (summary, copy_ns) = if slow {
         copier(m, &never, batch)?;
         let copy_ns = now_ns() - t0;
+        disk_times.log_since("slow round, copy");
         (backup(m, tape, Via::Secondary, &mut progress)?, copy_ns)
     } else {
         let m2 = m.clone();
@@ -201,6 +240,7 @@ fn round(
         (summary?, copy_ns)
     };
     let backup_ns = now_ns() - t0;
+    disk_times.log_since(if slow { "slow round, all" } else { via.name() });
     stop.store(true, Ordering::Relaxed);
     let lat = writer.join()?;
     let load = Load::new(m, seed, lat, now_ns() - t0);

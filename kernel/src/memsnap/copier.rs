@@ -11,7 +11,7 @@
 
 use alloc::string::String;
 use alloc::sync::Arc;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use snapshot::copyonce::Pacer;
 use snapshot::memsnap::{transition, Request};
@@ -28,14 +28,63 @@ const COPIER_BATCH: u64 = 16;
 /// One burst of copying, ns.
 const COPIER_BURST_NS: u64 = 2_000_000;
 
-/// The copier thread, at `share_pct` percent of the CPU.
-pub(super) fn copier(share_pct: u64, disk: Option<Arc<Shared>>) {
-    // A CPU of its own when there are several (not while the session holds
-    // the other CPUs idle). With two, the workload may use the copier's CPU
-    // while it sleeps between bursts, so the workload keeps every CPU;
-    // with more, the copier reserves it.
-    let own_cpu = crate::thread::take_own_cpu(2);
+/// Where the copier runs when there is more than one CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopierCpu {
+    /// On the highest CPU, reserved: no other thread runs there until the
+    /// copier ends, so the copy never waits behind the workload and the
+    /// workload keeps the other CPUs (the default).
+    Own,
+    /// Pinned to the highest CPU, not reserved: other threads use it while
+    /// the copier sleeps between bursts (`copier_cpu=shared` on the
+    /// command line), so the workload keeps every CPU.
+    Shared,
+}
+
+/// Set by the copier once it is on its CPU (see [`wait_placed`]).
+static PLACED: AtomicBool = AtomicBool::new(false);
+
+/// Before spawning a copier: it is not placed yet.
+pub(super) fn unplace() {
+    PLACED.store(false, Ordering::Release);
+}
+
+/// Waits until the copier spawned last is on its CPU: from then until it
+/// ends, a reserved CPU runs nothing else.
+pub(super) fn wait_placed() {
+    while !PLACED.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+}
+
+/// The boot's choice for [`CopierCpu::boot_default`]: shared if true.
+static SHARED_BY_DEFAULT: AtomicBool = AtomicBool::new(false);
+
+impl CopierCpu {
+    /// What [`super::Options::default`] takes: [`CopierCpu::Own`] unless
+    /// [`CopierCpu::set_boot_default`] said otherwise.
+    pub fn boot_default() -> Self {
+        if SHARED_BY_DEFAULT.load(Ordering::Relaxed) {
+            CopierCpu::Shared
+        } else {
+            CopierCpu::Own
+        }
+    }
+
+    /// Sets the default for the snapshots to come (from `copier_cpu=`).
+    pub fn set_boot_default(cpu: CopierCpu) {
+        SHARED_BY_DEFAULT.store(cpu == CopierCpu::Shared, Ordering::Relaxed);
+    }
+}
+
+/// The copier thread, at `share_pct` percent of the CPU, placed as `cpu`
+/// says. A reservation ends with the thread.
+pub(super) fn copier(share_pct: u64, cpu: CopierCpu, disk: Option<Arc<Shared>>) {
+    // Not while the session holds the other CPUs idle: then the copier
+    // runs on the boot CPU with everyone else (see `memsnap_cpus=boot`).
+    let own_cpu = crate::thread::take_own_cpu(cpu == CopierCpu::Own);
     crate::trace!("memsnap.copier_cpu", cpu = own_cpu.map_or(0, |c| c as u64));
+    PLACED.store(true, Ordering::Release);
     let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
     let mut busy_ns = 0;
     loop {

@@ -41,6 +41,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use snapshot::devices::block::BlockError;
 use snapshot::memsnap::{transition, LifecycleError, Phase, Request};
 
+pub use copier::CopierCpu;
 pub use fault::{
     before_reuse, note_fault_wait, on_write_fault, register_dma, unregister_dma, window, WriteFault,
 };
@@ -59,6 +60,8 @@ use crate::thread::{self, JoinHandle};
 pub struct Options {
     /// Percent of the CPU the background copier may use (1..=100).
     pub copier_share_pct: u64,
+    /// Whether the copier reserves a CPU of its own (with more than one).
+    pub copier_cpu: CopierCpu,
     /// Keep the copy map outside the snapshotted memory (default: inside,
     /// where it is part of the eager set).
     pub map_outside: bool,
@@ -68,9 +71,11 @@ pub struct Options {
     pub verify: bool,
     /// Record every write fault's handler time.
     pub latencies: bool,
-    /// Only snapshot RAM below this physical address, plus the eager set
-    /// (so the pause copies the same pages as a full snapshot would): the
-    /// benchmark's same-run baseline for how the pause scales with the range.
+    /// Only snapshot RAM below this physical address: the benchmark's
+    /// same-run baseline for how the pause scales with the range. Eager
+    /// frames above it (page tables, stacks, heap placed high) are left
+    /// out with the rest of that RAM, so the pause copies only the eager
+    /// frames below it, not the whole eager set of a full snapshot.
     pub range_limit: Option<u64>,
     /// Store the snapshot on this virtio-blk disk (by its serial), as an
     /// ELF core file, instead of in RAM.
@@ -84,6 +89,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             copier_share_pct: 30,
+            copier_cpu: CopierCpu::boot_default(),
             map_outside: false,
             verify: false,
             latencies: false,
@@ -193,7 +199,7 @@ fn check_idle() -> Result<(), StartError> {
 }
 
 /// Takes a live snapshot: returns once the instant has passed and the copier
-/// runs. See [`wait`], [`abort`], [`release`], [`restore`].
+/// runs on its CPU ([`Options::copier_cpu`]). See [`wait`], [`abort`], [`release`], [`restore`].
 pub fn start(opts: &Options) -> Result<Report, StartError> {
     if STARTING.swap(true, Ordering::AcqRel) {
         return Err(StartError::Busy(LifecycleError {
@@ -234,10 +240,12 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
         reference_ns = times.reference_ns,
         instant_ns = report.instant_ns
     );
-    let share = opts.copier_share_pct.clamp(1, 100);
+    let (share, cpu) = (opts.copier_share_pct.clamp(1, 100), opts.copier_cpu);
+    copier::unplace();
     *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || {
-        copier::copier(share, disk);
+        copier::copier(share, cpu, disk);
     }));
+    copier::wait_placed();
     Ok(report)
 }
 

@@ -222,8 +222,9 @@ fn plan(opts: &Options, ram: &[Range<u64>], free: u64, to_disk: bool) -> Result<
 }
 
 /// The range over `frames` frames: `ram`, plus (with a range limit) the
-/// eager set's RAM frames below it, less what `reserved` hands to its
-/// callback.
+/// eager set's RAM frames below `frames`, less what `reserved` hands to
+/// its callback. `frames` ends at the last frame of `ram`, so those eager
+/// frames are already in `ram`: eager frames past the limit stay out.
 fn build_index(
     opts: &Options,
     ram: &[Range<u64>],

@@ -100,7 +100,9 @@ fn assert_verified(report: &memsnap::Report, what: &str) {
 /// it (the rendezvous parks them mid-loop) and right after it, when they
 /// fault on the same pages at once: one claims each page, the others wait
 /// or find it copied. The snapshot equals the reference hashed at the
-/// instant, every page copied exactly once.
+/// instant, every page copied exactly once. The copier shares its CPU
+/// here, so that with two CPUs both write (with its CPU reserved, the
+/// writer pinned there runs beside the other).
 pub fn same_pages_written_on_every_cpu_across_the_pause() {
     for seed in 0..3u64 {
         let pages = Pages::new(8, |i| i as u64 ^ seed);
@@ -125,7 +127,11 @@ pub fn same_pages_written_on_every_cpu_across_the_pause() {
             })
             .collect();
         thread::sleep_ns(2_000_000);
-        memsnap::start(&super::memsnap::verified()).expect("start");
+        memsnap::start(&memsnap::Options {
+            copier_cpu: memsnap::CopierCpu::Shared,
+            ..super::memsnap::verified()
+        })
+        .expect("start");
         let report = memsnap::wait().expect("report");
         stop.store(1, Ordering::Relaxed);
         let rounds: Vec<u64> = writers.into_iter().map(|w| w.join()).collect();
@@ -193,7 +199,8 @@ pub fn write_waits_for_the_copier_on_another_cpu() {
 /// it, and the fatal fault fails the test. Under TCG this cannot single out
 /// the abort's shootdown: QEMU walks the page tables again on a write its
 /// TLB entry does not permit, so a stale read-only entry never faults
-/// there; on hardware it would.
+/// there; on hardware it would. The copier shares its CPU, so that every
+/// CPU runs a thread of the test.
 pub fn abort_under_writers_on_every_cpu_leaves_every_page_writable() {
     let pages = Pages::new(32, |i| i as u64);
     let step = Arc::new(AtomicU64::new(0));
@@ -223,6 +230,7 @@ pub fn abort_under_writers_on_every_cpu_leaves_every_page_writable() {
         .collect();
     memsnap::start(&memsnap::Options {
         copier_share_pct: 1,
+        copier_cpu: memsnap::CopierCpu::Shared,
         ..memsnap::Options::default()
     })
     .expect("start");

@@ -44,6 +44,7 @@ const PASSING: &[Test] = tests![
     smp::lock_hammered_from_all_cpus,
     smp::permission_removal_reaches_every_cpu,
     smp::snapshot_with_writers_on_every_cpu,
+    smp::copier_cpu_runs_nothing_else_while_it_copies,
     memsnap_smp::same_pages_written_on_every_cpu_across_the_pause,
     memsnap_smp::write_waits_for_the_copier_on_another_cpu,
     memsnap_smp::abort_under_writers_on_every_cpu_leaves_every_page_writable,

@@ -222,3 +222,70 @@ pub fn permission_removal_reaches_every_cpu() {
     }
     assert!(thread::set_affinity(u64::MAX, false));
 }
+
+/// While a snapshot's copier has its CPU (the default with several CPUs),
+/// no other thread runs there: threads, one of them pinned to that CPU,
+/// note the hardware's APIC id wherever they run during the snapshot, and
+/// none is the copier CPU's; the pinned one runs on the others meanwhile
+/// (a reservation starves nobody), and is back on its CPU once the copier
+/// has ended.
+pub fn copier_cpu_runs_nothing_else_while_it_copies() {
+    use crate::memsnap;
+    use snapshot::memsnap::Phase;
+    let last = (0..crate::arch::percpu::MAX_CPUS)
+        .rev()
+        .find(|&c| crate::arch::percpu::is_online(c))
+        .unwrap_or(0);
+    let copier_apic = on_each_cpu(|_| ()).last().map(|&(_, id)| id);
+    // 0 before the snapshot, 1 once it has started, 2 to stop.
+    let step = Arc::new(AtomicU64::new(0));
+    let spawn = |pin: Option<usize>| {
+        let step = step.clone();
+        thread::spawn("noter", move || {
+            if let Some(cpu) = pin {
+                assert!(thread::set_affinity(1 << cpu, false));
+            }
+            let (mut seen, mut notes) = (Vec::new(), 0u64);
+            while step.load(Ordering::Acquire) < 2 {
+                // Interrupts off: the phase and the id are read on one CPU.
+                let _irq = crate::sync::IrqOff::new();
+                if step.load(Ordering::Acquire) == 1 && memsnap::phase() == Phase::Active {
+                    let id = crate::arch::apic::id();
+                    if !seen.contains(&id) {
+                        seen.push(id);
+                    }
+                    notes += 1;
+                }
+            }
+            // Placed by its affinity again at this switch.
+            thread::yield_now();
+            let _irq = crate::sync::IrqOff::new();
+            (seen, notes, crate::arch::apic::id())
+        })
+    };
+    let mut noters: Vec<_> = (0..2 * thread::cpus()).map(|_| spawn(None)).collect();
+    noters.push(spawn(Some(last)));
+    memsnap::start(&memsnap::Options::default()).expect("start");
+    step.store(1, Ordering::Release);
+    let report = memsnap::wait().expect("report");
+    memsnap::release().expect("release");
+    step.store(2, Ordering::Release);
+    let notes: Vec<_> = noters.into_iter().map(|t| t.join()).collect();
+    crate::log!("snapshot of {} pages; noted {notes:?}", report.pages);
+    let (seen_by_pinned, pinned_notes, pinned_end) = notes.last().cloned().expect("pinned");
+    assert!(pinned_notes > 0, "the thread pinned to CPU {last} starved");
+    if thread::cpus() > 1 {
+        let copier_apic = copier_apic.expect("the last CPU's APIC id");
+        for (seen, _, _) in &notes {
+            assert!(
+                !seen.contains(&copier_apic),
+                "a thread ran on the copier's CPU (APIC id {copier_apic}) during the snapshot"
+            );
+        }
+        assert!(!seen_by_pinned.is_empty());
+        assert_eq!(
+            pinned_end, copier_apic,
+            "back on CPU {last} after the copier"
+        );
+    }
+}

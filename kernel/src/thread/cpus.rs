@@ -47,14 +47,15 @@ pub fn set_affinity(mask: u64, reserve: bool) -> bool {
 }
 
 /// Gives the calling thread a CPU of its own, the highest online one, when
-/// there is more than one CPU; returns that CPU. With `share_below` CPUs
-/// or fewer, the thread is only pinned there and other threads may use the
-/// CPU when it sleeps (a thread that runs a share of the time would leave
-/// most of the CPU idle on a small machine); with more, the CPU is reserved.
-pub fn take_own_cpu(share_below: usize) -> Option<usize> {
+/// there is more than one CPU; returns that CPU. With `reserve`, no other
+/// thread runs there while the caller lives (threads pinned to it run on
+/// the other CPUs meanwhile; its idle thread and its timer still run
+/// there); without, the caller is only pinned there and other threads may
+/// use the CPU while it sleeps.
+pub fn take_own_cpu(reserve: bool) -> Option<usize> {
     let cpus = cpus();
     let cpu = (1..MAX_CPUS).rev().find(|&c| percpu::is_online(c))?;
-    (cpus > 1 && set_affinity(1 << cpu, cpus > share_below)).then_some(cpu)
+    (cpus > 1 && set_affinity(1 << cpu, reserve)).then_some(cpu)
 }
 
 /// Every CPU but the boot CPU held in its idle thread (see [`hold_others`]).

@@ -160,7 +160,7 @@ impl NewImage {
         let mut buf = buffer(WINDOW.min(self.data_offset()), "metadata window")?;
         let rc_end = self.refblocks_offset() + 2 * self.clusters();
         let fill = |at: u64, b: &mut [u8]| {
-            for (k, w) in b.chunks_exact_mut(8).enumerate() {
+            for (k, w) in b.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let o = at + 8 * k as u64;
                 let mut v = 0u64;
                 if o < V3_HEADER_LEN as u64 {

@@ -125,6 +125,57 @@ fn is_key_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
 }
 
+/// Most fields one record of the kernel's trace buffer holds.
+pub const MAX_FIELDS: usize = 6;
+
+/// A record's fields in a fixed-size array, for a trace buffer that must
+/// not allocate. Built from an array of at most [`MAX_FIELDS`] fields: a
+/// longer one does not compile, so no field is ever dropped silently.
+///
+/// ```compile_fail
+/// use snapshot::interface::trace::{Fields, Value};
+/// let v = Value::U64(1);
+/// let seven = [("a", v), ("b", v), ("c", v), ("d", v), ("e", v), ("f", v), ("g", v)];
+/// let _ = Fields::new(&seven);
+/// ```
+///
+/// The same with six fields compiles:
+///
+/// ```
+/// use snapshot::interface::trace::{Fields, Value};
+/// let v = Value::U64(1);
+/// let six = [("a", v), ("b", v), ("c", v), ("d", v), ("e", v), ("f", v)];
+/// assert_eq!(Fields::new(&six).as_slice(), &six[..]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fields<'a> {
+    count: u8,
+    fields: [(&'a str, Value<'a>); MAX_FIELDS],
+}
+
+impl<'a> Fields<'a> {
+    /// All of `fields`, in order.
+    pub fn new<const N: usize>(fields: &[(&'a str, Value<'a>); N]) -> Self {
+        const {
+            assert!(
+                N <= MAX_FIELDS,
+                "a trace record holds at most MAX_FIELDS fields"
+            )
+        };
+        let mut all = [("", Value::U64(0)); MAX_FIELDS];
+        all[..N].copy_from_slice(fields);
+        Fields {
+            count: N as u8,
+            fields: all,
+        }
+    }
+
+    /// The fields, in the order given.
+    pub fn as_slice(&self) -> &[(&'a str, Value<'a>)] {
+        &self.fields[..usize::from(self.count)]
+    }
+}
+
 fn is_word_char(c: char) -> bool {
     c.is_ascii_graphic() && c != '=' && c != '"'
 }

@@ -169,7 +169,7 @@ impl<W: AsRef<[AtomicU64]>> Staging<W> {
         };
         // Count first, so concurrent claims never take more than is free.
         self.free_word()
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |f| {
                 (f > floor as u64).then(|| f - 1)
             })
             .ok()?;

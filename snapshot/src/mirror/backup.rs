@@ -249,10 +249,13 @@ impl<'m, 't> BackupJob<'m, 't> {
         let (stream, data) = (&self.stream, &self.buf);
         let bs = m.geo.block_bytes as usize;
         let r = read.and_then(|()| {
-            m.write_pieces(claimed.iter().map(|&b| {
-                let at = stream.offset_in_window(b - first);
-                (b, &data[at..at + bs])
-            }))
+            m.write_pieces(
+                claimed.iter().map(|&b| {
+                    let at = stream.offset_in_window(b - first);
+                    (b, &data[at..at + bs])
+                }),
+                false,
+            )
             .map_err(CopyError::Secondary)
         });
         self.held.extend(tokens);

@@ -70,9 +70,10 @@ impl Area {
         let was_clear = *w & bit == 0;
         *w |= bit;
         // A branch, not `count += u64::from(was_clear)`: rustc 1.95's MIR
-        // optimiser miscompiles that form once `set` is inlined into a
-        // `&&` chain (the second call's increment is lost, release only;
-        // see docs/testing.md). The release test run guards the rest.
+        // optimiser miscompiled that form once `set` was inlined into a
+        // `&&` chain (the second call's increment was lost, release only;
+        // rust-lang/rust#158206, fixed in the pinned toolchain; see
+        // docs/testing.md). The release test run guards the rest.
         if was_clear {
             self.count += 1;
         }

@@ -110,14 +110,23 @@ pub(super) struct Inner {
     pub(super) inflight: Vec<u64>,
     /// A pump batch runs: its blocks, still marked on disk.
     pub(super) pinned: Vec<u64>,
-    /// A pump batch, copier batch or backup window runs.
+    /// A pump batch or backup window runs.
     pub(super) pump_busy: bool,
-    pub(super) copier_busy: bool,
     pub(super) backup_busy: bool,
     /// A backup `via=memory` runs: it copies every block of the instant
     /// its windows hold itself, in its single pass over the volume, so
     /// the copier steps aside until it ends.
     pub(super) backup_copies: bool,
+    /// Copier batches between their claim and their settling (at most
+    /// [`super::copier::MAX_BATCHES`]).
+    pub(super) copiers: u32,
+    /// Split: sectors of the frozen area holding blocks the copier has
+    /// copied whose disk bits are not cleared yet, and how many blocks.
+    pub(super) clears: Vec<u64>,
+    pub(super) unclear: u64,
+    /// Buffers of settled copier batches, for the next ones (at most
+    /// [`super::copier::MAX_BATCHES`]; dropped when the copier runs out).
+    pub(super) spare: Vec<Vec<u8>>,
     /// A superblock is being written.
     pub(super) super_busy: bool,
     /// Split: blocks of the frozen bitmap to copy.
@@ -335,13 +344,7 @@ impl Mirror {
             bytes
         };
         let sector = self.geo.area_at(k) + s;
-        let r = self.disks.control.write(sector, &bytes).and_then(|()| {
-            if flush {
-                self.disks.control.flush()
-            } else {
-                Ok(())
-            }
-        });
+        let r = write_then_flush(&*self.disks.control, sector, &bytes, flush);
         let mut g = self.inner.lock();
         g.areas[k].set_writing(s, false);
         match r {
@@ -416,11 +419,7 @@ impl Mirror {
         g.super_busy = true;
         drop(g);
         let bytes = next.encode();
-        let r = self
-            .disks
-            .control
-            .write(next.slot_sector(), &bytes)
-            .and_then(|()| self.disks.control.flush());
+        let r = write_then_flush(&*self.disks.control, next.slot_sector(), &bytes, true);
         let mut g = self.inner.lock();
         g.super_busy = false;
         r.map_err(Error::Io)?;
@@ -456,8 +455,20 @@ impl Mirror {
     /// Copies `blocks` from primary to secondary through one buffer, then
     /// flushes the secondary.
     pub(super) fn copy_blocks(&self, blocks: &[u64]) -> Result<(), CopyError> {
+        let buf = self.read_blocks(blocks, Vec::new())?;
+        self.put_secondary(blocks, &buf)
+    }
+
+    /// Reads `blocks` from the primary into one buffer, whole-block pieces
+    /// in order: `buf`, resized (a buffer used before is not zeroed again:
+    /// the reads overwrite every byte that is written on).
+    pub(super) fn read_blocks(
+        &self,
+        blocks: &[u64],
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, CopyError> {
         let bs = self.geo.block_bytes as usize;
-        let mut buf = alloc::vec![0u8; bs * blocks.len()];
+        buf.resize(bs * blocks.len(), 0);
         let mut ops: Vec<Op<'_>> = Vec::with_capacity(blocks.len());
         for (piece, &b) in buf.chunks_mut(bs).zip(blocks) {
             let (sector, len) = self.geo.extent(b);
@@ -471,7 +482,8 @@ impl Mirror {
             .primary
             .transfer(&mut ops, depth)
             .map_err(CopyError::Primary)?;
-        self.put_secondary(blocks, &buf)
+        drop(ops);
+        Ok(buf)
     }
 
     /// Writes `blocks` (whole-block pieces of `buf`, in order) to the
@@ -486,15 +498,16 @@ impl Mirror {
         &self,
         pieces: impl Iterator<Item = (u64, &'b [u8])>,
     ) -> Result<(), CopyError> {
-        self.write_pieces(pieces)
-            .and_then(|()| self.disks.secondary.flush())
+        self.write_pieces(pieces, true)
             .map_err(CopyError::Secondary)
     }
 
-    /// Writes each `(block, data)` to the secondary, without a flush.
+    /// Writes each `(block, data)` to the secondary and, if `flush`,
+    /// flushes it in the same batch.
     pub(super) fn write_pieces<'b>(
         &self,
         pieces: impl Iterator<Item = (u64, &'b [u8])>,
+        flush: bool,
     ) -> Result<(), BlockError> {
         let mut ops: Vec<Op<'_>> = pieces
             .map(|(b, piece)| {
@@ -505,9 +518,27 @@ impl Mirror {
                 }
             })
             .collect();
+        // One batch: the flush goes out once the writes have completed.
+        if flush {
+            ops.push(Op::Flush);
+        }
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
         self.disks.secondary.transfer(&mut ops, depth)
     }
+}
+
+/// Writes `bytes` at `sector` of `disk` and, if `flush`, flushes it, in
+/// one batch (one turn of the disk's lock and one completion wait fewer
+/// than two calls; the flush goes out once the write has completed).
+fn write_then_flush(
+    disk: &dyn BlockDevice,
+    sector: u64,
+    bytes: &[u8],
+    flush: bool,
+) -> Result<(), BlockError> {
+    let mut ops = [Op::Write { sector, buf: bytes }, Op::Flush];
+    let n = if flush { 2 } else { 1 };
+    disk.transfer(&mut ops[..n], 1)
 }
 
 /// Copies single blocks for the engine (copy before write).

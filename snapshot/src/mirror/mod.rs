@@ -51,6 +51,7 @@
 
 pub mod bitmap;
 mod controller;
+mod copier;
 pub mod layout;
 mod open;
 mod work;
@@ -64,6 +65,7 @@ use core::fmt;
 
 pub use backup::{BackupJob, BackupSummary, Via};
 pub use controller::{memory_bytes, Disks, Mirror, Opened, Options, Status};
+pub use copier::CopyBatch;
 pub use layout::{Geometry, Phase};
 pub use work::SplitAck;
 

@@ -9,7 +9,7 @@ use super::bitmap::Area;
 use super::controller::{Inner, Mirror, SectorWrite};
 use super::layout::{Phase, BLOCKS_PER_SECTOR};
 use super::{Error, Refusal};
-use crate::copyonce::{Cause, Claim, Token};
+use crate::copyonce::{Cause, Token};
 
 /// What a split acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ impl Mirror {
         loop {
             {
                 let g = self.inner.lock();
-                if g.writes == 0 && !g.pump_busy && !g.copier_busy {
+                if g.writes == 0 && !g.pump_busy && g.copiers == 0 {
                     return;
                 }
             }
@@ -116,7 +116,7 @@ impl Mirror {
 
     /// Rewrites (without a flush) the bitmap sectors of area `k` holding
     /// `blocks` whose disk bits are no longer needed.
-    fn clear_lazily(&self, k: usize, blocks: &[u64]) -> Result<(), Error> {
+    pub(super) fn clear_lazily(&self, k: usize, blocks: &[u64]) -> Result<(), Error> {
         let mut last = None;
         for &b in blocks {
             let s = b / BLOCKS_PER_SECTOR;
@@ -126,41 +126,6 @@ impl Mirror {
             }
         }
         Ok(())
-    }
-
-    /// Split: copies up to `max` blocks of the instant nobody has copied
-    /// to the secondary, in one batch. Returns how many it copied: 0 once
-    /// none is left for it (or not split), and 0 while a backup
-    /// `via=memory` runs: that backup copies what its pass meets, so the
-    /// two would only contend for the secondary.
-    pub fn copy(&self, max: u64) -> Result<u64, Error> {
-        let tokens = {
-            let mut g = self.inner.lock();
-            if g.sb.phase != Phase::Split || g.gate || g.copier_busy || g.backup_copies {
-                return Ok(0);
-            }
-            if let Some(why) = &g.sb.broken {
-                return Err(Error::Suspended(why.clone()));
-            }
-            let tokens = self.claim_next(&mut g, max);
-            g.copier_busy = !tokens.is_empty();
-            tokens
-        };
-        if tokens.is_empty() {
-            return Ok(0);
-        }
-        let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        let r = self.copy_blocks(&blocks);
-        self.settle(tokens, r.is_ok(), Cause::Background);
-        self.inner.lock().copier_busy = false;
-        match r {
-            Ok(()) => {
-                let d = self.inner.lock().sb.d;
-                self.clear_lazily(d, &blocks)?;
-                Ok(blocks.len() as u64)
-            }
-            Err(e) => Err(self.copy_failed(e)),
-        }
     }
 
     /// Finishes the tokens under `cause` if their copy is durable, or
@@ -173,20 +138,6 @@ impl Mirror {
                 self.engine.abandon(t);
             }
         }
-    }
-
-    /// Claims up to `max` blocks of the frozen bitmap from the cursor on,
-    /// wrapping once; blocks copied or being copied are skipped.
-    fn claim_next(&self, g: &mut Inner, max: u64) -> Vec<Token> {
-        let d = g.sb.d;
-        let mut tokens = Vec::new();
-        g.cursor = scan(&g.areas[d], g.cursor, |b| {
-            if let Claim::Won(t) = self.engine.claim(b) {
-                tokens.push(t);
-            }
-            (tokens.len() as u64) < max
-        });
-        tokens
     }
 
     /// Whether every block of the instant is on the secondary.
@@ -244,6 +195,8 @@ impl Mirror {
             let mut g = self.inner.lock();
             g.areas[f].zero();
             g.cursor = 0;
+            g.clears.clear();
+            g.unclear = 0;
             g.pending = 0;
         }
         self.engine.reset();
@@ -278,7 +231,7 @@ fn pick_marked(g: &mut Inner, max: u64) -> Vec<u64> {
 
 /// Visits the set bits of `area` from `start` on, wrapping once, while
 /// `visit` says to go on; returns where a next scan should start.
-fn scan(area: &Area, start: u64, mut visit: impl FnMut(u64) -> bool) -> u64 {
+pub(super) fn scan(area: &Area, start: u64, mut visit: impl FnMut(u64) -> bool) -> u64 {
     let mut at = start;
     let mut wrapped = false;
     loop {

@@ -316,20 +316,26 @@ impl<C: Copy + Default> RunQueue<C> {
 
     /// Whether `slot` may run on `cpu` now: held CPUs run nothing; a
     /// reserved CPU runs only the thread that reserved it; a thread whose
-    /// CPUs are all held runs anywhere else.
+    /// CPUs are all held or reserved by others runs anywhere else (a
+    /// reservation never starves a thread pinned to that CPU).
     fn may_run(&self, slot: usize, cpu: usize) -> bool {
         let bit = 1u64 << cpu;
-        if self.held & bit != 0 {
+        let closed = self.held | self.reserved_by_others(slot);
+        if closed & bit != 0 {
             return false;
         }
-        let reserved = self.reserves.iter().enumerate().any(|(owner, r)| {
-            *r == Some(cpu as u8) && owner != slot && self.state[owner] != State::Free
-        });
-        if reserved {
-            return false;
-        }
-        let usable = self.affinity[slot] & !self.held;
+        let usable = self.affinity[slot] & !closed;
         usable & bit != 0 || usable == 0
+    }
+
+    /// The CPUs reserved by live threads other than `slot`.
+    fn reserved_by_others(&self, slot: usize) -> u64 {
+        self.reserves
+            .iter()
+            .enumerate()
+            .filter(|&(owner, _)| owner != slot && self.state[owner] != State::Free)
+            .filter_map(|(_, r)| r.map(|cpu| 1u64 << cpu))
+            .fold(0, |mask, bit| mask | bit)
     }
 
     fn find_ready(&self, cpu: usize) -> Option<usize> {
@@ -455,6 +461,10 @@ mod tests {
         assert_eq!(q.switch(1, 200, Why::Yield, 0), 3, "a runs on CPU 1");
         assert_eq!(q.switch(1, 3, Why::Block(1), 0), 200, "CPU 1 is a's alone");
         assert!(!q.has_ready(1), "the boot thread may not use a's CPU");
+        assert!(q.set_affinity(b, 1 << 1, false), "b pinned to a's CPU");
+        assert_eq!(q.switch(0, 4, Why::Yield, 0), 0);
+        assert_eq!(q.switch(0, 0, Why::Yield, 0), 4, "b runs beside it");
+        assert!(q.set_affinity(b, ANY_CPU, false));
         assert_eq!(q.switch(0, 4, Why::Yield, 0), 0);
         q.hold(0b10);
         q.wake(1);

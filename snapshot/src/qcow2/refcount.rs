@@ -255,7 +255,7 @@ impl Refcounts {
     fn write_table_entry(&self, dev: &dyn BlockDevice, b: u64) -> Result<()> {
         let first = (b as usize * 8) / SECTOR_SIZE * SECTOR_SIZE / 8;
         let mut sector = [0u8; SECTOR_SIZE];
-        for (k, w) in sector.chunks_exact_mut(8).enumerate() {
+        for (k, w) in sector.as_chunks_mut::<8>().0.iter_mut().enumerate() {
             let v = self.table.get(first + k).copied().unwrap_or(0);
             w.copy_from_slice(&v.to_be_bytes());
         }

@@ -203,7 +203,7 @@ impl Tables {
         self.l1[i as usize] = (c * g.cs) | COPIED;
         let first = (i as usize * 8) / SECTOR_SIZE * SECTOR_SIZE / 8;
         let mut sector = [0u8; SECTOR_SIZE];
-        for (k, w) in sector.chunks_exact_mut(8).enumerate() {
+        for (k, w) in sector.as_chunks_mut::<8>().0.iter_mut().enumerate() {
             w.copy_from_slice(&self.l1.get(first + k).copied().unwrap_or(0).to_be_bytes());
         }
         // The L1 table may end mid-sector: keep what follows it.

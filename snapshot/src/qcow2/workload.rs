@@ -32,11 +32,12 @@ fn mix(seed: u64, k: u64) -> u64 {
     seed ^ k.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Request `k` of seed `seed` on a disk of `disk_sectors` (at least 16).
+/// Request `k` of seed `seed` on a disk of `disk_sectors` (at least 1):
+/// never longer than the disk.
 pub fn request(seed: u64, k: u64, disk_sectors: u64) -> Request {
     let mut rng = Rng::new(mix(seed, k));
     let write = rng.below(2) == 0;
-    let sectors = 1 + rng.below(MAX_SECTORS);
+    let sectors = 1 + rng.below(MAX_SECTORS.min(disk_sectors));
     let sector = rng.below(disk_sectors - sectors + 1);
     Request {
         write,
@@ -65,5 +66,16 @@ mod tests {
             assert_eq!(r, request(SEED, k, 100), "the same for the same k");
         }
         assert!((400..600).contains(&writes), "{writes} writes of 1000");
+    }
+
+    #[test]
+    fn requests_fit_a_disk_smaller_than_one_request() {
+        for disk in 1..=MAX_SECTORS {
+            for k in 0..200 {
+                let r = request(SEED, k, disk);
+                assert!(r.sectors >= 1, "{disk} sectors: {r:?}");
+                assert!(r.sector + r.sectors <= disk, "{disk} sectors: {r:?}");
+            }
+        }
     }
 }

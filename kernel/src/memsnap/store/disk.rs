@@ -393,8 +393,8 @@ impl Shared {
         self.disk.read(self.sector(first), &mut buf)?;
         let mut words = [0u64; 512];
         for (hash, page) in hashes.iter_mut().zip(buf.chunks(PAGE_SIZE as usize)) {
-            for (w, b) in words.iter_mut().zip(page.chunks_exact(8)) {
-                *w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            for (w, b) in words.iter_mut().zip(page.as_chunks::<8>().0) {
+                *w = u64::from_le_bytes(*b);
             }
             *hash = snapshot::memsnap::page_hash(&words);
         }

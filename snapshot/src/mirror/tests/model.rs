@@ -14,7 +14,9 @@ use proptest::prelude::*;
 use super::disk::{sector, versions, CrashDisk};
 use crate::backup::{restore, Format};
 use crate::devices::block::{BlockDevice, MemDisk, SECTOR_SIZE};
-use crate::mirror::{BackupJob, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via};
+use crate::mirror::{
+    BackupJob, CopyBatch, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via,
+};
 use crate::support::rng::Rng;
 
 #[derive(Debug, Clone)]
@@ -23,6 +25,9 @@ pub enum Step {
     Split,
     Pump(u8),
     Copy(u8),
+    /// The copier's first half (a batch read and held), or its second
+    /// (the held batch written).
+    CopyHalf(u8),
     Backup(bool),
     Resync,
     Crash(u64),
@@ -34,6 +39,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Split),
         2 => (1u8..6).prop_map(Step::Pump),
         2 => (1u8..6).prop_map(Step::Copy),
+        2 => (1u8..6).prop_map(Step::CopyHalf),
         3 => any::<bool>().prop_map(Step::Backup),
         1 => Just(Step::Resync),
         1 => any::<u64>().prop_map(Step::Crash),
@@ -194,7 +200,18 @@ fn run(block_shift: u32, sectors: u64, steps: Vec<Step>) -> Result<(), TestCaseE
     let (mut m, opened) = w.open();
     prop_assert_eq!(opened, Opened::Created { lagging: blocks });
     let mut backup: Option<Running> = None;
+    // A copier batch between its read and its write. One thread runs
+    // the steps, so the held batch is written before any step that could
+    // wait for its blocks; a crash drops it unwritten.
+    let mut held: Option<CopyBatch> = None;
     for step in steps {
+        let waits = matches!(
+            step,
+            Step::Write(..) | Step::Split | Step::Backup(_) | Step::Resync
+        );
+        if let Some(batch) = held.take_if(|_| waits) {
+            m.copy_write(batch).expect("copy write");
+        }
         match step {
             Step::Write(at, n) => w.write(&m, at, n)?,
             Step::Split => {
@@ -212,6 +229,12 @@ fn run(block_shift: u32, sectors: u64, steps: Vec<Step>) -> Result<(), TestCaseE
             Step::Copy(n) => {
                 m.copy(u64::from(n)).expect("copy");
             }
+            Step::CopyHalf(n) => match held.take() {
+                None => held = m.copy_read(u64::from(n)).expect("copy read"),
+                Some(batch) => {
+                    m.copy_write(batch).expect("copy write");
+                }
+            },
             Step::Backup(memory) => backup_step(&w, &m, &mut backup, memory)?,
             Step::Resync => {
                 backup = None;
@@ -219,6 +242,7 @@ fn run(block_shift: u32, sectors: u64, steps: Vec<Step>) -> Result<(), TestCaseE
                 w.instant = None;
             }
             Step::Crash(seed) => {
+                drop(held.take());
                 drop(m);
                 backup = None;
                 let mut rng = Rng::new(seed);
@@ -233,6 +257,9 @@ fn run(block_shift: u32, sectors: u64, steps: Vec<Step>) -> Result<(), TestCaseE
             }
         }
         w.check_secondary()?;
+    }
+    if let Some(batch) = held {
+        m.copy_write(batch).expect("copy write");
     }
     finish(&w, &m)
 }
