@@ -144,7 +144,10 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         let status = m.status();
         progress.report("copy", status.copied, status.pending);
         if n == 0 && ahead.is_none() {
-            thread::yield_now();
+            // Nothing to claim: the rest is held by others, or a backup
+            // `via=memory` copies it. Sleep rather than spin, so that the
+            // CPU goes to them.
+            thread::sleep_ns(1_000_000);
         }
     }
     if let Some(last) = ahead {

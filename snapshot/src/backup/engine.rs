@@ -280,3 +280,31 @@ fn pump(
     }
     Ok(())
 }
+
+/// Step 5's state for a raw volume's stream, which fills its windows
+/// itself: the medium written up to `written` and the extents' checksums
+/// so far.
+pub(super) struct Streamer<'a> {
+    pub(super) layout: Layout,
+    pub(super) tape: &'a dyn BlockDevice,
+    pub(super) written: u64,
+    pub(super) digest: Digest,
+}
+
+impl Streamer<'_> {
+    /// Step 5 for the `n` extents from extent `k` (fewer at the end),
+    /// laid out in `buf` as on the medium: each extent's header filled
+    /// in, then the window to the medium in one request; returns the copy
+    /// area's bytes streamed so far.
+    pub(super) fn window(&mut self, buf: &mut [u8], k: u64, n: u64) -> Result<u64, Error> {
+        let layout = &self.layout;
+        pipe::seal(buf, layout, k, n, &mut self.digest);
+        let (at, len) = pipe::window_span(layout, k, n);
+        debug_assert_eq!(at, self.written);
+        self.tape.write(at / 512, &buf[..len as usize])?;
+        self.written = at + len;
+        let last = (k + n).min(layout.extents()) - 1;
+        let (first, clusters, _) = layout.extent(last);
+        Ok((first + clusters) * layout.cluster_size())
+    }
+}

@@ -230,7 +230,7 @@ fn stream_side(
 
 /// Where on the medium the `n` extents from extent `k` (fewer at the
 /// end) go, and their bytes with header blocks: `(offset, bytes)`.
-fn window_span(layout: &Layout, k: u64, n: u64) -> (u64, u64) {
+pub(super) fn window_span(layout: &Layout, k: u64, n: u64) -> (u64, u64) {
     let last = (k + n).min(layout.extents()) - 1;
     let at = layout.extent(k).2;
     let (_, clusters, end) = layout.extent(last);
@@ -279,7 +279,7 @@ fn fill_window(
 /// Fills in the header of each of the `n` extents from extent `k` that
 /// [`fill_window`] left in `buf`, adding their checksums to `digest` in
 /// order (the copy fills windows in order).
-fn seal(buf: &mut [u8], layout: &Layout, k: u64, n: u64, digest: &mut Digest) {
+pub(super) fn seal(buf: &mut [u8], layout: &Layout, k: u64, n: u64, digest: &mut Digest) {
     let cs = layout.cluster_size();
     for (i, first, head, data) in extents_in(layout, buf, k, n) {
         let sum = checksum(data);

@@ -1,41 +1,40 @@
-//! A raw volume streamed whole to a medium, one extent at a time, in
+//! A raw volume streamed whole to a medium, a window of extents at a time, in
 //! volume order: what a backup of a split mirror writes (source kind
 //! [`SourceKind::RawVolume`] in `docs/backup-medium.md`). The caller
-//! fills each extent's data, from wherever it has it (a disk, memory);
+//! fills each window's data, from wherever it has it (a disk, memory);
 //! this module lays out the header, table 1 (one run), the extent headers
 //! and the trailer, so that [`super::restore`] brings the volume back.
 //!
-//! Memory: the caller owns the one extent buffer ([`VolumeStream::buffer`]).
+//! Memory: the caller owns the one window buffer ([`VolumeStream::buffer`]),
+//! at most [`WINDOW`] bytes plus an extent.
 //! This module must never read the volume itself, and writes the medium
 //! only sequentially, from its start.
 
 use alloc::vec::Vec;
 
+use super::engine::Streamer;
 use super::error::Error;
-use super::io::{need, write_deep, zeroed};
+use super::io::{need, write_deep, zeroed, WINDOW};
 use super::run::Run;
 use super::table::Encoder;
 use super::tape::{
-    self, checksum, Digest, ExtentHeader, Header, Layout, SourceKind, Trailer, BLOCK, HEADER_BYTES,
+    self, checksum, Digest, Header, Layout, SourceKind, Trailer, BLOCK, HEADER_BYTES,
 };
 use crate::devices::block::BlockDevice;
 
 /// A medium being written from a raw volume.
 pub struct VolumeStream<'t> {
-    tape: &'t dyn BlockDevice,
-    layout: Layout,
+    s: Streamer<'t>,
     header_checksum: u64,
-    written: u64,
     next: u64,
-    digest: Digest,
 }
 
 impl core::fmt::Debug for VolumeStream<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("VolumeStream")
-            .field("tape", &self.tape.info().name)
-            .field("layout", &self.layout)
-            .field("written", &self.written)
+            .field("tape", &self.s.tape.info().name)
+            .field("layout", &self.s.layout)
+            .field("written", &self.s.written)
             .field("next", &self.next)
             .finish()
     }
@@ -100,79 +99,96 @@ impl<'t> VolumeStream<'t> {
         let header_checksum = u64::from_le_bytes(front[4088..4096].try_into().expect("8 bytes"));
         debug_assert!(front.len() as u64 >= HEADER_BYTES);
         Ok(VolumeStream {
-            tape,
-            layout,
+            s: Streamer {
+                layout,
+                tape,
+                written: layout.data_offset(),
+                digest: Digest::default(),
+            },
             header_checksum,
-            written: layout.data_offset(),
             next: 0,
-            digest: Digest::default(),
         })
     }
 
     /// The medium's layout.
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        &self.s.layout
     }
 
     /// Clusters per extent: how many the caller fills at a time.
     pub fn extent_clusters(&self) -> u64 {
-        self.layout.extent_clusters()
+        self.s.layout.extent_clusters()
+    }
+
+    /// Extents in a window: as many as fit in [`WINDOW`] bytes (at least
+    /// one).
+    pub fn window_extents(&self) -> u64 {
+        let stride = BLOCK + self.extent_clusters() * self.s.layout.cluster_size();
+        (WINDOW / stride).max(1)
     }
 
     /// The next extent to write as `(first cluster, clusters)`, or `None`
     /// once all are written.
     pub fn next_extent(&self) -> Option<(u64, u64)> {
-        (self.next < self.layout.extents()).then(|| {
-            let (first, len, _) = self.layout.extent(self.next);
+        (self.next < self.s.layout.extents()).then(|| {
+            let (first, len, _) = self.s.layout.extent(self.next);
             (first, len)
         })
     }
 
-    /// A buffer for one extent: [`BLOCK`] bytes for its header, then the
-    /// data of a full extent.
-    pub fn buffer(&self) -> Result<Vec<u8>, Error> {
-        zeroed(BLOCK + self.extent_clusters() * self.layout.cluster_size())
+    /// The clusters of the next window, [`Self::window_extents`] extents
+    /// (fewer at the end), as `(first cluster, clusters)`, or `None` once
+    /// all are written.
+    pub fn next_window(&self) -> Option<(u64, u64)> {
+        let (first, _) = self.next_extent()?;
+        let last = (self.next + self.window_extents()).min(self.s.layout.extents()) - 1;
+        let (at, len, _) = self.s.layout.extent(last);
+        Some((first, at + len - first))
     }
 
-    /// Writes the next extent, whose data the caller put in `buf` after
-    /// the first [`BLOCK`] bytes (the clusters [`Self::next_extent`]
-    /// names, in order); returns the bytes of data streamed so far.
+    /// A buffer for one window: each extent as on the medium, [`BLOCK`]
+    /// bytes for its header, then the data of a full extent.
+    pub fn buffer(&self) -> Result<Vec<u8>, Error> {
+        let stride = BLOCK + self.extent_clusters() * self.s.layout.cluster_size();
+        zeroed(self.window_extents() * stride)
+    }
+
+    /// Where the data of the window's cluster `c` (counted from the
+    /// window's first) starts in the [`Self::buffer`].
+    pub fn offset_in_window(&self, c: u64) -> usize {
+        let e = self.extent_clusters();
+        let stride = BLOCK + e * self.s.layout.cluster_size();
+        ((c / e) * stride + BLOCK + (c % e) * self.s.layout.cluster_size()) as usize
+    }
+
+    /// Writes the next window ([`Self::next_window`]), whose data the
+    /// caller put in `buf` at [`Self::offset_in_window`], in one batch;
+    /// returns the bytes of data streamed so far.
     pub fn put(&mut self, buf: &mut [u8]) -> Result<u64, Error> {
-        let (first, len) = self.next_extent().expect("an extent left to write");
-        let cs = self.layout.cluster_size();
-        let end = (BLOCK + len * cs) as usize;
-        let (head, data) = buf[..end].split_at_mut(BLOCK as usize);
-        let sum = checksum(data);
-        self.digest.add(sum);
-        ExtentHeader {
-            index: self.next,
-            first,
-            clusters: len,
-            data_at: self.written + BLOCK,
-            data_checksum: sum,
-        }
-        .encode_into(head);
-        write_deep(self.tape, self.written / 512, &buf[..end])?;
-        self.written += end as u64;
-        self.next += 1;
-        Ok((first + len) * cs)
+        assert!(self.next_extent().is_some(), "an extent left to write");
+        let n = self
+            .window_extents()
+            .min(self.s.layout.extents() - self.next);
+        let done = self.s.window(buf, self.next, n)?;
+        self.next += n;
+        Ok(done)
     }
 
     /// Writes the trailer after the last extent and flushes the tape;
     /// returns the stream's length.
     pub fn finish(&mut self) -> Result<u64, Error> {
         assert!(self.next_extent().is_none(), "extents left to write");
-        let l = &self.layout;
-        debug_assert_eq!(self.written, l.trailer_offset());
+        let l = &self.s.layout;
+        debug_assert_eq!(self.s.written, l.trailer_offset());
         let trailer = Trailer {
             extents: l.extents(),
             data_clusters: l.data_clusters,
             stream_bytes: l.stream_bytes(),
             header_checksum: self.header_checksum,
-            digest: self.digest.value(),
+            digest: self.s.digest.value(),
         };
-        self.tape.write(self.written / 512, &trailer.encode())?;
-        self.tape.flush()?;
+        self.s.tape.write(self.s.written / 512, &trailer.encode())?;
+        self.s.tape.flush()?;
         Ok(l.stream_bytes())
     }
 }
@@ -196,12 +212,14 @@ mod tests {
             let mut s = VolumeStream::start(&tape, bytes, bits).unwrap();
             let cs = 1u64 << bits;
             let mut buf = s.buffer().unwrap();
-            while let Some((first, len)) = s.next_extent() {
-                let data = &mut buf[BLOCK as usize..];
-                data.fill(0);
-                let from = (first * cs).min(bytes) as usize;
-                let to = ((first + len) * cs).min(bytes) as usize;
-                data[..to - from].copy_from_slice(&volume[from..to]);
+            while let Some((first, len)) = s.next_window() {
+                buf.fill(0);
+                for c in first..first + len {
+                    let from = (c * cs).min(bytes) as usize;
+                    let to = ((c + 1) * cs).min(bytes) as usize;
+                    let at = s.offset_in_window(c - first);
+                    buf[at..at + to - from].copy_from_slice(&volume[from..to]);
+                }
                 s.put(&mut buf).unwrap();
             }
             let len = s.finish().unwrap();

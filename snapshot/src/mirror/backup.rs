@@ -1,6 +1,7 @@
 //! The second server's backup of a split secondary to a tape: the volume
 //! as it was at the split instant, streamed in block order through one
-//! extent buffer, while the copy to the secondary may still run. A block
+//! window buffer (a few extents), while the copy to the secondary may still
+//! run. A block
 //! of the instant the copier has not reached is copied on demand, one of
 //! two ways ([`Via`]); either way the secondary receives it, and the
 //! copy-once engine sees to it that no block is copied twice.
@@ -13,10 +14,14 @@ use alloc::vec::Vec;
 use super::controller::{CopyError, Mirror};
 use super::layout::Phase;
 use super::{Error, Refusal};
-use crate::backup::tape::BLOCK;
 use crate::backup::volume::VolumeStream;
 use crate::copyonce::{Cause, Claim, State, Token};
 use crate::devices::block::{BlockDevice, Op};
+
+/// `via=memory` flushes the secondary once this many bytes of blocks it
+/// copied are written (the copier's batch), not once a window: until
+/// then a workload write to one of them waits.
+const HELD_BYTES: u64 = 4 << 20;
 
 /// Where a backup reads a block the copier has not reached yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +30,7 @@ pub enum Via {
     /// secondary like every other block.
     Secondary,
     /// Read it from the primary into the controller's buffer (the other
-    /// blocks of the extent from the secondary), stream it from there and
+    /// blocks of the window from the secondary), stream it from there and
     /// write it to the secondary too.
     Memory,
 }
@@ -69,6 +74,9 @@ pub struct BackupJob<'m, 't> {
     buf: Vec<u8>,
     via: Via,
     on_demand: u64,
+    /// `via=memory`: claimed blocks written to the secondary but not yet
+    /// flushed, so not yet copied; settled by one flush for many windows.
+    held: Vec<Token>,
 }
 
 impl core::fmt::Debug for BackupJob<'_, '_> {
@@ -98,6 +106,7 @@ impl<'m, 't> BackupJob<'m, 't> {
                 return Err(Refusal::Busy("another backup or a resync").into());
             }
             g.backup_busy = true;
+            g.backup_copies = via == Via::Memory;
         }
         let geo = mirror.geometry();
         let started = VolumeStream::start(tape, geo.volume_bytes, geo.block_bits())
@@ -109,18 +118,22 @@ impl<'m, 't> BackupJob<'m, 't> {
                 buf,
                 via,
                 on_demand: 0,
+                held: Vec::new(),
             }),
             Err(e) => {
-                mirror.inner.lock().backup_busy = false;
+                let mut g = mirror.inner.lock();
+                g.backup_busy = false;
+                g.backup_copies = false;
                 Err(Error::Medium(alloc::format!("{e}")))
             }
         }
     }
 
-    /// Streams the next extent; returns `(bytes done, bytes in all)`, or
-    /// `None` when every extent is on the tape.
+    /// Streams the next window of extents; returns `(bytes done, bytes in
+    /// all)`, or `None` when every extent is on the tape.
     pub fn step(&mut self) -> Result<Option<(u64, u64)>, Error> {
-        let Some((first, len)) = self.stream.next_extent() else {
+        let Some((first, len)) = self.stream.next_window() else {
+            self.flush_held()?;
             return Ok(None);
         };
         let tokens = self.claim_window(first, len);
@@ -141,6 +154,7 @@ impl<'m, 't> BackupJob<'m, 't> {
 
     /// Writes the trailer; the tape then restores to the instant.
     pub fn finish(mut self) -> Result<BackupSummary, Error> {
+        self.flush_held()?;
         let volume_bytes = self.mirror.geo.volume_bytes;
         let on_demand = self.on_demand;
         let medium_bytes = self
@@ -183,7 +197,7 @@ impl<'m, 't> BackupJob<'m, 't> {
         tokens
     }
 
-    /// Copies the claimed blocks to the secondary, then reads the extent
+    /// Copies the claimed blocks to the secondary, then reads the window
     /// from the secondary.
     fn via_secondary(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
@@ -192,19 +206,8 @@ impl<'m, 't> BackupJob<'m, 't> {
             let r = m.copy_blocks(&blocks);
             self.settle(tokens, r)?;
         }
-        let bs = m.geo.block_bytes as usize;
-        let data = &mut self.buf[BLOCK as usize..];
-        data.fill(0);
-        let mut ops: Vec<Op<'_>> = data
-            .chunks_mut(bs)
-            .zip(first..first + len)
-            .map(|(piece, b)| {
-                let (sector, n) = m.geo.extent(b);
-                Op::Read {
-                    sector,
-                    buf: &mut piece[..n],
-                }
-            })
+        let mut ops: Vec<Op<'_>> = window_pieces(&self.stream, m, &mut self.buf, first, len)
+            .map(|(_, op)| op)
             .collect();
         let depth = m.disks.secondary.info().max_depth.clamp(1, 32);
         match m.disks.secondary.transfer(&mut ops, depth) {
@@ -217,21 +220,13 @@ impl<'m, 't> BackupJob<'m, 't> {
     }
 
     /// Reads the claimed blocks from the primary and the rest from the
-    /// secondary into the extent buffer, then writes the claimed ones to
+    /// secondary into the window buffer, then writes the claimed ones to
     /// the secondary.
     fn via_memory(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
-        let bs = m.geo.block_bytes as usize;
         let claimed: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        let data = &mut self.buf[BLOCK as usize..];
-        data.fill(0);
         let (mut from_p, mut from_s): (Vec<Op<'_>>, Vec<Op<'_>>) = (Vec::new(), Vec::new());
-        for (piece, b) in data.chunks_mut(bs).zip(first..first + len) {
-            let (sector, n) = m.geo.extent(b);
-            let op = Op::Read {
-                sector,
-                buf: &mut piece[..n],
-            };
+        for (b, op) in window_pieces(&self.stream, m, &mut self.buf, first, len) {
             if claimed.contains(&b) {
                 from_p.push(op);
             } else {
@@ -251,14 +246,38 @@ impl<'m, 't> BackupJob<'m, 't> {
                     .map_err(CopyError::Secondary)
             });
         drop((from_p, from_s));
-        let data = &self.buf[BLOCK as usize..];
+        let (stream, data) = (&self.stream, &self.buf);
+        let bs = m.geo.block_bytes as usize;
         let r = read.and_then(|()| {
-            m.put_pieces(claimed.iter().map(|&b| {
-                let at = ((b - first) as usize) * bs;
-                (b, &data[at..at + bs])
-            }))
+            m.write_pieces(
+                claimed.iter().map(|&b| {
+                    let at = stream.offset_in_window(b - first);
+                    (b, &data[at..at + bs])
+                }),
+                false,
+            )
+            .map_err(CopyError::Secondary)
         });
-        self.settle(tokens, r)
+        self.held.extend(tokens);
+        if let Err(e) = r {
+            let held = core::mem::take(&mut self.held);
+            return self.settle(held, Err(e));
+        }
+        if self.held.len() as u64 * m.geo.block_bytes >= HELD_BYTES {
+            self.flush_held()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the secondary and settles the blocks held since the last
+    /// flush.
+    fn flush_held(&mut self) -> Result<(), Error> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let held = core::mem::take(&mut self.held);
+        let r = self.mirror.disks.secondary.flush();
+        self.settle(held, r.map_err(CopyError::Secondary))
     }
 
     /// Finishes or abandons the window's claims as the copy went; a
@@ -277,8 +296,46 @@ impl<'m, 't> BackupJob<'m, 't> {
     }
 }
 
+/// A read of each block `first..first + len` into its place in the
+/// window buffer `buf`, with the block; the tail of a block the volume
+/// ends inside is zeroed.
+fn window_pieces<'b>(
+    stream: &VolumeStream<'_>,
+    m: &Mirror,
+    buf: &'b mut [u8],
+    first: u64,
+    len: u64,
+) -> impl Iterator<Item = (u64, Op<'b>)> {
+    let bs = m.geo.block_bytes as usize;
+    let mut pieces = Vec::with_capacity(len as usize);
+    let mut rest = buf;
+    let mut at = 0;
+    for b in first..first + len {
+        let start = stream.offset_in_window(b - first);
+        let (_, tail) = core::mem::take(&mut rest).split_at_mut(start - at);
+        let (piece, tail) = tail.split_at_mut(bs);
+        rest = tail;
+        at = start + bs;
+        let (sector, n) = m.geo.extent(b);
+        piece[n..].fill(0);
+        pieces.push((
+            b,
+            Op::Read {
+                sector,
+                buf: &mut piece[..n],
+            },
+        ));
+    }
+    pieces.into_iter()
+}
+
 impl Drop for BackupJob<'_, '_> {
     fn drop(&mut self) {
-        self.mirror.inner.lock().backup_busy = false;
+        // Blocks written but never flushed were not copied: give them back.
+        self.mirror
+            .settle(core::mem::take(&mut self.held), false, Cause::Access);
+        let mut g = self.mirror.inner.lock();
+        g.backup_busy = false;
+        g.backup_copies = false;
     }
 }

@@ -113,6 +113,10 @@ pub(super) struct Inner {
     /// A pump batch or backup window runs.
     pub(super) pump_busy: bool,
     pub(super) backup_busy: bool,
+    /// A backup `via=memory` runs: it copies every block of the instant
+    /// its windows hold itself, in its single pass over the volume, so
+    /// the copier steps aside until it ends.
+    pub(super) backup_copies: bool,
     /// Copier batches between their claim and their settling (at most
     /// [`super::copier::MAX_BATCHES`]).
     pub(super) copiers: u32,
@@ -494,6 +498,17 @@ impl Mirror {
         &self,
         pieces: impl Iterator<Item = (u64, &'b [u8])>,
     ) -> Result<(), CopyError> {
+        self.write_pieces(pieces, true)
+            .map_err(CopyError::Secondary)
+    }
+
+    /// Writes each `(block, data)` to the secondary and, if `flush`,
+    /// flushes it in the same batch.
+    pub(super) fn write_pieces<'b>(
+        &self,
+        pieces: impl Iterator<Item = (u64, &'b [u8])>,
+        flush: bool,
+    ) -> Result<(), BlockError> {
         let mut ops: Vec<Op<'_>> = pieces
             .map(|(b, piece)| {
                 let (sector, len) = self.geo.extent(b);
@@ -504,12 +519,11 @@ impl Mirror {
             })
             .collect();
         // One batch: the flush goes out once the writes have completed.
-        ops.push(Op::Flush);
+        if flush {
+            ops.push(Op::Flush);
+        }
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
-        self.disks
-            .secondary
-            .transfer(&mut ops, depth)
-            .map_err(CopyError::Secondary)
+        self.disks.secondary.transfer(&mut ops, depth)
     }
 }
 

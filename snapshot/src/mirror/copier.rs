@@ -69,11 +69,14 @@ impl Mirror {
 
     /// Split: claims up to `max` blocks of the instant nobody has copied
     /// and reads them from the primary. `None` when none is left for it,
-    /// when not split, or while [`MAX_BATCHES`] batches are out.
+    /// when not split, while [`MAX_BATCHES`] batches are out, or while a
+    /// backup `via=memory` runs.
     pub fn copy_read(&self, max: u64) -> Result<Option<CopyBatch>, Error> {
         let (tokens, spare) = {
             let mut g = self.inner.lock();
-            if g.sb.phase != Phase::Split || g.gate || g.copiers >= MAX_BATCHES {
+            // A backup `via=memory` copies what its pass meets: the
+            // copier steps aside rather than contend for the secondary.
+            if g.sb.phase != Phase::Split || g.gate || g.copiers >= MAX_BATCHES || g.backup_copies {
                 return Ok(None);
             }
             if let Some(why) = &g.sb.broken {

@@ -91,6 +91,7 @@ impl Mirror {
                 pinned: Vec::new(),
                 pump_busy: false,
                 backup_busy: false,
+                backup_copies: false,
                 copiers: 0,
                 clears: Vec::new(),
                 unclear: 0,

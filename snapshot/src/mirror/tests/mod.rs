@@ -3,6 +3,7 @@
 
 mod disk;
 mod model;
+mod windows;
 
 use std::string::ToString;
 use std::sync::Arc;
