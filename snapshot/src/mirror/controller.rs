@@ -7,6 +7,7 @@
 //! is writing, for a unit another copier holds) call the `relax` function
 //! the owner passed (a thread yield in the kernel).
 
+use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -124,6 +125,10 @@ pub(super) struct Inner {
     /// copied whose disk bits are not cleared yet, and how many blocks.
     pub(super) clears: Vec<u64>,
     pub(super) unclear: u64,
+    /// Split: blocks the copier has written to the secondary and counted
+    /// copied, whose copy no flush has made durable yet. Bounded: the
+    /// copier flushes once they reach [`super::copier::CLEAR_BYTES`].
+    pub(super) unflushed: BTreeSet<u64>,
     /// Buffers of settled copier batches, for the next ones (at most
     /// [`super::copier::MAX_BATCHES`]; dropped when the copier runs out).
     pub(super) spare: Vec<Vec<u8>>,
@@ -269,8 +274,36 @@ impl Mirror {
                 self.suspend(&e)?;
                 Ok(())
             }
+            // Copied by a copier batch not flushed yet: its copy must be
+            // durable before the primary's block changes, or a crash
+            // would resume the split from the newer primary.
+            _ if self.inner.lock().unflushed.contains(&b) => match self.make_durable() {
+                Err(CopyError::Secondary(e)) | Err(CopyError::Primary(e)) => {
+                    self.suspend(&e)?;
+                    Ok(())
+                }
+                Ok(()) => Ok(()),
+            },
             _ => Ok(()),
         }
+    }
+
+    /// Flushes the secondary, making every copier copy written before it
+    /// durable, and forgets those blocks as unflushed.
+    pub(super) fn make_durable(&self) -> Result<(), CopyError> {
+        let taken: Vec<u64> = {
+            let g = self.inner.lock();
+            if g.unflushed.is_empty() {
+                return Ok(());
+            }
+            g.unflushed.iter().copied().collect()
+        };
+        self.disks.secondary.flush().map_err(CopyError::Secondary)?;
+        let mut g = self.inner.lock();
+        for b in taken {
+            g.unflushed.remove(&b);
+        }
+        Ok(())
     }
 
     /// Waits at the gate, then counts a write in flight on `blocks`;
@@ -380,7 +413,7 @@ impl Mirror {
                 while bits != 0 {
                     let b = i as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
-                    if self.engine.is_copied(b) {
+                    if self.engine.is_copied(b) && !g.unflushed.contains(&b) {
                         w &= !(1 << (b % 64));
                     }
                 }
@@ -456,7 +489,7 @@ impl Mirror {
     /// flushes the secondary.
     pub(super) fn copy_blocks(&self, blocks: &[u64]) -> Result<(), CopyError> {
         let buf = self.read_blocks(blocks, Vec::new())?;
-        self.put_secondary(blocks, &buf)
+        self.put_secondary(blocks, &buf, true)
     }
 
     /// Reads `blocks` from the primary into one buffer, whole-block pieces
@@ -487,18 +520,15 @@ impl Mirror {
     }
 
     /// Writes `blocks` (whole-block pieces of `buf`, in order) to the
-    /// secondary and flushes it.
-    pub(super) fn put_secondary(&self, blocks: &[u64], buf: &[u8]) -> Result<(), CopyError> {
-        let bs = self.geo.block_bytes as usize;
-        self.put_pieces(blocks.iter().copied().zip(buf.chunks(bs)))
-    }
-
-    /// Writes each `(block, data)` to the secondary and flushes it.
-    pub(super) fn put_pieces<'b>(
+    /// secondary and, if `flush`, flushes it.
+    pub(super) fn put_secondary(
         &self,
-        pieces: impl Iterator<Item = (u64, &'b [u8])>,
+        blocks: &[u64],
+        buf: &[u8],
+        flush: bool,
     ) -> Result<(), CopyError> {
-        self.write_pieces(pieces, true)
+        let bs = self.geo.block_bytes as usize;
+        self.write_pieces(blocks.iter().copied().zip(buf.chunks(bs)), flush)
             .map_err(CopyError::Secondary)
     }
 

@@ -1,6 +1,7 @@
 //! The background copier of a split: claims blocks of the instant nobody
 //! has copied, reads them from the primary, writes them to the secondary,
-//! flushes it, and only then counts them copied.
+//! and counts them copied; the secondary is flushed once per
+//! [`CLEAR_BYTES`], not per batch.
 //!
 //! A batch runs in two halves, [`Mirror::copy_read`] and
 //! [`Mirror::copy_write`], so that a caller with two threads can read the
@@ -17,12 +18,21 @@
 //! superset of what is still to copy, which is all that safety needs), and
 //! no controller-disk write sits between one batch and the next.
 //!
+//! Nor does a flush of the secondary: a batch's blocks are counted copied
+//! once written, and listed as unflushed. Their copy is made durable by
+//! one flush before the next clear, before a resync, and before a
+//! workload write changes one of them on the primary (the controller's
+//! copy before write checks the list). A crash before that flush loses
+//! only copies whose disk bits are still set, so the resumed split copies
+//! them again from a primary that has not changed them.
+//!
 //! A settled batch's buffer is kept for the next one (at most
 //! [`MAX_BATCHES`] of them, dropped when the copier runs out): allocating
 //! and zeroing megabytes per batch is not free under emulation.
 //!
-//! This module must never count a block copied before the secondary has
-//! flushed its copy, and never hold more than [`MAX_BATCHES`] batches.
+//! This module must never clear a block's disk bit, nor let the primary's
+//! block change, before the secondary has flushed its copy; and never hold
+//! more than [`MAX_BATCHES`] batches.
 
 use alloc::vec::Vec;
 
@@ -122,12 +132,18 @@ impl Mirror {
         Ok(spare)
     }
 
-    /// Writes a batch from [`Self::copy_read`] to the secondary, flushes
-    /// it, and counts its blocks copied; returns how many.
+    /// Writes a batch from [`Self::copy_read`] to the secondary (no
+    /// flush; see the module docs) and counts its blocks copied; returns
+    /// how many.
     pub fn copy_write(&self, batch: CopyBatch) -> Result<u64, Error> {
         let CopyBatch { tokens, buf } = batch;
         let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        let r = self.put_secondary(&blocks, &buf);
+        let r = self.put_secondary(&blocks, &buf, false);
+        if r.is_ok() {
+            // Listed before they count as copied: a writer that finds a
+            // block copied then finds it here too, and flushes first.
+            self.inner.lock().unflushed.extend(blocks.iter().copied());
+        }
         self.settle(tokens, r.is_ok(), Cause::Background);
         {
             let mut g = self.inner.lock();
@@ -161,6 +177,11 @@ impl Mirror {
             g.unclear = 0;
             (g.sb.d, core::mem::take(&mut g.clears))
         };
+        // The copies must be durable before their bits leave the disk.
+        if let Err(e) = self.make_durable() {
+            self.inner.lock().clears.extend(sectors);
+            return Err(self.copy_failed(e));
+        }
         for s in sectors {
             self.write_bitmap_sector(k, s, SectorWrite::Lazy)?;
         }

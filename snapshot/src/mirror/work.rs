@@ -172,6 +172,12 @@ impl Mirror {
 
     /// The resync's steps, with the gate closed and nothing in flight.
     fn resync_gated(&self) -> Result<u64, Error> {
+        // Copied blocks leave the bitmaps below: their copies first become
+        // durable. A failing secondary is a suspended pair, whose resync
+        // takes every block of the instant.
+        if let Err(e) = self.make_durable() {
+            let _ = self.copy_failed(e);
+        }
         let (f, w) = {
             let mut g = self.inner.lock();
             let (f, w) = (g.sb.d, 1 - g.sb.d);
@@ -197,6 +203,7 @@ impl Mirror {
             g.cursor = 0;
             g.clears.clear();
             g.unclear = 0;
+            g.unflushed.clear();
             g.pending = 0;
         }
         self.engine.reset();
