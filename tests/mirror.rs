@@ -179,7 +179,7 @@ fn bad_pairs_are_refused_before_booting() {
 /// failing; returns the kernel's failure record.
 fn failing_run(test: &str, tweak: impl Fn(&mut [Disk])) -> Option<String> {
     let (dir, p, sec) = volumes(test, 24);
-    let job = boot::mirror::plan(&p, &sec, &dir.join("tape")).unwrap();
+    let job = boot::mirror::plan(&p, &sec, &dir.join("tape"), 512 << 20).unwrap();
     let mut disks = job.disks.clone();
     tweak(&mut disks);
     let outcome = boot_with_disks(
@@ -233,7 +233,7 @@ struct KillPoint {
 
 /// Boots `mirror` on the pair and kills QEMU (SIGKILL) at `at`.
 fn killed_run(p: &Path, sec: &Path, tape: &Path, at: &KillPoint) {
-    let job = boot::mirror::plan(p, sec, tape).unwrap();
+    let job = boot::mirror::plan(p, sec, tape, 512 << 20).unwrap();
     let config = Config {
         mem_bytes: 512 << 20,
         timeout: Duration::from_secs(300),
