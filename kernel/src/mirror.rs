@@ -118,12 +118,17 @@ fn hold(point: Point, done: u64, total: u64) {
     }
 }
 
-/// The transfer sizes for a run of `m`: what the free heap holds, the
+/// Heap bytes free now.
+fn heap_free() -> u64 {
+    let (used, total) = crate::memory::heap::stats();
+    total.saturating_sub(used) as u64
+}
+
+/// The transfer sizes for a run of `m`: what `free` heap bytes (measured
+/// before the pair was opened: the peak counts its bitmaps) hold, the
 /// batch lowered to `batch=` if given. Refused if even the smallest do
 /// not fit.
-fn budget(m: &Mirror, cmd: &CmdLine<'_>) -> Result<Budget, Error> {
-    let (used, total) = crate::memory::heap::stats();
-    let free = total.saturating_sub(used) as u64;
+fn budget(m: &Mirror, free: u64, cmd: &CmdLine<'_>) -> Result<Budget, Error> {
     let mut budget = Budget::fit(&m.geometry(), free)?;
     if let Some(n) = cmd.get("batch").and_then(|n| n.parse::<u64>().ok()) {
         budget.batch = budget.batch.min(n.max(1));
@@ -389,8 +394,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     let seed: u64 = word(cmd, "seed", "1").parse().unwrap_or(1);
     set_hold(cmd)?;
     let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
+    let free = heap_free();
     let (m, opened) = open(cmd, Options::default())?;
-    let budget = budget(&m, cmd)?;
+    let budget = budget(&m, free, cmd)?;
     let batch = budget.batch;
     let pending_split = matches!(opened, Opened::Split { .. });
     log!("mirror: opened {opened:?}; {:?}", m.geometry());
