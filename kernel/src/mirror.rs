@@ -395,6 +395,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     set_hold(cmd)?;
     let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
     let free = heap_free();
+    crate::memory::heap::reset_peak();
     let (m, opened) = open(cmd, Options::default())?;
     let budget = budget(&m, free, cmd)?;
     let batch = budget.batch;
@@ -470,6 +471,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         "mirror.done",
         medium_bytes = summary.medium_bytes,
         resync_bytes = marked * m.geometry().block_bytes,
+        heap_peak = crate::memory::heap::peak() as u64,
         in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
     );
     crate::trace::flush();
