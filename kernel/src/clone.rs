@@ -449,7 +449,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     let p = run.progress;
     let ops = run.load.as_ref().map_or(0, |l| l.ops);
     log!(
-        "clone-split: {} clusters: {} already filled, {} copied ({} bytes), {} zero, {} filled by the workload first; {} ms; {ops} workload requests",
+        "clone-split: {} clusters: {} already filled, {} copied ({} bytes), {} left holes over zeros, {} filled by the workload first; {} ms; {ops} workload requests",
         p.units, p.already, p.copied, p.copied_bytes, p.zeroed, p.by_workload, run.split_ns / 1_000_000
     );
     crate::trace!(
