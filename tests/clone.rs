@@ -170,6 +170,85 @@ fn split_with_workload_holds_the_chain_and_the_workload_writes() {
     assert_equal_to_raw(&clone, &expected);
 }
 
+/// A 1 TiB clone over a chain holding three clusters, one of them zeroed
+/// by a zero cluster in the middle layer: the split copies the two that
+/// read data, leaves the rest holes (no L2 tables: the file stays under
+/// 1 MiB; before 2026-11-30 every hole became a zero entry and a 4 TiB
+/// clone grew to 513 MiB) and reads as the chain did, by `qemu-img
+/// compare`, `map` and `check`, the chain moved away.
+#[test]
+fn a_huge_clone_of_a_nearly_empty_chain_stays_small() {
+    let dir = fresh("huge");
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "1T", "cluster_size=64k");
+    qemu_io(
+        &base,
+        "qcow2",
+        &[
+            "write -q -P 7 0 64k".into(),
+            "write -q -P 8 512G 64k".into(),
+        ],
+    );
+    let mid = dir.join("mid.qcow2");
+    overlay(&mid, "base.qcow2", "qcow2");
+    qemu_io(
+        &mid,
+        "qcow2",
+        &[
+            "write -q -z 512G 64k".into(),
+            "write -q -P 9 900G 64k".into(),
+        ],
+    );
+    let clone = dir.join("sub/clone.qcow2");
+    make_clone(&mid, &clone).unwrap();
+    let job = plan_split(&clone).unwrap();
+    let outcome = boot("scenario=clone-split", job.disks.clone(), None);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
+    let records: Vec<Record<'_>> = boot::report::records(&outcome.serial).unwrap();
+    finish_split(&job, &records).unwrap_or_else(|e| panic!("{e}"));
+    let check = tool("qemu-img", &["check", s(&clone)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let len = std::fs::metadata(&clone).unwrap().len();
+    assert!(len < 1 << 20, "the clone grew to {len} bytes");
+    let data = data_bytes(&clone);
+    assert_eq!(data, 2 << 16, "data the clone maps itself");
+    // The clone alone reads as the chain did.
+    tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", s(&mid), s(&clone)],
+    );
+    std::fs::rename(&mid, dir.join("moved.qcow2")).unwrap();
+    std::fs::rename(&base, dir.join("moved-base.qcow2")).unwrap();
+    let info = tool("qemu-img", &["info", "--output=json", s(&clone)]);
+    assert!(!info.contains("backing-filename"), "still backed: {info}");
+    let reads = [
+        "read -q -P 7 0 64k",
+        "read -q -P 0 64k 64k",
+        "read -q -P 0 512G 64k",
+    ];
+    qemu_io(&clone, "qcow2", &reads.map(String::from));
+    qemu_io(&clone, "qcow2", &["read -q -P 9 900G 64k".into()]);
+}
+
+/// Bytes `qemu-img map` shows the image at `path` holding data itself.
+fn data_bytes(path: &Path) -> u64 {
+    let map = tool("qemu-img", &["map", "--output=json", s(path)]);
+    map.lines()
+        .filter(|l| l.contains("\"data\": true") && l.contains("\"depth\": 0"))
+        .map(|l| {
+            let at = l.find("\"length\":").unwrap() + 9;
+            l[at..]
+                .trim_start()
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
 /// Raw base, qcow2 middle layer with writes of its own, qcow2 clone with
 /// writes of its own: the split reads through both.
 #[test]
