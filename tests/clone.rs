@@ -134,6 +134,16 @@ fn assert_standalone_and_equal(clone: &Path, expected: &Path) {
     assert_equal_to_raw(clone, expected);
 }
 
+/// `dir`/expected.raw: what `image` reads, by `qemu-img convert`.
+fn flattened(dir: &Path, image: &Path) -> PathBuf {
+    let expected = dir.join("expected.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(image), s(&expected)],
+    );
+    expected
+}
+
 /// `qemu-img compare` finds the qcow2 `clone` equal to the raw `expected`.
 fn assert_equal_to_raw(clone: &Path, expected: &Path) {
     tool(
@@ -157,11 +167,7 @@ fn split_with_workload_holds_the_chain_and_the_workload_writes() {
     let info = tool("qemu-img", &["info", s(&clone)]);
     assert!(info.contains("backing file: ../base.qcow2"), "{info}");
     assert!(info.contains("backing file format: qcow2"), "{info}");
-    let expected = dir.join("expected.raw");
-    tool(
-        "qemu-img",
-        &["convert", "-O", "raw", s(&clone), s(&expected)],
-    );
+    let expected = flattened(&dir, &clone);
     let job = plan_split(&clone).unwrap();
     let (outcome, done) = split(&job, true, None);
     assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
@@ -246,11 +252,7 @@ fn a_small_clone_of_big_clusters_splits_or_names_the_memory_it_needs() {
     qemu_io(&base, "qcow2", &["write -q -P 5 1M 3M".into()]);
     let clone = dir.join("sub/clone.qcow2");
     make_clone(&base, &clone).unwrap();
-    let expected = dir.join("expected.raw");
-    tool(
-        "qemu-img",
-        &["convert", "-O", "raw", s(&clone), s(&expected)],
-    );
+    let expected = flattened(&dir, &clone);
     let job = plan_split(&clone).unwrap();
     let refused = boot_with(256 << 20, "scenario=clone-split", job.disks.clone(), None);
     assert_ne!(refused.verdict, Verdict::Passed);
@@ -306,11 +308,7 @@ fn a_chain_of_depth_two_splits_to_the_flattened_chain() {
     let clone = dir.join("sub/clone.qcow2");
     overlay(&clone, "../mid.qcow2", "qcow2");
     qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "3k", 9));
-    let expected = dir.join("expected.raw");
-    tool(
-        "qemu-img",
-        &["convert", "-O", "raw", s(&clone), s(&expected)],
-    );
+    let expected = flattened(&dir, &clone);
     let job = plan_split(&clone).unwrap();
     assert_eq!(job.chain.len(), 2);
     let (outcome, done) = split(&job, false, None);
@@ -331,11 +329,7 @@ fn a_split_killed_at_several_points_resumes_without_recopying() {
         qemu_io(&base, "qcow2", &scattered(300, 320 << 10, "60k", 2));
         let clone = dir.join("sub/clone.qcow2");
         make_clone(&base, &clone).unwrap();
-        let expected = dir.join("expected.raw");
-        tool(
-            "qemu-img",
-            &["convert", "-O", "raw", s(&clone), s(&expected)],
-        );
+        let expected = flattened(&dir, &clone);
         let job = plan_split(&clone).unwrap();
         let (outcome, done) = split(&job, false, Some(point));
         assert_ne!(
@@ -454,11 +448,7 @@ fn a_clone_is_backed_up_through_its_chain() {
     overlay(&clone, "../base.qcow2", "qcow2");
     qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "5k", 8));
     qemu_io(&clone, "qcow2", &["write -q -z 0 64k".into()]);
-    let expected = dir.join("expected.raw");
-    tool(
-        "qemu-img",
-        &["convert", "-O", "raw", s(&clone), s(&expected)],
-    );
+    let expected = flattened(&dir, &clone);
     let tape = dir.join("tape");
     let run = host_tool(&[
         "backup",
