@@ -143,7 +143,9 @@ pub fn bench_heap_bytes(volume: u64) -> u64 {
 
 /// Checks `--volume`: within bounds, whole steps.
 pub fn check_bench_volume(volume: u64) -> Result<(), String> {
-    if !(BENCH_VOLUME_MIN..=BENCH_VOLUME_MAX).contains(&volume) || volume % BENCH_VOLUME_STEP != 0 {
+    if !(BENCH_VOLUME_MIN..=BENCH_VOLUME_MAX).contains(&volume)
+        || !volume.is_multiple_of(BENCH_VOLUME_STEP)
+    {
         return Err(format!(
             "want {} MiB to {} GiB in steps of {} MiB",
             BENCH_VOLUME_MIN >> 20,
