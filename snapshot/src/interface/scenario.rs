@@ -251,7 +251,7 @@ pub const ALL: &[Description] = &[
         argument: None,
         options: &[opt("--volume", "SIZE", false)],
         params: &["batch=64"],
-        help: "quick split of a 256 MiB pair (--volume SIZE), a quarter of it differential: backup during the copy vs copy-then-backup (use --json)",
+        help: "quick split of a 256 MiB pair (--volume), 1/4 differential: backup during the copy vs copy-then-backup (use --json)",
         mem_mib: BACKUP_MEM,
         benchmark: true,
         emits: &["mirror.progress"],
