@@ -16,6 +16,7 @@ use snapshot::interface::scenario::{Scenario, ALL};
 use snapshot::interface::units::parse_size;
 use snapshot::policy::sched::MAX_CPUS;
 
+use crate::mirror::{bench_mem_bytes, bench_timeout_secs, check_bench_volume, BENCH_VOLUME};
 use crate::qemu::Disk;
 
 /// Every option with its help, in usage order. The scenario-specific ones
@@ -41,6 +42,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("--ro-disk NAME=FILE", "the same, read-only"),
     ("--image FILE", "bench-blk's image (default target/bench-blk.img); clone-split's clone"),
     ("--image-size SIZE", "its size (default 1G)"),
+    (
+        "--volume SIZE",
+        "bench-mirror: the pair's size, a quarter of it differential (default 256M; the issue's scale is 4G); raises --mem and --timeout when not given",
+    ),
     ("--out FILE", "memsnap's core file; restore's output image; clone's new clone"),
     ("--base FILE", "clone's base image (qcow2 or raw; never written)"),
     ("--source FILE", "backup's source image (never written)"),
@@ -170,6 +175,8 @@ pub struct Args {
     pub seed: Option<u64>,
     /// See `runs`.
     pub run_timeout: Option<Duration>,
+    /// bench-mirror's pair size.
+    pub volume: u64,
     /// mirror's primary and secondary images.
     pub primary: Option<PathBuf>,
     /// See `primary`.
@@ -267,6 +274,11 @@ fn option(
                 Format::parse(&text).ok_or(format!("--format {text}: want raw or qcow2"))?;
             args.format = Some(format);
         }
+        "--volume" => {
+            let text = value()?;
+            args.volume = parse_size(&text).map_err(|e| format!("--volume {text}: {e}"))?;
+            check_bench_volume(args.volume).map_err(|e| format!("--volume {text}: {e}"))?;
+        }
         "--image-size" => {
             let text = value()?;
             args.image_size = parse_size(&text).map_err(|e| format!("--image-size {text}: {e}"))?;
@@ -337,6 +349,7 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         runs: None,
         seed: None,
         run_timeout: None,
+        volume: BENCH_VOLUME,
         primary: None,
         secondary: None,
     };
@@ -378,6 +391,14 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     }
     if args.cpus == 0 {
         args.cpus = default_cpus(args.scenario);
+    }
+    if args.scenario == Scenario::BenchMirror {
+        let mem_given = given.iter().any(|g| g == "--mem");
+        args.mem = bench_mem_bytes(args.volume, args.mem, mem_given)
+            .map_err(|e| format!("bench-mirror: {e}"))?;
+        if !given.iter().any(|g| g == "--timeout") {
+            args.timeout = Duration::from_secs(bench_timeout_secs(args.volume));
+        }
     }
     // `scenario=` first and the argument last, as the kernel reads the
     // last of repeated keys.
@@ -475,6 +496,34 @@ mod tests {
         assert_eq!(
             parse(&["bench-memsnap", "--spread"]).unwrap_err(),
             "--spread is for bench-backup"
+        );
+    }
+
+    #[test]
+    fn bench_mirror_takes_its_volume_and_sizes_mem_and_timeout() {
+        let args = parse(&["bench-mirror"]).unwrap();
+        assert_eq!((args.volume, args.mem), (256 << 20, 512 << 20));
+        assert_eq!(args.timeout, Duration::from_secs(600));
+        let args = parse(&["bench-mirror", "--volume", "4G"]).unwrap();
+        assert_eq!((args.volume, args.mem), (4 << 30, 512 << 20));
+        assert_eq!(args.timeout, Duration::from_secs(600 + 60 * 15));
+        let args = parse(&["bench-mirror", "--volume", "4G", "--timeout", "9"]).unwrap();
+        assert_eq!(args.timeout, Duration::from_secs(9));
+        // A 64 GiB pair's reference (8 MiB) does not fit 64M's 4 MiB heap:
+        // raised when --mem is not given, refused with the figure when it is.
+        assert_eq!(bench_mem_bytes(64 << 30, 64 << 20, false), Ok(448 << 20));
+        let args = parse(&["bench-mirror", "--volume", "64G", "--mem", "64M"]);
+        let e = args.unwrap_err();
+        assert!(
+            e.contains("needs 24 MiB of kernel heap") && e.contains("--mem 448M"),
+            "{e}"
+        );
+        let err = |words: &[&str]| parse(words).unwrap_err();
+        assert!(err(&["bench-mirror", "--volume", "100M"]).contains("steps of 16 MiB"));
+        assert!(err(&["bench-mirror", "--volume", "128G"]).contains("64 MiB to 64 GiB"));
+        assert_eq!(
+            err(&["demo", "--volume", "1G"]),
+            "--volume is for bench-mirror"
         );
     }
 

@@ -245,7 +245,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             run.mirror = Some(job);
         }
         (Scenario::BenchMirror, ..) => {
-            let disks = boot::mirror::prepare_bench(&work.join("bench-mirror"))
+            let disks = boot::mirror::prepare_bench(&work.join("bench-mirror"), args.volume)
                 .map_err(|e| (1, format!("error: {e}")))?;
             run.disks.extend(disks);
         }

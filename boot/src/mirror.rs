@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use snapshot::backup::guest_heap_bytes;
 use snapshot::backup::volume::VolumeStream;
 use snapshot::interface::trace::Record;
 use snapshot::mirror::{Budget, Geometry, Options};
@@ -146,16 +147,84 @@ pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u
     }
 }
 
-/// `bench-mirror`'s pair, scaled to run in minutes under TCG.
+/// `bench-mirror`'s pair by default, scaled to run in minutes under TCG
+/// (`--volume` sets it; the scale is 4 GiB).
 pub const BENCH_VOLUME: u64 = 256 << 20;
 /// The two pairs whose split acknowledgement is timed.
 pub const BENCH_ACK_VOLUMES: [(&str, u64); 2] = [("small-", 1 << 30), ("big-", 64 << 30)];
+/// `--volume`'s bounds and step: a quarter of the pair (the differential
+/// and the copy's baseline span) must be whole 4 MiB windows.
+const BENCH_VOLUME_MIN: u64 = 64 << 20;
+const BENCH_VOLUME_MAX: u64 = 64 << 30;
+const BENCH_VOLUME_STEP: u64 = 16 << 20;
+/// The bench's kernel heap apart from what grows with the pair: the
+/// copier's batch and the baseline's window (4 MiB each), the backup's
+/// windows, the acknowledgement pairs' bitmaps (64 GiB: 256 KiB), with
+/// room to spare (`heap_peak_bytes` in the JSON shows the real figure).
+const BENCH_HEAP_FIXED: u64 = 16 << 20;
 
-/// Makes `bench-mirror`'s blank sparse images in `dir` (the volumes start
-/// equal: all zeros) and returns its disks.
-pub fn prepare_bench(dir: &Path) -> Result<Vec<Disk>, String> {
+/// Kernel heap `bench-mirror` needs for a pair of `volume` bytes: the
+/// fixed part plus what grows with the volume, the verify reference (8
+/// bytes a block) and the pair's bitmaps (two bits a block, rounded up).
+pub fn bench_heap_bytes(volume: u64) -> u64 {
+    let blocks = volume.div_ceil(Options::default().block_bytes);
+    BENCH_HEAP_FIXED + blocks * 8 + blocks.div_ceil(4)
+}
+
+/// Checks `--volume`: within bounds, whole steps.
+pub fn check_bench_volume(volume: u64) -> Result<(), String> {
+    if !(BENCH_VOLUME_MIN..=BENCH_VOLUME_MAX).contains(&volume)
+        || !volume.is_multiple_of(BENCH_VOLUME_STEP)
+    {
+        return Err(format!(
+            "want {} MiB to {} GiB in steps of {} MiB",
+            BENCH_VOLUME_MIN >> 20,
+            BENCH_VOLUME_MAX >> 30,
+            BENCH_VOLUME_STEP >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The guest RAM `bench-mirror` runs a `volume`-byte pair with: `mem` if
+/// its heap holds [`bench_heap_bytes`], else, when `mem` was not asked
+/// for (`given` false), the least RAM whose heap does; else a refusal
+/// with the figures.
+pub fn bench_mem_bytes(volume: u64, mem: u64, given: bool) -> Result<u64, String> {
+    let need = bench_heap_bytes(volume);
+    if guest_heap_bytes(mem) >= need {
+        return Ok(mem);
+    }
+    // The heap is a sixteenth of the RAM up to 64 MiB, reached at 1 GiB.
+    let raised = (mem..=1 << 30)
+        .step_by(64 << 20)
+        .find(|&m| guest_heap_bytes(m) >= need);
+    match raised {
+        Some(m) if !given => Ok(m),
+        _ => Err(format!(
+            "a {} MiB pair needs {} MiB of kernel heap; --mem {} MiB gives {} MiB{}",
+            volume >> 20,
+            need >> 20,
+            mem >> 20,
+            guest_heap_bytes(mem) >> 20,
+            raised.map_or(String::new(), |m| format!(" (--mem {}M would do)", m >> 20))
+        )),
+    }
+}
+
+/// The QEMU deadline for a `volume`-byte pair when none was asked for:
+/// the default's 600 s, plus a minute per 256 MiB above the default
+/// pair (one default boot takes about 45 s on a loaded machine).
+pub fn bench_timeout_secs(volume: u64) -> u64 {
+    600 + 60 * volume.saturating_sub(BENCH_VOLUME).div_ceil(BENCH_VOLUME)
+}
+
+/// Makes `bench-mirror`'s blank sparse images in `dir` for a pair of
+/// `volume` bytes (the volumes start equal: all zeros) and returns its
+/// disks.
+pub fn prepare_bench(dir: &Path, volume: u64) -> Result<Vec<Disk>, String> {
     let mut disks = Vec::new();
-    let pairs = [("", BENCH_VOLUME)].into_iter().chain(BENCH_ACK_VOLUMES);
+    let pairs = [("", volume)].into_iter().chain(BENCH_ACK_VOLUMES);
     for (prefix, bytes) in pairs {
         let geo = Geometry {
             block_bytes: Options::default().block_bytes,
@@ -175,11 +244,11 @@ pub fn prepare_bench(dir: &Path) -> Result<Vec<Disk>, String> {
     }
     let geo_bits = Geometry {
         block_bytes: Options::default().block_bytes,
-        volume_bytes: BENCH_VOLUME,
+        volume_bytes: volume,
     }
     .block_bits();
     let tape = dir.join("tape.img");
-    crate::bench::make_blank_image(&tape, VolumeStream::medium_bytes(BENCH_VOLUME, geo_bits))
+    crate::bench::make_blank_image(&tape, VolumeStream::medium_bytes(volume, geo_bits))
         .map_err(|e| format!("{}: {e}", tape.display()))?;
     disks.push(Disk::new(tape, "tape"));
     Ok(disks)

@@ -47,6 +47,10 @@ pub type KernelSplit = Split<'static, Arc<VirtioBlk>, Vec<AtomicU64>, Box<Counte
 /// per run of data, one transfer per run of new clusters).
 pub const BATCH: u64 = 64;
 
+/// Most bytes of one batch: larger clusters make smaller batches (64 of
+/// 2 MiB would be 128 MiB, two of them held at once), at least one.
+pub const BATCH_BYTES: u64 = 4 << 20;
+
 /// The split's nominal burst: one batch usually takes longer, and the
 /// rest follows what it took.
 pub const BURST_NS: u64 = 10_000_000;
@@ -75,13 +79,22 @@ pub const WRITE_CHUNK: u64 = 256 << 10;
 /// workload kept 0.30 of its rate.
 pub const WRITE_DEPTH: usize = 1;
 
-/// Refuses an image whose tables would not fit the free heap.
+/// Refuses an image whose tables and cluster buffers would not fit the
+/// free heap, saying it is the guest's memory that is short and what
+/// `--mem` would do.
 fn fits(what: &str, need: u64) -> Result<(), Qcow2Error> {
     let (used, total) = crate::memory::heap::stats();
     let have = (total - used) as u64;
     if need > have {
-        return Err(Qcow2Error::TooLarge(format!(
-            "{what} needs {need} bytes of memory, {have} are free"
+        let fix = match snapshot::backup::mem_for_heap(used as u64 + need) {
+            Some(mem) => format!("give it more memory (--mem {}M)", mem >> 20),
+            None => "more than any --mem gives the kernel (its heap is 64 MiB at most)".into(),
+        };
+        return Err(Qcow2Error::Memory(format!(
+            "{what} (tables and cluster buffers) needs {need} bytes of kernel \
+             memory ({} MiB), the guest has {have} ({} MiB) free; {fix}",
+            need.div_ceil(1 << 20),
+            have >> 20
         )));
     }
     Ok(())
@@ -93,7 +106,11 @@ pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
     let refusal = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
     let top = virtio::disk(name).map_err(|e| (true, e.to_string()))?;
     let h = read_header(&*top).map_err(refusal)?;
-    fits(name, open_memory(&h, top.info().bytes())).map_err(refusal)?;
+    fits(
+        &format!("disk \"{name}\""),
+        open_memory(&h, top.info().bytes()),
+    )
+    .map_err(refusal)?;
     let mut depth = 0usize;
     let mut resolve = |backing: &str, parent: &str| -> snapshot::qcow2::Result<Layer> {
         depth += 1;
@@ -104,7 +121,10 @@ pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
             ))
         })?;
         if let Ok(h) = read_header(&*dev) {
-            fits(&id, open_memory(&h, dev.info().bytes()))?;
+            fits(
+                &format!("disk \"{id}\""),
+                open_memory(&h, dev.info().bytes()),
+            )?;
         }
         Ok(Layer {
             dev: Box::new(dev),
@@ -312,7 +332,11 @@ pub fn run_split(
     opts: &Options,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<SplitRun, (bool, String)> {
-    let units = clone.geometry().vclusters;
+    let (units, cs) = (clone.geometry().vclusters, clone.geometry().cs);
+    let batch = opts.batch.min(BATCH_BYTES / cs).max(1);
+    // The copy map and two batches (one read ahead): refused up front.
+    fits("the split", words_for(units) as u64 * 8 + 2 * batch * cs)
+        .map_err(|e| (true, e.to_string()))?;
     let mut words = Vec::new();
     words.try_reserve_exact(words_for(units)).map_err(|_| {
         (
@@ -327,7 +351,7 @@ pub fn run_split(
             clone,
             words,
             Box::new(Counters::new()),
-            opts.batch,
+            batch,
             thread::yield_now,
         )
         .map_err(failed)?
@@ -449,7 +473,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     let p = run.progress;
     let ops = run.load.as_ref().map_or(0, |l| l.ops);
     log!(
-        "clone-split: {} clusters: {} already filled, {} copied ({} bytes), {} zero, {} filled by the workload first; {} ms; {ops} workload requests",
+        "clone-split: {} clusters: {} already filled, {} copied ({} bytes), {} left holes over zeros, {} filled by the workload first; {} ms; {ops} workload requests",
         p.units, p.already, p.copied, p.copied_bytes, p.zeroed, p.by_workload, run.split_ns / 1_000_000
     );
     crate::trace!(

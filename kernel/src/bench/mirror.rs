@@ -7,6 +7,8 @@
 //! up). Beside them, in the same boot: sequential writes of the
 //! secondary and reads of what they wrote (the copy's baseline), the workload before the split, and the split's
 //! acknowledgement on two more pairs of different sizes, taking turns.
+//! The pair's size is the disks' (the host's `--volume`); the
+//! differential is a quarter of it.
 //! Kernel words: `batch=` blocks per copier step (default the mirror's);
 //! `pipeline=on` makes the copier read its next batch while it writes
 //! the current one (to compare; off by default).
@@ -264,6 +266,7 @@ fn round(
 }
 
 fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
+    crate::memory::heap::reset_peak();
     let [(ack_small, small_bytes), (ack_big, big_bytes)] = split_ack_ns(["small-", "big-"])?;
     let d = disks("")?;
     let s = d.secondary.clone();
@@ -348,6 +351,9 @@ fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
             "mismatched_blocks",
             n(quick.mismatched + memory.mismatched + slow.mismatched)
         ),
+        // The heap's high-water mark over the whole bench: what the host's
+        // `--volume` sizing of `--mem` must cover.
+        ("heap_peak_bytes", n(crate::memory::heap::peak() as u64)),
     ])
 }
 

@@ -135,6 +135,13 @@ pub fn guest_heap_bytes(ram: u64) -> u64 {
     (ram / 16).clamp(4 << 20, 64 << 20) & !4095
 }
 
+/// A `--mem` (in bytes, a multiple of 64 MiB) whose kernel heap holds
+/// `heap` bytes, with room for what the firmware and the kernel image keep
+/// of the RAM; `None` beyond the largest heap (64 MiB, from 1 GiB up).
+pub fn mem_for_heap(heap: u64) -> Option<u64> {
+    (heap <= 64 << 20).then(|| (heap * 16 + (32 << 20)).next_multiple_of(64 << 20))
+}
+
 /// What a finished backup did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackupSummary {
@@ -306,5 +313,21 @@ impl Streamer<'_> {
         let last = (k + n).min(layout.extents()) - 1;
         let (first, clusters, _) = layout.extent(last);
         Ok((first + clusters) * layout.cluster_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{guest_heap_bytes, mem_for_heap};
+
+    #[test]
+    fn mem_for_heap_gives_that_heap_with_room_to_spare() {
+        for heap in (0..=64u64 << 20).step_by(333_333).chain([64 << 20]) {
+            let mem = mem_for_heap(heap).unwrap();
+            assert_eq!(mem % (64 << 20), 0);
+            // Even with 16 MiB of the RAM kept by firmware and kernel.
+            assert!(guest_heap_bytes(mem - (16 << 20)) >= heap, "{heap}: {mem}");
+        }
+        assert_eq!(mem_for_heap((64 << 20) + 1), None);
     }
 }

@@ -56,7 +56,7 @@ pub mod tape;
 pub mod volume;
 
 pub use engine::{
-    backup, backup_memory, backup_overlapped, guest_heap_bytes, restore_memory, BackupSummary,
-    Error, InTurn, Overlap, Plan, Progress, Stage,
+    backup, backup_memory, backup_overlapped, guest_heap_bytes, mem_for_heap, restore_memory,
+    BackupSummary, Error, InTurn, Overlap, Plan, Progress, Stage,
 };
 pub use restore::{restore, Format, Front, RestoreSummary};

@@ -83,6 +83,9 @@ pub enum Qcow2Error {
     Invalid(String),
     /// The image's tables would need more memory than there is.
     TooLarge(String),
+    /// The guest has too little memory for the job, in words that give
+    /// both figures and what to do.
+    Memory(String),
 }
 
 impl fmt::Display for Qcow2Error {
@@ -93,6 +96,7 @@ impl fmt::Display for Qcow2Error {
             Qcow2Error::Unsupported(what) => write!(f, "unsupported qcow2 feature: {what}"),
             Qcow2Error::Invalid(what) => write!(f, "invalid qcow2 image: {what}"),
             Qcow2Error::TooLarge(what) => write!(f, "qcow2 image too large: {what}"),
+            Qcow2Error::Memory(what) => f.write_str(what),
         }
     }
 }

@@ -420,7 +420,7 @@ pub fn open_memory(header: &Header, file_len: u64) -> u64 {
     source::open_memory(header.cluster_bits, file_len)
         + 2 * u64::from(header.l1_size) * 8
         + u64::from(header.refcount_table_clusters) * cs * 2
-        + (super::tables::CACHED_L2 as u64 + 2) * cs
+        + (super::tables::cached_l2(header.l1_size) as u64 + 2) * cs
 }
 
 /// Whether any of the `sectors` from `sector` of `d` hold data, by its

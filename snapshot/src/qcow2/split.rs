@@ -14,10 +14,14 @@
 //!   newer data;
 //! - the background split ([`Split::step`], or [`Split::prepare`] and
 //!   [`Split::commit`] on two threads): it claims up to `batch` holes of
-//!   one L2 table and reads their data from the chain, then gives each a
-//!   new cluster holding it, or a zero entry where the chain reads as
-//!   zeros (known from its block status without reading), and publishes
-//!   the entries in the cached tables ([`Qcow2Disk::materialize`]); every
+//!   one L2 table with data below and reads that data from the chain,
+//!   then gives each a new cluster holding it and publishes the entries in
+//!   the cached tables ([`Qcow2Disk::materialize`]). Where the chain reads
+//!   as zeros (nothing allocated below, by its block status, or data that
+//!   is all zeros) the hole stays a hole: it reads zeros through the chain
+//!   now and on its own once the chain is released, so it needs no entry
+//!   and no L2 table (a 4 TiB clone of a nearly empty base stays small);
+//!   every
 //!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
 //!   then the L2 entries: [`Qcow2Disk::write_back`], whose flush runs
 //!   without the tables' lock).
@@ -42,9 +46,9 @@ use crate::backup::qcow2::{buffer, Qcow2Error};
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
 use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
 
-/// Most clusters one batch claims, as a multiple of its data clusters:
-/// holes over zeros cost an entry each, not a read or a write.
-pub const UNITS_PER_BATCH: u64 = 16;
+/// Most clusters one batch looks at: a hole with nothing below costs the
+/// chain's block status (no read of its data, no write), and stays a hole.
+pub const SCAN_PER_BATCH: u64 = 1 << 16;
 
 /// Bytes the split copies between two write-backs of the metadata
 /// (one flush each) unless told otherwise: what a crash can leak.
@@ -54,8 +58,10 @@ pub const WRITE_BACK_BYTES: u64 = 64 << 20;
 /// [`Split::prepare`] and [`Split::commit`].
 #[derive(Debug)]
 pub struct Batch {
-    claimed: Vec<(Token, bool)>,
+    claimed: Vec<Token>,
     data: Vec<u8>,
+    /// Holes with nothing below, settled while claiming (left holes).
+    settled: u64,
 }
 
 /// Where a split stands.
@@ -67,7 +73,10 @@ pub struct Progress {
     pub already: u64,
     /// Holes the background split filled with a copy.
     pub copied: u64,
-    /// Holes the background split made zero entries.
+    /// Holes the background split left holes because the chain reads
+    /// zeros there (nothing allocated below, or data that is all zeros):
+    /// they read zeros through the chain and, once it is released, on
+    /// their own, so they need no entry and no L2 table.
     pub zeroed: u64,
     /// Holes the workload's writes filled first.
     pub by_workload: u64,
@@ -225,22 +234,22 @@ where
         self.disk.read_at(offset, buf)
     }
 
-    /// Claims unclaimed clusters of one L2 table from the cursor on
-    /// (wrapping once), until `batch` of them have data below or
-    /// [`UNITS_PER_BATCH`] times as many are claimed; each comes with
-    /// whether the chain holds data there (by its block status).
-    fn claim_batch(&self) -> Result<Vec<(Token, bool)>> {
+    /// Claims unclaimed holes from the cursor on (wrapping once), until
+    /// `batch` of them with data below are claimed, all in one L2 table, or
+    /// [`SCAN_PER_BATCH`] clusters were looked at. A hole with nothing
+    /// below (by the chain's block status) is settled at once and stays a
+    /// hole: it reads zeros through the chain now and without it after the
+    /// release, and it needs no L2 table. Returns the holes claimed with
+    /// data below.
+    fn claim_batch(&self) -> Result<(Vec<Token>, u64, u64)> {
         let g = self.disk.geometry();
         let n = self.engine.units();
         let mut claimed = Vec::new();
         let start = self.cursor.load(Ordering::Relaxed) % n.max(1);
-        let (mut scanned, mut with_data) = (0, 0);
+        let (mut scanned, mut settled) = (0, 0);
         let mut table = None;
         let mut result = Ok(());
-        while scanned < n
-            && with_data < self.batch
-            && (claimed.len() as u64) < self.batch * UNITS_PER_BATCH
-        {
+        while scanned < n.min(SCAN_PER_BATCH) && (claimed.len() as u64) < self.batch {
             let vc = (start + scanned) % n;
             if table.is_some_and(|t| t != vc / g.l2_entries) {
                 break;
@@ -250,11 +259,15 @@ where
                 continue;
             }
             if let Claim::Won(t) = self.engine.claim(vc) {
-                table = Some(vc / g.l2_entries);
                 match self.disk.data_below(vc) {
-                    Ok(data) => {
-                        with_data += u64::from(data);
-                        claimed.push((t, data));
+                    Ok(true) => {
+                        table = Some(vc / g.l2_entries);
+                        claimed.push(t);
+                    }
+                    Ok(false) => {
+                        settled += 1;
+                        self.zeroed.fetch_add(1, Ordering::Relaxed);
+                        self.engine.finish(t, Cause::Background);
                     }
                     Err(e) => {
                         self.engine.abandon(t);
@@ -267,12 +280,12 @@ where
         self.cursor
             .store((start + scanned) % n.max(1), Ordering::Relaxed);
         if let Err(e) = result {
-            for (t, _) in claimed {
+            for t in claimed {
                 self.engine.abandon(t);
             }
             return Err(e);
         }
-        Ok(claimed)
+        Ok((claimed, settled, scanned))
     }
 
     /// One background batch; returns the clusters it settled (0: nothing
@@ -290,16 +303,29 @@ where
     /// while this one is committed: the chain and the clone are different
     /// disks. Hand the batch to [`Self::commit`] or [`Self::abandon`].
     pub fn prepare(&self) -> Result<Option<Batch>> {
-        let claimed = self.claim_batch()?;
-        if claimed.is_empty() {
-            return Ok(None);
-        }
+        let units = self.engine.units();
+        let mut scanned = 0;
+        let (claimed, settled) = loop {
+            let (claimed, settled, n) = self.claim_batch()?;
+            scanned += n;
+            if !claimed.is_empty() || settled > 0 {
+                break (claimed, settled);
+            }
+            if n == 0 || scanned >= units {
+                return Ok(None);
+            }
+        };
         match self.read_batch(&claimed) {
-            Ok(data) => Ok(Some(Batch { claimed, data })),
+            Ok(data) => Ok(Some(Batch {
+                claimed,
+                data,
+                settled,
+            })),
             Err(e) => {
                 self.abandon(Batch {
                     claimed,
                     data: Vec::new(),
+                    settled,
                 });
                 Err(e)
             }
@@ -308,21 +334,22 @@ where
 
     /// Gives up a prepared batch: its holes go back to the split.
     pub fn abandon(&self, batch: Batch) {
-        for (t, _) in batch.claimed {
+        for t in batch.claimed {
             self.engine.abandon(t);
         }
     }
 
-    /// The second half of a batch: gives each hole with data a new cluster
-    /// holding it and the others zero entries, then finishes the claims;
+    /// The second half of a batch: gives each hole whose data is not all
+    /// zeros a new cluster holding it and leaves the others holes, then
+    /// finishes the claims;
     /// writes the metadata back when enough was copied since the last
     /// time. Returns the clusters settled.
     pub fn commit(&self, batch: Batch) -> Result<u64> {
         match self.fill(&batch.claimed, &batch.data) {
             Ok(zeroed) => {
-                let n = batch.claimed.len() as u64;
+                let n = batch.claimed.len() as u64 + batch.settled;
                 self.zeroed.fetch_add(zeroed, Ordering::Relaxed);
-                for (t, _) in batch.claimed {
+                for t in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
                 if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
@@ -338,12 +365,12 @@ where
         }
     }
 
-    /// Reads the claimed holes with data below from the chain, one cluster
-    /// after another in the buffer.
-    fn read_batch(&self, claimed: &[(Token, bool)]) -> Result<Vec<u8>> {
+    /// Reads the claimed holes (all with data below) from the chain, one
+    /// cluster after another in the buffer.
+    fn read_batch(&self, claimed: &[Token]) -> Result<Vec<u8>> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
-        let with_data: Vec<u64> = claimed.iter().filter(|c| c.1).map(|c| c.0.unit()).collect();
+        let with_data: Vec<u64> = claimed.iter().map(Token::unit).collect();
         let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
         let mut k = 0;
         while k < with_data.len() {
@@ -361,30 +388,27 @@ where
     }
 
     /// Publishes the batch read into `data`: a new cluster for each hole
-    /// whose data is not all zeros, a zero entry for the others; returns
-    /// how many got zero entries.
-    fn fill(&self, claimed: &[(Token, bool)], data: &[u8]) -> Result<u64> {
+    /// whose data is not all zeros; the others stay holes (no entry, no L2
+    /// table: they read zeros with the chain and without it). Returns how
+    /// many stay holes.
+    fn fill(&self, claimed: &[Token], data: &[u8]) -> Result<u64> {
         let g = self.disk.geometry();
-        let cs = g.cs as usize;
-        let mut chunks = data.chunks(cs).enumerate();
         let mut items = Vec::new();
-        let mut zeroed = 0;
-        for (t, below) in claimed {
-            let chunk = if *below { chunks.next() } else { None };
-            let content = chunk.filter(|(_, c)| c.iter().any(|&b| b != 0));
-            zeroed += u64::from(content.is_none());
-            items.push((t.unit(), Entry::Hole, content.map(|(k, _)| k)));
+        for (k, (t, c)) in claimed.iter().zip(data.chunks(g.cs as usize)).enumerate() {
+            if c.iter().any(|&b| b != 0) {
+                items.push((t.unit(), Entry::Hole, Some(k)));
+            }
         }
-        if !self.disk.materialize(&items, data)? {
+        if !items.is_empty() && !self.disk.materialize(&items, data)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
         }
-        let copied = claimed.len() as u64 - zeroed;
+        let copied = items.len() as u64;
         self.copied_bytes
             .fetch_add(copied * g.cs, Ordering::Relaxed);
         self.unwritten.fetch_add(copied, Ordering::Relaxed);
-        Ok(zeroed)
+        Ok(claimed.len() as u64 - copied)
     }
 
     /// Releases the backing file once every cluster is settled: flush,

@@ -39,6 +39,13 @@ use crate::devices::block::{read_bytes, write_bytes, BlockDevice, SECTOR_SIZE};
 /// L2 cache, which maps 8 GiB).
 pub const CACHED_L2: usize = 16;
 
+/// L2 tables cached at once for an image of `l1_size` tables: never more
+/// than it has (an 8 MiB image of 2 MiB clusters has one table of 2 MiB,
+/// not sixteen), so such an image never evicts one.
+pub fn cached_l2(l1_size: u32) -> usize {
+    CACHED_L2.min((l1_size as usize).max(1))
+}
+
 const COMPRESSED: u64 = 1 << 62;
 
 /// What one virtual cluster maps to.
@@ -167,7 +174,7 @@ impl Tables {
         if let Some(s) = self.cache.iter().position(|c| c.table == i) {
             return Ok(Some(s));
         }
-        let s = if self.cache.len() < CACHED_L2 {
+        let s = if self.cache.len() < cached_l2(self.l1.len() as u32) {
             self.cache.push(Slot {
                 table: i,
                 bytes: buffer(g.cs, "L2 table")?,
