@@ -11,7 +11,8 @@
 
 use alloc::vec::Vec;
 
-use super::controller::{try_vec, CopyError, Mirror};
+use super::budget::try_vec;
+use super::controller::{CopyError, Mirror};
 use super::layout::Phase;
 use super::{Budget, Error, Refusal, MAX_BATCH};
 use crate::backup::volume::VolumeStream;

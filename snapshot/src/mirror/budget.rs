@@ -9,6 +9,9 @@
 //! (each buffer is also allocated fallibly, so a wrong estimate is an
 //! [`Error::NoMemory`], not an abort).
 
+use alloc::vec::Vec;
+
+use super::controller::CopyError;
 use super::copier::MAX_BATCHES;
 use super::layout::Geometry;
 use super::{Error, Refusal};
@@ -88,4 +91,13 @@ impl Budget {
 fn stride(geo: &Geometry) -> u64 {
     let clusters = VolumeStream::medium_extent_clusters(geo.block_bits());
     BLOCK + clusters * geo.block_bytes
+}
+
+/// An empty vector with room for `n` items, or the refusal to allocate
+/// it: the data paths never abort on a full heap.
+pub(super) fn try_vec<T>(n: usize) -> Result<Vec<T>, CopyError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| CopyError::NoMemory((n * core::mem::size_of::<T>()) as u64))?;
+    Ok(v)
 }

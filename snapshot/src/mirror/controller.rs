@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::bitmap::Area;
+use super::budget::try_vec;
 use super::layout::{Geometry, Phase, Super, BLOCKS_PER_SECTOR};
 use super::Error;
 use crate::copyonce::{Access, Counters, Engine, UnitCopy};
@@ -157,15 +158,6 @@ pub(super) enum CopyError {
     Primary(BlockError),
     Secondary(BlockError),
     NoMemory(u64),
-}
-
-/// An empty vector with room for `n` items, or the refusal to allocate
-/// it: the data paths never abort on a full heap.
-pub(super) fn try_vec<T>(n: usize) -> Result<Vec<T>, CopyError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| CopyError::NoMemory((n * core::mem::size_of::<T>()) as u64))?;
-    Ok(v)
 }
 
 /// The controller of a mirrored pair. See the [module docs](super).
