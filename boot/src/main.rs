@@ -235,7 +235,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             let (Some(p), Some(s), Some(t)) = (p, s, t) else {
                 return Err((2, "mirror needs --primary, --secondary and --tape".into()));
             };
-            let job = boot::mirror::plan(p, s, t).map_err(refused)?;
+            let job = boot::mirror::plan(p, s, t, args.mem).map_err(refused)?;
             eprintln!(
                 "mirror: controller disk {}; the tape will hold {} bytes",
                 job.control.display(),

@@ -3,14 +3,16 @@
 //! write), creates the controller disk beside the secondary on first use
 //! (`S.img.mirror`, kept: it is the pair's durable state, and a later run
 //! resumes from it) and the tape at the stream's length, and removes a
-//! tape whose backup did not complete.
+//! tape whose backup did not complete. A pair whose smallest transfers a
+//! guest of `--mem` could not hold is refused with the figure and the
+//! `--mem` that would do.
 
 use std::path::{Path, PathBuf};
 
 use snapshot::backup::guest_heap_bytes;
 use snapshot::backup::volume::VolumeStream;
 use snapshot::interface::trace::Record;
-use snapshot::mirror::{Geometry, Options};
+use snapshot::mirror::{Budget, Geometry, Options};
 
 use crate::filedisk::{check_writable, same_file};
 use crate::qemu::Disk;
@@ -41,8 +43,35 @@ pub fn control_path(secondary: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Checks the pair and prepares the controller disk and the tape.
-pub fn plan(primary: &Path, secondary: &Path, tape: &Path) -> Result<MirrorJob, String> {
+/// Refuses a pair of `geo` whose smallest transfers ([`Budget::least`])
+/// a guest of `mem` bytes could not hold, naming the `--mem` that would.
+pub fn enough_memory(geo: &Geometry, mem: u64) -> Result<(), String> {
+    let have = crate::backup::job_memory(mem);
+    let need = Budget::least().peak_bytes(geo);
+    if need <= have {
+        return Ok(());
+    }
+    // The heap is a sixteenth of the guest's memory, at most 64 MiB.
+    let mib = (1..=1 << 20).find(|&mib| crate::backup::job_memory(mib << 20) >= need);
+    let advice = match mib {
+        Some(mib) if crate::backup::job_memory(mib << 20) > crate::backup::job_memory(mem) => {
+            format!("run it with --mem {mib}M or more")
+        }
+        _ => "no --mem gives the kernel that much heap".to_string(),
+    };
+    Err(format!(
+        "the mirror of a {}-byte volume needs {need} bytes ({} MiB) of kernel heap at least; \
+         a guest of --mem {}M gives it {have} ({} MiB): {advice}",
+        geo.volume_bytes,
+        need.div_ceil(1 << 20),
+        mem >> 20,
+        have >> 20
+    ))
+}
+
+/// Checks the pair (against a guest of `mem` bytes, too) and prepares the
+/// controller disk and the tape.
+pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<MirrorJob, String> {
     if same_file(primary, secondary) {
         return Err(format!(
             "--primary and --secondary are the same file ({}); a mirror needs two",
@@ -76,6 +105,7 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path) -> Result<MirrorJob, 
         block_bytes: Options::default().block_bytes,
         volume_bytes: p,
     };
+    enough_memory(&geo, mem)?;
     let control = control_path(secondary);
     if !control.exists() {
         crate::bench::make_blank_image(&control, geo.control_bytes())
@@ -261,7 +291,7 @@ mod tests {
 
     /// The refusal leaves nothing behind: no controller disk, no tape.
     fn refused(dir: &Path, primary: &Path, secondary: &Path) -> String {
-        let e = plan(primary, secondary, &dir.join("t.tape")).unwrap_err();
+        let e = plan(primary, secondary, &dir.join("t.tape"), 512 << 20).unwrap_err();
         assert!(!control_path(secondary).exists(), "{e}");
         assert!(!dir.join("t.tape").exists(), "{e}");
         e
@@ -293,6 +323,41 @@ mod tests {
         std::fs::create_dir(dir.join("d")).unwrap();
         let e = refused(&dir, &dir.join("p.img"), &dir.join("d"));
         assert!(e.contains("--secondary") && e.contains("directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A pair whose smallest transfers the guest's heap cannot hold is
+    /// refused before booting, with the figure and a `--mem` that does
+    /// hold them; nothing is left behind.
+    #[test]
+    fn a_pair_too_big_for_the_memory_is_refused_with_the_mem_that_would_do() {
+        let dir = scratch("mem");
+        let (p, s) = (dir.join("big-p.img"), dir.join("big-s.img"));
+        for f in [&p, &s] {
+            crate::bench::make_blank_image(f, 64 << 30).unwrap();
+        }
+        let tape = dir.join("t.tape");
+        let e = plan(&p, &s, &tape, 64 << 20).unwrap_err();
+        assert!(!control_path(&s).exists() && !tape.exists(), "{e}");
+        assert!(e.contains("kernel heap") && e.contains("--mem 64M"), "{e}");
+        let mib: u64 = e
+            .split("run it with --mem ")
+            .nth(1)
+            .and_then(|rest| rest.split('M').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no --mem advice: {e}"));
+        let geo = Geometry {
+            block_bytes: Options::default().block_bytes,
+            volume_bytes: 64 << 30,
+        };
+        assert!(enough_memory(&geo, (mib - 1) << 20).is_err());
+        assert!(enough_memory(&geo, mib << 20).is_ok());
+        // The small pairs of the kernel tests fit in the least memory.
+        let small = Geometry {
+            volume_bytes: 64 << 20,
+            ..geo
+        };
+        assert!(enough_memory(&small, 64 << 20).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,18 +19,30 @@
 //! split's differential data. Progress goes out as
 //! `mirror.progress stage=pair|copy|backup done total`.
 //!
+//! Memory: the run sizes its batches and the backup's window from the
+//! heap it finds free ([`Budget::fit`], recorded as `mirror.budget`), or
+//! refuses before touching the pair; `batch=N` lowers the batch further.
+//!
+//! Hold points, for crash tests only: `hold=POINT:N` (POINT one of
+//! `pair`, `copy`, `backup`, `resync`) makes the thread doing POINT stop
+//! for good after its Nth step that leaves work to do, once it has
+//! recorded `mirror.hold` and flushed the trace: a host that kills QEMU
+//! on that record kills it while the operation is provably under way.
+//! `resync` is the pump after the resync, `pair` the one before the split.
+//!
 //! This module must never write the primary except through the mirror.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use snapshot::backup::tape::{Header, BLOCK, HEADER_BYTES};
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 use snapshot::memsnap::page_hash;
 use snapshot::mirror::{
-    BackupJob, CopyBatch, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via,
+    BackupJob, Budget, CopyBatch, Disks, Error, Mirror, Opened, Options, Phase, Refusal, Via,
+    MAX_BATCH,
 };
 use snapshot::support::rng::Rng;
 
@@ -40,7 +52,97 @@ use crate::trace::Progress;
 use crate::{clock, log, thread, virtio};
 
 /// Blocks a pump or copier step moves at most.
-pub const BATCH: u64 = 64;
+pub const BATCH: u64 = MAX_BATCH;
+
+/// Where a run can be held ([module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// The pump before the split.
+    Pair = 1,
+    /// The copier.
+    Copy = 2,
+    /// The backup.
+    Backup = 3,
+    /// The pump after the resync.
+    Resync = 4,
+}
+
+const POINTS: [(&str, Point); 4] = [
+    ("pair", Point::Pair),
+    ("copy", Point::Copy),
+    ("backup", Point::Backup),
+    ("resync", Point::Resync),
+];
+
+/// The hold point asked for (0: none), at which step, and steps seen.
+static HOLD_POINT: AtomicUsize = AtomicUsize::new(0);
+static HOLD_STEP: AtomicU64 = AtomicU64::new(0);
+static HOLD_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// Reads `hold=POINT:N`.
+fn set_hold(cmd: &CmdLine<'_>) -> Result<(), Error> {
+    let Some(text) = cmd.get("hold") else {
+        return Ok(());
+    };
+    let parsed = text.split_once(':').and_then(|(name, n)| {
+        let point = POINTS.iter().find(|(p, _)| *p == name)?.1;
+        Some((point, n.parse::<u64>().ok().filter(|&n| n > 0)?))
+    });
+    let (point, step) =
+        parsed.ok_or_else(|| input("hold= wants pair|copy|backup|resync:N (N from 1)".into()))?;
+    HOLD_STEP.store(step, Ordering::Relaxed);
+    HOLD_POINT.store(point as usize, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A step of `point` has brought it to `done` of `total`: if that is the
+/// hold point's step and work remains, records `mirror.hold` and stops
+/// this thread for good.
+fn hold(point: Point, done: u64, total: u64) {
+    if HOLD_POINT.load(Ordering::Relaxed) != point as usize || done >= total {
+        return;
+    }
+    if HOLD_SEEN.fetch_add(1, Ordering::Relaxed) + 1 != HOLD_STEP.load(Ordering::Relaxed) {
+        return;
+    }
+    log!("mirror: holding at {point:?}, {done} of {total} done");
+    crate::trace!(
+        "mirror.hold",
+        point = point as u64,
+        done = done,
+        total = total
+    );
+    crate::trace::flush();
+    loop {
+        thread::sleep_ns(1_000_000_000);
+    }
+}
+
+/// Heap bytes free now.
+fn heap_free() -> u64 {
+    let (used, total) = crate::memory::heap::stats();
+    total.saturating_sub(used) as u64
+}
+
+/// The transfer sizes for a run of `m`: what `free` heap bytes (measured
+/// before the pair was opened: the peak counts its bitmaps) hold, the
+/// batch lowered to `batch=` if given. Refused if even the smallest do
+/// not fit.
+fn budget(m: &Mirror, free: u64, cmd: &CmdLine<'_>) -> Result<Budget, Error> {
+    let mut budget = Budget::fit(&m.geometry(), free)?;
+    if let Some(n) = cmd.get("batch").and_then(|n| n.parse::<u64>().ok()) {
+        budget.batch = budget.batch.min(n.max(1));
+    }
+    log!("mirror: {free} bytes of heap free; {budget:?}");
+    crate::trace!(
+        "mirror.budget",
+        heap_free = free,
+        batch = budget.batch,
+        window_extents = budget.window_extents,
+        peak_bytes = budget.peak_bytes(&m.geometry())
+    );
+    Ok(budget)
+}
 
 /// Opens the pair on the disks the command line names.
 pub fn open(cmd: &CmdLine<'_>, opts: Options) -> Result<(Arc<Mirror>, Opened), Error> {
@@ -60,19 +162,28 @@ pub fn progress() -> Progress {
     Progress::new("mirror.progress")
 }
 
-/// Pumps until the secondary is in sync; returns the blocks copied.
-pub fn pump_all(m: &Mirror, progress: &mut Progress) -> Result<u64, Error> {
+/// Pumps until the secondary is in sync, `batch` blocks a step; returns
+/// the blocks copied. `point` names it for [`hold`].
+pub fn pump_all(
+    m: &Mirror,
+    progress: &mut Progress,
+    batch: u64,
+    point: Point,
+) -> Result<u64, Error> {
     let total = m.status().marked;
     let mut done = 0;
     progress.report("pair", 0, total);
     loop {
-        let n = m.pump(BATCH)?;
+        let n = m.pump(batch)?;
         if n == 0 && m.status().marked == 0 {
             progress.report("pair", total, total);
             return Ok(done);
         }
         done += n;
         progress.report("pair", done.min(total), total);
+        if n > 0 {
+            hold(point, done, total);
+        }
         if n == 0 {
             thread::yield_now();
         }
@@ -143,6 +254,9 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         copied += n;
         let status = m.status();
         progress.report("copy", status.copied, status.pending);
+        if n > 0 {
+            hold(Point::Copy, status.copied, status.pending);
+        }
         if n == 0 && ahead.is_none() {
             // Nothing to claim: the rest is held by others, or a backup
             // `via=memory` copies it. Sleep rather than spin, so that the
@@ -186,16 +300,19 @@ fn write_reading_next(
     (next, wrote)
 }
 
-/// Backs the split instant up to `tape`; returns the summary.
+/// Backs the split instant up to `tape` within `budget`; returns the
+/// summary.
 pub fn backup(
     m: &Mirror,
     tape: &dyn BlockDevice,
     via: Via,
+    budget: Budget,
     progress: &mut Progress,
 ) -> Result<snapshot::mirror::BackupSummary, Error> {
-    let mut job = BackupJob::start(m, tape, via)?;
+    let mut job = BackupJob::start_sized(m, tape, via, budget)?;
     while let Some((done, total)) = job.step()? {
         progress.report("backup", done, total);
+        hold(Point::Backup, done, total);
     }
     job.finish()
 }
@@ -204,8 +321,9 @@ pub fn backup(
 /// reference of a verify run.
 pub fn reference(m: &Mirror) -> Result<Vec<u64>, Error> {
     let geo = m.geometry();
-    let mut buf = alloc::vec![0u8; geo.block_bytes as usize];
-    let mut out = Vec::with_capacity(geo.blocks() as usize);
+    let mut buf = filled(geo.block_bytes, 0u8)?;
+    let mut out = filled(geo.blocks(), 0u64)?;
+    out.clear();
     for b in 0..geo.blocks() {
         let (sector, len) = geo.extent(b);
         buf.fill(0);
@@ -213,17 +331,23 @@ pub fn reference(m: &Mirror) -> Result<Vec<u64>, Error> {
             .primary
             .read(sector, &mut buf[..len])
             .map_err(Error::Io)?;
-        out.push(hash(&buf));
+        out.push(hash(&buf)?);
     }
     Ok(out)
 }
 
-fn hash(bytes: &[u8]) -> u64 {
-    let words: Vec<u64> = bytes
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    page_hash(&words)
+/// A vector of `len` copies of `value`, or [`Error::NoMemory`].
+fn filled<T: Clone>(len: u64, value: T) -> Result<Vec<T>, Error> {
+    let bytes = len.saturating_mul(core::mem::size_of::<T>() as u64);
+    snapshot::support::try_filled(len, value).ok_or(Error::NoMemory(bytes))
+}
+
+fn hash(bytes: &[u8]) -> Result<u64, Error> {
+    let mut words = filled(bytes.len() as u64 / 8, 0u64)?;
+    for (w, c) in words.iter_mut().zip(bytes.chunks(8)) {
+        *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+    Ok(page_hash(&words))
 }
 
 /// Reads the tape back, extent by extent as its header lays them out,
@@ -235,14 +359,14 @@ pub fn mismatched(tape: &dyn BlockDevice, reference: &[u64]) -> Result<u64, Erro
     let l = header.layout;
     let cs = l.cluster_size() as usize;
     let mut bad = 0;
-    let mut buf = alloc::vec![0u8; cs * l.extent_clusters() as usize];
+    let mut buf = filled(cs as u64 * l.extent_clusters(), 0u8)?;
     for k in 0..l.extents() {
         let (first, len, at) = l.extent(k);
         let data = &mut buf[..cs * len as usize];
         tape.read((at + BLOCK) / 512, data).map_err(Error::Io)?;
         for (i, block) in data.chunks(cs).enumerate() {
             let b = first as usize + i;
-            bad += u64::from(reference.get(b) != Some(&hash(block)));
+            bad += u64::from(reference.get(b) != Some(&hash(block)?));
         }
     }
     Ok(bad + (reference.len() as u64).saturating_sub(l.data_clusters))
@@ -268,8 +392,13 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     let verify = word(cmd, "verify", "on") == "on";
     let presync = word(cmd, "presync", "on") == "on";
     let seed: u64 = word(cmd, "seed", "1").parse().unwrap_or(1);
+    set_hold(cmd)?;
     let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
+    let free = heap_free();
+    crate::memory::heap::reset_peak();
     let (m, opened) = open(cmd, Options::default())?;
+    let budget = budget(&m, free, cmd)?;
+    let batch = budget.batch;
     let pending_split = matches!(opened, Opened::Split { .. });
     log!("mirror: opened {opened:?}; {:?}", m.geometry());
     crate::trace!("mirror.opened", resumed_split = u64::from(pending_split));
@@ -282,7 +411,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
             m.resync()?;
         }
         if presync {
-            pump_all(&m, &mut progress)?;
+            pump_all(&m, &mut progress, batch, Point::Pair)?;
         }
         if workload_on {
             workload(&m, seed, Some(256), &stop, false)?;
@@ -306,9 +435,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         log!("mirror: resuming a pending split; no reference of its instant (verify skipped)");
     }
     let (m2, stop2) = (m.clone(), stop.clone());
-    let copier_thread = thread::spawn("mirror-copier", move || copier(&m2, &stop2, BATCH));
+    let copier_thread = thread::spawn("mirror-copier", move || copier(&m2, &stop2, batch));
     let t0 = clock::now_ns();
-    let summary = backup(&m, &*tape, via, &mut progress);
+    let summary = backup(&m, &*tape, via, budget, &mut progress);
     let backup_ns = clock::now_ns() - t0;
     let copied = copier_thread.join();
     stop.store(true, Ordering::Relaxed);
@@ -331,7 +460,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     );
     crate::trace::flush();
     let marked = m.resync()?;
-    pump_all(&m, &mut progress)?;
+    pump_all(&m, &mut progress, batch, Point::Resync)?;
     let status = m.status();
     log!(
         "mirror: backup via {} of {} bytes in {} ms ({} blocks on demand, {} by the copier); resync copied {} blocks; {} mismatched blocks",
@@ -342,6 +471,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         "mirror.done",
         medium_bytes = summary.medium_bytes,
         resync_bytes = marked * m.geometry().block_bytes,
+        heap_peak = crate::memory::heap::peak() as u64,
         in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
     );
     crate::trace::flush();

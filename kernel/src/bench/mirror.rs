@@ -23,14 +23,16 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
-use snapshot::mirror::{Disks, Error, Mirror, Options, Via};
+use snapshot::mirror::{Budget, Disks, Error, Mirror, Options, Via};
 use snapshot::support::rng::Rng;
 
 use super::blk::flushed_baseline;
 use super::{per_second, percentile, print_json, seconds};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
-use crate::mirror::{backup, copier, mismatched, progress, pump_all, reference, workload, BATCH};
+use crate::mirror::{
+    backup, copier, mismatched, progress, pump_all, reference, workload, Point, BATCH,
+};
 use crate::{log, thread, virtio};
 
 /// Every `SPREAD`th block carries differential data at the split.
@@ -230,14 +232,17 @@ fn round(
         copier(m, &never, batch)?;
         let copy_ns = now_ns() - t0;
         disk_times.log_since("slow round, copy");
-        (backup(m, tape, Via::Secondary, &mut progress)?, copy_ns)
+        (
+            backup(m, tape, Via::Secondary, full(), &mut progress)?,
+            copy_ns,
+        )
     } else {
         let m2 = m.clone();
         let copying = thread::spawn("bench-mirror-copier", move || {
             let never = AtomicBool::new(false);
             copier(&m2, &never, batch).map(|_| now_ns() - t0)
         });
-        let summary = backup(m, tape, via, &mut progress);
+        let summary = backup(m, tape, via, full(), &mut progress);
         let copy_ns = copying.join()?;
         (summary?, copy_ns)
     };
@@ -248,7 +253,7 @@ fn round(
     let load = Load::new(m, seed, lat, now_ns() - t0);
     let mismatched = mismatched(tape, &hashes)?;
     let resync_bytes = m.resync()? * m.geometry().block_bytes;
-    pump_all(m, &mut progress)?;
+    pump_all(m, &mut progress, BATCH, Point::Pair)?;
     Ok(Round {
         backup_ns,
         copy_ns,
@@ -278,7 +283,7 @@ fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
     let never = AtomicBool::new(false);
     let lat = workload(&m, 7, Some(BEFORE_OPS), &never, true)?;
     let before = Load::new(&m, 7, lat, now_ns() - t);
-    pump_all(&m, &mut progress())?;
+    pump_all(&m, &mut progress(), BATCH, Point::Pair)?;
     // An untimed round first: it allocates what the measured rounds
     // write (the tape, the differential blocks on both volumes, the
     // workload's places) in the host's sparse files, so that every
@@ -350,4 +355,12 @@ fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
         // `--volume` sizing of `--mem` must cover.
         ("heap_peak_bytes", n(crate::memory::heap::peak() as u64)),
     ])
+}
+
+/// Full windows and batches: the benchmark runs with the memory it needs.
+fn full() -> Budget {
+    Budget {
+        batch: BATCH,
+        window_extents: u64::MAX,
+    }
 }

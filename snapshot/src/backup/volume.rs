@@ -27,6 +27,8 @@ pub struct VolumeStream<'t> {
     s: Streamer<'t>,
     header_checksum: u64,
     next: u64,
+    /// Extents per window.
+    window_extents: u64,
 }
 
 impl core::fmt::Debug for VolumeStream<'_> {
@@ -107,6 +109,7 @@ impl<'t> VolumeStream<'t> {
             },
             header_checksum,
             next: 0,
+            window_extents: (WINDOW / stride(&layout)).max(1),
         })
     }
 
@@ -121,10 +124,33 @@ impl<'t> VolumeStream<'t> {
     }
 
     /// Extents in a window: as many as fit in [`WINDOW`] bytes (at least
-    /// one).
+    /// one), or fewer as [`Self::limit_window`] set.
     pub fn window_extents(&self) -> u64 {
-        let stride = BLOCK + self.extent_clusters() * self.s.layout.cluster_size();
-        (WINDOW / stride).max(1)
+        self.window_extents
+    }
+
+    /// Makes the windows at most `extents` extents (at least one), for a
+    /// caller with less memory than [`WINDOW`]. Before the first window.
+    pub fn limit_window(&mut self, extents: u64) {
+        self.window_extents = self.window_extents.min(extents).max(1);
+    }
+
+    /// Extents in a full window of a medium for a volume of
+    /// `volume_bytes` in clusters of `1 << cluster_bits`.
+    pub fn max_window_extents(volume_bytes: u64, cluster_bits: u32) -> u64 {
+        let layout = Self::plan(volume_bytes, cluster_bits).0;
+        (WINDOW / stride(&layout)).max(1)
+    }
+
+    /// Clusters per extent of a medium in clusters of `1 << cluster_bits`.
+    pub fn medium_extent_clusters(cluster_bits: u32) -> u64 {
+        Layout {
+            cluster_bits,
+            data_clusters: 0,
+            table1_bytes: 0,
+            table2_runs: 0,
+        }
+        .extent_clusters()
     }
 
     /// The next extent to write as `(first cluster, clusters)`, or `None`
@@ -191,6 +217,12 @@ impl<'t> VolumeStream<'t> {
         self.s.tape.flush()?;
         Ok(l.stream_bytes())
     }
+}
+
+/// Bytes of one extent in a window buffer: its header and a full
+/// extent's data.
+fn stride(layout: &Layout) -> u64 {
+    BLOCK + layout.extent_clusters() * layout.cluster_size()
 }
 
 #[cfg(test)]

@@ -238,7 +238,7 @@ pub const ALL: &[Description] = &[
             opt("--via", "MODE", false),
             opt("--workload", "on|off", false),
         ],
-        params: &["primary=primary", "secondary=secondary", "control=control", "tape=tape", "via=secondary", "workload=on", "verify=on", "presync=on", "seed=1"],
+        params: &["primary=primary", "secondary=secondary", "control=control", "tape=tape", "via=secondary", "workload=on", "verify=on", "presync=on", "seed=1", "batch=64"],
         help: "pair (resync), split under a write workload, back up the split instant during the copy to FILE, resync",
         mem_mib: BACKUP_MEM,
         benchmark: false,

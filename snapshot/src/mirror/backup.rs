@@ -11,9 +11,10 @@
 
 use alloc::vec::Vec;
 
+use super::budget::try_vec;
 use super::controller::{CopyError, Mirror};
 use super::layout::Phase;
-use super::{Error, Refusal};
+use super::{Budget, Error, Refusal, MAX_BATCH};
 use crate::backup::volume::VolumeStream;
 use crate::copyonce::{Cause, Claim, State, Token};
 use crate::devices::block::{BlockDevice, Op};
@@ -73,6 +74,8 @@ pub struct BackupJob<'m, 't> {
     stream: VolumeStream<'t>,
     buf: Vec<u8>,
     via: Via,
+    /// Blocks per on-demand copy (`via=secondary`).
+    batch: u64,
     on_demand: u64,
     /// `via=memory`: claimed blocks written to the secondary but not yet
     /// flushed, so not yet copied; settled by one flush for many windows.
@@ -92,8 +95,24 @@ impl core::fmt::Debug for BackupJob<'_, '_> {
 impl<'m, 't> BackupJob<'m, 't> {
     /// Starts a backup of `mirror`'s split instant to `tape`: refused
     /// before any split, on a broken split, or while another backup or a
-    /// resync runs; writes the medium's header.
+    /// resync runs; writes the medium's header. Full windows and batches
+    /// of [`MAX_BATCH`]: [`Self::start_sized`] with no limit.
     pub fn start(mirror: &'m Mirror, tape: &'t dyn BlockDevice, via: Via) -> Result<Self, Error> {
+        let budget = Budget {
+            batch: MAX_BATCH,
+            window_extents: u64::MAX,
+        };
+        Self::start_sized(mirror, tape, via, budget)
+    }
+
+    /// [`Self::start`] with windows and on-demand copies no larger than
+    /// `budget` allows.
+    pub fn start_sized(
+        mirror: &'m Mirror,
+        tape: &'t dyn BlockDevice,
+        via: Via,
+        budget: Budget,
+    ) -> Result<Self, Error> {
         {
             let mut g = mirror.inner.lock();
             if g.sb.phase != Phase::Split {
@@ -109,14 +128,18 @@ impl<'m, 't> BackupJob<'m, 't> {
             g.backup_copies = via == Via::Memory;
         }
         let geo = mirror.geometry();
-        let started = VolumeStream::start(tape, geo.volume_bytes, geo.block_bits())
-            .and_then(|s| Ok((s.buffer()?, s)));
+        let started =
+            VolumeStream::start(tape, geo.volume_bytes, geo.block_bits()).and_then(|mut s| {
+                s.limit_window(budget.window_extents);
+                Ok((s.buffer()?, s))
+            });
         match started {
             Ok((buf, stream)) => Ok(BackupJob {
                 mirror,
                 stream,
                 buf,
                 via,
+                batch: budget.batch.max(1),
                 on_demand: 0,
                 held: Vec::new(),
             }),
@@ -124,7 +147,10 @@ impl<'m, 't> BackupJob<'m, 't> {
                 let mut g = mirror.inner.lock();
                 g.backup_busy = false;
                 g.backup_copies = false;
-                Err(Error::Medium(alloc::format!("{e}")))
+                Err(match e {
+                    crate::backup::Error::NoMemory(n) => Error::NoMemory(n),
+                    e => Error::Medium(alloc::format!("{e}")),
+                })
             }
         }
     }
@@ -136,7 +162,7 @@ impl<'m, 't> BackupJob<'m, 't> {
             self.flush_held()?;
             return Ok(None);
         };
-        let tokens = self.claim_window(first, len);
+        let tokens = self.claim_window(first, len)?;
         let r = match self.via {
             Via::Secondary => self.via_secondary(first, len, tokens),
             Via::Memory => self.via_memory(first, len, tokens),
@@ -170,15 +196,15 @@ impl<'m, 't> BackupJob<'m, 't> {
 
     /// Claims the blocks of `first..first + len` that belong to the
     /// instant and nobody has copied; waits for those another copier holds.
-    fn claim_window(&self, first: u64, len: u64) -> Vec<Token> {
+    fn claim_window(&self, first: u64, len: u64) -> Result<Vec<Token>, Error> {
         let m = self.mirror;
-        let frozen: Vec<u64> = {
+        let no_memory = |e| m.copy_failed(e);
+        let mut frozen: Vec<u64> = try_vec(len as usize).map_err(no_memory)?;
+        {
             let g = m.inner.lock();
-            (first..first + len)
-                .filter(|&b| g.areas[g.sb.d].get(b))
-                .collect()
-        };
-        let mut tokens = Vec::new();
+            frozen.extend((first..first + len).filter(|&b| g.areas[g.sb.d].get(b)));
+        }
+        let mut tokens = try_vec(frozen.len()).map_err(no_memory)?;
         for b in frozen {
             loop {
                 match m.engine.claim(b) {
@@ -194,19 +220,27 @@ impl<'m, 't> BackupJob<'m, 't> {
                 break;
             }
         }
-        tokens
+        Ok(tokens)
     }
 
-    /// Copies the claimed blocks to the secondary, then reads the window
-    /// from the secondary.
+    /// Copies the claimed blocks to the secondary, [`Budget::batch`] at a
+    /// time through one buffer, then reads the window from the secondary.
     fn via_secondary(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
         if !tokens.is_empty() {
             let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
-            let r = m.copy_blocks(&blocks);
+            let mut buf = Vec::new();
+            let r = blocks.chunks(self.batch as usize).try_for_each(|chunk| {
+                buf = m.read_blocks(chunk, core::mem::take(&mut buf))?;
+                m.put_secondary(chunk, &buf, true)
+            });
+            drop(buf);
             self.settle(tokens, r)?;
         }
-        let mut ops: Vec<Op<'_>> = window_pieces(&self.stream, m, &mut self.buf, first, len)
+        let pieces = window_pieces(&self.stream, m, &mut self.buf, first, len);
+        let mut ops: Vec<Op<'_>> = pieces
+            .map_err(|e| m.copy_failed(e))?
+            .into_iter()
             .map(|(_, op)| op)
             .collect();
         let depth = m.disks.secondary.info().max_depth.clamp(1, 32);
@@ -225,8 +259,11 @@ impl<'m, 't> BackupJob<'m, 't> {
     fn via_memory(&mut self, first: u64, len: u64, tokens: Vec<Token>) -> Result<(), Error> {
         let m = self.mirror;
         let claimed: Vec<u64> = tokens.iter().map(Token::unit).collect();
-        let (mut from_p, mut from_s): (Vec<Op<'_>>, Vec<Op<'_>>) = (Vec::new(), Vec::new());
-        for (b, op) in window_pieces(&self.stream, m, &mut self.buf, first, len) {
+        let room = |n: usize| try_vec(n).map_err(|e| m.copy_failed(e));
+        let (mut from_p, mut from_s): (Vec<Op<'_>>, Vec<Op<'_>>) =
+            (room(claimed.len())?, room(len as usize)?);
+        let pieces = window_pieces(&self.stream, m, &mut self.buf, first, len);
+        for (b, op) in pieces.map_err(|e| m.copy_failed(e))? {
             if claimed.contains(&b) {
                 from_p.push(op);
             } else {
@@ -256,7 +293,6 @@ impl<'m, 't> BackupJob<'m, 't> {
                 }),
                 false,
             )
-            .map_err(CopyError::Secondary)
         });
         self.held.extend(tokens);
         if let Err(e) = r {
@@ -305,9 +341,9 @@ fn window_pieces<'b>(
     buf: &'b mut [u8],
     first: u64,
     len: u64,
-) -> impl Iterator<Item = (u64, Op<'b>)> {
+) -> Result<Vec<(u64, Op<'b>)>, CopyError> {
     let bs = m.geo.block_bytes as usize;
-    let mut pieces = Vec::with_capacity(len as usize);
+    let mut pieces = try_vec(len as usize)?;
     let mut rest = buf;
     let mut at = 0;
     for b in first..first + len {
@@ -326,7 +362,7 @@ fn window_pieces<'b>(
             },
         ));
     }
-    pieces.into_iter()
+    Ok(pieces)
 }
 
 impl Drop for BackupJob<'_, '_> {

@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::bitmap::Area;
+use super::budget::try_vec;
 use super::layout::{Geometry, Phase, Super, BLOCKS_PER_SECTOR};
 use super::Error;
 use crate::copyonce::{Access, Counters, Engine, UnitCopy};
@@ -152,10 +153,11 @@ pub(super) enum SectorWrite {
     Always,
 }
 
-/// Why a block copy failed: which side.
+/// Why a block copy failed: which side, or no memory for its buffers.
 pub(super) enum CopyError {
     Primary(BlockError),
     Secondary(BlockError),
+    NoMemory(u64),
 }
 
 /// The controller of a mirrored pair. See the [module docs](super).
@@ -270,6 +272,7 @@ impl Mirror {
         let io = Blocks { mirror: self };
         match self.engine.copy_on_access(&io, b, self.relax) {
             Access::Failed(CopyError::Primary(e)) => Err(Error::Io(e)),
+            Access::Failed(CopyError::NoMemory(n)) => Err(Error::NoMemory(n)),
             Access::Failed(CopyError::Secondary(e)) => {
                 self.suspend(&e)?;
                 Ok(())
@@ -282,6 +285,7 @@ impl Mirror {
                     self.suspend(&e)?;
                     Ok(())
                 }
+                Err(CopyError::NoMemory(n)) => Err(Error::NoMemory(n)),
                 Ok(()) => Ok(()),
             },
             _ => Ok(()),
@@ -296,7 +300,9 @@ impl Mirror {
             if g.unflushed.is_empty() {
                 return Ok(());
             }
-            g.unflushed.iter().copied().collect()
+            let mut taken = try_vec(g.unflushed.len())?;
+            taken.extend(g.unflushed.iter().copied());
+            taken
         };
         self.disks.secondary.flush().map_err(CopyError::Secondary)?;
         let mut g = self.inner.lock();
@@ -466,6 +472,7 @@ impl Mirror {
     pub(super) fn copy_failed(&self, e: CopyError) -> Error {
         match e {
             CopyError::Primary(e) => Error::Io(e),
+            CopyError::NoMemory(n) => Error::NoMemory(n),
             CopyError::Secondary(e) => match self.suspend(&e) {
                 Ok(()) => Error::Suspended(alloc::format!("{e}")),
                 Err(other) => other,
@@ -494,15 +501,19 @@ impl Mirror {
 
     /// Reads `blocks` from the primary into one buffer, whole-block pieces
     /// in order: `buf`, resized (a buffer used before is not zeroed again:
-    /// the reads overwrite every byte that is written on).
+    /// the reads overwrite every byte that is written on). A buffer the
+    /// heap cannot hold is [`CopyError::NoMemory`].
     pub(super) fn read_blocks(
         &self,
         blocks: &[u64],
         mut buf: Vec<u8>,
     ) -> Result<Vec<u8>, CopyError> {
         let bs = self.geo.block_bytes as usize;
-        buf.resize(bs * blocks.len(), 0);
-        let mut ops: Vec<Op<'_>> = Vec::with_capacity(blocks.len());
+        let bytes = bs * blocks.len();
+        buf.try_reserve_exact(bytes.saturating_sub(buf.len()))
+            .map_err(|_| CopyError::NoMemory(bytes as u64))?;
+        buf.resize(bytes, 0);
+        let mut ops: Vec<Op<'_>> = try_vec(blocks.len())?;
         for (piece, &b) in buf.chunks_mut(bs).zip(blocks) {
             let (sector, len) = self.geo.extent(b);
             ops.push(Op::Read {
@@ -529,31 +540,32 @@ impl Mirror {
     ) -> Result<(), CopyError> {
         let bs = self.geo.block_bytes as usize;
         self.write_pieces(blocks.iter().copied().zip(buf.chunks(bs)), flush)
-            .map_err(CopyError::Secondary)
     }
 
     /// Writes each `(block, data)` to the secondary and, if `flush`,
     /// flushes it in the same batch.
     pub(super) fn write_pieces<'b>(
         &self,
-        pieces: impl Iterator<Item = (u64, &'b [u8])>,
+        pieces: impl ExactSizeIterator<Item = (u64, &'b [u8])>,
         flush: bool,
-    ) -> Result<(), BlockError> {
-        let mut ops: Vec<Op<'_>> = pieces
-            .map(|(b, piece)| {
-                let (sector, len) = self.geo.extent(b);
-                Op::Write {
-                    sector,
-                    buf: &piece[..len],
-                }
-            })
-            .collect();
+    ) -> Result<(), CopyError> {
+        let mut ops: Vec<Op<'_>> = try_vec(pieces.len() + 1)?;
+        ops.extend(pieces.map(|(b, piece)| {
+            let (sector, len) = self.geo.extent(b);
+            Op::Write {
+                sector,
+                buf: &piece[..len],
+            }
+        }));
         // One batch: the flush goes out once the writes have completed.
         if flush {
             ops.push(Op::Flush);
         }
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
-        self.disks.secondary.transfer(&mut ops, depth)
+        self.disks
+            .secondary
+            .transfer(&mut ops, depth)
+            .map_err(CopyError::Secondary)
     }
 }
 

@@ -50,6 +50,7 @@
 //! never hold its lock across I/O.
 
 pub mod bitmap;
+mod budget;
 mod controller;
 mod copier;
 pub mod layout;
@@ -64,6 +65,7 @@ use alloc::string::String;
 use core::fmt;
 
 pub use backup::{BackupJob, BackupSummary, Via};
+pub use budget::{Budget, MAX_BATCH};
 pub use controller::{memory_bytes, Disks, Mirror, Opened, Options, Status};
 pub use copier::CopyBatch;
 pub use layout::{Geometry, Phase};
@@ -108,6 +110,13 @@ pub enum Refusal {
     Suspended(String),
     /// Bad input around the mirror (a missing disk, a bad parameter).
     Input(String),
+    /// Even the smallest transfers ([`Budget::least`]) do not fit.
+    TooLittleMemory {
+        /// Bytes the run needs at least.
+        need: u64,
+        /// Bytes it has.
+        have: u64,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -141,6 +150,13 @@ impl fmt::Display for Refusal {
             Refusal::Busy(what) => write!(f, "{what} is running"),
             Refusal::Suspended(why) => write!(f, "the pair is suspended ({why}); resync first"),
             Refusal::Input(why) => f.write_str(why),
+            Refusal::TooLittleMemory { need, have } => write!(
+                f,
+                "the mirror needs {need} bytes of kernel memory ({} MiB), it has {have} \
+                 ({} MiB); give the guest more memory (--mem)",
+                need.div_ceil(1 << 20),
+                have >> 20
+            ),
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod rng;
 /// `len` copies of `value`, or `None` instead of an abort when memory is
 /// short (or `len` does not fit in memory at all): for buffers whose size
 /// comes from a disk image or medium.
-pub(crate) fn try_filled<T: Clone>(len: u64, value: T) -> Option<alloc::vec::Vec<T>> {
+pub fn try_filled<T: Clone>(len: u64, value: T) -> Option<alloc::vec::Vec<T>> {
     let len = usize::try_from(len).ok()?;
     let mut v = alloc::vec::Vec::new();
     v.try_reserve_exact(len).ok()?;

@@ -1,6 +1,7 @@
 //! Host tests of the mirror: refusals, I/O errors on either volume, and
 //! (in [`model`]) the controller against a model under crashes.
 
+mod budget;
 mod disk;
 mod model;
 mod windows;

@@ -10,7 +10,7 @@ use super::{disks, pump_all, relax, write};
 use crate::backup::volume::VolumeStream;
 use crate::backup::{restore, Format};
 use crate::devices::block::MemDisk;
-use crate::mirror::{BackupJob, Mirror, Options, Via};
+use crate::mirror::{BackupJob, Budget, Mirror, Options, Via};
 
 /// Several windows of 512-byte blocks, the last one short.
 const SECTORS: u64 = 14_339;
@@ -48,13 +48,26 @@ fn tape() -> MemDisk {
 /// The workload, a copier that keeps asking until the instant is copied,
 /// and a backup over many windows, in both modes: the tape is the
 /// instant, and each pending block was copied exactly once, by the
-/// backup or by the copier.
+/// backup or by the copier. The last rounds run in the least memory: one
+/// extent a window, on-demand copies three blocks at a time.
 #[test]
 fn a_backup_over_many_windows_races_the_copier_and_the_workload() {
-    for (round, via) in [Via::Memory, Via::Secondary, Via::Memory]
-        .into_iter()
-        .enumerate()
-    {
+    let small = Budget {
+        batch: 3,
+        window_extents: 1,
+    };
+    let full = Budget {
+        batch: 64,
+        window_extents: u64::MAX,
+    };
+    let rounds = [
+        (Via::Memory, full),
+        (Via::Secondary, full),
+        (Via::Memory, full),
+        (Via::Secondary, small),
+        (Via::Memory, small),
+    ];
+    for (round, (via, budget)) in rounds.into_iter().enumerate() {
         let (m, _, instant, pending) = split_pair();
         let tape = tape();
         let mut by_copier = 0;
@@ -75,7 +88,7 @@ fn a_backup_over_many_windows_races_the_copier_and_the_workload() {
                 }
                 n
             });
-            let mut job = BackupJob::start(&m, &tape, via).unwrap();
+            let mut job = BackupJob::start_sized(&m, &tape, via, budget).unwrap();
             while job.step().unwrap().is_some() {}
             let summary = job.finish().unwrap();
             by_copier = copier.join().unwrap();
