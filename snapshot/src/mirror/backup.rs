@@ -19,10 +19,11 @@ use crate::backup::volume::VolumeStream;
 use crate::copyonce::{Cause, Claim, State, Token};
 use crate::devices::block::{BlockDevice, Op};
 
-/// `via=memory` flushes the secondary once this many bytes of blocks it
-/// copied are written (the copier's batch), not once a window: until
-/// then a workload write to one of them waits.
-const HELD_BYTES: u64 = 4 << 20;
+/// `via=memory` flushes the secondary once this many bytes of copies
+/// (its own and the copier's) wait for a flush, not once a window; until
+/// then a workload write to one of them flushes first (see
+/// [`Mirror::copied_unflushed`]).
+const UNFLUSHED_BYTES: u64 = 4 << 20;
 
 /// Where a backup reads a block the copier has not reached yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +78,6 @@ pub struct BackupJob<'m, 't> {
     /// Blocks per on-demand copy (`via=secondary`).
     batch: u64,
     on_demand: u64,
-    /// `via=memory`: claimed blocks written to the secondary but not yet
-    /// flushed, so not yet copied; settled by one flush for many windows.
-    held: Vec<Token>,
 }
 
 impl core::fmt::Debug for BackupJob<'_, '_> {
@@ -141,7 +139,6 @@ impl<'m, 't> BackupJob<'m, 't> {
                 via,
                 batch: budget.batch.max(1),
                 on_demand: 0,
-                held: Vec::new(),
             }),
             Err(e) => {
                 let mut g = mirror.inner.lock();
@@ -159,7 +156,6 @@ impl<'m, 't> BackupJob<'m, 't> {
     /// all)`, or `None` when every extent is on the tape.
     pub fn step(&mut self) -> Result<Option<(u64, u64)>, Error> {
         let Some((first, len)) = self.stream.next_window() else {
-            self.flush_held()?;
             return Ok(None);
         };
         let tokens = self.claim_window(first, len)?;
@@ -180,7 +176,6 @@ impl<'m, 't> BackupJob<'m, 't> {
 
     /// Writes the trailer; the tape then restores to the instant.
     pub fn finish(mut self) -> Result<BackupSummary, Error> {
-        self.flush_held()?;
         let volume_bytes = self.mirror.geo.volume_bytes;
         let on_demand = self.on_demand;
         let medium_bytes = self
@@ -294,26 +289,14 @@ impl<'m, 't> BackupJob<'m, 't> {
                 false,
             )
         });
-        self.held.extend(tokens);
-        if let Err(e) = r {
-            let held = core::mem::take(&mut self.held);
-            return self.settle(held, Err(e));
+        if r.is_ok() {
+            m.copied_unflushed(&claimed);
         }
-        if self.held.len() as u64 * m.geo.block_bytes >= HELD_BYTES {
-            self.flush_held()?;
+        self.settle(tokens, r)?;
+        if m.unflushed_blocks() * m.geo.block_bytes >= UNFLUSHED_BYTES {
+            m.make_durable().map_err(|e| m.copy_failed(e))?;
         }
         Ok(())
-    }
-
-    /// Flushes the secondary and settles the blocks held since the last
-    /// flush.
-    fn flush_held(&mut self) -> Result<(), Error> {
-        if self.held.is_empty() {
-            return Ok(());
-        }
-        let held = core::mem::take(&mut self.held);
-        let r = self.mirror.disks.secondary.flush();
-        self.settle(held, r.map_err(CopyError::Secondary))
     }
 
     /// Finishes or abandons the window's claims as the copy went; a
@@ -367,9 +350,6 @@ fn window_pieces<'b>(
 
 impl Drop for BackupJob<'_, '_> {
     fn drop(&mut self) {
-        // Blocks written but never flushed were not copied: give them back.
-        self.mirror
-            .settle(core::mem::take(&mut self.held), false, Cause::Access);
         let mut g = self.mirror.inner.lock();
         g.backup_busy = false;
         g.backup_copies = false;

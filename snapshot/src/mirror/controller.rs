@@ -292,7 +292,19 @@ impl Mirror {
         }
     }
 
-    /// Flushes the secondary, making every copier copy written before it
+    /// Lists `blocks`, just written to the secondary without a flush, as
+    /// unflushed. Call before counting them copied: a writer that finds a
+    /// block copied then finds it listed too, and flushes first.
+    pub(super) fn copied_unflushed(&self, blocks: &[u64]) {
+        self.inner.lock().unflushed.extend(blocks.iter().copied());
+    }
+
+    /// Blocks listed by [`Self::copied_unflushed`] not flushed since.
+    pub(super) fn unflushed_blocks(&self) -> u64 {
+        self.inner.lock().unflushed.len() as u64
+    }
+
+    /// Flushes the secondary, making every copy written before it
     /// durable, and forgets those blocks as unflushed.
     pub(super) fn make_durable(&self) -> Result<(), CopyError> {
         let taken: Vec<u64> = {

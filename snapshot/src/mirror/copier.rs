@@ -140,9 +140,7 @@ impl Mirror {
         let blocks: Vec<u64> = tokens.iter().map(Token::unit).collect();
         let r = self.put_secondary(&blocks, &buf, false);
         if r.is_ok() {
-            // Listed before they count as copied: a writer that finds a
-            // block copied then finds it here too, and flushes first.
-            self.inner.lock().unflushed.extend(blocks.iter().copied());
+            self.copied_unflushed(&blocks);
         }
         self.settle(tokens, r.is_ok(), Cause::Background);
         {
