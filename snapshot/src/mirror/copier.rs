@@ -94,6 +94,11 @@ impl Mirror {
             }
             let tokens = self.claim_next(&mut g, max);
             if tokens.is_empty() {
+                // The last clear waits for the last batch out: a reader
+                // ahead of it must not flush while it is being written.
+                if g.copiers > 0 {
+                    return Ok(None);
+                }
                 g.spare.clear();
             } else {
                 g.copiers += 1;
