@@ -307,19 +307,30 @@ impl Mirror {
     /// Flushes the secondary, making every copy written before it
     /// durable, and forgets those blocks as unflushed.
     pub(super) fn make_durable(&self) -> Result<(), CopyError> {
+        if self.inner.lock().unflushed.is_empty() {
+            return Ok(());
+        }
+        self.flushing(|| self.disks.secondary.flush().map_err(CopyError::Secondary))
+    }
+
+    /// Runs `flush`, requests to the secondary that end in a flush, then
+    /// forgets as unflushed every block listed before it began (their
+    /// writes had completed, so its flush made them durable): any flush
+    /// of the secondary, a copy before write's say, spares the copier's
+    /// blocks one of their own.
+    fn flushing(&self, flush: impl FnOnce() -> Result<(), CopyError>) -> Result<(), CopyError> {
         let taken: Vec<u64> = {
             let g = self.inner.lock();
-            if g.unflushed.is_empty() {
-                return Ok(());
-            }
             let mut taken = try_vec(g.unflushed.len())?;
             taken.extend(g.unflushed.iter().copied());
             taken
         };
-        self.disks.secondary.flush().map_err(CopyError::Secondary)?;
-        let mut g = self.inner.lock();
-        for b in taken {
-            g.unflushed.remove(&b);
+        flush()?;
+        if !taken.is_empty() {
+            let mut g = self.inner.lock();
+            for b in taken {
+                g.unflushed.remove(&b);
+            }
         }
         Ok(())
     }
@@ -574,10 +585,17 @@ impl Mirror {
             ops.push(Op::Flush);
         }
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
-        self.disks
-            .secondary
-            .transfer(&mut ops, depth)
-            .map_err(CopyError::Secondary)
+        let mut run = || {
+            self.disks
+                .secondary
+                .transfer(&mut ops, depth)
+                .map_err(CopyError::Secondary)
+        };
+        if flush {
+            self.flushing(run)
+        } else {
+            run()
+        }
     }
 }
 
