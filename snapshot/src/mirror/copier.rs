@@ -170,7 +170,7 @@ impl Mirror {
     /// Rewrites (without a flush) the frozen area's sectors holding bits
     /// of copied blocks, if [`CLEAR_BYTES`] were copied since the last
     /// time, or `now`.
-    fn clear_due(&self, now: bool) -> Result<(), Error> {
+    pub(super) fn clear_due(&self, now: bool) -> Result<(), Error> {
         let (k, sectors) = {
             let mut g = self.inner.lock();
             let every = (CLEAR_BYTES / self.geo.block_bytes).max(1);
@@ -207,7 +207,7 @@ impl Mirror {
 }
 
 /// Records the bitmap sectors of `blocks`, just copied, as due a clear.
-fn note_clears(g: &mut Inner, blocks: &[u64]) {
+pub(super) fn note_clears(g: &mut Inner, blocks: &[u64]) {
     g.unclear += blocks.len() as u64;
     for &b in blocks {
         let s = b / BLOCKS_PER_SECTOR;
