@@ -49,6 +49,12 @@ pub const MAX_BATCHES: u32 = 2;
 /// Bytes copied between two lazy clears of the frozen area's disk bits.
 pub const CLEAR_BYTES: u64 = 64 << 20;
 
+/// Blocks copied between two lazy clears at most, whatever the block
+/// size: the unflushed list holds them, and at 512-byte blocks
+/// [`CLEAR_BYTES`] would be 131,072 entries, more than the run's slack
+/// allowance of memory; 4,096 take some 100 KiB.
+pub const MAX_UNFLUSHED: u64 = 4096;
+
 /// A copier batch read from the primary, to be written to the secondary
 /// by [`Mirror::copy_write`]. Holds its blocks' claims: it must be handed
 /// to `copy_write` (dropping it leaves the blocks claimed for ever).
@@ -173,7 +179,7 @@ impl Mirror {
     pub(super) fn clear_due(&self, now: bool) -> Result<(), Error> {
         let (k, sectors) = {
             let mut g = self.inner.lock();
-            let every = (CLEAR_BYTES / self.geo.block_bytes).max(1);
+            let every = (CLEAR_BYTES / self.geo.block_bytes).clamp(1, MAX_UNFLUSHED);
             if g.clears.is_empty() || (!now && g.unclear < every) {
                 return Ok(());
             }
