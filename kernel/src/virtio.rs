@@ -31,7 +31,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use snapshot::devices::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
 use snapshot::devices::pci::{self, Address, Bar, ConfigSpace};
@@ -207,6 +207,9 @@ type Driver = BlkDriver<Arc<PciTransport>, KernelHal>;
 struct DiskQueue {
     driver: SleepMutex<Driver>,
     how: Waiter,
+    /// The CPU its completion interrupts go to: callers on that CPU try
+    /// it first.
+    cpu: usize,
 }
 
 /// A virtio-blk disk.
@@ -219,8 +222,6 @@ pub struct VirtioBlk {
     name: &'static str,
     address: Address,
     queues: Vec<DiskQueue>,
-    /// Where the next batch starts looking for a free queue.
-    next_queue: AtomicUsize,
 }
 
 impl core::fmt::Debug for VirtioBlk {
@@ -337,7 +338,12 @@ impl VirtioBlk {
         let how = |i: usize| {
             vectors
                 .get(i)
-                .map_or(Waiter::Poll, |&v| Waiter::Interrupt(v))
+                .map_or(Waiter::Poll, |&(v, _)| Waiter::Interrupt(v))
+        };
+        let cpu = |i: usize| {
+            vectors
+                .get(i)
+                .map_or(i % crate::thread::cpus(), |&(_, c)| c)
         };
         let config = Config {
             name: format!("virtio@{at}"),
@@ -379,9 +385,9 @@ impl VirtioBlk {
                 .map(|(i, driver)| DiskQueue {
                     driver: SleepMutex::new(driver),
                     how: how(i),
+                    cpu: cpu(i),
                 })
                 .collect(),
-            next_queue: AtomicUsize::new(0),
         })
     }
 }
@@ -391,13 +397,14 @@ impl VirtioBlk {
 static NEXT_CPU: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Points MSI-X table entries `0..count` each at a fresh vector on the next
-/// CPU's APIC; fewer if the vectors run out (at least one).
+/// CPU's APIC (a disk's queues on CPUs in turn); fewer if the vectors run
+/// out (at least one). Returns each entry's vector and CPU.
 fn enable_msix(
     cfg: &PortConfig,
     at: Address,
     msix: &pci::Msix,
     count: u16,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<(u8, usize)>, String> {
     let Bar::Memory { base, .. } = pci::bar(cfg, at, msix.table_bar) else {
         return Err(format!("MSI-X table BAR {} is not memory", msix.table_bar));
     };
@@ -420,7 +427,7 @@ fn enable_msix(
         table.write32(at + 4, (addr >> 32) as u32);
         table.write32(at + 8, data);
         table.write32(at + 12, 0); // unmasked
-        vectors.push(vector);
+        vectors.push((vector, cpu));
     }
     if vectors.is_empty() {
         return Err(String::from("no free interrupt vector"));
@@ -492,18 +499,22 @@ fn driver_broken(result: &Result<(), BlockError>) -> bool {
 }
 
 impl VirtioBlk {
-    /// A free queue, trying each from a rotating start; when all are busy,
-    /// sleeps for the start one (in its lock's order).
+    /// A free queue: first those whose interrupts come to this CPU (the
+    /// woken caller then runs where it was), then the others; when all
+    /// are busy, sleeps for the first of this CPU's (in its lock's order).
     fn take_queue(&self) -> (&DiskQueue, SleepGuard<'_, Driver>) {
-        let n = self.queues.len();
-        let first = self.next_queue.fetch_add(1, Ordering::Relaxed) % n;
-        for k in 0..n {
-            let queue = &self.queues[(first + k) % n];
+        let here = crate::thread::current_cpu();
+        let mine = self.queues.iter().filter(|q| q.cpu == here);
+        let others = self.queues.iter().filter(|q| q.cpu != here);
+        for queue in mine.clone().chain(others) {
             if let Some(driver) = queue.driver.try_lock() {
                 return (queue, driver);
             }
         }
-        let queue = &self.queues[first];
+        let queue = mine
+            .clone()
+            .next()
+            .unwrap_or(&self.queues[here % self.queues.len()]);
         (queue, queue.driver.lock())
     }
 
