@@ -259,8 +259,8 @@ impl VirtioBlk {
     }
 
     /// Batches by kind so far, `[reads, writes, flushes]`, each
-    /// `[batches, bytes, ns holding the disk]`, and the ns callers waited
-    /// for the disk's lock.
+    /// `[batches, bytes, ns holding a queue]`, and the ns callers waited
+    /// for a free queue.
     pub fn kinds(&self) -> ([[u64; 3]; 3], u64) {
         let t = &self.totals;
         let k = t

@@ -42,9 +42,10 @@ pub(super) struct Totals {
     pub(super) failed: AtomicU64,
     pub(super) max_in_flight: AtomicU64,
     /// Batches by kind (holding a flush; else writing; else reading):
-    /// how many, their bytes, and the ns each held the disk.
+    /// how many, their bytes, and the ns each held its queue (batches on
+    /// different queues overlap, so these sums may pass the run's time).
     pub(super) kinds: [[AtomicU64; 3]; 3],
-    /// ns callers slept waiting for the disk's lock.
+    /// ns callers slept waiting for a free queue.
     pub(super) lock_wait_ns: AtomicU64,
 }
 
@@ -86,7 +87,7 @@ pub(super) const TRACED_BATCH_BYTES: u64 = 1 << 20;
 /// Traces every used disk's sums since boot (`blk.disk`,
 /// `blk.disk_time`, which the host tool's block-layer report reads, and
 /// `blk.disk_kinds`, `blk.disk_flush`: batches, bytes and time holding
-/// the disk by kind, flushes, time waiting for the disk's lock). Called
+/// a queue by kind, flushes, time waiting for a free queue). Called
 /// once, as the run ends.
 pub fn trace_totals() {
     for disk in disks() {
