@@ -58,6 +58,29 @@ impl<T> SleepMutex<T> {
     }
 }
 
+impl<T> SleepMutex<T> {
+    /// Takes the lock if nobody holds it or waits for it, without
+    /// sleeping: a ticket is taken only when it would be served at once,
+    /// so the queue's order is kept.
+    pub fn try_lock(&self) -> Option<SleepGuard<'_, T>> {
+        let serving = self.serving.load(Ordering::Acquire);
+        // `serving` only grows and never passes `next_ticket`: if
+        // `next_ticket` still equals the `serving` read above, no ticket
+        // is outstanding and the one taken here is served now.
+        self.next_ticket
+            .compare_exchange(serving, serving + 1, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        let guard = self
+            .inner
+            .try_lock()
+            .expect("the ticket holder is the only one to lock");
+        Some(SleepGuard {
+            guard: Some(guard),
+            lock: self,
+        })
+    }
+}
+
 impl<T> Deref for SleepGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {

@@ -4,19 +4,25 @@
 //! splitting, errors); this module supplies the hardware under it:
 //! - the modern PCI transport: the common, notification and device
 //!   configuration windows of the device's BARs, mapped uncached;
-//! - MSI-X: table entry 0 sends the request queue's completions to a
-//!   vector whose handler wakes the waiting thread; with `blk=poll` on the
+//! - MSI-X: table entry `i` sends request queue `i`'s completions to a
+//!   vector of its own (the queues' vectors spread over the CPUs), whose
+//!   handler wakes the thread waiting on that queue; with `blk=poll` on the
 //!   command line (or without MSI-X) threads poll the used ring instead,
 //!   yielding the CPU between bursts of checks;
 //! - DMA through [`crate::memory::dma::KernelHal`].
 //!
 //! Disks are found at boot by walking PCI and named by the serial the host
-//! gave them (`-device virtio-blk-pci,serial=...`). A disk runs one batch at
-//! a time (other callers sleep on its lock), with many requests in flight
-//! within the batch. Each disk sums where its batches' time went, traced
-//! once at the end of the run as `blk.disk`; only batches of at least 1 MiB
-//! get a record of their own (`blk.batch`): on the serial console a record
-//! per small batch would cost more than the I/O.
+//! gave them (`-device virtio-blk-pci,serial=...`). A disk has up to
+//! [`MAX_QUEUES`] request queues (the host tool asks QEMU for that many),
+//! each behind its own lock: a batch takes a free queue, and sleeps on one
+//! only when all are busy, so a small write or a flush does not wait for
+//! another caller's long batch. Within a batch many requests are in
+//! flight; what a flush covers across queues is in
+//! `snapshot::devices::virtio::blk`. Each disk sums where its batches'
+//! time went, traced once at the end of the run as `blk.disk`
+//! ([`totals`]); only batches of at least 1 MiB get a record of their own
+//! (`blk.batch`): on the serial console a record per small batch would
+//! cost more than the I/O.
 //!
 //! Must never panic on a device's behalf: a device that fails to come up is
 //! logged and skipped, and errors reach callers as [`BlockError`] values.
@@ -29,7 +35,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use snapshot::devices::block::{BlockDevice, BlockError, DiskInfo, ErrorKind, Op};
 use snapshot::devices::pci::{self, Address, Bar, ConfigSpace};
-use snapshot::devices::virtio::blk::{BlkDriver, Config, Stats};
+use snapshot::devices::virtio::blk::{BlkDriver, Config};
 use snapshot::devices::virtio::pci::{self as vpci, Window};
 use snapshot::devices::virtio::stages::{Moments, Stages};
 use snapshot::devices::virtio::{Transport, Wait, Width};
@@ -40,8 +46,13 @@ use crate::arch::pci::PortConfig;
 use crate::clock::now_ns;
 use crate::memory::dma::KernelHal;
 use crate::memory::mmio::Mmio;
-use crate::sleep_mutex::SleepMutex;
+use crate::sleep_mutex::{SleepGuard, SleepMutex};
 use crate::trace::Word;
+
+mod totals;
+
+use totals::{kind_of, Totals, TRACED_BATCH_BYTES};
+pub use totals::{trace_totals, Counters};
 
 /// Largest queue the driver asks for: QEMU's largest (the host tool gives
 /// every disk `queue-size=1024`). A 1 MiB request from scattered pages
@@ -50,6 +61,13 @@ use crate::trace::Word;
 const QUEUE_SIZE: u16 = 1024;
 /// Largest single request: 1 MiB.
 const MAX_REQUEST: usize = 1 << 20;
+/// Most request queues per disk: enough for the callers that share a disk
+/// at once (a workload, a copier, a flusher) each to have one. The host
+/// tool gives every disk `num-queues=4`.
+pub const MAX_QUEUES: u16 = 4;
+/// Bytes of device configuration the driver reads to use several queues
+/// (`num_queues` ends at byte 36).
+const MQ_CONFIG_BYTES: u32 = 36;
 
 /// The modern virtio PCI transport over mapped BAR windows.
 #[derive(Debug)]
@@ -61,9 +79,13 @@ pub struct PciTransport {
     /// Time spent in notification writes (under TCG the device starts
     /// processing the queue inside the write).
     notify_ns: Arc<AtomicU64>,
-    /// When the last notification write began and ended (for [`Stages`]).
-    kick: Arc<[AtomicU64; 2]>,
+    /// Per queue: when its last notification write began and ended (for
+    /// [`Stages`]).
+    kick: Kicks,
 }
+
+/// Per queue, when its last notification write began and ended.
+type Kicks = Arc<[[AtomicU64; 2]; MAX_QUEUES as usize]>;
 
 impl Transport for PciTransport {
     fn read_common(&self, offset: usize, width: Width) -> u32 {
@@ -87,8 +109,9 @@ impl Transport for PciTransport {
         self.notify.write16(offset as usize, queue);
         let end = now_ns();
         self.notify_ns.fetch_add(end - start, Ordering::Relaxed);
-        self.kick[0].store(start, Ordering::Relaxed);
-        self.kick[1].store(end, Ordering::Relaxed);
+        let kick = &self.kick[usize::from(queue) % MAX_QUEUES as usize];
+        kick[0].store(start, Ordering::Relaxed);
+        kick[1].store(end, Ordering::Relaxed);
     }
 
     fn notify_multiplier(&self) -> u32 {
@@ -176,89 +199,29 @@ impl Wait for TimedWait {
     }
 }
 
-/// Where a disk's time went, summed over its batches.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Batches run.
-    pub batches: u64,
-    /// Requests sent to the device.
-    pub requests: u64,
-    /// Data bytes moved.
-    pub bytes: u64,
-    /// Time inside batches.
-    pub busy_ns: u64,
-    /// Of which waiting for the device (the rest is the driver's own work).
-    pub wait_ns: u64,
-    /// Of the driver's own work, time in notification writes.
-    pub notify_ns: u64,
-}
+/// One request queue's driver, shared by a disk's queues' transport.
+type Driver = BlkDriver<Arc<PciTransport>, KernelHal>;
 
-/// A disk's sums since boot, added to after every batch and traced once
-/// at the end of the run ([`trace_totals`]).
-#[derive(Debug, Default)]
-struct Totals {
-    batches: AtomicU64,
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    busy_ns: AtomicU64,
-    wait_ns: AtomicU64,
-    notifies: AtomicU64,
-    waits: AtomicU64,
-    failed: AtomicU64,
-    max_in_flight: AtomicU64,
-    /// Batches by kind (holding a flush; else writing; else reading):
-    /// how many, their bytes, and the ns each held the disk.
-    kinds: [[AtomicU64; 3]; 3],
-    /// ns callers slept waiting for the disk's lock.
-    lock_wait_ns: AtomicU64,
+/// One request queue of a disk: its driver behind its own lock, and how
+/// a thread waits for its completions.
+struct DiskQueue {
+    driver: SleepMutex<Driver>,
+    how: Waiter,
+    /// The CPU its completion interrupts go to: callers on that CPU try
+    /// it first.
+    cpu: usize,
 }
-
-/// The kind of a batch, for [`Totals::kinds`]: 0 reads only, 1 writes
-/// (no flush), 2 holds a flush.
-fn kind_of(ops: &[Op<'_>]) -> usize {
-    if ops.iter().any(|o| matches!(o, Op::Flush)) {
-        2
-    } else if ops.iter().any(|o| matches!(o, Op::Write { .. })) {
-        1
-    } else {
-        0
-    }
-}
-
-impl Totals {
-    fn add(&self, stats: &Stats, busy_ns: u64, wait_ns: u64, ok: bool) {
-        for (total, add) in [
-            (&self.batches, 1),
-            (&self.requests, stats.requests),
-            (&self.bytes, stats.bytes),
-            (&self.busy_ns, busy_ns),
-            (&self.wait_ns, wait_ns),
-            (&self.notifies, stats.notifies),
-            (&self.waits, stats.waits),
-            (&self.failed, u64::from(!ok)),
-        ] {
-            total.fetch_add(add, Ordering::Relaxed);
-        }
-        self.max_in_flight
-            .fetch_max(u64::from(stats.max_in_flight), Ordering::Relaxed);
-    }
-}
-
-/// Batches moving at least this many bytes are traced one by one
-/// (`blk.batch`); smaller ones only in the disk's sums.
-const TRACED_BATCH_BYTES: u64 = 1 << 20;
 
 /// A virtio-blk disk.
 pub struct VirtioBlk {
     info: DiskInfo,
     totals: Totals,
     notify_ns: Arc<AtomicU64>,
-    kick: Arc<[AtomicU64; 2]>,
+    kick: Kicks,
     stages: spin::Mutex<Stages>,
     name: &'static str,
     address: Address,
-    how: Waiter,
-    driver: SleepMutex<BlkDriver<PciTransport, KernelHal>>,
+    queues: Vec<DiskQueue>,
 }
 
 impl core::fmt::Debug for VirtioBlk {
@@ -273,7 +236,12 @@ impl core::fmt::Debug for VirtioBlk {
 impl VirtioBlk {
     /// Whether completions arrive by interrupt (else the driver polls).
     pub fn interrupts(&self) -> bool {
-        matches!(self.how, Waiter::Interrupt(_))
+        matches!(self.queues[0].how, Waiter::Interrupt(_))
+    }
+
+    /// Request queues in use.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
     }
 
     /// Where this disk's time went so far.
@@ -291,8 +259,8 @@ impl VirtioBlk {
     }
 
     /// Batches by kind so far, `[reads, writes, flushes]`, each
-    /// `[batches, bytes, ns holding the disk]`, and the ns callers waited
-    /// for the disk's lock.
+    /// `[batches, bytes, ns holding a queue]`, and the ns callers waited
+    /// for a free queue.
     pub fn kinds(&self) -> ([[u64; 3]; 3], u64) {
         let t = &self.totals;
         let k = t
@@ -307,12 +275,15 @@ impl VirtioBlk {
         *self.stages.lock()
     }
 
-    /// Completion interrupts taken so far.
+    /// Completion interrupts taken so far, on all queues.
     pub fn interrupt_count(&self) -> u64 {
-        match self.how {
-            Waiter::Interrupt(v) => INTERRUPTS[usize::from(v)].load(Ordering::Relaxed),
-            Waiter::Poll => 0,
-        }
+        self.queues
+            .iter()
+            .map(|q| match q.how {
+                Waiter::Interrupt(v) => INTERRUPTS[usize::from(v)].load(Ordering::Relaxed),
+                Waiter::Poll => 0,
+            })
+            .sum()
     }
 
     fn probe(f: &pci::Function, poll: bool) -> Result<VirtioBlk, String> {
@@ -347,43 +318,76 @@ impl VirtioBlk {
             device: window(layout.device)?,
             multiplier: layout.notify_multiplier,
             notify_ns: Arc::new(AtomicU64::new(0)),
-            kick: Arc::new([const { AtomicU64::new(0) }; 2]),
+            kick: Arc::new([const { [const { AtomicU64::new(0) }; 2] }; MAX_QUEUES as usize]),
         };
         let notify_ns = transport.notify_ns.clone();
         let kick = transport.kick.clone();
+        let mut queues = if layout.device.length >= MQ_CONFIG_BYTES {
+            MAX_QUEUES
+        } else {
+            1
+        };
         let msix = if poll { None } else { pci::msix(&cfg, at) };
-        let how = match msix {
-            Some(msix) => Waiter::Interrupt(enable_msix(&cfg, at, &msix)?),
-            None => Waiter::Poll,
+        let vectors = match msix {
+            Some(msix) => {
+                queues = queues.min(msix.entries);
+                enable_msix(&cfg, at, &msix, queues)?
+            }
+            None => Vec::new(),
+        };
+        let how = |i: usize| {
+            vectors
+                .get(i)
+                .map_or(Waiter::Poll, |&(v, _)| Waiter::Interrupt(v))
+        };
+        let cpu = |i: usize| {
+            vectors
+                .get(i)
+                .map_or(i % crate::thread::cpus(), |&(_, c)| c)
         };
         let config = Config {
             name: format!("virtio@{at}"),
             queue_size: QUEUE_SIZE,
-            vector: matches!(how, Waiter::Interrupt(_)).then_some(0),
-            interrupts: matches!(how, Waiter::Interrupt(_)),
+            vector: (!vectors.is_empty()).then_some(0),
+            // Fewer vectors than asked (none free): fewer queues.
+            queues: if vectors.is_empty() {
+                queues
+            } else {
+                vectors.len() as u16
+            },
+            interrupts: !vectors.is_empty(),
             max_request_bytes: MAX_REQUEST,
         };
-        let mut driver =
-            BlkDriver::new(transport, KernelHal, &config).map_err(|e| format!("{e}"))?;
-        let wait = TimedWait::new(how);
+        let mut drivers = BlkDriver::new_queues(Arc::new(transport), KernelHal, &config)
+            .map_err(|e| format!("{e}"))?;
+        let wait = TimedWait::new(how(0));
         // A device without GET_ID keeps its PCI name.
-        let name = match driver.identify(&wait) {
+        let name = match drivers[0].identify(&wait) {
             Ok(name) => name,
             Err(e) if e.kind == ErrorKind::Unsupported => String::new(),
             Err(e) => return Err(format!("{e}")),
         };
         let name = if name.is_empty() { config.name } else { name };
-        driver.set_name(name.clone());
+        for driver in drivers.iter_mut() {
+            driver.set_name(name.clone());
+        }
         Ok(VirtioBlk {
-            info: driver.info().clone(),
+            info: drivers[0].info().clone(),
             name: alloc::boxed::Box::leak(name.into_boxed_str()),
             address: at,
-            how,
             totals: Totals::default(),
             notify_ns,
             kick,
             stages: spin::Mutex::new(Stages::default()),
-            driver: SleepMutex::new(driver),
+            queues: drivers
+                .into_iter()
+                .enumerate()
+                .map(|(i, driver)| DiskQueue {
+                    driver: SleepMutex::new(driver),
+                    how: how(i),
+                    cpu: cpu(i),
+                })
+                .collect(),
         })
     }
 }
@@ -392,8 +396,15 @@ impl VirtioBlk {
 /// thread reaps its completions on whichever CPU it runs).
 static NEXT_CPU: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
-/// Points MSI-X table entry 0 at a fresh vector on the next CPU's APIC.
-fn enable_msix(cfg: &PortConfig, at: Address, msix: &pci::Msix) -> Result<u8, String> {
+/// Points MSI-X table entries `0..count` each at a fresh vector on the next
+/// CPU's APIC (a disk's queues on CPUs in turn); fewer if the vectors run
+/// out (at least one). Returns each entry's vector and CPU.
+fn enable_msix(
+    cfg: &PortConfig,
+    at: Address,
+    msix: &pci::Msix,
+    count: u16,
+) -> Result<Vec<(u8, usize)>, String> {
     let Bar::Memory { base, .. } = pci::bar(cfg, at, msix.table_bar) else {
         return Err(format!("MSI-X table BAR {} is not memory", msix.table_bar));
     };
@@ -402,19 +413,28 @@ fn enable_msix(cfg: &PortConfig, at: Address, msix: &pci::Msix) -> Result<u8, St
         usize::from(msix.entries) * pci::MSIX_ENTRY_SIZE,
     )
     .map_err(|e| format!("cannot map the MSI-X table: {e:?}"))?;
-    let vector = crate::arch::trap::alloc_vector(on_interrupt)
-        .ok_or_else(|| String::from("no free interrupt vector"))?;
-    let cpu = NEXT_CPU.fetch_add(1, Ordering::Relaxed) % crate::thread::cpus();
-    let apic_id = crate::arch::percpu::apic_id(cpu);
-    crate::trace!("blk.msix", vector = u64::from(vector), cpu = cpu as u64);
-    let (addr, data) = pci::msi_message(apic_id as u8, vector);
-    table.write32(0, addr as u32);
-    table.write32(4, (addr >> 32) as u32);
-    table.write32(8, data);
-    table.write32(12, 0); // unmasked
-                          // `Mmio` mappings are never torn down, so the table stays mapped.
+    let mut vectors = Vec::new();
+    for entry in 0..usize::from(count) {
+        let Some(vector) = crate::arch::trap::alloc_vector(on_interrupt) else {
+            break;
+        };
+        let cpu = NEXT_CPU.fetch_add(1, Ordering::Relaxed) % crate::thread::cpus();
+        let apic_id = crate::arch::percpu::apic_id(cpu);
+        crate::trace!("blk.msix", vector = u64::from(vector), cpu = cpu as u64);
+        let (addr, data) = pci::msi_message(apic_id as u8, vector);
+        let at = entry * pci::MSIX_ENTRY_SIZE;
+        table.write32(at, addr as u32);
+        table.write32(at + 4, (addr >> 32) as u32);
+        table.write32(at + 8, data);
+        table.write32(at + 12, 0); // unmasked
+        vectors.push((vector, cpu));
+    }
+    if vectors.is_empty() {
+        return Err(String::from("no free interrupt vector"));
+    }
+    // `Mmio` mappings are never torn down, so the table stays mapped.
     pci::enable_msix(cfg, at, msix);
-    Ok(vector)
+    Ok(vectors)
 }
 
 impl BlockDevice for VirtioBlk {
@@ -425,15 +445,24 @@ impl BlockDevice for VirtioBlk {
     fn transfer(&self, ops: &mut [Op<'_>], depth: usize) -> Result<(), BlockError> {
         let start = now_ns();
         let kind = kind_of(ops);
-        let mut driver = self.driver.lock();
+        let (queue, mut driver) = self.take_queue();
         let locked = now_ns();
-        let wait = TimedWait::new(self.how);
+        let wait = TimedWait::new(queue.how);
         let result = driver.transfer(ops, depth, &wait);
         let stats = driver.take_stats();
         if stats.requests == 1 && stats.notifies == 1 {
-            self.account_single(start, &wait);
+            self.account_single(start, &wait, queue.how, driver.queue_index());
         }
         drop(driver);
+        if driver_broken(&result) {
+            // The device was reset: threads sleeping on other queues'
+            // vectors get no interrupt and must look again.
+            for q in &self.queues {
+                if let Waiter::Interrupt(v) = q.how {
+                    crate::thread::wake_all(wake_key(v));
+                }
+            }
+        }
         let end = now_ns();
         let total_ns = end - start;
         let k = &self.totals.kinds[kind];
@@ -465,15 +494,39 @@ impl BlockDevice for VirtioBlk {
     }
 }
 
+fn driver_broken(result: &Result<(), BlockError>) -> bool {
+    matches!(result, Err(e) if matches!(e.kind, ErrorKind::Broken(_)))
+}
+
 impl VirtioBlk {
-    /// Adds a batch of one request to [`Stages`]; called with the disk's
-    /// lock held, so the notification's timestamps are this batch's.
-    fn account_single(&self, start: u64, wait: &TimedWait) {
-        let interrupt = match self.how {
+    /// A free queue: first those whose interrupts come to this CPU (the
+    /// woken caller then runs where it was), then the others; when all
+    /// are busy, sleeps for the first of this CPU's (in its lock's order).
+    fn take_queue(&self) -> (&DiskQueue, SleepGuard<'_, Driver>) {
+        let here = crate::thread::current_cpu();
+        let mine = self.queues.iter().filter(|q| q.cpu == here);
+        let others = self.queues.iter().filter(|q| q.cpu != here);
+        for queue in mine.clone().chain(others) {
+            if let Some(driver) = queue.driver.try_lock() {
+                return (queue, driver);
+            }
+        }
+        let queue = mine
+            .clone()
+            .next()
+            .unwrap_or(&self.queues[here % self.queues.len()]);
+        (queue, queue.driver.lock())
+    }
+
+    /// Adds a batch of one request to [`Stages`]; called with the queue's
+    /// lock held, so the queue's notification timestamps are this batch's.
+    fn account_single(&self, start: u64, wait: &TimedWait, how: Waiter, queue: u16) {
+        let interrupt = match how {
             Waiter::Interrupt(v) => Some(INTERRUPTED_AT[usize::from(v)].load(Ordering::Relaxed)),
             Waiter::Poll => None,
         };
-        let [kick_start, kick_end] = self.kick.each_ref().map(|t| t.load(Ordering::Relaxed));
+        let kick = &self.kick[usize::from(queue) % MAX_QUEUES as usize];
+        let [kick_start, kick_end] = kick.each_ref().map(|t| t.load(Ordering::Relaxed));
         let seen = wait.seen_at.load(Ordering::Relaxed);
         let one = Stages::of(&Moments {
             start,
@@ -483,56 +536,6 @@ impl VirtioBlk {
             end: now_ns(),
         });
         self.stages.lock().add(&one);
-    }
-}
-
-/// Traces every used disk's sums since boot (`blk.disk`,
-/// `blk.disk_time`, which the host tool's block-layer report reads, and
-/// `blk.disk_kinds`, `blk.disk_flush`: batches, bytes and time holding
-/// the disk by kind, flushes, time waiting for the disk's lock). Called
-/// once, as the run ends.
-pub fn trace_totals() {
-    for disk in disks() {
-        let t = &disk.totals;
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        if load(&t.batches) == 0 {
-            continue;
-        }
-        crate::trace!(
-            "blk.disk",
-            disk = Word(disk.name),
-            batches = load(&t.batches),
-            requests = load(&t.requests),
-            bytes = load(&t.bytes),
-            max_inflight = load(&t.max_in_flight),
-            failed = load(&t.failed),
-        );
-        crate::trace!(
-            "blk.disk_time",
-            disk = Word(disk.name),
-            busy_ns = load(&t.busy_ns),
-            wait_ns = load(&t.wait_ns),
-            notifies = load(&t.notifies),
-            waits = load(&t.waits),
-        );
-        let [r, w, f] = &t.kinds;
-        crate::trace!(
-            "blk.disk_kinds",
-            disk = Word(disk.name),
-            reads = load(&r[0]),
-            read_bytes = load(&r[1]),
-            read_ns = load(&r[2]),
-            writes = load(&w[0]),
-            write_bytes = load(&w[1]),
-        );
-        crate::trace!(
-            "blk.disk_flush",
-            disk = Word(disk.name),
-            write_ns = load(&w[2]),
-            flushes = load(&f[0]),
-            flush_ns = load(&f[2]),
-            lock_wait_ns = load(&t.lock_wait_ns),
-        );
     }
 }
 
@@ -552,15 +555,16 @@ pub fn init(cmd: &CmdLine<'_>) {
                 Ok(disk) => {
                     let info = disk.info();
                     crate::log!(
-                        "disk \"{}\" at {}: {} sectors ({}){}, queue {}, {}",
+                        "disk \"{}\" at {}: {} sectors ({}){}, {} queue(s) of {}, {}",
                         info.name,
                         f.address,
                         info.sectors,
                         snapshot::interface::units::format_size(info.bytes()),
                         if info.read_only { ", read-only" } else { "" },
+                        disk.queues.len(),
                         info.max_depth,
-                        match disk.how {
-                            Waiter::Interrupt(v) => format!("MSI-X vector {v:#x}"),
+                        match disk.queues[0].how {
+                            Waiter::Interrupt(v) => format!("MSI-X vectors from {v:#x}"),
                             Waiter::Poll => String::from("polled"),
                         }
                     );

@@ -336,6 +336,58 @@ pub fn two_disks_at_once() {
     }
 }
 
+/// A 4 KiB write and a flush finish while another thread's long batch on
+/// the same disk is still running: each takes a queue of its own (with one
+/// lock per disk they waited for the whole batch). What is checked is the
+/// order of events (the long batch began, the write and flush returned,
+/// then the long batch ended) and the data, read back against the
+/// pattern.
+pub fn a_small_write_and_flush_pass_a_long_batch() {
+    let d = disk("data0");
+    assert_eq!(d.queue_count(), usize::from(virtio::MAX_QUEUES));
+    assert!(d.interrupts(), "progress is seen by interrupts");
+    let finished = Arc::new(AtomicBool::new(false));
+    let before = d.interrupt_count();
+    let long = {
+        let (d, finished) = (d.clone(), finished.clone());
+        crate::thread::spawn("blk-long", move || {
+            // One-sector reads none of which continues the one before, at
+            // depth 1: thousands of requests, one after another.
+            let mut bufs = vec![0u8; 4096 * SECTOR_SIZE];
+            let mut ops: Vec<Op<'_>> = bufs
+                .chunks_mut(SECTOR_SIZE)
+                .enumerate()
+                .map(|(i, buf)| Op::Read {
+                    sector: (i as u64 * 2) % 8192,
+                    buf,
+                })
+                .collect();
+            d.transfer(&mut ops, 1).unwrap_or_else(|e| panic!("{e}"));
+            finished.store(true, Ordering::Release);
+        })
+    };
+    // Each request of the long batch completes by interrupt: a few of
+    // them mean the batch holds its queue.
+    while d.interrupt_count() < before + 4 && !finished.load(Ordering::Acquire) {
+        crate::thread::yield_now();
+    }
+    assert!(
+        !finished.load(Ordering::Acquire),
+        "the long batch ended before the write could start"
+    );
+    let sector = 40_000;
+    let mut data = vec![0u8; 4096];
+    fill_pattern(5, sector, &mut data);
+    let mut ops = [Op::Write { sector, buf: &data }, Op::Flush];
+    d.transfer(&mut ops, 1).unwrap_or_else(|e| panic!("{e}"));
+    let passed = !finished.load(Ordering::Acquire);
+    long.join();
+    assert!(passed, "the write and flush waited for the long batch");
+    let mut back = vec![0u8; 4096];
+    d.read(sector, &mut back).unwrap_or_else(|e| panic!("{e}"));
+    assert!(back == data, "the write did not land");
+}
+
 /// Batches of one request are timed in stages, and only those: twenty
 /// single reads add twenty batches whose stages fit inside the time the
 /// caller measured around them; a batch of eight requests adds none. The

@@ -80,6 +80,7 @@ const PASSING: &[Test] = tests![
     blk::patterns_round_trip_at_depths_and_sizes["data0:32"],
     blk::refusals_flush_and_read_only_contents["data0:16", "ro0:8:ro"],
     blk::two_disks_at_once["data0:32", "data1:32"],
+    blk::a_small_write_and_flush_pass_a_long_batch["data0:32"],
     blk::writes_land_where_the_host_expects["data0:16"],
     blk::single_requests_are_timed_in_stages["data0:16"],
     blk::snapshot_stays_consistent_while_disk_reads_land["data0:32"],

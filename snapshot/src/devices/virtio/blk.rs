@@ -23,11 +23,32 @@
 //! first sector; a device that breaks the protocol is reset (which stops
 //! its DMA) and refused from then on.
 //!
+//! A device may offer several request queues (`VIRTIO_BLK_F_MQ`):
+//! [`BlkDriver::new_queues`] gives one [`BlkDriver`] per queue, and callers
+//! holding different queues have requests in flight at once, so a small
+//! request or a flush never waits for another caller's batch. What callers
+//! may rely on across queues:
+//! - within one batch, order is as before: nothing overtakes a flush, and
+//!   a flush goes out only once the batch's earlier requests completed;
+//! - a flush covers every write whose completion was seen before the flush
+//!   was submitted, on whichever queue (the device flushes the disk, not
+//!   a queue: virtio 1.1, 5.2.6.2); a write still in flight on another
+//!   queue may or may not be covered;
+//! - batches on different queues have no order between them: two callers
+//!   writing the same sectors at once, or one reading what another is
+//!   writing, may see any mix of old and new data there (callers that
+//!   care order such batches themselves, as they did across batches);
+//! - a fault found on any queue resets the device and fails the batches of
+//!   every queue (they see the shared state even while waiting).
+//!
 //! This file brings the device up and holds the request plumbing;
 //! `batch` runs a batch, `pieces` cuts buffers into requests.
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+
+use spin::Once;
 
 mod batch;
 mod pieces;
@@ -51,6 +72,8 @@ pub mod feature {
     pub const BLK_SIZE: u64 = 1 << 6;
     /// The device has a write cache and takes flush requests.
     pub const FLUSH: u64 = 1 << 9;
+    /// The device has more than one request queue (`num_queues`).
+    pub const MQ: u64 = 1 << 12;
 }
 
 /// Device configuration offsets (5.2.4).
@@ -63,6 +86,8 @@ pub mod config {
     pub const SEG_MAX: usize = 12;
     /// Optimal block size (32 bits).
     pub const BLK_SIZE: usize = 20;
+    /// Number of request queues (16 bits), valid with `MQ`.
+    pub const NUM_QUEUES: usize = 34;
 }
 
 /// Request types (5.2.6).
@@ -107,9 +132,14 @@ pub struct Config {
     pub name: String,
     /// Largest queue to use (the device may offer less).
     pub queue_size: u16,
-    /// MSI-X vector (table entry) for the request queue, if interrupts are
-    /// delivered by MSI-X.
+    /// MSI-X vector (table entry) for the first request queue, if
+    /// interrupts are delivered by MSI-X; queue `i` takes entry
+    /// `vector + i`.
     pub vector: Option<u16>,
+    /// Most request queues to use (the device may offer fewer; at least
+    /// one is used). More than one needs the device configuration's
+    /// `num_queues` field readable (36 bytes).
+    pub queues: u16,
     /// Whether the device should interrupt on completions (otherwise the
     /// driver polls).
     pub interrupts: bool,
@@ -164,10 +194,15 @@ struct OpState<M> {
     all_sent: bool,
 }
 
-/// A virtio-blk device, driver side.
+/// One request queue of a virtio-blk device, driver side. A device with
+/// several queues has one of these per queue, each sharing the device's
+/// transport and its broken state: each runs its own batches, and callers
+/// that hold different queues have requests in flight at once.
 pub struct BlkDriver<T, H: Hal> {
     transport: T,
     hal: H,
+    /// This queue's index on the device.
+    index: u16,
     queue: SplitQueue<H::Region>,
     slots_region: H::Region,
     slots: Vec<Slot>,
@@ -175,7 +210,10 @@ pub struct BlkDriver<T, H: Hal> {
     features: u64,
     info: DiskInfo,
     limits: Limits,
-    broken: Option<&'static str>,
+    /// Why the device was given up on, shared by all its queues: set once
+    /// by the queue that found the fault (which resets the device), then
+    /// seen by every queue's batches and waits.
+    broken: Arc<Once<&'static str>>,
     stats: Stats,
     /// Whether completions interrupt while the driver waits for them (see
     /// [`Self::wait_used`]).
@@ -199,62 +237,69 @@ impl<T, H: Hal> core::fmt::Debug for BlkDriver<T, H> {
         f.debug_struct("BlkDriver")
             .field("info", &self.info)
             .field("limits", &self.limits)
-            .field("broken", &self.broken)
+            .field("queue", &self.index)
+            .field("broken", &self.broken.get())
             .finish_non_exhaustive()
     }
 }
 
-impl<T: Transport, H: Hal> BlkDriver<T, H> {
+impl<T: Transport + Clone, H: Hal + Clone> BlkDriver<T, H> {
     /// Negotiates, reads the configuration, sets up the request queue and
     /// tells the device the driver is ready. On failure the device is
-    /// marked FAILED.
+    /// marked FAILED. Only queue 0 is set up, whatever `config.queues`.
     pub fn new(transport: T, hal: H, config: &Config) -> Result<Self, InitError> {
-        let features = device::negotiate(&transport, WANTED, super::feature::VERSION_1)?;
-        let up = Self::bring_up(transport, hal, config, features);
-        if let Err((transport, e)) = up {
-            device::fail(&transport);
-            return Err(e);
-        }
-        up.map_err(|(_, e)| e)
+        let one = Config {
+            queues: 1,
+            ..config.clone()
+        };
+        let mut queues = Self::new_queues(transport, hal, &one)?;
+        Ok(queues.remove(0))
+    }
+
+    /// Like [`Self::new`], but sets up as many request queues as the
+    /// device offers (`VIRTIO_BLK_F_MQ`, 5.2.3), at most `config.queues`:
+    /// one driver per queue, index `i` for queue `i`, all sharing the
+    /// device. All queues are live before the device is told the driver is
+    /// ready (3.1.1).
+    pub fn new_queues(transport: T, hal: H, config: &Config) -> Result<Vec<Self>, InitError> {
+        let wanted = if config.queues > 1 {
+            WANTED | feature::MQ
+        } else {
+            WANTED
+        };
+        let features = device::negotiate(&transport, wanted, super::feature::VERSION_1)?;
+        Self::bring_up(&transport, &hal, config, features).inspect_err(|_| device::fail(&transport))
     }
 
     fn bring_up(
-        transport: T,
-        hal: H,
+        transport: &T,
+        hal: &H,
         config: &Config,
         features: u64,
-    ) -> Result<Self, (T, InitError)> {
+    ) -> Result<Vec<Self>, InitError> {
         let has = |bit| features & bit != 0;
-        let sectors = device::read_device_u64(&transport, config::CAPACITY);
-        let read = |offset, present| {
+        let sectors = device::read_device_u64(transport, config::CAPACITY);
+        let read = |offset, width, present| {
             if present {
-                transport.read_device(offset, Width::U32)
+                transport.read_device(offset, width)
             } else {
                 0
             }
         };
-        let size_max = read(config::SIZE_MAX, has(feature::SIZE_MAX));
-        let seg_max = read(config::SEG_MAX, has(feature::SEG_MAX));
-        let blk_size = read(config::BLK_SIZE, has(feature::BLK_SIZE));
-        let size = device::queue_size(&transport, 0, config.queue_size);
+        let size_max = read(config::SIZE_MAX, Width::U32, has(feature::SIZE_MAX));
+        let seg_max = read(config::SEG_MAX, Width::U32, has(feature::SEG_MAX));
+        let blk_size = read(config::BLK_SIZE, Width::U32, has(feature::BLK_SIZE));
+        let offered = read(config::NUM_QUEUES, Width::U16, has(feature::MQ)) as u16;
+        let count = offered.clamp(1, config.queues.max(1));
+        // Every queue gets the size of the smallest, so limits and depth
+        // hold whichever queue a batch runs on.
+        let size = (0..count)
+            .map(|q| device::queue_size(transport, q, config.queue_size))
+            .min()
+            .unwrap_or(0);
         if size < 4 {
-            return Err((transport, InitError::NoQueue(0)));
+            return Err(InitError::NoQueue(0));
         }
-        let layout = Layout::new(size);
-        let Ok(rings) = hal.alloc(layout.bytes) else {
-            return Err((transport, InitError::NoMemory));
-        };
-        let Ok(slots_region) = hal.alloc(usize::from(size) * SLOT_SIZE) else {
-            return Err((transport, InitError::NoMemory));
-        };
-        let setup = match device::setup_queue(&transport, 0, size, &rings, &layout, config.vector) {
-            Ok(setup) => setup,
-            Err(e) => return Err((transport, e)),
-        };
-        let queue = SplitQueue::new(rings, size);
-        // Interrupts stay off except while the driver waits (wait_used).
-        queue.set_interrupts(false);
-        device::go_live(&transport);
         let max_bytes = config.max_request_bytes.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
         let limits = Limits {
             max_segment: if size_max == 0 { u32::MAX } else { size_max },
@@ -269,31 +314,51 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         } else {
             SECTOR_SIZE as u32
         };
-        Ok(BlkDriver {
-            transport,
-            hal,
-            queue,
-            slots_region,
-            slots: alloc::vec![Slot::default(); usize::from(size)],
-            notify_offset: setup.notify_offset,
-            features,
-            info: DiskInfo {
-                name: config.name.clone(),
-                sectors,
-                block_size,
-                read_only: has(feature::RO),
-                flush: has(feature::FLUSH),
-                max_depth: usize::from(size),
-            },
-            limits,
-            broken: None,
-            stats: Stats::default(),
-            interrupts: config.interrupts,
-            parts: Vec::new(),
-            gather: Gather::default(),
-        })
+        let info = DiskInfo {
+            name: config.name.clone(),
+            sectors,
+            block_size,
+            read_only: has(feature::RO),
+            flush: has(feature::FLUSH),
+            max_depth: usize::from(size),
+        };
+        let broken = Arc::new(Once::new());
+        let mut queues = Vec::with_capacity(usize::from(count));
+        for index in 0..count {
+            let layout = Layout::new(size);
+            let rings = hal.alloc(layout.bytes).map_err(|_| InitError::NoMemory)?;
+            let slots_region = hal
+                .alloc(usize::from(size) * SLOT_SIZE)
+                .map_err(|_| InitError::NoMemory)?;
+            let vector = config.vector.map(|v| v + index);
+            let setup = device::setup_queue(transport, index, size, &rings, &layout, vector)?;
+            let queue = SplitQueue::new(rings, size);
+            // Interrupts stay off except while the driver waits (wait_used).
+            queue.set_interrupts(false);
+            queues.push(BlkDriver {
+                transport: transport.clone(),
+                hal: hal.clone(),
+                index,
+                queue,
+                slots_region,
+                slots: alloc::vec![Slot::default(); usize::from(size)],
+                notify_offset: setup.notify_offset,
+                features,
+                info: info.clone(),
+                limits,
+                broken: broken.clone(),
+                stats: Stats::default(),
+                interrupts: config.interrupts,
+                parts: Vec::new(),
+                gather: Gather::default(),
+            });
+        }
+        device::go_live(transport);
+        Ok(queues)
     }
+}
 
+impl<T: Transport, H: Hal> BlkDriver<T, H> {
     /// What the disk is.
     pub fn info(&self) -> &DiskInfo {
         &self.info
@@ -314,6 +379,16 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         self.limits
     }
 
+    /// This queue's index on the device.
+    pub fn queue_index(&self) -> u16 {
+        self.index
+    }
+
+    /// Why the device was given up on, if it was (by any of its queues).
+    pub fn broken(&self) -> Option<&'static str> {
+        self.broken.get().copied()
+    }
+
     /// Counters since the last call.
     pub fn take_stats(&mut self) -> Stats {
         core::mem::take(&mut self.stats)
@@ -323,11 +398,19 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         BlockError::new(&self.info.name, sector, kind)
     }
 
-    /// Gives up on a device that broke the protocol: reset stops its DMA.
+    /// Gives up on a device that broke the protocol: reset stops its DMA
+    /// (on every queue). The first queue to give up resets; the others'
+    /// batches see the shared state and fail too.
     fn break_down(&mut self, why: &'static str) -> BlockError {
-        self.broken = Some(why);
-        let _ = device::reset(&self.transport);
-        device::fail(&self.transport);
+        let mut first = false;
+        let why = *self.broken.call_once(|| {
+            first = true;
+            why
+        });
+        if first {
+            let _ = device::reset(&self.transport);
+            device::fail(&self.transport);
+        }
         self.error(None, ErrorKind::Broken(why))
     }
 
@@ -371,7 +454,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
 
     fn notify(&mut self) {
         if self.queue.needs_notify() {
-            self.transport.notify(self.notify_offset, 0);
+            self.transport.notify(self.notify_offset, self.index);
             self.stats.notifies += 1;
         }
     }
@@ -392,7 +475,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
 
     /// Reads the device's ID string (`-device virtio-blk-pci,serial=...`).
     pub fn identify(&mut self, wait: &impl Wait) -> Result<String, BlockError> {
-        if let Some(why) = self.broken {
+        if let Some(why) = self.broken() {
             return Err(self.error(None, ErrorKind::Broken(why)));
         }
         let mut id = [0u8; ID_BYTES];

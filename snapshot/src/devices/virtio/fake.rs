@@ -49,6 +49,8 @@ pub struct Setup {
     pub seg_max: u32,
     /// Largest queue.
     pub queue_max: u16,
+    /// Request queues offered (more than one offers MQ).
+    pub queues: u16,
     /// Offer FLUSH.
     pub flush: bool,
     /// Offer RO.
@@ -73,6 +75,7 @@ impl Default for Setup {
             size_max: 0,
             seg_max: 0,
             queue_max: 64,
+            queues: 1,
             flush: true,
             read_only: false,
             version_1: true,
@@ -94,6 +97,15 @@ struct QueueRegs {
     device: u64,
 }
 
+/// One request queue: its registers and the device's progress on it.
+#[derive(Debug, Default, Clone)]
+struct FakeQueue {
+    regs: QueueRegs,
+    pending: Vec<u16>,
+    last_avail: u16,
+    used_idx: u16,
+}
+
 #[derive(Debug)]
 struct State {
     setup: Setup,
@@ -105,11 +117,8 @@ struct State {
     driver_features: u64,
     status: u8,
     queue_select: u16,
-    queue: QueueRegs,
+    queues: Vec<FakeQueue>,
     disk: Vec<u8>,
-    pending: Vec<u16>,
-    last_avail: u16,
-    used_idx: u16,
     rng: Rng,
     failing: Vec<u64>,
     /// Largest number of requests the device held at once.
@@ -118,8 +127,9 @@ struct State {
     pub requests: usize,
     /// Largest data segment count seen in one request.
     pub max_segments_seen: usize,
-    /// Requests that reached the device alongside a flush (a flush must
-    /// be alone: everything before it done, nothing after it started).
+    /// Requests that reached the device alongside a flush on the same
+    /// queue (a flush must be alone there: everything before it done,
+    /// nothing after it started).
     pub flush_overlaps: usize,
     /// Driver waits that began with interrupts asked for, and without.
     pub waits_armed: usize,
@@ -146,6 +156,8 @@ impl Fake {
         offer(setup.flush, blkf::FLUSH);
         offer(setup.read_only, blkf::RO);
         offer(true, blkf::BLK_SIZE);
+        offer(setup.queues > 1, blkf::MQ);
+        let queues = vec![FakeQueue::default(); usize::from(setup.queues.max(1))];
         let disk = vec![0; setup.sectors as usize * SECTOR_SIZE];
         let rng = Rng::new(setup.seed);
         Fake(Arc::new(Mutex::new(State {
@@ -158,11 +170,8 @@ impl Fake {
             driver_features: 0,
             status: 0,
             queue_select: 0,
-            queue: QueueRegs::default(),
+            queues,
             disk,
-            pending: Vec::new(),
-            last_avail: 0,
-            used_idx: 0,
             rng,
             failing: Vec::new(),
             max_pending: 0,
@@ -210,7 +219,12 @@ impl Fake {
     /// for and without.
     pub fn interrupts(&self) -> (bool, usize, usize) {
         let mut s = self.state();
-        (s.interrupts_armed(), s.waits_armed, s.waits_unarmed)
+        (s.interrupts_armed(0), s.waits_armed, s.waits_unarmed)
+    }
+
+    /// Requests the device holds on queue `q`, not yet completed.
+    pub fn pending(&self, q: u16) -> usize {
+        self.state().queues[usize::from(q)].pending.len()
     }
 
     /// Bytes of fake memory still allocated (rings, slots, live mappings).
@@ -249,61 +263,77 @@ impl State {
         self.mem(addr, 2).copy_from_slice(&v.to_le_bytes());
     }
 
-    /// Takes newly available chains.
-    fn fetch(&mut self) {
-        assert!(self.queue.enable == 1, "notified before the queue is live");
+    /// Takes queue `q`'s newly available chains.
+    fn fetch(&mut self, q: usize) {
+        let regs = self.queues[q].regs;
+        assert!(regs.enable == 1, "notified before the queue is live");
         assert!(
             self.status & status::DRIVER_OK != 0,
             "notified before DRIVER_OK"
         );
-        let idx = self.read16(self.queue.driver + 2);
-        while self.last_avail != idx {
-            let slot = u64::from(self.last_avail % self.queue.size);
-            let head = self.read16(self.queue.driver + 4 + 2 * slot);
-            self.pending.push(head);
-            let heads = self.pending.clone();
-            let flushes = heads.iter().filter(|&&h| self.is_flush(h)).count();
-            if flushes > 0 && self.pending.len() > 1 {
+        let idx = self.read16(regs.driver + 2);
+        while self.queues[q].last_avail != idx {
+            let slot = u64::from(self.queues[q].last_avail % regs.size);
+            let head = self.read16(regs.driver + 4 + 2 * slot);
+            self.queues[q].pending.push(head);
+            let heads = self.queues[q].pending.clone();
+            let flushes = heads.iter().filter(|&&h| self.is_flush(q, h)).count();
+            if flushes > 0 && heads.len() > 1 {
                 self.flush_overlaps += 1;
             }
-            self.last_avail = self.last_avail.wrapping_add(1);
+            self.queues[q].last_avail = self.queues[q].last_avail.wrapping_add(1);
         }
-        self.max_pending = self.max_pending.max(self.pending.len());
+        let pending = self.queues.iter().map(|q| q.pending.len()).sum();
+        self.max_pending = self.max_pending.max(pending);
     }
 
-    fn is_flush(&mut self, head: u16) -> bool {
-        let at = self.queue.desc + 16 * u64::from(head % self.queue.size);
+    fn is_flush(&mut self, q: usize, head: u16) -> bool {
+        let regs = self.queues[q].regs;
+        let at = regs.desc + 16 * u64::from(head % regs.size);
         let header = u64::from_le_bytes(self.mem(at, 8).try_into().unwrap());
         let kind = u32::from_le_bytes(self.mem(header, 4).try_into().unwrap());
         kind == request::FLUSH
     }
 
-    /// Executes a random number of pending requests in random order.
-    fn interrupts_armed(&mut self) -> bool {
-        self.read16(self.queue.driver) & 1 == 0
+    /// Whether queue `q`'s driver asks for completion interrupts.
+    fn interrupts_armed(&mut self, q: usize) -> bool {
+        let driver = self.queues[q].regs.driver;
+        driver != 0 && self.read16(driver) & 1 == 0
     }
 
-    fn complete_some(&mut self) {
-        assert!(
-            !self.pending.is_empty(),
-            "the driver waits with nothing in flight: it would hang"
-        );
-        let count = 1 + self.rng.below(self.pending.len() as u64) as usize;
-        for _ in 0..count {
-            let pick = self.rng.below(self.pending.len() as u64) as usize;
-            let head = self.pending.swap_remove(pick);
-            self.execute(head);
+    /// Executes a random number of one queue's pending requests in random
+    /// order; false if no queue has any (with several queues, another
+    /// thread's wait may have taken them).
+    fn complete_some(&mut self) -> bool {
+        let busy: Vec<usize> = (0..self.queues.len())
+            .filter(|&q| !self.queues[q].pending.is_empty())
+            .collect();
+        if busy.is_empty() {
+            assert!(
+                self.queues.len() > 1,
+                "the driver waits with nothing in flight: it would hang"
+            );
+            return false;
         }
+        let q = busy[self.rng.below(busy.len() as u64) as usize];
+        let count = 1 + self.rng.below(self.queues[q].pending.len() as u64) as usize;
+        for _ in 0..count {
+            let pick = self.rng.below(self.queues[q].pending.len() as u64) as usize;
+            let head = self.queues[q].pending.swap_remove(pick);
+            self.execute(q, head);
+        }
+        true
     }
 
-    fn execute(&mut self, head: u16) {
+    fn execute(&mut self, q: usize, head: u16) {
+        let regs = self.queues[q].regs;
         // Walk the chain, bounded by the queue size.
         let mut chain = Vec::new();
         let mut index = head;
         loop {
-            assert!(index < self.queue.size, "descriptor {index} out of range");
-            assert!(chain.len() < usize::from(self.queue.size), "looping chain");
-            let at = self.queue.desc + 16 * u64::from(index);
+            assert!(index < regs.size, "descriptor {index} out of range");
+            assert!(chain.len() < usize::from(regs.size), "looping chain");
+            let at = regs.desc + 16 * u64::from(index);
             let raw = self.mem(at, 16).to_vec();
             let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
             let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
@@ -402,14 +432,14 @@ impl State {
         } else {
             u32::from(head)
         };
-        let slot = u64::from(self.used_idx % self.queue.size);
-        let elem = self.queue.device + 4 + 8 * slot;
+        let slot = u64::from(self.queues[q].used_idx % regs.size);
+        let elem = regs.device + 4 + 8 * slot;
         self.mem(elem, 4).copy_from_slice(&id.to_le_bytes());
         self.mem(elem + 4, 4)
             .copy_from_slice(&written.to_le_bytes());
-        self.used_idx = self.used_idx.wrapping_add(1);
-        let used = self.used_idx;
-        self.write16(self.queue.device + 2, used);
+        let used = self.queues[q].used_idx.wrapping_add(1);
+        self.queues[q].used_idx = used;
+        self.write16(regs.device + 2, used);
         self.requests += 1;
     }
 }
@@ -417,20 +447,30 @@ impl State {
 impl Transport for Fake {
     fn read_common(&self, offset: usize, width: Width) -> u32 {
         let s = self.state();
+        let select = s.queue_select;
+        let Some(queue) = s.queues.get(usize::from(select)).map(|q| q.regs) else {
+            // A queue that does not exist reads as size 0, like QEMU's.
+            return match offset {
+                common::DEVICE_FEATURE => (s.features >> (32 * s.device_select)) as u32,
+                common::NUM_QUEUES => s.queues.len() as u32,
+                common::DEVICE_STATUS => u32::from(s.status),
+                _ => 0,
+            };
+        };
         let v = match offset {
             common::DEVICE_FEATURE => (s.features >> (32 * s.device_select)) as u32,
-            common::NUM_QUEUES => 1,
+            common::NUM_QUEUES => s.queues.len() as u32,
             common::DEVICE_STATUS => u32::from(s.status),
             common::CONFIG_GENERATION => 0,
-            common::QUEUE_SIZE if s.queue_select == 0 => u32::from(if s.queue.size == 0 {
+            common::QUEUE_SIZE => u32::from(if queue.size == 0 {
                 s.setup.queue_max
             } else {
-                s.queue.size
+                queue.size
             }),
-            common::QUEUE_MSIX_VECTOR => u32::from(s.queue.vector),
-            common::QUEUE_ENABLE => u32::from(s.queue.enable),
+            common::QUEUE_MSIX_VECTOR => u32::from(queue.vector),
+            common::QUEUE_ENABLE => u32::from(queue.enable),
             common::QUEUE_NOTIFY_OFF if s.setup.misbehave == Misbehave::BadNotifyOffset => 0x4000,
-            common::QUEUE_NOTIFY_OFF => 3,
+            common::QUEUE_NOTIFY_OFF => 3 + u32::from(select),
             _ => 0,
         };
         let _ = width;
@@ -450,12 +490,11 @@ impl Transport for Fake {
             common::DEVICE_STATUS => {
                 let value = value as u8;
                 if value == 0 {
-                    // Reset: the device forgets the queue and stops DMA.
+                    // Reset: the device forgets its queues and stops DMA.
                     s.status = 0;
-                    s.queue = QueueRegs::default();
-                    s.pending.clear();
-                    s.last_avail = 0;
-                    s.used_idx = 0;
+                    for q in s.queues.iter_mut() {
+                        *q = FakeQueue::default();
+                    }
                     return;
                 }
                 let mut value = value;
@@ -470,29 +509,15 @@ impl Transport for Fake {
                 s.status = value;
             }
             common::QUEUE_SELECT => s.queue_select = value as u16,
-            common::QUEUE_SIZE => {
-                assert!(value as u16 <= s.setup.queue_max && value > 0);
-                s.queue.size = value as u16;
+            _ => {
+                let (max, select) = (s.setup.queue_max, usize::from(s.queue_select));
+                let q = &mut s
+                    .queues
+                    .get_mut(select)
+                    .expect("selected queue exists")
+                    .regs;
+                queue_write(q, max, offset, value);
             }
-            common::QUEUE_MSIX_VECTOR => s.queue.vector = value as u16,
-            common::QUEUE_ENABLE => s.queue.enable = value as u16,
-            common::QUEUE_DESC => s.queue.desc = (s.queue.desc & !0xffff_ffff) | u64::from(value),
-            o if o == common::QUEUE_DESC + 4 => {
-                s.queue.desc = (s.queue.desc & 0xffff_ffff) | u64::from(value) << 32
-            }
-            common::QUEUE_DRIVER => {
-                s.queue.driver = (s.queue.driver & !0xffff_ffff) | u64::from(value)
-            }
-            o if o == common::QUEUE_DRIVER + 4 => {
-                s.queue.driver = (s.queue.driver & 0xffff_ffff) | u64::from(value) << 32
-            }
-            common::QUEUE_DEVICE => {
-                s.queue.device = (s.queue.device & !0xffff_ffff) | u64::from(value)
-            }
-            o if o == common::QUEUE_DEVICE + 4 => {
-                s.queue.device = (s.queue.device & 0xffff_ffff) | u64::from(value) << 32
-            }
-            _ => {}
         }
     }
 
@@ -504,17 +529,24 @@ impl Transport for Fake {
             8 => s.setup.size_max,
             12 => s.setup.seg_max,
             20 => 4096,
+            // num_queues is the low half of the dword at 32.
+            34 => u32::from(s.setup.queues),
             _ => 0,
         }
     }
 
     fn notify(&self, offset: u32, queue: u16) {
         assert_eq!(
-            (offset, queue),
-            (3 * 4, 0),
+            offset,
+            (3 + u32::from(queue)) * 4,
             "notification to the wrong place"
         );
-        self.state().fetch();
+        let mut s = self.state();
+        assert!(
+            usize::from(queue) < s.queues.len(),
+            "notified a queue that does not exist"
+        );
+        s.fetch(usize::from(queue));
     }
 
     fn notify_multiplier(&self) -> u32 {
@@ -522,7 +554,8 @@ impl Transport for Fake {
     }
 
     fn notify_in_range(&self, offset: u32) -> bool {
-        offset == 12
+        let queues = u32::from(self.state().setup.queues.max(1));
+        offset.is_multiple_of(4) && (12..12 + 4 * queues).contains(&offset)
     }
 }
 
@@ -530,14 +563,37 @@ impl Wait for Fake {
     fn wait(&self, done: &mut dyn FnMut() -> bool) {
         {
             let mut s = self.state();
-            if s.interrupts_armed() {
+            if (0..s.queues.len()).any(|q| s.interrupts_armed(q)) {
                 s.waits_armed += 1;
             } else {
                 s.waits_unarmed += 1;
             }
         }
         while !done() {
-            self.state().complete_some();
+            if !self.state().complete_some() {
+                std::thread::yield_now();
+            }
         }
+    }
+}
+
+/// A write to queue register `offset` of the selected queue.
+fn queue_write(q: &mut QueueRegs, max: u16, offset: usize, value: u32) {
+    let low = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+    let high = |old: u64| (old & 0xffff_ffff) | u64::from(value) << 32;
+    match offset {
+        common::QUEUE_SIZE => {
+            assert!(value as u16 <= max && value > 0);
+            q.size = value as u16;
+        }
+        common::QUEUE_MSIX_VECTOR => q.vector = value as u16,
+        common::QUEUE_ENABLE => q.enable = value as u16,
+        common::QUEUE_DESC => q.desc = low(q.desc),
+        o if o == common::QUEUE_DESC + 4 => q.desc = high(q.desc),
+        common::QUEUE_DRIVER => q.driver = low(q.driver),
+        o if o == common::QUEUE_DRIVER + 4 => q.driver = high(q.driver),
+        common::QUEUE_DEVICE => q.device = low(q.device),
+        o if o == common::QUEUE_DEVICE + 4 => q.device = high(q.device),
+        _ => {}
     }
 }

@@ -25,6 +25,8 @@ pub mod queue;
 pub mod stages;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_queues;
 
 use alloc::vec::Vec;
 
@@ -116,6 +118,28 @@ pub trait Transport {
     /// Whether a queue's notification offset lies inside the notification
     /// area (the device chooses it; a bad one is refused at setup).
     fn notify_in_range(&self, offset: u32) -> bool;
+}
+
+/// A shared transport: the queues of one device each hold a handle.
+impl<T: Transport + ?Sized> Transport for alloc::sync::Arc<T> {
+    fn read_common(&self, offset: usize, width: Width) -> u32 {
+        (**self).read_common(offset, width)
+    }
+    fn write_common(&self, offset: usize, width: Width, value: u32) {
+        (**self).write_common(offset, width, value)
+    }
+    fn read_device(&self, offset: usize, width: Width) -> u32 {
+        (**self).read_device(offset, width)
+    }
+    fn notify(&self, offset: u32, queue: u16) {
+        (**self).notify(offset, queue)
+    }
+    fn notify_multiplier(&self) -> u32 {
+        (**self).notify_multiplier()
+    }
+    fn notify_in_range(&self, offset: u32) -> bool {
+        (**self).notify_in_range(offset)
+    }
 }
 
 /// A piece of memory the device reads or writes, by physical address.

@@ -20,6 +20,7 @@ fn config() -> Config {
         name: "virtio@00:04.0".into(),
         queue_size: 256,
         vector: Some(1),
+        queues: 1,
         interrupts: true,
         max_request_bytes: 64 << 10,
     }

@@ -23,7 +23,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
         depth: usize,
         wait: &impl Wait,
     ) -> Result<(), BlockError> {
-        if let Some(why) = self.broken {
+        if let Some(why) = self.broken() {
             return Err(self.error(None, ErrorKind::Broken(why)));
         }
         for op in ops.iter() {
@@ -119,6 +119,12 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             if reaped == 0 {
                 self.stats.waits += 1;
                 self.wait_used(wait);
+                // Another queue may have given up on the device (and reset
+                // it): nothing in flight here will complete.
+                if let Some(why) = self.broken() {
+                    failure.get_or_insert(self.error(None, ErrorKind::Broken(why)));
+                    break 'batch;
+                }
             }
         }
         // Whatever is still mapped (a batch cut short) is released; after
@@ -140,7 +146,7 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
             // flag: the check inside `wait` must come after the flag is out.
             fence(Ordering::SeqCst);
         }
-        wait.wait(&mut || self.queue.has_used());
+        wait.wait(&mut || self.queue.has_used() || self.broken.is_completed());
         if self.interrupts {
             self.queue.set_interrupts(false);
         }
