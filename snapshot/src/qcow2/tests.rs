@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use proptest::prelude::*;
 
+mod gate;
 mod split;
 
 use super::chain::{self, Layer};
