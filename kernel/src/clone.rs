@@ -183,8 +183,6 @@ pub struct Options {
     pub write_chunk: u64,
     /// Such writes sent together, in flight at once.
     pub write_depth: usize,
-    /// Whether the split lets workload requests in progress go first.
-    pub gate: bool,
 }
 
 /// What a workload did, by phase (0 before the split, 1 during).
@@ -357,8 +355,7 @@ pub fn run_split(
             thread::yield_now,
         )
         .map_err(failed)?
-        .with_write_back(opts.write_back_bytes)
-        .with_gate(opts.gate),
+        .with_write_back(opts.write_back_bytes),
     ));
     clone.set_write_chunk(opts.write_chunk);
     clone.set_write_depth(opts.write_depth);
@@ -468,7 +465,6 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", WRITE_CHUNK >> 10) << 10,
         write_depth: num("depth", WRITE_DEPTH as u64) as usize,
-        gate: cmd.get("gate") != Some("off"),
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,

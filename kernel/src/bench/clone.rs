@@ -57,7 +57,6 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", crate::clone::WRITE_CHUNK >> 10) << 10,
         write_depth: num("depth", crate::clone::WRITE_DEPTH as u64) as usize,
-        gate: cmd.get("gate") != Some("off"),
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,

@@ -341,20 +341,6 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     /// any entry changed meanwhile (a racing write): the caller looks
     /// again.
     pub fn materialize(&self, items: &[(u64, Entry, Option<usize>)], data: &[u8]) -> Result<bool> {
-        self.materialize_gated(items, data, &|| {})
-    }
-
-    /// [`Self::materialize`], calling `gate` first (before a new L2 table
-    /// or refcount block is written) and before each request of the data:
-    /// the split's way to let a workload request in progress go first. No
-    /// lock of the disk's is held while it waits.
-    pub fn materialize_gated(
-        &self,
-        items: &[(u64, Entry, Option<usize>)],
-        data: &[u8],
-        gate: &dyn Fn(),
-    ) -> Result<bool> {
-        gate();
         let g = &self.geo;
         let Some(&(first, _, _)) = items.first() else {
             return Ok(true);
@@ -378,7 +364,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         }
         // The data need only be durable before the entries are written,
         // which waits for the next write-back's flush.
-        self.write_data(items, &hosts, data, gate)?;
+        self.write_data(items, &hosts, data)?;
         let mut m = self.meta.lock();
         let Meta { tables, rc, .. } = &mut *m;
         let mut entries = Vec::new();

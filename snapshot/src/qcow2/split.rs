@@ -103,11 +103,6 @@ pub struct Split<'a, D, W, C> {
     zeroed: AtomicU64,
     copied_bytes: AtomicU64,
     workload_ops: AtomicU64,
-    /// Workload requests in progress (not waiting for a claim), and
-    /// workload requests finished: what [`Self::gate`] waits for.
-    active: AtomicU64,
-    served: AtomicU64,
-    gated: bool,
     /// Clusters copied since the last write-back, and how many trigger one.
     unwritten: AtomicU64,
     write_back_every: u64,
@@ -149,9 +144,6 @@ where
             zeroed: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
             workload_ops: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            served: AtomicU64::new(0),
-            gated: true,
             unwritten: AtomicU64::new(0),
             write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
             relax,
@@ -163,13 +155,6 @@ where
     /// and one batch of the split's clusters.
     pub fn with_write_back(mut self, bytes: u64) -> Self {
         self.write_back_every = (bytes / self.disk.geometry().cs).max(1);
-        self
-    }
-
-    /// The same split, letting workload requests in progress go first
-    /// ([`Self::gate`]: the default) or not.
-    pub fn with_gate(mut self, on: bool) -> Self {
-        self.gated = on;
         self
     }
 
@@ -222,49 +207,15 @@ where
                 }
                 Claim::Copied => return f(),
                 Claim::Busy => {
-                    // Waiting for the split's batch: not in progress for
-                    // the gate, which the split may be waiting at.
-                    self.active.fetch_sub(1, Ordering::AcqRel);
                     self.engine.wait(vc, self.relax);
-                    self.active.fetch_add(1, Ordering::AcqRel);
                 }
             }
         }
     }
 
-    /// Counts a workload request in progress until the guard drops.
-    fn serving(&self) -> Serving<'_> {
-        self.workload_ops.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::AcqRel);
-        Serving {
-            active: &self.active,
-            served: &self.served,
-        }
-    }
-
-    /// Lets the workload requests in progress go before the split's next
-    /// request: without it, a workload request that arrives while the
-    /// split sends request after request to the same disk may wait for
-    /// many of them, not one. Waits (relaxing, holding nothing) until no
-    /// workload request is in progress, or as many as were have finished:
-    /// a busy workload delays each of the split's requests by at most
-    /// the requests it had already started, so the split still advances.
-    fn gate(&self) {
-        let active = self.active.load(Ordering::Acquire);
-        if active == 0 || !self.gated {
-            return;
-        }
-        let served = self.served.load(Ordering::Acquire);
-        while self.active.load(Ordering::Acquire) > 0
-            && self.served.load(Ordering::Acquire).wrapping_sub(served) < active
-        {
-            (self.relax)();
-        }
-    }
-
     /// A workload write: each cluster it touches is claimed first.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let _serving = self.serving();
+        self.workload_ops.fetch_add(1, Ordering::Relaxed);
         let cs = self.disk.geometry().cs;
         let mut done = 0usize;
         while done < data.len() {
@@ -279,7 +230,7 @@ where
 
     /// A workload read (no claim: a hole and its copy read the same).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let _serving = self.serving();
+        self.workload_ops.fetch_add(1, Ordering::Relaxed);
         self.disk.read_at(offset, buf)
     }
 
@@ -403,7 +354,6 @@ where
                 }
                 if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
                     self.unwritten.store(0, Ordering::Relaxed);
-                    self.gate();
                     self.disk.write_back()?;
                 }
                 Ok(n)
@@ -430,7 +380,6 @@ where
             }
             let (first, last) = (with_data[k], with_data[end - 1]);
             let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
-            self.gate();
             self.disk
                 .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
             k = end;
@@ -450,7 +399,7 @@ where
                 items.push((t.unit(), Entry::Hole, Some(k)));
             }
         }
-        if !items.is_empty() && !self.disk.materialize_gated(&items, data, &|| self.gate())? {
+        if !items.is_empty() && !self.disk.materialize(&items, data)? {
             return Err(Qcow2Error::Invalid(
                 "a claimed hole changed under the split (a write bypassed the claims)".into(),
             ));
@@ -537,20 +486,6 @@ where
             let ns = pacer.end_burst_at(now());
             rest(ns);
         }
-    }
-}
-
-/// A workload request in progress, for [`Split::gate`]: finished when
-/// dropped, on every path.
-struct Serving<'s> {
-    active: &'s AtomicU64,
-    served: &'s AtomicU64,
-}
-
-impl Drop for Serving<'_> {
-    fn drop(&mut self) {
-        self.served.fetch_add(1, Ordering::AcqRel);
-        self.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

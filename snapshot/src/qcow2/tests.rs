@@ -10,7 +10,6 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use proptest::prelude::*;
 
-mod gate;
 mod split;
 
 use super::chain::{self, Layer};

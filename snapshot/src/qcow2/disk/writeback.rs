@@ -18,13 +18,12 @@ impl<D: BlockDevice> Qcow2Disk<D> {
     /// clusters whose chunks and hosts both follow each other into runs
     /// (zero entries between them do not break a run: they have no host),
     /// each written in requests of the write chunk, sent the write depth
-    /// at a time ([`Self::set_write_depth`]), each group after `gate`.
+    /// at a time ([`Self::set_write_depth`]).
     pub(super) fn write_data(
         &self,
         items: &[(u64, Entry, Option<usize>)],
         hosts: &[u64],
         data: &[u8],
-        gate: &dyn Fn(),
     ) -> Result<()> {
         let cs = self.geo.cs as usize;
         let runs: Vec<(usize, u64)> = items
@@ -63,7 +62,6 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                     .rev()
                     .map(|&(sector, buf)| Op::Write { sector, buf })
                     .collect();
-                gate();
                 self.file.transfer(&mut ops, depth)?;
             }
             k = end;
