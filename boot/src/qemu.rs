@@ -278,7 +278,6 @@ pub fn command(config: &Config) -> Command {
                 json_string(&path)
             );
             cmd.args(["-blockdev", &node]);
-            device.push_str(",rerror=report,werror=report");
         } else {
             let mut drive = format!("file={},if=none,id=disk{i},format=raw", escape(&path));
             if disk.read_only {
@@ -291,6 +290,10 @@ pub fn command(config: &Config) -> Command {
             }
             cmd.args(["-drive", &drive]);
         }
+        // Errors go to the guest, which names disk and sector and fails
+        // the job; QEMU's default stops the whole machine when the host
+        // file system is full, and the run then hangs until its timeout.
+        device.push_str(",rerror=report,werror=report");
         cmd.args(["-device", &device]);
     }
     cmd.stdin(Stdio::null())
@@ -404,4 +407,34 @@ pub fn run_supervised(
         stderr,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every disk reports I/O errors to the guest: with QEMU's default
+    /// (`werror=enospc`) a full host file system stops the machine and the
+    /// run hangs until its timeout instead of failing with the sector.
+    #[test]
+    fn every_disk_reports_errors_to_the_guest() {
+        let mut config = Config::new(Path::new("kernel"), "");
+        config.disks = vec![
+            Disk::new("/nonexistent/a.img", "a"),
+            Disk {
+                fail_sector: Some(8),
+                ..Disk::new("/nonexistent/b.img", "b")
+            },
+        ];
+        let cmd = command(&config);
+        let devices: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .filter(|a| a.starts_with("virtio-blk-pci,"))
+            .collect();
+        assert_eq!(devices.len(), 2, "{devices:?}");
+        for d in &devices {
+            assert!(d.contains(",rerror=report,werror=report"), "{d}");
+        }
+    }
 }
