@@ -171,8 +171,15 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
             if self.next_j == self.per_l2 && !self.next_table()? {
                 return Ok(None);
             }
-            let (j, vc) = (self.next_j, self.base + self.next_j);
-            self.next_j += 1;
+            // Unallocated entries (all zeros) are most of a sparse
+            // image's tables: skipped a word at a time.
+            let j = first_nonzero(self.tables.table(), self.next_j, self.per_l2);
+            if j == self.per_l2 {
+                self.next_j = j;
+                continue;
+            }
+            let vc = self.base + j;
+            self.next_j = j + 1;
             if vc >= self.vclusters {
                 self.next_j = self.per_l2;
                 continue;
@@ -247,6 +254,22 @@ impl<D: BlockDevice + ?Sized> Runs<Qcow2Error> for Walk<'_, D> {
         let bits = self.cs.trailing_zeros();
         Ok(self.next_piece()?.map(|p| p.run(bits)))
     }
+}
+
+/// The first of the `entries` entries of `table` from entry `from` on
+/// that is not all zero bytes; `entries` if none is.
+fn first_nonzero(table: &[u8], from: u64, entries: u64) -> u64 {
+    let size = table.len() as u64 / entries;
+    let word = |at: usize| u64::from_ne_bytes(table[at..at + 8].try_into().expect("8 bytes"));
+    let mut at = (from * size) as usize;
+    // Eight words at a time while they are all zeros, then one by one.
+    while at + 64 <= table.len() && (0..8).fold(0, |acc, k| acc | word(at + 8 * k)) == 0 {
+        at += 64;
+    }
+    while at < table.len() && word(at) == 0 {
+        at += 8;
+    }
+    (at as u64 / size).min(entries)
 }
 
 /// A qcow2 image, read and checked; its tables stay on the device.
