@@ -248,7 +248,11 @@ fn errors_come_in_table_order_though_tables_are_read_ahead() {
     assert_ne!(be64(&base, l1 + 15 * 8), 0);
     let mut late = base.clone();
     put_be64(&mut late, l1 + 15 * 8, (1 << 63) | 0x1234_5000_0000);
-    assert!(error(&late).contains("L2 table 15 at 0x123450000000"), "{}", error(&late));
+    assert!(
+        error(&late).contains("L2 table 15 at 0x123450000000"),
+        "{}",
+        error(&late)
+    );
     let mut both = late.clone();
     put_be64(&mut both, first_l2 as usize, (1 << 63) | 0x5000 | 0x10);
     let err = error(&both);
