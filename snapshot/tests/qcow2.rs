@@ -236,6 +236,32 @@ fn hostile_fields_are_refused_by_name() {
     }
 }
 
+/// The L2 tables are read several at a time, yet a bad entry in an early
+/// table is still reported before a bad L1 entry further on, and the
+/// later one alone is reported by its own name.
+#[test]
+fn errors_come_in_table_order_though_tables_are_read_ahead() {
+    let base = image("scattered.qcow2");
+    let l1 = open(&base).unwrap().header.l1_offset as usize;
+    let first_l2 = be64(&base, l1) & 0x00ff_ffff_ffff_fe00;
+    // Table 15 maps the last cluster (data at 32764k).
+    assert_ne!(be64(&base, l1 + 15 * 8), 0);
+    let mut late = base.clone();
+    put_be64(&mut late, l1 + 15 * 8, (1 << 63) | 0x1234_5000_0000);
+    assert!(
+        error(&late).contains("L2 table 15 at 0x123450000000"),
+        "{}",
+        error(&late)
+    );
+    let mut both = late.clone();
+    put_be64(&mut both, first_l2 as usize, (1 << 63) | 0x5000 | 0x10);
+    let err = error(&both);
+    assert!(
+        err.contains("L2 entry for virtual offset 0x0") && err.contains("reserved bits"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_used_cluster_with_refcount_zero_is_refused() {
     let mut b = image("scattered.qcow2");

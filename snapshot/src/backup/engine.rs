@@ -1,5 +1,6 @@
 //! The backup and restore engine; see the [subsystem docs](super).
 
+use super::ahead;
 use super::copy::{copy_memory, Copier};
 pub use super::error::Error;
 use super::io::{changed, need, ring, write_deep};
@@ -104,15 +105,16 @@ impl Plan {
 /// Bytes of kernel memory a backup of a source of `file_len` bytes with
 /// clusters of `1 << cluster_bits` needs at least, whatever its virtual
 /// size or tables: the check of the source ([`source::open_memory`]: two
-/// bits per host cluster, three clusters, two table windows), or, later,
-/// one L2 table, a table window, two transfer units (the copy's and the
+/// bits per host cluster, two clusters, two table windows, the L2 tables
+/// read ahead), or, later, the walk ([`ahead::memory`]: an L1 window and
+/// up to 1 MiB of L2 tables read ahead), two transfer units (the copy's and the
 /// stream's, each an extent: 1 MiB and 512 bytes, or one cluster and 512)
 /// and a decoder of compressed clusters ([`copy_memory`]), plus
 /// [`SLACK`]. Transfers use up to [`WINDOW`] each when memory allows.
 pub fn backup_memory(header: &qcow2::Header, file_len: u64) -> u64 {
     let cs = header.cluster_size();
     let stride = BLOCK + cs.max(tape::EXTENT_DATA_BYTES);
-    let running = cs + source::TABLE_WINDOW + 2 * stride + copy_memory(header);
+    let running = ahead::memory(header.cluster_bits) + 2 * stride + copy_memory(header);
     source::open_memory(header.cluster_bits, file_len).max(running) + SLACK
 }
 

@@ -40,6 +40,7 @@
 //! its tables, [`engine`] and [`restore`](mod@restore) run the steps;
 //! [`volume`] streams a raw volume whole (the mirror's backup).
 
+pub mod ahead;
 pub mod copy;
 pub mod decode;
 pub mod engine;

@@ -371,6 +371,10 @@ pub(crate) fn placed(
     cs: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
+    // The common case first, without the words of an error.
+    if fits(offset, len, cs, file_len) {
+        return Ok(());
+    }
     if !offset.is_multiple_of(cs) {
         return Err(invalid(format!(
             "{what} at {offset:#x} is not aligned to the {cs}-byte cluster"
@@ -386,6 +390,13 @@ pub(crate) fn placed(
              ({file_len:#x} bytes, counted in whole 512-byte sectors)"
         ))),
     }
+}
+
+/// Whether `[offset, offset + len)` is as [`placed`] wants it.
+pub(crate) fn fits(offset: u64, len: u64, cs: u64, file_len: u64) -> bool {
+    offset != 0
+        && offset.is_multiple_of(cs)
+        && offset.checked_add(len).is_some_and(|end| end <= file_len)
 }
 
 /// The backing file name, which must lie inside the first cluster.

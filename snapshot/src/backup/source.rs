@@ -3,8 +3,9 @@
 //! an image safe to back up ([`open`]).
 //!
 //! Memory is bounded by design: the walk holds one window of the L1
-//! table ([`TABLE_WINDOW`] bytes) and one L2 table (a cluster, at most
-//! 2 MiB), whatever the virtual size or the number of tables. [`open`]
+//! table ([`TABLE_WINDOW`] bytes) and up to 1 MiB of L2 tables read
+//! ahead (at least one table, a cluster, at most 2 MiB; [`ahead`]),
+//! whatever the virtual size or the number of tables. [`open`]
 //! adds the refcount checks (one window of the refcount table, one
 //! refcount block) and two maps of the file's host clusters, one bit
 //! each, to catch two users of one cluster (compressed clusters may share
@@ -18,9 +19,10 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::ahead::{self, L2Ahead};
 use super::qcow2::{
-    self, be32, be64, buffer, invalid, l1_entry, l2_entry, placed, Cluster, Compressed, Header,
-    Qcow2Error, V3_HEADER_LEN,
+    self, be32, be64, buffer, invalid, l2_entry, placed, Cluster, Compressed, Header, Qcow2Error,
+    V3_HEADER_LEN,
 };
 use super::run::{Joiner, Run, Runs};
 use crate::devices::block::{read_bytes, BlockDevice};
@@ -30,7 +32,7 @@ pub const TABLE_WINDOW: u64 = 64 << 10;
 
 /// Reads entries of an on-disk table of big-endian `u64`s a window at a
 /// time, in ascending order.
-struct TableWindow {
+pub(super) struct TableWindow {
     offset: u64,
     entries: u64,
     buf: Vec<u8>,
@@ -39,7 +41,7 @@ struct TableWindow {
 }
 
 impl TableWindow {
-    fn new(offset: u64, entries: u64, what: &str) -> Result<TableWindow, Qcow2Error> {
+    pub(super) fn new(offset: u64, entries: u64, what: &str) -> Result<TableWindow, Qcow2Error> {
         Ok(TableWindow {
             offset,
             entries,
@@ -50,7 +52,11 @@ impl TableWindow {
     }
 
     /// Entry `i` (`None` past the table's end).
-    fn get<D: BlockDevice + ?Sized>(&mut self, dev: &D, i: u64) -> Result<Option<u64>, Qcow2Error> {
+    pub(super) fn get<D: BlockDevice + ?Sized>(
+        &mut self,
+        dev: &D,
+        i: u64,
+    ) -> Result<Option<u64>, Qcow2Error> {
         if i >= self.entries {
             return Ok(None);
         }
@@ -116,11 +122,8 @@ pub struct Walk<'d, D: ?Sized> {
     extended: bool,
     per_l2: u64,
     vclusters: u64,
-    l1_used: u64,
     file_len: u64,
-    l1: TableWindow,
-    next_l1: u64,
-    l2: Vec<u8>,
+    tables: L2Ahead,
     base: u64,
     next_j: u64,
     pending: Joiner,
@@ -134,18 +137,14 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
     pub fn new(dev: &'d D, header: &Header, file_len: u64) -> Result<Self, Qcow2Error> {
         let cs = header.cluster_size();
         let per_l2 = cs / header.l2_entry_bytes();
-        let l1_used = header.virtual_clusters().div_ceil(per_l2);
         Ok(Walk {
             dev,
             cs,
             extended: header.extended_l2,
             per_l2,
             vclusters: header.virtual_clusters(),
-            l1_used,
             file_len,
-            l1: TableWindow::new(header.l1_offset, l1_used, "L1 table window")?,
-            next_l1: 0,
-            l2: buffer(cs, "L2 table")?,
+            tables: L2Ahead::new(header, file_len)?,
             base: 0,
             next_j: per_l2,
             pending: Joiner::default(),
@@ -154,31 +153,16 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
         })
     }
 
-    /// Loads the next L2 table; `false` when none is left.
+    /// Moves to the next L2 table; `false` when none is left.
     fn next_table(&mut self) -> Result<bool, Qcow2Error> {
-        while self.next_l1 < self.l1_used {
-            let i = self.next_l1;
-            self.next_l1 += 1;
-            let entry = self.l1.get(self.dev, i)?.unwrap_or(0);
-            let offset = l1_entry(i, entry)?;
-            if offset == 0 {
-                continue;
-            }
-            placed(
-                &format!("L2 table {i}"),
-                offset,
-                self.cs,
-                self.cs,
-                self.file_len,
-            )?;
-            if let Some(claims) = &mut self.claims {
-                claims.claim(&|| format!("L2 table {i} at {offset:#x}"), offset, self.cs)?;
-            }
-            read_bytes(self.dev, offset, &mut self.l2)?;
-            (self.base, self.next_j) = (i * self.per_l2, 0);
-            return Ok(true);
+        let Some((i, offset)) = self.tables.advance(self.dev)? else {
+            return Ok(false);
+        };
+        if let Some(claims) = &mut self.claims {
+            claims.claim(&|| format!("L2 table {i} at {offset:#x}"), offset, self.cs)?;
         }
-        Ok(false)
+        (self.base, self.next_j) = (i * self.per_l2, 0);
+        Ok(true)
     }
 
     /// The next mapped virtual cluster and what it holds.
@@ -187,19 +171,26 @@ impl<'d, D: BlockDevice + ?Sized> Walk<'d, D> {
             if self.next_j == self.per_l2 && !self.next_table()? {
                 return Ok(None);
             }
-            let (j, vc) = (self.next_j, self.base + self.next_j);
-            self.next_j += 1;
+            // Unallocated entries (all zeros) are most of a sparse
+            // image's tables: skipped a word at a time.
+            let j = first_nonzero(self.tables.table(), self.next_j, self.per_l2);
+            if j == self.per_l2 {
+                self.next_j = j;
+                continue;
+            }
+            let vc = self.base + j;
+            self.next_j = j + 1;
             if vc >= self.vclusters {
                 self.next_j = self.per_l2;
                 continue;
             }
-            let (cs, file_len) = (self.cs, self.file_len);
+            let (cs, file_len, l2) = (self.cs, self.file_len, self.tables.table());
             let cluster = if self.extended {
                 let at = (j * 16) as usize;
-                let (entry, bitmap) = (be64(&self.l2, at), be64(&self.l2, at + 8));
+                let (entry, bitmap) = (be64(l2, at), be64(l2, at + 8));
                 qcow2::l2_extended(entry, bitmap, vc, cs, file_len)?
             } else {
-                l2_entry(be64(&self.l2, (j * 8) as usize), vc, cs, file_len)?
+                l2_entry(be64(l2, (j * 8) as usize), vc, cs, file_len)?
             };
             if let Some(claims) = &mut self.claims {
                 let what = || format!("the cluster for virtual offset {:#x}", vc * cs);
@@ -265,6 +256,22 @@ impl<D: BlockDevice + ?Sized> Runs<Qcow2Error> for Walk<'_, D> {
     }
 }
 
+/// The first of the `entries` entries of `table` from entry `from` on
+/// that is not all zero bytes; `entries` if none is.
+fn first_nonzero(table: &[u8], from: u64, entries: u64) -> u64 {
+    let size = table.len() as u64 / entries;
+    let word = |at: usize| u64::from_ne_bytes(table[at..at + 8].try_into().expect("8 bytes"));
+    let mut at = (from * size) as usize;
+    // Eight words at a time while they are all zeros, then one by one.
+    while at + 64 <= table.len() && (0..8).fold(0, |acc, k| acc | word(at + 8 * k)) == 0 {
+        at += 64;
+    }
+    while at < table.len() && word(at) == 0 {
+        at += 8;
+    }
+    (at as u64 / size).min(entries)
+}
+
 /// A qcow2 image, read and checked; its tables stay on the device.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -287,11 +294,12 @@ impl Image {
 }
 
 /// Bytes of memory [`open`] needs at most for an image of `file_len`
-/// bytes with clusters of `1 << cluster_bits`: the host cluster map, one
-/// L2 table and one refcount block, two table windows, the first cluster.
+/// bytes with clusters of `1 << cluster_bits`: the host cluster map, the
+/// walk's L1 window and L2 tables ([`ahead::memory`]), one refcount block
+/// and a window of its table, the first cluster.
 pub fn open_memory(cluster_bits: u32, file_len: u64) -> u64 {
     let cs = 1u64 << cluster_bits;
-    claims_bytes(file_len, cluster_bits) + 3 * cs + 2 * TABLE_WINDOW
+    claims_bytes(file_len, cluster_bits) + 2 * cs + TABLE_WINDOW + ahead::memory(cluster_bits)
 }
 
 /// Reads the header of the image on `dev` (its whole capacity is the file).
@@ -521,7 +529,7 @@ fn check_refcounts<D: BlockDevice + ?Sized>(
 impl<D: ?Sized> core::fmt::Debug for Walk<'_, D> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Walk")
-            .field("next_l1", &self.next_l1)
+            .field("base", &self.base)
             .finish_non_exhaustive()
     }
 }

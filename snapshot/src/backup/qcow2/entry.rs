@@ -7,7 +7,7 @@
 use alloc::format;
 
 use super::{
-    invalid, placed, Qcow2Error, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
+    fits, invalid, placed, Qcow2Error, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
     ZERO_FLAG,
 };
 
@@ -93,7 +93,9 @@ fn data_entry(
         )));
     }
     let host = entry & OFFSET_MASK;
-    if host != 0 {
+    // The words of an error only for an error: this runs for every
+    // data cluster.
+    if host != 0 && !fits(host, 1, cs, file_len) {
         let what = format!("the data cluster of virtual offset {at:#x}");
         placed(&what, host, 1, cs, file_len)?;
     }
