@@ -113,10 +113,8 @@ fn verifies(cmd: &CmdLine<'_>) -> bool {
 }
 
 fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
-    let share = cmd
-        .u64("copier_share")
-        .map_err(|e| alloc::format!("{e}"))?
-        .unwrap_or(30);
+    // `None`: the snapshot's default (all of a CPU the copier owns).
+    let share = cmd.u64("copier_share").map_err(|e| alloc::format!("{e}"))?;
     let ram = || crate::boot_info::usable_ram();
     let mem_bytes: u64 = ram().map(|r| r.end - r.start).sum();
     let ram_pages: u64 = ram()
@@ -125,9 +123,10 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let (free, _) = crate::memory::frames::stats();
     let per_thread = (free * 4096 / 32).clamp(1 << 20, 96 << 20);
     log!(
-        "bench-memsnap: {} MiB RAM, workload {THREADS} x {} MiB, copier share {share}%",
+        "bench-memsnap: {} MiB RAM, workload {THREADS} x {} MiB, copier share {}",
         mem_bytes >> 20,
-        per_thread >> 20
+        per_thread >> 20,
+        share.map_or(String::from("default"), |s| alloc::format!("{s}%"))
     );
     // Warm-up (code paths translated once by the emulator); not measured.
     let warm = Options {
@@ -182,7 +181,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     Ok(Figures {
         mem_bytes,
         ram_pages,
-        share,
+        share: timed.copier_share_pct,
         warm_copy,
         cold_copy,
         stop_pages,
@@ -218,7 +217,10 @@ fn stop_and_copy_twice() -> Result<(u64, u64), String> {
 /// without verification, whose stop-the-world hashing of every page would
 /// warm the emulator's TLB just before the pause's flush and so inflate
 /// the pause it is meant to check.
-fn timed_snapshot(share: u64, workload: &Workload) -> Result<(Report, Vec<u64>, u64), String> {
+fn timed_snapshot(
+    share: Option<u64>,
+    workload: &Workload,
+) -> Result<(Report, Vec<u64>, u64), String> {
     let opts = Options {
         latencies: true,
         copier_share_pct: share,
@@ -285,6 +287,11 @@ impl Figures {
             self.cold_copy.p99
         );
         log!(
+            "background page: {} ns busy, of which {} ns in the copy itself",
+            r.copier_busy_ns / r.stats.background.max(1),
+            r.copier_copy_ns / r.stats.background.max(1)
+        );
+        log!(
             "workload on {} of {} CPUs: {} ops/s before ({} on all, {} on one), {} during, {} after",
             self.workload_cpus,
             self.cpus,
@@ -344,6 +351,16 @@ impl Figures {
             ("page_copy_ns_p99", self.warm_copy.p99),
             ("page_copy_cold_ns_p99", self.cold_copy.p99),
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
+            ("copier_busy_ns", r.copier_busy_ns),
+            ("copier_copy_ns", r.copier_copy_ns),
+            (
+                "background_ns_per_page",
+                r.copier_busy_ns / s.background.max(1),
+            ),
+            (
+                "background_copy_ns_per_page",
+                r.copier_copy_ns / s.background.max(1),
+            ),
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
             ("workload_ops_per_s_all_cpus", self.ops_all_cpus),
