@@ -134,14 +134,22 @@ fn truncated_and_corrupted_tapes_are_refused() {
         failure.starts_with("restore refused: bad checksum: extent 4"),
         "{failure}"
     );
-    assert!(result.unwrap_err().contains("removed"));
+    assert!(result.unwrap_err().contains("as it was"));
     assert!(!out.exists(), "a partial restore was left behind");
     // The host tool, run as a user runs it, ends with the kernel's reason
-    // and exits 1.
+    // and exits 1, and a file already at --out keeps its contents.
+    std::fs::write(&out, b"the user's file").unwrap();
     let run = host_tool(&["restore", "--quiet", "--tape", s(&broken), "--out", s(&out)]);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert_eq!(run.last_line(), failure, "{}", run.stderr);
-    assert!(!out.exists(), "a partial restore was left behind");
+    assert_eq!(std::fs::read(&out).unwrap(), b"the user's file");
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    std::fs::remove_file(&out).unwrap();
 
     // A corrupted trailer.
     let mut bad = good.clone();

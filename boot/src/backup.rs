@@ -4,8 +4,10 @@
 //! length.
 //!
 //! The kernel does the work; the host only reads the source image (to
-//! refuse a bad one before booting and to size the tape) and never writes it: QEMU attaches it read-only. A failed
-//! restore leaves no output file behind.
+//! refuse a bad one before booting and to size the tape) and never writes
+//! it: QEMU attaches it read-only. The tape and the restored image are
+//! written beside their paths and put in place only when complete
+//! ([`Staged`]): a failed run leaves whatever was there before.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,7 @@ use snapshot::interface::trace::Record;
 use crate::filedisk::same_file;
 pub use crate::filedisk::FileDisk;
 use crate::qemu::Disk;
+use crate::staged::Staged;
 
 /// Creates (or empties) `path` as a sparse file of `bytes`.
 fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {
@@ -28,8 +31,10 @@ fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {
 pub struct BackupJob {
     /// Source (read-only), tape.
     pub disks: Vec<Disk>,
-    /// The tape file.
+    /// The tape file the user named.
     pub tape: PathBuf,
+    /// Where the guest writes it until it is complete.
+    pub staged: Staged,
     /// The stream's length: the tape's length afterwards.
     pub medium_bytes: u64,
     /// Bytes of data to copy.
@@ -77,7 +82,11 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
     // A whole number of 64 KiB: QEMU refuses to write a file opened
     // `O_DIRECT` (`Disk::direct`) unless its length is a multiple of the
     // host's block size; the tape is cut to the stream afterwards.
-    fresh_file(tape, plan.layout.stream_bytes().next_multiple_of(64 << 10))?;
+    let staged = Staged::new(tape)?;
+    fresh_file(
+        &staged.partial,
+        plan.layout.stream_bytes().next_multiple_of(64 << 10),
+    )?;
     Ok(BackupJob {
         disks: vec![
             Disk {
@@ -86,13 +95,14 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
             },
             Disk {
                 direct: true,
-                ..Disk::new(tape, "tape")
+                ..Disk::new(&staged.partial, "tape")
             },
         ]
         .into_iter()
         .chain(flat.into_iter().flat_map(|(_, backing)| backing))
         .collect(),
         tape: tape.to_path_buf(),
+        staged,
         medium_bytes: plan.layout.stream_bytes(),
         data_bytes: plan.copy_bytes(),
         virtual_bytes: plan.image.header.virtual_size,
@@ -100,17 +110,18 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
 }
 
 /// After the kernel ran: checks it reported the stream the host expected
-/// and cuts the tape to it. On failure the tape is removed: it holds no
-/// complete stream.
+/// cuts the tape to it and puts it in place. On failure the staged tape is
+/// removed (it holds no complete stream) and the path keeps what it held.
 pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
     let done = records.iter().rfind(|r| r.event == "backup.done");
     let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
         (true, Some(n)) if n == job.medium_bytes => std::fs::OpenOptions::new()
             .write(true)
-            .open(&job.tape)
+            .open(&job.staged.partial)
             .and_then(|f| f.set_len(n))
-            .map(|()| n)
-            .map_err(|e| format!("{}: {e}", job.tape.display())),
+            .map_err(|e| format!("{}: {e}", job.tape.display()))
+            .and_then(|()| job.staged.commit())
+            .map(|()| n),
         (true, Some(n)) => Err(format!(
             "the kernel wrote a {n}-byte stream, the host expected {}",
             job.medium_bytes
@@ -118,7 +129,7 @@ pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> R
         _ => Err("the backup did not complete".into()),
     };
     if result.is_err() {
-        let _ = std::fs::remove_file(&job.tape);
+        job.staged.discard();
     }
     result
 }
@@ -128,8 +139,10 @@ pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> R
 pub struct RestoreJob {
     /// Tape (read-only), output.
     pub disks: Vec<Disk>,
-    /// The output image.
+    /// The output image the user named.
     pub out: PathBuf,
+    /// Where the guest writes it until it is complete.
+    pub staged: Staged,
     /// Its length when done.
     pub out_bytes: u64,
     /// The format.
@@ -159,22 +172,25 @@ pub fn plan_restore(
     )
     .map_err(|e| format!("{}: {e}", tape.display()))?;
     let out_bytes = front.out_bytes(format).max(SECTOR_SIZE as u64);
-    fresh_file(out, out_bytes)?;
+    let staged = Staged::new(out)?;
+    fresh_file(&staged.partial, out_bytes)?;
     Ok(RestoreJob {
         disks: vec![
             Disk {
                 read_only: true,
                 ..Disk::new(tape, "tape")
             },
-            Disk::new(out, "out"),
+            Disk::new(&staged.partial, "out"),
         ],
         out: out.to_path_buf(),
+        staged,
         out_bytes,
         format,
     })
 }
 
-/// After the kernel ran: a failed restore leaves no output behind.
+/// After the kernel ran: a complete restore is put in place; a failed one
+/// leaves the output path as it was.
 pub fn finish_restore(
     job: &RestoreJob,
     records: &[Record<'_>],
@@ -182,11 +198,11 @@ pub fn finish_restore(
 ) -> Result<(), String> {
     let done = records.iter().rfind(|r| r.event == "restore.done");
     match (passed, done.and_then(|r| r.u64("out_bytes"))) {
-        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => Ok(()),
+        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => job.staged.commit(),
         _ => {
-            let _ = std::fs::remove_file(&job.out);
+            job.staged.discard();
             Err(format!(
-                "the restore did not complete; {} removed",
+                "the restore did not complete; {} is as it was",
                 job.out.display()
             ))
         }

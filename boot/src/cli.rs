@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use snapshot::backup::Format;
 use snapshot::interface::cmdline::parse_u64;
-use snapshot::interface::scenario::{Scenario, ALL};
+use snapshot::interface::scenario::{Scenario, ALL, CRASH_KINDS};
 use snapshot::interface::units::parse_size;
 use snapshot::policy::sched::MAX_CPUS;
 
@@ -386,6 +386,14 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     if let Some(extra) = positional.next() {
         return Err(format!("unexpected argument {extra}"));
     }
+    if let (Scenario::Crash, Some(kind)) = (args.scenario, &argument) {
+        if !CRASH_KINDS.contains(&kind.as_str()) {
+            return Err(format!(
+                "unknown crash kind {kind}; kinds: {}",
+                CRASH_KINDS.join(" ")
+            ));
+        }
+    }
     if !given.iter().any(|g| g == "--mem") {
         args.mem = d.mem_mib << 20;
     }
@@ -448,6 +456,15 @@ mod tests {
         assert_eq!(parse(&["bench-memsnap"]).unwrap().cpus, 2, "a benchmark");
         assert_eq!(parse(&["test", "x::y"]).unwrap().cpus, 1);
         assert_eq!(parse(&["crash", "--cpus", "4"]).unwrap().cpus, 4);
+        assert_eq!(
+            parse(&["crash", "bogus"]).unwrap_err(),
+            "unknown crash kind bogus; kinds: pf ud de gp bp overflow"
+        );
+        let help = Scenario::Crash.describe().help;
+        for kind in CRASH_KINDS {
+            assert!(help.contains(kind), "crash's help omits {kind}");
+            assert!(parse(&["crash", kind]).is_ok());
+        }
         let err = |words: &[&str]| parse(words).unwrap_err();
         assert!(err(&["--cpus", "0"]).contains("want 1 to 16"));
         assert!(err(&["--cpus", "many"]).contains("--cpus many"));

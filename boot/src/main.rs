@@ -117,9 +117,10 @@ fn kernel_image() -> Option<PathBuf> {
     build::kernel().map_err(|e| eprintln!("error: {e}")).ok()
 }
 
-/// Echoes a serial line (unless quiet) and shows backup progress.
+/// Echoes a serial line (unless quiet; `test list`'s lines are its result,
+/// so they are shown even then) and shows backup progress.
 fn show_line(line: &str, quiet: bool) {
-    if !quiet {
+    if !quiet || line.starts_with("KTEST-LIST ") {
         println!("{line}");
     }
     if let Ok(Some(record)) = snapshot::interface::trace::parse_line(line) {

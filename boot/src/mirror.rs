@@ -2,8 +2,9 @@
 //! twice, a secondary smaller than the primary, a primary the host may not
 //! write), creates the controller disk beside the secondary on first use
 //! (`S.img.mirror`, kept: it is the pair's durable state, and a later run
-//! resumes from it) and the tape at the stream's length, and removes a
-//! tape whose backup did not complete. A pair whose smallest transfers a
+//! resumes from it) and the tape at the stream's length, written beside its
+//! path and put in place only when the backup completed (a failed run
+//! leaves the path as it was). A pair whose smallest transfers a
 //! guest of `--mem` could not hold is refused with the figure and the
 //! `--mem` that would do.
 
@@ -22,8 +23,10 @@ use crate::qemu::Disk;
 pub struct MirrorJob {
     /// Primary, secondary, controller disk, tape.
     pub disks: Vec<Disk>,
-    /// The tape file.
+    /// The tape file the user named.
     pub tape: PathBuf,
+    /// Where the guest writes it until it is complete.
+    pub staged: crate::staged::Staged,
     /// The stream's length.
     pub medium_bytes: u64,
     /// The controller disk.
@@ -112,39 +115,43 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
             .map_err(|e| format!("{}: {e}", control.display()))?;
     }
     let medium_bytes = VolumeStream::medium_bytes(p, geo.block_bits());
-    crate::bench::make_blank_image(tape, medium_bytes)
+    let staged = crate::staged::Staged::new(tape)?;
+    crate::bench::make_blank_image(&staged.partial, medium_bytes)
         .map_err(|e| format!("{}: {e}", tape.display()))?;
     Ok(MirrorJob {
         disks: vec![
             Disk::new(primary, "primary"),
             Disk::new(secondary, "secondary"),
             Disk::new(&control, "control"),
-            Disk::new(tape, "tape"),
+            Disk::new(&staged.partial, "tape"),
         ],
         tape: tape.to_path_buf(),
+        staged,
         medium_bytes,
         control,
     })
 }
 
-/// After the kernel ran: the tape holds a whole stream, or is removed.
+/// After the kernel ran: the tape holds a whole stream and is put in place,
+/// or its staging file is removed.
 pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
     let done = records.iter().rfind(|r| r.event == "mirror.done");
-    match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
-        (true, Some(n)) if n == job.medium_bytes => Ok(n),
+    let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
+        (true, Some(n)) if n == job.medium_bytes => job.staged.commit().map(|()| n),
         (true, Some(n)) => Err(format!(
             "the kernel wrote a {n}-byte stream, the host expected {}",
             job.medium_bytes
         )),
-        _ => {
-            let _ = std::fs::remove_file(&job.tape);
-            Err(format!(
-                "the mirror run did not complete; {} removed (the pair's state stays in {})",
-                job.tape.display(),
-                job.control.display()
-            ))
-        }
+        _ => Err(format!(
+            "the mirror run did not complete; {} is as it was (the pair's state stays in {})",
+            job.tape.display(),
+            job.control.display()
+        )),
+    };
+    if result.is_err() {
+        job.staged.discard();
     }
+    result
 }
 
 /// `bench-mirror`'s pair by default, scaled to run in minutes under TCG

@@ -211,7 +211,10 @@ fn crash_on_purpose(kind: &str) -> ExitCode {
                 .map(|h| h.join())
                 .ok();
         }
-        other => crate::log!("unknown crash kind {other:?}; kinds: pf ud de gp bp overflow"),
+        other => crate::log!(
+            "unknown crash kind {other:?}; kinds: {}",
+            snapshot::interface::scenario::CRASH_KINDS.join(" ")
+        ),
     }
     crate::log!("no exception was raised");
     ExitCode::Failure

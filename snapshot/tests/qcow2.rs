@@ -145,8 +145,8 @@ fn offsets_past_the_end_and_misaligned_ones_are_told_apart() {
     assert_eq!(
         err,
         format!(
-            "invalid qcow2 image: L2 table 0 at {:#x} (+0x1000) lies past the end of the \
-             {len}-byte ({len:#x}) file",
+            "invalid qcow2 image: L2 table 0 at {:#x} (+0x1000) lies past the end of the file \
+             ({len:#x} bytes, counted in whole 512-byte sectors)",
             len + 0x10000
         )
     );

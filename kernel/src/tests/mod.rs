@@ -18,6 +18,21 @@ mod trace;
 
 use crate::ktest::Test;
 
+/// Waits until `done()` holds, panicking with `what` after 10 s of guest
+/// time. For "it makes progress" checks: a busy host may hold a CPU back for
+/// far longer than a fixed short wait, while a real stall never ends.
+pub(crate) fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    const GIVE_UP_NS: u64 = 10_000_000_000;
+    let t0 = crate::clock::now_ns();
+    while !done() {
+        assert!(
+            crate::clock::now_ns() - t0 < GIVE_UP_NS,
+            "{what} (waited 10 s)"
+        );
+        crate::thread::sleep_ns(1_000_000);
+    }
+}
+
 macro_rules! tests {
     ($($module:ident :: $name:ident $([$($disk:literal),*])?),* $(,)?) => {
         &[$(Test {

@@ -360,6 +360,12 @@ pub fn block_until(key: usize, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// How many threads are blocked on `key` now (for tests that must know a
+/// thread has really gone to sleep, whatever the host's load).
+pub fn blocked_on(key: usize) -> usize {
+    with(|s| s.queue.blocked_on(key))
+}
+
 /// Wakes every thread blocked on `key`; returns how many.
 pub fn wake_all(key: usize) -> usize {
     with(|s| {

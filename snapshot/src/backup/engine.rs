@@ -319,6 +319,8 @@ impl Streamer<'_> {
 #[cfg(test)]
 mod tests {
     use super::{guest_heap_bytes, mem_for_heap};
+    use crate::backup::Error;
+    use alloc::string::ToString;
 
     #[test]
     fn mem_for_heap_gives_that_heap_with_room_to_spare() {
@@ -329,5 +331,37 @@ mod tests {
             assert!(guest_heap_bytes(mem - (16 << 20)) >= heap, "{heap}: {mem}");
         }
         assert_eq!(mem_for_heap((64 << 20) + 1), None);
+    }
+
+    #[test]
+    fn a_memory_refusal_names_a_mem_that_holds_the_job() {
+        for need in [1u64, 3 << 20, 17 << 20, 59 << 20] {
+            let e = Error::TooLittleMemory {
+                job: "backup",
+                need,
+                have: 0,
+            }
+            .to_string();
+            let mib: u64 = e
+                .split("--mem ")
+                .nth(1)
+                .and_then(|t| t.strip_suffix("M)"))
+                .unwrap_or_else(|| panic!("no figure in {e:?}"))
+                .parse()
+                .unwrap();
+            // Even if the kernel keeps 2 MiB of its heap and the firmware
+            // 16 MiB of the RAM.
+            let heap = guest_heap_bytes((mib << 20) - (16 << 20));
+            assert!(heap >= need + (2 << 20), "{need}: {e}");
+        }
+        let e = Error::TooLittleMemory {
+            job: "restore",
+            need: 63 << 20,
+            have: 0,
+        };
+        assert!(
+            e.to_string().ends_with("(its heap is 64 MiB at most)"),
+            "{e}"
+        );
     }
 }

@@ -9,6 +9,10 @@ use super::qcow2::Qcow2Error;
 use super::tape::MediumError;
 use crate::devices::block::BlockError;
 
+/// Kernel heap in use before a job starts (drivers, trace buffers), at
+/// most, in the `--mem` a refusal suggests.
+const KERNEL_KEEPS: u64 = 4 << 20;
+
 /// Why a backup or restore stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -61,13 +65,22 @@ impl fmt::Display for Error {
             ),
             Error::Medium(e) => write!(f, "{e}"),
             Error::NoMemory(bytes) => write!(f, "out of memory for a {bytes}-byte buffer"),
-            Error::TooLittleMemory { job, need, have } => write!(
-                f,
-                "the {job} needs {need} bytes of kernel memory ({} MiB), the guest has {have} \
-                 ({} MiB) free; give it more memory (--mem)",
-                need.div_ceil(1 << 20),
-                have >> 20
-            ),
+            Error::TooLittleMemory { job, need, have } => {
+                write!(
+                    f,
+                    "the {job} needs {need} bytes of kernel memory ({} MiB), the guest has \
+                     {have} ({} MiB) free; ",
+                    need.div_ceil(1 << 20),
+                    have >> 20
+                )?;
+                match super::engine::mem_for_heap(need + KERNEL_KEEPS) {
+                    Some(mem) => write!(f, "give it more memory (--mem {}M)", mem >> 20),
+                    None => write!(
+                        f,
+                        "more than any --mem gives the kernel (its heap is 64 MiB at most)"
+                    ),
+                }
+            }
         }
     }
 }

@@ -382,8 +382,8 @@ pub(crate) fn placed(
     match offset.checked_add(len) {
         Some(end) if end <= file_len => Ok(()),
         _ => Err(invalid(format!(
-            "{what} at {offset:#x} (+{len:#x}) lies past the end of the \
-             {file_len}-byte ({file_len:#x}) file"
+            "{what} at {offset:#x} (+{len:#x}) lies past the end of the file \
+             ({file_len:#x} bytes, counted in whole 512-byte sectors)"
         ))),
     }
 }

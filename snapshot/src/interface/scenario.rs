@@ -310,6 +310,10 @@ pub const ALL: &[Description] = &[
 /// The kernel command-line key that names the scenario.
 pub const KEY: &str = "scenario";
 
+/// The kinds `crash KIND` raises (`crash`'s help lists them too; a test
+/// keeps the two in step).
+pub const CRASH_KINDS: &[&str] = &["pf", "ud", "de", "gp", "bp", "overflow"];
+
 impl Scenario {
     /// The scenario when none is named.
     pub const DEFAULT: Scenario = Scenario::Demo;

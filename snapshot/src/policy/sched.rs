@@ -239,6 +239,14 @@ impl<C: Copy + Default> RunQueue<C> {
         }
     }
 
+    /// How many threads are blocked on `key` now.
+    pub fn blocked_on(&self, key: usize) -> usize {
+        self.state
+            .iter()
+            .filter(|&&s| s == State::Blocked { key })
+            .count()
+    }
+
     /// Makes every thread blocked on `key` ready; returns how many woke.
     pub fn wake(&mut self, key: usize) -> usize {
         self.wake_where(|s| s == State::Blocked { key })
@@ -381,7 +389,9 @@ mod tests {
             100,
             "idle keeps the CPU"
         );
+        assert_eq!((q.blocked_on(7), q.blocked_on(8)), (1, 0));
         assert_eq!(q.wake(7), 1);
+        assert_eq!(q.blocked_on(7), 0);
         assert_eq!(
             q.switch(0, 100, Why::Preempt, 30),
             0,

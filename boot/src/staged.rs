@@ -1,0 +1,101 @@
+//! Output files written whole or not at all.
+//!
+//! A backup's tape, a restore's image and a mirror run's tape are written by
+//! the guest through a disk QEMU opens by path. The guest writes a staging
+//! file beside the one the user named (`.NAME.partial`, same directory, so
+//! the final step is a rename on one file system); only a run that
+//! completed renames it over the user's path. A failed or killed run leaves
+//! what was at that path before, untouched, and at most a stale staging
+//! file that the next run replaces.
+//!
+//! Must never remove or truncate the user's own path: only the staging file.
+
+use std::path::{Path, PathBuf};
+
+/// An output being written: where the guest writes, and where it goes.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// The path the user named.
+    pub target: PathBuf,
+    /// The staging file the guest's disk is attached to.
+    pub partial: PathBuf,
+}
+
+impl Staged {
+    /// Stages `target`: names its staging file (nothing is created yet).
+    /// A target that is a link stages beside the file it names, which the
+    /// commit then replaces; a target that exists but is not a regular file
+    /// is refused.
+    pub fn new(target: &Path) -> Result<Self, String> {
+        let target = match std::fs::metadata(target) {
+            Ok(m) if !m.is_file() => {
+                return Err(format!("{} exists and is not a file", target.display()))
+            }
+            Ok(_) => {
+                std::fs::canonicalize(target).map_err(|e| format!("{}: {e}", target.display()))?
+            }
+            Err(_) => target.to_path_buf(),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| format!("{}: not a file name", target.display()))?;
+        let mut partial_name = std::ffi::OsString::from(".");
+        partial_name.push(name);
+        partial_name.push(".partial");
+        Ok(Self {
+            partial: target.with_file_name(partial_name),
+            target,
+        })
+    }
+
+    /// Puts the finished staging file at the target, replacing what was
+    /// there.
+    pub fn commit(&self) -> Result<(), String> {
+        std::fs::rename(&self.partial, &self.target)
+            .map_err(|e| format!("{}: {e}", self.target.display()))
+    }
+
+    /// Removes the staging file; the target keeps what it held before.
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.partial);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("staged-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_discarded_output_leaves_the_old_file_alone() {
+        let d = dir("discard");
+        let target = d.join("out.img");
+        std::fs::write(&target, b"old").unwrap();
+        let s = Staged::new(&target).unwrap();
+        std::fs::write(&s.partial, b"half").unwrap();
+        s.discard();
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        assert!(!s.partial.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_committed_output_replaces_the_old_file() {
+        let d = dir("commit");
+        let target = d.join("tape");
+        std::fs::write(&target, b"old").unwrap();
+        let s = Staged::new(&target).unwrap();
+        assert_eq!(s.partial, d.join(".tape.partial"));
+        std::fs::write(&s.partial, b"new").unwrap();
+        s.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert!(!s.partial.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
