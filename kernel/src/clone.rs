@@ -33,6 +33,7 @@ use snapshot::qcow2::split::{Batch, Progress, Split, WRITE_BACK_BYTES};
 use snapshot::qcow2::{workload, Entry, Qcow2Disk, Qcow2Error};
 
 use crate::arch::qemu::ExitCode;
+use crate::readahead::ReadAhead;
 use crate::trace::job_failed;
 use crate::virtio::VirtioBlk;
 use crate::{clock, log, thread, virtio};
@@ -225,74 +226,6 @@ pub struct SplitTimes {
 
 static PHASE: AtomicU64 = AtomicU64::new(0);
 
-/// The split's read-ahead: a thread that prepares the next batch (reads
-/// it from the chain, a disk of its own) while the split commits the last
-/// one to the clone. One batch ahead at most: memory for two.
-#[derive(Default)]
-struct ReadAhead {
-    wanted: AtomicBool,
-    filled: AtomicBool,
-    stop: AtomicBool,
-    ready: spin::Mutex<Option<Result<Option<Batch>, Qcow2Error>>>,
-}
-
-impl ReadAhead {
-    fn key(&self) -> usize {
-        self as *const Self as usize
-    }
-
-    /// The reader thread: prepares a batch each time one is wanted.
-    fn serve(&self, split: &KernelSplit) {
-        loop {
-            thread::block_until(self.key(), || {
-                self.wanted.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire)
-            });
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            self.wanted.store(false, Ordering::Release);
-            let batch = split.prepare();
-            *self.ready.lock() = Some(batch);
-            self.filled.store(true, Ordering::Release);
-            thread::wake_all(self.key());
-        }
-    }
-
-    fn ask(&self) {
-        self.wanted.store(true, Ordering::Release);
-        thread::wake_all(self.key());
-    }
-
-    /// The next batch; asks for the one after it at once, so that it is
-    /// read while this one is written. `asked` says whether one is coming.
-    fn next(&self, asked: &mut bool) -> Result<Option<Batch>, Qcow2Error> {
-        if !*asked {
-            self.ask();
-        }
-        thread::block_until(self.key(), || self.filled.load(Ordering::Acquire));
-        let batch = self.ready.lock().take().unwrap_or(Ok(None));
-        self.filled.store(false, Ordering::Release);
-        *asked = matches!(batch, Ok(Some(_)));
-        if *asked {
-            self.ask();
-        }
-        batch
-    }
-
-    /// Stops the reader (after `reader` is joined, gives back a batch it
-    /// prepared that nobody took).
-    fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        thread::wake_all(self.key());
-    }
-
-    fn leftover(&self, split: &KernelSplit) {
-        if let Some(Ok(Some(batch))) = self.ready.lock().take() {
-            split.abandon(batch);
-        }
-    }
-}
-
 /// Runs the seeded workload on `split` until `stop`.
 fn workload_loop(split: &KernelSplit, seed: u64, pause_ns: u64, stop: &AtomicBool) -> LoadResult {
     let sectors = split.disk().geometry().virtual_size / 512;
@@ -385,13 +318,15 @@ pub fn run_split(
         }
         rest_ns += clock::now_ns() - t;
     };
-    let ahead: &'static ReadAhead = Box::leak(Box::default());
-    let reader = thread::spawn("clone-read", move || ahead.serve(split));
+    let ahead: &'static ReadAhead<Result<Option<Batch>, Qcow2Error>> = Box::leak(Box::default());
+    let reader = thread::spawn("clone-read", move || ahead.serve(|| split.prepare()));
     let mut asked = false;
     let result = split.run_from(
         &mut || {
             let t = clock::now_ns();
-            let batch = ahead.next(&mut asked);
+            let batch = ahead
+                .next(&mut asked, |b| matches!(b, Ok(Some(_))))
+                .unwrap_or(Ok(None));
             wait_read_ns += clock::now_ns() - t;
             batch
         },
@@ -409,7 +344,9 @@ pub fn run_split(
     };
     ahead.stop();
     reader.join();
-    ahead.leftover(split);
+    if let Some(Ok(Some(batch))) = ahead.leftover() {
+        split.abandon(batch);
+    }
     stop.store(true, Ordering::Relaxed);
     let load = load.map(|h| h.join());
     let progress = result.map_err(failed)?;

@@ -45,6 +45,7 @@ mod ktest;
 mod log;
 mod memsnap;
 mod mirror;
+mod readahead;
 mod scenario;
 #[allow(unsafe_code)]
 mod scoped;

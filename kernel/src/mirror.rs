@@ -47,6 +47,7 @@ use snapshot::mirror::{
 use snapshot::support::rng::Rng;
 
 use crate::arch::qemu::ExitCode;
+use crate::readahead::ReadAhead;
 use crate::trace::job_failed;
 use crate::trace::Progress;
 use crate::{clock, log, thread, virtio};
@@ -219,85 +220,84 @@ pub fn workload(
     Ok(lat)
 }
 
-/// Whether the copier reads its next batch while it writes the current
-/// one; off by default: under TCG on a loaded 2-core host it measured no
-/// faster (the overlapped reads slowed the secondary's writes as much as
-/// they saved; docs/results/mirror.md). `bench-mirror pipeline=on` turns
-/// it on, to measure again.
-pub static PIPELINED: AtomicBool = AtomicBool::new(false);
+/// Whether the copier reads its next batch from the primary while it
+/// writes the current one to the secondary (on by default; `pipeline=off`
+/// on the command line runs the halves in turn, to compare).
+pub static PIPELINED: AtomicBool = AtomicBool::new(true);
 
 /// Stack of the thread that reads the copier's next batch.
 const READ_STACK: u64 = 64 * 1024;
 
+/// What the copier's reader thread hands over: a batch read, none to be
+/// had now, or the read's error.
+type Ahead = ReadAhead<Result<Option<CopyBatch>, Error>>;
+
 /// Runs the copier, `batch` blocks a step, until the instant is wholly
 /// on the secondary or `stop`, reporting `stage=copy` progress (blocks of
 /// the instant on the secondary, whoever copied them); returns the blocks
-/// it copied. With [`PIPELINED`], each batch goes to the secondary while
-/// a second thread reads the next one from the primary.
+/// it copied. With [`PIPELINED`], a reader thread that lives as long as
+/// the copier reads each next batch from the primary while this thread
+/// writes the current one to the secondary.
 pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
+    if !PIPELINED.load(Ordering::Relaxed) {
+        return copy_loop(m, stop, &mut |_| m.copy_read(batch));
+    }
+    let ahead = Ahead::default();
+    let mut copied = Ok(0);
+    let ran = crate::scoped::both(
+        "mirror-copy-read",
+        READ_STACK,
+        &mut || ahead.serve(|| m.copy_read(batch)),
+        &mut || {
+            let mut asked = false;
+            copied = copy_loop(m, stop, &mut |_| {
+                ahead
+                    .next(&mut asked, |b| matches!(b, Ok(Some(_))))
+                    .unwrap_or(Ok(None))
+            });
+            ahead.stop();
+        },
+    );
+    if !ran {
+        return copy_loop(m, stop, &mut |_| m.copy_read(batch));
+    }
+    // A batch read ahead that the loop did not take is written, never
+    // dropped: its blocks are claimed.
+    let last = match ahead.leftover() {
+        Some(Ok(Some(b))) => m.copy_write(b),
+        Some(Err(e)) => Err(e),
+        _ => Ok(0),
+    };
+    Ok(copied? + last?)
+}
+
+/// The copier's loop: takes each next batch from `next` (read from the
+/// primary) and writes it to the secondary, until the instant is wholly
+/// on the secondary or `stop`; returns the blocks it wrote.
+fn copy_loop(
+    m: &Mirror,
+    stop: &AtomicBool,
+    next: &mut dyn FnMut(()) -> Result<Option<CopyBatch>, Error>,
+) -> Result<u64, Error> {
     let mut copied = 0;
     let mut progress = progress();
-    let mut ahead: Option<CopyBatch> = None;
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
-        let n = match ahead.take() {
-            Some(current) if !PIPELINED.load(Ordering::Relaxed) => m.copy_write(current)?,
-            Some(current) => {
-                let (next, wrote) = write_reading_next(m, current, batch);
-                ahead = next?;
-                wrote?
-            }
-            None => {
-                ahead = m.copy_read(batch)?;
-                0
-            }
+        let Some(current) = next(())? else {
+            // Nothing to claim: the rest is held by others, or a backup
+            // `via=memory` copies it. Sleep rather than spin, so that the
+            // CPU goes to them.
+            thread::sleep_ns(1_000_000);
+            continue;
         };
+        let n = m.copy_write(current)?;
         copied += n;
         let status = m.status();
         progress.report("copy", status.copied, status.pending);
         if n > 0 {
             hold(Point::Copy, status.copied, status.pending);
         }
-        if n == 0 && ahead.is_none() {
-            // Nothing to claim: the rest is held by others, or a backup
-            // `via=memory` copies it. Sleep rather than spin, so that the
-            // CPU goes to them.
-            thread::sleep_ns(1_000_000);
-        }
-    }
-    if let Some(last) = ahead {
-        copied += m.copy_write(last)?;
     }
     Ok(copied)
-}
-
-/// Writes `current` to the secondary while another thread reads the next
-/// batch from the primary. A batch read is never dropped unwritten (its
-/// blocks would stay claimed): if the write failed, the next batch is
-/// handed to the mirror (which gives its claims back) and not returned.
-fn write_reading_next(
-    m: &Mirror,
-    current: CopyBatch,
-    batch: u64,
-) -> (Result<Option<CopyBatch>, Error>, Result<u64, Error>) {
-    let (mut next, mut wrote) = (Ok(None), Ok(0));
-    let mut current = Some(current);
-    crate::scoped::both(
-        "mirror-copy-read",
-        READ_STACK,
-        &mut || next = m.copy_read(batch),
-        &mut || {
-            if let Some(c) = current.take() {
-                wrote = m.copy_write(c);
-            }
-        },
-    );
-    if wrote.is_err() {
-        if let Ok(Some(orphan)) = next {
-            let _ = m.copy_write(orphan);
-            next = Ok(None);
-        }
-    }
-    (next, wrote)
 }
 
 /// Backs the split instant up to `tape` within `budget`; returns the

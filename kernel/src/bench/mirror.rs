@@ -10,8 +10,9 @@
 //! The pair's size is the disks' (the host's `--volume`); the
 //! differential is a quarter of it.
 //! Kernel words: `batch=` blocks per copier step (default the mirror's);
-//! `pipeline=on` makes the copier read its next batch while it writes
-//! the current one (to compare; off by default).
+//! `pipeline=off` makes the copier read and write its batches in turn
+//! (to compare; by default a reader thread reads the next batch while the
+//! current one is written).
 //!
 //! This module only measures: it drives the mirror through its public
 //! operations and never changes how they work.
@@ -48,7 +49,7 @@ pub fn mirror(cmd: &CmdLine<'_>) -> ExitCode {
         .get("batch")
         .and_then(|v| v.parse().ok())
         .unwrap_or(BATCH);
-    crate::mirror::PIPELINED.store(cmd.get("pipeline") == Some("on"), Ordering::Relaxed);
+    crate::mirror::PIPELINED.store(cmd.get("pipeline") != Some("off"), Ordering::Relaxed);
     match run(batch) {
         Ok(fields) => {
             print_json(&fields);

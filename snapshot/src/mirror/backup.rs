@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 
 use super::budget::try_vec;
 use super::controller::{CopyError, Mirror};
+use super::copier::MAX_UNFLUSHED;
 use super::layout::Phase;
 use super::{Budget, Error, Refusal, MAX_BATCH};
 use crate::backup::volume::VolumeStream;
@@ -20,7 +21,8 @@ use crate::copyonce::{Cause, Claim, State, Token};
 use crate::devices::block::{BlockDevice, Op};
 
 /// `via=memory` flushes the secondary once this many bytes of copies
-/// (its own and the copier's) wait for a flush, not once a window; until
+/// (its own and the copier's) wait for a flush, or
+/// [`MAX_UNFLUSHED`] blocks, not once a window; until
 /// then a workload write to one of them flushes first (see
 /// [`Mirror::copied_unflushed`]).
 const UNFLUSHED_BYTES: u64 = 4 << 20;
@@ -293,7 +295,8 @@ impl<'m, 't> BackupJob<'m, 't> {
             m.copied_unflushed(&claimed);
         }
         self.settle(tokens, r)?;
-        if m.unflushed_blocks() * m.geo.block_bytes >= UNFLUSHED_BYTES {
+        let unflushed = m.unflushed_blocks();
+        if unflushed * m.geo.block_bytes >= UNFLUSHED_BYTES || unflushed >= MAX_UNFLUSHED {
             m.make_durable().map_err(|e| m.copy_failed(e))?;
         }
         Ok(())

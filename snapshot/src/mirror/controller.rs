@@ -122,13 +122,14 @@ pub(super) struct Inner {
     /// Copier batches between their claim and their settling (at most
     /// [`super::copier::MAX_BATCHES`]).
     pub(super) copiers: u32,
-    /// Split: sectors of the frozen area holding blocks the copier has
+    /// Sectors of area `d` holding blocks the copier or the pump has
     /// copied whose disk bits are not cleared yet, and how many blocks.
     pub(super) clears: Vec<u64>,
     pub(super) unclear: u64,
-    /// Split: blocks the copier has written to the secondary and counted
-    /// copied, whose copy no flush has made durable yet. Bounded: the
-    /// copier flushes once they reach [`super::copier::CLEAR_BYTES`].
+    /// Blocks the copier (split) or the pump (paired) has written to the
+    /// secondary, whose copy no flush has made durable yet; their disk
+    /// bits stay set meanwhile. Bounded: both flush once they reach
+    /// [`super::copier::CLEAR_BYTES`].
     pub(super) unflushed: BTreeSet<u64>,
     /// Buffers of settled copier batches, for the next ones (at most
     /// [`super::copier::MAX_BATCHES`]; dropped when the copier runs out).
@@ -265,8 +266,20 @@ impl Mirror {
     fn copy_before_write(&self, d: usize, b: u64) -> Result<(), Error> {
         {
             let g = self.inner.lock();
-            if g.sb.broken.is_some() || !g.areas[d].get(b) {
+            if g.sb.broken.is_some() {
                 return Ok(());
+            }
+            if !g.areas[d].get(b) {
+                // Pumped before the split but not flushed yet: its disk
+                // bit is still set, so its copy must be durable before
+                // the primary changes, as for a copier's block.
+                let pumped = g.unflushed.contains(&b);
+                drop(g);
+                return if pumped {
+                    self.durable_before_write()
+                } else {
+                    Ok(())
+                };
             }
         }
         let io = Blocks { mirror: self };
@@ -280,48 +293,9 @@ impl Mirror {
             // Copied by a copier batch not flushed yet: its copy must be
             // durable before the primary's block changes, or a crash
             // would resume the split from the newer primary.
-            _ if self.inner.lock().unflushed.contains(&b) => match self.make_durable() {
-                Err(CopyError::Secondary(e)) | Err(CopyError::Primary(e)) => {
-                    self.suspend(&e)?;
-                    Ok(())
-                }
-                Err(CopyError::NoMemory(n)) => Err(Error::NoMemory(n)),
-                Ok(()) => Ok(()),
-            },
+            _ if self.inner.lock().unflushed.contains(&b) => self.durable_before_write(),
             _ => Ok(()),
         }
-    }
-
-    /// Lists `blocks`, just written to the secondary without a flush, as
-    /// unflushed. Call before counting them copied: a writer that finds a
-    /// block copied then finds it listed too, and flushes first.
-    pub(super) fn copied_unflushed(&self, blocks: &[u64]) {
-        self.inner.lock().unflushed.extend(blocks.iter().copied());
-    }
-
-    /// Blocks listed by [`Self::copied_unflushed`] not flushed since.
-    pub(super) fn unflushed_blocks(&self) -> u64 {
-        self.inner.lock().unflushed.len() as u64
-    }
-
-    /// Flushes the secondary, making every copy written before it
-    /// durable, and forgets those blocks as unflushed.
-    pub(super) fn make_durable(&self) -> Result<(), CopyError> {
-        let taken: Vec<u64> = {
-            let g = self.inner.lock();
-            if g.unflushed.is_empty() {
-                return Ok(());
-            }
-            let mut taken = try_vec(g.unflushed.len())?;
-            taken.extend(g.unflushed.iter().copied());
-            taken
-        };
-        self.disks.secondary.flush().map_err(CopyError::Secondary)?;
-        let mut g = self.inner.lock();
-        for b in taken {
-            g.unflushed.remove(&b);
-        }
-        Ok(())
     }
 
     /// Waits at the gate, then counts a write in flight on `blocks`;
@@ -415,13 +389,15 @@ impl Mirror {
     }
 
     /// What sector `s` of area `k` must hold on disk: its bits, plus the
-    /// pump's blocks in flight (paired, `d`), less the blocks already
+    /// pump's blocks in flight or not yet flushed on the secondary
+    /// (paired, `d`), less the blocks already
     /// copied (split, `F`).
     fn sector_content(&self, g: &Inner, k: usize, s: u64) -> [u8; 512] {
         let paired = g.sb.phase == Phase::Paired;
         g.areas[k].sector_bytes(s, |i, mut w| {
             if k == g.sb.d && paired {
-                for &b in &g.pinned {
+                let word = i as u64 * 64..(i as u64 + 1) * 64;
+                for &b in g.pinned.iter().chain(g.unflushed.range(word)) {
                     if (b / 64) as usize == i {
                         w |= 1 << (b % 64);
                     }
@@ -574,10 +550,17 @@ impl Mirror {
             ops.push(Op::Flush);
         }
         let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
-        self.disks
-            .secondary
-            .transfer(&mut ops, depth)
-            .map_err(CopyError::Secondary)
+        let mut run = || {
+            self.disks
+                .secondary
+                .transfer(&mut ops, depth)
+                .map_err(CopyError::Secondary)
+        };
+        if flush {
+            self.flushing(run)
+        } else {
+            run()
+        }
     }
 }
 

@@ -49,6 +49,12 @@ pub const MAX_BATCHES: u32 = 2;
 /// Bytes copied between two lazy clears of the frozen area's disk bits.
 pub const CLEAR_BYTES: u64 = 64 << 20;
 
+/// Blocks copied between two lazy clears at most, whatever the block
+/// size: the unflushed list holds them, and at 512-byte blocks
+/// [`CLEAR_BYTES`] would be 131,072 entries, more than the run's slack
+/// allowance of memory; 4,096 take some 100 KiB.
+pub const MAX_UNFLUSHED: u64 = 4096;
+
 /// A copier batch read from the primary, to be written to the secondary
 /// by [`Mirror::copy_write`]. Holds its blocks' claims: it must be handed
 /// to `copy_write` (dropping it leaves the blocks claimed for ever).
@@ -94,6 +100,11 @@ impl Mirror {
             }
             let tokens = self.claim_next(&mut g, max);
             if tokens.is_empty() {
+                // The last clear waits for the last batch out: a reader
+                // ahead of it must not flush while it is being written.
+                if g.copiers > 0 {
+                    return Ok(None);
+                }
                 g.spare.clear();
             } else {
                 g.copiers += 1;
@@ -165,10 +176,10 @@ impl Mirror {
     /// Rewrites (without a flush) the frozen area's sectors holding bits
     /// of copied blocks, if [`CLEAR_BYTES`] were copied since the last
     /// time, or `now`.
-    fn clear_due(&self, now: bool) -> Result<(), Error> {
+    pub(super) fn clear_due(&self, now: bool) -> Result<(), Error> {
         let (k, sectors) = {
             let mut g = self.inner.lock();
-            let every = (CLEAR_BYTES / self.geo.block_bytes).max(1);
+            let every = (CLEAR_BYTES / self.geo.block_bytes).clamp(1, MAX_UNFLUSHED);
             if g.clears.is_empty() || (!now && g.unclear < every) {
                 return Ok(());
             }
@@ -202,7 +213,7 @@ impl Mirror {
 }
 
 /// Records the bitmap sectors of `blocks`, just copied, as due a clear.
-fn note_clears(g: &mut Inner, blocks: &[u64]) {
+pub(super) fn note_clears(g: &mut Inner, blocks: &[u64]) {
     g.unclear += blocks.len() as u64;
     for &b in blocks {
         let s = b / BLOCKS_PER_SECTOR;

@@ -53,6 +53,7 @@ pub mod bitmap;
 mod budget;
 mod controller;
 mod copier;
+mod durable;
 pub mod layout;
 mod open;
 mod work;

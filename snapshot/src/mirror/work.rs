@@ -6,8 +6,9 @@
 use alloc::vec::Vec;
 
 use super::bitmap::Area;
-use super::controller::{Inner, Mirror, SectorWrite};
-use super::layout::{Phase, BLOCKS_PER_SECTOR};
+use super::controller::{Inner, Mirror};
+use super::copier::note_clears;
+use super::layout::Phase;
 use super::{Error, Refusal};
 use crate::copyonce::{Cause, Token};
 
@@ -74,8 +75,12 @@ impl Mirror {
     }
 
     /// Paired: copies up to `max` marked blocks to the secondary and
-    /// clears their bits (on disk lazily). Returns how many it copied (0
-    /// when nothing is marked, or not paired, or suspended).
+    /// clears their bits (on disk lazily, once a flush of the secondary
+    /// has made their copies durable: every
+    /// [`CLEAR_BYTES`](super::copier::CLEAR_BYTES) copied, when
+    /// nothing is left marked, or at any other flush, as the copier's).
+    /// Returns how many it copied (0 when nothing is marked, or not
+    /// paired, or suspended).
     pub fn pump(&self, max: u64) -> Result<u64, Error> {
         let batch = {
             let mut g = self.inner.lock();
@@ -88,9 +93,17 @@ impl Mirror {
             batch
         };
         if batch.is_empty() {
+            self.clear_due(true)?;
             return Ok(0);
         }
-        let r = self.copy_blocks(&batch);
+        let r = self
+            .read_blocks(&batch, Vec::new())
+            .and_then(|buf| self.put_secondary(&batch, &buf, false));
+        if r.is_ok() {
+            // Listed before they leave `pinned`: their disk bits stay set
+            // until a flush makes the copies durable.
+            self.copied_unflushed(&batch);
+        }
         {
             let mut g = self.inner.lock();
             let d = g.sb.d;
@@ -98,6 +111,8 @@ impl Mirror {
                 for &b in &batch {
                     g.areas[d].set(b);
                 }
+            } else {
+                note_clears(&mut g, &batch);
             }
             g.pinned.clear();
             g.pump_busy = false;
@@ -106,26 +121,11 @@ impl Mirror {
             Ok(()) => {
                 self.pumped
                     .fetch_add(batch.len() as u64, core::sync::atomic::Ordering::Relaxed);
-                let d = self.inner.lock().sb.d;
-                self.clear_lazily(d, &batch)?;
+                self.clear_due(false)?;
                 Ok(batch.len() as u64)
             }
             Err(e) => Err(self.copy_failed(e)),
         }
-    }
-
-    /// Rewrites (without a flush) the bitmap sectors of area `k` holding
-    /// `blocks` whose disk bits are no longer needed.
-    pub(super) fn clear_lazily(&self, k: usize, blocks: &[u64]) -> Result<(), Error> {
-        let mut last = None;
-        for &b in blocks {
-            let s = b / BLOCKS_PER_SECTOR;
-            if last != Some(s) {
-                self.write_bitmap_sector(k, s, SectorWrite::Lazy)?;
-                last = Some(s);
-            }
-        }
-        Ok(())
     }
 
     /// Finishes the tokens under `cause` if their copy is durable, or

@@ -341,3 +341,27 @@ fn a_crash_between_the_copiers_halves_resumes_the_split() {
         assert_eq!(versions(&s.contents()), instant, "seed {seed}");
     }
 }
+
+#[test]
+fn at_small_blocks_the_unflushed_list_stays_bounded() {
+    // 512-byte blocks: 64 MiB of copies would be 131,072 list entries.
+    let blocks = copier::MAX_UNFLUSHED + 500;
+    let (p, s, c) = pair(blocks);
+    let opts = Options {
+        block_bytes: 512,
+        assume_clean: false,
+    };
+    let (m, opened) = Mirror::open(disks(&p, &s, &c), opts, relax).unwrap();
+    assert_eq!(opened, Opened::Created { lagging: blocks });
+    let (mut pumped, mut most) = (0, 0);
+    while let Ok(k @ 1..) = m.pump(64) {
+        pumped += k;
+        most = most.max(m.unflushed_blocks());
+    }
+    assert_eq!(pumped, blocks);
+    assert!(
+        most <= copier::MAX_UNFLUSHED,
+        "{most} blocks waited for a flush"
+    );
+    assert_eq!(m.unflushed_blocks(), 0, "the pump ends flushed");
+}
