@@ -181,7 +181,7 @@ fn snapshot_and_end(
         Store::Disk { staging } => (Some(disks.store.clone()), staging.map(|n| n as usize)),
     };
     let opts = Options {
-        copier_share_pct: config.copier_share_pct,
+        copier_share_pct: Some(config.copier_share_pct),
         map_outside: config.map_outside,
         verify: true,
         disk,

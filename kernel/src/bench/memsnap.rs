@@ -30,12 +30,43 @@ use crate::{log, thread};
 /// Workload threads in the benchmarks.
 const THREADS: usize = 3;
 
-/// The workload's rate over half a second, after a tenth to settle.
+/// Measurement windows per rate, and their length.
+const RATE_WINDOWS: usize = 5;
+const RATE_WINDOW_NS: u64 = 100 * MS;
+
+/// The workload's rate: the median of [`RATE_WINDOWS`] windows, after
+/// [`settle`]. The median keeps one window the host stole from (the
+/// emulator's threads share its cores) from moving the figure.
 fn steady_rate(workload: &Workload) -> u64 {
-    thread::sleep_ns(100 * MS);
-    let (ops, t) = (workload.ops(), now_ns());
-    thread::sleep_ns(500 * MS);
-    per_second(workload.ops() - ops, now_ns() - t)
+    settle();
+    let mut rates = [0; RATE_WINDOWS];
+    for rate in &mut rates {
+        let (ops, t) = (workload.ops(), now_ns());
+        thread::sleep_ns(RATE_WINDOW_NS);
+        *rate = per_second(workload.ops() - ops, now_ns() - t);
+    }
+    crate::trace!(
+        "bench.rate",
+        min = rates.iter().min().copied().unwrap_or(0),
+        max = rates.iter().max().copied().unwrap_or(0)
+    );
+    rates.sort_unstable();
+    rates[RATE_WINDOWS / 2]
+}
+
+/// Lets the workload settle where it now runs, flushing every CPU's TLB
+/// every 10 ms meanwhile. The emulator resizes a CPU's TLB only when it is
+/// flushed, to fit what was used since the last flush: without flushes a
+/// CPU keeps the size its last quiet or busy phase left, and a rate
+/// measured then depends on that history. Flushing only here, never while
+/// measuring, sizes the TLB to the workload the same way before every
+/// rate.
+fn settle() {
+    for _ in 0..20 {
+        crate::arch::ipi::flush_local();
+        crate::arch::ipi::Shootdown::new().flush_everywhere();
+        thread::sleep_ns(10 * MS);
+    }
 }
 
 /// Runs `f` with the CPU the copier reserves (if it does) reserved by an
@@ -113,10 +144,8 @@ fn verifies(cmd: &CmdLine<'_>) -> bool {
 }
 
 fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
-    let share = cmd
-        .u64("copier_share")
-        .map_err(|e| alloc::format!("{e}"))?
-        .unwrap_or(30);
+    // `None`: the snapshot's default (all of a CPU the copier owns).
+    let share = cmd.u64("copier_share").map_err(|e| alloc::format!("{e}"))?;
     let ram = || crate::boot_info::usable_ram();
     let mem_bytes: u64 = ram().map(|r| r.end - r.start).sum();
     let ram_pages: u64 = ram()
@@ -125,9 +154,10 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let (free, _) = crate::memory::frames::stats();
     let per_thread = (free * 4096 / 32).clamp(1 << 20, 96 << 20);
     log!(
-        "bench-memsnap: {} MiB RAM, workload {THREADS} x {} MiB, copier share {share}%",
+        "bench-memsnap: {} MiB RAM, workload {THREADS} x {} MiB, copier share {}",
         mem_bytes >> 20,
-        per_thread >> 20
+        per_thread >> 20,
+        share.map_or(String::from("default"), |s| alloc::format!("{s}%"))
     );
     // Warm-up (code paths translated once by the emulator); not measured.
     let warm = Options {
@@ -140,14 +170,8 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let workload = Workload::start(THREADS, per_thread, 42).ok_or("no memory for the workload")?;
     thread::sleep_ns(100 * MS);
     let (stop_pages, stop_copy_ns) = stop_and_copy_twice()?;
-    let small = Options {
-        range_limit: Some(128 << 20),
-        copier_share_pct: share,
-        ..Options::default()
-    };
-    let small = complete_snapshot("small-range", &small)?;
-    // Measured here, in the state the live snapshot will meet: the emulator
-    // has settled after the baselines (its TLB is sized at full flushes).
+    // Each rate first settles the emulator's TLB to the workload (see
+    // `settle`), the state the live snapshot then meets.
     let ops_all_cpus = steady_rate(&workload);
     let ops_before = off_the_copier_cpu(|| steady_rate(&workload));
     // The same workload on the boot CPU alone (the others held idle): how
@@ -156,6 +180,15 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         let _held = thread::hold_others();
         steady_rate(&workload)
     };
+    // The 128 MiB range's pause right before the timed one, so both meet
+    // the emulator's TLB sized by the same settled workload: its flush, the
+    // bulk of the pause's protection step, costs more the larger the TLB.
+    let small = Options {
+        range_limit: Some(128 << 20),
+        copier_share_pct: share,
+        ..Options::default()
+    };
+    let small = complete_snapshot("small-range", &small)?;
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
     let ops_after = off_the_copier_cpu(|| steady_rate(&workload));
     // The verified snapshot, same workload, same boot: its result is
@@ -182,7 +215,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     Ok(Figures {
         mem_bytes,
         ram_pages,
-        share,
+        share: timed.copier_share_pct,
         warm_copy,
         cold_copy,
         stop_pages,
@@ -218,16 +251,20 @@ fn stop_and_copy_twice() -> Result<(u64, u64), String> {
 /// without verification, whose stop-the-world hashing of every page would
 /// warm the emulator's TLB just before the pause's flush and so inflate
 /// the pause it is meant to check.
-fn timed_snapshot(share: u64, workload: &Workload) -> Result<(Report, Vec<u64>, u64), String> {
+fn timed_snapshot(
+    share: Option<u64>,
+    workload: &Workload,
+) -> Result<(Report, Vec<u64>, u64), String> {
     let opts = Options {
         latencies: true,
         copier_share_pct: share,
         ..Options::default()
     };
     let started = memsnap::start(&opts).map_err(|e| alloc::format!("live snapshot: {e}"))?;
-    let ops_start = workload.ops();
+    // Ops and time over the same span: from the copier's start to the end.
+    let (ops_start, t) = (workload.ops(), now_ns());
     let report = memsnap::wait().unwrap_or(started);
-    let ops_during = per_second(workload.ops() - ops_start, report.total_ns);
+    let ops_during = per_second(workload.ops() - ops_start, now_ns() - t);
     let latencies = memsnap::latencies();
     memsnap::emit_timeline();
     let _ = memsnap::release();
@@ -283,6 +320,11 @@ impl Figures {
             self.warm_copy.p99,
             self.cold_copy.p50,
             self.cold_copy.p99
+        );
+        log!(
+            "background page: {} ns busy, of which {} ns in the copy itself",
+            r.copier_busy_ns / r.stats.background.max(1),
+            r.copier_copy_ns / r.stats.background.max(1)
         );
         log!(
             "workload on {} of {} CPUs: {} ops/s before ({} on all, {} on one), {} during, {} after",
@@ -344,6 +386,16 @@ impl Figures {
             ("page_copy_ns_p99", self.warm_copy.p99),
             ("page_copy_cold_ns_p99", self.cold_copy.p99),
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
+            ("copier_busy_ns", r.copier_busy_ns),
+            ("copier_copy_ns", r.copier_copy_ns),
+            (
+                "background_ns_per_page",
+                r.copier_busy_ns / s.background.max(1),
+            ),
+            (
+                "background_copy_ns_per_page",
+                r.copier_copy_ns / s.background.max(1),
+            ),
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
             ("workload_ops_per_s_all_cpus", self.ops_all_cpus),

@@ -122,7 +122,7 @@ impl DiskFigures {
 
 pub(super) fn snapshot_to_disk(
     name: &str,
-    share: u64,
+    share: Option<u64>,
     workload: &Workload,
     verify: bool,
     mem_bytes: u64,

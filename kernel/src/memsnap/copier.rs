@@ -13,7 +13,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use snapshot::copyonce::Pacer;
+use snapshot::copyonce::{effective_share, Pacer};
 use snapshot::memsnap::{transition, Request};
 
 use super::report::DiskReport;
@@ -33,7 +33,8 @@ const COPIER_BURST_NS: u64 = 2_000_000;
 pub enum CopierCpu {
     /// On the highest CPU, reserved: no other thread runs there until the
     /// copier ends, so the copy never waits behind the workload and the
-    /// workload keeps the other CPUs (the default).
+    /// workload keeps the other CPUs (the default). The copier then takes
+    /// all of that CPU unless a share was asked for.
     Own,
     /// Pinned to the highest CPU, not reserved: other threads use it while
     /// the copier sleeps between bursts (`copier_cpu=shared` on the
@@ -77,13 +78,22 @@ impl CopierCpu {
     }
 }
 
-/// The copier thread, at `share_pct` percent of the CPU, placed as `cpu`
-/// says. A reservation ends with the thread.
-pub(super) fn copier(share_pct: u64, cpu: CopierCpu, disk: Option<Arc<Shared>>) {
+/// The copier thread, at `share_pct` percent of the CPU (see
+/// [`effective_share`]), placed as `cpu` says. A reservation ends with the
+/// thread.
+pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Shared>>) {
     // Not while the session holds the other CPUs idle: then the copier
     // runs on the boot CPU with everyone else (see `memsnap_cpus=boot`).
     let own_cpu = crate::thread::take_own_cpu(cpu == CopierCpu::Own);
-    crate::trace!("memsnap.copier_cpu", cpu = own_cpu.map_or(0, |c| c as u64));
+    let share_pct = effective_share(share_pct, own_cpu.is_some() && cpu == CopierCpu::Own);
+    if let Some(r) = REPORT.lock().as_mut() {
+        r.copier_share_pct = share_pct;
+    }
+    crate::trace!(
+        "memsnap.copier_cpu",
+        cpu = own_cpu.map_or(0, |c| c as u64),
+        share = share_pct
+    );
     PLACED.store(true, Ordering::Release);
     let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
     let mut busy_ns = 0;
@@ -122,7 +132,14 @@ fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64) -> bool {
         let copied = SESSION
             .with(|s| match s.store.background_room().min(COPIER_BATCH) {
                 0 if !s.store.failed() => None,
-                room => Some(s.snap.copy_background(s, room.max(1))),
+                room => {
+                    // Interrupts are off: this CPU stays the batch's.
+                    let cpu = crate::arch::percpu::index() as u64 + 1;
+                    LIVE.batch_cpu.store(cpu, Ordering::Relaxed);
+                    let copied = s.snap.copy_background(s, room.max(1));
+                    LIVE.batch_cpu.store(0, Ordering::Relaxed);
+                    Some(copied)
+                }
             })
             .unwrap_or(Some(0));
         *busy_ns += now_ns() - t;
@@ -212,6 +229,8 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
         r.stats = LIVE.stats();
         r.total_ns = end - r.instant_ns;
         r.copier_busy_ns = copier_busy_ns;
+        r.copier_copy_ns =
+            crate::clock::cycles_to_ns(LIVE.copier_copy_cycles.load(Ordering::Relaxed));
         r.mismatched = mismatched;
         r.not_copied_once = copies.map(|c| c.not_once());
         r.copies = copies;

@@ -58,8 +58,11 @@ use crate::thread::{self, JoinHandle};
 /// How to take a snapshot.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Percent of the CPU the background copier may use (1..=100).
-    pub copier_share_pct: u64,
+    /// Percent of the CPU the background copier may use (1..=100). `None`:
+    /// all of it when the copier has a CPU of its own (a share below 100
+    /// would only leave that CPU idle, since nothing else may run there),
+    /// else [`snapshot::copyonce::SHARED_CPU_SHARE_PCT`].
+    pub copier_share_pct: Option<u64>,
     /// Whether the copier reserves a CPU of its own (with more than one).
     pub copier_cpu: CopierCpu,
     /// Keep the copy map outside the snapshotted memory (default: inside,
@@ -88,7 +91,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            copier_share_pct: 30,
+            copier_share_pct: None,
             copier_cpu: CopierCpu::boot_default(),
             map_outside: false,
             verify: false,
@@ -240,13 +243,14 @@ pub fn start(opts: &Options) -> Result<Report, StartError> {
         reference_ns = times.reference_ns,
         instant_ns = report.instant_ns
     );
-    let (share, cpu) = (opts.copier_share_pct.clamp(1, 100), opts.copier_cpu);
+    let (share, cpu) = (opts.copier_share_pct, opts.copier_cpu);
     copier::unplace();
     *COPIER.lock() = Some(thread::spawn("memsnap-copier", move || {
         copier::copier(share, cpu, disk);
     }));
     copier::wait_placed();
-    Ok(report)
+    // With the share the copier took.
+    Ok(REPORT.lock().clone().unwrap_or(report))
 }
 
 /// The current phase.

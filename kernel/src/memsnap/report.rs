@@ -35,6 +35,11 @@ pub struct Report {
     pub total_ns: u64,
     /// Time the copier spent copying.
     pub copier_busy_ns: u64,
+    /// Of that, the time in the store's page copies (the rest is its
+    /// per-page and per-batch overhead).
+    pub copier_copy_ns: u64,
+    /// The share of its CPU the copier took, percent.
+    pub copier_share_pct: u64,
     /// Range pages whose copy differs from the reference (verify only).
     pub mismatched: Option<u64>,
     /// Range pages not copied exactly once (verify only).

@@ -52,6 +52,14 @@ pub(super) struct Live {
     pub waiting: AtomicU64,
     /// See `waiting`.
     pub wait_start: [AtomicU64; 64],
+    /// The CPU (index + 1) running a background batch, 0 between batches:
+    /// copies made there are the copier's (interrupts are off for the
+    /// batch, so nothing else copies on that CPU meanwhile).
+    pub batch_cpu: AtomicU64,
+    /// TSC cycles the copier spent in the store's copy of a page: the
+    /// rest of its busy time is per-page overhead (claim, frame lookup,
+    /// unprotect, counting) and per-batch overhead.
+    pub copier_copy_cycles: AtomicU64,
 }
 
 /// See [`Live`].
@@ -65,6 +73,8 @@ pub(super) static LIVE: Live = Live {
     copier_waits: AtomicU64::new(0),
     waiting: AtomicU64::new(0),
     wait_start: [const { AtomicU64::new(0) }; 64],
+    batch_cpu: AtomicU64::new(0),
+    copier_copy_cycles: AtomicU64::new(0),
 };
 
 impl Live {
@@ -82,6 +92,8 @@ impl Live {
             &self.fault_waits,
             &self.copier_waits,
             &self.waiting,
+            &self.batch_cpu,
+            &self.copier_copy_cycles,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -131,7 +143,12 @@ impl PageIo for Session {
     fn copy_out(&self, frame: u64, slot: u64) {
         debug_assert!(!x86_64::instructions::interrupts::are_enabled());
         slow_copy(frame);
+        let t = crate::arch::cpu::rdtsc();
         self.store.save(frame, slot);
+        if LIVE.batch_cpu.load(Ordering::Relaxed) == crate::arch::percpu::index() as u64 + 1 {
+            let cycles = crate::arch::cpu::rdtsc() - t;
+            LIVE.copier_copy_cycles.fetch_add(cycles, Ordering::Relaxed);
+        }
         if let Some(v) = &self.verify {
             v.note_copy(slot);
         }

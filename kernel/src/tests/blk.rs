@@ -509,7 +509,7 @@ fn snapshot_during_reads(d: &Arc<VirtioBlk>) -> memsnap::Report {
     let before = reads.load(Ordering::Relaxed);
     memsnap::start(&Options {
         verify: true,
-        copier_share_pct: 30,
+        copier_share_pct: Some(30),
         ..Options::default()
     })
     .expect("start");

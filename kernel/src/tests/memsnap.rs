@@ -10,7 +10,7 @@ const MS: u64 = 1_000_000;
 pub(super) fn verified() -> Options {
     Options {
         verify: true,
-        copier_share_pct: 50,
+        copier_share_pct: Some(50),
         ..Options::default()
     }
 }
@@ -75,7 +75,7 @@ pub fn abort_midway_and_start_again() {
     let workload = Workload::start(2, 2 << 20, 7).expect("workload memory");
     let (free_before, _) = frames::stats();
     let slow = Options {
-        copier_share_pct: 2,
+        copier_share_pct: Some(2),
         ..verified()
     };
     memsnap::start(&slow).expect("first start");
@@ -119,7 +119,7 @@ pub fn restore_rolls_back_only_dirtied_pages() {
         *w = pattern(i);
     }
     let slow = Options {
-        copier_share_pct: 5,
+        copier_share_pct: Some(5),
         ..verified()
     };
     memsnap::start(&slow).expect("start");
@@ -212,7 +212,7 @@ pub fn dma_targets_are_copied_at_the_instant() {
     let range = registered.phys()..registered.phys() + 4096;
     memsnap::register_dma(range.clone());
     let slow = Options {
-        copier_share_pct: 5,
+        copier_share_pct: Some(5),
         ..verified()
     };
     let started = memsnap::start(&slow).expect("start");

@@ -56,7 +56,7 @@ pub fn snapshot_to_disk_matches_reference() {
         crate::thread::sleep_ns(10 * MS);
         let opts = Options {
             staging_pages: staging,
-            copier_share_pct: if staging.is_some() { 100 } else { 50 },
+            copier_share_pct: Some(if staging.is_some() { 100 } else { 50 }),
             ..to_disk("snap")
         };
         memsnap::start(&opts).unwrap_or_else(|e| panic!("{e}"));

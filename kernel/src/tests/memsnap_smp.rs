@@ -229,7 +229,7 @@ pub fn abort_under_writers_on_every_cpu_leaves_every_page_writable() {
         })
         .collect();
     memsnap::start(&memsnap::Options {
-        copier_share_pct: 1,
+        copier_share_pct: Some(1),
         copier_cpu: memsnap::CopierCpu::Shared,
         ..memsnap::Options::default()
     })

@@ -139,7 +139,7 @@ pub fn snapshot_with_writers_on_every_cpu() {
         thread::sleep_ns(5_000_000);
         let opts = memsnap::Options {
             verify: true,
-            copier_share_pct: 50,
+            copier_share_pct: Some(50),
             ..memsnap::Options::default()
         };
         memsnap::start(&opts).expect("start");
@@ -161,7 +161,7 @@ pub fn snapshot_with_writers_on_every_cpu() {
     }
     let workload = Workload::start(threads, 4 << 20, 13).expect("workload memory");
     memsnap::start(&memsnap::Options {
-        copier_share_pct: 1,
+        copier_share_pct: Some(1),
         ..memsnap::Options::default()
     })
     .expect("start");
@@ -226,7 +226,7 @@ pub fn permission_removal_reaches_every_cpu() {
 /// note the hardware's APIC id wherever they run during the snapshot, and
 /// none is the copier CPU's; the pinned one runs on the others meanwhile
 /// (a reservation starves nobody), and is back on its CPU once the copier
-/// has ended.
+/// has ended. The copier took all of its CPU (the default share there).
 pub fn copier_cpu_runs_nothing_else_while_it_copies() {
     use crate::memsnap;
     use snapshot::memsnap::Phase;
@@ -284,6 +284,13 @@ pub fn copier_cpu_runs_nothing_else_while_it_copies() {
         assert_eq!(
             pinned_end, copier_apic,
             "back on CPU {last} after the copier"
+        );
+        // A CPU nothing else may use is the copier's to use in full.
+        assert_eq!(report.copier_share_pct, 100);
+    } else {
+        assert_eq!(
+            report.copier_share_pct,
+            snapshot::copyonce::SHARED_CPU_SHARE_PCT
         );
     }
 }

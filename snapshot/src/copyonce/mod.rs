@@ -69,7 +69,7 @@ mod tests;
 
 pub use counters::{Cause, Counters, Stats};
 pub use map::{words_for, AtomicWord, State, UNITS_PER_WORD};
-pub use pace::Pacer;
+pub use pace::{effective_share, Pacer, SHARED_CPU_SHARE_PCT};
 
 use core::marker::PhantomData;
 use core::ops::Deref;

@@ -16,6 +16,23 @@
 //! floor; each burst without such a report doubles it back up to the share
 //! asked for.
 
+/// A background copier's default share when it shares its CPU: the
+/// foreground keeps the rest.
+pub const SHARED_CPU_SHARE_PCT: u64 = 30;
+
+/// The share a copier takes, in percent: the one asked for (clamped to
+/// 1..=100), else all of a CPU it owns (nothing else may run there, so a
+/// lower share would only leave it idle), else [`SHARED_CPU_SHARE_PCT`].
+pub const fn effective_share(asked_pct: Option<u64>, owns_cpu: bool) -> u64 {
+    match asked_pct {
+        Some(0) => 1,
+        Some(share) if share > 100 => 100,
+        Some(share) => share,
+        None if owns_cpu => 100,
+        None => SHARED_CPU_SHARE_PCT,
+    }
+}
+
 /// Paces a background copier to a share of the CPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pacer {
@@ -130,6 +147,17 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_copier_on_its_own_cpu_takes_all_of_it_unless_asked() {
+        assert_eq!(effective_share(None, true), 100);
+        assert_eq!(effective_share(None, false), SHARED_CPU_SHARE_PCT);
+        assert_eq!(effective_share(Some(30), true), 30);
+        assert_eq!(effective_share(Some(0), false), 1);
+        assert_eq!(effective_share(Some(250), false), 100);
+        // Full share: no rest between bursts.
+        assert_eq!(Pacer::new(effective_share(None, true), MS).end_burst(), 0);
+    }
 
     #[test]
     fn a_quiet_workload_gets_the_fixed_duty_cycle() {

@@ -172,7 +172,7 @@ pub const ALL: &[Description] = &[
         name: "bench-memsnap",
         argument: None,
         options: &[opt("--to-disk", "", false)],
-        params: &["copier_share=30", "verify=on", "to_disk=NAME"],
+        params: &["copier_share=PCT", "verify=on", "to_disk=NAME"],
         help: "live memory snapshot benchmark (use --mem, --json, --to-disk)",
         mem_mib: MEM,
         benchmark: true,
