@@ -119,19 +119,15 @@ pub fn finish_backup(job: &BackupJob, records: &[Record<'_>], passed: bool) -> R
             .write(true)
             .open(&job.staged.partial)
             .and_then(|f| f.set_len(n))
-            .map_err(|e| format!("{}: {e}", job.tape.display()))
-            .and_then(|()| job.staged.commit())
-            .map(|()| n),
+            .map(|()| n)
+            .map_err(|e| format!("{}: {e}", job.tape.display())),
         (true, Some(n)) => Err(format!(
             "the kernel wrote a {n}-byte stream, the host expected {}",
             job.medium_bytes
         )),
         _ => Err("the backup did not complete".into()),
     };
-    if result.is_err() {
-        job.staged.discard();
-    }
-    result
+    job.staged.finish(result)
 }
 
 /// A restore about to run.
@@ -197,16 +193,14 @@ pub fn finish_restore(
     passed: bool,
 ) -> Result<(), String> {
     let done = records.iter().rfind(|r| r.event == "restore.done");
-    match (passed, done.and_then(|r| r.u64("out_bytes"))) {
-        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => job.staged.commit(),
-        _ => {
-            job.staged.discard();
-            Err(format!(
-                "the restore did not complete; {} is as it was",
-                job.out.display()
-            ))
-        }
-    }
+    let result = match (passed, done.and_then(|r| r.u64("out_bytes"))) {
+        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => Ok(()),
+        _ => Err(format!(
+            "the restore did not complete; {} is as it was",
+            job.out.display()
+        )),
+    };
+    job.staged.finish(result)
 }
 
 /// A progress line for a `backup.progress` record, if it is one.

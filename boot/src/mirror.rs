@@ -137,7 +137,7 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
 pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
     let done = records.iter().rfind(|r| r.event == "mirror.done");
     let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
-        (true, Some(n)) if n == job.medium_bytes => job.staged.commit().map(|()| n),
+        (true, Some(n)) if n == job.medium_bytes => Ok(n),
         (true, Some(n)) => Err(format!(
             "the kernel wrote a {n}-byte stream, the host expected {}",
             job.medium_bytes
@@ -148,10 +148,7 @@ pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u
             job.control.display()
         )),
     };
-    if result.is_err() {
-        job.staged.discard();
-    }
-    result
+    job.staged.finish(result)
 }
 
 /// `bench-mirror`'s pair by default, scaled to run in minutes under TCG

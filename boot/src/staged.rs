@@ -48,15 +48,25 @@ impl Staged {
         })
     }
 
+    /// Ends a run: on success puts the staging file at the target; on
+    /// failure (or if that fails) removes the staging file.
+    pub fn finish<T>(&self, result: Result<T, String>) -> Result<T, String> {
+        let result = result.and_then(|v| self.commit().map(|()| v));
+        if result.is_err() {
+            self.discard();
+        }
+        result
+    }
+
     /// Puts the finished staging file at the target, replacing what was
     /// there.
-    pub fn commit(&self) -> Result<(), String> {
+    fn commit(&self) -> Result<(), String> {
         std::fs::rename(&self.partial, &self.target)
             .map_err(|e| format!("{}: {e}", self.target.display()))
     }
 
     /// Removes the staging file; the target keeps what it held before.
-    pub fn discard(&self) {
+    fn discard(&self) {
         let _ = std::fs::remove_file(&self.partial);
     }
 }
@@ -79,7 +89,7 @@ mod tests {
         std::fs::write(&target, b"old").unwrap();
         let s = Staged::new(&target).unwrap();
         std::fs::write(&s.partial, b"half").unwrap();
-        s.discard();
+        assert!(s.finish::<()>(Err("failed".into())).is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
         assert!(!s.partial.exists());
         let _ = std::fs::remove_dir_all(&d);
@@ -93,7 +103,7 @@ mod tests {
         let s = Staged::new(&target).unwrap();
         assert_eq!(s.partial, d.join(".tape.partial"));
         std::fs::write(&s.partial, b"new").unwrap();
-        s.commit().unwrap();
+        assert_eq!(s.finish(Ok(7)), Ok(7));
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
         assert!(!s.partial.exists());
         let _ = std::fs::remove_dir_all(&d);

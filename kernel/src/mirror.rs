@@ -240,7 +240,7 @@ type Ahead = ReadAhead<Result<Option<CopyBatch>, Error>>;
 /// writes the current one to the secondary.
 pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
     if !PIPELINED.load(Ordering::Relaxed) {
-        return copy_loop(m, stop, &mut |_| m.copy_read(batch));
+        return copy_loop(m, stop, &mut || m.copy_read(batch));
     }
     let ahead = Ahead::default();
     let mut copied = Ok(0);
@@ -250,7 +250,7 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         &mut || ahead.serve(|| m.copy_read(batch)),
         &mut || {
             let mut asked = false;
-            copied = copy_loop(m, stop, &mut |_| {
+            copied = copy_loop(m, stop, &mut || {
                 ahead
                     .next(&mut asked, |b| matches!(b, Ok(Some(_))))
                     .unwrap_or(Ok(None))
@@ -259,7 +259,7 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         },
     );
     if !ran {
-        return copy_loop(m, stop, &mut |_| m.copy_read(batch));
+        return copy_loop(m, stop, &mut || m.copy_read(batch));
     }
     // A batch read ahead that the loop did not take is written, never
     // dropped: its blocks are claimed.
@@ -277,12 +277,12 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
 fn copy_loop(
     m: &Mirror,
     stop: &AtomicBool,
-    next: &mut dyn FnMut(()) -> Result<Option<CopyBatch>, Error>,
+    next: &mut dyn FnMut() -> Result<Option<CopyBatch>, Error>,
 ) -> Result<u64, Error> {
     let mut copied = 0;
     let mut progress = progress();
     while !m.copy_complete() && !stop.load(Ordering::Relaxed) {
-        let Some(current) = next(())? else {
+        let Some(current) = next()? else {
             // Nothing to claim: the rest is held by others, or a backup
             // `via=memory` copies it. Sleep rather than spin, so that the
             // CPU goes to them.

@@ -143,9 +143,13 @@ impl PageIo for Session {
     fn copy_out(&self, frame: u64, slot: u64) {
         debug_assert!(!x86_64::instructions::interrupts::are_enabled());
         slow_copy(frame);
-        let t = crate::arch::cpu::rdtsc();
+        // Only the copier's own copies are timed; a write fault's copy
+        // pays for no clock read.
+        let copier =
+            LIVE.batch_cpu.load(Ordering::Relaxed) == crate::arch::percpu::index() as u64 + 1;
+        let t = copier.then(crate::arch::cpu::rdtsc);
         self.store.save(frame, slot);
-        if LIVE.batch_cpu.load(Ordering::Relaxed) == crate::arch::percpu::index() as u64 + 1 {
+        if let Some(t) = t {
             let cycles = crate::arch::cpu::rdtsc() - t;
             LIVE.copier_copy_cycles.fetch_add(cycles, Ordering::Relaxed);
         }

@@ -101,10 +101,7 @@ pub fn sleep_block_wake_and_join() {
     };
     // Until the waiter has gone to sleep: on a busy host its CPU may not
     // have run it yet, however long we wait here in the guest's time.
-    let t0 = now_ns();
-    while thread::blocked_on(key) == 0 && now_ns() - t0 < GIVE_UP {
-        thread::sleep_ns(MS);
-    }
+    super::eventually("waiter did not block", || thread::blocked_on(key) > 0);
     assert!(!waiter.is_finished(), "waiter did not block");
     let set_at = now_ns();
     flag.store(true, Ordering::Release);

@@ -400,17 +400,17 @@ impl<T: Transport, H: Hal> BlkDriver<T, H> {
 
     /// Gives up on a device that broke the protocol: reset stops its DMA
     /// (on every queue). The first queue to give up resets; the others'
-    /// batches see the shared state and fail too.
+    /// batches see the shared state and fail too. The state is published
+    /// only once the reset is done: a batch that sees it gives its buffers
+    /// back at once, which is safe only when the device can no longer
+    /// write them.
     fn break_down(&mut self, why: &'static str) -> BlockError {
-        let mut first = false;
+        let transport = &self.transport;
         let why = *self.broken.call_once(|| {
-            first = true;
+            let _ = device::reset(transport);
+            device::fail(transport);
             why
         });
-        if first {
-            let _ = device::reset(&self.transport);
-            device::fail(&self.transport);
-        }
         self.error(None, ErrorKind::Broken(why))
     }
 
