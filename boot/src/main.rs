@@ -127,13 +127,20 @@ fn show_line(line: &str, quiet: bool) {
         let progress =
             host_backup::progress_line(&record).or_else(|| boot::mirror::progress_line(&record));
         if let Some(progress) = progress {
-            // One line per stage, rewritten in place.
-            let end = if record.u64("done") == record.u64("total") {
-                "\n"
-            } else {
-                ""
-            };
-            eprint!("\r{progress}{end}");
+            // One line per stage, rewritten in place on a terminal; into a
+            // file or pipe only each stage's last line (rewriting there
+            // runs the stages' updates together).
+            let last = record.u64("done") == record.u64("total");
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprint!("\r{progress}{}", if last { "\n" } else { "" });
+            } else if last {
+                static SHOWN: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+                let mut shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+                if *shown != progress {
+                    eprintln!("{progress}");
+                    *shown = progress;
+                }
+            }
         }
     }
 }
