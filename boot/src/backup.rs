@@ -11,7 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use snapshot::backup::{guest_heap_bytes, restore_memory, Error, Format, Front, Plan, Stage};
+use snapshot::backup::{
+    guest_heap_bytes, restore_memory, Error, Format, Front, Plan, Stage, KERNEL_HEAP_USE,
+};
 use snapshot::devices::block::SECTOR_SIZE;
 use snapshot::interface::trace::Record;
 
@@ -48,9 +50,6 @@ pub struct BackupJob {
 pub fn job_memory(mem: u64) -> u64 {
     guest_heap_bytes(mem).saturating_sub(KERNEL_HEAP_USE)
 }
-
-/// Heap the kernel uses before a backup or restore starts, at most.
-const KERNEL_HEAP_USE: u64 = 2 << 20;
 
 /// Refuses a job needing more than a guest of `mem` bytes can give it.
 fn enough_memory(job: &'static str, need: u64, mem: u64) -> Result<(), String> {

@@ -284,9 +284,7 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mirror-plan-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch_dir(&format!("mirror-plan-{name}"));
         for f in ["p.img", "s.img"] {
             std::fs::write(dir.join(f), vec![0u8; 1 << 20]).unwrap();
         }

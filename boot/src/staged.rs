@@ -75,16 +75,9 @@ impl Staged {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("staged-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     #[test]
     fn a_discarded_output_leaves_the_old_file_alone() {
-        let d = dir("discard");
+        let d = crate::scratch_dir("staged-discard");
         let target = d.join("out.img");
         std::fs::write(&target, b"old").unwrap();
         let s = Staged::new(&target).unwrap();
@@ -97,7 +90,7 @@ mod tests {
 
     #[test]
     fn a_committed_output_replaces_the_old_file() {
-        let d = dir("commit");
+        let d = crate::scratch_dir("staged-commit");
         let target = d.join("tape");
         std::fs::write(&target, b"old").unwrap();
         let s = Staged::new(&target).unwrap();

@@ -137,6 +137,11 @@ pub fn guest_heap_bytes(ram: u64) -> u64 {
     (ram / 16).clamp(4 << 20, 64 << 20) & !4095
 }
 
+/// Heap the kernel uses before a backup or restore starts (drivers, trace
+/// buffers), at most: what the host sizes jobs against and what a memory
+/// refusal's suggested `--mem` allows for.
+pub const KERNEL_HEAP_USE: u64 = 2 << 20;
+
 /// A `--mem` (in bytes, a multiple of 64 MiB) whose kernel heap holds
 /// `heap` bytes, with room for what the firmware and the kernel image keep
 /// of the RAM; `None` beyond the largest heap (64 MiB, from 1 GiB up).

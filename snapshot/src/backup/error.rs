@@ -9,10 +9,6 @@ use super::qcow2::Qcow2Error;
 use super::tape::MediumError;
 use crate::devices::block::BlockError;
 
-/// Kernel heap in use before a job starts (drivers, trace buffers), at
-/// most, in the `--mem` a refusal suggests.
-const KERNEL_KEEPS: u64 = 4 << 20;
-
 /// Why a backup or restore stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
@@ -73,7 +69,7 @@ impl fmt::Display for Error {
                     need.div_ceil(1 << 20),
                     have >> 20
                 )?;
-                match super::engine::mem_for_heap(need + KERNEL_KEEPS) {
+                match super::engine::mem_for_heap(need + super::engine::KERNEL_HEAP_USE) {
                     Some(mem) => write!(f, "give it more memory (--mem {}M)", mem >> 20),
                     None => write!(
                         f,
