@@ -371,10 +371,6 @@ pub(crate) fn placed(
     cs: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
-    // The common case first, without the words of an error.
-    if fits(offset, len, cs, file_len) {
-        return Ok(());
-    }
     if !offset.is_multiple_of(cs) {
         return Err(invalid(format!(
             "{what} at {offset:#x} is not aligned to the {cs}-byte cluster"
