@@ -220,6 +220,10 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             eprintln!("image: {} ({} MiB)", image.display(), args.image_size >> 20);
             run.disks.push(Disk::new(image, "bench"));
         }
+        (Scenario::Memsnap, _, _, Some(out)) => {
+            // Refused now rather than after the whole snapshot ran.
+            boot::staged::Staged::new(out).map_err(refused)?;
+        }
         (Scenario::Backup, Some(source), Some(tape), _) => {
             let job = host_backup::plan_backup(source, tape, args.mem).map_err(refused)?;
             eprintln!(
