@@ -88,8 +88,8 @@ fn main() -> ExitCode {
     }
     show_bench(&args, &config, &outcome);
     eprintln!(
-        "kernel {} in {:.2} s",
-        outcome.verdict,
+        "{} in {:.2} s",
+        outcome.verdict.headline(),
         outcome.elapsed.as_secs_f64()
     );
     let verdict = finish(&args, &run, &config, &records, outcome.verdict);
