@@ -165,6 +165,7 @@ mod tests {
         let core = extract(&image, bytes.len() as u64, &out, |_, _| {}).unwrap();
         assert_eq!(core.loads.len(), 2);
         assert_eq!(std::fs::read(&out).unwrap(), bytes);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -174,5 +175,6 @@ mod tests {
         let len = write_core(&image).len() as u64;
         let err = extract(&image, len, &dir, |_, _| {}).unwrap_err();
         assert!(err.contains("exists and is not a file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
