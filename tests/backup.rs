@@ -9,9 +9,9 @@ mod backup_common;
 
 use backup_common::*;
 
-use boot::backup::{plan_backup, plan_restore};
+use boot::backup::{finish_backup, plan_backup, plan_restore};
 use boot::qemu::{Disk, Verdict};
-use kernel_tests::{host_tool, tool};
+use kernel_tests::{boot_with_disks, host_tool, tool};
 use snapshot::backup::Format;
 
 #[test]
@@ -69,6 +69,54 @@ fn small_clusters_and_odd_refcount_widths() {
         ],
     );
     round_trip(&dir, &src);
+}
+
+/// Small guests: a job the host lets boot finishes, whatever its clusters;
+/// one it cannot fit is refused up front with a `--mem` that fits. 512-byte
+/// clusters make the walk's tables and request lists large beside the data;
+/// at 128 and 256 MiB the kernel once ran out of heap mid-way (a panic) when
+/// the transfer ring took what the walk needed after it.
+#[test]
+fn small_guests_refuse_up_front_or_finish() {
+    let (dir, src) = make_image(
+        "small-guests",
+        "1G",
+        "cluster_size=512",
+        &["write -P 0x21 0 48M", "write -P 0x22 600M 1M"],
+    );
+    let before = std::fs::read(&src).unwrap();
+    let tape = dir.join("tape");
+    for mem_mib in [64u64, 96, 128, 256] {
+        let mem = mem_mib << 20;
+        let job = match plan_backup(&src, &tape, mem) {
+            Ok(job) => job,
+            Err(e) => {
+                assert!(mem_mib < 128, "refused at {mem_mib} MiB: {e}");
+                assert!(e.contains("--mem"), "{e}");
+                continue;
+            }
+        };
+        let outcome = boot_with_disks("scenario=backup", mem, TIMEOUT, job.disks.clone());
+        assert_eq!(
+            outcome.verdict,
+            Verdict::Passed,
+            "at {mem_mib} MiB: {}",
+            outcome.tail(20)
+        );
+        let records = boot::report::records(&outcome.serial).unwrap();
+        finish_backup(&job, &records, true).unwrap();
+        assert!(std::fs::read(&src).unwrap() == before, "the source changed");
+    }
+    let out = dir.join("out.raw");
+    let (outcome, result) = restore(&tape, &out, Format::Raw);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
+    result.unwrap();
+    let said = tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&src), s(&out)],
+    );
+    assert!(said.contains("identical"), "{said}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Broken tapes: what the host sees before booting it refuses at once;

@@ -100,7 +100,7 @@ pub fn run_backup(
 /// its tables are streamed, so what it needs is known from the header.
 fn enough_memory(job: &'static str, need: u64) -> Result<(), backup::Error> {
     let (used, total) = crate::memory::heap::stats();
-    let have = (total - used) as u64;
+    let have = ((total - used) as u64).saturating_sub(backup::KERNEL_JOB_USE);
     if need > have {
         return Err(backup::Error::TooLittleMemory { job, need, have });
     }

@@ -114,8 +114,14 @@ impl Plan {
 pub fn backup_memory(header: &qcow2::Header, file_len: u64) -> u64 {
     let cs = header.cluster_size();
     let stride = BLOCK + cs.max(tape::EXTENT_DATA_BYTES);
-    let running = ahead::memory(header.cluster_bits) + 2 * stride + copy_memory(header);
-    source::open_memory(header.cluster_bits, file_len).max(running) + SLACK
+    let running = 2 * stride + beside_ring(header);
+    (source::open_memory(header.cluster_bits, file_len) + SLACK).max(running)
+}
+
+/// What a running backup needs besides its ring of transfer buffers: the
+/// walk's windows and read-ahead, the decoder, and [`SLACK`].
+fn beside_ring(header: &qcow2::Header) -> u64 {
+    ahead::memory(header.cluster_bits) + copy_memory(header) + SLACK
 }
 
 /// Bytes of kernel memory a restore of a medium with clusters of
@@ -137,10 +143,17 @@ pub fn guest_heap_bytes(ram: u64) -> u64 {
     (ram / 16).clamp(4 << 20, 64 << 20) & !4095
 }
 
-/// Heap the kernel uses before a backup or restore starts (drivers, trace
-/// buffers), at most: what the host sizes jobs against and what a memory
-/// refusal's suggested `--mem` allows for.
-pub const KERNEL_HEAP_USE: u64 = 2 << 20;
+/// Heap the kernel takes for itself around a backup or restore, at most:
+/// what it holds before the job starts (drivers, trace buffers: 2.6 MB
+/// measured with two disks of four queues each) and [`KERNEL_JOB_USE`].
+/// What the host sizes jobs against and what a memory refusal's
+/// suggested `--mem` allows for.
+pub const KERNEL_HEAP_USE: u64 = 3 << 20;
+
+/// Heap the kernel's side of a running job takes beyond what the job
+/// counts itself (the driver's request lists, the copy thread): the
+/// kernel starts a job only with this much free besides the job's need.
+pub const KERNEL_JOB_USE: u64 = 384 << 10;
 
 /// A `--mem` (in bytes, a multiple of 64 MiB) whose kernel heap holds
 /// `heap` bytes, with room for what the firmware and the kernel image keep
@@ -267,7 +280,8 @@ fn pump(
     .encode();
     write_deep(tape, 0, &header)?;
     let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
-    let (mut bufs, per) = ring(stride, layout.extents())?;
+    let spare = beside_ring(&plan.image.header);
+    let (mut bufs, per) = ring(stride, layout.extents(), spare)?;
     let written = write_table1(plan, source, tape, &mut bufs[0])?;
     debug_assert_eq!(written, layout.data_offset());
     let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;

@@ -74,8 +74,12 @@ pub(super) fn windows<const N: usize>(
 /// The pipeline's ring ([`super::pipe`]): up to [`super::pipe::RING`]
 /// buffers of up to [`WINDOW`] bytes in whole `unit`s, no more than
 /// `wanted` units each, and at least two: fewer buffers when memory is
-/// short, then smaller ones; `(buffers, units each)`.
-pub(super) fn ring(unit: u64, wanted: u64) -> Result<(Vec<Vec<u8>>, u64), Error> {
+/// short, then smaller ones; `(buffers, units each)`. `spare` bytes stay
+/// free for what the job allocates after the ring (the walk's tables,
+/// request lists): the ring grows into memory beyond them, never into
+/// them, so a job the memory check let start cannot run out mid-way.
+pub(super) fn ring(unit: u64, wanted: u64, spare: u64) -> Result<(Vec<Vec<u8>>, u64), Error> {
+    let hold = held(spare)?;
     let (first, count) = windows([unit, unit], wanted)?;
     let mut bufs = Vec::from(first);
     while bufs.len() < super::pipe::RING && (bufs.len() as u64) * count < wanted {
@@ -84,7 +88,19 @@ pub(super) fn ring(unit: u64, wanted: u64) -> Result<(Vec<Vec<u8>>, u64), Error>
             Err(_) => break,
         }
     }
+    drop(hold);
     Ok((bufs, count))
+}
+
+/// `bytes` of memory taken and left untouched (not zeroed), so that
+/// allocations made meanwhile cannot use them; or [`Error::NoMemory`].
+fn held(bytes: u64) -> Result<Vec<u8>, Error> {
+    let mut hold = Vec::new();
+    usize::try_from(bytes)
+        .ok()
+        .and_then(|n| hold.try_reserve_exact(n).ok())
+        .ok_or(Error::NoMemory(bytes))?;
+    Ok(hold)
 }
 
 /// Writes `buf` at `sector` with the device's pieces of it in flight

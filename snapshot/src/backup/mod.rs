@@ -58,6 +58,6 @@ pub mod volume;
 
 pub use engine::{
     backup, backup_memory, backup_overlapped, guest_heap_bytes, mem_for_heap, restore_memory,
-    BackupSummary, Error, InTurn, Overlap, Plan, Progress, Stage, KERNEL_HEAP_USE,
+    BackupSummary, Error, InTurn, Overlap, Plan, Progress, Stage, KERNEL_HEAP_USE, KERNEL_JOB_USE,
 };
 pub use restore::{restore, Format, Front, RestoreSummary};
