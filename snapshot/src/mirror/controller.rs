@@ -95,6 +95,9 @@ pub struct Status {
     pub pumped: u64,
     /// Splits so far.
     pub splits: u64,
+    /// Old blocks workload writes saved through the copy log since the
+    /// mirror was opened.
+    pub logged: u64,
 }
 
 /// The controller's bookkeeping, behind the lock.
@@ -140,6 +143,12 @@ pub(super) struct Inner {
     pub(super) pending: u64,
     /// Where the pump and the copier go on from.
     pub(super) cursor: u64,
+    /// Split: blocks in the copy log not yet on the secondary
+    /// ([`super::journal`]), the slots in use (a bit each), and whether
+    /// an apply runs.
+    pub(super) log: Vec<super::journal::Logged>,
+    pub(super) log_used: u64,
+    pub(super) log_busy: bool,
 }
 
 /// How a bitmap sector is written.
@@ -170,6 +179,7 @@ pub struct Mirror {
     pub(super) engine: Engine<Arc<[AtomicU64]>, Arc<Counters>>,
     pub(super) relax: fn(),
     pub(super) pumped: AtomicU64,
+    pub(super) logged: AtomicU64,
 }
 
 impl core::fmt::Debug for Mirror {
@@ -209,6 +219,7 @@ impl Mirror {
             broken: g.sb.broken.clone(),
             pumped: self.pumped.load(Ordering::Relaxed),
             splits: g.sb.splits,
+            logged: self.logged.load(Ordering::Relaxed),
         }
     }
 
@@ -323,10 +334,25 @@ impl Mirror {
         }
     }
 
-    /// Makes `block`'s bit in area `k` durable (write intent): set in
-    /// memory, and on disk by a completed write that nobody is about to
-    /// overwrite, before returning.
+    /// Makes `block`'s bit in area `k` durable (write intent); while
+    /// split, a block in the copy log has it durable there already, and
+    /// the bit is only set in memory (the log's apply writes it).
     pub(super) fn mark(&self, k: usize, block: u64) -> Result<(), Error> {
+        {
+            let mut g = self.inner.lock();
+            let split = g.sb.phase == Phase::Split && k != g.sb.d;
+            if split && g.log.iter().any(|l| l.block == block) {
+                g.areas[k].set(block);
+                return Ok(());
+            }
+        }
+        self.mark_durable(k, block)
+    }
+
+    /// Makes `block`'s bit in area `k` durable: set in memory, and on
+    /// disk by a completed write that nobody is about to overwrite,
+    /// before returning.
+    pub(super) fn mark_durable(&self, k: usize, block: u64) -> Result<(), Error> {
         let s = block / BLOCKS_PER_SECTOR;
         let mut g = self.inner.lock();
         g.areas[k].set(block);
@@ -567,7 +593,7 @@ impl Mirror {
 /// Writes `bytes` at `sector` of `disk` and, if `flush`, flushes it, in
 /// one batch (one turn of the disk's lock and one completion wait fewer
 /// than two calls; the flush goes out once the write has completed).
-fn write_then_flush(
+pub(super) fn write_then_flush(
     disk: &dyn BlockDevice,
     sector: u64,
     bytes: &[u8],
@@ -586,6 +612,9 @@ pub(super) struct Blocks<'m> {
 impl UnitCopy for Blocks<'_> {
     type Error = CopyError;
     fn copy(&self, unit: u64) -> Result<(), CopyError> {
+        if self.mirror.log_block(unit)? {
+            return Ok(());
+        }
         self.mirror.copy_blocks(&[unit])
     }
 }

@@ -54,6 +54,7 @@ mod budget;
 mod controller;
 mod copier;
 mod durable;
+mod journal;
 pub mod layout;
 mod open;
 mod work;
