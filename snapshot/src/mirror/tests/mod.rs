@@ -375,3 +375,39 @@ fn at_small_blocks_the_unflushed_list_stays_bounded() {
     );
     assert_eq!(m.unflushed_blocks(), 0, "the pump ends flushed");
 }
+
+/// A logged block the copier has applied keeps its mark once its slot
+/// goes to another block: a crash then must neither copy it again from
+/// the (newer) primary nor forget that it was written since the split.
+#[test]
+fn an_applied_log_slot_taken_again_loses_nothing_in_a_crash() {
+    let (p, s, c) = pair(256);
+    let (m, _) = Mirror::open(disks(&p, &s, &c), OPTS, relax).unwrap();
+    write(&m, 0, 256, 2).unwrap();
+    // Never pumped: every block is pending at the split.
+    m.split().unwrap();
+    let half = m.geometry().log_slots() / 2;
+    for b in 0..half {
+        write(&m, 2 * b, 2, 3).unwrap();
+    }
+    assert_eq!(m.status().logged, half);
+    assert_eq!(m.copy(1), Ok(1), "a copier batch, then the log applied");
+    // An uncopied block: it takes the first slot again.
+    write(&m, 2 * half, 2, 3).unwrap();
+    assert_eq!(m.status().logged, half + 1);
+    drop(m);
+    let mut rng = crate::support::rng::Rng::new(5);
+    s.crash(&mut rng);
+    c.crash(&mut rng);
+    let (m, opened) = Mirror::open(disks(&p, &s, &c), OPTS, relax).unwrap();
+    assert!(matches!(opened, Opened::Split { .. }), "{opened:?}");
+    while m.copy(16).unwrap() > 0 {}
+    assert_eq!(versions(&s.contents()), vec![2; 256], "not the instant");
+    assert_eq!(
+        m.resync(),
+        Ok(half + 1),
+        "the blocks written since the split"
+    );
+    pump_all(&m);
+    assert_eq!(versions(&s.contents()), versions(&p.contents()));
+}
