@@ -31,13 +31,25 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use super::controller::{write_then_flush, CopyError, Mirror};
-use super::layout::{LogHeader, Phase};
+use super::layout::{Geometry, LogHeader, Phase};
 use super::Error;
 use crate::backup::tape::checksum;
 use crate::devices::block::{Op, SECTOR_SIZE};
 
-/// Bytes of logged blocks read back and written to the secondary at once.
-const APPLY_BYTES: u64 = 1 << 20;
+/// Bytes of logged blocks read back and written to the secondary at once
+/// (one block at least).
+const APPLY_BYTES: u64 = 256 << 10;
+
+/// Blocks an apply moves at once.
+fn apply_blocks(geo: &Geometry) -> u64 {
+    (APPLY_BYTES / geo.block_bytes).max(1)
+}
+
+/// Bytes the log's buffers take at most: a slot a workload write fills
+/// and the chunk an apply moves (an apply runs one at a time).
+pub(super) fn memory_bytes(geo: &Geometry) -> u64 {
+    SECTOR_SIZE as u64 + geo.block_bytes + apply_blocks(geo) * geo.block_bytes
+}
 
 /// A logged block: the block and its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +165,7 @@ impl Mirror {
     /// a time, writes them to the secondary, then flushes it.
     fn log_to_secondary(&self, entries: &[Logged]) -> Result<(), CopyError> {
         let bs = self.geo.block_bytes as usize;
-        let per = (APPLY_BYTES / self.geo.block_bytes).max(1) as usize;
+        let per = apply_blocks(&self.geo) as usize;
         let mut buf: Vec<u8> = Vec::new();
         for chunk in entries.chunks(per) {
             let bytes = chunk.len() * bs;
