@@ -24,7 +24,7 @@
 //!   the blocks written on the primary since the split.
 //!
 //! The copy log holds, while split, old blocks a workload write saved
-//! before changing them on the primary (see [`super::journal`]): a slot
+//! before changing them on the primary (see the `journal` module): a slot
 //! is a header sector then the block's bytes (the volume's last block
 //! may be shorter). Header, little-endian: bytes 0..8 [`LOG_MAGIC`],
 //! 8..16 the split's number (`splits` of the superblock when it was

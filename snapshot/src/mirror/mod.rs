@@ -23,7 +23,7 @@
 //! is then copied exactly once, through the [copy-once
 //! engine](crate::copyonce) whose units are the blocks, by the first of:
 //! a workload write to it (copy before write, [`Mirror::write`], saved in
-//! the controller disk's copy log, [`journal`]), a backup
+//! the controller disk's copy log, module `journal`), a backup
 //! read ([`BackupJob`]) or the background copier ([`Mirror::copy`]).
 //! Blocks outside `F` count as copied without a claim. A unit becomes
 //! copied only once the secondary has flushed its copy, so after a crash
