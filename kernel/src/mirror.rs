@@ -454,6 +454,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         medium_bytes = summary.medium_bytes,
         on_demand = summary.on_demand,
         copier_blocks = copied,
+        logged_blocks = m.status().logged,
         mismatched_blocks = bad_blocks,
         verified = u64::from(reference_hashes.is_some()),
         backup_ns = backup_ns
