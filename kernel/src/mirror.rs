@@ -454,7 +454,6 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         medium_bytes = summary.medium_bytes,
         on_demand = summary.on_demand,
         copier_blocks = copied,
-        logged_blocks = m.status().logged,
         mismatched_blocks = bad_blocks,
         verified = u64::from(reference_hashes.is_some()),
         backup_ns = backup_ns
@@ -473,6 +472,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         medium_bytes = summary.medium_bytes,
         resync_bytes = marked * m.geometry().block_bytes,
         heap_peak = crate::memory::heap::peak() as u64,
+        logged_blocks = status.logged,
         in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
     );
     crate::trace::flush();
