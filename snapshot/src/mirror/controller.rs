@@ -287,7 +287,7 @@ impl Mirror {
                 let pumped = g.unflushed.contains(&b);
                 drop(g);
                 return if pumped {
-                    self.durable_before_write()
+                    self.save_unflushed(b)
                 } else {
                     Ok(())
                 };
@@ -304,8 +304,26 @@ impl Mirror {
             // Copied by a copier batch not flushed yet: its copy must be
             // durable before the primary's block changes, or a crash
             // would resume the split from the newer primary.
-            _ if self.inner.lock().unflushed.contains(&b) => self.durable_before_write(),
+            _ if self.inner.lock().unflushed.contains(&b) => self.save_unflushed(b),
             _ => Ok(()),
+        }
+    }
+
+    /// Block `b`'s copy on the secondary is not durable yet (pumped before
+    /// the split, or written by a copier batch and not flushed): its
+    /// instant goes to the copy log (a write and a flush of the controller
+    /// disk), not a flush of the secondary, which would wait for every
+    /// copy written since its last flush; without a free slot, the
+    /// secondary is flushed.
+    fn save_unflushed(&self, b: u64) -> Result<(), Error> {
+        if self.inner.lock().log.iter().any(|l| l.block == b) {
+            return Ok(());
+        }
+        match self.log_block(b) {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(CopyError::Secondary(_)) => self.durable_before_write(),
+            Err(CopyError::Primary(e)) => Err(Error::Io(e)),
+            Err(CopyError::NoMemory(n)) => Err(Error::NoMemory(n)),
         }
     }
 
