@@ -535,29 +535,35 @@ impl Mirror {
     /// in order: `buf`, resized (a buffer used before is not zeroed again:
     /// the reads overwrite every byte that is written on). A buffer the
     /// heap cannot hold is [`CopyError::NoMemory`].
-    pub(super) fn read_blocks(
+    pub(super) fn read_blocks(&self, blocks: &[u64], buf: Vec<u8>) -> Result<Vec<u8>, CopyError> {
+        let places = blocks.iter().map(|&b| self.geo.extent(b));
+        self.read_pieces(&*self.disks.primary, places, buf, CopyError::Primary)
+    }
+
+    /// Reads each `(sector, bytes)` of `places` from `disk` into its
+    /// whole-block piece of `buf`, resized, in order (the reads overwrite
+    /// every byte that is used); a failure is `side`'s.
+    pub(super) fn read_pieces(
         &self,
-        blocks: &[u64],
+        disk: &dyn BlockDevice,
+        places: impl ExactSizeIterator<Item = (u64, usize)>,
         mut buf: Vec<u8>,
+        side: fn(BlockError) -> CopyError,
     ) -> Result<Vec<u8>, CopyError> {
         let bs = self.geo.block_bytes as usize;
-        let bytes = bs * blocks.len();
+        let bytes = bs * places.len();
         buf.try_reserve_exact(bytes.saturating_sub(buf.len()))
             .map_err(|_| CopyError::NoMemory(bytes as u64))?;
         buf.resize(bytes, 0);
-        let mut ops: Vec<Op<'_>> = try_vec(blocks.len())?;
-        for (piece, &b) in buf.chunks_mut(bs).zip(blocks) {
-            let (sector, len) = self.geo.extent(b);
+        let mut ops: Vec<Op<'_>> = try_vec(places.len())?;
+        for (piece, (sector, len)) in buf.chunks_mut(bs).zip(places) {
             ops.push(Op::Read {
                 sector,
                 buf: &mut piece[..len],
             });
         }
-        let depth = self.disks.primary.info().max_depth.clamp(1, 32);
-        self.disks
-            .primary
-            .transfer(&mut ops, depth)
-            .map_err(CopyError::Primary)?;
+        let depth = disk.info().max_depth.clamp(1, 32);
+        disk.transfer(&mut ops, depth).map_err(side)?;
         drop(ops);
         Ok(buf)
     }

@@ -34,7 +34,7 @@ use super::controller::{write_then_flush, CopyError, Mirror};
 use super::layout::{Geometry, LogHeader, Phase};
 use super::Error;
 use crate::backup::tape::checksum;
-use crate::devices::block::{Op, SECTOR_SIZE};
+use crate::devices::block::SECTOR_SIZE;
 
 /// Bytes of logged blocks read back and written to the secondary at once
 /// (one block at least).
@@ -168,24 +168,12 @@ impl Mirror {
         let per = apply_blocks(&self.geo) as usize;
         let mut buf: Vec<u8> = Vec::new();
         for chunk in entries.chunks(per) {
-            let bytes = chunk.len() * bs;
-            buf.try_reserve_exact(bytes.saturating_sub(buf.len()))
-                .map_err(|_| CopyError::NoMemory(bytes as u64))?;
-            buf.resize(bytes, 0);
-            let mut ops: Vec<Op<'_>> = super::budget::try_vec(chunk.len())?;
-            for (piece, l) in buf.chunks_mut(bs).zip(chunk) {
+            let places = chunk.iter().map(|l| {
                 let (_, len) = self.geo.extent(l.block);
-                ops.push(Op::Read {
-                    sector: self.geo.log_slot_at(l.slot) + 1,
-                    buf: &mut piece[..len],
-                });
-            }
-            let depth = self.disks.control.info().max_depth.clamp(1, 32);
-            self.disks
-                .control
-                .transfer(&mut ops, depth)
-                .map_err(CopyError::Primary)?;
-            drop(ops);
+                (self.geo.log_slot_at(l.slot) + 1, len)
+            });
+            let control = &*self.disks.control;
+            buf = self.read_pieces(control, places, buf, CopyError::Primary)?;
             self.write_pieces(chunk.iter().map(|l| l.block).zip(buf.chunks(bs)), false)?;
         }
         self.flushing(|| self.disks.secondary.flush().map_err(CopyError::Secondary))
