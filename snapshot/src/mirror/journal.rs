@@ -30,7 +30,8 @@
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
-use super::controller::{write_then_flush, CopyError, Mirror};
+use super::blockio::write_then_flush;
+use super::controller::{CopyError, Mirror};
 use super::layout::{Geometry, LogHeader, Phase};
 use super::Error;
 use crate::backup::tape::checksum;

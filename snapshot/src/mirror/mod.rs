@@ -51,6 +51,7 @@
 //! never hold its lock across I/O.
 
 pub mod bitmap;
+mod blockio;
 mod budget;
 mod controller;
 mod copier;
