@@ -472,7 +472,6 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
         medium_bytes = summary.medium_bytes,
         resync_bytes = marked * m.geometry().block_bytes,
         heap_peak = crate::memory::heap::peak() as u64,
-        logged_blocks = status.logged,
         in_sync = u64::from(status.marked == 0 && status.phase == Phase::Paired)
     );
     crate::trace::flush();

@@ -343,9 +343,6 @@ fn run(batch: u64) -> Result<Vec<(&'static str, String)>, Error> {
         ("copy_then_backup_s", seconds(slow.backup_ns)),
         ("on_demand_blocks", n(quick.on_demand)),
         ("on_demand_blocks_via_memory", n(memory.on_demand)),
-        // Copies before write through the controller disk's log, all
-        // rounds together (the rest went to the secondary directly).
-        ("logged_blocks", n(m.status().logged)),
         ("resync_bytes", n(quick.resync_bytes)),
         (
             "written_since_split_bytes",

@@ -161,8 +161,6 @@ impl<'m, 't> BackupJob<'m, 't> {
             return Ok(None);
         };
         let tokens = self.claim_window(first, len)?;
-        // Logged blocks of the window are read from the secondary below.
-        self.mirror.apply_log(true)?;
         let r = match self.via {
             Via::Secondary => self.via_secondary(first, len, tokens),
             Via::Memory => self.via_memory(first, len, tokens),

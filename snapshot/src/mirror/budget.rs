@@ -73,9 +73,8 @@ impl Budget {
     /// the controller's bitmaps and copy map, a verify run's per-block
     /// hashes and one block it hashes (twice: bytes and words), the
     /// backup's window, its on-demand copy and [`MAX_BATCHES`] copier
-    /// batches at once (a pump batch never runs beside them), the copy
-    /// log's slot a workload write fills and the chunk its apply moves,
-    /// and [`SLACK`].
+    /// batches at once (a pump batch never runs beside them), and
+    /// [`SLACK`].
     pub fn peak_bytes(&self, geo: &Geometry) -> u64 {
         let bs = geo.block_bytes;
         let batches = (1 + u64::from(MAX_BATCHES)) * self.batch * bs;
@@ -84,7 +83,6 @@ impl Budget {
             + 2 * bs
             + self.window_extents * stride(geo)
             + batches
-            + super::journal::memory_bytes(geo)
             + SLACK
     }
 }

@@ -14,10 +14,10 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::bitmap::Area;
-use super::blockio::{write_then_flush, Blocks};
+use super::budget::try_vec;
 use super::layout::{Geometry, Phase, Super, BLOCKS_PER_SECTOR};
 use super::Error;
-use crate::copyonce::{Access, Counters, Engine};
+use crate::copyonce::{Access, Counters, Engine, UnitCopy};
 use crate::devices::block::{check, BlockDevice, BlockError, Op, SECTOR_SIZE};
 
 /// The three disks of a pair.
@@ -95,9 +95,6 @@ pub struct Status {
     pub pumped: u64,
     /// Splits so far.
     pub splits: u64,
-    /// Old blocks workload writes saved through the copy log since the
-    /// mirror was opened.
-    pub logged: u64,
 }
 
 /// The controller's bookkeeping, behind the lock.
@@ -143,12 +140,6 @@ pub(super) struct Inner {
     pub(super) pending: u64,
     /// Where the pump and the copier go on from.
     pub(super) cursor: u64,
-    /// Split: blocks in the copy log not yet on the secondary
-    /// ([`super::journal`]), the slots in use (a bit each), and whether
-    /// an apply runs.
-    pub(super) log: Vec<super::journal::Logged>,
-    pub(super) log_used: u64,
-    pub(super) log_busy: bool,
 }
 
 /// How a bitmap sector is written.
@@ -179,7 +170,6 @@ pub struct Mirror {
     pub(super) engine: Engine<Arc<[AtomicU64]>, Arc<Counters>>,
     pub(super) relax: fn(),
     pub(super) pumped: AtomicU64,
-    pub(super) logged: AtomicU64,
 }
 
 impl core::fmt::Debug for Mirror {
@@ -219,7 +209,6 @@ impl Mirror {
             broken: g.sb.broken.clone(),
             pumped: self.pumped.load(Ordering::Relaxed),
             splits: g.sb.splits,
-            logged: self.logged.load(Ordering::Relaxed),
         }
     }
 
@@ -287,7 +276,7 @@ impl Mirror {
                 let pumped = g.unflushed.contains(&b);
                 drop(g);
                 return if pumped {
-                    self.save_unflushed(b)
+                    self.durable_before_write()
                 } else {
                     Ok(())
                 };
@@ -304,26 +293,8 @@ impl Mirror {
             // Copied by a copier batch not flushed yet: its copy must be
             // durable before the primary's block changes, or a crash
             // would resume the split from the newer primary.
-            _ if self.inner.lock().unflushed.contains(&b) => self.save_unflushed(b),
+            _ if self.inner.lock().unflushed.contains(&b) => self.durable_before_write(),
             _ => Ok(()),
-        }
-    }
-
-    /// Block `b`'s copy on the secondary is not durable yet (pumped before
-    /// the split, or written by a copier batch and not flushed): its
-    /// instant goes to the copy log (a write and a flush of the controller
-    /// disk), not a flush of the secondary, which would wait for every
-    /// copy written since its last flush; without a free slot, the
-    /// secondary is flushed.
-    fn save_unflushed(&self, b: u64) -> Result<(), Error> {
-        if self.inner.lock().log.iter().any(|l| l.block == b) {
-            return Ok(());
-        }
-        match self.log_block(b) {
-            Ok(true) => Ok(()),
-            Ok(false) | Err(CopyError::Secondary(_)) => self.durable_before_write(),
-            Err(CopyError::Primary(e)) => Err(Error::Io(e)),
-            Err(CopyError::NoMemory(n)) => Err(Error::NoMemory(n)),
         }
     }
 
@@ -352,25 +323,10 @@ impl Mirror {
         }
     }
 
-    /// Makes `block`'s bit in area `k` durable (write intent); while
-    /// split, a block in the copy log has it durable there already, and
-    /// the bit is only set in memory (the log's apply writes it).
+    /// Makes `block`'s bit in area `k` durable (write intent): set in
+    /// memory, and on disk by a completed write that nobody is about to
+    /// overwrite, before returning.
     pub(super) fn mark(&self, k: usize, block: u64) -> Result<(), Error> {
-        {
-            let mut g = self.inner.lock();
-            let split = g.sb.phase == Phase::Split && k != g.sb.d;
-            if split && g.log.iter().any(|l| l.block == block) {
-                g.areas[k].set(block);
-                return Ok(());
-            }
-        }
-        self.mark_durable(k, block)
-    }
-
-    /// Makes `block`'s bit in area `k` durable: set in memory, and on
-    /// disk by a completed write that nobody is about to overwrite,
-    /// before returning.
-    pub(super) fn mark_durable(&self, k: usize, block: u64) -> Result<(), Error> {
         let s = block / BLOCKS_PER_SECTOR;
         let mut g = self.inner.lock();
         g.areas[k].set(block);
@@ -522,5 +478,114 @@ impl Mirror {
         self.write_super(|sb| {
             sb.broken.get_or_insert(why);
         })
+    }
+
+    /// Copies `blocks` from primary to secondary through one buffer, then
+    /// flushes the secondary.
+    pub(super) fn copy_blocks(&self, blocks: &[u64]) -> Result<(), CopyError> {
+        let buf = self.read_blocks(blocks, Vec::new())?;
+        self.put_secondary(blocks, &buf, true)
+    }
+
+    /// Reads `blocks` from the primary into one buffer, whole-block pieces
+    /// in order: `buf`, resized (a buffer used before is not zeroed again:
+    /// the reads overwrite every byte that is written on). A buffer the
+    /// heap cannot hold is [`CopyError::NoMemory`].
+    pub(super) fn read_blocks(
+        &self,
+        blocks: &[u64],
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, CopyError> {
+        let bs = self.geo.block_bytes as usize;
+        let bytes = bs * blocks.len();
+        buf.try_reserve_exact(bytes.saturating_sub(buf.len()))
+            .map_err(|_| CopyError::NoMemory(bytes as u64))?;
+        buf.resize(bytes, 0);
+        let mut ops: Vec<Op<'_>> = try_vec(blocks.len())?;
+        for (piece, &b) in buf.chunks_mut(bs).zip(blocks) {
+            let (sector, len) = self.geo.extent(b);
+            ops.push(Op::Read {
+                sector,
+                buf: &mut piece[..len],
+            });
+        }
+        let depth = self.disks.primary.info().max_depth.clamp(1, 32);
+        self.disks
+            .primary
+            .transfer(&mut ops, depth)
+            .map_err(CopyError::Primary)?;
+        drop(ops);
+        Ok(buf)
+    }
+
+    /// Writes `blocks` (whole-block pieces of `buf`, in order) to the
+    /// secondary and, if `flush`, flushes it.
+    pub(super) fn put_secondary(
+        &self,
+        blocks: &[u64],
+        buf: &[u8],
+        flush: bool,
+    ) -> Result<(), CopyError> {
+        let bs = self.geo.block_bytes as usize;
+        self.write_pieces(blocks.iter().copied().zip(buf.chunks(bs)), flush)
+    }
+
+    /// Writes each `(block, data)` to the secondary and, if `flush`,
+    /// flushes it in the same batch.
+    pub(super) fn write_pieces<'b>(
+        &self,
+        pieces: impl ExactSizeIterator<Item = (u64, &'b [u8])>,
+        flush: bool,
+    ) -> Result<(), CopyError> {
+        let mut ops: Vec<Op<'_>> = try_vec(pieces.len() + 1)?;
+        ops.extend(pieces.map(|(b, piece)| {
+            let (sector, len) = self.geo.extent(b);
+            Op::Write {
+                sector,
+                buf: &piece[..len],
+            }
+        }));
+        // One batch: the flush goes out once the writes have completed.
+        if flush {
+            ops.push(Op::Flush);
+        }
+        let depth = self.disks.secondary.info().max_depth.clamp(1, 32);
+        let mut run = || {
+            self.disks
+                .secondary
+                .transfer(&mut ops, depth)
+                .map_err(CopyError::Secondary)
+        };
+        if flush {
+            self.flushing(run)
+        } else {
+            run()
+        }
+    }
+}
+
+/// Writes `bytes` at `sector` of `disk` and, if `flush`, flushes it, in
+/// one batch (one turn of the disk's lock and one completion wait fewer
+/// than two calls; the flush goes out once the write has completed).
+fn write_then_flush(
+    disk: &dyn BlockDevice,
+    sector: u64,
+    bytes: &[u8],
+    flush: bool,
+) -> Result<(), BlockError> {
+    let mut ops = [Op::Write { sector, buf: bytes }, Op::Flush];
+    let n = if flush { 2 } else { 1 };
+    disk.transfer(&mut ops[..n], 1)
+}
+
+/// Copies single blocks for the engine (copy before write).
+pub(super) struct Blocks<'m> {
+    pub(super) mirror: &'m Mirror,
+}
+
+impl UnitCopy for Blocks<'_> {
+    type Error = CopyError;
+    fn copy(&self, unit: u64) -> Result<(), CopyError> {
+        self.mirror.copy_blocks(&[unit])
     }
 }

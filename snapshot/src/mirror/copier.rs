@@ -113,7 +113,6 @@ impl Mirror {
             (tokens, spare)
         };
         if tokens.is_empty() {
-            self.apply_log(true)?;
             self.clear_due(true)?;
             return Ok(None);
         }
@@ -167,7 +166,6 @@ impl Mirror {
         }
         match r {
             Ok(()) => {
-                self.apply_log(false)?;
                 self.clear_due(false)?;
                 Ok(blocks.len() as u64)
             }

@@ -7,7 +7,6 @@
 //! sector 8     superblock slot 1   4096 bytes
 //! sector 16    bitmap area 0       one bit per block, area_sectors sectors
 //! ...          bitmap area 1       the same size
-//! ...          copy log            log_slots() slots of 1 + block sectors
 //! ```
 //!
 //! A superblock is written to the slot its sequence number picks
@@ -23,16 +22,6 @@
 //!   of blocks already copied are cleared lazily); the other area marks
 //!   the blocks written on the primary since the split.
 //!
-//! The copy log holds, while split, old blocks a workload write saved
-//! before changing them on the primary (see the `journal` module): a slot
-//! is a header sector then the block's bytes (the volume's last block
-//! may be shorter). Header, little-endian: bytes 0..8 [`LOG_MAGIC`],
-//! 8..16 the split's number (`splits` of the superblock when it was
-//! written), 16..24 the block, 24..32 its bytes, 32..40 the checksum of
-//! those bytes, 504..512 the checksum of bytes 0..504. A slot is valid
-//! for the pending split if both checksums match and its number is the
-//! superblock's `splits`; a slot of an earlier split is stale.
-//!
 //! Bit `b` of an area is bit `b % 8` of byte `b / 8`. This module only
 //! encodes and decodes; it must never touch a device.
 
@@ -46,14 +35,7 @@ use crate::devices::block::SECTOR_SIZE;
 /// The first eight bytes of a superblock.
 pub const MAGIC: [u8; 8] = *b"SNAPMIRR";
 /// The superblock format this build writes and reads.
-pub const VERSION: u32 = 2;
-/// The first eight bytes of a copy log slot's header.
-pub const LOG_MAGIC: [u8; 8] = *b"SNAPMLOG";
-/// Bytes of blocks the copy log holds at most (at least two slots,
-/// at most [`MAX_LOG_SLOTS`]).
-pub const LOG_BYTES: u64 = 4 << 20;
-/// Slots of the copy log at most: a word of flags holds them.
-pub const MAX_LOG_SLOTS: u64 = 64;
+pub const VERSION: u32 = 1;
 /// Bytes of one superblock slot.
 pub const SUPER_BYTES: usize = 4096;
 /// Sectors before the first bitmap area (the two slots).
@@ -91,18 +73,9 @@ impl Geometry {
     pub fn area_at(&self, k: usize) -> u64 {
         AREAS_AT + k as u64 * self.area_sectors()
     }
-    /// Slots of the copy log: [`LOG_BYTES`] of blocks, from 2 to
-    /// [`MAX_LOG_SLOTS`].
-    pub fn log_slots(&self) -> u64 {
-        (LOG_BYTES / self.block_bytes).clamp(2, MAX_LOG_SLOTS)
-    }
-    /// First sector of copy log slot `i` (its header).
-    pub fn log_slot_at(&self, i: u64) -> u64 {
-        AREAS_AT + 2 * self.area_sectors() + i * (1 + self.block_bytes / SECTOR_SIZE as u64)
-    }
     /// Bytes the controller disk needs.
     pub fn control_bytes(&self) -> u64 {
-        self.log_slot_at(self.log_slots()) * SECTOR_SIZE as u64
+        (AREAS_AT + 2 * self.area_sectors()) * SECTOR_SIZE as u64
     }
     /// The volume's first sector of `block` and its sectors (the last
     /// block stops at the volume's end).
@@ -243,53 +216,6 @@ impl Super {
     }
 }
 
-/// The header of a copy log slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogHeader {
-    /// The split it belongs to (the superblock's `splits` then).
-    pub split: u64,
-    /// The block whose instant the slot holds.
-    pub block: u64,
-    /// Bytes of the block that follow the header.
-    pub len: u64,
-    /// Checksum of those bytes.
-    pub sum: u64,
-}
-
-impl LogHeader {
-    /// Its sector, with the checksum of the header at the end.
-    pub fn encode(&self) -> [u8; SECTOR_SIZE] {
-        let mut b = [0u8; SECTOR_SIZE];
-        b[..8].copy_from_slice(&LOG_MAGIC);
-        for (i, v) in [self.split, self.block, self.len, self.sum]
-            .iter()
-            .enumerate()
-        {
-            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
-        }
-        let sum = checksum(&b[..SECTOR_SIZE - 8]);
-        b[SECTOR_SIZE - 8..].copy_from_slice(&sum.to_le_bytes());
-        b
-    }
-
-    /// A header sector read back: `None` if it is blank, torn or not a
-    /// header (the data's own checksum is the caller's to check).
-    pub fn decode(b: &[u8]) -> Option<LogHeader> {
-        if b.len() < SECTOR_SIZE
-            || b[..8] != LOG_MAGIC
-            || checksum(&b[..SECTOR_SIZE - 8]) != le(b, SECTOR_SIZE - 8)
-        {
-            return None;
-        }
-        Some(LogHeader {
-            split: le(b, 8),
-            block: le(b, 16),
-            len: le(b, 24),
-            sum: le(b, 32),
-        })
-    }
-}
-
 /// Whether `bytes` is a block size the mirror takes: a power of two from
 /// 512 B to 2 MiB (the medium's cluster sizes).
 pub fn valid_block(bytes: u64) -> bool {
@@ -331,21 +257,6 @@ mod tests {
     }
 
     #[test]
-    fn a_log_header_reads_back_and_a_torn_one_is_refused() {
-        let h = LogHeader {
-            split: 3,
-            block: 77,
-            len: 65536,
-            sum: 0xdead_beef,
-        };
-        let mut b = h.encode();
-        assert_eq!(LogHeader::decode(&b), Some(h));
-        b[17] ^= 1;
-        assert_eq!(LogHeader::decode(&b), None);
-        assert_eq!(LogHeader::decode(&[0; SECTOR_SIZE]), None);
-    }
-
-    #[test]
     fn geometry_places_the_areas_after_the_slots() {
         let g = Geometry {
             block_bytes: 65536,
@@ -354,9 +265,7 @@ mod tests {
         assert_eq!(g.blocks(), (1 << 20) + 1);
         assert_eq!(g.area_sectors(), 257);
         assert_eq!(g.area_at(1), 16 + 257);
-        assert_eq!(g.log_slots(), 64);
-        assert_eq!(g.log_slot_at(1), 16 + 514 + 129);
-        assert_eq!(g.control_bytes(), (16 + 514 + 64 * 129) * 512);
+        assert_eq!(g.control_bytes(), (16 + 514) * 512);
         assert_eq!(g.extent(1 << 20), ((64u64 << 30) / 512, 512));
         assert!(valid_block(512) && valid_block(2 << 20));
         assert!(!valid_block(256) && !valid_block(4 << 20) && !valid_block(3 << 10));

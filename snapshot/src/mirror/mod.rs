@@ -22,8 +22,7 @@
 //! Nothing in the acknowledgement grows with the volume. Each block of `F`
 //! is then copied exactly once, through the [copy-once
 //! engine](crate::copyonce) whose units are the blocks, by the first of:
-//! a workload write to it (copy before write, [`Mirror::write`], saved in
-//! the controller disk's copy log, module `journal`), a backup
+//! a workload write to it (copy before write, [`Mirror::write`]), a backup
 //! read ([`BackupJob`]) or the background copier ([`Mirror::copy`]).
 //! Blocks outside `F` count as copied without a claim. A unit becomes
 //! copied only once the secondary has flushed its copy, so after a crash
@@ -31,10 +30,10 @@
 //!
 //! # Durable state and recovery
 //!
-//! The controller disk ([`layout`]) holds a superblock in two slots, the
-//! two bitmap areas and the copy log; [`Mirror::open`] resumes from it: a
-//! paired volume resyncs what its bitmap marks, a pending split replays
-//! its log and goes on copying toward the same instant. The secondary never receives a block newer than the
+//! The controller disk ([`layout`]) holds a superblock in two slots and the
+//! two bitmap areas; [`Mirror::open`] resumes from it: a paired volume
+//! resyncs what its bitmap marks, a pending split goes on copying toward
+//! the same instant. The secondary never receives a block newer than the
 //! instant it represents.
 //!
 //! # Errors
@@ -51,12 +50,10 @@
 //! never hold its lock across I/O.
 
 pub mod bitmap;
-mod blockio;
 mod budget;
 mod controller;
 mod copier;
 mod durable;
-mod journal;
 pub mod layout;
 mod open;
 mod work;

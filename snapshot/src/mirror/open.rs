@@ -100,14 +100,10 @@ impl Mirror {
                 super_busy: false,
                 pending: 0,
                 cursor: 0,
-                log: Vec::new(),
-                log_used: 0,
-                log_busy: false,
             }),
             engine,
             relax,
             pumped: AtomicU64::new(0),
-            logged: AtomicU64::new(0),
         };
         let opened = match found {
             Some(_) => mirror.resume()?,
@@ -162,12 +158,8 @@ impl Mirror {
                 Ok(Opened::Paired { lagging })
             }
             Phase::Split => {
-                drop(g);
-                self.replay_log()?;
-                let mut g = self.inner.lock();
                 // Blocks written since the split were copied (and the copy
-                // flushed, or logged) before their mark: only the rest is
-                // pending.
+                // flushed) before their mark: only the rest is pending.
                 for b in 0..self.geo.blocks() {
                     if g.areas[1 - d].get(b) {
                         g.areas[d].clear(b);

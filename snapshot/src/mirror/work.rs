@@ -66,7 +66,7 @@ impl Mirror {
         loop {
             {
                 let g = self.inner.lock();
-                if g.writes == 0 && !g.pump_busy && g.copiers == 0 && !g.log_busy {
+                if g.writes == 0 && !g.pump_busy && g.copiers == 0 {
                     return;
                 }
             }
@@ -143,7 +143,7 @@ impl Mirror {
     /// Whether every block of the instant is on the secondary.
     pub fn copy_complete(&self) -> bool {
         let g = self.inner.lock();
-        g.sb.phase == Phase::Split && self.engine.completed() >= g.pending && g.log.is_empty()
+        g.sb.phase == Phase::Split && self.engine.completed() >= g.pending
     }
 
     /// Back to paired: the blocks written since the split, and those of
@@ -205,11 +205,6 @@ impl Mirror {
             g.unclear = 0;
             g.unflushed.clear();
             g.pending = 0;
-            // Logged blocks are marked in `W`, now the differential area:
-            // the pump copies them. Their slots hold an older split's
-            // number from the next split on.
-            g.log.clear();
-            g.log_used = 0;
         }
         self.engine.reset();
         self.write_area(f)?;

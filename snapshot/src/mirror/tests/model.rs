@@ -186,11 +186,7 @@ fn run(block_shift: u32, sectors: u64, steps: Vec<Step>) -> Result<(), TestCaseE
         primary.write(s, &sector(1, s)).unwrap();
     }
     let blocks = sectors.div_ceil(block_bytes / 512);
-    let geo = crate::mirror::Geometry {
-        block_bytes,
-        volume_bytes: sectors * 512,
-    };
-    let control_sectors = geo.control_bytes() / 512;
+    let control_sectors = 16 + 2 * blocks.div_ceil(4096);
     let mut w = World {
         primary,
         secondary: Arc::new(CrashDisk::new("secondary", sectors + 3)),

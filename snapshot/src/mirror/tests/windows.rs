@@ -26,7 +26,7 @@ const OPTS: Options = Options {
 fn split_pair() -> (Mirror, [Arc<CrashDisk>; 2], Vec<u64>, u64) {
     let p = Arc::new(CrashDisk::new("primary", SECTORS));
     let s = Arc::new(CrashDisk::new("secondary", SECTORS));
-    let c = Arc::new(CrashDisk::new("control", super::CONTROL_SECTORS));
+    let c = Arc::new(CrashDisk::new("control", 64));
     let (m, _) = Mirror::open(disks(&p, &s, &c), OPTS, relax).unwrap();
     for (k, at) in (0..SECTORS).step_by(61).enumerate() {
         write(&m, at, 61.min(SECTORS - at), 2).unwrap();
