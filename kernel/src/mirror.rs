@@ -249,24 +249,12 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         READ_STACK,
         &mut || ahead.serve(|| m.copy_read(batch)),
         &mut || {
-            let done = AtomicBool::new(false);
-            let mut write = || {
-                let mut asked = false;
-                copied = copy_loop(m, stop, &mut || {
-                    ahead
-                        .next(&mut asked, |b| matches!(b, Ok(Some(_))))
-                        .unwrap_or(Ok(None))
-                });
-                done.store(true, Ordering::Release);
-            };
-            if !crate::scoped::both(
-                "mirror-flush-ahead",
-                READ_STACK,
-                &mut || flush_ahead(m, &done),
-                &mut write,
-            ) {
-                write();
-            }
+            let mut asked = false;
+            copied = copy_loop(m, stop, &mut || {
+                ahead
+                    .next(&mut asked, |b| matches!(b, Ok(Some(_))))
+                    .unwrap_or(Ok(None))
+            });
             ahead.stop();
         },
     );
@@ -281,20 +269,6 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         _ => Ok(0),
     };
     Ok(copied? + last?)
-}
-
-/// Until `done`: flushes the secondary whenever the copier's unflushed
-/// copies reach [`snapshot::mirror::FLUSH_AHEAD_BYTES`], so that the
-/// host writes them back while the copier goes on. A failure is the
-/// copier's to meet (a secondary failure suspends the pair).
-fn flush_ahead(m: &Mirror, done: &AtomicBool) {
-    while !done.load(Ordering::Acquire) {
-        match m.flush_ahead() {
-            Ok(true) => {}
-            Ok(false) => thread::sleep_ns(1_000_000),
-            Err(_) => return,
-        }
-    }
 }
 
 /// The copier's loop: takes each next batch from `next` (read from the

@@ -12,9 +12,6 @@ use super::budget::try_vec;
 use super::controller::{CopyError, Mirror};
 use super::Error;
 
-/// Bytes of unflushed copies at which [`Mirror::flush_ahead`] flushes.
-pub const FLUSH_AHEAD_BYTES: u64 = 8 << 20;
-
 impl Mirror {
     /// Flushes the secondary before a write changes an unflushed block on
     /// the primary; a secondary failure breaks the split and lets the
@@ -35,19 +32,6 @@ impl Mirror {
     /// block copied then finds it listed too, and flushes first.
     pub(super) fn copied_unflushed(&self, blocks: &[u64]) {
         self.inner.lock().unflushed.extend(blocks.iter().copied());
-    }
-
-    /// Flushes the secondary if the copies written without a flush since
-    /// the last one reach [`FLUSH_AHEAD_BYTES`]; returns whether it did.
-    /// A caller on a thread of its own overlaps the host's write-back of
-    /// those copies with the copier's next writes, instead of leaving all
-    /// of it to the one flush before the bits are cleared.
-    pub fn flush_ahead(&self) -> Result<bool, Error> {
-        if self.unflushed_blocks() * self.geo.block_bytes < FLUSH_AHEAD_BYTES {
-            return Ok(false);
-        }
-        self.make_durable().map_err(|e| self.copy_failed(e))?;
-        Ok(true)
     }
 
     /// Blocks listed by [`Self::copied_unflushed`] not flushed since.

@@ -69,7 +69,6 @@ pub use backup::{BackupJob, BackupSummary, Via};
 pub use budget::{Budget, MAX_BATCH};
 pub use controller::{memory_bytes, Disks, Mirror, Opened, Options, Status};
 pub use copier::CopyBatch;
-pub use durable::FLUSH_AHEAD_BYTES;
 pub use layout::{Geometry, Phase};
 pub use work::SplitAck;
 
