@@ -23,6 +23,7 @@ use super::memsnap_disk::{snapshot_to_disk, DiskFigures};
 use super::{complete_snapshot, fraction, per_second, percentile, print_json, MS};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
+use crate::memsnap::splits::{Splits, STEP_NAMES};
 use crate::memsnap::{self, CopierCpu, Options, Report};
 use crate::workload::Workload;
 use crate::{log, thread};
@@ -118,6 +119,7 @@ struct Figures {
     ops_1cpu: u64,
     timed: Report,
     latencies: Vec<u64>,
+    splits: Splits,
     ops_during: u64,
     ops_after: u64,
     verified: Option<Report>,
@@ -190,6 +192,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     };
     let small = complete_snapshot("small-range", &small)?;
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
+    let splits = memsnap::splits::read();
     let ops_after = off_the_copier_cpu(|| steady_rate(&workload));
     // The verified snapshot, same workload, same boot: its result is
     // compared page by page with a stop-the-world reference.
@@ -228,6 +231,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         ops_1cpu,
         timed,
         latencies,
+        splits,
         ops_during,
         ops_after,
         verified,
@@ -346,8 +350,36 @@ impl Figures {
             lat.get(lat.len() * 999 / 1000).copied().unwrap_or(0),
             lat.last().copied().unwrap_or(0)
         );
+        self.log_splits();
         if let Some(d) = &self.to_disk {
             d.log(percentile(lat, 99), self.ram_pages);
+        }
+    }
+
+    /// Where the copying faults' time went, and the slowest faults.
+    fn log_splits(&self) {
+        let sp = &self.splits;
+        for (name, [n, p50, p99, max]) in STEP_NAMES.iter().zip(sp.steps) {
+            log!("fault step {name}: {n} timed, p50 {p50} p99 {p99} max {max} ns (500 ns buckets)");
+        }
+        log!("faults of 20 us or more: {}", sp.slow_count);
+        for s in &sp.slow {
+            log!(
+                "slow fault at {} us, cpu {}: entry {} claim {} copy {} finish {} ns; copier {} pages meanwhile, {} at entry, longest copy {} ns",
+                s.at_ns / 1000,
+                s.cpu,
+                s.steps[0],
+                s.steps[1],
+                s.steps[2],
+                s.steps[3],
+                s.copier_pages,
+                if s.copier_copying { "copying" } else { "between copies" },
+                s.copier_longest_ns
+            );
+        }
+        log!("copier copies of 20 us or more: {}", sp.copier_slow_count);
+        for c in &sp.copier_slow {
+            log!("slow copier copy at {} us: {} ns", c.at_ns / 1000, c.ns);
         }
     }
 
@@ -411,6 +443,11 @@ impl Figures {
             .map(|&(k, v)| (k, alloc::format!("{v}")))
             .collect();
         fields.push(("range_share", fraction(r.pages, self.ram_pages)));
+        fields.push(("slow_faults", alloc::format!("{}", self.splits.slow_count)));
+        for (name, step) in STEP_NAMES.iter().zip(self.splits.steps) {
+            fields.push((step_key(name, "p50"), alloc::format!("{}", step[1])));
+            fields.push((step_key(name, "p99"), alloc::format!("{}", step[2])));
+        }
         if let Some(d) = &self.to_disk {
             fields.extend(
                 d.fields()
@@ -438,5 +475,23 @@ impl Figures {
             log!("verification failed: {mismatched} mismatched pages");
             ExitCode::Failure
         }
+    }
+}
+
+/// The JSON key of a fault step's percentile.
+fn step_key(name: &str, p: &str) -> &'static str {
+    match (name, p) {
+        ("entry", "p50") => "fault_entry_ns_p50",
+        ("entry", _) => "fault_entry_ns_p99",
+        ("claim", "p50") => "fault_claim_ns_p50",
+        ("claim", _) => "fault_claim_ns_p99",
+        ("copy", "p50") => "fault_copy_ns_p50",
+        ("copy", _) => "fault_copy_ns_p99",
+        ("finish", "p50") => "fault_finish_ns_p50",
+        ("finish", _) => "fault_finish_ns_p99",
+        ("total", "p50") => "fault_total_ns_p50",
+        ("total", _) => "fault_total_ns_p99",
+        (_, "p50") => "copier_copy_ns_p50",
+        _ => "copier_copy_ns_p99",
     }
 }
