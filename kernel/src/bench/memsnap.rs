@@ -31,6 +31,10 @@ use crate::{log, thread};
 /// Workload threads in the benchmarks.
 const THREADS: usize = 3;
 
+/// The spacing of the paced copy baseline, ns: about the time between two
+/// write faults of the benchmark's workload during a snapshot.
+const FAULT_GAP_NS: u64 = 25_000;
+
 /// Measurement windows per rate, and their length.
 const RATE_WINDOWS: usize = 5;
 const RATE_WINDOW_NS: u64 = 100 * MS;
@@ -70,9 +74,11 @@ fn settle() {
     }
 }
 
-/// Runs `f` with the CPU the copier reserves (if it does) reserved by an
-/// idle stand-in, so the workload runs where it will during the snapshot.
-fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` with the CPU the copier reserves (if it does) reserved by a
+/// stand-in, so the workload runs where it will during the snapshot. The
+/// stand-in idles, or with `Stand::Copying` copies pages like the copier
+/// (see [`baseline::copy_like_the_copier`]).
+fn off_the_copier_cpu<T>(stand: Stand, f: impl FnOnce() -> T) -> T {
     if !copier_reserves() {
         return f();
     }
@@ -83,8 +89,14 @@ fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
         thread::spawn("cpu-stand-in", move || {
             let placed = thread::take_own_cpu(true).is_some();
             state.store(1, Ordering::Release);
-            while placed && state.load(Ordering::Acquire) != 2 {
-                thread::sleep_ns(10 * MS);
+            let go_on = || placed && state.load(Ordering::Acquire) != 2;
+            match stand {
+                Stand::Idle => {
+                    while go_on() {
+                        thread::sleep_ns(10 * MS);
+                    }
+                }
+                Stand::Copying => baseline::copy_like_the_copier(go_on),
             }
         })
     };
@@ -95,6 +107,13 @@ fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
     state.store(2, Ordering::Release);
     stand_in.join();
     result
+}
+
+/// What the stand-in of [`off_the_copier_cpu`] does on the copier's CPU.
+#[derive(Debug, Clone, Copy)]
+enum Stand {
+    Idle,
+    Copying,
 }
 
 /// Whether the snapshot's copier will have a CPU to itself.
@@ -109,6 +128,7 @@ struct Figures {
     share: u64,
     warm_copy: CopyTime,
     cold_copy: CopyTime,
+    busy_copy: CopyTime,
     stop_pages: u64,
     stop_copy_ns: u64,
     small: Report,
@@ -172,10 +192,16 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let workload = Workload::start(THREADS, per_thread, 42).ok_or("no memory for the workload")?;
     thread::sleep_ns(100 * MS);
     let (stop_pages, stop_copy_ns) = stop_and_copy_twice()?;
+    // One copy's time as a fault meets it: on the workload's CPU among the
+    // workload's threads, copies spread out like faults, the copier's CPU
+    // busy copying (at one CPU, the workload alone).
+    let busy_copy = off_the_copier_cpu(Stand::Copying, || {
+        baseline::page_copy_paced_ns(2000, FAULT_GAP_NS)
+    });
     // Each rate first settles the emulator's TLB to the workload (see
     // `settle`), the state the live snapshot then meets.
     let ops_all_cpus = steady_rate(&workload);
-    let ops_before = off_the_copier_cpu(|| steady_rate(&workload));
+    let ops_before = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
     // The same workload on the boot CPU alone (the others held idle): how
     // the workload itself scales with CPUs.
     let ops_1cpu = {
@@ -193,7 +219,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let small = complete_snapshot("small-range", &small)?;
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
     let splits = memsnap::splits::read();
-    let ops_after = off_the_copier_cpu(|| steady_rate(&workload));
+    let ops_after = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
     // The verified snapshot, same workload, same boot: its result is
     // compared page by page with a stop-the-world reference.
     let verify = verifies(cmd);
@@ -221,6 +247,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         share: timed.copier_share_pct,
         warm_copy,
         cold_copy,
+        busy_copy,
         stop_pages,
         stop_copy_ns,
         small,
@@ -326,6 +353,11 @@ impl Figures {
             self.cold_copy.p99
         );
         log!(
+            "one page copy paced like faults, beside a copying CPU: p50 {} ns p99 {} ns",
+            self.busy_copy.p50,
+            self.busy_copy.p99
+        );
+        log!(
             "background page: {} ns busy, of which {} ns in the copy itself",
             r.copier_busy_ns / r.stats.background.max(1),
             r.copier_copy_ns / r.stats.background.max(1)
@@ -417,6 +449,8 @@ impl Figures {
             ("page_copy_cold_ns", self.cold_copy.p50),
             ("page_copy_ns_p99", self.warm_copy.p99),
             ("page_copy_cold_ns_p99", self.cold_copy.p99),
+            ("page_copy_busy_ns", self.busy_copy.p50),
+            ("page_copy_busy_ns_p99", self.busy_copy.p99),
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
             ("copier_busy_ns", r.copier_busy_ns),
             ("copier_copy_ns", r.copier_copy_ns),
