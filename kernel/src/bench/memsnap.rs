@@ -135,6 +135,7 @@ struct Figures {
     cpus: usize,
     workload_cpus: usize,
     ops_before: u64,
+    ops_beside_copier: u64,
     ops_all_cpus: u64,
     ops_1cpu: u64,
     timed: Report,
@@ -202,6 +203,9 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     // `settle`), the state the live snapshot then meets.
     let ops_all_cpus = steady_rate(&workload);
     let ops_before = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
+    // The same with the copier's CPU busy copying, as during the snapshot:
+    // what the neighbour's load alone costs the workload on this host.
+    let ops_beside_copier = off_the_copier_cpu(Stand::Copying, || steady_rate(&workload));
     // The same workload on the boot CPU alone (the others held idle): how
     // the workload itself scales with CPUs.
     let ops_1cpu = {
@@ -254,6 +258,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         cpus: thread::cpus(),
         workload_cpus: thread::cpus() - usize::from(copier_reserves()),
         ops_before,
+        ops_beside_copier,
         ops_all_cpus,
         ops_1cpu,
         timed,
@@ -268,13 +273,32 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
 
 /// Stop-and-copy, twice: the first run also pays the emulator's first
 /// touch of the storage frames, which the live snapshot (reusing them)
-/// does not. Returns the second's `(pages, ns)`.
+/// does not. Returns the second's `(pages, ns)`. It runs where the copier
+/// will and as it will (see [`on_the_copier_cpu`]): the plain copy the
+/// background copy is judged against.
 fn stop_and_copy_twice() -> Result<(u64, u64), String> {
-    let mut stop = Err(memsnap::StartError::EmptyRange);
-    for _ in 0..2 {
-        stop = baseline::stop_and_copy(&Options::default());
+    on_the_copier_cpu(|| {
+        let mut stop = Err(memsnap::StartError::EmptyRange);
+        for _ in 0..2 {
+            stop = baseline::stop_and_copy(&Options::default());
+        }
+        stop.map_err(|e| alloc::format!("stop-and-copy baseline: {e}"))
+    })
+}
+
+/// Runs `f` on the CPU the copier reserves, with that CPU's tick stopped
+/// as the copier stops it while copying, and the workload on the other
+/// CPUs; at one CPU (or with the copier sharing its CPU), right here.
+fn on_the_copier_cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    if !copier_reserves() {
+        return f();
     }
-    stop.map_err(|e| alloc::format!("stop-and-copy baseline: {e}"))
+    thread::spawn("copier-stand-in", move || {
+        let placed = thread::take_own_cpu(true).is_some();
+        let _tick = placed.then(crate::arch::apic::pause_tick);
+        f()
+    })
+    .join()
 }
 
 /// The timed snapshot, with fault latencies and its timeline; returns its
@@ -363,10 +387,11 @@ impl Figures {
             r.copier_copy_ns / r.stats.background.max(1)
         );
         log!(
-            "workload on {} of {} CPUs: {} ops/s before ({} on all, {} on one), {} during, {} after",
+            "workload on {} of {} CPUs: {} ops/s before ({} beside a copying CPU, {} on all, {} on one), {} during, {} after",
             self.workload_cpus,
             self.cpus,
             self.ops_before,
+            self.ops_beside_copier,
             self.ops_all_cpus,
             self.ops_1cpu,
             self.ops_during,
@@ -465,6 +490,7 @@ impl Figures {
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
             ("workload_ops_per_s_all_cpus", self.ops_all_cpus),
+            ("workload_ops_per_s_beside_copier", self.ops_beside_copier),
             ("workload_ops_per_s_1cpu", self.ops_1cpu),
             ("workload_ops_per_s_during", self.ops_during),
             ("workload_ops_per_s_after", self.ops_after),

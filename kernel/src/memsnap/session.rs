@@ -160,7 +160,8 @@ impl PageIo for Session {
             super::splits::copy_ends(cpu, copier, end);
         }
         if copier {
-            LIVE.copier_copy_cycles.fetch_add(end - t, Ordering::Relaxed);
+            LIVE.copier_copy_cycles
+                .fetch_add(end - t, Ordering::Relaxed);
         }
         if let Some(v) = &self.verify {
             v.note_copy(slot);

@@ -99,7 +99,11 @@ static MARKS: Marks = Marks {
 
 /// Clears everything (before a snapshot's pause).
 pub fn reset() {
-    let all = MARKS.hist.iter().flatten().chain(MARKS.copy.iter().flatten());
+    let all = MARKS
+        .hist
+        .iter()
+        .flatten()
+        .chain(MARKS.copy.iter().flatten());
     let slow = MARKS.slow.iter().flatten();
     for a in all.chain(slow).chain(MARKS.copier_slow.iter().flatten()) {
         a.store(0, Ordering::Relaxed);
@@ -228,8 +232,7 @@ pub struct Splits {
 pub fn read() -> Splits {
     let mut out = Splits::default();
     for (step, hist) in MARKS.hist.iter().enumerate() {
-        let counts: alloc::vec::Vec<u64> =
-            hist.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: alloc::vec::Vec<u64> = hist.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         let n: u64 = counts.iter().sum();
         let edge = |rank: u64| {
             let mut seen = 0;
@@ -241,7 +244,12 @@ pub fn read() -> Splits {
             }
             0
         };
-        out.steps[step] = [n, edge(n / 2), edge(n * 99 / 100), edge(n.saturating_sub(1))];
+        out.steps[step] = [
+            n,
+            edge(n / 2),
+            edge(n * 99 / 100),
+            edge(n.saturating_sub(1)),
+        ];
     }
     out.slow_count = MARKS.slow_count.load(Ordering::Relaxed);
     let kept = (out.slow_count as usize).min(SLOW_CAPACITY);
