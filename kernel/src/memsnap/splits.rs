@@ -119,9 +119,12 @@ pub fn reset() {
     }
 }
 
+fn bucket(ns: u64) -> usize {
+    ((ns / BUCKET_NS) as usize).min(BUCKETS - 1)
+}
+
 fn count(step: Step, ns: u64) {
-    let bucket = ((ns / BUCKET_NS) as usize).min(BUCKETS - 1);
-    MARKS.hist[step as usize][bucket].fetch_add(1, Ordering::Relaxed);
+    MARKS.hist[step as usize][bucket(ns)].fetch_add(1, Ordering::Relaxed);
 }
 
 /// A page copy on `cpu` begins (`copier`: the background copier's) at TSC
@@ -138,10 +141,17 @@ pub fn copy_ends(cpu: usize, copier: bool, tsc: u64) {
     let marks = &MARKS.copy[cpu % MAX_CPUS];
     marks[1].store(tsc, Ordering::Relaxed);
     if copier {
+        // One copier writes these: plain loads and stores, no locked
+        // instructions on its per-page path (the fault CPU's reset of
+        // `copier_longest` may be lost, which only widens one record).
+        let bump = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
         let ns = cycles_to_ns(tsc.saturating_sub(marks[0].load(Ordering::Relaxed)));
-        count(Step::CopierCopy, ns);
-        MARKS.copier_longest.fetch_max(ns, Ordering::Relaxed);
-        MARKS.copier_pages.fetch_add(1, Ordering::Relaxed);
+        let bucket = &MARKS.hist[Step::CopierCopy as usize][bucket(ns)];
+        bump(bucket, bucket.load(Ordering::Relaxed) + 1);
+        let longest = MARKS.copier_longest.load(Ordering::Relaxed);
+        bump(&MARKS.copier_longest, longest.max(ns));
+        let pages = MARKS.copier_pages.load(Ordering::Relaxed);
+        bump(&MARKS.copier_pages, pages + 1);
         MARKS.copier_copying.store(0, Ordering::Relaxed);
         if ns >= SLOW_NS {
             let i = MARKS.copier_slow_count.fetch_add(1, Ordering::Relaxed) as usize;
