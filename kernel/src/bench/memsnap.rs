@@ -31,6 +31,17 @@ use crate::{log, thread};
 /// Workload threads in the benchmarks.
 const THREADS: usize = 3;
 
+/// The JSON keys of each fault step's p50 and p99, in
+/// [`memsnap::splits::Step`] order.
+const STEP_KEYS: [[&str; 2]; 6] = [
+    ["fault_entry_ns_p50", "fault_entry_ns_p99"],
+    ["fault_claim_ns_p50", "fault_claim_ns_p99"],
+    ["fault_copy_ns_p50", "fault_copy_ns_p99"],
+    ["fault_finish_ns_p50", "fault_finish_ns_p99"],
+    ["fault_total_ns_p50", "fault_total_ns_p99"],
+    ["copier_copy_ns_p50", "copier_copy_ns_p99"],
+];
+
 /// The spacing of the paced copy baseline, ns: about the time between two
 /// write faults of the benchmark's workload during a snapshot.
 const FAULT_GAP_NS: u64 = 25_000;
@@ -509,9 +520,9 @@ impl Figures {
             .collect();
         fields.push(("range_share", fraction(r.pages, self.ram_pages)));
         fields.push(("slow_faults", alloc::format!("{}", self.splits.slow_count)));
-        for (name, step) in STEP_NAMES.iter().zip(self.splits.steps) {
-            fields.push((step_key(name, "p50"), alloc::format!("{}", step[1])));
-            fields.push((step_key(name, "p99"), alloc::format!("{}", step[2])));
+        for ([p50, p99], step) in STEP_KEYS.iter().zip(self.splits.steps) {
+            fields.push((p50, alloc::format!("{}", step[1])));
+            fields.push((p99, alloc::format!("{}", step[2])));
         }
         if let Some(d) = &self.to_disk {
             fields.extend(
@@ -540,23 +551,5 @@ impl Figures {
             log!("verification failed: {mismatched} mismatched pages");
             ExitCode::Failure
         }
-    }
-}
-
-/// The JSON key of a fault step's percentile.
-fn step_key(name: &str, p: &str) -> &'static str {
-    match (name, p) {
-        ("entry", "p50") => "fault_entry_ns_p50",
-        ("entry", _) => "fault_entry_ns_p99",
-        ("claim", "p50") => "fault_claim_ns_p50",
-        ("claim", _) => "fault_claim_ns_p99",
-        ("copy", "p50") => "fault_copy_ns_p50",
-        ("copy", _) => "fault_copy_ns_p99",
-        ("finish", "p50") => "fault_finish_ns_p50",
-        ("finish", _) => "fault_finish_ns_p99",
-        ("total", "p50") => "fault_total_ns_p50",
-        ("total", _) => "fault_total_ns_p99",
-        (_, "p50") => "copier_copy_ns_p50",
-        _ => "copier_copy_ns_p99",
     }
 }
