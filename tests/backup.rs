@@ -55,6 +55,15 @@ fn an_empty_image() {
     assert!(stream < 64 * 1024, "{stream}");
 }
 
+/// A zero-byte disk comes back as a zero-byte raw file, as `qemu-img`
+/// sizes the source (QEMU itself is given a sector at least to attach).
+#[test]
+fn a_zero_byte_image() {
+    let (dir, src) = make_image("zero-bytes", "0", "", &[]);
+    round_trip(&dir, &src);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn small_clusters_and_odd_refcount_widths() {
     let (dir, src) = make_image(

@@ -118,6 +118,12 @@ pub fn round_trip(dir: &Path, src: &Path) -> (u64, u64) {
             ],
         );
         assert!(said.contains("Images are identical"), "{name}: {said}");
+        // `compare` only warns when the sizes differ.
+        assert!(!said.contains("size mismatch"), "{name}: {said}");
+        if format == Format::Raw {
+            let len = std::fs::metadata(&out).unwrap().len();
+            assert_eq!(len, virtual_size(src), "{name}: its length");
+        }
         if format == Format::Qcow2 {
             let check = tool("qemu-img", &["check", s(&out)]);
             assert!(check.contains("No errors were found"), "{check}");
@@ -126,6 +132,18 @@ pub fn round_trip(dir: &Path, src: &Path) -> (u64, u64) {
         std::fs::remove_file(&out).unwrap();
     }
     (stream, data)
+}
+
+/// The disk size `qemu-img info` gives `image` (its first "virtual size"
+/// line is the image's own; a JSON reply lists the file's first).
+pub fn virtual_size(image: &Path) -> u64 {
+    let info = tool("qemu-img", &["info", s(image)]);
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("virtual size:"))
+        .unwrap();
+    let bytes = &line[line.find('(').unwrap() + 1..line.find(" bytes)").unwrap()];
+    bytes.parse().unwrap()
 }
 
 /// Bytes QEMU maps as data in `image` (`qemu-img map`): the reference

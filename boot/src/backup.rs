@@ -193,7 +193,15 @@ pub fn finish_restore(
 ) -> Result<(), String> {
     let done = records.iter().rfind(|r| r.event == "restore.done");
     let result = match (passed, done.and_then(|r| r.u64("out_bytes"))) {
-        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => Ok(()),
+        // The disk QEMU attached is a sector at least: an empty image
+        // comes back empty, as `qemu-img` sees the source.
+        (true, Some(n)) if n.max(SECTOR_SIZE as u64) == job.out_bytes => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&job.staged.partial)
+                .and_then(|f| f.set_len(n))
+                .map_err(|e| format!("{}: {e}", job.staged.partial.display()))
+        }
         _ => Err(format!(
             "the restore did not complete; {} is as it was",
             job.out.display()

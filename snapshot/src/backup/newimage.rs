@@ -80,7 +80,9 @@ impl NewImage {
             virtual_size,
             reftable_clusters: 1,
             refblocks: 1,
-            l1_clusters: (l1_size * 8).div_ceil(cs).max(1),
+            // An empty disk has an empty L1 table and no cluster for it
+            // (one would be a cluster nothing points at: a leak).
+            l1_clusters: (l1_size * 8).div_ceil(cs),
             l1_size,
             l2_tables,
             data_clusters,
@@ -221,7 +223,7 @@ impl NewImage {
         let cs = self.cluster_size();
         let per_l2 = cs / 8;
         let l1_bytes = self.l1_clusters * cs;
-        let mut l1 = buffer(WINDOW.min(l1_bytes), "L1 window")?;
+        let mut l1 = buffer(WINDOW.min(l1_bytes).max(8), "L1 window")?;
         let per_window = l1.len() as u64 / 8;
         let mut l1_first = 0u64; // first L1 index in the window
         let mut l2 = buffer(cs, "L2 table")?;
