@@ -47,13 +47,23 @@ pub fn resolve_name(parent: &Path, name: &str) -> PathBuf {
 }
 
 /// The backing chain of the qcow2 image at `image`, top-down, checked as
-/// the kernel will check it.
+/// the kernel will check it. A relative backing name is resolved as QEMU
+/// does, next to the image's path as it was named (through any symbolic
+/// link, not the link's target); each layer is then known by its full
+/// path, so that a loop is seen whatever the names.
 pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
     let top_path = canonical(image)?;
     let top = FileDisk::open(&top_path, false).map_err(|e| format!("{}: {e}", image.display()))?;
+    let named = std::path::absolute(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    // Each layer's full path and the path it was named by.
+    let mut names = vec![(top_path.display().to_string(), named)];
     let mut layers = Vec::new();
     let mut resolve = |name: &str, parent: &str| -> snapshot::qcow2::Result<Layer> {
-        let path = resolve_name(Path::new(parent), name);
+        let parent_named = names
+            .iter()
+            .rfind(|(id, _)| id == parent)
+            .map_or_else(|| PathBuf::from(parent), |(_, p)| p.clone());
+        let path = resolve_name(&parent_named, name);
         let dev = FileDisk::open(&path, false).map_err(|e| {
             Qcow2Error::Invalid(format!(
                 "backing file \"{name}\" of {parent}: {}: {e}",
@@ -66,6 +76,7 @@ pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
             .display()
             .to_string();
         layers.push(PathBuf::from(&id));
+        names.push((id.clone(), path));
         Ok(Layer {
             dev: Box::new(dev),
             id,
@@ -336,6 +347,31 @@ mod tests {
             resolve_name(Path::new("/a/b/clone.qcow2"), "/abs.img"),
             PathBuf::from("/abs.img")
         );
+    }
+
+    /// QEMU resolves a relative backing name next to the path it opened,
+    /// a symbolic link's, not its target's.
+    #[test]
+    fn a_backing_name_is_resolved_beside_a_link_as_qemu_does() {
+        let dir = crate::scratch_dir("chain-link");
+        let (img, s) = (dir.join("img"), dir.join("s"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&s).unwrap();
+        for base in [img.join("ch1.img"), s.join("ch1.img")] {
+            std::fs::write(&base, vec![5u8; 1 << 20]).unwrap();
+        }
+        crate::bench::run_tool(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "ch1.img"])
+                .arg(img.join("ch2.qcow2")),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(img.join("ch2.qcow2"), s.join("link.qcow2")).unwrap();
+        let chain = chain_of(&s.join("link.qcow2")).unwrap();
+        assert_eq!(chain, [s.join("ch1.img").canonicalize().unwrap()]);
+        let chain = chain_of(&img.join("ch2.qcow2")).unwrap();
+        assert_eq!(chain, [img.join("ch1.img").canonicalize().unwrap()]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
