@@ -22,6 +22,7 @@ pub mod qemu;
 pub mod report;
 pub mod setup;
 pub mod soak;
+pub mod space;
 pub mod staged;
 pub mod timeline;
 pub mod tracejson;

@@ -92,11 +92,17 @@ fn main() -> ExitCode {
         outcome.verdict.headline(),
         outcome.elapsed.as_secs_f64()
     );
+    // Before `finish` removes a failed job's partial output, which may be
+    // what filled the file system.
+    let why = reason(&records, &outcome.serial);
+    let full = why
+        .as_deref()
+        .and_then(|why| boot::space::full_disk_hint(why, &config.disks));
     let verdict = finish(&args, &run, &config, &records, outcome.verdict);
     if verdict != Verdict::Passed {
         // The kernel's own reason, last, where a user looks first.
-        if let Some(why) = reason(&records, &outcome.serial) {
-            eprintln!("{why}");
+        for line in why.iter().chain(&full) {
+            eprintln!("{line}");
         }
     }
     match verdict {
