@@ -7,5 +7,6 @@
 //! traits; nothing here may assume a particular machine.
 
 pub mod block;
+pub mod extended;
 pub mod pci;
 pub mod virtio;

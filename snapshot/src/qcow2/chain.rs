@@ -7,8 +7,9 @@
 //! backing format extension, or from its magic when the header gives none.
 //! The chain is checked top to bottom before anything is opened for
 //! writing, and refused, naming the culprit, when a backing file is
-//! missing, the chain loops, a backing image is smaller than the image over
-//! it, or a layer uses a feature this module does not handle.
+//! missing, the chain loops, or a layer uses a feature this module does
+//! not handle. A backing image smaller than the image over it reads as
+//! zeros past its end, as QEMU reads it.
 //!
 //! Every backing layer is read-only; this module must never open one for
 //! writing.
@@ -107,13 +108,6 @@ fn walk(top: &dyn BlockDevice, top_id: &str, resolve: Resolve<'_>) -> Result<Vec
             Some(f) => Format::named(f, &layer.id)?,
             None => Format::probe(&*layer.dev)?,
         };
-        let size = layer.dev.info().bytes();
-        if format == Format::Raw && size < header.virtual_size {
-            return Err(invalid(format!(
-                "backing image {} is {size} bytes, smaller than the {}-byte image {parent} over it",
-                layer.id, header.virtual_size
-            )));
-        }
         let next = match format {
             Format::Qcow2 => Some(read_header(&*layer.dev).map_err(|e| in_layer(e, &layer.id))?),
             Format::Raw => None,
@@ -124,14 +118,6 @@ fn walk(top: &dyn BlockDevice, top_id: &str, resolve: Resolve<'_>) -> Result<Vec
             format,
         });
         match next {
-            Some(h) if h.virtual_size < header.virtual_size => {
-                return Err(invalid(format!(
-                    "backing image {} is {} bytes, smaller than the {}-byte image {parent} over it",
-                    seen.last().expect("pushed"),
-                    h.virtual_size,
-                    header.virtual_size
-                )))
-            }
             Some(h) => header = h,
             None => return Ok(found),
         }

@@ -44,6 +44,7 @@ use crate::backup::source;
 use crate::devices::block::{
     read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
 };
+use crate::devices::extended::ZeroExtended;
 
 mod writeback;
 
@@ -98,15 +99,11 @@ impl<D: BlockDevice> Qcow2Disk<D> {
                 return Err(invalid(format!("backing file \"{name}\" is not attached")))
             }
             (None, Some(_)) => return Err(invalid("a backing device for an image without one")),
-            (Some(name), Some(b)) if b.info().bytes() < header.virtual_size => {
-                return Err(invalid(format!(
-                    "backing image \"{name}\" is {} bytes, smaller than the {}-byte image over it",
-                    b.info().bytes(),
-                    header.virtual_size
-                )))
-            }
             _ => {}
         }
+        // A backing image smaller than this one reads as zeros past its
+        // end, as QEMU reads it (an overlay grown by `qemu-img resize`).
+        let backing = backing.map(|b| ZeroExtended::to(b, header.virtual_size));
         source::open(&file, &mut |_| {})?;
         let geo = Geometry::new(&header, file.info().bytes());
         let mut tables = Tables::open(&file, &geo, header.l1_size)?;
