@@ -24,7 +24,21 @@ use crate::staged::Staged;
 
 /// Creates (or empties) `path` as a sparse file of `bytes`.
 fn fresh_file(path: &Path, bytes: u64) -> Result<(), String> {
-    crate::bench::make_blank_image(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    crate::bench::make_blank_image(path, bytes).map_err(|e| {
+        // Nothing half-made is left behind.
+        let _ = std::fs::remove_file(path);
+        let hint = if e.raw_os_error() == Some(27) {
+            // EFBIG: a raw file of the disk's size is beyond what the
+            // file system takes; a qcow2 file is only as large as its data.
+            format!(
+                " (the host's file system takes no file of {}; --format qcow2 writes one as large as the data)",
+                crate::report::human_bytes(bytes)
+            )
+        } else {
+            String::new()
+        };
+        format!("{}: {e}{hint}", path.display())
+    })
 }
 
 /// A backup about to run: the disks for the kernel and what it should

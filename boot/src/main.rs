@@ -233,9 +233,9 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         (Scenario::Backup, Some(source), Some(tape), _) => {
             let job = host_backup::plan_backup(source, tape, args.mem).map_err(refused)?;
             eprintln!(
-                "backup: {} MiB of data in a {} MiB virtual disk; the tape will hold {} bytes",
-                job.data_bytes >> 20,
-                job.virtual_bytes >> 20,
+                "backup: {} of data in a {} virtual disk; the tape will hold {} bytes",
+                boot::report::human_bytes(job.data_bytes),
+                boot::report::human_bytes(job.virtual_bytes),
                 job.medium_bytes
             );
             run.disks.extend(job.disks.iter().cloned());

@@ -111,8 +111,36 @@ pub fn blk_report(records: &[Record<'_>]) -> Option<String> {
     Some(text)
 }
 
+/// `bytes` for people: the largest binary unit it reaches, with one
+/// decimal below 10 of it ("0 B", "512 B", "9.8 MiB", "64 TiB").
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let Some(i) = (0..UNITS.len())
+        .rev()
+        .find(|&i| bytes >> (10 * (i + 1)) > 0)
+    else {
+        return format!("{bytes} B");
+    };
+    let value = bytes as f64 / (1u64 << (10 * (i + 1))) as f64;
+    if value < 10.0 && bytes % (1u64 << (10 * (i + 1))) != 0 {
+        format!("{value:.1} {}", UNITS[i])
+    } else {
+        format!("{} {}", value.round(), UNITS[i])
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(64 << 40), "64 TiB");
+        assert_eq!(human_bytes(10 << 20 | 1), "10 MiB");
+        assert_eq!(human_bytes((9 << 20) + (800 << 10)), "9.8 MiB");
+    }
     use super::*;
 
     #[test]
