@@ -122,7 +122,7 @@ pub fn human_bytes(bytes: u64) -> String {
         return format!("{bytes} B");
     };
     let value = bytes as f64 / (1u64 << (10 * (i + 1))) as f64;
-    if value < 10.0 && bytes % (1u64 << (10 * (i + 1))) != 0 {
+    if value < 10.0 && !bytes.is_multiple_of(1u64 << (10 * (i + 1))) {
         format!("{value:.1} {}", UNITS[i])
     } else {
         format!("{} {}", value.round(), UNITS[i])
