@@ -182,6 +182,11 @@ fn snapshot_and_end(
     };
     let opts = Options {
         copier_share_pct: Some(config.copier_share_pct),
+        copier_cpu: if config.copier_shared {
+            memsnap::CopierCpu::Shared
+        } else {
+            memsnap::CopierCpu::boot_default()
+        },
         map_outside: config.map_outside,
         verify: true,
         disk,

@@ -97,6 +97,9 @@ pub struct RunConfig {
     pub warmup_us: u64,
     /// The background copier's share of the CPU, percent.
     pub copier_share_pct: u64,
+    /// The copier shares a CPU with the workload (and sleeps between
+    /// bursts) instead of owning one (where there are several).
+    pub copier_shared: bool,
     /// Copy map outside the snapshotted memory (else inside, eager).
     pub map_outside: bool,
     /// Where the copy goes.
@@ -151,6 +154,8 @@ pub fn draw(seed: u64) -> RunConfig {
         (1, Store::Ram) => End::Restore,
         _ => End::Complete,
     };
+    // Drawn last, so that every earlier draw of a seed stays as it was.
+    let copier_shared = pick(4) == 0;
     RunConfig {
         seed,
         threads,
@@ -158,6 +163,7 @@ pub fn draw(seed: u64) -> RunConfig {
         patterns,
         warmup_us,
         copier_share_pct,
+        copier_shared,
         map_outside,
         store,
         end,
@@ -176,7 +182,7 @@ impl fmt::Display for RunConfig {
         let p = &self.patterns;
         write!(
             f,
-            "{} x {} KiB [{}{}{}{}{}], warm-up {} us, copier {} %, map {}, ",
+            "{} x {} KiB [{}{}{}{}{}], warm-up {} us, copier {} %{}, map {}, ",
             self.threads,
             self.bytes_each >> 10,
             if p.random { "random " } else { "" },
@@ -186,6 +192,11 @@ impl fmt::Display for RunConfig {
             if p.dma { "dma" } else { "no-dma" },
             self.warmup_us,
             self.copier_share_pct,
+            if self.copier_shared {
+                " on a shared CPU"
+            } else {
+                ""
+            },
             if self.map_outside {
                 "outside"
             } else {
@@ -351,6 +362,7 @@ mod tests {
         assert!(any(&|c| c.end == End::Restore));
         assert!(any(&|c| matches!(c.end, End::Abort { .. })));
         assert!(any(&|c| c.map_outside) && any(&|c| !c.map_outside));
+        assert!(any(&|c| c.copier_shared) && any(&|c| !c.copier_shared));
         assert!(any(&|c| c.patterns.dma) && any(&|c| !c.patterns.dma));
         assert!(any(&|c| !c.patterns.random) && any(&|c| !c.patterns.sequential));
         assert!(any(&|c| !c.patterns.heap) && any(&|c| !c.patterns.recursion));
