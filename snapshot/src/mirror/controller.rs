@@ -7,7 +7,6 @@
 //! is writing, for a unit another copier holds) call the `relax` function
 //! the owner passed (a thread yield in the kernel).
 
-use alloc::collections::BTreeSet;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -130,7 +129,7 @@ pub(super) struct Inner {
     /// secondary, whose copy no flush has made durable yet; their disk
     /// bits stay set meanwhile. Bounded: both flush once they reach
     /// [`super::copier::CLEAR_BYTES`].
-    pub(super) unflushed: BTreeSet<u64>,
+    pub(super) unflushed: super::durable::Unflushed,
     /// Buffers of settled copier batches, for the next ones (at most
     /// [`super::copier::MAX_BATCHES`]; dropped when the copier runs out).
     pub(super) spare: Vec<Vec<u8>>,
@@ -273,7 +272,7 @@ impl Mirror {
                 // Pumped before the split but not flushed yet: its disk
                 // bit is still set, so its copy must be durable before
                 // the primary changes, as for a copier's block.
-                let pumped = g.unflushed.contains(&b);
+                let pumped = g.unflushed.contains(b);
                 drop(g);
                 return if pumped {
                     self.durable_before_write()
@@ -293,7 +292,7 @@ impl Mirror {
             // Copied by a copier batch not flushed yet: its copy must be
             // durable before the primary's block changes, or a crash
             // would resume the split from the newer primary.
-            _ if self.inner.lock().unflushed.contains(&b) => self.durable_before_write(),
+            _ if self.inner.lock().unflushed.contains(b) => self.durable_before_write(),
             _ => Ok(()),
         }
     }
@@ -397,7 +396,7 @@ impl Mirror {
         g.areas[k].sector_bytes(s, |i, mut w| {
             if k == g.sb.d && paired {
                 let word = i as u64 * 64..(i as u64 + 1) * 64;
-                for &b in g.pinned.iter().chain(g.unflushed.range(word)) {
+                for b in g.pinned.iter().copied().chain(g.unflushed.in_range(word)) {
                     if (b / 64) as usize == i {
                         w |= 1 << (b % 64);
                     }
@@ -407,7 +406,7 @@ impl Mirror {
                 while bits != 0 {
                     let b = i as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
-                    if self.engine.is_copied(b) && !g.unflushed.contains(&b) {
+                    if self.engine.is_copied(b) && !g.unflushed.contains(b) {
                         w &= !(1 << (b % 64));
                     }
                 }

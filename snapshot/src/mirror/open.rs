@@ -95,7 +95,7 @@ impl Mirror {
                 copiers: 0,
                 clears: Vec::new(),
                 unclear: 0,
-                unflushed: alloc::collections::BTreeSet::new(),
+                unflushed: Default::default(),
                 spare: Vec::new(),
                 super_busy: false,
                 pending: 0,
