@@ -44,7 +44,7 @@ use alloc::vec::Vec;
 use super::{Entry, Qcow2Disk, Result};
 use crate::backup::qcow2::{buffer, Qcow2Error};
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
-use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
+use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op, SECTOR_SIZE};
 
 /// Most clusters one batch looks at: a hole with nothing below costs the
 /// chain's block status (no read of its data, no write), and stays a hole.
@@ -366,12 +366,15 @@ where
     }
 
     /// Reads the claimed holes (all with data below) from the chain, one
-    /// cluster after another in the buffer.
+    /// cluster after another in the buffer: one read per run of
+    /// consecutive clusters, all of them sent together (several in flight).
     fn read_batch(&self, claimed: &[Token]) -> Result<Vec<u8>> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().map(Token::unit).collect();
         let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
+        let mut ops = Vec::new();
+        let mut rest: &mut [u8] = &mut data;
         let mut k = 0;
         while k < with_data.len() {
             let mut end = k + 1;
@@ -380,10 +383,16 @@ where
             }
             let (first, last) = (with_data[k], with_data[end - 1]);
             let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
-            self.disk
-                .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
+            let (run, tail) = core::mem::take(&mut rest).split_at_mut((end - k) * cs);
+            ops.push(Op::Read {
+                sector: first * g.cs / SECTOR_SIZE as u64,
+                buf: &mut run[..len],
+            });
+            rest = tail;
             k = end;
         }
+        self.disk.read_below_ops(&mut ops)?;
+        drop(ops);
         Ok(data)
     }
 
