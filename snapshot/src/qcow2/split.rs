@@ -106,6 +106,9 @@ pub struct Split<'a, D, W, C> {
     /// Clusters copied since the last write-back, and how many trigger one.
     unwritten: AtomicU64,
     write_back_every: u64,
+    /// Commits leave the write-backs to another thread
+    /// ([`Self::take_write_back_due`]).
+    deferred: bool,
     relax: fn(),
 }
 
@@ -146,6 +149,7 @@ where
             workload_ops: AtomicU64::new(0),
             unwritten: AtomicU64::new(0),
             write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
+            deferred: false,
             relax,
         })
     }
@@ -156,6 +160,36 @@ where
     pub fn with_write_back(mut self, bytes: u64) -> Self {
         self.write_back_every = (bytes / self.disk.geometry().cs).max(1);
         self
+    }
+
+    /// The same split, whose commits do not write the metadata back
+    /// themselves: another thread asks [`Self::take_write_back_due`] and
+    /// runs [`Qcow2Disk::write_back`] (its flush then overlaps the next
+    /// batches' writes). A crash leaks at most twice the write-back
+    /// interval and one batch: what the write-back in flight covers, and
+    /// what was copied since it started.
+    pub fn with_deferred_write_back(mut self) -> Self {
+        self.deferred = true;
+        self
+    }
+
+    /// [`Self::with_deferred_write_back`] if `deferred`.
+    pub fn deferred_if(self, deferred: bool) -> Self {
+        if deferred {
+            self.with_deferred_write_back()
+        } else {
+            self
+        }
+    }
+
+    /// Whether enough was copied since the last write-back for another;
+    /// if so, counts from zero again (the caller then writes back).
+    pub fn take_write_back_due(&self) -> bool {
+        let due = self.unwritten.load(Ordering::Relaxed) >= self.write_back_every;
+        if due {
+            self.unwritten.store(0, Ordering::Relaxed);
+        }
+        due
     }
 
     /// The clone.
@@ -352,8 +386,7 @@ where
                 for t in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
-                if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
-                    self.unwritten.store(0, Ordering::Relaxed);
+                if !self.deferred && self.take_write_back_due() {
                     self.disk.write_back()?;
                 }
                 Ok(n)
