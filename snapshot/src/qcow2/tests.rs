@@ -208,6 +208,17 @@ proptest! {
             apply(&q, &mut model, a).unwrap();
         }
         prop_assert_eq!(first_difference(&read_all(&q), &model), None);
+        // The same bytes read in one batch of ranges that each cross
+        // data, holes and zeros (the image file's runs sent together).
+        let mut got = vec![0u8; SIZE as usize];
+        let mut ops: Vec<Op<'_>> = got
+            .chunks_mut(7 * 512)
+            .enumerate()
+            .map(|(k, buf)| Op::Read { sector: k as u64 * 7, buf })
+            .collect();
+        q.transfer(&mut ops, 4).unwrap();
+        drop(ops);
+        prop_assert_eq!(first_difference(&got, &model), None);
         q.flush().unwrap();
         drop(q);
         let r = assert_sound(&*file);
