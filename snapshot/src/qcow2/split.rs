@@ -24,7 +24,9 @@
 //!   every
 //!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
 //!   then the L2 entries: [`Qcow2Disk::write_back`], whose flush runs
-//!   without the tables' lock).
+//!   without the tables' lock), or leaves that to another thread
+//!   ([`Split::with_deferred_write_back`]), so that the flush overlaps
+//!   the next batches' writes.
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
@@ -33,7 +35,8 @@
 //! backing format in the header, and flushes again.
 //!
 //! A crash leaks at most what was copied since the last write-back and
-//! one batch (counted, data maybe written, entries not yet on disk), and
+//! one batch (counted, data maybe written, entries not yet on disk),
+//! twice the write-back interval with deferred write-backs, and
 //! corrupts nothing; the clone reads the same before and after. This module must never write to a cluster that
 //! is not a hole without holding its claim, nor copy a unit it has not won.
 
