@@ -394,10 +394,18 @@ impl WriteBacks {
     }
 
     /// Between batches: the error of the write-back that finished, if it
-    /// failed; starts the next one if it is due and none is running.
+    /// failed; starts the next one if it is due and none is running. If
+    /// the next is due while one still runs, waits for that one: what a
+    /// crash may leak stays two intervals.
     fn poll(&mut self, split: &KernelSplit) -> Result<(), Qcow2Error> {
         if self.running {
-            match self.job.try_take() {
+            let finished = if split.write_back_due() {
+                let mut asked = true;
+                self.job.next(&mut asked, |_| false)
+            } else {
+                self.job.try_take()
+            };
+            match finished {
                 Some(done) => {
                     self.running = false;
                     done?;

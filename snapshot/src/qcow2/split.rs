@@ -185,10 +185,15 @@ where
         }
     }
 
-    /// Whether enough was copied since the last write-back for another;
-    /// if so, counts from zero again (the caller then writes back).
+    /// Whether enough was copied since the last write-back for another.
+    pub fn write_back_due(&self) -> bool {
+        self.unwritten.load(Ordering::Relaxed) >= self.write_back_every
+    }
+
+    /// [`Self::write_back_due`]; if so, counts from zero again (the
+    /// caller then writes back).
     pub fn take_write_back_due(&self) -> bool {
-        let due = self.unwritten.load(Ordering::Relaxed) >= self.write_back_every;
+        let due = self.write_back_due();
         if due {
             self.unwritten.store(0, Ordering::Relaxed);
         }
