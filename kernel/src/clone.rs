@@ -261,13 +261,13 @@ fn workload_loop(split: &KernelSplit, seed: u64, pause_ns: u64, stop: &AtomicBoo
     r
 }
 
-/// Splits `clone`, with the workload `opts` asks for; `report` sees the
-/// progress after each burst.
-pub fn run_split(
+/// The split of `clone` as `opts` asks, with its copy map, leaked (the
+/// threads of a run share it); refused up front if the copy map and two
+/// batches would not fit the heap.
+fn new_split(
     clone: &'static CloneDisk,
     opts: &Options,
-    report: &mut dyn FnMut(&Progress),
-) -> Result<SplitRun, (bool, String)> {
+) -> Result<&'static KernelSplit, (bool, String)> {
     let (units, cs) = (clone.geometry().vclusters, clone.geometry().cs);
     let batch = opts.batch.min(BATCH_BYTES / cs).max(1);
     // The copy map and two batches (one read ahead): refused up front.
@@ -282,7 +282,7 @@ pub fn run_split(
     })?;
     words.extend((0..words_for(units)).map(|_| AtomicU64::new(0)));
     let failed = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
-    let split: &'static KernelSplit = Box::leak(Box::new(
+    Ok(Box::leak(Box::new(
         Split::new(
             clone,
             words,
@@ -293,7 +293,18 @@ pub fn run_split(
         .map_err(failed)?
         .with_write_back(opts.write_back_bytes)
         .deferred_if(opts.write_back_thread),
-    ));
+    )))
+}
+
+/// Splits `clone`, with the workload `opts` asks for; `report` sees the
+/// progress after each burst.
+pub fn run_split(
+    clone: &'static CloneDisk,
+    opts: &Options,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<SplitRun, (bool, String)> {
+    let failed = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
+    let split = new_split(clone, opts)?;
     clone.set_write_chunk(opts.write_chunk);
     clone.set_write_depth(opts.write_depth);
     PHASE.store(0, Ordering::Relaxed);
