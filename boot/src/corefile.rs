@@ -31,17 +31,32 @@ pub fn inspect(path: &Path) -> Result<Core, String> {
 
 /// Copies the first `len` bytes of the disk image `image` (where the
 /// kernel wrote the core file) to `out`, then checks the result is a
-/// complete core. `progress(done, total)` is called as bytes go.
+/// complete core. `progress(done, total)` is called as bytes go. The copy
+/// is staged beside `out` and put there only once checked: a failed copy
+/// (a full file system, a short core) leaves what `out` held before.
 pub fn extract(
     image: &Path,
     len: u64,
     out: &Path,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Core, String> {
-    use std::io::Write;
-    let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     // Refuse before copying anything if the image holds no finished core.
     inspect(image)?;
+    let staged = crate::staged::Staged::new(out)?;
+    let result =
+        copy(image, len, &staged.partial, progress).and_then(|()| inspect(&staged.partial));
+    staged.finish(result)
+}
+
+/// Copies the first `len` bytes of `image` to a new file `to`, durably.
+fn copy(
+    image: &Path,
+    len: u64,
+    to: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), String> {
+    use std::io::Write;
+    let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     let from = std::fs::File::open(image).map_err(|e| at(image, e))?;
     let available = from.metadata().map_err(|e| at(image, e))?.len();
     if available < len {
@@ -51,7 +66,7 @@ pub fn extract(
         ));
     }
     let mut from = from.take(len);
-    let mut to = std::fs::File::create(out).map_err(|e| at(out, e))?;
+    let mut file = std::fs::File::create(to).map_err(|e| at(to, e))?;
     let mut buf = vec![0u8; 8 << 20];
     let mut done = 0;
     loop {
@@ -59,15 +74,15 @@ pub fn extract(
         if n == 0 {
             break;
         }
-        to.write_all(&buf[..n]).map_err(|e| at(out, e))?;
+        file.write_all(&buf[..n]).map_err(|e| at(to, e))?;
         done += n as u64;
         progress(done, len);
     }
-    to.sync_all().map_err(|e| at(out, e))?;
+    file.sync_all().map_err(|e| at(to, e))?;
     if done != len {
-        return Err(format!("{}: copied {done} of {len} bytes", out.display()));
+        return Err(format!("{}: copied {done} of {len} bytes", to.display()));
     }
-    inspect(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -132,5 +147,34 @@ mod tests {
         assert!(inspect(&path)
             .unwrap_err()
             .contains("not a snapshot core file"));
+    }
+
+    #[test]
+    fn a_failed_copy_leaves_the_old_file_and_no_staging_file() {
+        let dir = crate::scratch_dir("corefile-failed-copy");
+        let image = dir.join("disk.img");
+        write_core(&image);
+        let out = dir.join("core");
+        std::fs::write(&out, b"the user's old file").unwrap();
+        // A core shorter than its own header: the copy is not a core file.
+        assert!(extract(&image, 100, &out, |_, _| {}).is_err());
+        assert_eq!(std::fs::read(&out).unwrap(), b"the user's old file");
+        assert!(!dir.join(".core.partial").exists());
+        // The whole core goes in place of the old file.
+        let bytes = std::fs::read(&image).unwrap();
+        let core = extract(&image, bytes.len() as u64, &out, |_, _| {}).unwrap();
+        assert_eq!(core.loads.len(), 2);
+        assert_eq!(std::fs::read(&out).unwrap(), bytes);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_is_refused_as_the_output() {
+        let dir = crate::scratch_dir("corefile-dir-out");
+        let image = dir.join("disk.img");
+        let len = write_core(&image).len() as u64;
+        let err = extract(&image, len, &dir, |_, _| {}).unwrap_err();
+        assert!(err.contains("exists and is not a file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

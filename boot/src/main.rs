@@ -88,8 +88,8 @@ fn main() -> ExitCode {
     }
     show_bench(&args, &config, &outcome);
     eprintln!(
-        "kernel {} in {:.2} s",
-        outcome.verdict,
+        "{} in {:.2} s",
+        outcome.verdict.headline(),
         outcome.elapsed.as_secs_f64()
     );
     let verdict = finish(&args, &run, &config, &records, outcome.verdict);
@@ -219,6 +219,10 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             blank(&image, args.image_size)?;
             eprintln!("image: {} ({} MiB)", image.display(), args.image_size >> 20);
             run.disks.push(Disk::new(image, "bench"));
+        }
+        (Scenario::Memsnap, _, _, Some(out)) => {
+            // Refused now rather than after the whole snapshot ran.
+            boot::staged::Staged::new(out).map_err(refused)?;
         }
         (Scenario::Backup, Some(source), Some(tape), _) => {
             let job = host_backup::plan_backup(source, tape, args.mem).map_err(refused)?;

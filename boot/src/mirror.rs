@@ -39,6 +39,23 @@ fn len(path: &Path, what: &str) -> Result<u64, String> {
         .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
+/// Refuses a qcow2 image as the primary: the mirror takes raw volumes,
+/// and would otherwise pair the image file's own bytes (or refuse it for
+/// a length that is not whole sectors, which says nothing of why).
+fn refuse_qcow2(path: &Path, what: &str) -> Result<(), String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+    if read.is_ok() && u32::from_be_bytes(magic) == snapshot::backup::qcow2::MAGIC {
+        return Err(format!(
+            "{what} {}: a qcow2 image; the mirror's volumes are raw \
+             (qemu-img convert -O raw gives one)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// The controller disk kept beside `secondary`.
 pub fn control_path(secondary: &Path) -> PathBuf {
     let mut name = secondary.as_os_str().to_owned();
@@ -92,6 +109,7 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
         check_writable(path)
             .map_err(|e| format!("{what} {}: {e}; the mirror writes it", path.display()))?;
     }
+    refuse_qcow2(primary, "--primary")?;
     let (p, s) = (len(primary, "--primary")?, len(secondary, "--secondary")?);
     if p % 512 != 0 || p == 0 {
         return Err(format!(
@@ -316,6 +334,32 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
         let e = refused(&dir, &p, &dir.join("s.img"));
         assert!(e.contains("--primary") && e.contains("read-only"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_qcow2_primary_is_refused_as_one() {
+        let dir = scratch("qimg");
+        let p = dir.join("p.img");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("1M")
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            // Without qemu-img, the header qemu-img would write begins so.
+            let mut bytes = vec![0u8; 1 << 20];
+            bytes[..4].copy_from_slice(&snapshot::backup::qcow2::MAGIC.to_be_bytes());
+            std::fs::write(&p, bytes).unwrap();
+        }
+        let e = refused(&dir, &p, &dir.join("s.img"));
+        assert!(
+            e.contains("--primary") && e.contains("a qcow2 image"),
+            "{e}"
+        );
+        // A raw primary of the same length pairs.
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        assert!(plan(&p, &dir.join("s.img"), &dir.join("t.tape"), 512 << 20).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -138,6 +138,18 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+impl Verdict {
+    /// The verdict as the line after a run says it: of the kernel when the
+    /// kernel ended the run, of QEMU when QEMU ended without the kernel's
+    /// word.
+    pub fn headline(&self) -> String {
+        match self {
+            Verdict::UnexpectedExit(_) => self.to_string(),
+            _ => format!("kernel {self}"),
+        }
+    }
+}
+
 /// The result of one boot.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -411,6 +423,23 @@ pub fn run_supervised(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_headline_names_who_ended_the_run() {
+        assert_eq!(Verdict::Passed.headline(), "kernel passed (exit 33)");
+        assert!(Verdict::Failed.headline().starts_with("kernel failed"));
+        let killed = Verdict::UnexpectedExit(None).headline();
+        assert_eq!(killed, "QEMU was killed by a signal");
+        assert_eq!(
+            Verdict::UnexpectedExit(Some(1)).headline(),
+            "QEMU exited with status 1"
+        );
+        assert!(Verdict::UnexpectedExit(Some(0))
+            .headline()
+            .starts_with("guest reset"));
+        let late = Verdict::TimedOut(Duration::from_secs(3)).headline();
+        assert!(late.starts_with("kernel timed out"), "{late}");
+    }
     use super::*;
 
     /// Every disk reports I/O errors to the guest: with QEMU's default
