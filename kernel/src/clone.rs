@@ -184,6 +184,9 @@ pub struct Options {
     pub write_chunk: u64,
     /// Such writes sent together, in flight at once.
     pub write_depth: usize,
+    /// Metadata write-backs on a thread of their own (their flush
+    /// overlapping the next batches' writes), not between batches.
+    pub write_back_thread: bool,
 }
 
 /// What a workload did, by phase (0 before the split, 1 during).
@@ -258,13 +261,13 @@ fn workload_loop(split: &KernelSplit, seed: u64, pause_ns: u64, stop: &AtomicBoo
     r
 }
 
-/// Splits `clone`, with the workload `opts` asks for; `report` sees the
-/// progress after each burst.
-pub fn run_split(
+/// The split of `clone` as `opts` asks, with its copy map, leaked (the
+/// threads of a run share it); refused up front if the copy map and two
+/// batches would not fit the heap.
+fn new_split(
     clone: &'static CloneDisk,
     opts: &Options,
-    report: &mut dyn FnMut(&Progress),
-) -> Result<SplitRun, (bool, String)> {
+) -> Result<&'static KernelSplit, (bool, String)> {
     let (units, cs) = (clone.geometry().vclusters, clone.geometry().cs);
     let batch = opts.batch.min(BATCH_BYTES / cs).max(1);
     // The copy map and two batches (one read ahead): refused up front.
@@ -279,7 +282,7 @@ pub fn run_split(
     })?;
     words.extend((0..words_for(units)).map(|_| AtomicU64::new(0)));
     let failed = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
-    let split: &'static KernelSplit = Box::leak(Box::new(
+    Ok(Box::leak(Box::new(
         Split::new(
             clone,
             words,
@@ -288,8 +291,20 @@ pub fn run_split(
             thread::yield_now,
         )
         .map_err(failed)?
-        .with_write_back(opts.write_back_bytes),
-    ));
+        .with_write_back(opts.write_back_bytes)
+        .deferred_if(opts.write_back_thread),
+    )))
+}
+
+/// Splits `clone`, with the workload `opts` asks for; `report` sees the
+/// progress after each burst.
+pub fn run_split(
+    clone: &'static CloneDisk,
+    opts: &Options,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<SplitRun, (bool, String)> {
+    let failed = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
+    let split = new_split(clone, opts)?;
     clone.set_write_chunk(opts.write_chunk);
     clone.set_write_depth(opts.write_depth);
     PHASE.store(0, Ordering::Relaxed);
@@ -321,8 +336,12 @@ pub fn run_split(
     let ahead: &'static ReadAhead<Result<Option<Batch>, Qcow2Error>> = Box::leak(Box::default());
     let reader = thread::spawn("clone-read", move || ahead.serve(|| split.prepare()));
     let mut asked = false;
+    let mut write_backs = opts.write_back_thread.then(|| WriteBacks::start(clone));
     let result = split.run_from(
         &mut || {
+            if let Some(w) = write_backs.as_mut() {
+                w.poll(split)?;
+            }
             let t = clock::now_ns();
             let batch = ahead
                 .next(&mut asked, |b| matches!(b, Ok(Some(_))))
@@ -344,12 +363,13 @@ pub fn run_split(
     };
     ahead.stop();
     reader.join();
+    let written = write_backs.map_or(Ok(()), WriteBacks::stop);
     if let Some(Ok(Some(batch))) = ahead.leftover() {
         split.abandon(batch);
     }
     stop.store(true, Ordering::Relaxed);
     let load = load.map(|h| h.join());
-    let progress = result.map_err(failed)?;
+    let progress = result.and_then(|p| written.map(|()| p)).map_err(failed)?;
     // The workload's last writes, after the release, are durable too.
     clone.flush().map_err(failed)?;
     if let Some(e) = load.as_ref().and_then(|l| l.error.clone()) {
@@ -362,6 +382,61 @@ pub fn run_split(
         load,
         times,
     })
+}
+
+/// The split's metadata write-backs on a thread of their own, one at a
+/// time, so that each one's flush overlaps the next batches' writes
+/// instead of stopping them.
+struct WriteBacks {
+    job: &'static ReadAhead<Result<(), Qcow2Error>>,
+    thread: thread::JoinHandle<()>,
+    running: bool,
+}
+
+impl WriteBacks {
+    fn start(clone: &'static CloneDisk) -> Self {
+        let job: &'static ReadAhead<Result<(), Qcow2Error>> = Box::leak(Box::default());
+        let thread = thread::spawn("clone-wb", move || job.serve(|| clone.write_back()));
+        WriteBacks {
+            job,
+            thread,
+            running: false,
+        }
+    }
+
+    /// Between batches: the error of the write-back that finished, if it
+    /// failed; starts the next one if it is due and none is running. If
+    /// the next is due while one still runs, waits for that one: what a
+    /// crash may leak stays two intervals.
+    fn poll(&mut self, split: &KernelSplit) -> Result<(), Qcow2Error> {
+        if self.running {
+            let finished = if split.write_back_due() {
+                let mut asked = true;
+                self.job.next(&mut asked, |_| false)
+            } else {
+                self.job.try_take()
+            };
+            match finished {
+                Some(done) => {
+                    self.running = false;
+                    done?;
+                }
+                None => return Ok(()),
+            }
+        }
+        if split.take_write_back_due() {
+            self.job.start();
+            self.running = true;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write-back in flight; its result.
+    fn stop(self) -> Result<(), Qcow2Error> {
+        self.job.stop();
+        self.thread.join();
+        self.job.leftover().unwrap_or(Ok(()))
+    }
 }
 
 /// Emits `clone.progress` when the whole per cent done changes.
@@ -402,6 +477,7 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", WRITE_CHUNK >> 10) << 10,
         write_depth: num("depth", WRITE_DEPTH as u64) as usize,
+        write_back_thread: num("wb_thread", 1) != 0,
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,

@@ -78,6 +78,23 @@ impl<T> ReadAhead<T> {
         item
     }
 
+    /// Asks for one item without waiting for it: take it with
+    /// [`Self::try_take`] (a background job whose result is checked later).
+    pub fn start(&self) {
+        self.ask();
+    }
+
+    /// The item asked for by [`Self::start`] if it is ready, without
+    /// waiting; `None` while it is being prepared.
+    pub fn try_take(&self) -> Option<T> {
+        if !self.filled.load(Ordering::Acquire) {
+            return None;
+        }
+        let item = self.ready.lock().take();
+        self.filled.store(false, Ordering::Release);
+        item
+    }
+
     /// Stops the reader: it returns from [`Self::serve`] once the item it
     /// may be preparing is ready.
     pub fn stop(&self) {

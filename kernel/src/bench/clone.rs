@@ -57,6 +57,7 @@ pub fn clone_split(cmd: &CmdLine<'_>) -> ExitCode {
         write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
         write_chunk: num("chunk_kib", crate::clone::WRITE_CHUNK >> 10) << 10,
         write_depth: num("depth", crate::clone::WRITE_DEPTH as u64) as usize,
+        write_back_thread: num("wb_thread", 1) != 0,
     };
     let run = match run_split(clone, &opts, &mut |_| {}) {
         Ok(r) => r,

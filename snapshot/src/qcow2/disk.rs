@@ -46,6 +46,7 @@ use crate::devices::block::{
 };
 use crate::devices::extended::ZeroExtended;
 
+mod reads;
 mod writeback;
 
 /// Most requests in flight when the split's batch data goes out.
@@ -497,6 +498,15 @@ impl<D: BlockDevice> BlockDevice for Qcow2Disk<D> {
     }
 
     fn transfer(&self, ops: &mut [Op<'_>], _depth: usize) -> core::result::Result<(), BlockError> {
+        if ops.len() > 1 && ops.iter().all(|op| matches!(op, Op::Read { .. })) {
+            for op in ops.iter() {
+                crate::devices::block::check(&self.info, op)?;
+            }
+            let first = ops[0].extent().map_or(0, |(sector, _)| sector);
+            return self
+                .read_ops(ops)
+                .map_err(|e| super::block_error(&self.info.name, first, e));
+        }
         super::serve(self, ops)
     }
 

@@ -24,7 +24,9 @@
 //!   every
 //!   [`WRITE_BACK_BYTES`] copied it writes the metadata back (one flush,
 //!   then the L2 entries: [`Qcow2Disk::write_back`], whose flush runs
-//!   without the tables' lock).
+//!   without the tables' lock), or leaves that to another thread
+//!   ([`Split::with_deferred_write_back`]), so that the flush overlaps
+//!   the next batches' writes.
 //!
 //! Reads need no claim: a hole and its copy read the same.
 //! [`Split::run`] paces the background work with a [`Pacer`] and steps
@@ -33,7 +35,8 @@
 //! backing format in the header, and flushes again.
 //!
 //! A crash leaks at most what was copied since the last write-back and
-//! one batch (counted, data maybe written, entries not yet on disk), and
+//! one batch (counted, data maybe written, entries not yet on disk),
+//! twice the write-back interval with deferred write-backs, and
 //! corrupts nothing; the clone reads the same before and after. This module must never write to a cluster that
 //! is not a hole without holding its claim, nor copy a unit it has not won.
 
@@ -44,7 +47,7 @@ use alloc::vec::Vec;
 use super::{Entry, Qcow2Disk, Result};
 use crate::backup::qcow2::{buffer, Qcow2Error};
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
-use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op};
+use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op, SECTOR_SIZE};
 
 /// Most clusters one batch looks at: a hole with nothing below costs the
 /// chain's block status (no read of its data, no write), and stays a hole.
@@ -106,6 +109,9 @@ pub struct Split<'a, D, W, C> {
     /// Clusters copied since the last write-back, and how many trigger one.
     unwritten: AtomicU64,
     write_back_every: u64,
+    /// Commits leave the write-backs to another thread
+    /// ([`Self::take_write_back_due`]).
+    deferred: bool,
     relax: fn(),
 }
 
@@ -146,6 +152,7 @@ where
             workload_ops: AtomicU64::new(0),
             unwritten: AtomicU64::new(0),
             write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
+            deferred: false,
             relax,
         })
     }
@@ -156,6 +163,41 @@ where
     pub fn with_write_back(mut self, bytes: u64) -> Self {
         self.write_back_every = (bytes / self.disk.geometry().cs).max(1);
         self
+    }
+
+    /// The same split, whose commits do not write the metadata back
+    /// themselves: another thread asks [`Self::take_write_back_due`] and
+    /// runs [`Qcow2Disk::write_back`] (its flush then overlaps the next
+    /// batches' writes). A crash leaks at most twice the write-back
+    /// interval and one batch: what the write-back in flight covers, and
+    /// what was copied since it started.
+    pub fn with_deferred_write_back(mut self) -> Self {
+        self.deferred = true;
+        self
+    }
+
+    /// [`Self::with_deferred_write_back`] if `deferred`.
+    pub fn deferred_if(self, deferred: bool) -> Self {
+        if deferred {
+            self.with_deferred_write_back()
+        } else {
+            self
+        }
+    }
+
+    /// Whether enough was copied since the last write-back for another.
+    pub fn write_back_due(&self) -> bool {
+        self.unwritten.load(Ordering::Relaxed) >= self.write_back_every
+    }
+
+    /// [`Self::write_back_due`]; if so, counts from zero again (the
+    /// caller then writes back).
+    pub fn take_write_back_due(&self) -> bool {
+        let due = self.write_back_due();
+        if due {
+            self.unwritten.store(0, Ordering::Relaxed);
+        }
+        due
     }
 
     /// The clone.
@@ -352,8 +394,7 @@ where
                 for t in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
-                if self.unwritten.load(Ordering::Relaxed) >= self.write_back_every {
-                    self.unwritten.store(0, Ordering::Relaxed);
+                if !self.deferred && self.take_write_back_due() {
                     self.disk.write_back()?;
                 }
                 Ok(n)
@@ -366,12 +407,15 @@ where
     }
 
     /// Reads the claimed holes (all with data below) from the chain, one
-    /// cluster after another in the buffer.
+    /// cluster after another in the buffer: one read per run of
+    /// consecutive clusters, all of them sent together (several in flight).
     fn read_batch(&self, claimed: &[Token]) -> Result<Vec<u8>> {
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().map(Token::unit).collect();
         let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
+        let mut ops = Vec::new();
+        let mut rest: &mut [u8] = &mut data;
         let mut k = 0;
         while k < with_data.len() {
             let mut end = k + 1;
@@ -380,10 +424,16 @@ where
             }
             let (first, last) = (with_data[k], with_data[end - 1]);
             let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
-            self.disk
-                .read_below(first * g.cs, &mut data[k * cs..k * cs + len])?;
+            let (run, tail) = core::mem::take(&mut rest).split_at_mut((end - k) * cs);
+            ops.push(Op::Read {
+                sector: first * g.cs / SECTOR_SIZE as u64,
+                buf: &mut run[..len],
+            });
+            rest = tail;
             k = end;
         }
+        self.disk.read_below_ops(&mut ops)?;
+        drop(ops);
         Ok(data)
     }
 

@@ -3,8 +3,10 @@
 //!
 //! The L1 table is held whole (at most 32 MiB, QEMU's bound, checked by
 //! the header parser; allocated fallibly); L2 tables are cached
-//! [`CACHED_L2`] at a time. A new L2 table is counted and written zeroed,
-//! both made durable by one flush, before the L1 entry names it.
+//! [`CACHED_L2`] at a time. A new L2 table is counted and written zeroed
+//! at once, and named in the L1 table in memory; the L1 entry is written
+//! with the next write-back's L2 entries, after the flush that makes the
+//! count and the zeros durable (no flush of its own).
 //!
 //! Published entries are written back lazily, as QEMU's L2 cache does: a
 //! publish changes the cached table and marks the sectors it touched
@@ -121,6 +123,10 @@ pub(super) struct Tables {
     victim: usize,
     /// Write-backs whose copies are on disk (see [`Self::take_dirty`]).
     written: Arc<AtomicU64>,
+    /// L1 entries changed in memory and not yet written (a range).
+    l1_dirty: Option<(usize, usize)>,
+    /// Host offset of the L1 table.
+    l1_offset: u64,
 }
 
 impl Tables {
@@ -145,6 +151,8 @@ impl Tables {
             cache: Vec::new(),
             victim: 0,
             written: Arc::new(AtomicU64::new(0)),
+            l1_dirty: None,
+            l1_offset: g.l1_offset,
         })
     }
 
@@ -208,8 +216,10 @@ impl Tables {
         }
     }
 
-    /// Makes sure L2 table `i` exists: allocates, counts, zeroes and flushes
-    /// a new one before the L1 entry names it.
+    /// Makes sure L2 table `i` exists: allocates and counts a new one (in
+    /// the cached refcounts), writes it zeroed and names it in the L1
+    /// table in memory. The L1 entry reaches the disk with the next
+    /// write-back, after its flush: the count and the zeros first.
     pub(super) fn ensure(
         &mut self,
         dev: &dyn BlockDevice,
@@ -221,27 +231,17 @@ impl Tables {
             return Ok(());
         }
         let c = rc.alloc(dev, g)?;
-        rc.sync(dev)?;
         let zero = buffer(g.cs, "L2 table")?;
         write_bytes(dev, c * g.cs, &zero)?;
-        dev.flush()?;
         self.l1[i as usize] = (c * g.cs) | COPIED;
-        let first = (i as usize * 8) / SECTOR_SIZE * SECTOR_SIZE / 8;
-        let mut sector = [0u8; SECTOR_SIZE];
-        for (k, w) in sector.as_chunks_mut::<8>().0.iter_mut().enumerate() {
-            w.copy_from_slice(&self.l1.get(first + k).copied().unwrap_or(0).to_be_bytes());
-        }
-        // The L1 table may end mid-sector: keep what follows it.
-        let l1_end = g.l1_offset + g.l1_bytes;
-        let at = g.l1_offset + first as u64 * 8;
-        let keep = (l1_end.saturating_sub(at) as usize).min(SECTOR_SIZE);
-        if keep < SECTOR_SIZE {
-            let mut old = [0u8; SECTOR_SIZE];
-            read_bytes(dev, at, &mut old)?;
-            sector[keep..].copy_from_slice(&old[keep..]);
-        }
-        write_bytes(dev, at, &sector)?;
+        let (lo, hi) = self.l1_dirty.unwrap_or((usize::MAX, 0));
+        self.l1_dirty = Some((lo.min(i as usize), hi.max(i as usize + 1)));
         Ok(())
+    }
+
+    /// Whether L1 entries changed in memory wait for a write-back.
+    pub(super) fn l1_dirty(&self) -> bool {
+        self.l1_dirty.is_some()
     }
 
     /// Sets the entries of virtual clusters in one L2 table, which exists,
@@ -311,6 +311,16 @@ impl Tables {
             pending.push((host_of(self.l1[slot.table as usize]) + lo as u64, copy));
             slot.dirty = None;
             slot.pin = slot.pin.max(generation);
+        }
+        if let Some((lo, hi)) = self.l1_dirty {
+            let mut copy = Vec::new();
+            copy.try_reserve_exact((hi - lo) * 8)
+                .map_err(|_| Qcow2Error::TooLarge("L1 write-back copy".into()))?;
+            for e in &self.l1[lo..hi] {
+                copy.extend_from_slice(&e.to_be_bytes());
+            }
+            pending.push((self.l1_offset + lo as u64 * 8, copy));
+            self.l1_dirty = None;
         }
         Ok(pending)
     }

@@ -132,7 +132,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
         if let Some(rc) = m.rc.as_mut() {
             rc.sync(&self.file)?;
         }
-        if m.tables.dirty() > 0 {
+        if m.tables.dirty() > 0 || m.tables.l1_dirty() {
             self.file.flush()?;
             m.tables.write_back(&self.file)?;
         }
