@@ -32,7 +32,6 @@ mod reserve;
 mod session;
 #[allow(unsafe_code)]
 mod shadow;
-pub mod splits;
 pub mod store;
 mod verify;
 
