@@ -267,6 +267,13 @@ const BENCH_VIRTUAL: u64 = 4 << 30;
 const BENCH_CLUSTERS: u64 = 4096;
 
 pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<(), String> {
+    // A tool the set-up installs is installed first, as the kernel's
+    // runner does for QEMU: `cargo test` on a machine without QEMU runs
+    // these before any boot.
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    if let Some(need) = crate::setup::Need::of_tool(&program) {
+        crate::setup::ensure(&[need]).map_err(|e| e.to_string())?;
+    }
     let out = cmd
         .output()
         .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
