@@ -42,7 +42,7 @@ use super::{Geometry, Result};
 use crate::backup::qcow2::{be64, buffer, host_of, invalid, Header, Qcow2Error, COPIED};
 use crate::backup::source;
 use crate::devices::block::{
-    read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, Op, Status, SECTOR_SIZE,
+    read_bytes, write_bytes, BlockDevice, BlockError, DiskInfo, ErrorKind, Op, Status, SECTOR_SIZE,
 };
 use crate::devices::extended::ZeroExtended;
 
@@ -243,6 +243,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
 
     /// Reads `buf` at virtual `offset` (both whole sectors, in range).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.in_range(offset, buf.len())?;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -262,6 +263,7 @@ impl<D: BlockDevice> Qcow2Disk<D> {
 
     /// Writes `data` at virtual `offset` (both whole sectors, in range).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.in_range(offset, data.len())?;
         let cs = self.geo.cs;
         let mut done = 0usize;
         while done < data.len() {
@@ -271,6 +273,19 @@ impl<D: BlockDevice> Qcow2Disk<D> {
             done += n;
         }
         Ok(())
+    }
+
+    /// Refuses `len` bytes at virtual `offset` unless they lie within the
+    /// disk, as the device itself refuses such a request.
+    fn in_range(&self, offset: u64, len: usize) -> Result<()> {
+        let end = offset.checked_add(len as u64);
+        if end.is_some_and(|end| end <= self.info.bytes()) {
+            return Ok(());
+        }
+        let kind = ErrorKind::OutOfRange {
+            capacity: self.info.sectors,
+        };
+        Err(BlockError::new(&self.info.name, Some(offset / SECTOR_SIZE as u64), kind).into())
     }
 
     /// Writes a piece of one cluster.

@@ -340,6 +340,22 @@ fn a_crash_during_table_growth_leaks_but_never_corrupts() {
     }
 }
 
+/// Reads and writes past the disk's end are refused, as the device refuses
+/// them, not a panic in the tables' arithmetic.
+#[test]
+fn reads_and_writes_past_the_end_are_refused() {
+    let img = clone_image(SIZE, 12, None).unwrap();
+    let q = Qcow2Disk::open(image_disk("top", &img, 1 << 20), None).unwrap();
+    let size = q.info().bytes();
+    let mut buf = [0u8; 1024];
+    assert!(q.read_at(size - 1024, &mut buf).is_ok());
+    for at in [size - 512, size, u64::MAX - 100] {
+        let e = q.read_at(at, &mut buf).unwrap_err();
+        assert!(format!("{e}").contains("past"), "{e}");
+        assert!(q.write_at(at, &buf).is_err());
+    }
+}
+
 #[test]
 fn refusals_name_what_is_wrong() {
     let img = clone_image(SIZE, 12, Some(("base.raw", "raw"))).unwrap();
