@@ -450,23 +450,7 @@ fn a_clone_larger_than_its_base_reads_zeros_past_the_base() {
         tool("qemu-img", &["resize", "-q", s(&clone), "30M"]);
         qemu_io(&clone, "qcow2", &["write -q -P 0x22 20M 1M".into()]);
         let expected = flattened(&dir, &clone);
-        let tape = dir.join("tape");
-        let run = host_tool(&[
-            "backup",
-            "--quiet",
-            "--source",
-            s(&clone),
-            "--tape",
-            s(&tape),
-        ]);
-        assert_eq!(run.code, Some(0), "{name}: {}", run.stderr);
-        let out = dir.join("out.raw");
-        let run = host_tool(&["restore", "--quiet", "--tape", s(&tape), "--out", s(&out)]);
-        assert_eq!(run.code, Some(0), "{name}: {}", run.stderr);
-        tool(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", s(&expected), s(&out)],
-        );
+        backs_up_as(&dir, &clone, &expected);
         let job = plan_split(&clone).unwrap();
         let (outcome, done) = split(&job, false, None);
         assert_eq!(
@@ -495,21 +479,27 @@ fn a_clone_is_backed_up_through_its_chain() {
     qemu_io(&clone, "qcow2", &scattered(10, 3 << 20, "5k", 8));
     qemu_io(&clone, "qcow2", &["write -q -z 0 64k".into()]);
     let expected = flattened(&dir, &clone);
+    backs_up_as(&dir, &clone, &expected);
+}
+
+/// `backup` of `clone` to a tape in `dir`, then `restore` of it to raw:
+/// `qemu-img compare` finds the result equal to the raw `expected`.
+fn backs_up_as(dir: &Path, clone: &Path, expected: &Path) {
     let tape = dir.join("tape");
     let run = host_tool(&[
         "backup",
         "--quiet",
         "--source",
-        s(&clone),
+        s(clone),
         "--tape",
         s(&tape),
     ]);
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}: {}", clone.display(), run.stderr);
     let out = dir.join("out.raw");
     let run = host_tool(&["restore", "--quiet", "--tape", s(&tape), "--out", s(&out)]);
-    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.code, Some(0), "{}: {}", clone.display(), run.stderr);
     tool(
         "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", s(&expected), s(&out)],
+        &["compare", "-f", "raw", "-F", "raw", s(expected), s(&out)],
     );
 }
