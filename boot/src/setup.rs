@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{build, qemu, workspace_root, SetupError};
 
@@ -86,11 +87,23 @@ pub fn auto_setup_off() -> bool {
     std::env::var_os(NO_AUTO_SETUP).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The needs among `needs` the machine lacks, with why.
+/// The needs among `needs` the machine lacks, with why. A need found
+/// present once is not checked again in this process (each check starts
+/// the tools; `ensure` runs before every tool a test or a bench calls).
 fn missing(needs: &[Need]) -> Vec<(Need, SetupError)> {
+    // One flag per need: a new need must grow the array.
+    const NEEDS: usize = Need::CoreTools as usize + 1;
+    static PRESENT: [AtomicBool; NEEDS] = [const { AtomicBool::new(false) }; NEEDS];
     needs
         .iter()
-        .filter_map(|&need| need.check().err().map(|e| (need, e)))
+        .filter(|&&need| !PRESENT[need as usize].load(Ordering::Relaxed))
+        .filter_map(|&need| match need.check() {
+            Ok(()) => {
+                PRESENT[need as usize].store(true, Ordering::Relaxed);
+                None
+            }
+            Err(e) => Some((need, e)),
+        })
         .collect()
 }
 
