@@ -343,9 +343,7 @@ pub fn run_split(
                 w.poll(split)?;
             }
             let t = clock::now_ns();
-            let batch = ahead
-                .next(&mut asked, |b| matches!(b, Ok(Some(_))))
-                .unwrap_or(Ok(None));
+            let batch = ahead.next_batch(&mut asked);
             wait_read_ns += clock::now_ns() - t;
             batch
         },

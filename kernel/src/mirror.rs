@@ -250,11 +250,7 @@ pub fn copier(m: &Mirror, stop: &AtomicBool, batch: u64) -> Result<u64, Error> {
         &mut || ahead.serve(|| m.copy_read(batch)),
         &mut || {
             let mut asked = false;
-            copied = copy_loop(m, stop, &mut || {
-                ahead
-                    .next(&mut asked, |b| matches!(b, Ok(Some(_))))
-                    .unwrap_or(Ok(None))
-            });
+            copied = copy_loop(m, stop, &mut || ahead.next_batch(&mut asked));
             ahead.stop();
         },
     );

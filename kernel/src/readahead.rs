@@ -108,3 +108,12 @@ impl<T> ReadAhead<T> {
         self.ready.lock().take()
     }
 }
+
+impl<T, E> ReadAhead<Result<Option<T>, E>> {
+    /// [`Self::next`] for a reader of batches that ends with `Ok(None)`
+    /// (or an error): asks for the next batch while the last one was one.
+    pub fn next_batch(&self, asked: &mut bool) -> Result<Option<T>, E> {
+        self.next(asked, |b| matches!(b, Ok(Some(_))))
+            .unwrap_or(Ok(None))
+    }
+}
