@@ -45,6 +45,7 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
 /// fault must wait for the snapshot's disk writer.
 pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
     if frame.vector == 14 {
+        let entry = cpu::rdtsc();
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
         let fixups = probe::fixups();
         let layout = Layout {
@@ -65,10 +66,10 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
             ),
             Verdict::SnapshotWrite { offset } => {
                 let since = cpu::rdtsc();
-                if let Some(next) = snapshot_write(frame, offset, since) {
+                if let Some(next) = snapshot_write(frame, offset, since, entry) {
                     return next;
                 }
-                if crate::memsnap::on_write_fault(offset, false) == WriteFault::Handled {
+                if crate::memsnap::on_write_fault(offset, false, entry) == WriteFault::Handled {
                     return frame;
                 }
                 fatal(
@@ -92,11 +93,16 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
 /// someone, it checks again rather than take the reserve: on several CPUs
 /// that happens all the time, and the reserve is for faults that truly
 /// cannot wait.
-fn snapshot_write(frame: &mut TrapFrame, offset: u64, since: u64) -> Option<*mut TrapFrame> {
+fn snapshot_write(
+    frame: &mut TrapFrame,
+    offset: u64,
+    since: u64,
+    entry: u64,
+) -> Option<*mut TrapFrame> {
     use crate::thread::NotBlocked;
     loop {
         let seq = crate::thread::wake_seq();
-        let key = match crate::memsnap::on_write_fault(offset, true) {
+        let key = match crate::memsnap::on_write_fault(offset, true, entry) {
             WriteFault::Wait(key) => key,
             WriteFault::Handled => return Some(frame),
             WriteFault::NotOurs => return None,

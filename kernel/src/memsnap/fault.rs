@@ -97,9 +97,11 @@ pub enum WriteFault {
 
 /// The write-fault path (interrupts are off): copy the frame at `offset` in
 /// the physical map unless already copied, then let the write through.
-/// `may_wait` says the faulting thread could be blocked.
-pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
+/// `may_wait` says the faulting thread could be blocked; `entry` is the
+/// TSC at the exception handler's entry (for [`super::splits`]).
+pub fn on_write_fault(offset: u64, may_wait: bool, entry: u64) -> WriteFault {
     let mut start = crate::arch::cpu::rdtsc();
+    let at_entry = super::splits::at_entry();
     let frame = offset / PAGE_SIZE;
     let outcome = SESSION.with(|s| {
         if may_wait && s.must_wait(frame) {
@@ -118,9 +120,12 @@ pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
         }
         let outcome = s.snap.on_write_fault(s, frame);
         if s.latencies.is_some() && (outcome == FaultOutcome::Copied || retried) {
-            s.note_latency(crate::clock::cycles_to_ns(
-                crate::arch::cpu::rdtsc() - start,
-            ));
+            let end = crate::arch::cpu::rdtsc();
+            s.note_latency(crate::clock::cycles_to_ns(end - start));
+            if !retried {
+                let cpu = crate::arch::percpu::index();
+                super::splits::fault_copied(cpu, at_entry, entry, start, end);
+            }
         }
         Some(outcome)
     });

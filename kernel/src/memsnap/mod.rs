@@ -32,6 +32,7 @@ mod reserve;
 mod session;
 #[allow(unsafe_code)]
 mod shadow;
+pub mod splits;
 pub mod store;
 mod verify;
 

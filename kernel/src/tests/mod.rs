@@ -66,6 +66,7 @@ const PASSING: &[Test] = tests![
     memsnap_smp::restore_sees_writes_from_every_cpu,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,
+    clock::paused_tick_stops_this_cpus_timer,
     interrupts::ioapic_routes_the_rtc_interrupt,
     trace::burst_is_flushed_without_loss,
     memsnap::live_snapshot_matches_reference_across_seeds,
