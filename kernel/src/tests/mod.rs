@@ -64,6 +64,7 @@ const PASSING: &[Test] = tests![
     memsnap_smp::write_waits_for_the_copier_on_another_cpu,
     memsnap_smp::abort_under_writers_on_every_cpu_leaves_every_page_writable,
     memsnap_smp::restore_sees_writes_from_every_cpu,
+    memsnap_smp::fault_handled_after_the_abort_is_retried,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,
     clock::paused_tick_stops_this_cpus_timer,
