@@ -298,6 +298,24 @@ pub fn fault_handled_after_the_abort_is_retried() {
     assert!(thread::set_affinity(u64::MAX, false));
 }
 
+/// With the other CPUs held for the session (`memsnap_cpus=boot`), the
+/// copier stays on the boot CPU with every other thread: it has no CPU of
+/// its own, so it takes a shared CPU's share and never stops that CPU's
+/// tick, which then preempts and wakes every thread. (It used to be told
+/// the last CPU was its own, copy at 100 % and stop the boot CPU's tick.)
+pub fn copier_shares_the_boot_cpu_while_the_others_are_held() {
+    memsnap::run_on_all_cpus(false);
+    let report = memsnap::start(&memsnap::Options::default()).map(|_| memsnap::wait());
+    memsnap::run_on_all_cpus(true);
+    let report = report.expect("start").expect("report");
+    memsnap::release().expect("release");
+    assert_eq!(
+        report.copier_share_pct,
+        snapshot::copyonce::effective_share(None, false),
+        "the copier took a held CPU for its own"
+    );
+}
+
 /// After a restore, a CPU that had written a page before it writes it
 /// again: a second restore must roll that back too. Without restore's
 /// shootdown the CPU keeps its cached entry marked dirty, writes through it
