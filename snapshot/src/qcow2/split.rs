@@ -113,7 +113,14 @@ pub struct Split<'a, D, W, C> {
     /// ([`Self::take_write_back_due`]).
     deferred: bool,
     relax: fn(),
+    /// Batch buffers given back by commits, for the next batches to read
+    /// into: a fresh buffer is zeroed first, which the emulator pays for
+    /// byte by byte. At most [`SPARE_BUFFERS`], the batches in flight.
+    spare: spin::Mutex<Vec<Vec<u8>>>,
 }
+
+/// Batch buffers a split keeps for reuse: one being read, one committed.
+const SPARE_BUFFERS: usize = 2;
 
 impl<'a, D, W, C> Split<'a, D, W, C>
 where
@@ -154,6 +161,7 @@ where
             write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
             deferred: false,
             relax,
+            spare: spin::Mutex::new(Vec::new()),
         })
     }
 
@@ -379,6 +387,29 @@ where
         for t in batch.claimed {
             self.engine.abandon(t);
         }
+        self.give_back(batch.data);
+    }
+
+    /// Keeps a batch's buffer for a later batch, if fewer than
+    /// [`SPARE_BUFFERS`] are kept.
+    fn give_back(&self, data: Vec<u8>) {
+        let mut spare = self.spare.lock();
+        if spare.len() < SPARE_BUFFERS && data.capacity() > 0 {
+            spare.push(data);
+        }
+    }
+
+    /// A buffer of `len` bytes whose contents are left to the caller to
+    /// overwrite: a kept one if there is one (zeroed only where it grows),
+    /// else a new zeroed one.
+    fn batch_buffer(&self, len: u64) -> Result<Vec<u8>> {
+        match self.spare.lock().pop() {
+            Some(mut data) if data.capacity() as u64 >= len => {
+                data.resize(len as usize, 0);
+                Ok(data)
+            }
+            _ => buffer(len, "split batch"),
+        }
     }
 
     /// The second half of a batch: gives each hole whose data is not all
@@ -394,6 +425,7 @@ where
                 for t in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
+                self.give_back(batch.data);
                 if !self.deferred && self.take_write_back_due() {
                     self.disk.write_back()?;
                 }
@@ -413,7 +445,7 @@ where
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().map(Token::unit).collect();
-        let mut data = buffer(g.cs * with_data.len() as u64, "split batch")?;
+        let mut data = self.batch_buffer(g.cs * with_data.len() as u64)?;
         let mut ops = Vec::new();
         let mut rest: &mut [u8] = &mut data;
         let mut k = 0;
@@ -425,6 +457,9 @@ where
             let (first, last) = (with_data[k], with_data[end - 1]);
             let len = (last * g.cs + g.cluster_len(last) - first * g.cs) as usize;
             let (run, tail) = core::mem::take(&mut rest).split_at_mut((end - k) * cs);
+            // A short last cluster (the disk's end): the rest of its slot
+            // is not read, and a kept buffer holds an earlier batch there.
+            run[len..].fill(0);
             ops.push(Op::Read {
                 sector: first * g.cs / SECTOR_SIZE as u64,
                 buf: &mut run[..len],
@@ -445,7 +480,7 @@ where
         let g = self.disk.geometry();
         let mut items = Vec::new();
         for (k, (t, c)) in claimed.iter().zip(data.chunks(g.cs as usize)).enumerate() {
-            if c.iter().any(|&b| b != 0) {
+            if !crate::support::is_zero(c) {
                 items.push((t.unit(), Entry::Hole, Some(k)));
             }
         }

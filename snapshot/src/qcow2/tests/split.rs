@@ -105,6 +105,47 @@ fn split_fills_holes_then_releases_the_backing() {
     }
 }
 
+#[test]
+fn a_short_last_cluster_of_zeros_stays_a_hole_when_buffers_are_reused() {
+    // Ten clusters of data, then 512 bytes of zeros: batches of three
+    // reuse buffers that held data, and the last batch's short cluster
+    // must not count what an earlier batch left past the disk's end.
+    let size = 10 * 4096 + 512;
+    let mut model = vec![0u8; size];
+    for (k, c) in model[..10 * 4096].chunks_mut(4096).enumerate() {
+        crate::devices::block::fill_pattern(k as u64 + 1, 0, c);
+    }
+    let base = Arc::new(MemDisk::from_bytes("base", &model).read_only());
+    let file = image_disk(
+        "top",
+        &clone_image(size as u64, 12, Some(("base", "raw"))).unwrap(),
+        1 << 20,
+    );
+    let q = open_chain(file.clone(), core::slice::from_ref(&base));
+    let s = split_of(&q, 3);
+    let mut pacer = Pacer::new(100, u64::MAX);
+    let mut clock = 0u64;
+    let p = s
+        .run(
+            &mut pacer,
+            0,
+            &mut || {
+                clock += 1;
+                clock
+            },
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(p.released);
+    assert_eq!((p.copied, p.zeroed), (10, 1));
+    drop(s);
+    assert_eq!(first_difference(&read_all(&q), &model), None);
+    assert_eq!(q.entry(10).unwrap(), Entry::Hole);
+    drop(q);
+    assert_sound(&*file);
+}
+
 /// L1 entries naming an L2 table, read from the image's bytes (not
 /// through the reader).
 fn l2_tables(file: &MemDisk) -> u64 {
