@@ -50,6 +50,7 @@ const PASSING: &[Test] = tests![
     memory::heap_survives_allocation_stress,
     memory::physical_map_covers_all_ram,
     exceptions::page_fault_reports_address_and_cause,
+    exceptions::live_tables_say_which_pages_take_a_write,
     sched::spinning_thread_does_not_starve_another,
     sched::workload_and_background_interleave,
     sched::sleep_block_wake_and_join,
