@@ -93,8 +93,25 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
             ),
             0.7,
         ),
+        // The copy's p99 as a fault meets it: paced like faults on the
+        // workload's CPU, the copier's CPU busy copying (see
+        // docs/results/memsnap.md: under the emulator each timer tick
+        // stalls every busy vCPU, an idle neighbour hides that).
+        Goal::info(
+            "(info) workload during / before beside a copying CPU",
+            ratio(
+                f("workload_ops_per_s_during"),
+                f("workload_ops_per_s_beside_copier"),
+            ),
+            0.7,
+        ),
         at_most(
             "fault p99 / one 4 KiB copy's own p99 (x)",
+            ratio(f("fault_ns_p99"), f("page_copy_busy_ns_p99")),
+            2.0,
+        ),
+        Goal::info(
+            "(info) fault p99 / one copy's p99, idle neighbour (x)",
             ratio(f("fault_ns_p99"), f("page_copy_ns_p99")),
             2.0,
         ),
@@ -471,7 +488,7 @@ pub fn check_backup_bench(dir: &std::path::Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":6,"fault_ns_p99":7000,"page_copy_ns":4000,"page_copy_ns_p99":3000,"mismatched_pages":0}"#;
+    const RUN: &str = r#"{"pause_ns":2000,"small_range_pause_ns":1500,"stop_copy_pause_ns":300000,"copy_bytes_per_s":90,"memcpy_bytes_per_s":100,"workload_ops_per_s_before":10,"workload_ops_per_s_during":6,"fault_ns_p99":7000,"page_copy_ns":4000,"page_copy_ns_p99":3000,"page_copy_busy_ns_p99":3000,"mismatched_pages":0}"#;
 
     #[test]
     fn judges_each_goal() {
@@ -479,15 +496,15 @@ mod tests {
         let met: Vec<bool> = goals.iter().map(|g| g.met).collect();
         assert_eq!(
             met,
-            [true, true, true, false, false, true, false, true, true],
+            [true, true, true, false, false, false, false, true, false, true, true],
             "0.6 of the workload is under 0.7; 7000 is over 2 x 3000"
         );
         assert!(
-            !goals[6].applies && !goals[7].applies,
+            !goals[4].applies && !goals[6].applies && !goals[8].applies && !goals[9].applies,
             "the copy-spread ratios are information only"
         );
         assert!(
-            !goals[8].applies,
+            !goals[10].applies,
             "the RAM store's share is information only"
         );
     }
@@ -499,18 +516,18 @@ mod tests {
             r#","seq_write_mib_s":1000,"disk_write_mib_s":850,"disk_fault_ns_p99":15000,"disk_mismatched_pages":0,"ram_pages":1000,"disk_pages":925}"#,
         );
         let goals = memsnap_goals(&BenchJson::parse(&disk).unwrap());
-        assert_eq!(goals.len(), 14);
+        assert_eq!(goals.len(), 16);
         assert!(
-            !goals[13].applies,
+            !goals[15].applies,
             "the under-I/O ratio is information only"
         );
-        let met: Vec<bool> = goals[9..13].iter().map(|g| g.met).collect();
+        let met: Vec<bool> = goals[11..15].iter().map(|g| g.met).collect();
         assert_eq!(met, [true, false, true, true], "15000 > 2 x 7000");
-        assert!((goals[9].measured - 0.85).abs() < 1e-9);
-        assert!((goals[12].measured - 0.925).abs() < 1e-9);
+        assert!((goals[11].measured - 0.85).abs() < 1e-9);
+        assert!((goals[14].measured - 0.925).abs() < 1e-9);
         let short = disk.replace("\"disk_pages\":925", "\"disk_pages\":900");
         assert!(
-            !memsnap_goals(&BenchJson::parse(&short).unwrap())[12].met,
+            !memsnap_goals(&BenchJson::parse(&short).unwrap())[14].met,
             "90 % of RAM is too little"
         );
     }

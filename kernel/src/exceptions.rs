@@ -1,15 +1,17 @@
 //! CPU exceptions: the page fault decides through
-//! [`snapshot::policy::fault::classify`]; every other exception, and every page fault
-//! nothing explains, prints a diagnostic on serial naming the CPU, stops the
-//! other CPUs and exits QEMU with the failure code. Never a silent hang,
-//! never a triple-fault reboot.
+//! [`snapshot::policy::fault::classify`] (and a write through a stale TLB
+//! entry, [`snapshot::policy::fault::is_stale_write`], is retried); every
+//! other exception, and every page fault nothing explains, prints a
+//! diagnostic on serial naming the CPU, stops the other CPUs and exits QEMU
+//! with the failure code. Never a silent hang, never a triple-fault reboot.
 
 use core::fmt::Write;
 
-use snapshot::policy::fault::{classify, Layout, PageFault, Verdict};
+use snapshot::policy::fault::{classify, is_stale_write, Layout, PageFault, Verdict};
 
 use crate::arch::trap::TrapFrame;
 use crate::arch::{cpu, serial};
+use crate::memory::paging::allows_write_now;
 use crate::memory::{probe, stacks};
 use crate::memsnap::WriteFault;
 
@@ -45,7 +47,9 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
 /// fault must wait for the snapshot's disk writer.
 pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
     if frame.vector == 14 {
+        let entry = cpu::rdtsc();
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
+        crate::memsnap::hold_if_asked(fault.addr);
         let fixups = probe::fixups();
         let layout = Layout {
             fixups: &fixups,
@@ -65,10 +69,12 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
             ),
             Verdict::SnapshotWrite { offset } => {
                 let since = cpu::rdtsc();
-                if let Some(next) = snapshot_write(frame, offset, since) {
+                if let Some(next) = snapshot_write(frame, offset, since, entry) {
                     return next;
                 }
-                if crate::memsnap::on_write_fault(offset, false) == WriteFault::Handled {
+                if crate::memsnap::on_write_fault(offset, false, entry) == WriteFault::Handled
+                    || is_stale_write(&fault, allows_write_now)
+                {
                     return frame;
                 }
                 fatal(
@@ -79,6 +85,8 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
                     )),
                 )
             }
+            // Raised before a snapshot's teardown gave the write back.
+            Verdict::Fatal if is_stale_write(&fault, allows_write_now) => return frame,
             Verdict::Fatal => fatal(frame, Some(&fault), None),
         }
     }
@@ -92,11 +100,16 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
 /// someone, it checks again rather than take the reserve: on several CPUs
 /// that happens all the time, and the reserve is for faults that truly
 /// cannot wait.
-fn snapshot_write(frame: &mut TrapFrame, offset: u64, since: u64) -> Option<*mut TrapFrame> {
+fn snapshot_write(
+    frame: &mut TrapFrame,
+    offset: u64,
+    since: u64,
+    entry: u64,
+) -> Option<*mut TrapFrame> {
     use crate::thread::NotBlocked;
     loop {
         let seq = crate::thread::wake_seq();
-        let key = match crate::memsnap::on_write_fault(offset, true) {
+        let key = match crate::memsnap::on_write_fault(offset, true, entry) {
             WriteFault::Wait(key) => key,
             WriteFault::Handled => return Some(frame),
             WriteFault::NotOurs => return None,

@@ -148,6 +148,47 @@ pub fn start_timer_this_cpu() {
     start_periodic(count);
 }
 
+/// Stops the calling CPU's periodic tick until the guard drops (on the
+/// same CPU: the caller must be pinned to it, and the guard cannot leave
+/// the thread). For a CPU that runs one thread nothing may preempt: under
+/// the emulator each tick wakes its main-loop thread on the host, which
+/// then competes with the vCPU threads for the host's cores and stalls
+/// them (see docs/results/memsnap.md). A zero initial count stops the
+/// timer outright (Intel SDM vol. 3, 11.5.4), so the emulator arms no
+/// host timer for it at all, which masking would not achieve.
+/// The guard's drop checks it: resumed on another CPU, it would leave this
+/// one without its tick and restart the other's, so it panics instead.
+pub fn pause_tick() -> TickPaused {
+    let _irq = crate::sync::IrqOff::new();
+    regs().write32(REG_TIMER_INITIAL, 0);
+    TickPaused {
+        cpu: super::percpu::index(),
+        _not_send: core::marker::PhantomData,
+    }
+}
+
+/// See [`pause_tick`].
+#[derive(Debug)]
+#[must_use = "the tick resumes when this is dropped"]
+pub struct TickPaused {
+    /// The CPU whose tick stopped.
+    cpu: usize,
+    _not_send: core::marker::PhantomData<*const ()>,
+}
+
+impl Drop for TickPaused {
+    fn drop(&mut self) {
+        let _irq = crate::sync::IrqOff::new();
+        let here = super::percpu::index();
+        assert_eq!(
+            here, self.cpu,
+            "CPU {}'s tick would be resumed on CPU {here}: its thread moved",
+            self.cpu
+        );
+        start_periodic(TIMER_COUNT.load(Ordering::Relaxed));
+    }
+}
+
 /// The periodic tick's rate (the scheduler's tick), 0 before [`start_timer`].
 pub fn tick_hz() -> u64 {
     TICK_HZ.load(Ordering::Relaxed)

@@ -87,6 +87,42 @@ pub fn page_copy_cold_ns(rounds: usize) -> CopyTime {
     CopyTime::of(copy_times(store, pairs.into_iter()))
 }
 
+/// Like [`page_copy_ns`], one copy every `gap_ns` (spinning between them
+/// with interrupts on, so the CPU's tick and its other threads come in
+/// between as they do between faults): the one-copy baseline under the
+/// conditions a write fault meets.
+pub fn page_copy_paced_ns(rounds: usize, gap_ns: u64) -> CopyTime {
+    let (Some(store), Some(source)) = (RamStore::alloc(64), RamStore::alloc(64)) else {
+        return CopyTime::default();
+    };
+    let times = (0..rounds as u64)
+        .map(|i| {
+            crate::clock::spin_for(gap_ns);
+            copy_times(&store, core::iter::once((source.frame(i * 7 % 64), i % 64)))[0]
+        })
+        .collect();
+    CopyTime::of(times)
+}
+
+/// Copies pages the way the snapshot's copier does, for as long as
+/// `go_on` says: batches of 16 with interrupts off, and on a CPU reserved
+/// for it, with that CPU's tick stopped while it copies. The load a write
+/// fault meets on the other CPUs, for baselines.
+pub fn copy_like_the_copier(go_on: impl Fn() -> bool) {
+    let (Some(store), Some(source)) = (RamStore::alloc(256), RamStore::alloc(256)) else {
+        return;
+    };
+    let _tick = crate::arch::apic::pause_tick();
+    let mut slot = 0;
+    while go_on() {
+        let _irq = IrqOff::new();
+        for _ in 0..16 {
+            store.save(source.frame(slot), slot);
+            slot = (slot + 1) % 256;
+        }
+    }
+}
+
 /// The time of each `store.save(frame, slot)` over `pairs`, ns.
 fn copy_times(store: &RamStore, pairs: impl Iterator<Item = (u64, u64)>) -> Vec<u64> {
     pairs

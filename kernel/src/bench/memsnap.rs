@@ -23,12 +23,28 @@ use super::memsnap_disk::{snapshot_to_disk, DiskFigures};
 use super::{complete_snapshot, fraction, per_second, percentile, print_json, MS};
 use crate::arch::qemu::ExitCode;
 use crate::clock::now_ns;
+use crate::memsnap::splits::{Splits, STEP_NAMES};
 use crate::memsnap::{self, CopierCpu, Options, Report};
 use crate::workload::Workload;
 use crate::{log, thread};
 
 /// Workload threads in the benchmarks.
 const THREADS: usize = 3;
+
+/// The JSON keys of each fault step's p50 and p99, in
+/// [`memsnap::splits::Step`] order.
+const STEP_KEYS: [[&str; 2]; 6] = [
+    ["fault_entry_ns_p50", "fault_entry_ns_p99"],
+    ["fault_claim_ns_p50", "fault_claim_ns_p99"],
+    ["fault_copy_ns_p50", "fault_copy_ns_p99"],
+    ["fault_finish_ns_p50", "fault_finish_ns_p99"],
+    ["fault_total_ns_p50", "fault_total_ns_p99"],
+    ["copier_copy_ns_p50", "copier_copy_ns_p99"],
+];
+
+/// The spacing of the paced copy baseline, ns: about the time between two
+/// write faults of the benchmark's workload during a snapshot.
+const FAULT_GAP_NS: u64 = 25_000;
 
 /// Measurement windows per rate, and their length.
 const RATE_WINDOWS: usize = 5;
@@ -69,9 +85,11 @@ fn settle() {
     }
 }
 
-/// Runs `f` with the CPU the copier reserves (if it does) reserved by an
-/// idle stand-in, so the workload runs where it will during the snapshot.
-fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` with the CPU the copier reserves (if it does) reserved by a
+/// stand-in, so the workload runs where it will during the snapshot. The
+/// stand-in idles, or with `Stand::Copying` copies pages like the copier
+/// (see [`baseline::copy_like_the_copier`]).
+fn off_the_copier_cpu<T>(stand: Stand, f: impl FnOnce() -> T) -> T {
     if !copier_reserves() {
         return f();
     }
@@ -82,8 +100,14 @@ fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
         thread::spawn("cpu-stand-in", move || {
             let placed = thread::take_own_cpu(true).is_some();
             state.store(1, Ordering::Release);
-            while placed && state.load(Ordering::Acquire) != 2 {
-                thread::sleep_ns(10 * MS);
+            let go_on = || placed && state.load(Ordering::Acquire) != 2;
+            match stand {
+                Stand::Idle => {
+                    while go_on() {
+                        thread::sleep_ns(10 * MS);
+                    }
+                }
+                Stand::Copying => baseline::copy_like_the_copier(go_on),
             }
         })
     };
@@ -94,6 +118,13 @@ fn off_the_copier_cpu<T>(f: impl FnOnce() -> T) -> T {
     state.store(2, Ordering::Release);
     stand_in.join();
     result
+}
+
+/// What the stand-in of [`off_the_copier_cpu`] does on the copier's CPU.
+#[derive(Debug, Clone, Copy)]
+enum Stand {
+    Idle,
+    Copying,
 }
 
 /// Whether the snapshot's copier will have a CPU to itself.
@@ -108,16 +139,19 @@ struct Figures {
     share: u64,
     warm_copy: CopyTime,
     cold_copy: CopyTime,
+    busy_copy: CopyTime,
     stop_pages: u64,
     stop_copy_ns: u64,
     small: Report,
     cpus: usize,
     workload_cpus: usize,
     ops_before: u64,
+    ops_beside_copier: u64,
     ops_all_cpus: u64,
     ops_1cpu: u64,
     timed: Report,
     latencies: Vec<u64>,
+    splits: Splits,
     ops_during: u64,
     ops_after: u64,
     verified: Option<Report>,
@@ -169,11 +203,20 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let cold_copy = baseline::page_copy_cold_ns(2000);
     let workload = Workload::start(THREADS, per_thread, 42).ok_or("no memory for the workload")?;
     thread::sleep_ns(100 * MS);
-    let (stop_pages, stop_copy_ns) = stop_and_copy_twice()?;
+    let (stop_pages, stop_copy_ns) = stop_and_copy_runs()?;
+    // One copy's time as a fault meets it: on the workload's CPU among the
+    // workload's threads, copies spread out like faults, the copier's CPU
+    // busy copying (at one CPU, the workload alone).
+    let busy_copy = off_the_copier_cpu(Stand::Copying, || {
+        baseline::page_copy_paced_ns(2000, FAULT_GAP_NS)
+    });
     // Each rate first settles the emulator's TLB to the workload (see
     // `settle`), the state the live snapshot then meets.
     let ops_all_cpus = steady_rate(&workload);
-    let ops_before = off_the_copier_cpu(|| steady_rate(&workload));
+    let ops_before = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
+    // The same with the copier's CPU busy copying, as during the snapshot:
+    // what the neighbour's load alone costs the workload on this host.
+    let ops_beside_copier = off_the_copier_cpu(Stand::Copying, || steady_rate(&workload));
     // The same workload on the boot CPU alone (the others held idle): how
     // the workload itself scales with CPUs.
     let ops_1cpu = {
@@ -190,7 +233,8 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     };
     let small = complete_snapshot("small-range", &small)?;
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
-    let ops_after = off_the_copier_cpu(|| steady_rate(&workload));
+    let splits = memsnap::splits::read();
+    let ops_after = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
     // The verified snapshot, same workload, same boot: its result is
     // compared page by page with a stop-the-world reference.
     let verify = verifies(cmd);
@@ -218,16 +262,19 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
         share: timed.copier_share_pct,
         warm_copy,
         cold_copy,
+        busy_copy,
         stop_pages,
         stop_copy_ns,
         small,
         cpus: thread::cpus(),
         workload_cpus: thread::cpus() - usize::from(copier_reserves()),
         ops_before,
+        ops_beside_copier,
         ops_all_cpus,
         ops_1cpu,
         timed,
         latencies,
+        splits,
         ops_during,
         ops_after,
         verified,
@@ -235,15 +282,39 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     })
 }
 
-/// Stop-and-copy, twice: the first run also pays the emulator's first
-/// touch of the storage frames, which the live snapshot (reusing them)
-/// does not. Returns the second's `(pages, ns)`.
-fn stop_and_copy_twice() -> Result<(u64, u64), String> {
-    let mut stop = Err(memsnap::StartError::EmptyRange);
-    for _ in 0..2 {
-        stop = baseline::stop_and_copy(&Options::default());
+/// Stop-and-copy, four times: the first run also pays the emulator's
+/// first touch of the storage frames, which the live snapshot (reusing
+/// them) does not; of the other three, the median time keeps one run the
+/// host stalled from deciding the figure. Returns `(pages, ns)`. It runs
+/// where the copier will and as it will (see [`on_the_copier_cpu`]): the
+/// plain copy the background copy is judged against.
+fn stop_and_copy_runs() -> Result<(u64, u64), String> {
+    on_the_copier_cpu(|| {
+        let mut runs = Vec::new();
+        for _ in 0..4 {
+            let run = baseline::stop_and_copy(&Options::default())
+                .map_err(|e| alloc::format!("stop-and-copy baseline: {e}"))?;
+            runs.push(run);
+        }
+        let mut timed = runs.split_off(1);
+        timed.sort_unstable_by_key(|&(_, ns)| ns);
+        Ok(timed[1])
+    })
+}
+
+/// Runs `f` on the CPU the copier reserves, with that CPU's tick stopped
+/// as the copier stops it while copying, and the workload on the other
+/// CPUs; at one CPU (or with the copier sharing its CPU), right here.
+fn on_the_copier_cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    if !copier_reserves() {
+        return f();
     }
-    stop.map_err(|e| alloc::format!("stop-and-copy baseline: {e}"))
+    thread::spawn("copier-stand-in", move || {
+        let placed = thread::take_own_cpu(true).is_some();
+        let _tick = placed.then(crate::arch::apic::pause_tick);
+        f()
+    })
+    .join()
 }
 
 /// The timed snapshot, with fault latencies and its timeline; returns its
@@ -322,15 +393,21 @@ impl Figures {
             self.cold_copy.p99
         );
         log!(
+            "one page copy paced like faults, beside a copying CPU: p50 {} ns p99 {} ns",
+            self.busy_copy.p50,
+            self.busy_copy.p99
+        );
+        log!(
             "background page: {} ns busy, of which {} ns in the copy itself",
             r.copier_busy_ns / r.stats.background.max(1),
             r.copier_copy_ns / r.stats.background.max(1)
         );
         log!(
-            "workload on {} of {} CPUs: {} ops/s before ({} on all, {} on one), {} during, {} after",
+            "workload on {} of {} CPUs: {} ops/s before ({} beside a copying CPU, {} on all, {} on one), {} during, {} after",
             self.workload_cpus,
             self.cpus,
             self.ops_before,
+            self.ops_beside_copier,
             self.ops_all_cpus,
             self.ops_1cpu,
             self.ops_during,
@@ -346,8 +423,36 @@ impl Figures {
             lat.get(lat.len() * 999 / 1000).copied().unwrap_or(0),
             lat.last().copied().unwrap_or(0)
         );
+        self.log_splits();
         if let Some(d) = &self.to_disk {
             d.log(percentile(lat, 99), self.ram_pages);
+        }
+    }
+
+    /// Where the copying faults' time went, and the slowest faults.
+    fn log_splits(&self) {
+        let sp = &self.splits;
+        for (name, [n, p50, p99, max]) in STEP_NAMES.iter().zip(sp.steps) {
+            log!("fault step {name}: {n} timed, p50 {p50} p99 {p99} max {max} ns (500 ns buckets)");
+        }
+        log!("faults of 20 us or more: {}", sp.slow_count);
+        for s in &sp.slow {
+            log!(
+                "slow fault at {} us, cpu {}: entry {} claim {} copy {} finish {} ns; copier {} pages meanwhile, {} at entry, longest copy {} ns",
+                s.at_ns / 1000,
+                s.cpu,
+                s.steps[0],
+                s.steps[1],
+                s.steps[2],
+                s.steps[3],
+                s.copier_pages,
+                if s.copier_copying { "copying" } else { "between copies" },
+                s.copier_longest_ns
+            );
+        }
+        log!("copier copies of 20 us or more: {}", sp.copier_slow_count);
+        for c in &sp.copier_slow {
+            log!("slow copier copy at {} us: {} ns", c.at_ns / 1000, c.ns);
         }
     }
 
@@ -385,6 +490,8 @@ impl Figures {
             ("page_copy_cold_ns", self.cold_copy.p50),
             ("page_copy_ns_p99", self.warm_copy.p99),
             ("page_copy_cold_ns_p99", self.cold_copy.p99),
+            ("page_copy_busy_ns", self.busy_copy.p50),
+            ("page_copy_busy_ns_p99", self.busy_copy.p99),
             ("copy_bytes_per_s", self.copy_bytes_per_s()),
             ("copier_busy_ns", r.copier_busy_ns),
             ("copier_copy_ns", r.copier_copy_ns),
@@ -399,6 +506,7 @@ impl Figures {
             ("memcpy_bytes_per_s", self.memcpy_bytes_per_s()),
             ("workload_ops_per_s_before", self.ops_before),
             ("workload_ops_per_s_all_cpus", self.ops_all_cpus),
+            ("workload_ops_per_s_beside_copier", self.ops_beside_copier),
             ("workload_ops_per_s_1cpu", self.ops_1cpu),
             ("workload_ops_per_s_during", self.ops_during),
             ("workload_ops_per_s_after", self.ops_after),
@@ -411,6 +519,11 @@ impl Figures {
             .map(|&(k, v)| (k, alloc::format!("{v}")))
             .collect();
         fields.push(("range_share", fraction(r.pages, self.ram_pages)));
+        fields.push(("slow_faults", alloc::format!("{}", self.splits.slow_count)));
+        for ([p50, p99], step) in STEP_KEYS.iter().zip(self.splits.steps) {
+            fields.push((p50, alloc::format!("{}", step[1])));
+            fields.push((p99, alloc::format!("{}", step[2])));
+        }
         if let Some(d) = &self.to_disk {
             fields.extend(
                 d.fields()

@@ -1,9 +1,12 @@
-//! Page-table edits through the `x86_64` crate's `OffsetPageTable`.
+//! Page-table edits through the `x86_64` crate's `OffsetPageTable`, and one
+//! lock-free read of the live tables for the page-fault handler
+//! ([`allows_write_now`]).
 //!
 //! Every change returns or consumes the crate's `#[must_use]` flush token, so
 //! a TLB flush cannot be forgotten; a change that removes a mapping or a
 //! permission returns an [`ipi::Shootdown`] too, so the other CPUs' flush
-//! cannot be forgotten either.
+//! cannot be forgotten either. The read never takes the mapper's lock (the
+//! faulting code may hold it) and never writes an entry.
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -131,4 +134,32 @@ pub fn set_flags(virt: u64, flags: PageTableFlags) -> Result<ipi::Shootdown, Map
         }
         Err(_) => Err(MapError::AlreadyMapped(virt)),
     }
+}
+
+/// Whether the page tables this CPU runs on let the kernel write `virt`
+/// now: every level present and writable, down to a huge page or a PTE.
+/// For the page-fault handler, to tell a write fault raised through a TLB
+/// entry older than the tables (see
+/// [`snapshot::policy::fault::is_stale_write`]) from a real one. Reads the
+/// tables without the mapper's lock: an entry changed meanwhile gives
+/// either answer, which a retried write settles. A table outside the
+/// physical map (never, unless the tables are corrupt) counts as "no".
+pub fn allows_write_now(virt: u64) -> bool {
+    use super::snapmem::{read_entry, ADDR_MASK, HUGE, PRESENT, WRITABLE};
+    let mut table = crate::arch::cpu::cr3() & ADDR_MASK;
+    for level in (0..4u32).rev() {
+        if table + super::PAGE_SIZE > physmap_end() {
+            return false;
+        }
+        let entry = read_entry(table, (virt >> (12 + 9 * level)) & 511);
+        if entry & (PRESENT | WRITABLE) != PRESENT | WRITABLE {
+            return false;
+        }
+        // A PDPT or PD entry may map a 1 GiB or 2 MiB page itself.
+        if level == 0 || (level < 3 && entry & HUGE != 0) {
+            return true;
+        }
+        table = entry & ADDR_MASK;
+    }
+    false
 }

@@ -95,6 +95,8 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
         share = share_pct
     );
     PLACED.store(true, Ordering::Release);
+    // Alone on a reserved CPU, nothing needs the tick while copying.
+    let tickless = own_cpu.is_some() && cpu == CopierCpu::Own;
     let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
     let mut busy_ns = 0;
     loop {
@@ -106,7 +108,7 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
             return;
         }
         let (started, mut pages) = (now_ns(), 0);
-        let done = burst(&mut pacer, &mut busy_ns, &mut pages);
+        let done = burst(&mut pacer, &mut busy_ns, &mut pages, tickless);
         SESSION.with(Session::sample);
         crate::trace!("memsnap.burst", ns = now_ns() - started, pages = pages);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
@@ -121,8 +123,13 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
 }
 
 /// One burst, adding the pages it copied to `pages`; true once a pass
-/// found nothing left to copy.
-fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64) -> bool {
+/// found nothing left to copy. With `tickless` (the copier alone on a CPU
+/// it reserved) that CPU's tick stops while it copies: nothing else may
+/// run there, and under the emulator every tick stalls both vCPUs (see
+/// [`crate::arch::apic::pause_tick`]). The tick runs whenever the copier
+/// waits.
+fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64, tickless: bool) -> bool {
+    let mut tick = tickless.then(crate::arch::apic::pause_tick);
     pacer.start_burst(now_ns());
     while pacer.keep_working(now_ns()) {
         let t = now_ns();
@@ -147,12 +154,14 @@ fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64) -> bool {
             Some(0) => return true,
             Some(n) => *pages += n,
             None => {
+                drop(tick.take());
                 LIVE.copier_waits.fetch_add(1, Ordering::Relaxed);
                 thread::block_until(disk::room_key(), || {
                     SESSION
                         .with(|s| s.store.background_room() > 0 || s.store.failed())
                         .unwrap_or(true)
                 });
+                tick = tickless.then(crate::arch::apic::pause_tick);
             }
         }
     }

@@ -12,7 +12,7 @@
 
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use snapshot::memsnap::FaultOutcome;
 
@@ -97,9 +97,11 @@ pub enum WriteFault {
 
 /// The write-fault path (interrupts are off): copy the frame at `offset` in
 /// the physical map unless already copied, then let the write through.
-/// `may_wait` says the faulting thread could be blocked.
-pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
+/// `may_wait` says the faulting thread could be blocked; `entry` is the
+/// TSC at the exception handler's entry (for [`super::splits`]).
+pub fn on_write_fault(offset: u64, may_wait: bool, entry: u64) -> WriteFault {
     let mut start = crate::arch::cpu::rdtsc();
+    let at_entry = super::splits::at_entry();
     let frame = offset / PAGE_SIZE;
     let outcome = SESSION.with(|s| {
         if may_wait && s.must_wait(frame) {
@@ -118,9 +120,12 @@ pub fn on_write_fault(offset: u64, may_wait: bool) -> WriteFault {
         }
         let outcome = s.snap.on_write_fault(s, frame);
         if s.latencies.is_some() && (outcome == FaultOutcome::Copied || retried) {
-            s.note_latency(crate::clock::cycles_to_ns(
-                crate::arch::cpu::rdtsc() - start,
-            ));
+            let end = crate::arch::cpu::rdtsc();
+            s.note_latency(crate::clock::cycles_to_ns(end - start));
+            if !retried {
+                let cpu = crate::arch::percpu::index();
+                super::splits::fault_copied(cpu, at_entry, entry, start, end);
+            }
         }
         Some(outcome)
     });
@@ -147,4 +152,52 @@ pub fn before_reuse(phys: u64) {
     if LIVE.protecting.load(Ordering::Acquire) {
         SESSION.with(|s| s.snap.on_write_fault(s, phys / PAGE_SIZE));
     }
+}
+
+/// Test hook: the next page fault at virtual page [`HELD_PAGE`] waits in
+/// the handler, before it is classified, until [`release_held_fault`]
+/// (at most [`HOLD_MAX_NS`]): the window a busy host opens at random
+/// between a fault and its handling, held open so a test can run a
+/// snapshot's teardown inside it. 0: off.
+static HELD_PAGE: AtomicU64 = AtomicU64::new(0);
+/// A fault waits in [`hold_if_asked`].
+static HOLDING: AtomicBool = AtomicBool::new(false);
+/// See [`release_held_fault`].
+static RELEASED: AtomicBool = AtomicBool::new(false);
+/// Longest hold, ns.
+const HOLD_MAX_NS: u64 = 5_000_000_000;
+
+/// Test hook: holds the next page fault at virtual address `virt`'s page
+/// (see [`HELD_PAGE`]).
+pub fn hold_next_fault_at(virt: u64) {
+    RELEASED.store(false, Ordering::Relaxed);
+    HOLDING.store(false, Ordering::Relaxed);
+    HELD_PAGE.store(virt & !(PAGE_SIZE - 1), Ordering::Release);
+}
+
+/// Whether the fault [`hold_next_fault_at`] asked for is being held now.
+pub fn fault_held() -> bool {
+    HOLDING.load(Ordering::Acquire)
+}
+
+/// Lets the held fault go on to its handling.
+pub fn release_held_fault() {
+    RELEASED.store(true, Ordering::Release);
+}
+
+/// For the page-fault handler, first thing (interrupts off): holds this
+/// fault if a test asked for it (see [`HELD_PAGE`]); one atomic load
+/// otherwise.
+pub fn hold_if_asked(addr: u64) {
+    let page = HELD_PAGE.load(Ordering::Acquire);
+    if page == 0 || addr & !(PAGE_SIZE - 1) != page {
+        return;
+    }
+    HELD_PAGE.store(0, Ordering::Relaxed);
+    HOLDING.store(true, Ordering::Release);
+    let until = crate::clock::now_ns() + HOLD_MAX_NS;
+    while !RELEASED.load(Ordering::Acquire) && crate::clock::now_ns() < until {
+        core::hint::spin_loop();
+    }
+    HOLDING.store(false, Ordering::Release);
 }

@@ -32,6 +32,7 @@ mod reserve;
 mod session;
 #[allow(unsafe_code)]
 mod shadow;
+pub mod splits;
 pub mod store;
 mod verify;
 
@@ -43,7 +44,8 @@ use snapshot::memsnap::{transition, LifecycleError, Phase, Request};
 
 pub use copier::CopierCpu;
 pub use fault::{
-    before_reuse, note_fault_wait, on_write_fault, register_dma, unregister_dma, window, WriteFault,
+    before_reuse, fault_held, hold_if_asked, hold_next_fault_at, note_fault_wait, on_write_fault,
+    register_dma, release_held_fault, unregister_dma, window, WriteFault,
 };
 pub use report::{describe, emit_timeline, latencies, DiskReport, Report};
 pub use reserve::reserve_ram_copy;
@@ -179,6 +181,14 @@ pub fn slow_copies(range: core::ops::Range<u64>, ns: u64) {
     session::SLOW_NS.store(ns, Ordering::Relaxed);
     session::SLOW_FIRST.store(range.start / PAGE_SIZE, Ordering::Relaxed);
     session::SLOW_END.store(range.end.div_ceil(PAGE_SIZE), Ordering::Relaxed);
+}
+
+/// Whether the frame at physical `phys` needs no copy any more (copied, or
+/// outside the range); `true` without a snapshot.
+pub fn is_copied(phys: u64) -> bool {
+    SESSION
+        .with(|s| s.is_copied(phys / PAGE_SIZE))
+        .unwrap_or(true)
 }
 
 /// Whether the frame at physical `phys` is being copied right now (its

@@ -80,6 +80,7 @@ pub(super) fn prepare_and_pause(
         }
     };
     LIVE.reset();
+    super::splits::reset();
     let session = Session {
         snap: Snapshot::new(index, map_words, &LIVE.counters),
         store,

@@ -143,15 +143,25 @@ impl PageIo for Session {
     fn copy_out(&self, frame: u64, slot: u64) {
         debug_assert!(!x86_64::instructions::interrupts::are_enabled());
         slow_copy(frame);
-        // Only the copier's own copies are timed; a write fault's copy
-        // pays for no clock read.
-        let copier =
-            LIVE.batch_cpu.load(Ordering::Relaxed) == crate::arch::percpu::index() as u64 + 1;
-        let t = copier.then(crate::arch::cpu::rdtsc);
+        // Timed on every path: a fault's copy is one step of its split
+        // (see `splits`), the copier's adds to its busy time's copy part.
+        let cpu = crate::arch::percpu::index();
+        let copier = LIVE.batch_cpu.load(Ordering::Relaxed) == cpu as u64 + 1;
+        // Not in the pause: its eager copies take the kernel image, which
+        // holds the splits, and must find it as the reference hashed it.
+        let split = LIVE.protecting.load(Ordering::Relaxed);
+        let t = crate::arch::cpu::rdtsc();
+        if split {
+            super::splits::copy_begins(cpu, copier, t);
+        }
         self.store.save(frame, slot);
-        if let Some(t) = t {
-            let cycles = crate::arch::cpu::rdtsc() - t;
-            LIVE.copier_copy_cycles.fetch_add(cycles, Ordering::Relaxed);
+        let end = crate::arch::cpu::rdtsc();
+        if split {
+            super::splits::copy_ends(cpu, copier, end);
+        }
+        if copier {
+            LIVE.copier_copy_cycles
+                .fetch_add(end - t, Ordering::Relaxed);
         }
         if let Some(v) = &self.verify {
             v.note_copy(slot);

@@ -63,3 +63,27 @@ pub fn timer_ticks_at_its_rate() {
     }
     panic!("timer never ran at {want} Hz: {rates:?} Hz");
 }
+
+/// `apic::pause_tick` stops the calling CPU's timer interrupts until the
+/// guard drops, and they come back after: counted by the scheduler's tick
+/// handler on the boot CPU.
+pub fn paused_tick_stops_this_cpus_timer() {
+    // On the boot CPU, whose ticks `thread::ticks` counts.
+    assert!(crate::thread::set_affinity(1, false));
+    let ticks_over = |ns| {
+        let n = crate::thread::ticks();
+        clock::spin_for(ns);
+        crate::thread::ticks() - n
+    };
+    let before = ticks_over(50_000_000);
+    let paused = {
+        let _paused = crate::arch::apic::pause_tick();
+        ticks_over(50_000_000)
+    };
+    let after = ticks_over(50_000_000);
+    crate::log!("ticks in 50 ms: {before} running, {paused} paused, {after} resumed");
+    assert!(crate::thread::set_affinity(u64::MAX, false));
+    assert!(before > 1 && after > 1, "the tick did not run");
+    // One tick may have been on its way when the timer stopped.
+    assert!(paused <= 1, "{paused} ticks while the tick was paused");
+}

@@ -249,6 +249,73 @@ pub fn abort_under_writers_on_every_cpu_leaves_every_page_writable() {
     }
 }
 
+/// A write fault raised while the snapshot protects its page, but handled
+/// only after an abort has torn the snapshot down (a test hook holds it in
+/// the handler meanwhile; on a busy host the emulator's scheduling opens
+/// the same window by chance, between the fault and the read of the
+/// snapshot's window): the page is writable again by then, so the write is
+/// retried and lands. Were it judged against the torn-down snapshot, it
+/// would be "a write to a read-only page" and stop the kernel. Needs two
+/// CPUs (the held fault keeps its CPU).
+pub fn fault_handled_after_the_abort_is_retried() {
+    let cpus = online();
+    if cpus.len() < 2 {
+        crate::log!("one CPU: no fault can be held while another aborts");
+        return;
+    }
+    // The abort, and the copier (shared: it sleeps between bursts), on
+    // the last CPU; the writer on the first.
+    let last = *cpus.last().expect("a CPU");
+    assert!(thread::set_affinity(1 << last, false), "main on CPU {last}");
+    let pages = Pages::new(64, |i| i as u64);
+    memsnap::start(&memsnap::Options {
+        copier_share_pct: Some(1),
+        copier_cpu: memsnap::CopierCpu::Shared,
+        ..super::memsnap::verified()
+    })
+    .expect("start");
+    // The first page the copier has not reached yet faults.
+    let target = (0..pages.pages)
+        .rev()
+        .find(|&p| !memsnap::is_copied(pages.phys(p)));
+    let target = target.expect("the copier copied every page at once");
+    let virt = pages.phys(target) + PHYS_OFFSET;
+    memsnap::hold_next_fault_at(virt);
+    let writer = {
+        let pages = pages.clone();
+        spawn_on(cpus[0], move || {
+            pages
+                .word(target * WORDS + 7)
+                .store(0x5eed, Ordering::Relaxed);
+        })
+    };
+    super::eventually("the writer's fault is held", memsnap::fault_held);
+    memsnap::abort().expect("abort");
+    memsnap::release_held_fault();
+    writer.join();
+    let word = pages.word(target * WORDS + 7).load(Ordering::Relaxed);
+    assert_eq!(word, 0x5eed, "the write after the abort did not land");
+    assert!(thread::set_affinity(u64::MAX, false));
+}
+
+/// With the other CPUs held for the session (`memsnap_cpus=boot`), the
+/// copier stays on the boot CPU with every other thread: it has no CPU of
+/// its own, so it takes a shared CPU's share and never stops that CPU's
+/// tick, which then preempts and wakes every thread. (It used to be told
+/// the last CPU was its own, copy at 100 % and stop the boot CPU's tick.)
+pub fn copier_shares_the_boot_cpu_while_the_others_are_held() {
+    memsnap::run_on_all_cpus(false);
+    let report = memsnap::start(&memsnap::Options::default()).map(|_| memsnap::wait());
+    memsnap::run_on_all_cpus(true);
+    let report = report.expect("start").expect("report");
+    memsnap::release().expect("release");
+    assert_eq!(
+        report.copier_share_pct,
+        snapshot::copyonce::effective_share(None, false),
+        "the copier took a held CPU for its own"
+    );
+}
+
 /// After a restore, a CPU that had written a page before it writes it
 /// again: a second restore must roll that back too. Without restore's
 /// shootdown the CPU keeps its cached entry marked dirty, writes through it

@@ -51,10 +51,15 @@ pub fn set_affinity(mask: u64, reserve: bool) -> bool {
 /// thread runs there while the caller lives (threads pinned to it run on
 /// the other CPUs meanwhile; its idle thread and its timer still run
 /// there); without, the caller is only pinned there and other threads may
-/// use the CPU while it sleeps.
+/// use the CPU while it sleeps. `None` too while that CPU is held
+/// ([`hold_others`]): the caller would stay on the boot CPU with everyone
+/// else, so it has no CPU of its own.
 pub fn take_own_cpu(reserve: bool) -> Option<usize> {
     let cpus = cpus();
     let cpu = (1..MAX_CPUS).rev().find(|&c| percpu::is_online(c))?;
+    if with(|s| s.queue.held() & (1 << cpu) != 0) {
+        return None;
+    }
     (cpus > 1 && set_affinity(1 << cpu, reserve)).then_some(cpu)
 }
 

@@ -167,6 +167,23 @@ pub fn classify(fault: &PageFault, layout: &Layout<'_>) -> Verdict {
     Verdict::Fatal
 }
 
+/// Whether a fault that [`classify`] found [`Verdict::Fatal`], or that the
+/// snapshot did not claim, is a stale write: a kernel data write to a
+/// present page, raised through a TLB entry older than the page tables,
+/// which by now let the write through (`writable_now` walks them for the
+/// faulting address; asked only for such a write). A snapshot's teardown
+/// gives write access back on every CPU while another CPU's fault raised
+/// just before it may still be on its way to the classifier. The write is
+/// simply retried: the CPU drops the faulting address's TLB entry when it
+/// raises the fault (Intel SDM vol. 3, 4.10.4.1), so the retry walks the
+/// tables again, and a page that is really read-only faults again and
+/// is then found not writable.
+pub fn is_stale_write(fault: &PageFault, writable_now: impl FnOnce(u64) -> bool) -> bool {
+    let write = PfCode::PRESENT | PfCode::WRITE;
+    let other = PfCode::all() - write;
+    fault.code.contains(write) && !fault.code.intersects(other) && writable_now(fault.addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +272,21 @@ mod tests {
         assert_eq!(super::classify(&outside, &layout(true)), Verdict::Fatal);
         let rsvd = PageFault::new(WINDOW.0, 0x20_0000, 0b1011);
         assert_eq!(super::classify(&rsvd, &layout(true)), Verdict::Fatal);
+    }
+
+    #[test]
+    fn only_a_plain_kernel_write_to_a_page_now_writable_is_stale() {
+        let write = PageFault::new(WINDOW.0 + 0x5008, 0x20_0000, 0b11);
+        assert!(is_stale_write(&write, |a| a == WINDOW.0 + 0x5008));
+        assert!(!is_stale_write(&write, |_| false), "still read-only");
+        for code in [0b01, 0b10, 0b111, 0b1011, 0b1_0011, 0b10_0011, 0b100_0011] {
+            let f = PageFault::new(WINDOW.0, 0x20_0000, code);
+            let asked = core::cell::Cell::new(false);
+            let stale = is_stale_write(&f, |_| {
+                asked.set(true);
+                true
+            });
+            assert!(!stale && !asked.get(), "error code {code:#b}");
+        }
     }
 }
