@@ -134,10 +134,13 @@ pvh_start64:
 
     .section .rodata
     .balign 8
+    /* The accessed bit (type 0x9b, 0x93) is set: a CPU loading a
+       segment whose bit is clear writes the descriptor, a write to the
+       kernel image that no snapshot could account for. */
 boot_gdt:
     .quad 0
-    .quad 0x00af9a000000ffff            /* 0x08: 64-bit code */
-    .quad 0x00cf92000000ffff            /* 0x10: data */
+    .quad 0x00af9b000000ffff            /* 0x08: 64-bit code */
+    .quad 0x00cf93000000ffff            /* 0x10: data */
 boot_gdt_ptr:
     .word boot_gdt_ptr - boot_gdt - 1
     .long boot_gdt

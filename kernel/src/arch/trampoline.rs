@@ -95,11 +95,12 @@ ap_tramp64:
     jmpq *%rax
 
     .balign 8
+    /* Accessed bits set, as in the boot GDT: the CPU never writes it. */
 ap_gdt:
     .quad 0
-    .quad 0x00cf9a000000ffff            /* 0x08: 32-bit code */
-    .quad 0x00cf92000000ffff            /* 0x10: data */
-    .quad 0x00af9a000000ffff            /* 0x18: 64-bit code */
+    .quad 0x00cf9b000000ffff            /* 0x08: 32-bit code */
+    .quad 0x00cf93000000ffff            /* 0x10: data */
+    .quad 0x00af9b000000ffff            /* 0x18: 64-bit code */
 ap_gdtr:
     .word ap_gdtr - ap_gdt - 1
     .long {area} + (ap_gdt - ap_trampoline_start)
