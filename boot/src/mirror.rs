@@ -138,8 +138,14 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
         .map_err(|e| format!("{}: {e}", tape.display()))?;
     Ok(MirrorJob {
         disks: vec![
-            Disk::new(primary, "primary"),
-            Disk::new(secondary, "secondary"),
+            Disk {
+                direct: true,
+                ..Disk::new(primary, "primary")
+            },
+            Disk {
+                direct: true,
+                ..Disk::new(secondary, "secondary")
+            },
             Disk::new(&control, "control"),
             Disk::new(&staged.partial, "tape"),
         ],
@@ -261,7 +267,12 @@ pub fn prepare_bench(dir: &Path, volume: u64) -> Result<Vec<Disk>, String> {
             let path = dir.join(format!("{name}.img"));
             crate::bench::make_blank_image(&path, size)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            disks.push(Disk::new(path, &name));
+            // The volumes past the host's page cache, as the
+            // controller's disks are; see docs/design/mirror.md.
+            disks.push(Disk {
+                direct: what != "control",
+                ..Disk::new(path, &name)
+            });
         }
     }
     let geo_bits = Geometry {
