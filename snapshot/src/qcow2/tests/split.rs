@@ -32,6 +32,24 @@ fn split_of<D: BlockDevice>(q: &Qcow2Disk<D>, batch: u64) -> TestSplit<'_, D> {
     .unwrap()
 }
 
+/// Runs `s` at full share, with no workload, until the backing is
+/// released; its progress.
+fn run_to_end<D: BlockDevice>(s: &TestSplit<'_, D>) -> super::super::split::Progress {
+    let mut pacer = Pacer::new(100, u64::MAX);
+    let mut clock = 0u64;
+    s.run(
+        &mut pacer,
+        0,
+        &mut || {
+            clock += 1;
+            clock
+        },
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 /// A base with data in some clusters and zeros in others.
 fn sparse_base(bits: u32) -> Vec<u8> {
     let cs = 1usize << bits;
@@ -63,20 +81,7 @@ fn split_fills_holes_then_releases_the_backing() {
     let whole = pattern(98, 4096);
     s.write_at(8 * 4096, &whole).unwrap();
     model[8 * 4096..9 * 4096].copy_from_slice(&whole);
-    let mut pacer = Pacer::new(100, u64::MAX);
-    let mut clock = 0u64;
-    let p = s
-        .run(
-            &mut pacer,
-            0,
-            &mut || {
-                clock += 1;
-                clock
-            },
-            &mut |_| {},
-            &mut |_| {},
-        )
-        .unwrap();
+    let p = run_to_end(&s);
     assert!(p.released);
     assert_eq!(p.by_workload, 2);
     let holes = SIZE / 4096 - 2;
@@ -123,20 +128,7 @@ fn a_short_last_cluster_of_zeros_stays_a_hole_when_buffers_are_reused() {
     );
     let q = open_chain(file.clone(), core::slice::from_ref(&base));
     let s = split_of(&q, 3);
-    let mut pacer = Pacer::new(100, u64::MAX);
-    let mut clock = 0u64;
-    let p = s
-        .run(
-            &mut pacer,
-            0,
-            &mut || {
-                clock += 1;
-                clock
-            },
-            &mut |_| {},
-            &mut |_| {},
-        )
-        .unwrap();
+    let p = run_to_end(&s);
     assert!(p.released);
     assert_eq!((p.copied, p.zeroed), (10, 1));
     drop(s);
