@@ -48,8 +48,17 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
 pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
     if frame.vector == 14 {
         let entry = cpu::rdtsc();
+        let teardowns = crate::memsnap::teardown_seq();
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
         crate::memsnap::hold_if_asked(fault.addr);
+        // A write the tables now allow, or one whose walk a snapshot's
+        // teardown may have overlapped (its shadow tables freed under it):
+        // the sequence is read after the walk, as a seqlock's reader does.
+        let writable_now = |addr| {
+            let allowed = allows_write_now(addr);
+            let seq = crate::memsnap::teardown_seq();
+            allowed || seq != teardowns || seq % 2 == 1
+        };
         let fixups = probe::fixups();
         let layout = Layout {
             fixups: &fixups,
@@ -73,7 +82,7 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
                     return next;
                 }
                 if crate::memsnap::on_write_fault(offset, false, entry) == WriteFault::Handled
-                    || is_stale_write(&fault, allows_write_now)
+                    || is_stale_write(&fault, writable_now)
                 {
                     return frame;
                 }
@@ -86,7 +95,7 @@ pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
                 )
             }
             // Raised before a snapshot's teardown gave the write back.
-            Verdict::Fatal if is_stale_write(&fault, allows_write_now) => return frame,
+            Verdict::Fatal if is_stale_write(&fault, writable_now) => return frame,
             Verdict::Fatal => fatal(frame, Some(&fault), None),
         }
     }

@@ -291,10 +291,22 @@ pub fn release() -> Result<(), LifecycleError> {
     Ok(())
 }
 
+/// Odd while a teardown runs: a fault handler that saw it change (or odd)
+/// around its walk of the page tables may have read a shadow table being
+/// freed, and retries rather than trust the walk ([`teardown_seq`]).
+static TEARDOWN_SEQ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// [`TEARDOWN_SEQ`], for the page-fault handler: read at its entry and
+/// again before it would stop the machine.
+pub fn teardown_seq() -> u64 {
+    TEARDOWN_SEQ.load(Ordering::SeqCst)
+}
+
 /// Stops the copier, lifts the protection and frees the session; an
 /// abort first checks the copies made so far (when verifying) into the
 /// report.
 fn teardown(check: bool) {
+    TEARDOWN_SEQ.fetch_add(1, Ordering::SeqCst);
     ABORT.store(true, Ordering::Release);
     let copier = COPIER.lock().take();
     if let Some(copier) = copier {
@@ -315,6 +327,7 @@ fn teardown(check: bool) {
         }
     }
     drop(SESSION.take());
+    TEARDOWN_SEQ.fetch_add(1, Ordering::SeqCst);
     let held = HELD.lock().take();
     drop(held);
     *PHASE.lock() = Phase::Idle;
