@@ -4,8 +4,9 @@
 //! device writes behind the MMU's back).
 //!
 //! The fault path never allocates, takes a lock, or waits inside the
-//! handler: it reaches the session through [`SESSION`], copies through the
-//! engine window and counts in [`LIVE`]. When a disk store's staging is
+//! handler (but for a test hook, [`hold_if_asked`], which holds one fault
+//! only when a test armed it): it reaches the session through [`SESSION`],
+//! copies through the engine window and counts in [`LIVE`]. When a disk store's staging is
 //! full, a thread that faulted with interrupts on is blocked like any
 //! waiting thread ([`thread::block_faulting`]) and retries its write when
 //! the disk writer has made room.
@@ -193,7 +194,13 @@ pub fn hold_if_asked(addr: u64) {
     if page == 0 || addr & !(PAGE_SIZE - 1) != page {
         return;
     }
-    HELD_PAGE.store(0, Ordering::Relaxed);
+    // One fault is held, whichever CPU disarms the hook first.
+    if HELD_PAGE
+        .compare_exchange(page, 0, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
     HOLDING.store(true, Ordering::Release);
     let until = crate::clock::now_ns() + HOLD_MAX_NS;
     while !RELEASED.load(Ordering::Acquire) && crate::clock::now_ns() < until {
