@@ -410,12 +410,13 @@ pub fn prepare_spread(dir: &std::path::Path) -> Result<crate::qemu::Disk, String
 }
 
 /// Runs a host reference `RUNS` times, each after `sync`, and returns the
-/// median of each of its figures. The sync keeps a run from paying for
-/// the write-back of what an earlier step left dirty in the page cache
-/// (the kernel's restore, an earlier run), which the kernel's own runs,
-/// started after a sync too, never pay; the median keeps one unlucky run
-/// from standing for the reference (one convert of the bench's source
-/// took 0.32 s and the next 0.58 s).
+/// figures of the run whose first figure is the median (the figures of
+/// one run belong together: a convert and the `fsync` of its output). The
+/// sync keeps a run from paying for the write-back of what an earlier step
+/// left dirty in the page cache (the kernel's restore, an earlier run),
+/// which the kernel's own runs, started after a sync too, never pay; the
+/// median keeps one unlucky run from standing for the reference (one
+/// convert of the bench's source took 0.32 s and the next 0.58 s).
 pub fn settled_median<const N: usize>(
     mut once: impl FnMut() -> Result<[f64; N], String>,
 ) -> Result<[f64; N], String> {
@@ -426,18 +427,15 @@ pub fn settled_median<const N: usize>(
         let _ = std::process::Command::new("sync").status();
         runs.push(once()?);
     }
-    Ok(std::array::from_fn(|i| {
-        let mut figures: Vec<f64> = runs.iter().map(|r| r[i]).collect();
-        figures.sort_by(f64::total_cmp);
-        figures[figures.len() / 2]
-    }))
+    runs.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    Ok(runs[runs.len() / 2])
 }
 
 /// The host's reference for `bench-backup`: seconds `qemu-img convert -O
 /// qcow2` takes to copy the scattered source (`src.qcow2` in `dir`), run
 /// after the kernel's backup in the same sitting, and then seconds an
-/// `fsync` of the copy takes, each the median of [`settled_median`]'s
-/// runs. `qemu-img convert` never syncs its output (it writes with
+/// `fsync` of the copy takes, from the median run of
+/// [`settled_median`]. `qemu-img convert` never syncs its output (it writes with
 /// `cache=unsafe`), where the backup ends with a flush the host turns
 /// into an `fdatasync` of the tape: the sum is the durable copy. The copy
 /// is removed.
