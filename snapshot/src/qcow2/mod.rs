@@ -30,6 +30,7 @@ pub mod create;
 pub mod disk;
 pub mod flat;
 mod refcount;
+mod spare;
 pub mod split;
 mod tables;
 pub mod workload;

@@ -44,8 +44,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use alloc::vec::Vec;
 
+use super::spare::Spare;
 use super::{Entry, Qcow2Disk, Result};
-use crate::backup::qcow2::{buffer, Qcow2Error};
+use crate::backup::qcow2::Qcow2Error;
 use crate::copyonce::{Cause, Claim, Counters, Engine, Pacer, Token};
 use crate::devices::block::{BlockDevice, BlockError, DiskInfo, Op, SECTOR_SIZE};
 
@@ -113,14 +114,9 @@ pub struct Split<'a, D, W, C> {
     /// ([`Self::take_write_back_due`]).
     deferred: bool,
     relax: fn(),
-    /// Batch buffers given back by commits, for the next batches to read
-    /// into: a fresh buffer is zeroed first, which the emulator pays for
-    /// byte by byte. At most [`SPARE_BUFFERS`], the batches in flight.
-    spare: spin::Mutex<Vec<Vec<u8>>>,
+    /// Batch buffers given back by commits, for the next batches.
+    spare: Spare,
 }
-
-/// Batch buffers a split keeps for reuse: one being read, one committed.
-const SPARE_BUFFERS: usize = 2;
 
 impl<'a, D, W, C> Split<'a, D, W, C>
 where
@@ -161,7 +157,7 @@ where
             write_back_every: (WRITE_BACK_BYTES / disk.geometry().cs).max(1),
             deferred: false,
             relax,
-            spare: spin::Mutex::new(Vec::new()),
+            spare: Spare::default(),
         })
     }
 
@@ -387,29 +383,7 @@ where
         for t in batch.claimed {
             self.engine.abandon(t);
         }
-        self.give_back(batch.data);
-    }
-
-    /// Keeps a batch's buffer for a later batch, if fewer than
-    /// [`SPARE_BUFFERS`] are kept.
-    fn give_back(&self, data: Vec<u8>) {
-        let mut spare = self.spare.lock();
-        if spare.len() < SPARE_BUFFERS && data.capacity() > 0 {
-            spare.push(data);
-        }
-    }
-
-    /// A buffer of `len` bytes whose contents are left to the caller to
-    /// overwrite: a kept one if there is one (zeroed only where it grows),
-    /// else a new zeroed one.
-    fn batch_buffer(&self, len: u64) -> Result<Vec<u8>> {
-        match self.spare.lock().pop() {
-            Some(mut data) if data.capacity() as u64 >= len => {
-                data.resize(len as usize, 0);
-                Ok(data)
-            }
-            _ => buffer(len, "split batch"),
-        }
+        self.spare.give_back(batch.data);
     }
 
     /// The second half of a batch: gives each hole whose data is not all
@@ -425,7 +399,7 @@ where
                 for t in batch.claimed {
                     self.engine.finish(t, Cause::Background);
                 }
-                self.give_back(batch.data);
+                self.spare.give_back(batch.data);
                 if !self.deferred && self.take_write_back_due() {
                     self.disk.write_back()?;
                 }
@@ -445,7 +419,7 @@ where
         let g = self.disk.geometry();
         let cs = g.cs as usize;
         let with_data: Vec<u64> = claimed.iter().map(Token::unit).collect();
-        let mut data = self.batch_buffer(g.cs * with_data.len() as u64)?;
+        let mut data = self.spare.take(g.cs * with_data.len() as u64)?;
         let mut ops = Vec::new();
         let mut rest: &mut [u8] = &mut data;
         let mut k = 0;
