@@ -60,8 +60,7 @@ pub(crate) fn ratio(a: f64, b: f64) -> f64 {
 /// The goals of `bench-memsnap`, judged from its JSON.
 pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
     let f = |k| json.f64(k).unwrap_or(0.0);
-    let at_most = Goal::at_most;
-    let at_least = Goal::at_least;
+    let (at_most, at_least) = (Goal::at_most, Goal::at_least);
     // "Under 1/100 of stop-and-copy" is the goal at 2 GiB (of which the
     // firmware keeps a little); smaller guests have too little to copy.
     let big = f("mem_bytes") >= (2u64 << 30) as f64 * 0.95;
@@ -136,34 +135,42 @@ pub fn memsnap_goals(json: &BenchJson) -> Vec<Goal> {
             )
         },
     ];
-    // With --to-disk: the snapshot to disk against the same disk's
-    // sequential writes and against the in-RAM snapshot of this run.
-    if json.f64("disk_write_mib_s").is_some() {
-        goals.extend([
-            at_least(
-                "to disk: disk writes / sequential writes",
-                ratio(f("disk_write_mib_s"), f("seq_write_mib_s")),
-                0.8,
-            ),
-            at_most(
-                "to disk: fault p99 / in-RAM fault p99 (x)",
-                ratio(f("disk_fault_ns_p99"), f("fault_ns_p99")),
-                2.0,
-            ),
-            at_most("to disk: mismatched pages", f("disk_mismatched_pages"), 0.0),
-            at_least(
-                "to disk: range / RAM",
-                ratio(f("disk_pages"), f("ram_pages")),
-                0.92,
-            ),
-            Goal::info(
-                "(info) to disk: fault p99 / copy p99 under I/O",
-                ratio(f("disk_fault_ns_p99"), f("page_copy_ns_p99_under_io")),
-                2.0,
-            ),
-        ]);
-    }
+    goals.extend(memsnap_disk_goals(json));
     goals
+}
+
+/// With `--to-disk`, `bench-memsnap`'s goals for the snapshot to disk:
+/// against the same disk's sequential writes and against the in-RAM
+/// snapshot of the same run. None without it.
+fn memsnap_disk_goals(json: &BenchJson) -> Vec<Goal> {
+    let f = |k| json.f64(k).unwrap_or(0.0);
+    let (at_most, at_least) = (Goal::at_most, Goal::at_least);
+    if json.f64("disk_write_mib_s").is_none() {
+        return Vec::new();
+    }
+    vec![
+        at_least(
+            "to disk: disk writes / sequential writes",
+            ratio(f("disk_write_mib_s"), f("seq_write_mib_s")),
+            0.8,
+        ),
+        at_most(
+            "to disk: fault p99 / in-RAM fault p99 (x)",
+            ratio(f("disk_fault_ns_p99"), f("fault_ns_p99")),
+            2.0,
+        ),
+        at_most("to disk: mismatched pages", f("disk_mismatched_pages"), 0.0),
+        at_least(
+            "to disk: range / RAM",
+            ratio(f("disk_pages"), f("ram_pages")),
+            0.92,
+        ),
+        Goal::info(
+            "(info) to disk: fault p99 / copy p99 under I/O",
+            ratio(f("disk_fault_ns_p99"), f("page_copy_ns_p99_under_io")),
+            2.0,
+        ),
+    ]
 }
 
 /// Creates (or truncates) a sparse raw image of `bytes` at `path`.

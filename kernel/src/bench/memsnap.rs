@@ -180,6 +180,54 @@ fn verifies(cmd: &CmdLine<'_>) -> bool {
     cmd.get("verify").is_none_or(|v| v != "off")
 }
 
+/// The workload's rates before the snapshot: on every CPU; on the CPUs
+/// the copier leaves it, beside an idle and beside a copying neighbour;
+/// and on the boot CPU alone. Each rate first settles the emulator's TLB
+/// to the workload (see `settle`), the state the live snapshot then meets.
+fn rates_before(workload: &Workload) -> [u64; 4] {
+    let all_cpus = steady_rate(workload);
+    let before = off_the_copier_cpu(Stand::Idle, || steady_rate(workload));
+    // The copier's CPU busy copying, as during the snapshot: what the
+    // neighbour's load alone costs the workload on this host.
+    let beside_copier = off_the_copier_cpu(Stand::Copying, || steady_rate(workload));
+    // The others held idle: how the workload itself scales with CPUs.
+    let one_cpu = {
+        let _held = thread::hold_others();
+        steady_rate(workload)
+    };
+    [all_cpus, before, beside_copier, one_cpu]
+}
+
+/// After the timed snapshot, same workload, same boot: the verified
+/// snapshot (compared page by page with a stop-the-world reference) unless
+/// `verify=off`, and with `to_disk=NAME` the snapshot to that disk.
+fn checked_snapshots(
+    cmd: &CmdLine<'_>,
+    share: Option<u64>,
+    workload: &Workload,
+    mem_bytes: u64,
+) -> Result<(Option<Report>, Option<DiskFigures>), String> {
+    let verify = verifies(cmd);
+    let verified = verify
+        .then(|| {
+            let opts = Options {
+                verify: true,
+                copier_share_pct: share,
+                ..Options::default()
+            };
+            complete_snapshot("verified", &opts)
+        })
+        .transpose()?;
+    let to_disk = cmd
+        .get("to_disk")
+        .map(|name| {
+            snapshot_to_disk(name, share, workload, verify, mem_bytes)
+                .map_err(|e| alloc::format!("snapshot to disk {name:?}: {e}"))
+        })
+        .transpose()?;
+    Ok((verified, to_disk))
+}
+
 fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     // `None`: the snapshot's default (all of a CPU the copier owns).
     let share = cmd.u64("copier_share").map_err(|e| alloc::format!("{e}"))?;
@@ -213,19 +261,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let busy_copy = off_the_copier_cpu(Stand::Copying, || {
         baseline::page_copy_paced_ns(2000, FAULT_GAP_NS)
     });
-    // Each rate first settles the emulator's TLB to the workload (see
-    // `settle`), the state the live snapshot then meets.
-    let ops_all_cpus = steady_rate(&workload);
-    let ops_before = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
-    // The same with the copier's CPU busy copying, as during the snapshot:
-    // what the neighbour's load alone costs the workload on this host.
-    let ops_beside_copier = off_the_copier_cpu(Stand::Copying, || steady_rate(&workload));
-    // The same workload on the boot CPU alone (the others held idle): how
-    // the workload itself scales with CPUs.
-    let ops_1cpu = {
-        let _held = thread::hold_others();
-        steady_rate(&workload)
-    };
+    let [ops_all_cpus, ops_before, ops_beside_copier, ops_1cpu] = rates_before(&workload);
     // The 128 MiB range's pause right before the timed one, so both meet
     // the emulator's TLB sized by the same settled workload: its flush, the
     // bulk of the pause's protection step, costs more the larger the TLB.
@@ -238,26 +274,7 @@ fn run(cmd: &CmdLine<'_>) -> Result<Figures, String> {
     let (timed, latencies, ops_during) = timed_snapshot(share, &workload)?;
     let splits = memsnap::splits::read();
     let ops_after = off_the_copier_cpu(Stand::Idle, || steady_rate(&workload));
-    // The verified snapshot, same workload, same boot: its result is
-    // compared page by page with a stop-the-world reference.
-    let verify = verifies(cmd);
-    let verified = verify
-        .then(|| {
-            let opts = Options {
-                verify: true,
-                copier_share_pct: share,
-                ..Options::default()
-            };
-            complete_snapshot("verified", &opts)
-        })
-        .transpose()?;
-    let to_disk = cmd
-        .get("to_disk")
-        .map(|name| {
-            snapshot_to_disk(name, share, &workload, verify, mem_bytes)
-                .map_err(|e| alloc::format!("snapshot to disk {name:?}: {e}"))
-        })
-        .transpose()?;
+    let (verified, to_disk) = checked_snapshots(cmd, share, &workload, mem_bytes)?;
     workload.stop();
     Ok(Figures {
         mem_bytes,
