@@ -48,16 +48,16 @@ pub fn name(vector: u64) -> (&'static str, &'static str) {
 pub fn handle(frame: &mut TrapFrame) -> *mut TrapFrame {
     if frame.vector == 14 {
         let entry = cpu::rdtsc();
-        let teardowns = crate::memsnap::teardown_seq();
         let fault = PageFault::new(cpu::cr2(), frame.rip, frame.error_code);
         crate::memsnap::hold_if_asked(fault.addr);
         // A write the tables now allow, or one whose walk a snapshot's
         // teardown may have overlapped (its shadow tables freed under it):
-        // the sequence is read after the walk, as a seqlock's reader does.
+        // the sequence is read around the walk, as a seqlock's reader does.
         let writable_now = |addr| {
+            let before = crate::memsnap::teardown_seq();
             let allowed = allows_write_now(addr);
-            let seq = crate::memsnap::teardown_seq();
-            allowed || seq != teardowns || seq % 2 == 1
+            let after = crate::memsnap::teardown_seq();
+            allowed || after != before || before % 2 == 1
         };
         let fixups = probe::fixups();
         let layout = Layout {

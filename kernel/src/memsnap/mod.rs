@@ -296,8 +296,8 @@ pub fn release() -> Result<(), LifecycleError> {
 /// freed, and retries rather than trust the walk ([`teardown_seq`]).
 static TEARDOWN_SEQ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
-/// [`TEARDOWN_SEQ`], for the page-fault handler: read at its entry and
-/// again before it would stop the machine.
+/// [`TEARDOWN_SEQ`], for the page-fault handler: read before and after its
+/// walk of the live tables, when it would otherwise stop the machine.
 pub fn teardown_seq() -> u64 {
     TEARDOWN_SEQ.load(Ordering::SeqCst)
 }
