@@ -292,7 +292,7 @@ fn new_split(
         )
         .map_err(failed)?
         .with_write_back(opts.write_back_bytes)
-        .deferred_if(opts.write_back_thread),
+        .with_deferred_write_back(opts.write_back_thread),
     )))
 }
 

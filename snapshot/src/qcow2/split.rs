@@ -169,24 +169,15 @@ where
         self
     }
 
-    /// The same split, whose commits do not write the metadata back
-    /// themselves: another thread asks [`Self::take_write_back_due`] and
-    /// runs [`Qcow2Disk::write_back`] (its flush then overlaps the next
-    /// batches' writes). A crash leaks at most twice the write-back
-    /// interval and one batch: what the write-back in flight covers, and
-    /// what was copied since it started.
-    pub fn with_deferred_write_back(mut self) -> Self {
-        self.deferred = true;
+    /// With `deferred`, the same split whose commits do not write the
+    /// metadata back themselves: another thread asks
+    /// [`Self::take_write_back_due`] and runs [`Qcow2Disk::write_back`] (its
+    /// flush then overlaps the next batches' writes). A crash leaks at most
+    /// twice the write-back interval and one batch: what the write-back in
+    /// flight covers, and what was copied since it started.
+    pub fn with_deferred_write_back(mut self, deferred: bool) -> Self {
+        self.deferred = deferred;
         self
-    }
-
-    /// [`Self::with_deferred_write_back`] if `deferred`.
-    pub fn deferred_if(self, deferred: bool) -> Self {
-        if deferred {
-            self.with_deferred_write_back()
-        } else {
-            self
-        }
     }
 
     /// Whether enough was copied since the last write-back for another.

@@ -498,7 +498,7 @@ fn crash_keeping_any_unflushed_writes(deferred: bool) {
         grouped(&q);
         let s = split_of(&q, 4)
             .with_write_back(8 * 4096)
-            .deferred_if(deferred);
+            .with_deferred_write_back(deferred);
         // Workload writes between batches: in place, and to holes.
         let mut k = 0u64;
         let mut late = false;
