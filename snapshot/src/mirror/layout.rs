@@ -173,7 +173,7 @@ impl Super {
     /// Reads a slot: `Ok(None)` if it was never written (all zero),
     /// `Err` with what is wrong if it is not a valid superblock.
     pub fn decode(b: &[u8]) -> Result<Option<Super>, String> {
-        if b.iter().all(|&x| x == 0) {
+        if crate::support::is_zero(b) {
             return Ok(None);
         }
         if b[..8] != MAGIC {
