@@ -3,7 +3,8 @@
 //! copy of it for `qemu-img rebase`, a scratch disk for the sequential
 //! baseline), the figures only the host can measure (the base's data
 //! bytes, `qemu-img rebase -b ''` of fresh copies of that copy, timed in
-//! the same run, the median of three) and the check of the result against what the workload wrote.
+//! the same run, the median of three) and the check of the result against
+//! what the workload wrote.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

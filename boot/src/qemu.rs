@@ -175,8 +175,8 @@ impl Outcome {
 /// the host's file system must take `O_DIRECT` (tmpfs does not), the
 /// file's length must be a whole number of 4 KiB (QEMU refuses to write a
 /// direct file whose length is not a multiple of the host's request
-/// alignment), and `QEMU_DIRECT=off` turns it off. A medium written once and then synced
-/// (the backup's tape) gains from it: the host copies nothing into its
+/// alignment), and `QEMU_DIRECT=off` turns it off. A medium written once
+/// and then synced (the backup's tape) gains from it: the host copies nothing into its
 /// page cache, and the closing flush has nothing left to write back
 /// (256 MiB on the development machine's disk: 0.27 to 0.51 s direct,
 /// 0.71 to 2.84 s through the page cache and `fdatasync`).

@@ -6,10 +6,10 @@
 //! The fault path never allocates, takes a lock, or waits inside the
 //! handler (but for a test hook, [`hold_if_asked`], which holds one fault
 //! only when a test armed it): it reaches the session through [`SESSION`],
-//! copies through the engine window and counts in [`LIVE`]. When a disk store's staging is
-//! full, a thread that faulted with interrupts on is blocked like any
-//! waiting thread ([`thread::block_faulting`]) and retries its write when
-//! the disk writer has made room.
+//! copies through the engine window and counts in [`LIVE`]. When a disk
+//! store's staging is full, a thread that faulted with interrupts on is
+//! blocked like any waiting thread ([`thread::block_faulting`]) and
+//! retries its write when the disk writer has made room.
 
 use alloc::vec::Vec;
 use core::ops::Range;
