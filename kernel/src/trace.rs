@@ -12,6 +12,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use snapshot::interface::progress::Throttle;
 use snapshot::interface::trace::{write_record, Fields, Value};
 
 use crate::sync::IrqMutex;
@@ -186,28 +187,27 @@ pub fn job_failed(
 }
 
 /// A job's progress through its stages, traced as `EVENT stage= done=
-/// total=` at most every 5 % of a stage (and at its end), and flushed at
-/// once so the host tool can show it while the job runs.
+/// total=` when [`Throttle`] says it is due (every 5 % of each stage, and
+/// its end), and flushed at once so the host tool can show it while the
+/// job runs.
 #[derive(Debug)]
 pub struct Progress {
     event: &'static str,
-    last: Option<(&'static str, u64)>,
+    throttle: Throttle,
 }
 
 impl Progress {
     /// No report yet; records will be named `event`.
     pub const fn new(event: &'static str) -> Self {
-        Progress { event, last: None }
+        Progress {
+            event,
+            throttle: Throttle::new(),
+        }
     }
 
     /// `done` of `total` in `stage`.
     pub fn report(&mut self, stage: &'static str, done: u64, total: u64) {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let due = match self.last {
-            Some((s, p)) if s == stage => pct >= p + 5 || (done == total && p < 100),
-            _ => true,
-        };
-        if due {
+        if self.throttle.due(stage, done, total) {
             emit_now(
                 self.event,
                 &[
@@ -216,7 +216,6 @@ impl Progress {
                     ("total", Value::U64(total)),
                 ],
             );
-            self.last = Some((stage, pct));
         }
     }
 }

@@ -6,6 +6,7 @@
 //! added here is understood on both; nothing here may touch a device.
 
 pub mod cmdline;
+pub mod progress;
 pub mod scenario;
 pub mod trace;
 pub mod units;
