@@ -66,7 +66,8 @@ pub fn frame_allocator_never_hands_out_a_frame_twice() {
 
 /// Random allocations of mixed sizes and alignments, each filled with its own
 /// pattern, freed in random order; every pattern must survive until its free,
-/// and the heap must end as it started.
+/// every large block must start on a page (transfers from it stay on
+/// QEMU's io_uring path), and the heap must end as it started.
 pub fn heap_survives_allocation_stress() {
     let (used_before, size) = heap::stats();
     let mut rng = snapshot::support::rng::Rng::new(0x5eed_1234);
@@ -81,7 +82,12 @@ pub fn heap_survives_allocation_stress() {
                 _ => rng.below(128) as usize + 1,
             };
             let tag = round as u8;
-            let mut block = Vec::with_capacity(len);
+            let mut block: Vec<u8> = Vec::with_capacity(len);
+            assert!(
+                len < heap::PAGE_ALIGNED_FROM || block.as_ptr().addr().is_multiple_of(4096),
+                "a {len}-byte block at {:p} does not start on a page",
+                block.as_ptr()
+            );
             block.resize(len, tag);
             live.push((block, tag));
         } else if !live.is_empty() {
