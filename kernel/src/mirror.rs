@@ -36,7 +36,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use snapshot::backup::tape::{Header, BLOCK, HEADER_BYTES};
+use snapshot::backup::tape::{Header, HEADER_BYTES};
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::CmdLine;
 use snapshot::memsnap::page_hash;
@@ -359,7 +359,7 @@ pub fn mismatched(tape: &dyn BlockDevice, reference: &[u64]) -> Result<u64, Erro
     for k in 0..l.extents() {
         let (first, len, at) = l.extent(k);
         let data = &mut buf[..cs * len as usize];
-        tape.read((at + BLOCK) / 512, data).map_err(Error::Io)?;
+        tape.read((at + l.block) / 512, data).map_err(Error::Io)?;
         for (i, block) in data.chunks(cs).enumerate() {
             let b = first as usize + i;
             bad += u64::from(reference.get(b) != Some(&hash(block)?));

@@ -73,6 +73,7 @@ impl Plan {
             data_clusters: image.data_clusters,
             table1_bytes: enc.bytes,
             table2_runs: 0,
+            block: tape::block_of(tape::VERSION, image.header.cluster_bits),
         };
         Ok(Plan {
             image,
@@ -246,7 +247,7 @@ fn write_table1(
     if enc.bytes != plan.layout.table1_bytes || enc.checksum() != plan.table1_checksum {
         return Err(changed());
     }
-    let padded = (fill as u64).next_multiple_of(BLOCK) as usize;
+    let padded = plan.layout.pad(fill as u64) as usize;
     buf[fill..padded].fill(0);
     write_deep(tape, written / 512, &buf[..padded])?;
     Ok(written + padded as u64)
@@ -279,9 +280,8 @@ fn pump(
     }
     .encode();
     write_deep(tape, 0, &header)?;
-    let stride = BLOCK + layout.extent_clusters() * layout.cluster_size();
     let spare = beside_ring(&plan.image.header);
-    let (mut bufs, per) = ring(stride, layout.extents(), spare)?;
+    let (mut bufs, per) = ring(layout.extent_stride(), layout.extents(), spare)?;
     let written = write_table1(plan, source, tape, &mut bufs[0])?;
     debug_assert_eq!(written, layout.data_offset());
     let mut copier = Copier::new(source, &plan.image.header, plan.image.file_len)?;

@@ -21,7 +21,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::copy::Copier;
 use super::error::Error;
 use super::io::depth;
-use super::tape::{checksum, Digest, ExtentHeader, Layout, BLOCK};
+use super::tape::{checksum, Digest, ExtentHeader, Layout};
 use crate::devices::block::{BlockDevice, Op};
 
 /// Windows in the ring, at most (two at least).
@@ -234,7 +234,10 @@ pub(super) fn window_span(layout: &Layout, k: u64, n: u64) -> (u64, u64) {
     let last = (k + n).min(layout.extents()) - 1;
     let at = layout.extent(k).2;
     let (_, clusters, end) = layout.extent(last);
-    (at, end + BLOCK + clusters * layout.cluster_size() - at)
+    (
+        at,
+        end + layout.block + clusters * layout.cluster_size() - at,
+    )
 }
 
 /// The data of the `n` extents from extent `k` (fewer at the end) in
@@ -252,7 +255,7 @@ fn extents_in<'b>(
     let mut rest = buf;
     for i in k..k + n {
         let (first, len, _) = layout.extent(i);
-        let (head, tail) = rest.split_at_mut(BLOCK as usize);
+        let (head, tail) = rest.split_at_mut(layout.block as usize);
         let (data, tail) = tail.split_at_mut((len * cs) as usize);
         rest = tail;
         pieces.push((i, first, head, data));
@@ -288,7 +291,7 @@ pub(super) fn seal(buf: &mut [u8], layout: &Layout, k: u64, n: u64, digest: &mut
             index: i,
             first,
             clusters: data.len() as u64 / cs,
-            data_at: layout.extent(i).2 + BLOCK,
+            data_at: layout.extent(i).2 + layout.block,
             data_checksum: sum,
         }
         .encode_into(head);

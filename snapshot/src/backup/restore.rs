@@ -17,7 +17,7 @@ use super::newimage::{L2Count, NewImage};
 use super::run::{CopyRuns, Run, Runs};
 use super::table::{same_mapping, V1Table1, V1Table2, V2Table1};
 use super::tape::{
-    checksum, Digest, ExtentHeader, Header, MediumError, Trailer, BLOCK, HEADER_BYTES,
+    checksum, Digest, ExtentHeader, Header, MediumError, Trailer, HEADER_BYTES, RECORD,
 };
 use crate::devices::block::{BlockDevice, Op};
 
@@ -263,8 +263,7 @@ pub fn restore(
     let image = front.new_image();
     let mut mapping = front.mapping(tape)?;
     let mut cur = None;
-    let stride = BLOCK + l.extent_clusters() * cs;
-    let (mut buf, extents_per_window) = window(stride, l.extents())?;
+    let (mut buf, extents_per_window) = window(l.extent_stride(), l.extents())?;
     let mut digest = Digest::default();
     let total = l.data_clusters * cs;
     let mut k = 0;
@@ -281,8 +280,8 @@ pub fn restore(
         let mut ops = vec![];
         let mut rest: &[u8] = window;
         for i in k..k + n {
-            let head = ExtentHeader::decode(&rest[..BLOCK as usize], &l, i)?;
-            let (data, tail) = rest[BLOCK as usize..].split_at((head.clusters * cs) as usize);
+            let head = ExtentHeader::decode(&rest[..l.block as usize], &l, i)?;
+            let (data, tail) = rest[l.block as usize..].split_at((head.clusters * cs) as usize);
             rest = tail;
             let sum = checksum(data);
             if sum != head.data_checksum {
@@ -316,7 +315,7 @@ pub fn restore(
         progress(Stage::Restore, (first + len) * cs, total);
     }
     drop(buf);
-    let mut trailer = vec![0u8; BLOCK as usize];
+    let mut trailer = vec![0u8; RECORD as usize];
     tape.read(l.trailer_offset() / 512, &mut trailer)?;
     Trailer::check(
         &trailer,

@@ -17,9 +17,7 @@ use super::error::Error;
 use super::io::{need, write_deep, zeroed, WINDOW};
 use super::run::Run;
 use super::table::Encoder;
-use super::tape::{
-    self, checksum, Digest, Header, Layout, SourceKind, Trailer, BLOCK, HEADER_BYTES,
-};
+use super::tape::{self, checksum, Digest, Header, Layout, SourceKind, Trailer, HEADER_BYTES};
 use crate::devices::block::BlockDevice;
 
 /// A medium being written from a raw volume.
@@ -64,6 +62,7 @@ impl<'t> VolumeStream<'t> {
             data_clusters: clusters,
             table1_bytes: enc.bytes,
             table2_runs: 0,
+            block: tape::block_of(tape::VERSION, cluster_bits),
         };
         (layout, table, enc)
     }
@@ -109,7 +108,7 @@ impl<'t> VolumeStream<'t> {
             },
             header_checksum,
             next: 0,
-            window_extents: (WINDOW / stride(&layout)).max(1),
+            window_extents: (WINDOW / layout.extent_stride()).max(1),
         })
     }
 
@@ -139,7 +138,7 @@ impl<'t> VolumeStream<'t> {
     /// `volume_bytes` in clusters of `1 << cluster_bits`.
     pub fn max_window_extents(volume_bytes: u64, cluster_bits: u32) -> u64 {
         let layout = Self::plan(volume_bytes, cluster_bits).0;
-        (WINDOW / stride(&layout)).max(1)
+        (WINDOW / layout.extent_stride()).max(1)
     }
 
     /// Clusters per extent of a medium in clusters of `1 << cluster_bits`.
@@ -149,6 +148,7 @@ impl<'t> VolumeStream<'t> {
             data_clusters: 0,
             table1_bytes: 0,
             table2_runs: 0,
+            block: tape::block_of(tape::VERSION, cluster_bits),
         }
         .extent_clusters()
     }
@@ -172,19 +172,18 @@ impl<'t> VolumeStream<'t> {
         Some((first, at + len - first))
     }
 
-    /// A buffer for one window: each extent as on the medium, [`BLOCK`]
-    /// bytes for its header, then the data of a full extent.
+    /// A buffer for one window: each extent as on the medium, a block of
+    /// the layout for its header, then the data of a full extent.
     pub fn buffer(&self) -> Result<Vec<u8>, Error> {
-        let stride = BLOCK + self.extent_clusters() * self.s.layout.cluster_size();
-        zeroed(self.window_extents() * stride)
+        zeroed(self.window_extents() * self.s.layout.extent_stride())
     }
 
     /// Where the data of the window's cluster `c` (counted from the
     /// window's first) starts in the [`Self::buffer`].
     pub fn offset_in_window(&self, c: u64) -> usize {
+        let l = &self.s.layout;
         let e = self.extent_clusters();
-        let stride = BLOCK + e * self.s.layout.cluster_size();
-        ((c / e) * stride + BLOCK + (c % e) * self.s.layout.cluster_size()) as usize
+        ((c / e) * l.extent_stride() + l.block + (c % e) * l.cluster_size()) as usize
     }
 
     /// Writes the next window ([`Self::next_window`]), whose data the
@@ -217,12 +216,6 @@ impl<'t> VolumeStream<'t> {
         self.s.tape.flush()?;
         Ok(l.stream_bytes())
     }
-}
-
-/// Bytes of one extent in a window buffer: its header and a full
-/// extent's data.
-fn stride(layout: &Layout) -> u64 {
-    BLOCK + layout.extent_clusters() * layout.cluster_size()
 }
 
 #[cfg(test)]
