@@ -49,9 +49,10 @@ impl Progress {
     }
 }
 
-/// Runs the copy on a second thread while the calling thread streams
-/// the windows it has filled, so the source and the medium are busy at
-/// once; each side blocks (the CPU free for the other) while it waits.
+/// Runs each job the pipeline hands it on a thread of its own (the copy,
+/// then the seal) while the calling thread streams the windows sealed, so
+/// the source, the checksums and the medium are busy at once; each job
+/// blocks (its CPU free for the others) while it waits.
 #[derive(Debug, Default)]
 struct Threads {
     /// No second thread could be had: the jobs run in turn and never
@@ -59,14 +60,14 @@ struct Threads {
     in_turn: core::sync::atomic::AtomicBool,
 }
 
-/// Stack of the copy thread: the copy, its walk and its decoders.
+/// Stack of a job's thread: the copy, its walk and its decoders.
 const COPY_STACK: u64 = 256 * 1024;
 
 impl backup::Overlap for Threads {
     fn both(&self, a: &mut (dyn FnMut() + Send), b: &mut dyn FnMut()) {
         use core::sync::atomic::Ordering;
         if self.in_turn.load(Ordering::Acquire)
-            || !crate::scoped::both("backup-copy", COPY_STACK, a, b)
+            || !crate::scoped::both("backup-job", COPY_STACK, a, b)
         {
             self.in_turn.store(true, Ordering::Release);
             a();
