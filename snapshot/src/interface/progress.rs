@@ -33,7 +33,8 @@ impl Throttle {
 
     /// Whether `done` of `total` in `stage` should be reported; if so, it
     /// counts as reported. A stage's first report, its end and every
-    /// [`STEP_PCT`] per cent are due.
+    /// [`STEP_PCT`] per cent are due; a report below the last one starts
+    /// the stage again (a mirror pairs before its backup and again after).
     pub fn due(&mut self, stage: &'static str, done: u64, total: u64) -> bool {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         let slot = self
@@ -42,7 +43,7 @@ impl Throttle {
             .position(|l| l.is_some_and(|(s, _)| s == stage))
             .or_else(|| self.last.iter().position(Option::is_none));
         let due = match slot.and_then(|i| self.last[i]) {
-            Some((_, p)) => pct >= p + STEP_PCT || (done == total && p < 100),
+            Some((_, p)) => pct < p || pct >= p + STEP_PCT || (done == total && p < 100),
             None => true,
         };
         if let (true, Some(i)) = (due, slot) {
@@ -110,6 +111,16 @@ mod tests {
         }
         assert!(!t.due("a", 2, 100), "a kept slot throttles");
         assert!(t.due("e", 2, 100), "no slot: always due");
+    }
+
+    #[test]
+    fn a_stage_run_again_is_reported_again() {
+        let mut t = Throttle::new();
+        assert!(t.due("pair", 0, 10));
+        assert!(t.due("pair", 10, 10));
+        assert!(t.due("pair", 0, 10), "the second run's start");
+        assert!(!t.due("pair", 0, 10));
+        assert!(t.due("pair", 10, 10), "the second run's end");
     }
 
     #[test]
