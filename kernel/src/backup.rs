@@ -3,7 +3,7 @@
 //!
 //! | scenario | disks (default names) | what |
 //! |---|---|---|
-//! | `backup` | `source` (read-only), `tape` | qcow2 image on `source` to a medium on `tape`; each window's read from the source on a second thread while the window before streams (`overlap=off`: in turn) |
+//! | `backup` | `source` (read-only), `tape` | qcow2 image on `source` to a medium on `tape`; the source's reads and the checksums each on a thread of their own while the windows before stream (`overlap=off`: in turn) |
 //! | `restore` | `tape` (read-only), `out` | medium to a raw (`format=raw`) or qcow2 (`format=qcow2`) image on `out`, which must read as zeros |
 //!
 //! Progress goes out as `backup.progress stage=copy|stream|restore
@@ -55,8 +55,10 @@ impl Progress {
 /// blocks (its CPU free for the others) while it waits.
 #[derive(Debug, Default)]
 struct Threads {
-    /// No second thread could be had: the jobs run in turn and never
-    /// block, or one would wait for the other for ever.
+    /// A thread could not be had: from then on no job blocks (one that
+    /// cannot go on returns, and the jobs run in turn), or one would wait
+    /// for the other for ever. A job thread started before still blocks
+    /// until the ring moves, which the jobs in turn then do.
     in_turn: core::sync::atomic::AtomicBool,
 }
 

@@ -59,7 +59,7 @@ pub const PAGE_ALIGNED_FROM: usize = 64 << 10;
 /// then sends the request for a file opened `O_DIRECT` through its thread
 /// pool and a bounce buffer instead of io_uring (`raw_co_prw`,
 /// `QEMU_AIO_MISALIGNED`). With the medium's 4 KiB blocks, the backup's
-/// tape went from 730 to 920 MiB/s to 1,160 to 1,580 MiB/s
+/// tape went from 730 to 970 MiB/s to 1,100 to 1,520 MiB/s
 /// (docs/results/backup.md). The cost is at most a page of padding per
 /// large block, which stays free for small blocks. Alloc and dealloc both
 /// go through here, so they agree.

@@ -109,7 +109,7 @@ impl Plan {
 /// bits per host cluster, two clusters, two table windows, the L2 tables
 /// read ahead), or, later, the walk ([`ahead::memory`]: an L1 window and
 /// up to 1 MiB of L2 tables read ahead), two transfer units (the copy's and the
-/// stream's, each an extent: 1 MiB and 512 bytes, or one cluster and 512)
+/// stream's, each an extent and its header's block)
 /// and a decoder of compressed clusters ([`copy_memory`]), plus
 /// [`SLACK`]. Transfers use up to [`WINDOW`] each when memory allows.
 pub fn backup_memory(header: &qcow2::Header, file_len: u64) -> u64 {
@@ -127,7 +127,7 @@ fn beside_ring(header: &qcow2::Header) -> u64 {
 
 /// Bytes of kernel memory a restore of a medium with clusters of
 /// `1 << cluster_bits` needs at least: two table windows, one extent (1
-/// MiB and 512 bytes, or one cluster and 512) and, for a qcow2 output,
+/// MiB, or one cluster, and its header's block) and, for a qcow2 output,
 /// the metadata writer's windows and one L2 table, plus [`SLACK`].
 pub fn restore_memory(cluster_bits: u32) -> u64 {
     let cs = 1u64 << cluster_bits;
@@ -135,7 +135,10 @@ pub fn restore_memory(cluster_bits: u32) -> u64 {
     2 * table::WINDOW + stride.max(NewImage::memory(cluster_bits)) + SLACK
 }
 
-/// Small allocations besides the buffers (request lists, messages).
+/// Small allocations besides the buffers (request lists, messages), and
+/// the padding the kernel heap may leave before each block of 64 KiB or
+/// more, which it places on a page: at most 4 KiB each, and a job holds
+/// far fewer than the 64 such blocks this covers.
 pub const SLACK: u64 = 256 << 10;
 
 /// The kernel heap of a guest with `ram` bytes of memory: a sixteenth,
@@ -152,7 +155,7 @@ pub fn guest_heap_bytes(ram: u64) -> u64 {
 pub const KERNEL_HEAP_USE: u64 = 3 << 20;
 
 /// Heap the kernel's side of a running job takes beyond what the job
-/// counts itself (the driver's request lists, the copy thread): the
+/// counts itself (the driver's request lists, the pipeline's job threads): the
 /// kernel starts a job only with this much free besides the job's need.
 pub const KERNEL_JOB_USE: u64 = 384 << 10;
 

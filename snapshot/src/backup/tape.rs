@@ -264,6 +264,11 @@ impl Header {
     /// The header's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let l = &self.layout;
+        debug_assert_eq!(
+            l.block,
+            block_of(self.version, l.cluster_bits),
+            "a layout whose block its version does not give"
+        );
         let mut b = alloc::vec![0u8; HEADER_BYTES as usize];
         b[..8].copy_from_slice(&MAGIC);
         put32(&mut b, 8, self.version);
