@@ -420,13 +420,7 @@ proptest! {
         let cs = 1u64 << cluster_bits;
         let header = Header {
             version: tape::VERSION,
-            layout: Layout {
-                cluster_bits,
-                data_clusters: t1.iter().map(|r| r.len).sum(),
-                table1_bytes: enc.bytes,
-                table2_runs: 0,
-                block: tape::block_of(tape::VERSION, cluster_bits),
-            },
+            layout: Layout::new(cluster_bits, t1.iter().map(|r| r.len).sum(), enc.bytes),
             table1_runs: enc.runs,
             virtual_size: kinds.len() as u64 * cs,
             source_bytes: 200_000_000 * cs,

@@ -84,7 +84,8 @@ pub fn heap_survives_allocation_stress() {
             let tag = round as u8;
             let mut block: Vec<u8> = Vec::with_capacity(len);
             assert!(
-                len < heap::PAGE_ALIGNED_FROM || block.as_ptr().addr().is_multiple_of(4096),
+                len < heap::PAGE_ALIGNED_FROM
+                    || block.as_ptr().addr().is_multiple_of(PAGE_SIZE as usize),
                 "a {len}-byte block at {:p} does not start on a page",
                 block.as_ptr()
             );

@@ -68,13 +68,7 @@ impl Plan {
         if let Some(name) = &image.header.backing_file {
             return Err(Error::Backing(name.clone()));
         }
-        let layout = Layout {
-            cluster_bits: image.header.cluster_bits,
-            data_clusters: image.data_clusters,
-            table1_bytes: enc.bytes,
-            table2_runs: 0,
-            block: tape::block_of(tape::VERSION, image.header.cluster_bits),
-        };
+        let layout = Layout::new(image.header.cluster_bits, image.data_clusters, enc.bytes);
         Ok(Plan {
             image,
             layout,

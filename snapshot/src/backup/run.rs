@@ -15,8 +15,8 @@ pub struct Run {
     /// table 3).
     pub from: u64,
     /// First value (a host cluster of the source in table 1, a copy
-    /// cluster in table 2, a medium block of [`Layout::block`](super::tape::Layout) bytes in
-    /// table 3).
+    /// cluster in table 2, a medium block of
+    /// [`Layout::block`](super::tape::Layout) bytes in table 3).
     pub to: u64,
     /// Entries in the run (at least one).
     pub len: u64,

@@ -50,9 +50,10 @@ pub const OLDEST_VERSION: u32 = 1;
 /// Bytes of the header.
 pub const HEADER_BYTES: u64 = 4096;
 /// The block of the format this build writes, for clusters of at least
-/// 4 KiB: where sections start, and what an extent header takes. Unaligned, the tape's 1 MiB writes each began mid-way through a
-/// 4 KiB block of the host's disk, and took 1.15 to 1.19 s per GiB against
-/// 0.70 to 0.74 s aligned (`qemu-io`, `O_DIRECT`, all in flight;
+/// 4 KiB: where sections start, and what an extent header takes.
+/// Unaligned, the tape's 1 MiB writes each began mid-way through a 4 KiB
+/// block of the host's disk, and took 1.15 to 1.19 s per GiB against 0.70
+/// to 0.74 s aligned (`qemu-io`, `O_DIRECT`, all in flight;
 /// docs/results/backup.md).
 pub const BLOCK: u64 = 4096;
 /// The block of versions 1 to 3, and of smaller clusters.
@@ -142,6 +143,17 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout of a medium this build writes ([`VERSION`]: no table 2
+    /// section, the version's block for the cluster size).
+    pub fn new(cluster_bits: u32, data_clusters: u64, table1_bytes: u64) -> Self {
+        Layout {
+            cluster_bits,
+            data_clusters,
+            table1_bytes,
+            table2_runs: 0,
+            block: block_of(VERSION, cluster_bits),
+        }
+    }
     /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits

@@ -57,13 +57,7 @@ impl<'t> VolumeStream<'t> {
             enc.push(&run, &mut |b| table.extend_from_slice(b));
         }
         enc.finish(&mut |b| table.extend_from_slice(b));
-        let layout = Layout {
-            cluster_bits,
-            data_clusters: clusters,
-            table1_bytes: enc.bytes,
-            table2_runs: 0,
-            block: tape::block_of(tape::VERSION, cluster_bits),
-        };
+        let layout = Layout::new(cluster_bits, clusters, enc.bytes);
         (layout, table, enc)
     }
 
@@ -143,14 +137,7 @@ impl<'t> VolumeStream<'t> {
 
     /// Clusters per extent of a medium in clusters of `1 << cluster_bits`.
     pub fn medium_extent_clusters(cluster_bits: u32) -> u64 {
-        Layout {
-            cluster_bits,
-            data_clusters: 0,
-            table1_bytes: 0,
-            table2_runs: 0,
-            block: tape::block_of(tape::VERSION, cluster_bits),
-        }
-        .extent_clusters()
+        Layout::new(cluster_bits, 0, 0).extent_clusters()
     }
 
     /// The next extent to write as `(first cluster, clusters)`, or `None`
