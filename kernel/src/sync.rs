@@ -168,6 +168,24 @@ impl<T> Published<T> {
         result
     }
 
+    /// Waits until every reader that started before this call has left
+    /// (it sees no reader counted in at one moment), the value still
+    /// published: a grace period, for an owner that has stopped new work
+    /// from starting and must see the work in flight finish. Must not be
+    /// called from inside [`Self::with`] (it would wait for itself).
+    pub fn quiesce(&self) {
+        use core::sync::atomic::Ordering::SeqCst;
+        let _irq = IrqOff::new();
+        assert_eq!(
+            self.depth[crate::arch::percpu::index()].load(SeqCst),
+            0,
+            "waiting for readers from inside one"
+        );
+        while self.readers.load(SeqCst) != 0 {
+            core::hint::spin_loop(); // another CPU's reader is leaving
+        }
+    }
+
     /// Withdraws the value, once no CPU reads it any more. Must not be
     /// called from inside [`Self::with`].
     pub fn take(&self) -> Option<alloc::boxed::Box<T>> {

@@ -42,6 +42,15 @@ pub enum CopierCpu {
     Shared,
 }
 
+/// Test hook: while set, the copier waits before each burst (see
+/// [`super::park_copier`]).
+static PARKED: AtomicBool = AtomicBool::new(false);
+
+/// See [`PARKED`].
+pub(super) fn park(parked: bool) {
+    PARKED.store(parked, Ordering::Release);
+}
+
 /// Set by the copier once it is on its CPU (see [`wait_placed`]).
 static PLACED: AtomicBool = AtomicBool::new(false);
 
@@ -106,6 +115,10 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
         if SESSION.with(|s| s.store.failed()).unwrap_or(false) {
             fail(disk.as_ref());
             return;
+        }
+        if PARKED.load(Ordering::Acquire) {
+            thread::sleep_ns(1_000_000);
+            continue;
         }
         let (started, mut pages) = (now_ns(), 0);
         let done = burst(&mut pacer, &mut busy_ns, &mut pages, tickless);

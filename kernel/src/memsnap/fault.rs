@@ -47,7 +47,8 @@ pub fn register_dma(range: Range<u64>) {
             thread::block_until(disk::room_key(), || {
                 SESSION
                     .with(|s| {
-                        if s.is_copied(frame) {
+                        // See `on_write_fault`: none after a teardown.
+                        if !LIVE.protecting.load(Ordering::SeqCst) || s.is_copied(frame) {
                             return true;
                         }
                         if s.must_wait(frame) {
@@ -105,6 +106,15 @@ pub fn on_write_fault(offset: u64, may_wait: bool, entry: u64) -> WriteFault {
     let at_entry = super::splits::at_entry();
     let frame = offset / PAGE_SIZE;
     let outcome = SESSION.with(|s| {
+        // A fault that read the window before a teardown lifted the
+        // protection copies nothing now: the teardown's grace period
+        // (`Published::quiesce`) either sees this reader or this load sees
+        // the protection off (both SeqCst), so no copy starts after the
+        // teardown's check. The page is writable again; the handler
+        // retries the write.
+        if !LIVE.protecting.load(Ordering::SeqCst) {
+            return Some(FaultOutcome::NotInRange);
+        }
         if may_wait && s.must_wait(frame) {
             return None;
         }
@@ -151,7 +161,12 @@ pub fn note_fault_wait(slot: usize, since: u64) {
 /// owner may map it where the shadow cannot protect it.
 pub fn before_reuse(phys: u64) {
     if LIVE.protecting.load(Ordering::Acquire) {
-        SESSION.with(|s| s.snap.on_write_fault(s, phys / PAGE_SIZE));
+        SESSION.with(|s| {
+            // See `on_write_fault`: no copy starts after a teardown.
+            if LIVE.protecting.load(Ordering::SeqCst) {
+                s.snap.on_write_fault(s, phys / PAGE_SIZE);
+            }
+        });
     }
 }
 

@@ -183,6 +183,13 @@ pub fn slow_copies(range: core::ops::Range<u64>, ns: u64) {
     session::SLOW_END.store(range.end.div_ceil(PAGE_SIZE), Ordering::Relaxed);
 }
 
+/// Test hook: while `parked`, the background copier copies nothing (it
+/// checks before each burst), so a test finds the pages it needs not yet
+/// copied wherever the heap put them. Unpark before waiting for the end.
+pub fn park_copier(parked: bool) {
+    copier::park(parked);
+}
+
 /// Whether the frame at physical `phys` needs no copy any more (copied, or
 /// outside the range); `true` without a snapshot.
 pub fn is_copied(phys: u64) -> bool {
@@ -319,7 +326,12 @@ fn teardown(check: bool) {
     // No CPU may keep a read-only entry of the shadow (it would fault with
     // no session to explain it) nor walk its tables once they are freed.
     Shootdown::new().flush_everywhere();
-    LIVE.protecting.store(false, Ordering::Release);
+    LIVE.protecting.store(false, Ordering::SeqCst);
+    // A write fault (or DMA registration) that claimed a frame before the
+    // protection went off may still be copying it, from the memory that
+    // writes reach again: the check below must see its copy finished, and
+    // no new one starts (see `fault::on_write_fault`).
+    SESSION.quiesce();
     if check {
         let partial = verify::check_partial();
         if let Some(r) = REPORT.lock().as_mut() {
@@ -327,6 +339,10 @@ fn teardown(check: bool) {
         }
     }
     drop(SESSION.take());
+    if let Some(r) = REPORT.lock().as_mut() {
+        // How far an aborted snapshot got, every copy finished.
+        r.stats = LIVE.stats();
+    }
     TEARDOWN_SEQ.fetch_add(1, Ordering::SeqCst);
     let held = HELD.lock().take();
     drop(held);

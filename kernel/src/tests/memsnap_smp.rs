@@ -268,17 +268,16 @@ pub fn fault_handled_after_the_abort_is_retried() {
     let last = *cpus.last().expect("a CPU");
     assert!(thread::set_affinity(1 << last, false), "main on CPU {last}");
     let pages = Pages::new(64, |i| i as u64);
+    // The copier parked: the last page is not copied when it faults.
+    memsnap::park_copier(true);
     memsnap::start(&memsnap::Options {
         copier_share_pct: Some(1),
         copier_cpu: memsnap::CopierCpu::Shared,
         ..super::memsnap::verified()
     })
     .expect("start");
-    // The first page the copier has not reached yet faults.
-    let target = (0..pages.pages)
-        .rev()
-        .find(|&p| !memsnap::is_copied(pages.phys(p)));
-    let target = target.expect("the copier copied every page at once");
+    let target = pages.pages - 1;
+    assert!(!memsnap::is_copied(pages.phys(target)), "copied already");
     let virt = pages.phys(target) + PHYS_OFFSET;
     memsnap::hold_next_fault_at(virt);
     let writer = {
@@ -291,11 +290,75 @@ pub fn fault_handled_after_the_abort_is_retried() {
     };
     super::eventually("the writer's fault is held", memsnap::fault_held);
     memsnap::abort().expect("abort");
+    memsnap::park_copier(false);
     memsnap::release_held_fault();
     writer.join();
     let word = pages.word(target * WORDS + 7).load(Ordering::Relaxed);
     assert_eq!(word, 0x5eed, "the write after the abort did not land");
     assert!(thread::set_affinity(u64::MAX, false));
+}
+
+/// A write fault holds a frame's claim on one CPU (slowed by a test hook)
+/// while the other CPU aborts the snapshot: the abort's check of the copies
+/// made so far must wait for that copy, so that it checks every copy the
+/// snapshot made against the reference. Were it to look while the copy was
+/// still running, the copy would finish unchecked (and, had a write reached
+/// the frame once the protection was off, copied newer data). Needs two
+/// CPUs (the held fault keeps its CPU).
+pub fn abort_checks_the_copy_a_fault_was_making() {
+    const HOLD_NS: u64 = 300_000_000;
+    let cpus = online();
+    if cpus.len() < 2 {
+        crate::log!("one CPU: no fault can copy while another aborts");
+        return;
+    }
+    let last = *cpus.last().expect("a CPU");
+    assert!(thread::set_affinity(1 << last, false), "main on CPU {last}");
+    let pages = Pages::new(64, |i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    // The copier parked: the last page is not copied when it faults.
+    memsnap::park_copier(true);
+    memsnap::start(&memsnap::Options {
+        copier_share_pct: Some(1),
+        copier_cpu: memsnap::CopierCpu::Shared,
+        ..super::memsnap::verified()
+    })
+    .expect("start");
+    let target = pages.pages - 1;
+    assert!(!memsnap::is_copied(pages.phys(target)), "copied already");
+    let phys = pages.phys(target);
+    memsnap::slow_copies(phys..phys + PAGE_SIZE, HOLD_NS);
+    let writer = {
+        let pages = pages.clone();
+        spawn_on(cpus[0], move || {
+            pages
+                .word(target * WORDS + 5)
+                .store(0x5eed, Ordering::Relaxed);
+        })
+    };
+    super::eventually("the writer's fault holds the claim", || {
+        memsnap::is_being_copied(phys)
+    });
+    memsnap::abort().expect("abort");
+    memsnap::park_copier(false);
+    writer.join();
+    memsnap::slow_copies(0..0, 0);
+    assert!(thread::set_affinity(u64::MAX, false));
+    let report = memsnap::wait().expect("report");
+    let partial = report.partial.expect("an abort's check");
+    crate::log!(
+        "abort: {} copies, {} checked, {} mismatched",
+        report.stats.copied(),
+        partial.checked,
+        partial.mismatched
+    );
+    assert_eq!(partial.mismatched, 0, "a copy differs from the instant");
+    assert_eq!(
+        partial.checked,
+        report.stats.copied(),
+        "the abort checked its copies before the last one finished"
+    );
+    let word = pages.word(target * WORDS + 5).load(Ordering::Relaxed);
+    assert_eq!(word, 0x5eed, "the held write did not land");
 }
 
 /// With the other CPUs held for the session (`memsnap_cpus=boot`), the

@@ -66,6 +66,7 @@ const PASSING: &[Test] = tests![
     memsnap_smp::abort_under_writers_on_every_cpu_leaves_every_page_writable,
     memsnap_smp::restore_sees_writes_from_every_cpu,
     memsnap_smp::fault_handled_after_the_abort_is_retried,
+    memsnap_smp::abort_checks_the_copy_a_fault_was_making,
     memsnap_smp::copier_shares_the_boot_cpu_while_the_others_are_held,
     clock::tsc_agrees_with_pit,
     clock::timer_ticks_at_its_rate,
