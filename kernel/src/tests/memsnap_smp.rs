@@ -249,26 +249,34 @@ pub fn abort_under_writers_on_every_cpu_leaves_every_page_writable() {
     }
 }
 
-/// A write fault raised while the snapshot protects its page, but handled
-/// only after an abort has torn the snapshot down (a test hook holds it in
-/// the handler meanwhile; on a busy host the emulator's scheduling opens
-/// the same window by chance, between the fault and the read of the
-/// snapshot's window): the page is writable again by then, so the write is
-/// retried and lands. Were it judged against the torn-down snapshot, it
-/// would be "a write to a read-only page" and stop the kernel. Needs two
-/// CPUs (the held fault keeps its CPU).
-pub fn fault_handled_after_the_abort_is_retried() {
+/// What a test of a write fault racing an abort works on: see
+/// [`write_racing_an_abort`].
+struct AbortRace {
+    pages: Arc<Pages>,
+    /// The page written.
+    target: usize,
+    writer: JoinHandle<()>,
+}
+
+/// The word of the target page the writer writes, and what.
+const RACE_WORD: usize = 5;
+const RACE_VALUE: u64 = 0x5eed;
+
+/// A write fault racing an abort, up to the abort: main pinned to the last
+/// CPU (where the copier shares its CPU, parked, so it copies nothing), a
+/// verified snapshot of 64 heap pages started, `arm` called with the
+/// physical address of the last page (not copied, then), and a writer on
+/// the first CPU writing [`RACE_VALUE`] into it. `None` with one CPU (the
+/// fault keeps its CPU while the other aborts).
+fn write_racing_an_abort(arm: impl FnOnce(u64)) -> Option<AbortRace> {
     let cpus = online();
     if cpus.len() < 2 {
-        crate::log!("one CPU: no fault can be held while another aborts");
-        return;
+        crate::log!("one CPU: no fault can be in flight while another aborts");
+        return None;
     }
-    // The abort, and the copier (shared: it sleeps between bursts), on
-    // the last CPU; the writer on the first.
     let last = *cpus.last().expect("a CPU");
     assert!(thread::set_affinity(1 << last, false), "main on CPU {last}");
-    let pages = Pages::new(64, |i| i as u64);
-    // The copier parked: the last page is not copied when it faults.
+    let pages = Pages::new(64, |i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     memsnap::park_copier(true);
     memsnap::start(&memsnap::Options {
         copier_share_pct: Some(1),
@@ -278,24 +286,53 @@ pub fn fault_handled_after_the_abort_is_retried() {
     .expect("start");
     let target = pages.pages - 1;
     assert!(!memsnap::is_copied(pages.phys(target)), "copied already");
-    let virt = pages.phys(target) + PHYS_OFFSET;
-    memsnap::hold_next_fault_at(virt);
+    arm(pages.phys(target));
     let writer = {
         let pages = pages.clone();
         spawn_on(cpus[0], move || {
             pages
-                .word(target * WORDS + 7)
-                .store(0x5eed, Ordering::Relaxed);
+                .word(target * WORDS + RACE_WORD)
+                .store(RACE_VALUE, Ordering::Relaxed);
         })
+    };
+    Some(AbortRace {
+        pages,
+        target,
+        writer,
+    })
+}
+
+impl AbortRace {
+    /// After the abort: the copier unparked, the write landed.
+    fn end(self) {
+        memsnap::park_copier(false);
+        self.writer.join();
+        let word = self.pages.word(self.target * WORDS + RACE_WORD);
+        assert_eq!(
+            word.load(Ordering::Relaxed),
+            RACE_VALUE,
+            "the write racing the abort did not land"
+        );
+        assert!(thread::set_affinity(u64::MAX, false));
+    }
+}
+
+/// A write fault raised while the snapshot protects its page, but handled
+/// only after an abort has torn the snapshot down (a test hook holds it in
+/// the handler meanwhile; on a busy host the emulator's scheduling opens
+/// the same window by chance, between the fault and the read of the
+/// snapshot's window): the page is writable again by then, so the write is
+/// retried and lands. Were it judged against the torn-down snapshot, it
+/// would be "a write to a read-only page" and stop the kernel.
+pub fn fault_handled_after_the_abort_is_retried() {
+    let arm = |phys| memsnap::hold_next_fault_at(phys + PHYS_OFFSET);
+    let Some(race) = write_racing_an_abort(arm) else {
+        return;
     };
     super::eventually("the writer's fault is held", memsnap::fault_held);
     memsnap::abort().expect("abort");
-    memsnap::park_copier(false);
     memsnap::release_held_fault();
-    writer.join();
-    let word = pages.word(target * WORDS + 7).load(Ordering::Relaxed);
-    assert_eq!(word, 0x5eed, "the write after the abort did not land");
-    assert!(thread::set_affinity(u64::MAX, false));
+    race.end();
 }
 
 /// A write fault holds a frame's claim on one CPU (slowed by a test hook)
@@ -303,46 +340,23 @@ pub fn fault_handled_after_the_abort_is_retried() {
 /// made so far must wait for that copy, so that it checks every copy the
 /// snapshot made against the reference. Were it to look while the copy was
 /// still running, the copy would finish unchecked (and, had a write reached
-/// the frame once the protection was off, copied newer data). Needs two
-/// CPUs (the held fault keeps its CPU).
+/// the frame once the protection was off, copied newer data).
 pub fn abort_checks_the_copy_a_fault_was_making() {
     const HOLD_NS: u64 = 300_000_000;
-    let cpus = online();
-    if cpus.len() < 2 {
-        crate::log!("one CPU: no fault can copy while another aborts");
+    let mut held = 0;
+    let arm = |phys| {
+        held = phys;
+        memsnap::slow_copies(phys..phys + PAGE_SIZE, HOLD_NS);
+    };
+    let Some(race) = write_racing_an_abort(arm) else {
         return;
-    }
-    let last = *cpus.last().expect("a CPU");
-    assert!(thread::set_affinity(1 << last, false), "main on CPU {last}");
-    let pages = Pages::new(64, |i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    // The copier parked: the last page is not copied when it faults.
-    memsnap::park_copier(true);
-    memsnap::start(&memsnap::Options {
-        copier_share_pct: Some(1),
-        copier_cpu: memsnap::CopierCpu::Shared,
-        ..super::memsnap::verified()
-    })
-    .expect("start");
-    let target = pages.pages - 1;
-    assert!(!memsnap::is_copied(pages.phys(target)), "copied already");
-    let phys = pages.phys(target);
-    memsnap::slow_copies(phys..phys + PAGE_SIZE, HOLD_NS);
-    let writer = {
-        let pages = pages.clone();
-        spawn_on(cpus[0], move || {
-            pages
-                .word(target * WORDS + 5)
-                .store(0x5eed, Ordering::Relaxed);
-        })
     };
     super::eventually("the writer's fault holds the claim", || {
-        memsnap::is_being_copied(phys)
+        memsnap::is_being_copied(held)
     });
     memsnap::abort().expect("abort");
-    memsnap::park_copier(false);
-    writer.join();
+    race.end();
     memsnap::slow_copies(0..0, 0);
-    assert!(thread::set_affinity(u64::MAX, false));
     let report = memsnap::wait().expect("report");
     let partial = report.partial.expect("an abort's check");
     crate::log!(
@@ -357,8 +371,6 @@ pub fn abort_checks_the_copy_a_fault_was_making() {
         report.stats.copied(),
         "the abort checked its copies before the last one finished"
     );
-    let word = pages.word(target * WORDS + 5).load(Ordering::Relaxed);
-    assert_eq!(word, 0x5eed, "the held write did not land");
 }
 
 /// With the other CPUs held for the session (`memsnap_cpus=boot`), the
