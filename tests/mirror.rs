@@ -222,6 +222,38 @@ fn an_io_error_on_either_volume_names_disk_and_sector() {
     );
 }
 
+/// The secondary fails while a split's copy runs: that split is broken
+/// for good (a workload may have overwritten blocks of its instant since).
+/// The next run, the secondary sound again, resyncs the pair, splits it
+/// again at a new instant and finishes: the tape and the secondary are the
+/// primary.
+#[test]
+fn a_split_the_secondary_broke_is_resynced_and_split_again() {
+    let (dir, p, sec) = volumes("broken-split", 24);
+    let (tape, out) = (dir.join("tape"), dir.join("out.img"));
+    let job = boot::mirror::plan(&p, &sec, &tape, 512 << 20).unwrap();
+    let mut disks = job.disks.clone();
+    disks[1].fail_sector = Some(12345);
+    let outcome = boot_with_disks(
+        "scenario=mirror workload=off presync=off",
+        512 << 20,
+        Duration::from_secs(300),
+        disks,
+    );
+    assert_eq!(outcome.verdict, Verdict::Failed, "{}", outcome.tail(20));
+    assert!(
+        outcome.serial.contains("mirror.split"),
+        "the secondary failed before the split: {}",
+        outcome.tail(20)
+    );
+    let run = mirror(&p, &sec, &tape, &["--workload", "off"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("resumed_split=0"), "{}", run.stdout);
+    restore(&tape, &out);
+    identical(&p, &out);
+    identical(&p, &sec);
+}
+
 /// Where a crash test kills QEMU: the kernel words of the run, among
 /// them a hold point (`hold=POINT:N`), where the kernel records
 /// `mirror.hold` and stops for good with work left to do. The kill lands

@@ -395,15 +395,22 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     let (m, opened) = open(cmd, Options::default())?;
     let budget = budget(&m, free, cmd)?;
     let batch = budget.batch;
-    let pending_split = matches!(opened, Opened::Split { .. });
+    // A split the secondary broke cannot give its instant any more (the
+    // workload went on writing the primary without copying first): the
+    // pair resyncs below and splits again, at a new instant.
+    let broken = m.status().broken;
+    let pending_split = matches!(opened, Opened::Split { .. }) && broken.is_none();
     log!("mirror: opened {opened:?}; {:?}", m.geometry());
+    if let (Opened::Split { .. }, Some(why)) = (&opened, &broken) {
+        log!("mirror: the pending split was broken ({why}); resyncing, then splitting again");
+    }
     crate::trace!("mirror.opened", resumed_split = u64::from(pending_split));
     let mut progress = progress();
     let stop = Arc::new(AtomicBool::new(false));
     let mut writer = None;
     let mut reference_hashes = None;
     if !pending_split {
-        if m.status().broken.is_some() {
+        if broken.is_some() {
             m.resync()?;
         }
         if presync {
