@@ -18,6 +18,7 @@ pub mod corefile;
 pub mod filedisk;
 pub mod ktest;
 pub mod mirror;
+pub mod pair_record;
 pub mod qemu;
 pub mod report;
 pub mod setup;

@@ -2,7 +2,8 @@
 //! twice, a secondary smaller than the primary, a primary the host may not
 //! write), creates the controller disk beside the secondary on first use
 //! (`S.img.mirror`, kept: it is the pair's durable state, and a later run
-//! resumes from it) and the tape at the stream's length, written beside its
+//! resumes from it, if [`crate::pair_record`] vouches that the files are
+//! the pair it holds) and the tape at the stream's length, written beside its
 //! path and put in place only when the backup completed (a failed run
 //! leaves the path as it was). A pair whose smallest transfers a
 //! guest of `--mem` could not hold is refused with the figure and the
@@ -16,6 +17,7 @@ use snapshot::interface::trace::Record;
 use snapshot::mirror::{Budget, Geometry, Options};
 
 use crate::filedisk::{check_writable, same_file};
+use crate::pair_record;
 use crate::qemu::Disk;
 
 /// A mirror run about to start.
@@ -31,6 +33,8 @@ pub struct MirrorJob {
     pub medium_bytes: u64,
     /// The controller disk.
     pub control: PathBuf,
+    /// The two volumes, as named.
+    pub volumes: [PathBuf; 2],
 }
 
 fn len(path: &Path, what: &str) -> Result<u64, String> {
@@ -39,9 +43,10 @@ fn len(path: &Path, what: &str) -> Result<u64, String> {
         .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-/// Refuses a qcow2 image as the primary: the mirror takes raw volumes,
-/// and would otherwise pair the image file's own bytes (or refuse it for
-/// a length that is not whole sectors, which says nothing of why).
+/// Refuses a qcow2 image as a volume: the mirror takes raw volumes, and
+/// would otherwise pair the image file's own bytes (or refuse it for a
+/// length that is not whole sectors, which says nothing of why), or
+/// overwrite a qcow2 secondary's tables with the primary's blocks.
 fn refuse_qcow2(path: &Path, what: &str) -> Result<(), String> {
     use std::io::Read;
     let mut magic = [0u8; 4];
@@ -63,18 +68,28 @@ pub fn control_path(secondary: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Heap the kernel keeps for the mirror's two disks beyond the two that
+/// [`snapshot::backup::KERNEL_HEAP_USE`] was measured with (their queues
+/// and request lists): without it the host advised a `--mem` 1 MiB short.
+const MORE_DISKS_HEAP: u64 = 512 << 10;
+
+/// Bytes of kernel heap a guest of `mem` bytes has for a mirror run.
+fn mirror_memory(mem: u64) -> u64 {
+    crate::backup::job_memory(mem).saturating_sub(MORE_DISKS_HEAP)
+}
+
 /// Refuses a pair of `geo` whose smallest transfers ([`Budget::least`])
 /// a guest of `mem` bytes could not hold, naming the `--mem` that would.
 pub fn enough_memory(geo: &Geometry, mem: u64) -> Result<(), String> {
-    let have = crate::backup::job_memory(mem);
+    let have = mirror_memory(mem);
     let need = Budget::least().peak_bytes(geo);
     if need <= have {
         return Ok(());
     }
     // The heap is a sixteenth of the guest's memory, at most 64 MiB.
-    let mib = (1..=1 << 20).find(|&mib| crate::backup::job_memory(mib << 20) >= need);
+    let mib = (1..=1 << 20).find(|&mib| mirror_memory(mib << 20) >= need);
     let advice = match mib {
-        Some(mib) if crate::backup::job_memory(mib << 20) > crate::backup::job_memory(mem) => {
+        Some(mib) if mirror_memory(mib << 20) > mirror_memory(mem) => {
             format!("run it with --mem {mib}M or more")
         }
         _ => "no --mem gives the kernel that much heap".to_string(),
@@ -98,18 +113,27 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
             primary.display()
         ));
     }
-    for (other, what) in [(primary, "--primary"), (secondary, "--secondary")] {
-        if same_file(tape, other) {
-            return Err(format!(
-                "--tape names the {what} image; it would be overwritten"
-            ));
+    let control = control_path(secondary);
+    if same_file(primary, &control) {
+        return Err(format!(
+            "--primary {} is the secondary's controller disk",
+            primary.display()
+        ));
+    }
+    for (other, what) in [
+        (primary, "the --primary image"),
+        (secondary, "the --secondary image"),
+        (control.as_path(), "the pair's controller disk"),
+    ] {
+        if same_file(tape, other) || tape == other {
+            return Err(format!("--tape names {what}; it would be overwritten"));
         }
     }
     for (path, what) in [(primary, "--primary"), (secondary, "--secondary")] {
         check_writable(path)
             .map_err(|e| format!("{what} {}: {e}; the mirror writes it", path.display()))?;
+        refuse_qcow2(path, what)?;
     }
-    refuse_qcow2(primary, "--primary")?;
     let (p, s) = (len(primary, "--primary")?, len(secondary, "--secondary")?);
     if p % 512 != 0 || p == 0 {
         return Err(format!(
@@ -127,13 +151,15 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
         volume_bytes: p,
     };
     enough_memory(&geo, mem)?;
-    let control = control_path(secondary);
-    if !control.exists() {
+    let staged = crate::staged::Staged::new(tape)?;
+    if control.exists() {
+        pair_record::check(&control, primary, secondary)?;
+    } else {
         crate::bench::make_blank_image(&control, geo.control_bytes())
             .map_err(|e| format!("{}: {e}", control.display()))?;
     }
+    pair_record::begin(&control, primary, secondary)?;
     let medium_bytes = VolumeStream::medium_bytes(p, geo.block_bits());
-    let staged = crate::staged::Staged::new(tape)?;
     crate::bench::make_blank_image(&staged.partial, medium_bytes)
         .map_err(|e| format!("{}: {e}", tape.display()))?;
     Ok(MirrorJob {
@@ -153,12 +179,18 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
         staged,
         medium_bytes,
         control,
+        volumes: [primary.to_path_buf(), secondary.to_path_buf()],
     })
 }
 
 /// After the kernel ran: the tape holds a whole stream and is put in place,
 /// or its staging file is removed.
 pub fn finish(job: &MirrorJob, records: &[Record<'_>], passed: bool) -> Result<u64, String> {
+    // QEMU has exited: the files are as the pair leaves them.
+    let [p, s] = &job.volumes;
+    if let Err(e) = pair_record::end(&job.control, p, s) {
+        eprintln!("warning: {e} (the next run trusts the controller disk alone)");
+    }
     let done = records.iter().rfind(|r| r.event == "mirror.done");
     let result = match (passed, done.and_then(|r| r.u64("medium_bytes"))) {
         (true, Some(n)) if n == job.medium_bytes => Ok(n),
@@ -368,9 +400,66 @@ mod tests {
             e.contains("--primary") && e.contains("a qcow2 image"),
             "{e}"
         );
-        // A raw primary of the same length pairs.
+        // As a secondary it would have its tables overwritten.
+        let q = dir.join("q.img");
+        std::fs::rename(&p, &q).unwrap();
         std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let e = refused(&dir, &p, &q);
+        assert!(
+            e.contains("--secondary") && e.contains("a qcow2 image"),
+            "{e}"
+        );
+        // A raw primary of the same length pairs.
         assert!(plan(&p, &dir.join("s.img"), &dir.join("t.tape"), 512 << 20).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The tape may not be the pair's state, nor lie in a directory that
+    /// is not there (which the run would otherwise create, or fail in
+    /// only at its end); nor may the primary be the controller disk.
+    #[test]
+    fn a_tape_on_the_controller_disk_or_nowhere_is_refused() {
+        let dir = scratch("tape-control");
+        let (p, s) = (dir.join("p.img"), dir.join("s.img"));
+        let control = control_path(&s);
+        let e = plan(&p, &s, &control, 512 << 20).unwrap_err();
+        assert!(e.contains("controller disk"), "{e}");
+        assert!(!control.exists(), "{e}");
+        let e = plan(&p, &s, &dir.join("nodir/t.tape"), 512 << 20).unwrap_err();
+        assert!(e.contains("no such directory"), "{e}");
+        assert!(!dir.join("nodir").exists() && !control.exists(), "{e}");
+        plan(&p, &s, &dir.join("t.tape"), 512 << 20).unwrap();
+        assert!(control.exists());
+        let e = plan(&p, &s, &control, 512 << 20).unwrap_err();
+        assert!(e.contains("controller disk"), "{e}");
+        let e = plan(&control, &s, &dir.join("t.tape"), 512 << 20).unwrap_err();
+        assert!(e.contains("controller disk"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A controller disk given another primary (a new file at the same
+    /// path) or a primary changed since its last run is refused, with
+    /// what to do; the recorded files, untouched, pair again.
+    #[test]
+    fn a_controller_disk_refuses_files_it_does_not_pair() {
+        let dir = scratch("other-pair");
+        let (p, s, t) = (dir.join("p.img"), dir.join("s.img"), dir.join("t.tape"));
+        let job = plan(&p, &s, &t, 512 << 20).unwrap();
+        let [jp, js] = &job.volumes;
+        pair_record::end(&job.control, jp, js).unwrap();
+        plan(&p, &s, &t, 512 << 20).unwrap();
+        pair_record::end(&job.control, jp, js).unwrap();
+        std::fs::rename(&p, dir.join("p.old")).unwrap();
+        std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+        let e = plan(&p, &s, &t, 512 << 20).unwrap_err();
+        assert!(e.contains("another file") && e.contains("delete"), "{e}");
+        std::fs::remove_file(job.control).unwrap();
+        let job = plan(&p, &s, &t, 512 << 20).unwrap();
+        pair_record::end(&job.control, &p, &s).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&p, vec![2u8; 1 << 20]).unwrap();
+        let e = plan(&p, &s, &t, 512 << 20).unwrap_err();
+        assert!(e.contains("changed since"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
