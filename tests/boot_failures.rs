@@ -120,6 +120,19 @@ fn a_kernel_stack_overflow_hits_the_guard_and_is_reported() {
     assert!(log.contains("thread: deep"), "{log}");
 }
 
+/// An output the run could not put in place is refused before the kernel
+/// boots, not after the snapshot it would have held.
+#[test]
+fn a_core_file_in_a_missing_directory_is_refused_up_front() {
+    let dir = kernel_tests::image_dir("memsnap-nodir");
+    let out = dir.join("no-such-dir/snap.core");
+    let run = host_tool(&["memsnap", "--out", out.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("no such directory"), "{}", run.stderr);
+    assert!(!run.stderr.contains("booting"), "{}", run.stderr);
+    assert!(!out.parent().unwrap().exists());
+}
+
 #[test]
 fn a_bad_command_line_value_is_refused_by_name() {
     for (cmdline, message) in [

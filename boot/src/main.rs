@@ -200,9 +200,19 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         bench::make_blank_image(image, size)
             .map_err(|e| (2, format!("error: {}: {e}", image.display())))
     };
+    let refused = |e| (1, format!("{} refused: {e}", args.scenario.name()));
+    if let (Scenario::Memsnap, Some(out)) = (args.scenario, &args.out) {
+        // Refused now rather than after the whole snapshot ran.
+        boot::staged::Staged::new(out).map_err(refused)?;
+    }
     // A snapshot to disk gets a fresh image with room for all of RAM.
     if args.scenario == Scenario::Memsnap || args.to_disk {
-        let image = work.join(format!("{}-disk.img", args.scenario.name()));
+        // One per run: two runs at once must not share (and truncate) it.
+        let image = work.join(format!(
+            "{}-disk-{}.img",
+            args.scenario.name(),
+            std::process::id()
+        ));
         let size = args.mem + (16 << 20);
         blank(&image, size)?;
         eprintln!("snapshot disk: {} ({} MiB)", image.display(), size >> 20);
@@ -215,7 +225,6 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
         run.cmdline.push(word.into());
         run.snapshot_image = Some(image);
     }
-    let refused = |e| (1, format!("{} refused: {e}", args.scenario.name()));
     match (args.scenario, &args.source, &args.tape, &args.out) {
         (Scenario::BenchBlk, ..) => {
             let image = args
@@ -225,10 +234,6 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             blank(&image, args.image_size)?;
             eprintln!("image: {} ({} MiB)", image.display(), args.image_size >> 20);
             run.disks.push(Disk::new(image, "bench"));
-        }
-        (Scenario::Memsnap, _, _, Some(out)) => {
-            // Refused now rather than after the whole snapshot ran.
-            boot::staged::Staged::new(out).map_err(refused)?;
         }
         (Scenario::Backup, Some(source), Some(tape), _) => {
             let job = host_backup::plan_backup(source, tape, args.mem).map_err(refused)?;

@@ -23,6 +23,7 @@ pub struct Staged {
 
 impl Staged {
     /// Stages `target`: names its staging file (nothing is created yet).
+    /// A target in a directory that does not exist is refused.
     /// A target that is a link stages beside the file it names, which the
     /// commit then replaces; a target that exists but is not a regular file
     /// is refused.
@@ -39,6 +40,19 @@ impl Staged {
         let name = target
             .file_name()
             .ok_or_else(|| format!("{}: not a file name", target.display()))?;
+        // The staging file goes beside the target: its directory must be
+        // there (refused now, not after the run that would fill it).
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(format!(
+                "{}: no such directory {}",
+                target.display(),
+                dir.display()
+            ));
+        }
         let mut partial_name = std::ffi::OsString::from(".");
         partial_name.push(name);
         partial_name.push(".partial");
@@ -74,6 +88,15 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_in_a_missing_directory_is_refused() {
+        let d = crate::scratch_dir("staged-nodir");
+        let e = Staged::new(&d.join("nodir/tape")).unwrap_err();
+        assert!(e.contains("no such directory"), "{e}");
+        assert!(!d.join("nodir").exists());
+        Staged::new(&d.join("tape")).unwrap();
+    }
 
     #[test]
     fn a_discarded_output_leaves_the_old_file_alone() {
