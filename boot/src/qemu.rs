@@ -316,7 +316,44 @@ pub fn command(config: &Config) -> Command {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
     cmd
+}
+
+/// Makes QEMU die (SIGKILL) when the thread that starts it ends: the host
+/// tool stopped by a signal (Ctrl-C, `kill`) then leaves no machine running
+/// on, reparented, with the user's disks open. So the thread that spawns
+/// the command must also wait for it, as [`run_supervised`] does.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    let hook = move || {
+        // SAFETY: 1. This runs in the child between fork and exec, where
+        //    only async-signal-safe calls are allowed: `prctl` and
+        //    `getppid` are plain system calls, and nothing here allocates
+        //    or takes a lock.
+        // 2. PR_SET_PDEATHSIG takes a signal number and changes nothing
+        //    but what the child receives when its parent thread ends.
+        let (set, ppid) = unsafe {
+            (
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong),
+                libc::getppid(),
+            )
+        };
+        if set == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have gone before the signal was set up.
+        if ppid as u32 != parent {
+            return Err(std::io::Error::other("the host tool has exited"));
+        }
+        Ok(())
+    };
+    // SAFETY: the hook is async-signal-safe (see inside it) and captures
+    // only a copied integer.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
 }
 
 /// Boots and waits for the verdict, handing each serial line to `on_line`
