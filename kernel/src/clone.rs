@@ -75,10 +75,13 @@ pub const BUSY_OPS: u64 = 10;
 pub const WRITE_CHUNK: u64 = 256 << 10;
 
 /// [`WRITE_CHUNK`]s the split sends together, in flight at once: a
-/// workload request waits for at most these. One: in one loaded session
-/// (docs/results/clone-split.md) four in flight wrote no faster and the
-/// workload kept 0.30 of its rate.
-pub const WRITE_DEPTH: usize = 1;
+/// workload request waits for at most these. Four: on a quiet host
+/// (docs/results/clone-split.md, 2026-12-01, eighth and ninth sessions)
+/// five boots with four split in 0.25-0.83 of `qemu-img rebase`'s time,
+/// the workload keeping 0.88-1.01 of its rate, where one in flight took
+/// 0.55-1.28 of it; in an earlier, loaded session four wrote no faster
+/// and the workload kept 0.30 of its rate.
+pub const WRITE_DEPTH: usize = 4;
 
 /// Refuses an image whose tables and cluster buffers would not fit the
 /// free heap, saying it is the guest's memory that is short and what
