@@ -175,6 +175,21 @@ fn bad_pairs_are_refused_before_booting() {
     assert_eq!(run.code, Some(2), "{}", run.stderr);
 }
 
+/// A kernel word with a value it does not take is refused by name, the
+/// pair untouched (no controller disk state written), not read as "off".
+#[test]
+fn a_bad_kernel_word_is_refused_by_name() {
+    let (dir, p, sec) = volumes("bad-word", 24);
+    let run = mirror(&p, &sec, &dir.join("tape"), &["workload=bogus"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("parameter workload=") && run.stderr.contains("expected on or off"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dir.join("tape").exists());
+}
+
 /// Boots `mirror` on the disks directly, one of them read-only or
 /// failing; returns the kernel's failure record.
 fn failing_run(test: &str, tweak: impl Fn(&mut [Disk])) -> Option<String> {

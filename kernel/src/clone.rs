@@ -26,7 +26,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use snapshot::backup::source::read_header;
 use snapshot::copyonce::{words_for, Counters, Pacer};
 use snapshot::devices::block::BlockDevice;
-use snapshot::interface::cmdline::CmdLine;
+use snapshot::interface::cmdline::{CmdLine, ParamError};
 use snapshot::qcow2::chain::{self, Layer};
 use snapshot::qcow2::disk::open_memory;
 use snapshot::qcow2::split::{Batch, Progress, Split, WRITE_BACK_BYTES};
@@ -459,26 +459,41 @@ fn progress_reporter() -> impl FnMut(&Progress) {
     }
 }
 
+/// The split's options from the kernel words, each a number where one is
+/// asked for and `workload` on or off.
+fn split_options<'a>(cmd: &CmdLine<'a>) -> Result<Options, ParamError<'a>> {
+    let num = |key: &'a str, default: u64| Ok(cmd.u64(key)?.unwrap_or(default));
+    let workload = if cmd.switch("workload", false)? {
+        Some((num("seed", workload::SEED)?, num("pause_us", 200)? * 1000))
+    } else {
+        None
+    };
+    Ok(Options {
+        share: num("share", SHARE)?,
+        floor: num("floor", FLOOR)?,
+        busy_ops: num("busy", BUSY_OPS)?,
+        workload,
+        before_ns: num("before_ms", 200)? * 1_000_000,
+        batch: num("batch", BATCH)?,
+        write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20)? << 20,
+        write_chunk: num("chunk_kib", WRITE_CHUNK >> 10)? << 10,
+        write_depth: num("depth", WRITE_DEPTH as u64)? as usize,
+        write_back_thread: num("wb_thread", 1)? != 0,
+    })
+}
+
 /// `clone-split`: the split of the clone on `clone=`, with the seeded
 /// workload when `workload=on`.
 pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
-    let num = |key, default| cmd.get(key).and_then(parse_u64).unwrap_or(default);
+    // Every word checked before the clone is opened: a bad one changes
+    // nothing.
+    let opts = match split_options(cmd) {
+        Ok(opts) => opts,
+        Err(e) => return job_failed("clone-split", true, &e),
+    };
     let clone: &'static CloneDisk = match open(cmd.get("clone").unwrap_or("clone")) {
         Ok(c) => Box::leak(Box::new(c)),
         Err((refused, why)) => return job_failed("clone-split", refused, &why),
-    };
-    let opts = Options {
-        share: num("share", SHARE),
-        floor: num("floor", FLOOR),
-        busy_ops: num("busy", BUSY_OPS),
-        workload: (cmd.get("workload") == Some("on"))
-            .then(|| (num("seed", workload::SEED), num("pause_us", 200) * 1000)),
-        before_ns: num("before_ms", 200) * 1_000_000,
-        batch: num("batch", BATCH),
-        write_back_bytes: num("wb_mib", WRITE_BACK_BYTES >> 20) << 20,
-        write_chunk: num("chunk_kib", WRITE_CHUNK >> 10) << 10,
-        write_depth: num("depth", WRITE_DEPTH as u64) as usize,
-        write_back_thread: num("wb_thread", 1) != 0,
     };
     let run = match run_split(clone, &opts, &mut progress_reporter()) {
         Ok(run) => run,
@@ -501,12 +516,4 @@ pub fn split_scenario(cmd: &CmdLine<'_>) -> ExitCode {
     );
     crate::trace::flush();
     ExitCode::Success
-}
-
-/// A decimal or `0x` hexadecimal number.
-fn parse_u64(text: &str) -> Option<u64> {
-    match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => text.parse().ok(),
-    }
 }

@@ -384,10 +384,11 @@ fn run(cmd: &CmdLine<'_>) -> Result<(), Error> {
     let bad = input;
     let via = Via::parse(word(cmd, "via", "secondary"))
         .ok_or_else(|| bad("via= wants secondary or memory".into()))?;
-    let workload_on = word(cmd, "workload", "on") == "on";
-    let verify = word(cmd, "verify", "on") == "on";
-    let presync = word(cmd, "presync", "on") == "on";
-    let seed: u64 = word(cmd, "seed", "1").parse().unwrap_or(1);
+    let param = |e: snapshot::interface::cmdline::ParamError<'_>| bad(alloc::format!("{e}"));
+    let workload_on = cmd.switch("workload", true).map_err(param)?;
+    let verify = cmd.switch("verify", true).map_err(param)?;
+    let presync = cmd.switch("presync", true).map_err(param)?;
+    let seed = cmd.u64("seed").map_err(param)?.unwrap_or(1);
     set_hold(cmd)?;
     let tape = virtio::disk(word(cmd, "tape", "tape")).map_err(|e| bad(alloc::format!("{e}")))?;
     let free = heap_free();

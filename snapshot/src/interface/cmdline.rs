@@ -69,6 +69,17 @@ impl<'a> CmdLine<'a> {
         matches!(self.get(key), Some("" | "1" | "on" | "yes" | "true"))
     }
 
+    /// An on/off switch: `on`, `1`, `yes`, `true` (or the bare word) or
+    /// `off`, `0`, `no`, `false`; `default` when absent.
+    pub fn switch(&self, key: &'a str, default: bool) -> Result<bool, ParamError<'a>> {
+        let value = self.parse(key, "on or off", |v| match v {
+            "" | "on" | "1" | "yes" | "true" => Some(true),
+            "off" | "0" | "no" | "false" => Some(false),
+            _ => None,
+        })?;
+        Ok(value.unwrap_or(default))
+    }
+
     /// An unsigned integer, decimal or `0x` hexadecimal.
     pub fn u64(&self, key: &'a str) -> Result<Option<u64>, ParamError<'a>> {
         self.parse(key, "an unsigned integer (decimal or 0x hex)", parse_u64)
@@ -110,6 +121,21 @@ pub fn parse_u64(text: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn switches_are_on_or_off_and_nothing_else() {
+        let cmd = CmdLine::new("a=on b=off c=0 d verify=bogus");
+        assert_eq!(cmd.switch("a", false), Ok(true));
+        assert_eq!(cmd.switch("b", true), Ok(false));
+        assert_eq!(cmd.switch("c", true), Ok(false));
+        assert_eq!(cmd.switch("d", false), Ok(true));
+        assert_eq!(cmd.switch("absent", true), Ok(true));
+        let e = cmd.switch("verify", true).unwrap_err();
+        assert_eq!(
+            alloc::format!("{e}"),
+            "bad command-line parameter verify=\"bogus\": expected on or off"
+        );
+    }
 
     #[test]
     fn reads_keys_flags_and_numbers() {
