@@ -221,12 +221,20 @@ pub fn permission_removal_reaches_every_cpu() {
     assert!(thread::set_affinity(u64::MAX, false));
 }
 
+/// How long [`copier_cpu_runs_nothing_else_while_it_copies`] waits for
+/// every thread to run once during the snapshot: far more than a turn of
+/// the scheduler takes, on any host.
+const NOTE_WAIT_NS: u64 = 30_000_000_000;
+
 /// While a snapshot's copier has its CPU (the default with several CPUs),
 /// no other thread runs there: threads, one of them pinned to that CPU,
 /// note the hardware's APIC id wherever they run during the snapshot, and
 /// none is the copier CPU's; the pinned one runs on the others meanwhile
 /// (a reservation starves nobody), and is back on its CPU once the copier
 /// has ended. The copier took all of its CPU (the default share there).
+/// The copier is held (its CPU still reserved) until every thread has
+/// noted once, or [`NOTE_WAIT_NS`] has passed: a short snapshot on a busy
+/// host would otherwise end before a thread's turn came round.
 pub fn copier_cpu_runs_nothing_else_while_it_copies() {
     use crate::memsnap;
     use snapshot::memsnap::Phase;
@@ -237,8 +245,10 @@ pub fn copier_cpu_runs_nothing_else_while_it_copies() {
     let copier_apic = on_each_cpu(|_| ()).last().map(|&(_, id)| id);
     // 0 before the snapshot, 1 once it has started, 2 to stop.
     let step = Arc::new(AtomicU64::new(0));
+    // Threads that have noted at least once.
+    let noted = Arc::new(AtomicU64::new(0));
     let spawn = |pin: Option<usize>| {
-        let step = step.clone();
+        let (step, noted) = (step.clone(), noted.clone());
         thread::spawn("noter", move || {
             if let Some(cpu) = pin {
                 assert!(thread::set_affinity(1 << cpu, false));
@@ -252,6 +262,9 @@ pub fn copier_cpu_runs_nothing_else_while_it_copies() {
                     if !seen.contains(&id) {
                         seen.push(id);
                     }
+                    if notes == 0 {
+                        noted.fetch_add(1, Ordering::AcqRel);
+                    }
                     notes += 1;
                 }
             }
@@ -263,8 +276,16 @@ pub fn copier_cpu_runs_nothing_else_while_it_copies() {
     };
     let mut noters: Vec<_> = (0..2 * thread::cpus()).map(|_| spawn(None)).collect();
     noters.push(spawn(Some(last)));
+    memsnap::park_copier(true);
     memsnap::start(&memsnap::Options::default()).expect("start");
     step.store(1, Ordering::Release);
+    let since = crate::clock::now_ns();
+    while noted.load(Ordering::Acquire) < noters.len() as u64
+        && crate::clock::now_ns() - since < NOTE_WAIT_NS
+    {
+        thread::sleep_ns(1_000_000);
+    }
+    memsnap::park_copier(false);
     let report = memsnap::wait().expect("report");
     memsnap::release().expect("release");
     step.store(2, Ordering::Release);
