@@ -219,6 +219,12 @@ fn option(
             if args.mem < 32 << 20 {
                 return Err(format!("--mem {text}: the kernel needs at least 32M"));
             }
+            if let Some(host) = host_memory_bytes().filter(|&host| args.mem > host) {
+                return Err(format!(
+                    "--mem {text}: more than this host's memory ({} MiB); QEMU could not give it",
+                    host >> 20
+                ));
+            }
         }
         "--timeout" => args.timeout = seconds(word, &value()?)?,
         "--run-timeout" => args.run_timeout = Some(seconds(word, &value()?)?),
@@ -420,6 +426,14 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     Ok(args)
 }
 
+/// The host's memory (`MemTotal` of `/proc/meminfo`), if it can be read.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +511,15 @@ mod tests {
         assert_eq!(
             err(&["backup", "--tape", "t"]),
             "backup needs --source IMG.qcow2"
+        );
+    }
+
+    #[test]
+    fn more_memory_than_the_host_has_is_refused_by_name() {
+        let e = parse(&["demo", "--mem", "1024T"]).unwrap_err();
+        assert!(
+            e.starts_with("--mem 1024T: more than this host's memory"),
+            "{e}"
         );
     }
 
