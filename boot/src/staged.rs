@@ -23,7 +23,8 @@ pub struct Staged {
 
 impl Staged {
     /// Stages `target`: names its staging file (nothing is created yet).
-    /// A target in a directory that does not exist is refused.
+    /// A target in a directory that does not exist, or read-only by its
+    /// permission bits, is refused.
     /// A target that is a link stages beside the file it names, which the
     /// commit then replaces; a target that exists but is not a regular file
     /// is refused.
@@ -31,6 +32,13 @@ impl Staged {
         let target = match std::fs::metadata(target) {
             Ok(m) if !m.is_file() => {
                 return Err(format!("{} exists and is not a file", target.display()))
+            }
+            // Root (and QEMU run as root) would replace it all the same.
+            Ok(m) if m.permissions().readonly() => {
+                return Err(format!(
+                    "{} is read-only by its permission bits; it is left as it is",
+                    target.display()
+                ))
             }
             Ok(_) => {
                 std::fs::canonicalize(target).map_err(|e| format!("{}: {e}", target.display()))?
@@ -88,6 +96,18 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_target_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = crate::scratch_dir("staged-ro");
+        let t = d.join("tape");
+        std::fs::write(&t, b"old").unwrap();
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = Staged::new(&t).unwrap_err();
+        assert!(e.contains("read-only"), "{e}");
+        assert_eq!(std::fs::read(&t).unwrap(), b"old");
+    }
 
     #[test]
     fn a_target_in_a_missing_directory_is_refused() {
