@@ -251,8 +251,7 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
         r.stats = LIVE.stats();
         r.total_ns = end - r.instant_ns;
         r.copier_busy_ns = copier_busy_ns;
-        r.copier_copy_ns =
-            crate::clock::cycles_to_ns(LIVE.copier_copy_cycles.load(Ordering::Relaxed));
+        r.copier_copy_ns = copier_copy_ns(r.stats.background);
         r.mismatched = mismatched;
         r.not_copied_once = copies.map(|c| c.not_once());
         r.copies = copies;
@@ -266,4 +265,15 @@ fn finish(copier_busy_ns: u64, disk: Option<&Arc<Shared>>) {
         *phase = transition(*phase, Request::Finish).unwrap_or(*phase);
     }
     thread::wake_all(&PHASE as *const _ as usize);
+}
+
+/// The copier's time in its `pages` page copies, estimated from the timed
+/// sample of them (see `splits::COPIER_SAMPLE`).
+fn copier_copy_ns(pages: u64) -> u64 {
+    let timed = LIVE.copier_timed_pages.load(Ordering::Relaxed);
+    let ns = crate::clock::cycles_to_ns(LIVE.copier_copy_cycles.load(Ordering::Relaxed));
+    if timed == 0 {
+        return 0;
+    }
+    (u128::from(ns) * u128::from(pages) / u128::from(timed)) as u64
 }

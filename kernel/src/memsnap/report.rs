@@ -36,7 +36,8 @@ pub struct Report {
     /// Time the copier spent copying.
     pub copier_busy_ns: u64,
     /// Of that, the time in the store's page copies (the rest is its
-    /// per-page and per-batch overhead).
+    /// per-page and per-batch overhead), estimated from the timed sample
+    /// of them (one in 16).
     pub copier_copy_ns: u64,
     /// The share of its CPU the copier took, percent.
     pub copier_share_pct: u64,

@@ -58,8 +58,11 @@ pub(super) struct Live {
     pub batch_cpu: AtomicU64,
     /// TSC cycles the copier spent in the store's copy of a page: the
     /// rest of its busy time is per-page overhead (claim, frame lookup,
-    /// unprotect, counting) and per-batch overhead.
+    /// unprotect, counting) and per-batch overhead. Only the copies in
+    /// the splits' sample are timed: see `copier_timed_pages`.
     pub copier_copy_cycles: AtomicU64,
+    /// The copier's page copies timed into `copier_copy_cycles`.
+    pub copier_timed_pages: AtomicU64,
 }
 
 /// See [`Live`].
@@ -75,6 +78,7 @@ pub(super) static LIVE: Live = Live {
     wait_start: [const { AtomicU64::new(0) }; 64],
     batch_cpu: AtomicU64::new(0),
     copier_copy_cycles: AtomicU64::new(0),
+    copier_timed_pages: AtomicU64::new(0),
 };
 
 impl Live {
@@ -94,6 +98,7 @@ impl Live {
             &self.waiting,
             &self.batch_cpu,
             &self.copier_copy_cycles,
+            &self.copier_timed_pages,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -143,25 +148,24 @@ impl PageIo for Session {
     fn copy_out(&self, frame: u64, slot: u64) {
         debug_assert!(!x86_64::instructions::interrupts::are_enabled());
         slow_copy(frame);
-        // Timed on every path: a fault's copy is one step of its split
-        // (see `splits`), the copier's adds to its busy time's copy part.
         let cpu = crate::arch::percpu::index();
-        let copier = LIVE.batch_cpu.load(Ordering::Relaxed) == cpu as u64 + 1;
-        // Not in the pause: its eager copies take the kernel image, which
-        // holds the splits, and must find it as the reference hashed it.
-        let split = LIVE.protecting.load(Ordering::Relaxed);
-        let t = crate::arch::cpu::rdtsc();
-        if split {
-            super::splits::copy_begins(cpu, copier, t);
-        }
-        self.store.save(frame, slot);
-        let end = crate::arch::cpu::rdtsc();
-        if split {
-            super::splits::copy_ends(cpu, copier, end);
-        }
-        if copier {
-            LIVE.copier_copy_cycles
-                .fetch_add(end - t, Ordering::Relaxed);
+        let save = || self.store.save(frame, slot);
+        if !LIVE.protecting.load(Ordering::Relaxed) {
+            // The pause's eager copies take the kernel image, which holds
+            // the splits, and must find it as the reference hashed it.
+            save();
+        } else if LIVE.batch_cpu.load(Ordering::Relaxed) == cpu as u64 + 1 {
+            // The copier's: a sample of its copies is timed, for its busy
+            // time's copy part and the splits' copier histogram.
+            if let Some(cycles) = super::splits::copier_copy(save) {
+                LIVE.copier_copy_cycles.fetch_add(cycles, Ordering::Relaxed);
+                LIVE.copier_timed_pages.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            // A fault's (or the allocator hook's): one step of its split.
+            super::splits::copy_begins(cpu, crate::arch::cpu::rdtsc());
+            save();
+            super::splits::copy_ends(cpu, crate::arch::cpu::rdtsc());
         }
         if let Some(v) = &self.verify {
             v.note_copy(slot);

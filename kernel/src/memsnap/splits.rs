@@ -2,8 +2,10 @@
 //! steps (handler entry to the copy path, claim, the page copy, marking and
 //! unprotecting), counted in fixed histograms, and the slowest faults kept
 //! with what the copier's CPU was doing meanwhile. The copier's own page
-//! copies are counted the same way, so a stall that hits every CPU shows
-//! apart from one that hits faults only.
+//! copies are counted the same way, one page in [`COPIER_SAMPLE`] (reading
+//! the clock twice a page cost the copier about a twentieth of its speed
+//! under TCG), so a stall that hits every CPU shows apart from one that
+//! hits faults only.
 //!
 //! Everything lives in one static in the kernel image (never protected by
 //! the shadow): the fault path writes it with relaxed atomics, without
@@ -11,6 +13,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::arch::cpu::rdtsc;
 use crate::arch::percpu::MAX_CPUS;
 use crate::clock::cycles_to_ns;
 
@@ -21,6 +24,10 @@ const BUCKETS: usize = 160;
 const SLOW_NS: u64 = 20_000;
 /// How many slow faults are kept (the first ones).
 const SLOW_CAPACITY: usize = 64;
+/// One copier page copy in this many is timed (the first of each run of
+/// this many): the histogram, the slow copies and the copy-time estimate
+/// are that sample's.
+pub const COPIER_SAMPLE: u64 = 16;
 
 /// The steps timed, in order; [`Step::Total`] is the whole fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +62,8 @@ pub struct Slow {
     pub copier_pages: u64,
     /// Whether the copier was inside a page copy when the fault entered.
     pub copier_copying: bool,
-    /// The copier's longest page copy that ended during the fault, ns.
+    /// The copier's longest timed page copy (one in [`COPIER_SAMPLE`])
+    /// that ended during the fault, ns.
     pub copier_longest_ns: u64,
     /// When the fault entered, ns since boot.
     pub at_ns: u64,
@@ -127,32 +135,39 @@ fn count(step: Step, ns: u64) {
     MARKS.hist[step as usize][bucket(ns)].fetch_add(1, Ordering::Relaxed);
 }
 
-/// A page copy on `cpu` begins (`copier`: the background copier's) at TSC
-/// `tsc`.
-pub fn copy_begins(cpu: usize, copier: bool, tsc: u64) {
-    if copier {
-        MARKS.copier_copying.store(1, Ordering::Relaxed);
-    }
+/// A fault's (or the pause's) page copy on `cpu` begins at TSC `tsc`.
+pub fn copy_begins(cpu: usize, tsc: u64) {
     MARKS.copy[cpu % MAX_CPUS][0].store(tsc, Ordering::Relaxed);
 }
 
 /// The page copy [`copy_begins`] announced ends at TSC `tsc`.
-pub fn copy_ends(cpu: usize, copier: bool, tsc: u64) {
-    let marks = &MARKS.copy[cpu % MAX_CPUS];
-    marks[1].store(tsc, Ordering::Relaxed);
-    if copier {
-        // One copier writes these: plain loads and stores, no locked
-        // instructions on its per-page path (the fault CPU's reset of
-        // `copier_longest` may be lost, which only widens one record).
-        let bump = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
-        let ns = cycles_to_ns(tsc.saturating_sub(marks[0].load(Ordering::Relaxed)));
+pub fn copy_ends(cpu: usize, tsc: u64) {
+    MARKS.copy[cpu % MAX_CPUS][1].store(tsc, Ordering::Relaxed);
+}
+
+/// Runs one of the background copier's page copies, marked for the faults
+/// that look at it, and timed if it is in the sample: returns its TSC
+/// cycles then.
+///
+/// One copier writes these marks: plain loads and stores, no locked
+/// instructions on its per-page path (a fault CPU's reset of
+/// `copier_longest` may be lost, which only widens one record).
+pub fn copier_copy(copy: impl FnOnce()) -> Option<u64> {
+    let bump = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+    let pages = MARKS.copier_pages.load(Ordering::Relaxed);
+    MARKS.copier_copying.store(1, Ordering::Relaxed);
+    let timed = pages.is_multiple_of(COPIER_SAMPLE);
+    let start = if timed { rdtsc() } else { 0 };
+    copy();
+    let cycles = timed.then(|| rdtsc().saturating_sub(start));
+    bump(&MARKS.copier_pages, pages + 1);
+    MARKS.copier_copying.store(0, Ordering::Relaxed);
+    if let Some(cycles) = cycles {
+        let ns = cycles_to_ns(cycles);
         let bucket = &MARKS.hist[Step::CopierCopy as usize][bucket(ns)];
         bump(bucket, bucket.load(Ordering::Relaxed) + 1);
         let longest = MARKS.copier_longest.load(Ordering::Relaxed);
         bump(&MARKS.copier_longest, longest.max(ns));
-        let pages = MARKS.copier_pages.load(Ordering::Relaxed);
-        bump(&MARKS.copier_pages, pages + 1);
-        MARKS.copier_copying.store(0, Ordering::Relaxed);
         if ns >= SLOW_NS {
             let i = MARKS.copier_slow_count.fetch_add(1, Ordering::Relaxed) as usize;
             if let Some(rec) = MARKS.copier_slow.get(i) {
@@ -161,6 +176,7 @@ pub fn copy_ends(cpu: usize, copier: bool, tsc: u64) {
             }
         }
     }
+    cycles
 }
 
 /// What the copier's side looked like when a fault entered.
