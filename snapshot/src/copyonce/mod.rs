@@ -345,22 +345,58 @@ where
         }
         let cursor = self.counters.cursor();
         let start = cursor.load(Ordering::Relaxed) % n;
+        let span = self.copy_span(io, start, n, max);
+        cursor.store((start + span.scanned) % n, Ordering::Relaxed);
+        span.result.map(|()| span.copied)
+    }
+
+    /// Copies up to `max` units nobody has claimed among the `reach` units
+    /// from `from` (not past the last unit, not wrapping), for a copier
+    /// that follows the accesses: the units just after one an access
+    /// copied are likely the next ones accessed. The background cursor
+    /// stays where it was. Returns how many it copied and the unit after
+    /// the last one it looked at (`from + reach`, or the end, once it
+    /// looked at them all); a failed copy is abandoned, as in
+    /// [`Engine::copy_background`].
+    pub fn copy_ahead<U: UnitCopy>(
+        &self,
+        io: &U,
+        from: u64,
+        reach: u64,
+        max: u64,
+    ) -> Result<(u64, u64), U::Error> {
+        let from = from.min(self.units);
+        let span = self.copy_span(io, from, reach.min(self.units - from), max);
+        span.result.map(|()| (span.copied, from + span.scanned))
+    }
+
+    /// Claims and copies up to `max` units among the `len` from `start`
+    /// (wrapping at the end), until the first failed copy.
+    fn copy_span<U: UnitCopy>(&self, io: &U, start: u64, len: u64, max: u64) -> Span<U::Error> {
+        let n = self.units;
         let (mut scanned, mut copied) = (0, 0);
         let mut result = Ok(());
-        while copied < max && scanned < n && result.is_ok() {
+        while copied < max && scanned < len && result.is_ok() {
             let at = (start + scanned) % n;
             let Some(unit) = self.next_unclaimed(at) else {
-                scanned += self.word_end(at) - at;
+                scanned += (self.word_end(at) - at).min(len - scanned);
                 continue;
             };
+            if unit - at >= len - scanned {
+                scanned = len;
+                break;
+            }
             scanned += unit - at + 1;
             if let Claim::Won(token) = self.claim(unit) {
                 result = self.copy_claimed(io, token, Cause::Background);
                 copied += u64::from(result.is_ok());
             }
         }
-        cursor.store((start + scanned) % n, Ordering::Relaxed);
-        result.map(|()| copied)
+        Span {
+            scanned,
+            copied,
+            result,
+        }
     }
 
     /// The end of the map word holding `unit`, capped at the last unit.
@@ -393,4 +429,12 @@ where
     pub fn is_complete(&self) -> bool {
         self.completed() == self.units
     }
+}
+
+/// What [`Engine::copy_span`] did: units looked at, units copied, and the
+/// failed copy that stopped it, if one did.
+struct Span<E> {
+    scanned: u64,
+    copied: u64,
+    result: Result<(), E>,
 }

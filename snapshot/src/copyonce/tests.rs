@@ -204,6 +204,46 @@ fn background_wraps_skips_and_ends() {
 }
 
 #[test]
+fn ahead_copies_within_its_reach_and_leaves_the_cursor() {
+    let counters = Counters::new();
+    let e = engine(200, &counters);
+    let store = Store::new(200);
+    assert!(e.mark_copied(12));
+    assert_eq!(
+        e.copy_ahead(&store, 10, 100, 20),
+        Ok((20, 31)),
+        "10..31 less 12"
+    );
+    assert_eq!(
+        e.copy_ahead(&store, 40, 3, 10),
+        Ok((3, 43)),
+        "stops at its reach"
+    );
+    assert!(!e.is_copied(43));
+    assert_eq!(
+        e.copy_ahead(&store, 190, 100, 50),
+        Ok((10, 200)),
+        "not past the end"
+    );
+    assert_eq!(e.copy_ahead(&store, 250, 10, 10), Ok((0, 200)));
+    assert_eq!(e.copy_ahead(&store, 10, 21, 10), Ok((0, 31)), "all copied");
+    assert_eq!(
+        e.copy_background(&store, 5),
+        Ok(5),
+        "the cursor is still at 0"
+    );
+    let copies = store.copies.borrow();
+    let copied: Vec<usize> = (0..200).filter(|&u| copies[u] == 1).collect();
+    let expected: Vec<usize> = (0..5)
+        .chain((10..31).filter(|&u| u != 12))
+        .chain(40..43)
+        .chain(190..200)
+        .collect();
+    assert_eq!(copied, expected);
+    assert!(copies.iter().all(|&c| c <= 1));
+}
+
+#[test]
 fn an_empty_engine_is_complete() {
     let counters = Counters::new();
     let e = engine(0, &counters);
@@ -221,6 +261,8 @@ enum Step {
     Settle(bool),
     /// A background step of up to this many units.
     Background(u8),
+    /// A step ahead of an access: from a unit, a reach, up to this many.
+    Ahead(u16, u8, u8),
     /// The next copy fails.
     Fail,
 }
@@ -231,6 +273,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => any::<u16>().prop_map(Step::Claim),
         2 => any::<bool>().prop_map(Step::Settle),
         1 => (1u8..20).prop_map(Step::Background),
+        1 => (any::<u16>(), any::<u8>(), 1u8..20).prop_map(|(u, r, m)| Step::Ahead(u, r, m)),
         1 => Just(Step::Fail),
     ]
 }
@@ -304,6 +347,12 @@ proptest! {
                 },
                 Step::Settle(ok) => settle(&e, &io, &mut held.borrow_mut(), ok),
                 Step::Background(max) => { let _ = e.copy_background(&io, u64::from(max)); }
+                Step::Ahead(from, reach, max) => {
+                    let from = u64::from(from) % (units + 1);
+                    if let Ok((_, next)) = e.copy_ahead(&io, from, u64::from(reach), u64::from(max)) {
+                        prop_assert!((from..=(from + u64::from(reach)).min(units)).contains(&next));
+                    }
+                }
                 Step::Fail => io.fail_next.set(1),
             }
         }
