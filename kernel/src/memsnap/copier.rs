@@ -1,5 +1,6 @@
 //! The background copier: a kernel thread that copies the range in address
-//! order at a share of the CPU, in bursts of [`COPIER_BURST_NS`] paced by
+//! order, first following the writes (the frames after the one a write
+//! fault copied last), at a share of the CPU, in bursts of [`COPIER_BURST_NS`] paced by
 //! the copy-once engine's [`Pacer`], and ends
 //! the snapshot: complete (the disk's core file made durable, the copy
 //! verified if asked) or failed (the store lost a copy).
@@ -25,6 +26,9 @@ use crate::thread;
 
 /// Pages copied per session visit (interrupts off meanwhile).
 const COPIER_BATCH: u64 = 16;
+/// Slots the copier copies after the frame a write fault copied last,
+/// before it goes back to its sweep: 256 KiB.
+const FOLLOW_REACH: u64 = 64;
 /// One burst of copying, ns.
 const COPIER_BURST_NS: u64 = 2_000_000;
 
@@ -107,7 +111,7 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
     // Alone on a reserved CPU, nothing needs the tick while copying.
     let tickless = own_cpu.is_some() && cpu == CopierCpu::Own;
     let mut pacer = Pacer::new(share_pct, COPIER_BURST_NS);
-    let mut busy_ns = 0;
+    let (mut busy_ns, mut follow) = (0, None);
     loop {
         if ABORT.load(Ordering::Acquire) {
             return;
@@ -121,7 +125,7 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
             continue;
         }
         let (started, mut pages) = (now_ns(), 0);
-        let done = burst(&mut pacer, &mut busy_ns, &mut pages, tickless);
+        let done = burst(&mut pacer, &mut follow, &mut busy_ns, &mut pages, tickless);
         SESSION.with(Session::sample);
         crate::trace!("memsnap.burst", ns = now_ns() - started, pages = pages);
         if done && SESSION.with(|s| s.snap.is_complete()).unwrap_or(false) {
@@ -141,7 +145,13 @@ pub(super) fn copier(share_pct: Option<u64>, cpu: CopierCpu, disk: Option<Arc<Sh
 /// run there, and under the emulator every tick stalls both vCPUs (see
 /// [`crate::arch::apic::pause_tick`]). The tick runs whenever the copier
 /// waits.
-fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64, tickless: bool) -> bool {
+fn burst(
+    pacer: &mut Pacer,
+    follow: &mut Option<Follow>,
+    busy_ns: &mut u64,
+    pages: &mut u64,
+    tickless: bool,
+) -> bool {
     let mut tick = tickless.then(crate::arch::apic::pause_tick);
     pacer.start_burst(now_ns());
     while pacer.keep_working(now_ns()) {
@@ -156,7 +166,7 @@ fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64, tickless: bool) 
                     // Interrupts are off: this CPU stays the batch's.
                     let cpu = crate::arch::percpu::index() as u64 + 1;
                     LIVE.batch_cpu.store(cpu, Ordering::Relaxed);
-                    let copied = s.snap.copy_background(s, room.max(1));
+                    let copied = copy_batch(s, follow, room.max(1));
                     LIVE.batch_cpu.store(0, Ordering::Relaxed);
                     Some(copied)
                 }
@@ -179,6 +189,34 @@ fn burst(pacer: &mut Pacer, busy_ns: &mut u64, pages: &mut u64, tickless: bool) 
         }
     }
     false
+}
+
+/// Where the copier follows the writes: the next slot, and the reach left.
+type Follow = (u64, u64);
+
+/// One batch of up to `room` copies: first the slots after the frame a
+/// write fault copied last (a workload that wrote one page is likely to
+/// write the next ones: copying them now spares it those faults, as
+/// post-copy migration pre-pages around a fault), then the sweep in
+/// address order. Returns the pages copied; 0 once none is left.
+fn copy_batch(s: &Session, follow: &mut Option<Follow>, room: u64) -> u64 {
+    if let Some(frame) = LIVE.last_fault.swap(0, Ordering::Relaxed).checked_sub(1) {
+        if let Some(slot) = s.snap.index().slot(frame) {
+            *follow = Some((slot + 1, FOLLOW_REACH));
+        }
+    }
+    let mut copied = 0;
+    if let Some((slot, reach)) = follow.take() {
+        let (n, next) = s.snap.copy_ahead(s, slot, reach, room);
+        // Short of `room` only once it looked at its whole reach.
+        let left = reach - (next - slot);
+        *follow = (n == room && left > 0).then_some((next, left));
+        copied = n;
+    }
+    if copied < room {
+        copied += s.snap.copy_background(s, room - copied);
+    }
+    copied
 }
 
 /// Ends a snapshot whose store failed: the phase becomes `Failed` and the

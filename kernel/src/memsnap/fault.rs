@@ -130,6 +130,9 @@ pub fn on_write_fault(offset: u64, may_wait: bool, entry: u64) -> WriteFault {
             }
         }
         let outcome = s.snap.on_write_fault(s, frame);
+        if outcome == FaultOutcome::Copied {
+            LIVE.last_fault.store(frame + 1, Ordering::Relaxed);
+        }
         if s.latencies.is_some() && (outcome == FaultOutcome::Copied || retried) {
             let end = crate::arch::cpu::rdtsc();
             s.note_latency(crate::clock::cycles_to_ns(end - start));

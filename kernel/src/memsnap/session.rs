@@ -63,6 +63,9 @@ pub(super) struct Live {
     pub copier_copy_cycles: AtomicU64,
     /// The copier's page copies timed into `copier_copy_cycles`.
     pub copier_timed_pages: AtomicU64,
+    /// The frame (plus one; 0 for none) a write fault copied last, for the
+    /// copier to copy the frames after it before they are written too.
+    pub last_fault: AtomicU64,
 }
 
 /// See [`Live`].
@@ -79,6 +82,7 @@ pub(super) static LIVE: Live = Live {
     batch_cpu: AtomicU64::new(0),
     copier_copy_cycles: AtomicU64::new(0),
     copier_timed_pages: AtomicU64::new(0),
+    last_fault: AtomicU64::new(0),
 };
 
 impl Live {
@@ -99,6 +103,7 @@ impl Live {
             &self.batch_cpu,
             &self.copier_copy_cycles,
             &self.copier_timed_pages,
+            &self.last_fault,
         ] {
             c.store(0, Ordering::Relaxed);
         }

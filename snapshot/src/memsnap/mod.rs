@@ -246,6 +246,21 @@ impl<W: AsRef<[AtomicU64]>> Snapshot<W> {
         copied
     }
 
+    /// Copies up to `max` uncopied frames among the `reach` slots from
+    /// `slot`, for a copier that follows the writes: the slots after one a
+    /// write fault copied are likely written next (see
+    /// [`crate::copyonce::Engine::copy_ahead`]). Returns how many it copied
+    /// and the slot after the last one it looked at.
+    pub fn copy_ahead(&self, io: &impl PageIo, slot: u64, reach: u64, max: u64) -> (u64, u64) {
+        let io = AnySlot {
+            io,
+            index: &self.index,
+            last: Cell::new(None),
+        };
+        let Ok(done) = self.engine.copy_ahead(&io, slot, reach, max);
+        done
+    }
+
     /// Whether every frame of the range has been copied.
     pub fn is_complete(&self) -> bool {
         self.engine.is_complete()
