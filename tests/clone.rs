@@ -222,7 +222,7 @@ fn a_huge_clone_of_a_nearly_empty_chain_stays_small() {
         ],
     );
     let clone = dir.join("sub/clone.qcow2");
-    make_clone(&mid, &clone).unwrap();
+    make_clone(&mid, &clone, None).unwrap();
     let job = plan_split(&clone).unwrap();
     let outcome = boot("scenario=clone-split", job.disks.clone(), None);
     assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(30));
@@ -263,7 +263,7 @@ fn a_small_clone_of_big_clusters_splits_or_names_the_memory_it_needs() {
     qcow2(&base, "8M", "cluster_size=2M");
     qemu_io(&base, "qcow2", &["write -q -P 5 1M 3M".into()]);
     let clone = dir.join("sub/clone.qcow2");
-    make_clone(&base, &clone).unwrap();
+    make_clone(&base, &clone, None).unwrap();
     let expected = flattened(&dir, &clone);
     let job = plan_split(&clone).unwrap();
     let refused = boot_with(256 << 20, "scenario=clone-split", job.disks.clone(), None);
@@ -340,7 +340,7 @@ fn a_split_killed_at_several_points_resumes_without_recopying() {
         qcow2(&base, "96M", "cluster_size=4k");
         qemu_io(&base, "qcow2", &scattered(300, 320 << 10, "60k", 2));
         let clone = dir.join("sub/clone.qcow2");
-        make_clone(&base, &clone).unwrap();
+        make_clone(&base, &clone, None).unwrap();
         let expected = flattened(&dir, &clone);
         let job = plan_split(&clone).unwrap();
         let (outcome, done) = split(&job, false, Some(point));
@@ -440,6 +440,122 @@ fn bad_chains_are_refused_with_nothing_written() {
     );
     rebase(&clone, "../packed.qcow2", "qcow2");
     refused("compress");
+    rebase(&clone, "../base.qcow2", "qcow2");
+    // An internal snapshot: its clusters are shared.
+    tool("qemu-img", &["snapshot", "-c", "s1", s(&clone)]);
+    refused("1 internal snapshot(s)");
+    tool("qemu-img", &["snapshot", "-d", "s1", s(&clone)]);
+    // Open in another process: QEMU's lock on it is held.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", s(&clone)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = holder.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"help\n").unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(holder.stdout.as_mut().unwrap(), &mut first).unwrap();
+    refused("is in use");
+    drop(stdin);
+    assert!(holder.wait().unwrap().success());
+    assert!(plan_split(&clone).is_ok());
+}
+
+/// An empty clone (0 bytes, over an empty raw base) splits with the
+/// workload on: the workload has nothing to read or write, and says so by
+/// making no request rather than failing.
+#[test]
+fn an_empty_clone_splits_with_the_workload_on() {
+    let dir = fresh("empty");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, b"").unwrap();
+    let clone = dir.join("sub/clone.qcow2");
+    overlay(&clone, "../base.raw", "raw");
+    let job = plan_split(&clone).unwrap();
+    let (outcome, done) = split(&job, true, None);
+    assert_eq!(outcome.verdict, Verdict::Passed, "{}", outcome.tail(20));
+    assert_eq!(done, Some((0, 0)));
+    let check = tool("qemu-img", &["check", s(&clone)]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let info = tool("qemu-img", &["info", "--output=json", s(&clone)]);
+    assert!(!info.contains("backing-filename"), "still backed: {info}");
+}
+
+/// `clone` names its base as QEMU will find it: through a symbolic link
+/// (whose target's relative backing names QEMU resolves beside the link),
+/// a name QEMU would take for a protocol (`my:base`), and a raw base whose
+/// first bytes look like a qcow2 header when `--format raw` says so. Each
+/// clone reads, under `qemu-img compare`, what its base reads.
+#[test]
+fn a_clone_reads_what_its_base_reads_as_named() {
+    let dir = fresh("named");
+    for d in ["d1", "d2", "out"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    // d1/link.qcow2 -> ../d2/mid.qcow2, whose backing name "base.qcow2"
+    // QEMU finds in d1, beside the link.
+    for (d, pattern) in [("d1", 1), ("d2", 2)] {
+        let base = dir.join(d).join("base.qcow2");
+        qcow2(&base, "4M", "cluster_size=64k");
+        qemu_io(&base, "qcow2", &[format!("write -q -P {pattern} 0 4M")]);
+    }
+    overlay(&dir.join("d2/mid.qcow2"), "base.qcow2", "qcow2");
+    std::os::unix::fs::symlink("../d2/mid.qcow2", dir.join("d1/link.qcow2")).unwrap();
+    let link = dir.join("d1/link.qcow2");
+    let expected = flattened(&dir, &link);
+    let clone = dir.join("out/c.qcow2");
+    make_clone(&link, &clone, None).unwrap();
+    assert_equal_to_raw(&clone, &expected);
+    // A colon before the first slash.
+    let colon = dir.join("my:base.qcow2");
+    qcow2(&colon, "4M", "cluster_size=64k");
+    qemu_io(&colon, "qcow2", &["write -q -P 3 0 1M".into()]);
+    let clone = dir.join("colon-clone.qcow2");
+    let job = make_clone(&colon, &clone, None).unwrap();
+    assert_eq!(job.backing_name, "./my:base.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            s(&colon),
+            s(&clone),
+        ],
+    );
+    // A raw disk holding a qcow2 header that names a host file.
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, b"a host file\n").unwrap();
+    let guest = dir.join("guest.img");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&secret),
+            "-F",
+            "raw",
+            s(&guest),
+            "1M",
+        ],
+    );
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&guest)
+        .unwrap();
+    raw.set_len(1 << 20).unwrap();
+    let clone = dir.join("out/guest.qcow2");
+    make_clone(&guest, &clone, Some(snapshot::qcow2::chain::Format::Raw)).unwrap();
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", s(&guest), s(&clone)],
+    );
 }
 
 /// A clone grown past its base (`qemu-img resize` of an overlay, or a base

@@ -57,7 +57,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "--workload on|off",
         "mirror: a seeded write workload on the primary (default on); clone-split: a seeded read/write workload on the clone (default off)",
     ),
-    ("--format raw|qcow2", "restore's output format (default raw)"),
+    ("--format raw|qcow2", "restore's output format (default raw); clone's base format (default: by its first bytes)"),
     (
         "--to-disk",
         "bench-memsnap: also snapshot to a disk, against a sequential-write baseline on the same disk",

@@ -151,19 +151,34 @@ pub struct CloneJob {
 }
 
 /// Makes an empty qcow2 clone at `out` (which must not exist) of the
-/// qcow2 or raw image `base`, naming it relative to the clone.
-pub fn make_clone(base: &Path, out: &Path) -> Result<CloneJob, String> {
+/// qcow2 or raw image `base`, naming it relative to the clone. `format`
+/// is the base's, as the user said it; without it the base's first bytes
+/// decide (a raw disk whose guest wrote a qcow2 header there would be
+/// taken for qcow2, and the files its header names read: the tool says
+/// what it found, and `--format raw` says otherwise).
+pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<CloneJob, String> {
     if out.exists() {
         return Err(format!("{} exists; clone makes a new file", out.display()));
     }
-    let base_path = canonical(base)?;
+    let base_path = named_path(base)?;
     let dev = FileDisk::open(&base_path, false).map_err(|e| format!("{}: {e}", base.display()))?;
-    let format = Format::probe(&dev).map_err(|e| e.to_string())?;
-    let (size, bits, fmt) = match format {
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let probed = Format::probe(&dev).map_err(|e| e.to_string())?;
+            eprintln!(
+                "clone: {} reads as {} by its first bytes (--format raw|qcow2 to say which it is)",
+                base.display(),
+                format_name(probed)
+            );
+            probed
+        }
+    };
+    let (size, bits) = match format {
         Format::Qcow2 => {
             chain_of(&base_path)?;
             let h = read_header(&dev).map_err(|e| format!("{}: {e}", base.display()))?;
-            (h.virtual_size, h.cluster_bits, "qcow2")
+            (h.virtual_size, h.cluster_bits)
         }
         Format::Raw if dev.len() % 512 != 0 => {
             return Err(format!(
@@ -172,13 +187,14 @@ pub fn make_clone(base: &Path, out: &Path) -> Result<CloneJob, String> {
                 dev.len()
             ))
         }
-        Format::Raw => (dev.len(), 16, "raw"),
+        Format::Raw => (dev.len(), 16),
     };
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = relative(&canonical(dir)?, &base_path).display().to_string();
+    let name = backing_name(&relative(&canonical(dir)?, &base_path));
+    let fmt = format_name(format);
     let bytes = clone_image(size, bits, Some((&name, fmt))).map_err(|e| e.to_string())?;
     std::fs::write(out, bytes).map_err(|e| format!("{}: {e}", out.display()))?;
     let disks = attach(out).inspect_err(|_| {
@@ -189,6 +205,42 @@ pub fn make_clone(base: &Path, out: &Path) -> Result<CloneJob, String> {
         backing_name: name,
         disks,
     })
+}
+
+/// A format's name in a qcow2 header's backing format extension.
+fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::Qcow2 => "qcow2",
+        Format::Raw => "raw",
+    }
+}
+
+/// The full path of the file `path` names, its directory resolved but not
+/// the file's own name: a symbolic link stays the link, since QEMU resolves
+/// the relative backing names of the image a link points at beside the
+/// link, not beside its target.
+fn named_path(path: &Path) -> Result<PathBuf, String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file = path
+        .file_name()
+        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
+    Ok(canonical(dir)?.join(file))
+}
+
+/// The backing name to write for the relative path `path`: as it is,
+/// unless QEMU would take what comes before a colon for a protocol
+/// (`my:base.qcow2`), which `./` prevents.
+fn backing_name(path: &Path) -> String {
+    let name = path.display().to_string();
+    let first = name.split('/').next().unwrap_or("");
+    if first.contains(':') {
+        format!("./{name}")
+    } else {
+        name
+    }
 }
 
 /// The clone writable, its chain read-only in order. The clone is
@@ -221,6 +273,11 @@ pub struct SplitJob {
     pub chain: Vec<PathBuf>,
     /// The disks the kernel gets.
     pub disks: Vec<Disk>,
+    /// The file's length before [`plan_split`] grew it, and the length it
+    /// grew it to, if it did.
+    pub original_len: u64,
+    /// See `original_len`.
+    pub grown_to: Option<u64>,
 }
 
 /// Room a clone of `virtual_size` may need to grow into during a split:
@@ -233,6 +290,7 @@ pub fn split_room(virtual_size: u64) -> u64 {
 /// into (sparse); the kernel's device is the file's length.
 pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
     check_writable(image).map_err(|e| format!("{}: {e}; the split writes it", image.display()))?;
+    crate::image_lock::check_not_in_use(image, "splitting it")?;
     let chain = chain_of(image)?;
     if chain.is_empty() {
         return Err(format!(
@@ -241,6 +299,19 @@ pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
         ));
     }
     let mut dev = FileDisk::open(image, false).map_err(|e| format!("{}: {e}", image.display()))?;
+    let h = read_header(&dev).map_err(|e| format!("{}: {e}", image.display()))?;
+    if h.nb_snapshots > 0 {
+        // Their clusters are shared (refcounts above one), and the split
+        // writes only clusters it owns alone: refused before anything
+        // (the leak count below does not know snapshots either).
+        return Err(format!(
+            "{} holds {} internal snapshot(s); the split does not keep them: \
+             delete them (qemu-img snapshot -d) or split a copy without them \
+             (qemu-img convert -O qcow2 -B ...); nothing was changed",
+            image.display(),
+            h.nb_snapshots
+        ));
+    }
     let mut report = check(&dev).map_err(|e| e.to_string())?;
     if !report.corruptions.is_empty() {
         return Err(format!(
@@ -266,9 +337,10 @@ pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
         dev = FileDisk::open(image, false).map_err(|e| format!("{}: {e}", image.display()))?;
         report = check(&dev).map_err(|e| e.to_string())?;
     }
-    let h = read_header(&dev).map_err(|e| e.to_string())?;
+    let original_len = dev.len();
     let want = report.end + split_room(h.virtual_size);
-    if dev.len() < want {
+    let grown_to = (dev.len() < want).then_some(want);
+    if grown_to.is_some() {
         let f = OpenOptions::new()
             .write(true)
             .open(image)
@@ -281,6 +353,8 @@ pub fn plan_split(image: &Path) -> Result<SplitJob, String> {
         image: image.to_path_buf(),
         chain,
         disks,
+        original_len,
+        grown_to,
     })
 }
 
@@ -308,6 +382,29 @@ pub fn finish_split(job: &SplitJob, records: &[Record<'_>]) -> Result<Option<u64
         .iter()
         .rfind(|r| r.event == "clone.split")
         .and_then(|r| r.u64("workload_ops")))
+}
+
+/// When the kernel never ran (QEMU did not start): gives the clone back
+/// the length it had, if it still has the one [`plan_split`] gave it, so
+/// the file is as it was. Anything else changed its length meanwhile, and
+/// that is left alone.
+pub fn undo_plan(job: &SplitJob) -> Result<(), String> {
+    let Some(grown_to) = job.grown_to else {
+        return Ok(());
+    };
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&job.image)
+        .map_err(|e| format!("{}: {e}", job.image.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", job.image.display()))?
+        .len();
+    if len == grown_to {
+        f.set_len(job.original_len)
+            .map_err(|e| format!("{}: {e}", job.image.display()))?;
+    }
+    Ok(())
 }
 
 /// Applies the first `ops` requests of the workload of `seed` to the raw

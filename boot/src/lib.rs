@@ -16,6 +16,7 @@ pub mod clone;
 pub mod clonebench;
 pub mod corefile;
 pub mod filedisk;
+pub mod image_lock;
 pub mod ktest;
 pub mod mirror;
 pub mod pair_record;

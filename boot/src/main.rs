@@ -287,7 +287,11 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
             let (Some(base), Some(out)) = (&args.base, &args.out) else {
                 return Err((2, "clone needs --base and --out".into()));
             };
-            let job = host_clone::make_clone(base, out).map_err(refused)?;
+            let format = args.format.map(|f| match f {
+                Format::Raw => snapshot::qcow2::chain::Format::Raw,
+                Format::Qcow2 => snapshot::qcow2::chain::Format::Qcow2,
+            });
+            let job = host_clone::make_clone(base, out, format).map_err(refused)?;
             eprintln!(
                 "clone: {} over {} (backing name \"{}\")",
                 job.out.display(),
@@ -534,6 +538,18 @@ fn finish_clone(
         }
         return;
     }
+    if records.is_empty() {
+        // QEMU never ran the kernel (it may have found the image locked):
+        // nothing touched the clone but the room the plan gave it.
+        match host_clone::undo_plan(job) {
+            Ok(()) => eprintln!(
+                "the split did not start; {} is as it was",
+                job.image.display()
+            ),
+            Err(e) => fail(e),
+        }
+        return;
+    }
     match host_clone::finish_split(job, records) {
         Ok(Some(ops)) if passed => eprintln!(
             "split: {} stands alone now ({ops} workload requests during the split)",
@@ -541,7 +557,8 @@ fn finish_clone(
         ),
         Ok(_) if passed => fail("the kernel reported no clone.split record".into()),
         Ok(_) => eprintln!(
-            "the split did not finish; {} is sound (run clone-split again to resume)",
+            "the split did not finish; {} is sound: what it filled stays filled, and \
+             clone-split run again goes on from there once the error above is dealt with",
             job.image.display()
         ),
         Err(e) => fail(e),

@@ -110,9 +110,21 @@ pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
     let refusal = |e: Qcow2Error| (!matches!(e, Qcow2Error::Io(_)), e.to_string());
     let top = virtio::disk(name).map_err(|e| (true, e.to_string()))?;
     let h = read_header(&*top).map_err(refusal)?;
+    // Every layer's L1 table is read and kept at once, the clone's own
+    // buffers on top: judged together before any is read, so that the
+    // advice covers the whole chain the host attached (a lower layer's
+    // other needs are judged as it is opened, below).
+    let mut need = open_memory(&h, top.info().bytes());
+    let mut layers = 0;
+    while let Ok(dev) = virtio::disk(&alloc::format!("back{}", layers + 1)) {
+        layers += 1;
+        if let Ok(h) = read_header(&*dev) {
+            need += 2 * u64::from(h.l1_size) * 8;
+        }
+    }
     fits(
-        &format!("disk \"{name}\""),
-        open_memory(&h, top.info().bytes()),
+        &format!("disk \"{name}\" over {layers} backing layer(s)"),
+        need,
     )
     .map_err(refusal)?;
     let mut depth = 0usize;
@@ -236,6 +248,10 @@ static PHASE: AtomicU64 = AtomicU64::new(0);
 fn workload_loop(split: &KernelSplit, seed: u64, pause_ns: u64, stop: &AtomicBool) -> LoadResult {
     let sectors = split.disk().geometry().virtual_size / 512;
     let mut r = LoadResult::default();
+    if sectors == 0 {
+        // An empty disk takes no request: the workload has nothing to do.
+        return r;
+    }
     for l in &mut r.latencies {
         l.reserve(1 << 18);
     }

@@ -130,6 +130,9 @@ fn in_layer(e: Qcow2Error, id: &str) -> Qcow2Error {
         Qcow2Error::Unsupported(w) => Qcow2Error::Unsupported(format!("{w} (in {id})")),
         Qcow2Error::Invalid(w) => Qcow2Error::Invalid(format!("{w} (in {id})")),
         Qcow2Error::TooLarge(w) => Qcow2Error::TooLarge(format!("{w} (in {id})")),
+        Qcow2Error::NotQcow2 => Qcow2Error::Invalid(format!(
+            "{id} is not a qcow2 image (bad magic), though the image above it names it qcow2"
+        )),
         other => other,
     }
 }
@@ -155,7 +158,7 @@ pub fn open<D: BlockDevice>(top: D, top_id: &str, resolve: Resolve<'_>) -> Resul
             }
         });
     }
-    Qcow2Disk::open(top, below)
+    Qcow2Disk::open(top, below).map_err(|e| in_layer(e, top_id))
 }
 
 impl core::fmt::Debug for Layer {
