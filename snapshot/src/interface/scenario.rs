@@ -263,7 +263,7 @@ pub const ALL: &[Description] = &[
         argument: None,
         options: &[opt("--base", "IMG", true), opt("--out", "CLONE.qcow2", true), opt("--format", "raw|qcow2", false)],
         params: &["clone=clone", "back1=back1"],
-        help: "a new, empty qcow2 clone of a qcow2 or raw base (--format says which; its first bytes otherwise), served writable over the read-only base",
+        help: "a new, empty qcow2 clone of a qcow2 or raw base (--format, else its first bytes), writable over the read-only base",
         mem_mib: BACKUP_MEM,
         benchmark: false,
         emits: &["clone.ready", FAILED, REFUSED],
