@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use boot::clone::{finish_split, make_clone, plan_split, replay_workload, SplitJob};
+use boot::clone::{finish_split, make_clone, plan_split, replay_workload, undo_plan, SplitJob};
 use boot::qemu::{self, Config, Disk, Outcome, Verdict};
 use kernel_tests::{host_tool, image_dir, kernel, tool};
 use snapshot::interface::trace::Record;
@@ -383,9 +383,20 @@ fn check_allowing_leaks(path: &Path) -> String {
     text
 }
 
-/// Holes left in the clone at `path`, by `qemu-img map`: clusters it
-/// does not allocate itself (depth > 0 or unallocated).
+/// Holes left in the clone at `path`, by `qemu-img map`: clusters (of
+/// the size `qemu-img info` gives) it does not allocate itself (depth > 0
+/// or unallocated).
 fn holes(path: &Path) -> u64 {
+    let info = tool("qemu-img", &["info", "--output=json", s(path)]);
+    let at = info.find("\"cluster-size\":").unwrap() + 15;
+    let cluster: u64 = info[at..]
+        .trim_start()
+        .split([',', '}', '\n'])
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let map = tool("qemu-img", &["map", "--output=json", s(path)]);
     let mut holes = 0;
     for line in map.lines().filter(|l| l.contains("\"start\"")) {
@@ -401,10 +412,11 @@ fn holes(path: &Path) -> u64 {
                 .unwrap()
         };
         if num("depth") > 0 || line.contains("\"present\": false") {
-            holes += num("length") / 4096;
+            holes += num("length");
         }
     }
-    holes
+    assert_eq!(holes % cluster, 0, "holes are whole clusters");
+    holes / cluster
 }
 
 /// Bad chains are refused before anything is written, naming the problem.
@@ -460,6 +472,42 @@ fn bad_chains_are_refused_with_nothing_written() {
     drop(stdin);
     assert!(holder.wait().unwrap().success());
     assert!(plan_split(&clone).is_ok());
+}
+
+/// A split that never started gives the clone its length back, unless
+/// something wrote into the room it was given (another process that
+/// opened the clone between the host's check of QEMU's lock and QEMU's
+/// start): then the room, holding that data, stays.
+#[test]
+fn a_split_that_never_started_gives_back_only_untouched_room() {
+    let dir = fresh("undo");
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "16M", "cluster_size=4k");
+    let clone = dir.join("sub/clone.qcow2");
+    make_clone(&base, &clone, None).unwrap();
+    let info = tool("qemu-img", &["info", "--output=json", s(&clone)]);
+    assert!(
+        info.contains("\"cluster-size\": 65536"),
+        "at least 64 KiB: {info}"
+    );
+    let before = std::fs::read(&clone).unwrap();
+    let job = plan_split(&clone).unwrap();
+    let grown = std::fs::metadata(&clone).unwrap().len();
+    assert!(grown > before.len() as u64);
+    assert_eq!(undo_plan(&job), Ok(true));
+    assert_eq!(std::fs::read(&clone).unwrap(), before, "as it was");
+    let job = plan_split(&clone).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&clone)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"theirs", before.len() as u64 + (1 << 20)).unwrap();
+    assert_eq!(undo_plan(&job), Ok(false));
+    assert_eq!(
+        std::fs::metadata(&clone).unwrap().len(),
+        grown,
+        "the room stays"
+    );
 }
 
 /// An empty clone (0 bytes, over an empty raw base) splits with the

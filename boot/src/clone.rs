@@ -178,7 +178,10 @@ pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<Clo
         Format::Qcow2 => {
             chain_of(&base_path)?;
             let h = read_header(&dev).map_err(|e| format!("{}: {e}", base.display()))?;
-            (h.virtual_size, h.cluster_bits)
+            // At least QEMU's 64 KiB: the split's tables and allocation
+            // map grow with the clusters a disk holds, and a clone of 4 KiB
+            // clusters over a 1 TiB base would not fit the kernel's heap.
+            (h.virtual_size, h.cluster_bits.max(16))
         }
         Format::Raw if dev.len() % 512 != 0 => {
             return Err(format!(
@@ -385,12 +388,15 @@ pub fn finish_split(job: &SplitJob, records: &[Record<'_>]) -> Result<Option<u64
 }
 
 /// When the kernel never ran (QEMU did not start): gives the clone back
-/// the length it had, if it still has the one [`plan_split`] gave it, so
-/// the file is as it was. Anything else changed its length meanwhile, and
-/// that is left alone.
-pub fn undo_plan(job: &SplitJob) -> Result<(), String> {
+/// the length it had, if nobody else wrote the room [`plan_split`] gave
+/// it: its length is still the one the plan set, no process holds QEMU's
+/// lock on it now, and the room is all hole (a process that opened the
+/// image between the plan's check and QEMU's start may have put clusters
+/// there; the room is harmless to the image, cutting it is not).
+/// Returns whether the file is as it was.
+pub fn undo_plan(job: &SplitJob) -> Result<bool, String> {
     let Some(grown_to) = job.grown_to else {
-        return Ok(());
+        return Ok(true);
     };
     let f = OpenOptions::new()
         .write(true)
@@ -400,11 +406,14 @@ pub fn undo_plan(job: &SplitJob) -> Result<(), String> {
         .metadata()
         .map_err(|e| format!("{}: {e}", job.image.display()))?
         .len();
-    if len == grown_to {
+    let untouched = len == grown_to
+        && crate::image_lock::check_not_in_use(&job.image, "").is_ok()
+        && !crate::image_lock::holds_data_from(&f, job.original_len);
+    if untouched {
         f.set_len(job.original_len)
             .map_err(|e| format!("{}: {e}", job.image.display()))?;
     }
-    Ok(())
+    Ok(untouched)
 }
 
 /// Applies the first `ops` requests of the workload of `seed` to the raw

@@ -53,11 +53,43 @@ pub fn check_not_in_use(path: &Path, doing: &str) -> Result<(), String> {
     ))
 }
 
+/// Whether any byte of `file` from `offset` on holds data (not a hole),
+/// as the host's file system reports it (`SEEK_DATA`); a file system that
+/// cannot tell says all of it does.
+pub fn holds_data_from(file: &std::fs::File, offset: u64) -> bool {
+    let Ok(offset) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: `lseek` only moves the descriptor's position (which nothing
+    // else here relies on) and reads no memory of ours; the descriptor is
+    // `file`'s, open for the whole call.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    at != -1 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn data_past_an_offset_is_seen_and_holes_are_not() {
+        let dir = crate::scratch_dir("holds-data");
+        let path = dir.join("f");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(64 << 20).unwrap();
+        assert!(!holds_data_from(&file, 0), "all hole");
+        std::os::unix::fs::FileExt::write_at(&file, b"x", 40 << 20).unwrap();
+        assert!(holds_data_from(&file, 1 << 20));
+        assert!(!holds_data_from(&file, 48 << 20));
+    }
 
     #[test]
     fn an_image_qemu_io_holds_is_in_use_until_it_quits() {

@@ -538,17 +538,33 @@ fn finish_clone(
         }
         return;
     }
-    if records.is_empty() {
-        // QEMU never ran the kernel (it may have found the image locked):
-        // nothing touched the clone but the room the plan gave it.
+    let refused = records.iter().any(|r| r.event == "job.refused")
+        && !records.iter().any(|r| r.event == "clone.progress");
+    if records.is_empty() || refused {
+        // QEMU never ran the kernel (it may have found the image locked),
+        // or the kernel refused the image before splitting: the room the
+        // plan gave the file goes, unless someone wrote into it.
+        let what = if refused {
+            "was refused"
+        } else {
+            "did not start"
+        };
         match host_clone::undo_plan(job) {
-            Ok(()) => eprintln!(
-                "the split did not start; {} is as it was",
-                job.image.display()
-            ),
-            Err(e) => fail(e),
+            Ok(true) => {
+                eprintln!("the split {what}; {} is as it was", job.image.display());
+                return;
+            }
+            Ok(false) if !refused => {
+                eprintln!(
+                    "the split did not start; another process wrote {} meanwhile, so the \
+                     room given to it for the split stays (it holds that process's data)",
+                    job.image.display()
+                );
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => return fail(e),
         }
-        return;
     }
     match host_clone::finish_split(job, records) {
         Ok(Some(ops)) if passed => eprintln!(
