@@ -471,7 +471,17 @@ fn bad_chains_are_refused_with_nothing_written() {
     refused("is in use");
     drop(stdin);
     assert!(holder.wait().unwrap().success());
+    // A backing name QEMU takes for a protocol, though a file has it.
+    std::fs::copy(&base, dir.join("sub/my:base.qcow2")).unwrap();
+    rebase(&clone, "my:base.qcow2", "qcow2");
+    refused("as a protocol");
+    rebase(&clone, "../base.qcow2", "qcow2");
     assert!(plan_split(&clone).is_ok());
+    // An output through a dangling symbolic link.
+    let dangling = dir.join("dangling.qcow2");
+    std::os::unix::fs::symlink("nowhere/c.qcow2", &dangling).unwrap();
+    let e = make_clone(&base, &dangling, None).unwrap_err();
+    assert!(e.contains("exists"), "{e}");
 }
 
 /// A split that never started gives the clone its length back, unless

@@ -63,6 +63,13 @@ pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
             .iter()
             .rfind(|(id, _)| id == parent)
             .map_or_else(|| PathBuf::from(parent), |(_, p)| p.clone());
+        if let Some(protocol) = protocol_of(name) {
+            return Err(Qcow2Error::Unsupported(format!(
+                "backing file \"{name}\" of {parent}: QEMU reads \"{protocol}:\" as a \
+                 protocol and opens no such file; name it \"./{name}\" \
+                 (qemu-img rebase -u -b ./{name}) if it is one"
+            )));
+        }
         let path = resolve_name(&parent_named, name);
         let dev = FileDisk::open(&path, false).map_err(|e| {
             Qcow2Error::Invalid(format!(
@@ -84,6 +91,13 @@ pub fn chain_of(image: &Path) -> Result<Vec<PathBuf>, String> {
     };
     chain::open(top, &top_path.display().to_string(), &mut resolve).map_err(|e| e.to_string())?;
     Ok(layers)
+}
+
+/// The protocol QEMU sees in a backing name, if any: what comes before a
+/// colon that precedes the first slash (`nbd:...`, or `my:base.qcow2`).
+fn protocol_of(name: &str) -> Option<&str> {
+    let first = name.split('/').next()?;
+    first.split_once(':').map(|(protocol, _)| protocol)
 }
 
 /// A clone's chain seen as one qcow2 file, on the host.
@@ -157,7 +171,9 @@ pub struct CloneJob {
 /// taken for qcow2, and the files its header names read: the tool says
 /// what it found, and `--format raw` says otherwise).
 pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<CloneJob, String> {
-    if out.exists() {
+    if out.symlink_metadata().is_ok() {
+        // A dangling symbolic link too: writing through it would put the
+        // clone where its relative backing name does not point.
         return Err(format!("{} exists; clone makes a new file", out.display()));
     }
     let base_path = named_path(base)?;
@@ -238,8 +254,7 @@ fn named_path(path: &Path) -> Result<PathBuf, String> {
 /// (`my:base.qcow2`), which `./` prevents.
 fn backing_name(path: &Path) -> String {
     let name = path.display().to_string();
-    let first = name.split('/').next().unwrap_or("");
-    if first.contains(':') {
+    if protocol_of(&name).is_some() {
         format!("./{name}")
     } else {
         name
