@@ -40,7 +40,7 @@ fn soak(name: &str, plan: &Plan) -> Summary {
 fn twenty_runs_on_two_cpus_find_nothing_wrong() {
     let summary = soak("soak-twenty", &plan(20, 0x50a4, 2, &[]));
     for f in &summary.failures {
-        eprintln!("{}", soak::failure_line(f, 2));
+        eprintln!("{}", soak::failure_line(f, &plan(20, 0x50a4, 2, &[])));
     }
     assert!(summary.failures.is_empty(), "{summary}");
     assert_eq!((summary.runs, summary.passed, summary.boots), (20, 20, 1));
@@ -66,7 +66,7 @@ fn injected_failures_are_reported_with_their_seed_and_the_soak_goes_on() {
             panic!("{inject}: {:?}", summary.failures)
         };
         assert_eq!((failure.run, failure.seed), (0, run_seed(77, 0)));
-        let line = soak::failure_line(failure, 1);
-        assert!(line.ends_with("--runs 1 --seed 0x4d"), "{line}");
+        let line = soak::failure_line(failure, &plan(1, 77, 1, &[]));
+        assert!(line.contains("--runs 1 --seed 0x4d --mem "), "{line}");
     }
 }

@@ -128,10 +128,15 @@ impl Summary {
     pub fn add_boot(&mut self, tracker: &Tracker, first: u64, seed: u64, verdict: &str) -> u64 {
         self.boots += 1;
         let mut next = first;
-        for r in &tracker.done {
+        // A boot that stopped with a reason after its last run ended: that
+        // run failed, whatever its counts say (an error such as "cannot
+        // reserve snapshot storage" ends a run with nothing counted).
+        let failed_last = tracker.reason.is_some() && tracker.unfinished().is_none();
+        for (i, r) in tracker.done.iter().enumerate() {
             self.runs += 1;
             self.totals.add(r);
-            let what = match (r.ok(), &tracker.reason) {
+            let last = i + 1 == tracker.done.len();
+            let what = match (r.ok() && !(last && failed_last), &tracker.reason) {
                 (true, _) => None,
                 (false, Some(reason)) => Some(reason.clone()),
                 (false, None) => Some(r.to_string()),
@@ -191,17 +196,28 @@ impl fmt::Display for Summary {
 
 /// The line printed for a failed run: what happened and how to run it
 /// again alone.
-pub fn failure_line(f: &Failure, cpus: usize) -> String {
-    let cpus = if cpus > 1 {
-        format!(" --cpus {cpus}")
-    } else {
-        String::new()
-    };
+pub fn failure_line(f: &Failure, plan: &Plan) -> String {
+    let mut again = format!("--runs 1 --seed {:#x}", f.seed);
+    if plan.cpus > 1 {
+        again += &format!(" --cpus {}", plan.cpus);
+    }
+    if plan.mem_bytes != 0 {
+        again += &format!(" --mem {}M", plan.mem_bytes >> 20);
+    }
+    if plan.run_timeout != DEFAULT_RUN_TIMEOUT {
+        again += &format!(" --run-timeout {}", plan.run_timeout.as_secs_f64());
+    }
+    for word in &plan.cmdline {
+        again += &format!(" {word}");
+    }
     format!(
-        "FAIL run {} (seed {:#x}): {}; reproduce: cargo run --release -- soak-memsnap --runs 1 --seed {:#x}{cpus}",
-        f.run, f.seed, f.what, f.seed
+        "FAIL run {} (seed {:#x}): {}; reproduce: cargo run --release -- soak-memsnap {again}",
+        f.run, f.seed, f.what
     )
 }
+
+/// How long a run may take before it has hung, unless `--run-timeout`.
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs the whole soak: boots until every run was tried. `work` holds
 /// the disks; `on_line` sees every serial line, `on_failure` each failure.
@@ -263,7 +279,7 @@ pub fn main(args: &Args, kernel: &Path, show: impl Fn(&str)) -> ExitCode {
     let plan = Plan {
         runs: args.runs.unwrap_or(20),
         seed: args.seed.unwrap_or(1),
-        run_timeout: args.run_timeout.unwrap_or(Duration::from_secs(120)),
+        run_timeout: args.run_timeout.unwrap_or(DEFAULT_RUN_TIMEOUT),
         // The scenario's own word is added by the soak, with its range.
         cmdline: args.cmdline[1..].to_vec(),
         mem_bytes: args.mem,
@@ -282,7 +298,7 @@ pub fn main(args: &Args, kernel: &Path, show: impl Fn(&str)) -> ExitCode {
             show(line);
         }
     };
-    let failed = |failure: &Failure| eprintln!("{}", failure_line(failure, plan.cpus));
+    let failed = |failure: &Failure| eprintln!("{}", failure_line(failure, &plan));
     match run(kernel, &plan, &work, echo, failed) {
         Ok(summary) => {
             eprintln!("{summary}");
@@ -325,8 +341,50 @@ mod tests {
         assert_eq!((summary.runs, summary.passed, summary.hangs), (2, 1, 1));
         assert_eq!(summary.failures[0].run, 5);
         assert_eq!(summary.failures[0].seed, 0x20);
-        let line = failure_line(&summary.failures[0], 2);
-        assert!(line.ends_with("--runs 1 --seed 0x20 --cpus 2"), "{line}");
+        let plan = Plan {
+            runs: 9,
+            seed: 0,
+            run_timeout: Duration::from_secs(10),
+            cmdline: vec!["copier_cpu=shared".into()],
+            mem_bytes: 1 << 30,
+            cpus: 2,
+        };
+        let line = failure_line(&summary.failures[0], &plan);
+        assert!(
+            line.ends_with(
+                "--runs 1 --seed 0x20 --cpus 2 --mem 1024M --run-timeout 10 copier_cpu=shared"
+            ),
+            "{line}"
+        );
+    }
+
+    /// A run that ended in an error the counts do not show (its record is
+    /// all zeros, then the kernel's failure) failed.
+    #[test]
+    fn a_run_ended_by_an_error_fails_though_its_counts_are_clean() {
+        let mut tracker = Tracker::new(Duration::from_secs(10));
+        let now = Instant::now();
+        for (run, seed) in [(0, 5), (1, 6)] {
+            let clean = RunResult {
+                run,
+                seed,
+                ..RunResult::default()
+            };
+            tracker.see(
+                Some(&format!("TRACE 1 soak.begin run={run} seed={seed:#x}")),
+                now,
+            );
+            tracker.see(Some(&record(&clean)), now);
+        }
+        tracker.see(
+            Some("TRACE 2 job.failed job=soak reason=\"cannot reserve snapshot storage\""),
+            now,
+        );
+        let mut summary = Summary::default();
+        assert_eq!(summary.add_boot(&tracker, 0, 5, "failed"), 2);
+        assert_eq!((summary.runs, summary.passed), (2, 1));
+        assert_eq!(summary.failures[0].run, 1);
+        assert_eq!(summary.failures[0].what, "cannot reserve snapshot storage");
     }
 
     #[test]
