@@ -133,6 +133,26 @@ fn a_core_file_in_a_missing_directory_is_refused_up_front() {
     assert!(!out.parent().unwrap().exists());
 }
 
+/// A snapshot cut short by the deadline exits 3 (timeout), as the README
+/// says, not 1: the missing core file is the timeout's doing. The core
+/// file is not made.
+#[test]
+fn a_snapshot_cut_short_by_the_deadline_exits_as_a_timeout() {
+    let dir = kernel_tests::image_dir("memsnap-deadline");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("snap.core");
+    let _ = std::fs::remove_file(&out);
+    let run = host_tool(&[
+        "memsnap",
+        "--out",
+        out.to_str().unwrap(),
+        "--timeout",
+        "0.5",
+    ]);
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert!(!out.exists());
+}
+
 #[test]
 fn a_bad_command_line_value_is_refused_by_name() {
     for (cmdline, message) in [

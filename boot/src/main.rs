@@ -458,9 +458,14 @@ fn finish(
     mut verdict: Verdict,
 ) -> Verdict {
     let passed = verdict == Verdict::Passed;
+    // A host job that fails after a run that passed fails it; after a
+    // timeout or an unexpected QEMU exit the verdict (and exit status 3)
+    // stays what QEMU's end made it.
     let mut fail = |e: String| {
         eprintln!("error: {e}");
-        verdict = Verdict::Failed;
+        if verdict == Verdict::Passed {
+            verdict = Verdict::Failed;
+        }
     };
     if let Some(job) = &run.backup {
         match host_backup::finish_backup(job, records, passed) {
@@ -498,7 +503,7 @@ fn finish(
                 .rfind(|r| r.event == "memsnap.core")
                 .and_then(|r| r.u64("bytes"));
             let ok = verdict == Verdict::Passed;
-            if !take_core(image, core_len, out, ok, &config.kernel) {
+            if !take_core(image, core_len, out, ok, &config.kernel) && ok {
                 verdict = Verdict::Failed;
             }
         }
