@@ -158,6 +158,11 @@ fn a_bad_command_line_value_is_refused_by_name() {
     for (cmdline, message) in [
         ("scenario=demo quantum_ms=banana", "quantum_ms=\"banana\""),
         ("scenario=nonsense", "unknown scenario \"nonsense\""),
+        (
+            "scenario=demo memsnap_cpus=xyz",
+            "memsnap_cpus=xyz: expected all or boot",
+        ),
+        ("scenario=bench-memsnap verify=maybe", "verify=\"maybe\""),
     ] {
         let outcome = boot(cmdline, MEM, TIMEOUT);
         assert_eq!(outcome.verdict, Verdict::Failed, "{cmdline}");

@@ -131,7 +131,14 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         }
     };
     let cpus = cpus::start_others(&madt.cpus, cpu_limit);
-    memsnap::run_on_all_cpus(cmd.get("memsnap_cpus") != Some("boot"));
+    match cmd.get("memsnap_cpus") {
+        None | Some("all") => memsnap::run_on_all_cpus(true),
+        Some("boot") => memsnap::run_on_all_cpus(false),
+        Some(other) => {
+            log!("memsnap_cpus={other}: expected all or boot");
+            exit(ExitCode::Failure)
+        }
+    }
     match cmd.get("copier_cpu") {
         None | Some("own") => {}
         Some("shared") => memsnap::CopierCpu::set_boot_default(memsnap::CopierCpu::Shared),

@@ -164,6 +164,10 @@ struct Figures {
 
 /// The benchmark; see the module docs.
 pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
+    if let Err(e) = cmd.switch("verify", true) {
+        log!("{e}");
+        return ExitCode::Failure;
+    }
     match run(cmd) {
         Ok(figures) => {
             figures.log();
@@ -177,8 +181,9 @@ pub fn memsnap(cmd: &CmdLine<'_>) -> ExitCode {
     }
 }
 
+/// `verify=on|off` (on by default; checked when the benchmark starts).
 fn verifies(cmd: &CmdLine<'_>) -> bool {
-    cmd.get("verify").is_none_or(|v| v != "off")
+    cmd.switch("verify", true).unwrap_or(true)
 }
 
 /// The workload's rates before the snapshot: on every CPU; on the CPUs
