@@ -23,8 +23,8 @@ pub struct Staged {
 
 impl Staged {
     /// Stages `target`: names its staging file (nothing is created yet).
-    /// A target in a directory that does not exist, or read-only by its
-    /// permission bits, is refused.
+    /// A target in a directory that does not exist or takes no new file,
+    /// or read-only by its permission bits, is refused.
     /// A target that is a link stages beside the file it names, which the
     /// commit then replaces; a target that exists but is not a regular file
     /// is refused.
@@ -64,10 +64,23 @@ impl Staged {
         let mut partial_name = std::ffi::OsString::from(".");
         partial_name.push(name);
         partial_name.push(".partial");
-        Ok(Self {
-            partial: target.with_file_name(partial_name),
-            target,
-        })
+        let partial = target.with_file_name(partial_name);
+        // A directory that takes no new file (a read-only file system,
+        // `/proc`) is found now too: the staging file is made and removed.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .and_then(|_| std::fs::remove_file(&partial))
+            .map_err(|e| {
+                format!(
+                    "{}: cannot write a file in {}: {e}",
+                    target.display(),
+                    dir.display()
+                )
+            })?;
+        Ok(Self { partial, target })
     }
 
     /// Ends a run: on success puts the staging file at the target; on
@@ -107,6 +120,15 @@ mod tests {
         let e = Staged::new(&t).unwrap_err();
         assert!(e.contains("read-only"), "{e}");
         assert_eq!(std::fs::read(&t).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_target_in_a_directory_that_takes_no_file_is_refused_and_nothing_is_left() {
+        let e = Staged::new(Path::new("/proc/snap.core")).unwrap_err();
+        assert!(e.contains("cannot write a file in /proc"), "{e}");
+        let d = crate::scratch_dir("staged-probe");
+        let staged = Staged::new(&d.join("tape")).unwrap();
+        assert!(!staged.partial.exists(), "the probe removes what it made");
     }
 
     #[test]
