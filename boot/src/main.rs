@@ -207,6 +207,7 @@ fn prepare(args: &Args) -> Result<Run, (u8, String)> {
     }
     // A snapshot to disk gets a fresh image with room for all of RAM.
     if args.scenario == Scenario::Memsnap || args.to_disk {
+        remove_orphan_disks(&work, args.scenario.name());
         // One per run: two runs at once must not share (and truncate) it.
         let image = work.join(format!(
             "{}-disk-{}.img",
@@ -510,6 +511,30 @@ fn finish(
         let _ = std::fs::remove_file(image);
     }
     verdict
+}
+
+/// Removes the snapshot disks (`NAME-disk-PID.img` in `work`) of runs
+/// whose host tool is gone (killed before it could remove its own): each
+/// is as large as the guest's RAM.
+fn remove_orphan_disks(work: &std::path::Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return;
+    };
+    let prefix = format!("{name}-disk-");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".img"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// After `clone`, `clone-split` and `bench-clone-split`: a clone the
