@@ -364,6 +364,10 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
         match word.as_str() {
             "-h" | "--help" => return Err(String::new()),
             w if w.starts_with('-') => {
+                // Given twice, one would silently win: only the disks add up.
+                if given.contains(&word) && !matches!(w, "--disk" | "--ro-disk") {
+                    return Err(format!("{w} given twice"));
+                }
                 let mut value = || words.next().ok_or(format!("{w} needs a value"));
                 option(&mut args, w, &mut value)?;
                 given.push(word);
@@ -500,6 +504,10 @@ mod tests {
             "--out is for memsnap and restore and clone"
         );
         assert_eq!(err(&["clone", "--out", "c"]), "clone needs --base IMG");
+        assert_eq!(
+            err(&["memsnap", "--out", "a", "--out", "b"]),
+            "--out given twice"
+        );
         assert_eq!(
             err(&["demo", "--workload", "on"]),
             "--workload is for mirror and clone-split"

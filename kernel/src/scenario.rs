@@ -211,10 +211,13 @@ fn crash_on_purpose(kind: &str) -> ExitCode {
                 .map(|h| h.join())
                 .ok();
         }
-        other => crate::log!(
-            "unknown crash kind {other:?}; kinds: {}",
-            snapshot::interface::scenario::CRASH_KINDS.join(" ")
-        ),
+        other => {
+            crate::log!(
+                "unknown crash kind {other:?}; kinds: {}",
+                snapshot::interface::scenario::CRASH_KINDS.join(" ")
+            );
+            return ExitCode::Failure;
+        }
     }
     crate::log!("no exception was raised");
     ExitCode::Failure

@@ -14,6 +14,8 @@ pub enum SizeError {
     NotANumber,
     /// The suffix is not one of `K`, `M`, `G`, `T` (optionally followed by `iB` or `B`).
     BadSuffix,
+    /// A decimal point: sizes are whole numbers of their unit.
+    Fraction,
     /// The value does not fit in 64 bits.
     Overflow,
 }
@@ -24,6 +26,7 @@ impl fmt::Display for SizeError {
             SizeError::Empty => "empty size",
             SizeError::NotANumber => "size must start with a decimal number",
             SizeError::BadSuffix => "size suffix must be K, M, G or T (binary units)",
+            SizeError::Fraction => "size must be a whole number of its unit (1536M, not 1.5G)",
             SizeError::Overflow => "size does not fit in 64 bits",
         })
     }
@@ -46,6 +49,9 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         .parse()
         .map_err(|_| SizeError::Overflow)?;
     let suffix = &text[digits_end..];
+    if suffix.starts_with('.') {
+        return Err(SizeError::Fraction);
+    }
     const SUFFIXES: [(&str, u32); 13] = [
         ("", 0),
         ("B", 0),
@@ -126,6 +132,7 @@ mod tests {
         assert_eq!(parse_size("12Q"), Err(SizeError::BadSuffix));
         assert_eq!(parse_size("12GiBB"), Err(SizeError::BadSuffix));
         assert_eq!(parse_size("99999999999T"), Err(SizeError::Overflow));
+        assert_eq!(parse_size("1.5G"), Err(SizeError::Fraction));
     }
 
     proptest! {
