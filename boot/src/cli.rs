@@ -410,6 +410,10 @@ pub fn parse_args(mut words: impl Iterator<Item = String>) -> Result<Args, Strin
     if args.cpus == 0 {
         args.cpus = default_cpus(args.scenario);
     }
+    if args.scenario == Scenario::SoakMemsnap && given.iter().any(|g| g == "--timeout") {
+        // Each boot of a soak is bounded by its runs' watchdog instead.
+        return Err("soak-memsnap bounds each run with --run-timeout SECS, not --timeout".into());
+    }
     if args.scenario == Scenario::BenchMirror {
         let mem_given = given.iter().any(|g| g == "--mem");
         args.mem = bench_mem_bytes(args.volume, args.mem, mem_given)
@@ -508,6 +512,7 @@ mod tests {
             err(&["memsnap", "--out", "a", "--out", "b"]),
             "--out given twice"
         );
+        assert!(err(&["soak-memsnap", "--timeout", "1"]).contains("--run-timeout"));
         assert_eq!(
             err(&["demo", "--workload", "on"]),
             "--workload is for mirror and clone-split"
