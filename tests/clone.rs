@@ -482,6 +482,11 @@ fn bad_chains_are_refused_with_nothing_written() {
     std::os::unix::fs::symlink("nowhere/c.qcow2", &dangling).unwrap();
     let e = make_clone(&base, &dangling, None).unwrap_err();
     assert!(e.contains("exists"), "{e}");
+    // A backup of the clone whose tape would overwrite its base.
+    let before = std::fs::read(&base).unwrap();
+    let e = boot::backup::plan_backup(&clone, &base, MEM).unwrap_err();
+    assert!(e.contains("a backing file of the source"), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
 }
 
 /// A split that never started gives the clone its length back, unless

@@ -85,6 +85,15 @@ pub fn plan_backup(source: &Path, tape: &Path, mem: u64) -> Result<BackupJob, St
         FileDisk::open(source, false).map_err(|e| format!("--source {}: {e}", source.display()))?;
     // A clone is backed up as the guest sees it: its chain merged.
     let flat = crate::clone::flat_source(source)?;
+    // Nor any file of its chain, which the run reads (read-only).
+    if let Some((_, layers)) = &flat {
+        if let Some(layer) = layers.iter().find(|d| same_file(&d.path, tape)) {
+            return Err(format!(
+                "--tape names {}, a backing file of the source; it would be overwritten",
+                layer.path.display()
+            ));
+        }
+    }
     let plan = match &flat {
         Some((view, _)) => Plan::new(view),
         None => Plan::new(&disk),

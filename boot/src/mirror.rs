@@ -120,10 +120,12 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
             primary.display()
         ));
     }
+    let record = pair_record::record_path(&control);
     for (other, what) in [
         (primary, "the --primary image"),
         (secondary, "the --secondary image"),
         (control.as_path(), "the pair's controller disk"),
+        (record.as_path(), "the pair's record"),
     ] {
         if same_file(tape, other) || tape == other {
             return Err(format!("--tape names {what}; it would be overwritten"));
@@ -135,7 +137,13 @@ pub fn plan(primary: &Path, secondary: &Path, tape: &Path, mem: u64) -> Result<M
         refuse_qcow2(path, what)?;
     }
     let (p, s) = (len(primary, "--primary")?, len(secondary, "--secondary")?);
-    if p % 512 != 0 || p == 0 {
+    if p == 0 {
+        return Err(format!(
+            "--primary {} is empty: there is nothing to mirror",
+            primary.display()
+        ));
+    }
+    if p % 512 != 0 {
         return Err(format!(
             "--primary {}: {p} bytes, not a whole number of 512-byte sectors",
             primary.display()
@@ -434,6 +442,11 @@ mod tests {
         assert!(e.contains("controller disk"), "{e}");
         let e = plan(&control, &s, &dir.join("t.tape"), 512 << 20).unwrap_err();
         assert!(e.contains("controller disk"), "{e}");
+        let record = pair_record::record_path(&control);
+        let before = std::fs::read(&record).unwrap();
+        let e = plan(&p, &s, &record, 512 << 20).unwrap_err();
+        assert!(e.contains("the pair's record"), "{e}");
+        assert_eq!(std::fs::read(&record).unwrap(), before);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
