@@ -225,8 +225,12 @@ pub fn finish_restore(
                 .and_then(|f| f.set_len(n))
                 .map_err(|e| format!("{}: {e}", job.staged.partial.display()))
         }
-        _ => Err(format!(
+        _ if job.out.exists() => Err(format!(
             "the restore did not complete; {} is as it was",
+            job.out.display()
+        )),
+        _ => Err(format!(
+            "the restore did not complete; {} was not made",
             job.out.display()
         )),
     };

@@ -486,7 +486,8 @@ fn finish(
                 "restored: {} ({:?}, {} bytes)",
                 job.out.display(),
                 job.format,
-                job.out_bytes
+                // The file as made (an empty image is cut back to 0 bytes).
+                std::fs::metadata(&job.out).map_or(job.out_bytes, |m| m.len())
             ),
             Err(e) => fail(e),
         }
