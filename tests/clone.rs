@@ -593,21 +593,7 @@ fn a_clone_reads_what_its_base_reads_as_named() {
     let secret = dir.join("secret.txt");
     std::fs::write(&secret, b"a host file\n").unwrap();
     let guest = dir.join("guest.img");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&secret),
-            "-F",
-            "raw",
-            s(&guest),
-            "1M",
-        ],
-    );
+    overlay(&guest, s(&secret), "raw");
     let raw = std::fs::OpenOptions::new()
         .write(true)
         .open(&guest)

@@ -185,7 +185,7 @@ pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<Clo
             eprintln!(
                 "clone: {} reads as {} by its first bytes (--format raw|qcow2 to say which it is)",
                 base.display(),
-                format_name(probed)
+                probed.name()
             );
             probed
         }
@@ -213,7 +213,7 @@ pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<Clo
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = backing_name(&relative(&canonical(dir)?, &base_path));
-    let fmt = format_name(format);
+    let fmt = format.name();
     let bytes = clone_image(size, bits, Some((&name, fmt))).map_err(|e| e.to_string())?;
     std::fs::write(out, bytes).map_err(|e| format!("{}: {e}", out.display()))?;
     let disks = attach(out).inspect_err(|_| {
@@ -224,14 +224,6 @@ pub fn make_clone(base: &Path, out: &Path, format: Option<Format>) -> Result<Clo
         backing_name: name,
         disks,
     })
-}
-
-/// A format's name in a qcow2 header's backing format extension.
-fn format_name(format: Format) -> &'static str {
-    match format {
-        Format::Qcow2 => "qcow2",
-        Format::Raw => "raw",
-    }
 }
 
 /// The full path of the file `path` names, its directory resolved but not
@@ -422,7 +414,7 @@ pub fn undo_plan(job: &SplitJob) -> Result<bool, String> {
         .map_err(|e| format!("{}: {e}", job.image.display()))?
         .len();
     let untouched = len == grown_to
-        && crate::image_lock::check_not_in_use(&job.image, "").is_ok()
+        && matches!(crate::image_lock::held_lock(&job.image), Ok(None))
         && !crate::image_lock::holds_data_from(&f, job.original_len);
     if untouched {
         f.set_len(job.original_len)

@@ -22,6 +22,18 @@ const LOCK_LEN: i64 = 200;
 /// Refuses, naming `path`, if a process holds any of QEMU's image locks
 /// on it; `doing` says what the tool was about to do.
 pub fn check_not_in_use(path: &Path, doing: &str) -> Result<(), String> {
+    match held_lock(path)? {
+        None => Ok(()),
+        Some(byte) => Err(format!(
+            "{} is in use: another process holds QEMU's lock on it (byte {byte}); \
+             stop it before {doing}; nothing was changed",
+            path.display()
+        )),
+    }
+}
+
+/// The first of QEMU's lock bytes some process holds on `path`, if any.
+pub fn held_lock(path: &Path) -> Result<Option<i64>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut probe = libc::flock {
         l_type: libc::F_WRLCK as libc::c_short,
@@ -42,15 +54,7 @@ pub fn check_not_in_use(path: &Path, doing: &str) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    if probe.l_type == libc::F_UNLCK as libc::c_short {
-        return Ok(());
-    }
-    Err(format!(
-        "{} is in use: another process holds QEMU's lock on it (byte {}); \
-         stop it before {doing}; nothing was changed",
-        path.display(),
-        probe.l_start
-    ))
+    Ok((probe.l_type != libc::F_UNLCK as libc::c_short).then_some(probe.l_start))
 }
 
 /// Whether any byte of `file` from `offset` on holds data (not a hole),

@@ -22,7 +22,8 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// Stages `target`: names its staging file (nothing is created yet).
+    /// Stages `target`: names its staging file, made and removed at once
+    /// to see that its directory takes one (nothing is left).
     /// A target in a directory that does not exist or takes no new file,
     /// or read-only by its permission bits, is refused.
     /// A target that is a link stages beside the file it names, which the

@@ -28,7 +28,7 @@ use snapshot::copyonce::{words_for, Counters, Pacer};
 use snapshot::devices::block::BlockDevice;
 use snapshot::interface::cmdline::{CmdLine, ParamError};
 use snapshot::qcow2::chain::{self, Layer};
-use snapshot::qcow2::disk::open_memory;
+use snapshot::qcow2::disk::{l1_memory, open_memory};
 use snapshot::qcow2::split::{Batch, Progress, Split, WRITE_BACK_BYTES};
 use snapshot::qcow2::{workload, Entry, Qcow2Disk, Qcow2Error};
 
@@ -115,15 +115,15 @@ pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
     // advice covers the whole chain the host attached (a lower layer's
     // other needs are judged as it is opened, below).
     let mut need = open_memory(&h, top.info().bytes());
-    let mut layers = 0;
-    while let Ok(dev) = virtio::disk(&alloc::format!("back{}", layers + 1)) {
-        layers += 1;
-        if let Ok(h) = read_header(&*dev) {
-            need += 2 * u64::from(h.l1_size) * 8;
-        }
+    // The attached layers' headers (none for a raw layer), read once.
+    let mut headers = Vec::new();
+    while let Ok(dev) = virtio::disk(&format!("back{}", headers.len() + 1)) {
+        let h = read_header(&*dev).ok();
+        need += h.as_ref().map_or(0, l1_memory);
+        headers.push(h.map(|h| (h, dev.info().bytes())));
     }
     fits(
-        &format!("disk \"{name}\" over {layers} backing layer(s)"),
+        &format!("disk \"{name}\" over {} backing layer(s)", headers.len()),
         need,
     )
     .map_err(refusal)?;
@@ -136,11 +136,8 @@ pub fn open(name: &str) -> Result<CloneDisk, (bool, String)> {
                 "backing file \"{backing}\" of {parent} is not attached: {e}"
             ))
         })?;
-        if let Ok(h) = read_header(&*dev) {
-            fits(
-                &format!("disk \"{id}\""),
-                open_memory(&h, dev.info().bytes()),
-            )?;
+        if let Some(Some((h, bytes))) = headers.get(depth - 1) {
+            fits(&format!("disk \"{id}\""), open_memory(h, *bytes))?;
         }
         Ok(Layer {
             dev: Box::new(dev),

@@ -61,6 +61,14 @@ impl Format {
         }
     }
 
+    /// The name [`Format::named`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
     /// The format of `dev` by its magic.
     pub fn probe(dev: &dyn BlockDevice) -> Result<Format> {
         if dev.info().bytes() < 512 {

@@ -431,9 +431,14 @@ impl<D: BlockDevice> Qcow2Disk<D> {
 pub fn open_memory(header: &Header, file_len: u64) -> u64 {
     let cs = header.cluster_size();
     source::open_memory(header.cluster_bits, file_len)
-        + 2 * u64::from(header.l1_size) * 8
+        + l1_memory(header)
         + u64::from(header.refcount_table_clusters) * cs * 2
         + (super::tables::cached_l2(header.l1_size) as u64 + 2) * cs
+}
+
+/// Of [`open_memory`], the L1 table: read whole, then kept.
+pub fn l1_memory(header: &Header) -> u64 {
+    2 * u64::from(header.l1_size) * 8
 }
 
 /// Whether any of the `sectors` from `sector` of `d` hold data, by its
